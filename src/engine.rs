@@ -1,0 +1,691 @@
+//! The engine: one handle's state. Checks call order and tensor layout,
+//! asks the controller for the scalars, has the backend run the passes,
+//! and runs the cross-rank reductions. No `extern "C"` here.
+
+use crate::backend::{cpu::CpuBackend, Backend, BackendState, TensorDesc};
+use crate::config::{Config, Device, ReevalSchedule};
+use crate::controller::{self, Decision, ReevalResult, ScaleRule, SkipReason, StepOutcome};
+use crate::error::{Error, Result, Status};
+use crate::fail;
+use crate::optim::{BiasPowers, DType};
+use std::ffi::c_void;
+
+/// The registered cross-rank sum.
+pub type BoxedReducer = Box<dyn FnMut(&mut [f64]) -> Result<()> + Send>;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Accepted `step` calls (skipped ones included).
+    pub steps: u64,
+    /// Steps that changed parameters and state.
+    pub applied: u64,
+    /// Steps skipped (non-finite loss or gradient, found-inf flag).
+    pub skipped: u64,
+    pub reevals: u64,
+    pub raised: u64,
+    pub lowered: u64,
+    pub kept: u64,
+    /// Re-evaluations whose ratio test did not run (see the skip reason).
+    pub reeval_skipped: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Pending {
+    /// f_i (already averaged across ranks when losses are rank-local).
+    loss: f64,
+    /// Known without asking the backend (non-finite loss).
+    known: Option<StepOutcome>,
+    /// The step ran in fused mode (φ still rank-local when sharded).
+    fused: bool,
+    reeval_due: bool,
+}
+
+/// Schedule position: the next step index due for re-evaluation and the
+/// current gap (geometric schedule).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct ScheduleState {
+    next: u64,
+    gap: f64,
+}
+
+pub struct Engine {
+    cfg: Config,
+    lr: f64,
+    backend: Box<dyn Backend>,
+    layout: Option<Vec<(usize, DType)>>,
+    pending: Option<Pending>,
+    counters: Counters,
+    loss_skips: u64,
+    last: Option<ReevalResult>,
+    schedule: ScheduleState,
+    reducer: Option<BoxedReducer>,
+}
+
+const CKPT_MAGIC: &[u8; 8] = b"LRACKPT\0";
+const CKPT_VERSION: u32 = 1;
+
+impl Engine {
+    pub fn new(cfg: Config) -> Result<Engine> {
+        cfg.validate()?;
+        let backend: Box<dyn Backend> = match cfg.device {
+            Device::Host => Box::new(CpuBackend::new(cfg.kind, cfg.threads)),
+            Device::Cuda { ordinal } => crate::backend::cuda::create(cfg.kind, ordinal)?,
+        };
+        Ok(Engine {
+            lr: cfg.lr,
+            cfg,
+            backend,
+            layout: None,
+            pending: None,
+            counters: Counters::default(),
+            loss_skips: 0,
+            last: None,
+            schedule: ScheduleState { next: 0, gap: 1.0 },
+            reducer: None,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        let s = &self.cfg.settings;
+        if !(lr.is_finite() && lr > 0.0) {
+            fail!(
+                InvalidArgument,
+                "lr = {lr} must be a positive finite number"
+            );
+        }
+        if lr < s.lr_min || lr > s.lr_max {
+            fail!(
+                InvalidArgument,
+                "lr = {lr} lies outside [lr_min, lr_max] = [{}, {}]",
+                s.lr_min,
+                s.lr_max
+            );
+        }
+        self.lr = controller::clamp_lr(lr, s);
+        Ok(())
+    }
+
+    pub fn set_reducer(&mut self, r: Option<BoxedReducer>) {
+        self.reducer = r;
+    }
+
+    fn reduce(&mut self, v: &mut [f64]) -> Result<()> {
+        match self.reducer.as_mut() {
+            Some(r) => r(v),
+            None => Ok(()),
+        }
+    }
+
+    fn check_layout(&self, tensors: &[TensorDesc]) -> Result<()> {
+        let Some(layout) = &self.layout else {
+            return Ok(());
+        };
+        if layout.len() != tensors.len() {
+            fail!(
+                SizeMismatch,
+                "{} tensors given, but the first step had {}",
+                tensors.len(),
+                layout.len()
+            );
+        }
+        for (i, (t, &(n, dt))) in tensors.iter().zip(layout).enumerate() {
+            if t.numel != n || t.dtype != dt {
+                fail!(
+                    SizeMismatch,
+                    "tensors[{i}] is {} {}, but the first step had {} {}",
+                    t.numel,
+                    t.dtype.name(),
+                    n,
+                    dt.name()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether step `index` is due for re-evaluation; advances the schedule.
+    fn schedule_due(&mut self, index: u64) -> bool {
+        match self.cfg.schedule {
+            ReevalSchedule::Always => true,
+            ReevalSchedule::Every(k) => index % k == 0,
+            ReevalSchedule::Geometric(r) => {
+                if index < self.schedule.next {
+                    return false;
+                }
+                self.schedule.next = index + self.schedule.gap.floor().max(1.0) as u64;
+                self.schedule.gap *= r;
+                true
+            }
+        }
+    }
+
+    /// One iteration: the optimizer step with the current η (scaled by s_i
+    /// when f* is known or R > 0). Validates everything before any write.
+    pub fn step(
+        &mut self,
+        tensors: &[TensorDesc],
+        loss: f64,
+        obs_var: f64,
+        found_inf: *const c_void,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        if !(obs_var.is_finite() && obs_var >= 0.0) {
+            fail!(
+                InvalidArgument,
+                "obs_var = {obs_var} must be finite and >= 0"
+            );
+        }
+        self.check_layout(tensors)?;
+        self.backend.validate(tensors)?;
+        if found_inf as usize % 4 != 0 {
+            fail!(
+                InvalidArgument,
+                "found_inf = {found_inf:p} is not aligned to 4 bytes (it points at one f32)"
+            );
+        }
+        let mut loss = loss;
+        if self.cfg.loss_rank_local {
+            let mut v = [loss, 1.0];
+            self.reduce(&mut v)?;
+            loss = v[0] / v[1];
+        }
+        if self.layout.is_none() {
+            self.layout = Some(tensors.iter().map(|t| (t.numel, t.dtype)).collect());
+        }
+        let s = self.cfg.settings;
+        let rule = if s.f_star.is_nan() && obs_var == 0.0 {
+            None
+        } else {
+            Some(ScaleRule {
+                loss,
+                f_star: s.f_star,
+                obs_var,
+                scale_max: s.scale_max,
+            })
+        };
+        let known = if loss.is_finite() {
+            let sharded = self.cfg.sharded;
+            let mut reducer = self.reducer.take();
+            let req = crate::backend::StepRequest {
+                tensors,
+                kind: self.cfg.kind,
+                hyper: self.cfg.hyper,
+                lr: self.lr,
+                rule,
+                check_finite: self.cfg.check_finite,
+                found_inf,
+                stream,
+                reduce: match (&mut reducer, sharded) {
+                    (Some(r), true) => Some(r.as_mut()),
+                    _ => None,
+                },
+            };
+            let res = self.backend.step(req);
+            self.reducer = reducer;
+            res?;
+            None
+        } else {
+            self.loss_skips += 1;
+            Some(StepOutcome {
+                skip: SkipReason::NonfiniteLoss,
+                phi: f64::NAN,
+                scale: 1.0,
+            })
+        };
+        let index = self.counters.steps;
+        self.counters.steps += 1;
+        let reeval_due = self.schedule_due(index);
+        self.pending = Some(Pending {
+            loss,
+            known,
+            fused: rule.is_none(),
+            reeval_due,
+        });
+        Ok(())
+    }
+
+    /// Whether the caller should re-evaluate the step just taken.
+    pub fn should_reeval(&self) -> Result<bool> {
+        match &self.pending {
+            Some(p) => Ok(p.reeval_due),
+            None => fail!(
+                CallOrder,
+                "no step is awaiting re-evaluation (call lra_step first; each step is re-evaluated at most once)"
+            ),
+        }
+    }
+
+    fn outcome_of(&mut self, p: &Pending) -> Result<StepOutcome> {
+        match p.known {
+            Some(o) => Ok(o),
+            None => self.backend.outcome(),
+        }
+    }
+
+    /// The ratio test for the pending step, given f+ on the same batch.
+    pub fn report_reeval(&mut self, loss_after: f64) -> Result<ReevalResult> {
+        let Some(p) = self.pending else {
+            fail!(
+                CallOrder,
+                "lra_report_reeval without a pending step (call lra_step first; each step is re-evaluated at most once)"
+            );
+        };
+        let mut o = self.outcome_of(&p)?;
+        let mut loss_after = loss_after;
+        // Same shape on every rank: which values are reduced depends only on
+        // the configuration and the (rank-uniform) kind of step.
+        let phi_local = self.cfg.sharded && p.fused;
+        let mut v = Vec::with_capacity(3);
+        if phi_local {
+            v.push(if o.skip == SkipReason::None {
+                o.phi
+            } else {
+                0.0
+            });
+        }
+        if self.cfg.loss_rank_local {
+            v.extend([loss_after, 1.0]);
+        }
+        if !v.is_empty() {
+            self.reduce(&mut v)?;
+            if phi_local && o.skip == SkipReason::None {
+                o.phi = v[0];
+            }
+            if self.cfg.loss_rank_local {
+                let k = v.len();
+                loss_after = v[k - 2] / v[k - 1];
+            }
+        }
+        let r = controller::decide(&self.cfg.settings, self.lr, p.loss, loss_after, &o);
+        self.pending = None;
+        self.lr = r.lr;
+        self.counters.reevals += 1;
+        match r.decision {
+            Decision::Raised => self.counters.raised += 1,
+            Decision::Lowered => self.counters.lowered += 1,
+            Decision::Kept => self.counters.kept += 1,
+            Decision::Skipped => self.counters.reeval_skipped += 1,
+        }
+        self.last = Some(r);
+        Ok(r)
+    }
+
+    pub fn last_reeval(&self) -> Option<ReevalResult> {
+        self.last
+    }
+
+    /// φ of the most recent step (NaN before the first, or when skipped).
+    /// Rank-local in fused sharded mode until reduced by `report_reeval`.
+    pub fn last_phi(&mut self) -> Result<f64> {
+        match self.pending {
+            Some(p) => Ok(self.outcome_of(&p)?.phi),
+            None => Ok(self.last.map_or(f64::NAN, |r| r.phi)),
+        }
+    }
+
+    pub fn counters(&mut self) -> Result<Counters> {
+        let mut c = self.counters;
+        c.applied = self.backend.applied_steps()?;
+        c.skipped = c.steps - c.applied;
+        Ok(c)
+    }
+
+    // ---- checkpoints -------------------------------------------------
+
+    fn header_fields(&self) -> Vec<u8> {
+        let mut w = Vec::new();
+        w.extend_from_slice(CKPT_MAGIC);
+        put_u32(&mut w, CKPT_VERSION);
+        put_u32(&mut w, self.cfg.kind as u32);
+        let h = &self.cfg.hyper;
+        for x in [h.momentum, h.alpha, h.beta1, h.beta2, h.eps, h.weight_decay] {
+            put_f64(&mut w, x);
+        }
+        w
+    }
+
+    /// Bytes `save_state` writes.
+    pub fn state_size(&self) -> usize {
+        let layout = self.layout.as_deref().unwrap_or(&[]);
+        let slots = self.cfg.kind.state_slots();
+        // header, tensor count, layout, 22 u64/f64 fields, 4 u32 fields.
+        let fixed = self.header_fields().len() + 8 + layout.len() * 12 + 8 * 22 + 4 * 4;
+        fixed + layout.iter().map(|&(n, _)| n * slots * 4).sum::<usize>()
+    }
+
+    /// Serialises η, counters, schedule, the pending step and the optimizer
+    /// state into `out` (which must hold `state_size()` bytes).
+    pub fn save_state(&mut self, out: &mut [u8]) -> Result<usize> {
+        let need = self.state_size();
+        if out.len() < need {
+            fail!(
+                BufferTooSmall,
+                "buffer holds {} bytes, the checkpoint needs {need}",
+                out.len()
+            );
+        }
+        let pending_outcome = match self.pending {
+            Some(p) => Some(self.outcome_of(&p)?),
+            None => None,
+        };
+        let st = if self.layout.is_some() {
+            self.backend.export_state()?
+        } else {
+            BackendState {
+                bias: BiasPowers::default(),
+                applied: 0,
+                slots: Vec::new(),
+            }
+        };
+        let mut w = self.header_fields();
+        let layout = self.layout.as_deref().unwrap_or(&[]);
+        put_u64(&mut w, layout.len() as u64);
+        for &(n, dt) in layout {
+            put_u64(&mut w, n as u64);
+            put_u32(&mut w, dt as u32);
+        }
+        let c = &self.counters;
+        for x in [
+            c.steps,
+            c.reevals,
+            c.raised,
+            c.lowered,
+            c.kept,
+            c.reeval_skipped,
+            self.loss_skips,
+        ] {
+            put_u64(&mut w, x);
+        }
+        put_f64(&mut w, self.lr);
+        put_u64(&mut w, self.schedule.next);
+        put_f64(&mut w, self.schedule.gap);
+        let last = self.last;
+        put_u32(&mut w, last.is_some() as u32);
+        let l = last.unwrap_or(ReevalResult {
+            phi: 0.0,
+            rho: 0.0,
+            scale: 0.0,
+            lr_before: 0.0,
+            lr: 0.0,
+            decision: Decision::Kept,
+            skip: SkipReason::None,
+        });
+        for x in [l.phi, l.rho, l.scale, l.lr_before, l.lr] {
+            put_f64(&mut w, x);
+        }
+        put_u32(&mut w, (l.decision as u32) | ((l.skip as u32) << 8));
+        let p = self.pending;
+        put_u32(
+            &mut w,
+            p.map_or(0, |p| {
+                1 | (p.fused as u32) << 1
+                    | (p.reeval_due as u32) << 2
+                    | (p.known.is_some() as u32) << 3
+            }),
+        );
+        let o = pending_outcome.unwrap_or(StepOutcome {
+            skip: SkipReason::None,
+            phi: 0.0,
+            scale: 0.0,
+        });
+        put_f64(&mut w, p.map_or(0.0, |p| p.loss));
+        put_f64(&mut w, o.phi);
+        put_f64(&mut w, o.scale);
+        put_u32(&mut w, o.skip as u32);
+        put_f64(&mut w, st.bias.pow1);
+        put_f64(&mut w, st.bias.pow2);
+        put_u64(&mut w, st.applied);
+        for (slots, &(n, _)) in st.slots.iter().zip(layout) {
+            debug_assert_eq!(slots.len(), n * self.cfg.kind.state_slots());
+            for x in slots {
+                w.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        // An engine that has a layout but whose backend has not allocated
+        // state yet cannot happen: the layout is set by a successful step.
+        let sum = fnv1a(&w);
+        put_u64(&mut w, sum);
+        assert_eq!(w.len(), need, "checkpoint size accounting");
+        out[..need].copy_from_slice(&w);
+        Ok(need)
+    }
+
+    /// Restores a checkpoint written by `save_state` with the same optimizer,
+    /// hyper-parameters and tensor layout. All-or-nothing.
+    pub fn load_state(&mut self, buf: &[u8]) -> Result<()> {
+        let bad = |m: String| Error::new(Status::BadCheckpoint, m);
+        if buf.len() < 8 + 8 || &buf[..8] != CKPT_MAGIC {
+            return Err(bad("not an lra checkpoint (bad magic)".into()));
+        }
+        let (body, tail) = buf.split_at(buf.len() - 8);
+        if fnv1a(body) != u64::from_le_bytes(tail.try_into().unwrap()) {
+            return Err(bad(
+                "checksum mismatch (truncated or corrupted buffer)".into()
+            ));
+        }
+        let mut r = Reader { b: body, at: 8 };
+        let version = r.u32()?;
+        if version != CKPT_VERSION {
+            return Err(bad(format!(
+                "checkpoint version {version}, this library reads {CKPT_VERSION}"
+            )));
+        }
+        let kind = r.u32()?;
+        if kind != self.cfg.kind as u32 {
+            return Err(bad(format!(
+                "checkpoint is for optimizer {kind}, this handle runs {} ({})",
+                self.cfg.kind as u32,
+                self.cfg.kind.name()
+            )));
+        }
+        let h = &self.cfg.hyper;
+        for (name, mine) in [
+            ("momentum", h.momentum),
+            ("alpha", h.alpha),
+            ("beta1", h.beta1),
+            ("beta2", h.beta2),
+            ("eps", h.eps),
+            ("weight_decay", h.weight_decay),
+        ] {
+            let theirs = r.f64()?;
+            if theirs.to_bits() != mine.to_bits() {
+                return Err(bad(format!(
+                    "checkpoint has {name} = {theirs}, this handle {mine}"
+                )));
+            }
+        }
+        let n = r.u64()? as usize;
+        if n > body.len() / 12 {
+            return Err(bad(format!("implausible tensor count {n}")));
+        }
+        let mut layout = Vec::with_capacity(n);
+        for i in 0..n {
+            let numel = r.u64()? as usize;
+            let dt = r.u32()?;
+            let dt = DType::from_u32(dt)
+                .ok_or_else(|| bad(format!("tensor {i}: unknown dtype {dt}")))?;
+            layout.push((numel, dt));
+        }
+        if let Some(mine) = &self.layout {
+            if *mine != layout {
+                return Err(bad(format!(
+                    "checkpoint tensor layout ({n} tensors) differs from this handle's ({} tensors, or sizes/dtypes differ)",
+                    mine.len()
+                )));
+            }
+        }
+        let mut counters = Counters::default();
+        for x in [
+            &mut counters.steps,
+            &mut counters.reevals,
+            &mut counters.raised,
+            &mut counters.lowered,
+            &mut counters.kept,
+            &mut counters.reeval_skipped,
+        ] {
+            *x = r.u64()?;
+        }
+        let loss_skips = r.u64()?;
+        let lr = r.f64()?;
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(bad(format!("checkpoint lr = {lr} is not positive")));
+        }
+        let schedule = ScheduleState {
+            next: r.u64()?,
+            gap: r.f64()?,
+        };
+        let has_last = r.u32()? != 0;
+        let (phi, rho, scale, lr_before, lr_after) =
+            (r.f64()?, r.f64()?, r.f64()?, r.f64()?, r.f64()?);
+        let dec = r.u32()?;
+        let decision = decision_from(dec & 0xff).ok_or_else(|| bad("bad decision".into()))?;
+        let skip = skip_from(dec >> 8).ok_or_else(|| bad("bad skip reason".into()))?;
+        let last = has_last.then_some(ReevalResult {
+            phi,
+            rho,
+            scale,
+            lr_before,
+            lr: lr_after,
+            decision,
+            skip,
+        });
+        let pf = r.u32()?;
+        let (ploss, ophi, oscale, oskip) = (r.f64()?, r.f64()?, r.f64()?, r.u32()?);
+        let oskip = skip_from(oskip).ok_or_else(|| bad("bad pending skip reason".into()))?;
+        let outcome = StepOutcome {
+            skip: oskip,
+            phi: ophi,
+            scale: oscale,
+        };
+        let pending = (pf & 1 != 0).then_some(Pending {
+            loss: ploss,
+            known: (pf & 8 != 0).then_some(outcome),
+            fused: pf & 2 != 0,
+            reeval_due: pf & 4 != 0,
+        });
+        let bias = BiasPowers {
+            pow1: r.f64()?,
+            pow2: r.f64()?,
+        };
+        let applied = r.u64()?;
+        let slots_per = self.cfg.kind.state_slots();
+        let mut slots = Vec::with_capacity(n);
+        for &(numel, _) in &layout {
+            let count = numel
+                .checked_mul(slots_per)
+                .ok_or_else(|| bad("size overflow".into()))?;
+            let bytes = r.take(
+                count
+                    .checked_mul(4)
+                    .ok_or_else(|| bad("size overflow".into()))?,
+            )?;
+            slots.push(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        if r.at != body.len() {
+            return Err(bad(format!("{} trailing bytes", body.len() - r.at)));
+        }
+        if n > 0 || self.layout.is_some() {
+            self.backend.import_state(&BackendState {
+                bias,
+                applied,
+                slots,
+            })?;
+        }
+        self.layout = if n > 0 || self.layout.is_some() {
+            Some(layout)
+        } else {
+            None
+        };
+        self.counters = counters;
+        self.loss_skips = loss_skips;
+        self.lr = lr;
+        self.schedule = schedule;
+        self.last = last;
+        // A pending step whose outcome was only on the device is restored
+        // with the outcome read at save time.
+        self.pending = pending.map(|p| Pending {
+            known: Some(outcome),
+            ..p
+        });
+        Ok(())
+    }
+}
+
+fn decision_from(v: u32) -> Option<Decision> {
+    [
+        Decision::Kept,
+        Decision::Raised,
+        Decision::Lowered,
+        Decision::Skipped,
+    ]
+    .get(v as usize)
+    .copied()
+}
+
+pub fn skip_from(v: u32) -> Option<SkipReason> {
+    [
+        SkipReason::None,
+        SkipReason::NonfiniteLoss,
+        SkipReason::NonfiniteGrad,
+        SkipReason::FoundInf,
+        SkipReason::NonpositivePhi,
+        SkipReason::NonfinitePhi,
+        SkipReason::ZeroScale,
+    ]
+    .get(v as usize)
+    .copied()
+}
+
+fn put_u32(w: &mut Vec<u8>, v: u32) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u64(w: &mut Vec<u8>, v: u64) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+fn put_f64(w: &mut Vec<u8>, v: f64) {
+    w.extend_from_slice(&v.to_bits().to_le_bytes());
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.b.len() - self.at < n {
+            fail!(BadCheckpoint, "checkpoint is truncated");
+        }
+        let s = &self.b[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn f64(&mut self) -> Result<f64> {
+        Ok(f64::from_bits(self.u64()?))
+    }
+}

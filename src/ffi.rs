@@ -1,0 +1,872 @@
+//! The C ABI: the only `extern "C"` code. Every argument is validated here
+//! and converted to Rust types; panics are caught so none crosses the
+//! boundary; failures return a status and leave a message on the handle
+//! (and on the calling thread). No algorithm here.
+#![allow(non_camel_case_types)]
+
+use crate::backend::TensorDesc;
+use crate::config::{Config, Device, ReevalSchedule};
+use crate::controller::{ReevalResult, Settings};
+use crate::engine::{Counters, Engine};
+use crate::error::{Error, Result, Status};
+use crate::fail;
+use crate::optim::{DType, Hyper, OptimizerKind};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Status of every fallible call (`LRA_OK` = 0).
+pub type lra_status = u32;
+pub const LRA_OK: lra_status = Status::Ok as u32;
+/// A required pointer argument was NULL.
+pub const LRA_NULL_POINTER: lra_status = Status::NullPointer as u32;
+/// An argument was out of range, misaligned, aliased or of the wrong kind.
+pub const LRA_INVALID_ARGUMENT: lra_status = Status::InvalidArgument as u32;
+/// `lra_create` rejected a configuration field (the message names it).
+pub const LRA_INVALID_CONFIG: lra_status = Status::InvalidConfig as u32;
+/// A call came out of order (e.g. `lra_report_reeval` with no pending step).
+pub const LRA_CALL_ORDER: lra_status = Status::CallOrder as u32;
+/// Tensor count, size or dtype differs from the first step.
+pub const LRA_SIZE_MISMATCH: lra_status = Status::SizeMismatch as u32;
+/// A CUDA handle was asked for, but there is no driver or no device.
+pub const LRA_NO_CUDA: lra_status = Status::NoCuda as u32;
+/// A CUDA call failed.
+pub const LRA_CUDA_ERROR: lra_status = Status::Cuda as u32;
+/// A checkpoint buffer is corrupt, of another version or configuration.
+pub const LRA_BAD_CHECKPOINT: lra_status = Status::BadCheckpoint as u32;
+/// The caller's buffer is smaller than needed.
+pub const LRA_BUFFER_TOO_SMALL: lra_status = Status::BufferTooSmall as u32;
+/// A panic was caught inside lra; the handle refuses further calls.
+pub const LRA_PANIC: lra_status = Status::Panic as u32;
+/// Not supported by this build or backend.
+pub const LRA_UNSUPPORTED: lra_status = Status::Unsupported as u32;
+/// The registered cross-rank reduction returned non-zero.
+pub const LRA_REDUCTION_FAILED: lra_status = Status::ReductionFailed as u32;
+
+/// Wrapped optimizer (`lra_config.optimizer`).
+pub type lra_optimizer = u32;
+pub const LRA_OPTIMIZER_SGD: lra_optimizer = 0;
+pub const LRA_OPTIMIZER_MOMENTUM: lra_optimizer = 1;
+pub const LRA_OPTIMIZER_NESTEROV: lra_optimizer = 2;
+pub const LRA_OPTIMIZER_ADAGRAD: lra_optimizer = 3;
+pub const LRA_OPTIMIZER_RMSPROP: lra_optimizer = 4;
+pub const LRA_OPTIMIZER_ADAM: lra_optimizer = 5;
+pub const LRA_OPTIMIZER_ADAMW: lra_optimizer = 6;
+
+/// Element type of a tensor's parameters and gradient.
+pub type lra_dtype = u32;
+pub const LRA_DTYPE_F32: lra_dtype = 0;
+pub const LRA_DTYPE_F16: lra_dtype = 1;
+pub const LRA_DTYPE_BF16: lra_dtype = 2;
+
+/// Where parameters and gradients live (`lra_config.device`).
+pub type lra_device = u32;
+pub const LRA_DEVICE_HOST: lra_device = 0;
+pub const LRA_DEVICE_CUDA: lra_device = 1;
+
+/// Outcome of a re-evaluation (`lra_reeval_info.decision`).
+pub type lra_decision = u32;
+pub const LRA_DECISION_KEPT: lra_decision = 0;
+pub const LRA_DECISION_RAISED: lra_decision = 1;
+pub const LRA_DECISION_LOWERED: lra_decision = 2;
+pub const LRA_DECISION_SKIPPED: lra_decision = 3;
+
+/// Why a step or its ratio test was skipped (`lra_reeval_info.skip_reason`).
+pub type lra_skip_reason = u32;
+pub const LRA_SKIP_NONE: lra_skip_reason = 0;
+/// The loss passed to `lra_step` was NaN or ±inf; nothing was written.
+pub const LRA_SKIP_NONFINITE_LOSS: lra_skip_reason = 1;
+/// A gradient held NaN or ±inf (guard on); nothing was written.
+pub const LRA_SKIP_NONFINITE_GRAD: lra_skip_reason = 2;
+/// The caller's found-inf flag was non-zero; nothing was written.
+pub const LRA_SKIP_FOUND_INF: lra_skip_reason = 3;
+/// φ ≤ 0: the step was taken (scale 1), η kept.
+pub const LRA_SKIP_NONPOSITIVE_PHI: lra_skip_reason = 4;
+/// φ NaN or ±inf (guard off and a bad gradient, or overflow); η kept.
+pub const LRA_SKIP_NONFINITE_PHI: lra_skip_reason = 5;
+/// s = 0 (f_i ≤ f*): parameters did not move; η kept.
+pub const LRA_SKIP_ZERO_SCALE: lra_skip_reason = 6;
+
+/// When to re-evaluate (`lra_config.reeval_schedule`).
+pub type lra_reeval_schedule = u32;
+/// Every step (the paper's Algorithm 1).
+pub const LRA_REEVAL_ALWAYS: lra_reeval_schedule = 0;
+/// Every `reeval_every`-th step (steps 0, k, 2k, ...).
+pub const LRA_REEVAL_EVERY: lra_reeval_schedule = 1;
+/// Gaps 1, then ×`reeval_growth` after each re-evaluation.
+pub const LRA_REEVAL_GEOMETRIC: lra_reeval_schedule = 2;
+
+/// Parameter placement across ranks (`lra_config.sharding`).
+pub type lra_sharding = u32;
+/// Every rank holds all parameters (data parallel, gradients all-reduced).
+pub const LRA_SHARDING_REPLICATED: lra_sharding = 0;
+/// Each rank holds a disjoint part of the parameters.
+pub const LRA_SHARDING_SHARDED: lra_sharding = 1;
+
+/// One parameter tensor and its gradient (same dtype, `numel` elements).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct lra_tensor {
+    pub param: *mut c_void,
+    pub grad: *const c_void,
+    pub numel: u64,
+    /// An `lra_dtype`.
+    pub dtype: u32,
+}
+
+/// Configuration. Always fill it with `lra_config_init` first, then change
+/// fields; `struct_size` lets later versions grow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct lra_config {
+    /// `sizeof(lra_config)`, set by `lra_config_init`.
+    pub struct_size: u32,
+    /// An `lra_optimizer`.
+    pub optimizer: u32,
+    /// An `lra_device`.
+    pub device: u32,
+    /// CUDA device ordinal (ignored on the host).
+    pub device_ordinal: i32,
+    /// Initial learning rate η (default 1e-3).
+    pub lr: f64,
+    /// β of Momentum and Nesterov (default 0.5).
+    pub momentum: f64,
+    /// α of RMSprop (default 0.99).
+    pub alpha: f64,
+    /// β1 of Adam/AdamW (default 0.5).
+    pub beta1: f64,
+    /// β2 of Adam/AdamW (default 0.999).
+    pub beta2: f64,
+    /// ε of Adagrad (default 1e-10), RMSprop, Adam, AdamW (1e-8).
+    pub eps: f64,
+    /// L2 decay added to the gradient; AdamW: decoupled decay (default 0, AdamW 1e-2).
+    pub weight_decay: f64,
+    /// Known lower bound of the loss; NaN = unknown (default).
+    pub f_star: f64,
+    /// η multiplier when ρ > threshold_up (default 1.2).
+    pub factor_up: f64,
+    /// η multiplier when ρ < threshold_down (default 0.5).
+    pub factor_down: f64,
+    /// Default 4/3.
+    pub threshold_up: f64,
+    /// Default 3/4.
+    pub threshold_down: f64,
+    /// Lower bound on η (default 0: none beyond the f32 safety range).
+    pub lr_min: f64,
+    /// Upper bound on η (default +inf).
+    pub lr_max: f64,
+    /// Cap on the step scale s_i (default +inf).
+    pub scale_max: f64,
+    /// Added to φ/2 in ρ's denominator (default 0; the authors' wrapper used 1e-12).
+    pub denom_eps: f64,
+    /// 1 = check gradients for NaN/inf before writing (default), 0 = off.
+    pub check_finite: u32,
+    /// CPU worker threads; 0 = one per core (default).
+    pub num_threads: u32,
+    /// An `lra_reeval_schedule` (default `LRA_REEVAL_ALWAYS`).
+    pub reeval_schedule: u32,
+    /// k of `LRA_REEVAL_EVERY` (default 1).
+    pub reeval_every: u32,
+    /// Growth factor of `LRA_REEVAL_GEOMETRIC` (default 1.1).
+    pub reeval_growth: f64,
+    /// An `lra_sharding` (default replicated).
+    pub sharding: u32,
+    /// 1 = reported losses are per-rank, averaged by the reduction (default 0).
+    pub loss_is_rank_local: u32,
+}
+
+/// What a re-evaluation found and decided.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct lra_reeval_info {
+    /// φ = g·v of the step (NaN when the step was skipped).
+    pub phi: f64,
+    /// ρ = (f_i − f+)/(φ/2); NaN when the test did not run.
+    pub rho: f64,
+    /// The step scale s_i used (1 in the default mode).
+    pub scale: f64,
+    /// η used by the step.
+    pub lr_before: f64,
+    /// η from now on.
+    pub lr: f64,
+    /// An `lra_decision`.
+    pub decision: u32,
+    /// An `lra_skip_reason` (`LRA_SKIP_NONE` unless decision is SKIPPED).
+    pub skip_reason: u32,
+}
+
+/// Step and decision counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct lra_counters {
+    pub steps: u64,
+    pub applied: u64,
+    pub skipped: u64,
+    pub reevals: u64,
+    pub raised: u64,
+    pub lowered: u64,
+    pub kept: u64,
+    pub reeval_skipped: u64,
+}
+
+/// Cross-rank sum: replace `values[0..count]` by their sums over all ranks;
+/// return 0 on success, anything else on failure.
+pub type lra_reduce_fn =
+    Option<unsafe extern "C" fn(values: *mut f64, count: usize, user: *mut c_void) -> i32>;
+
+/// Opaque handle: one optimizer with its adaptation state.
+pub struct lra_handle {
+    magic: u64,
+    engine: Engine,
+    last_error: CString,
+    poisoned: bool,
+}
+
+const HANDLE_MAGIC: u64 = 0x6c72_615f_6861_6e64;
+
+thread_local! {
+    static THREAD_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn c_message(e: &Error) -> CString {
+    CString::new(e.to_string().replace('\0', " ")).unwrap_or_default()
+}
+
+fn set_thread_error(e: &Error) {
+    THREAD_ERROR.with(|t| *t.borrow_mut() = c_message(e));
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+/// Runs `f` behind the panic boundary; records a failure on the thread.
+fn boundary(name: &str, f: impl FnOnce() -> Result<()>) -> (lra_status, Option<Error>) {
+    let r = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(Error::new(
+            Status::Panic,
+            format!("panic: {}", panic_message(p.as_ref())),
+        ))
+    });
+    match r {
+        Ok(()) => (LRA_OK, None),
+        Err(mut e) => {
+            e.message = format!("{name}: {}", e.message);
+            set_thread_error(&e);
+            (e.status as u32, Some(e))
+        }
+    }
+}
+
+fn null_error(name: &str, what: &str) -> lra_status {
+    let e = Error::new(Status::NullPointer, format!("{name}: {what} is NULL"));
+    set_thread_error(&e);
+    LRA_NULL_POINTER
+}
+
+/// Checks the handle pointer, then runs `f` on its engine behind the panic
+/// boundary, keeping the message on the handle.
+unsafe fn with_handle(
+    h: *mut lra_handle,
+    name: &str,
+    f: impl FnOnce(&mut Engine) -> Result<()>,
+) -> lra_status {
+    if h.is_null() {
+        return null_error(name, "handle");
+    }
+    if (h as usize) % std::mem::align_of::<lra_handle>() != 0 || (*h).magic != HANDLE_MAGIC {
+        let e = Error::new(
+            Status::InvalidArgument,
+            format!("{name}: handle {h:p} is not a live lra handle"),
+        );
+        set_thread_error(&e);
+        return LRA_INVALID_ARGUMENT;
+    }
+    let hr = &mut *h;
+    if hr.poisoned {
+        let e = Error::new(
+            Status::Panic,
+            format!(
+                "{name}: this handle caught a panic earlier and refuses further work; destroy it"
+            ),
+        );
+        set_thread_error(&e);
+        hr.last_error = c_message(&e);
+        return LRA_PANIC;
+    }
+    let engine = &mut hr.engine;
+    let (status, err) = boundary(name, || f(engine));
+    if let Some(e) = err {
+        if e.status == Status::Panic {
+            hr.poisoned = true;
+        }
+        hr.last_error = c_message(&e);
+    }
+    status
+}
+
+fn require<T>(p: *const T, name: &str, what: &str) -> Result<()> {
+    if p.is_null() {
+        fail!(NullPointer, "{what} is NULL");
+    }
+    if (p as usize) % std::mem::align_of::<T>() != 0 {
+        fail!(
+            InvalidArgument,
+            "{what} = {p:p} is not aligned to {} bytes ({name})",
+            std::mem::align_of::<T>()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `v` through an output pointer after checking it.
+unsafe fn put<T>(out: *mut T, what: &str, v: T) -> Result<()> {
+    require(out as *const T, "output", what)?;
+    out.write(v);
+    Ok(())
+}
+
+fn config_defaults(optimizer: u32) -> lra_config {
+    let kind = OptimizerKind::from_u32(optimizer).unwrap_or(OptimizerKind::Sgd);
+    let h = Hyper::defaults(kind);
+    let s = Settings::default();
+    lra_config {
+        struct_size: std::mem::size_of::<lra_config>() as u32,
+        optimizer,
+        device: LRA_DEVICE_HOST,
+        device_ordinal: 0,
+        lr: 1e-3,
+        momentum: h.momentum,
+        alpha: h.alpha,
+        beta1: h.beta1,
+        beta2: h.beta2,
+        eps: h.eps,
+        weight_decay: h.weight_decay,
+        f_star: s.f_star,
+        factor_up: s.factor_up,
+        factor_down: s.factor_down,
+        threshold_up: s.threshold_up,
+        threshold_down: s.threshold_down,
+        lr_min: s.lr_min,
+        lr_max: s.lr_max,
+        scale_max: s.scale_max,
+        denom_eps: s.denom_eps,
+        check_finite: 1,
+        num_threads: 0,
+        reeval_schedule: LRA_REEVAL_ALWAYS,
+        reeval_every: 1,
+        reeval_growth: 1.1,
+        sharding: LRA_SHARDING_REPLICATED,
+        loss_is_rank_local: 0,
+    }
+}
+
+fn flag(name: &str, v: u32) -> Result<bool> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => fail!(InvalidConfig, "{name} = {v} must be 0 or 1"),
+    }
+}
+
+/// Converts and validates the C configuration.
+pub fn config_from_c(c: &lra_config) -> Result<Config> {
+    let kind = OptimizerKind::from_u32(c.optimizer).ok_or_else(|| {
+        Error::new(
+            Status::InvalidConfig,
+            format!(
+                "optimizer = {} is not an lra_optimizer (0..=6)",
+                c.optimizer
+            ),
+        )
+    })?;
+    let device = match c.device {
+        LRA_DEVICE_HOST => Device::Host,
+        LRA_DEVICE_CUDA => Device::Cuda {
+            ordinal: c.device_ordinal,
+        },
+        d => fail!(
+            InvalidConfig,
+            "device = {d} is not an lra_device (0 host, 1 CUDA)"
+        ),
+    };
+    let schedule = match c.reeval_schedule {
+        LRA_REEVAL_ALWAYS => ReevalSchedule::Always,
+        LRA_REEVAL_EVERY => ReevalSchedule::Every(c.reeval_every as u64),
+        LRA_REEVAL_GEOMETRIC => ReevalSchedule::Geometric(c.reeval_growth),
+        v => fail!(
+            InvalidConfig,
+            "reeval_schedule = {v} is not an lra_reeval_schedule (0..=2)"
+        ),
+    };
+    let sharded = match c.sharding {
+        LRA_SHARDING_REPLICATED => false,
+        LRA_SHARDING_SHARDED => true,
+        v => fail!(
+            InvalidConfig,
+            "sharding = {v} is not an lra_sharding (0 replicated, 1 sharded)"
+        ),
+    };
+    let cfg = Config {
+        kind,
+        device,
+        lr: c.lr,
+        hyper: Hyper {
+            momentum: c.momentum,
+            alpha: c.alpha,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+        },
+        settings: Settings {
+            f_star: c.f_star,
+            factor_up: c.factor_up,
+            factor_down: c.factor_down,
+            threshold_up: c.threshold_up,
+            threshold_down: c.threshold_down,
+            lr_min: c.lr_min,
+            lr_max: c.lr_max,
+            scale_max: c.scale_max,
+            denom_eps: c.denom_eps,
+        },
+        check_finite: flag("check_finite", c.check_finite)?,
+        threads: c.num_threads as usize,
+        schedule,
+        sharded,
+        loss_rank_local: flag("loss_is_rank_local", c.loss_is_rank_local)?,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Fills `cfg` with `struct_size` and every default for `optimizer`
+/// (an `lra_optimizer`; an invalid value is kept and rejected by
+/// `lra_create`). NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn lra_config_init(cfg: *mut lra_config, optimizer: u32) {
+    if cfg.is_null() || (cfg as usize) % std::mem::align_of::<lra_config>() != 0 {
+        return;
+    }
+    cfg.write(config_defaults(optimizer));
+}
+
+/// Creates a handle. On failure `*out` is set to NULL and
+/// `lra_thread_last_error()` says why.
+#[no_mangle]
+pub unsafe extern "C" fn lra_create(
+    cfg: *const lra_config,
+    out: *mut *mut lra_handle,
+) -> lra_status {
+    let (status, _) = boundary("lra_create", || {
+        require(out as *const *mut lra_handle, "lra_create", "out")?;
+        out.write(std::ptr::null_mut());
+        require(cfg, "lra_create", "cfg")?;
+        // Read only the bytes the caller declared (struct_size) on top of
+        // the defaults, so an older, shorter struct stays readable.
+        let declared = (cfg as *const u32).read() as usize;
+        let size = std::mem::size_of::<lra_config>();
+        if declared != size {
+            fail!(
+                InvalidConfig,
+                "struct_size = {declared}, this library's lra_config has {size} bytes (fill the struct with lra_config_init)"
+            );
+        }
+        let c = cfg.read();
+        let config = config_from_c(&c)?;
+        let engine = Engine::new(config)?;
+        let h = Box::new(lra_handle {
+            magic: HANDLE_MAGIC,
+            engine,
+            last_error: CString::default(),
+            poisoned: false,
+        });
+        out.write(Box::into_raw(h));
+        Ok(())
+    });
+    status
+}
+
+/// Destroys a handle and its optimizer state. NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn lra_destroy(h: *mut lra_handle) {
+    if h.is_null()
+        || (h as usize) % std::mem::align_of::<lra_handle>() != 0
+        || (*h).magic != HANDLE_MAGIC
+    {
+        return;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        (*h).magic = 0;
+        drop(Box::from_raw(h));
+    }));
+}
+
+/// Converts and checks the caller's tensor list.
+unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<TensorDesc>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    require(tensors, "step", "tensors")?;
+    if count > isize::MAX as usize / std::mem::size_of::<lra_tensor>() {
+        fail!(InvalidArgument, "count = {count} is too large");
+    }
+    let list = std::slice::from_raw_parts(tensors, count);
+    let mut out = Vec::with_capacity(count);
+    for (i, t) in list.iter().enumerate() {
+        let dtype = DType::from_u32(t.dtype).ok_or_else(|| {
+            Error::new(
+                Status::InvalidArgument,
+                format!(
+                    "tensors[{i}].dtype = {} is not an lra_dtype (0 f32, 1 f16, 2 bf16)",
+                    t.dtype
+                ),
+            )
+        })?;
+        let numel = usize::try_from(t.numel)
+            .ok()
+            .filter(|n| {
+                n.checked_mul(dtype.size())
+                    .is_some_and(|b| b <= isize::MAX as usize)
+            })
+            .ok_or_else(|| {
+                Error::new(
+                    Status::InvalidArgument,
+                    format!("tensors[{i}].numel = {} is too large", t.numel),
+                )
+            })?;
+        if numel > 0 {
+            if t.param.is_null() {
+                fail!(NullPointer, "tensors[{i}].param is NULL");
+            }
+            if t.grad.is_null() {
+                fail!(NullPointer, "tensors[{i}].grad is NULL");
+            }
+        }
+        out.push(TensorDesc {
+            param: t.param,
+            grad: t.grad,
+            numel,
+            dtype,
+        });
+    }
+    Ok(out)
+}
+
+/// One iteration: the wrapped optimizer's step with the current η.
+/// `loss` is f_i on this batch, `obs_var` = R_i >= 0 (0 by default),
+/// `stream` a `CUstream` for CUDA handles (NULL = legacy default stream),
+/// NULL for host handles. The step is skipped (and reported by the next
+/// `lra_report_reeval`) when `loss` or a gradient is not finite.
+#[no_mangle]
+pub unsafe extern "C" fn lra_step(
+    h: *mut lra_handle,
+    tensors: *const lra_tensor,
+    count: usize,
+    loss: f64,
+    obs_var: f64,
+    stream: *mut c_void,
+) -> lra_status {
+    step_impl(
+        "lra_step",
+        h,
+        tensors,
+        count,
+        loss,
+        obs_var,
+        std::ptr::null(),
+        stream,
+    )
+}
+
+/// `lra_step` with a found-inf flag: `found_inf` points at one f32 (host
+/// memory for host handles, device memory for CUDA handles; NULL = none);
+/// when it is non-zero the step is a no-op, decided without a host sync on
+/// CUDA.
+#[no_mangle]
+pub unsafe extern "C" fn lra_step_ex(
+    h: *mut lra_handle,
+    tensors: *const lra_tensor,
+    count: usize,
+    loss: f64,
+    obs_var: f64,
+    found_inf: *const f32,
+    stream: *mut c_void,
+) -> lra_status {
+    step_impl(
+        "lra_step_ex",
+        h,
+        tensors,
+        count,
+        loss,
+        obs_var,
+        found_inf as *const c_void,
+        stream,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn step_impl(
+    name: &str,
+    h: *mut lra_handle,
+    tensors: *const lra_tensor,
+    count: usize,
+    loss: f64,
+    obs_var: f64,
+    found_inf: *const c_void,
+    stream: *mut c_void,
+) -> lra_status {
+    with_handle(h, name, |e| {
+        let list = tensor_list(tensors, count)?;
+        if e.config().device == Device::Host && !stream.is_null() {
+            fail!(
+                InvalidArgument,
+                "stream must be NULL for a host (device = 0) handle"
+            );
+        }
+        e.step(&list, loss, obs_var, found_inf, stream)
+    })
+}
+
+fn info_from(r: &ReevalResult) -> lra_reeval_info {
+    lra_reeval_info {
+        phi: r.phi,
+        rho: r.rho,
+        scale: r.scale,
+        lr_before: r.lr_before,
+        lr: r.lr,
+        decision: r.decision as u32,
+        skip_reason: r.skip as u32,
+    }
+}
+
+/// Reports f+ = the loss on the SAME batch after the step; adapts η.
+/// `out` may be NULL. Fails with `LRA_CALL_ORDER` when no step is pending.
+#[no_mangle]
+pub unsafe extern "C" fn lra_report_reeval(
+    h: *mut lra_handle,
+    loss_after: f64,
+    out: *mut lra_reeval_info,
+) -> lra_status {
+    with_handle(h, "lra_report_reeval", |e| {
+        if !out.is_null() {
+            require(out as *const lra_reeval_info, "lra_report_reeval", "out")?;
+        }
+        let r = e.report_reeval(loss_after)?;
+        if !out.is_null() {
+            out.write(info_from(&r));
+        }
+        Ok(())
+    })
+}
+
+/// The result of the most recent re-evaluation; `LRA_CALL_ORDER` if none.
+#[no_mangle]
+pub unsafe extern "C" fn lra_get_last_reeval(
+    h: *const lra_handle,
+    out: *mut lra_reeval_info,
+) -> lra_status {
+    with_handle(h as *mut lra_handle, "lra_get_last_reeval", |e| {
+        match e.last_reeval() {
+            Some(r) => put(out, "out", info_from(&r)),
+            None => fail!(CallOrder, "no re-evaluation has been reported yet"),
+        }
+    })
+}
+
+/// Current η.
+#[no_mangle]
+pub unsafe extern "C" fn lra_get_lr(h: *const lra_handle, lr: *mut f64) -> lra_status {
+    with_handle(h as *mut lra_handle, "lra_get_lr", |e| {
+        put(lr, "lr", e.lr())
+    })
+}
+
+/// Sets η (positive, finite, inside [lr_min, lr_max]); applies from the next step.
+#[no_mangle]
+pub unsafe extern "C" fn lra_set_lr(h: *mut lra_handle, lr: f64) -> lra_status {
+    with_handle(h, "lra_set_lr", |e| e.set_lr(lr))
+}
+
+/// φ of the most recent step (NaN before the first step or when it was
+/// skipped). On CUDA this waits for that step.
+#[no_mangle]
+pub unsafe extern "C" fn lra_get_last_phi(h: *mut lra_handle, phi: *mut f64) -> lra_status {
+    with_handle(h, "lra_get_last_phi", |e| {
+        require(phi as *const f64, "lra_get_last_phi", "phi")?;
+        let v = e.last_phi()?;
+        put(phi, "phi", v)
+    })
+}
+
+/// Step and decision counters. On CUDA this waits for the last step.
+#[no_mangle]
+pub unsafe extern "C" fn lra_get_counters(
+    h: *mut lra_handle,
+    out: *mut lra_counters,
+) -> lra_status {
+    with_handle(h, "lra_get_counters", |e| {
+        require(out as *const lra_counters, "lra_get_counters", "out")?;
+        let c: Counters = e.counters()?;
+        put(
+            out,
+            "out",
+            lra_counters {
+                steps: c.steps,
+                applied: c.applied,
+                skipped: c.skipped,
+                reevals: c.reevals,
+                raised: c.raised,
+                lowered: c.lowered,
+                kept: c.kept,
+                reeval_skipped: c.reeval_skipped,
+            },
+        )
+    })
+}
+
+/// Whether the re-evaluation schedule wants the step just taken to be
+/// re-evaluated (`*out` = 1) or not (0). `LRA_CALL_ORDER` if no step is pending.
+#[no_mangle]
+pub unsafe extern "C" fn lra_should_reeval(h: *const lra_handle, out: *mut u32) -> lra_status {
+    with_handle(h as *mut lra_handle, "lra_should_reeval", |e| {
+        require(out as *const u32, "lra_should_reeval", "out")?;
+        let due = e.should_reeval()?;
+        put(out, "out", due as u32)
+    })
+}
+
+/// Bytes needed by `lra_save_state` now (depends on the tensor layout,
+/// fixed by the first step).
+#[no_mangle]
+pub unsafe extern "C" fn lra_state_size(h: *const lra_handle, size: *mut usize) -> lra_status {
+    with_handle(h as *mut lra_handle, "lra_state_size", |e| {
+        put(size, "size", e.state_size())
+    })
+}
+
+/// Writes a versioned checkpoint (η, counters, optimizer state) into `buf`
+/// of `len` bytes; `written` (may be NULL) receives the size. On CUDA this
+/// waits for the device.
+#[no_mangle]
+pub unsafe extern "C" fn lra_save_state(
+    h: *mut lra_handle,
+    buf: *mut c_void,
+    len: usize,
+    written: *mut usize,
+) -> lra_status {
+    with_handle(h, "lra_save_state", |e| {
+        require(buf as *const u8, "lra_save_state", "buf")?;
+        if !written.is_null() {
+            require(written as *const usize, "lra_save_state", "written")?;
+        }
+        let out = std::slice::from_raw_parts_mut(buf as *mut u8, len);
+        let n = e.save_state(out)?;
+        if !written.is_null() {
+            written.write(n);
+        }
+        Ok(())
+    })
+}
+
+/// Restores a checkpoint written by `lra_save_state` for the same
+/// optimizer, hyper-parameters and tensor layout. Nothing changes on error.
+#[no_mangle]
+pub unsafe extern "C" fn lra_load_state(
+    h: *mut lra_handle,
+    buf: *const c_void,
+    len: usize,
+) -> lra_status {
+    with_handle(h, "lra_load_state", |e| {
+        require(buf as *const u8, "lra_load_state", "buf")?;
+        e.load_state(std::slice::from_raw_parts(buf as *const u8, len))
+    })
+}
+
+/// Registers the cross-rank sum used for sharded parameters and rank-local
+/// losses (`reduce` NULL removes it). It must be registered on every rank
+/// and is then called on every rank in the same order.
+#[no_mangle]
+pub unsafe extern "C" fn lra_set_reduction(
+    h: *mut lra_handle,
+    reduce: lra_reduce_fn,
+    user: *mut c_void,
+) -> lra_status {
+    with_handle(h, "lra_set_reduction", |e| {
+        let cfg = e.config();
+        match reduce {
+            None => {
+                if cfg.sharded || cfg.loss_rank_local {
+                    fail!(
+                        InvalidArgument,
+                        "reduce is NULL, but the configuration is sharded or has rank-local losses"
+                    );
+                }
+                e.set_reducer(None)
+            }
+            Some(f) => {
+                let user = SendUser(user);
+                e.set_reducer(Some(Box::new(move |v: &mut [f64]| {
+                    let u = &user;
+                    // SAFETY: the caller registered `f` for `user`.
+                    let rc = unsafe { f(v.as_mut_ptr(), v.len(), u.0) };
+                    if rc != 0 {
+                        fail!(ReductionFailed, "the reduction callback returned {rc}");
+                    }
+                    Ok(())
+                })))
+            }
+        }
+        Ok(())
+    })
+}
+
+struct SendUser(*mut c_void);
+// SAFETY: the user pointer is only handed back to the caller's callback,
+// which the caller calls from the thread that drives the handle.
+unsafe impl Send for SendUser {}
+
+/// A static description of a status value ("unknown status" for others).
+#[no_mangle]
+pub extern "C" fn lra_status_string(status: lra_status) -> *const c_char {
+    match Status::from_u32(status) {
+        Some(s) => s.description().as_ptr() as *const c_char,
+        None => c"unknown status".as_ptr(),
+    }
+}
+
+/// The message of the handle's last failed call ("" if none; NULL handle:
+/// the calling thread's last message). Valid until the next call on it.
+#[no_mangle]
+pub unsafe extern "C" fn lra_last_error(h: *const lra_handle) -> *const c_char {
+    if h.is_null()
+        || (h as usize) % std::mem::align_of::<lra_handle>() != 0
+        || (*h).magic != HANDLE_MAGIC
+    {
+        return lra_thread_last_error();
+    }
+    (*h).last_error.as_ptr()
+}
+
+/// The calling thread's last failure message, from any call (the only
+/// place `lra_create` failures are described). Valid until the next
+/// failing call on this thread.
+#[no_mangle]
+pub extern "C" fn lra_thread_last_error() -> *const c_char {
+    THREAD_ERROR.with(|t| t.borrow().as_ptr())
+}
+
+/// Library version: (major << 16) | (minor << 8) | patch.
+#[no_mangle]
+pub extern "C" fn lra_version() -> u32 {
+    let p = |s: &str| s.parse::<u32>().unwrap_or(0);
+    (p(env!("CARGO_PKG_VERSION_MAJOR")) << 16)
+        | (p(env!("CARGO_PKG_VERSION_MINOR")) << 8)
+        | p(env!("CARGO_PKG_VERSION_PATCH"))
+}

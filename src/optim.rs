@@ -1,0 +1,397 @@
+//! Optimizer definitions: kinds, hyper-parameters, state slots and the math
+//! of ONE element. This file is the single source of truth for elementwise
+//! results: the CPU backend calls these functions, and the PTX kernels in
+//! `kernels/` mirror them operation for operation (every f32 operation is
+//! rounded separately, no contraction into FMA), so both produce the same
+//! bits.
+
+use half::{bf16, f16};
+
+/// The wrapped optimizer. Numeric values are part of the C ABI.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OptimizerKind {
+    Sgd = 0,
+    Momentum = 1,
+    Nesterov = 2,
+    Adagrad = 3,
+    Rmsprop = 4,
+    Adam = 5,
+    AdamW = 6,
+}
+
+impl OptimizerKind {
+    pub const ALL: [OptimizerKind; 7] = [
+        OptimizerKind::Sgd,
+        OptimizerKind::Momentum,
+        OptimizerKind::Nesterov,
+        OptimizerKind::Adagrad,
+        OptimizerKind::Rmsprop,
+        OptimizerKind::Adam,
+        OptimizerKind::AdamW,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Momentum => "momentum",
+            OptimizerKind::Nesterov => "nesterov",
+            OptimizerKind::Adagrad => "adagrad",
+            OptimizerKind::Rmsprop => "rmsprop",
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::AdamW => "adamw",
+        }
+    }
+
+    /// Number of f32 state values per parameter element.
+    pub fn state_slots(self) -> usize {
+        match self {
+            OptimizerKind::Sgd => 0,
+            OptimizerKind::Momentum | OptimizerKind::Nesterov => 1,
+            OptimizerKind::Adagrad | OptimizerKind::Rmsprop => 1,
+            OptimizerKind::Adam | OptimizerKind::AdamW => 2,
+        }
+    }
+}
+
+/// Element type of parameters and gradients. Numeric values are ABI.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32 = 0,
+    F16 = 1,
+    Bf16 = 2,
+}
+
+impl DType {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(DType::F32),
+            1 => Some(DType::F16),
+            2 => Some(DType::Bf16),
+            _ => None,
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A storage element: f32, f16 or bf16, converted to and from f32 with
+/// round-to-nearest-even (what `cvt.rn` does in PTX).
+pub trait Elem: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl Elem for bf16 {
+    const DTYPE: DType = DType::Bf16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// Hyper-parameters in f64 as configured (validated by the config layer).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hyper {
+    /// β for Momentum / Nesterov.
+    pub momentum: f64,
+    /// α for RMSprop.
+    pub alpha: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Coupled L2 decay (added to the gradient) for every optimizer except
+    /// AdamW, where it is decoupled (λθ added to the direction).
+    pub weight_decay: f64,
+}
+
+impl Hyper {
+    /// PyTorch's defaults, except β = 0.5 for Momentum/Nesterov and
+    /// β1 = 0.5 for Adam/AdamW (the paper's choice, ALGORITHM.md).
+    pub fn defaults(kind: OptimizerKind) -> Hyper {
+        Hyper {
+            momentum: 0.5,
+            alpha: 0.99,
+            beta1: 0.5,
+            beta2: 0.999,
+            eps: match kind {
+                OptimizerKind::Adagrad => 1e-10,
+                _ => 1e-8,
+            },
+            weight_decay: match kind {
+                OptimizerKind::AdamW => 1e-2,
+                _ => 0.0,
+            },
+        }
+    }
+}
+
+/// The f32 scalars one step's elementwise math reads. Every backend derives
+/// them with [`StepScalars::new`] from the same f64 inputs, so they are the
+/// same bits everywhere. `#[repr(C)]` because the CUDA backend hands this
+/// exact layout to its kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepScalars {
+    /// Momentum β, RMSprop α or Adam β1.
+    pub b1: f32,
+    /// 1 − b1 (RMSprop, Adam, AdamW; unused by Momentum/Nesterov).
+    pub omb1: f32,
+    /// Adam β2.
+    pub b2: f32,
+    /// 1 − β2.
+    pub omb2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Adam: 1 / (1 − β1^t).
+    pub inv_bc1: f32,
+    /// Adam: 1 / sqrt(1 − β2^t).
+    pub inv_bc2_sqrt: f32,
+}
+
+/// Running products β1^t and β2^t over the APPLIED steps, kept in f64.
+/// Multiplying (rather than calling `powi`) is exact IEEE arithmetic, so
+/// the host and the device derive identical bias corrections.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BiasPowers {
+    pub pow1: f64,
+    pub pow2: f64,
+}
+
+impl Default for BiasPowers {
+    fn default() -> Self {
+        BiasPowers {
+            pow1: 1.0,
+            pow2: 1.0,
+        }
+    }
+}
+
+impl BiasPowers {
+    /// The powers after one more applied step.
+    pub fn advanced(self, h: &Hyper) -> BiasPowers {
+        BiasPowers {
+            pow1: self.pow1 * h.beta1,
+            pow2: self.pow2 * h.beta2,
+        }
+    }
+}
+
+impl StepScalars {
+    /// Scalars for the step whose bias powers (already advanced for this
+    /// step) are `p`.
+    pub fn new(kind: OptimizerKind, h: &Hyper, p: BiasPowers) -> StepScalars {
+        let (b1, omb1) = match kind {
+            OptimizerKind::Momentum | OptimizerKind::Nesterov => (h.momentum, 0.0),
+            OptimizerKind::Rmsprop => (h.alpha, 1.0 - h.alpha),
+            OptimizerKind::Adam | OptimizerKind::AdamW => (h.beta1, 1.0 - h.beta1),
+            OptimizerKind::Sgd | OptimizerKind::Adagrad => (0.0, 0.0),
+        };
+        let adam = matches!(kind, OptimizerKind::Adam | OptimizerKind::AdamW);
+        StepScalars {
+            b1: b1 as f32,
+            omb1: omb1 as f32,
+            b2: if adam { h.beta2 as f32 } else { 0.0 },
+            omb2: if adam { (1.0 - h.beta2) as f32 } else { 0.0 },
+            eps: h.eps as f32,
+            weight_decay: h.weight_decay as f32,
+            inv_bc1: if adam {
+                (1.0 / (1.0 - p.pow1)) as f32
+            } else {
+                1.0
+            },
+            inv_bc2_sqrt: if adam {
+                (1.0 / (1.0 - p.pow2).sqrt()) as f32
+            } else {
+                1.0
+            },
+        }
+    }
+}
+
+/// The direction `d = W g` (learning rate 1) of one element, advancing the
+/// element's state `s0`/`s1` in place. `K` is the `OptimizerKind` as u32 so
+/// each optimizer gets its own monomorphised, vectorisable loop.
+///
+/// Operation order (mirrored exactly by the PTX; `*`, `+`, `/`, `sqrt` are
+/// each one IEEE f32 operation rounded to nearest even):
+///
+/// ```text
+/// gw = wd != 0 (and not AdamW) ? g + wd*θ : g
+/// SGD       d = gw
+/// Momentum  m = b1*m + gw;                      d = m
+/// Nesterov  m = b1*m + gw;                      d = gw + b1*m
+/// Adagrad   G = G + gw*gw;                      d = gw / (sqrt(G) + eps)
+/// RMSprop   s = b1*s + omb1*(gw*gw);            d = gw / (sqrt(s) + eps)
+/// Adam      m = b1*m + omb1*gw;
+///           s = b2*s + omb2*(gw*gw);            d = (m*inv_bc1) / (sqrt(s)*inv_bc2_sqrt + eps)
+/// AdamW     as Adam, then                       d = d + wd*θ
+/// ```
+#[inline(always)]
+pub fn direction<const K: u32>(
+    sc: &StepScalars,
+    theta: f32,
+    g: f32,
+    s0: &mut f32,
+    s1: &mut f32,
+) -> f32 {
+    const SGD: u32 = OptimizerKind::Sgd as u32;
+    const MOMENTUM: u32 = OptimizerKind::Momentum as u32;
+    const NESTEROV: u32 = OptimizerKind::Nesterov as u32;
+    const ADAGRAD: u32 = OptimizerKind::Adagrad as u32;
+    const RMSPROP: u32 = OptimizerKind::Rmsprop as u32;
+    const ADAM: u32 = OptimizerKind::Adam as u32;
+    const ADAMW: u32 = OptimizerKind::AdamW as u32;
+
+    let gw = if K != ADAMW && sc.weight_decay != 0.0 {
+        g + sc.weight_decay * theta
+    } else {
+        g
+    };
+    match K {
+        SGD => gw,
+        MOMENTUM => {
+            *s0 = sc.b1 * *s0 + gw;
+            *s0
+        }
+        NESTEROV => {
+            *s0 = sc.b1 * *s0 + gw;
+            gw + sc.b1 * *s0
+        }
+        ADAGRAD => {
+            *s0 = *s0 + gw * gw;
+            gw / (s0.sqrt() + sc.eps)
+        }
+        RMSPROP => {
+            *s0 = sc.b1 * *s0 + sc.omb1 * (gw * gw);
+            gw / (s0.sqrt() + sc.eps)
+        }
+        ADAM | ADAMW => {
+            *s0 = sc.b1 * *s0 + sc.omb1 * gw;
+            *s1 = sc.b2 * *s1 + sc.omb2 * (gw * gw);
+            let d = (*s0 * sc.inv_bc1) / (s1.sqrt() * sc.inv_bc2_sqrt + sc.eps);
+            if K == ADAMW {
+                d + sc.weight_decay * theta
+            } else {
+                d
+            }
+        }
+        _ => unreachable!("unknown optimizer kind {K}"),
+    }
+}
+
+/// The update of one element: `θ' = θ − lr·d` (two rounded f32 operations).
+#[inline(always)]
+pub fn apply(theta: f32, lr: f32, d: f32) -> f32 {
+    theta - lr * d
+}
+
+/// One element's contribution to `Σ g·d` (φ = η·Σ g·d): the f32 product,
+/// widened to f64 for accumulation.
+#[inline(always)]
+pub fn dot_term(g: f32, d: f32) -> f64 {
+    (g * d) as f64
+}
+
+/// Calls `f::<K>()` for the runtime `kind`: the one place that turns the
+/// runtime optimizer into a compile-time one.
+#[macro_export]
+macro_rules! dispatch_kind {
+    ($kind:expr, $f:ident :: < $($rest:tt),* > ( $($arg:expr),* $(,)? )) => {
+        match $kind {
+            $crate::optim::OptimizerKind::Sgd => $f::<{ $crate::optim::OptimizerKind::Sgd as u32 }, $($rest),*>($($arg),*),
+            $crate::optim::OptimizerKind::Momentum => $f::<{ $crate::optim::OptimizerKind::Momentum as u32 }, $($rest),*>($($arg),*),
+            $crate::optim::OptimizerKind::Nesterov => $f::<{ $crate::optim::OptimizerKind::Nesterov as u32 }, $($rest),*>($($arg),*),
+            $crate::optim::OptimizerKind::Adagrad => $f::<{ $crate::optim::OptimizerKind::Adagrad as u32 }, $($rest),*>($($arg),*),
+            $crate::optim::OptimizerKind::Rmsprop => $f::<{ $crate::optim::OptimizerKind::Rmsprop as u32 }, $($rest),*>($($arg),*),
+            $crate::optim::OptimizerKind::Adam => $f::<{ $crate::optim::OptimizerKind::Adam as u32 }, $($rest),*>($($arg),*),
+            $crate::optim::OptimizerKind::AdamW => $f::<{ $crate::optim::OptimizerKind::AdamW as u32 }, $($rest),*>($($arg),*),
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn momentum_first_step_equals_gradient() {
+        let sc = StepScalars::new(
+            OptimizerKind::Momentum,
+            &Hyper::defaults(OptimizerKind::Momentum),
+            BiasPowers::default(),
+        );
+        let (mut m, mut unused) = (0.0f32, 0.0f32);
+        let d =
+            direction::<{ OptimizerKind::Momentum as u32 }>(&sc, 1.0, 0.75, &mut m, &mut unused);
+        assert_eq!(d, 0.75);
+        let d =
+            direction::<{ OptimizerKind::Momentum as u32 }>(&sc, 1.0, 0.25, &mut m, &mut unused);
+        assert_eq!(d, 0.5 * 0.75 + 0.25);
+    }
+
+    #[test]
+    fn adam_first_step_is_sign_like() {
+        let h = Hyper::defaults(OptimizerKind::Adam);
+        let p = BiasPowers::default().advanced(&h);
+        let sc = StepScalars::new(OptimizerKind::Adam, &h, p);
+        let (mut m, mut s) = (0.0f32, 0.0f32);
+        let d = direction::<{ OptimizerKind::Adam as u32 }>(&sc, 0.0, -3.0, &mut m, &mut s);
+        assert!((d + 1.0).abs() < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn kinds_and_dtypes_round_trip() {
+        for k in OptimizerKind::ALL {
+            assert_eq!(OptimizerKind::from_u32(k as u32), Some(k));
+        }
+        assert_eq!(OptimizerKind::from_u32(7), None);
+        assert_eq!(DType::from_u32(2), Some(DType::Bf16));
+        assert_eq!(DType::from_u32(3), None);
+    }
+}
