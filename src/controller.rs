@@ -220,7 +220,7 @@ mod tests {
         // Exactly at the thresholds: kept (strict inequalities).
         let r = decide(&s, 0.1, 10.0, 10.0 - 0.75, &outcome(2.0));
         assert_eq!(r.decision, Decision::Kept);
-        let r = decide(&s, 0.1, 10.0, 10.0 - 4.0 / 3.0, &outcome(2.0));
+        let r = decide(&s, 0.1, 4.0 / 3.0, 0.0, &outcome(2.0));
         assert_eq!(r.decision, Decision::Kept);
     }
 

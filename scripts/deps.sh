@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the test suite's external needs when missing. Never fatal: each
+# stage checks for what it uses and prints why it skips when it is absent.
+set -u
+need_apt=()
+command -v valgrind >/dev/null || need_apt+=(valgrind)
+command -v cc >/dev/null || need_apt+=(gcc)
+command -v c++ >/dev/null || need_apt+=(g++)
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+command -v mpirun >/dev/null || need_apt+=(openmpi-bin libopenmpi-dev)
+/usr/bin/python3 -c 'import torch' 2>/dev/null || need_apt+=(python3-torch)
+/usr/bin/python3 -c 'import numpy' 2>/dev/null || need_apt+=(python3-numpy)
+[ -e /usr/include/torch/csrc/api/include/torch/torch.h ] || [ -n "$(find /usr/lib /usr/share -path '*Torch*Config.cmake' -print -quit 2>/dev/null)" ] || need_apt+=(libtorch-dev)
+status=0
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${need_apt[*]}"
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}") >/tmp/lra-apt.log 2>&1 \
+      || { echo "apt-get failed (log: /tmp/lra-apt.log)"; tail -5 /tmp/lra-apt.log; status=1; }
+  else
+    echo "cannot install (${need_apt[*]}): not root or no apt-get"; status=1
+  fi
+fi
+if ! scripts/find-ptxas.sh >/dev/null 2>&1; then
+  echo "installing ptxas from PyPI (nvidia-cuda-nvcc-cu12)"
+  python3 -m pip install -q nvidia-cuda-nvcc-cu12 >/tmp/lra-pip.log 2>&1 \
+    || { echo "pip install nvidia-cuda-nvcc-cu12 failed (log: /tmp/lra-pip.log)"; status=1; }
+fi
+exit $status

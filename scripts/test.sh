@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite (the README's test command; .ci/run calls exactly this).
+# Installs what the suite needs when it is missing (Debian packages, the PyPI
+# wheel carrying ptxas), or skips that part with a loud printed reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+say() { printf '\n==== %s ====\n' "$*"; }
+skip() { printf '\n!!!! SKIPPED: %s !!!!\n' "$*"; }
+
+say "dependencies"
+scripts/deps.sh || skip "some dependencies could not be installed (see above); their stages print why they skip"
+
+say "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+
+say "cargo tests (unit, integration, header drift, PTX interpreter)"
+cargo build --release --lib
+cargo test --workspace --release
+
+# Stage scripts: each proves one layer and prints why it skips a part.
+for stage in scripts/stages/*.sh; do
+  [ -e "$stage" ] || continue
+  say "stage $(basename "$stage" .sh)"
+  bash "$stage"
+done
+
+say "all stages passed"
