@@ -285,10 +285,13 @@ impl Engine {
         let phi_local = self.cfg.sharded && p.fused;
         let mut v = Vec::with_capacity(3);
         if phi_local {
+            // A rank that skipped (only a rank-local found-inf flag with the
+            // guard off can make ranks differ) poisons the sum: φ is NaN on
+            // every rank and η stays unchanged everywhere.
             v.push(if o.skip == SkipReason::None {
                 o.phi
             } else {
-                0.0
+                f64::NAN
             });
         }
         if self.cfg.loss_rank_local {
@@ -329,6 +332,11 @@ impl Engine {
             Some(p) => Ok(self.outcome_of(&p)?.phi),
             None => Ok(self.last.map_or(f64::NAN, |r| r.phi)),
         }
+    }
+
+    /// A host copy of the optimizer state (tests, tools). May wait on a device.
+    pub fn optimizer_state(&mut self) -> Result<BackendState> {
+        self.backend.export_state()
     }
 
     pub fn counters(&mut self) -> Result<Counters> {

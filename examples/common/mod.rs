@@ -20,7 +20,8 @@ pub struct Dataset {
 }
 
 fn gunzip(path: &Path) -> Vec<u8> {
-    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
     let mut out = Vec::new();
     GzDecoder::new(f)
         .read_to_end(&mut out)
@@ -35,7 +36,11 @@ pub fn load_digits(path: &Path) -> Dataset {
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let cols: Vec<f32> = line
             .split(',')
-            .map(|c| c.trim().parse::<f32>().unwrap_or_else(|_| panic!("bad value {c:?}")))
+            .map(|c| {
+                c.trim()
+                    .parse::<f32>()
+                    .unwrap_or_else(|_| panic!("bad value {c:?}"))
+            })
             .collect();
         assert_eq!(cols.len(), 65, "digits rows have 64 pixels and a label");
         x.extend(cols[..64].iter().map(|v| v / 16.0));
@@ -60,7 +65,10 @@ pub fn load_mnist(images: &Path, labels: &Path, limit: usize) -> Dataset {
     let n = be(&img[4..8]).min(limit);
     let d = be(&img[8..12]) * be(&img[12..16]);
     Dataset {
-        x: img[16..16 + n * d].iter().map(|&p| p as f32 / 255.0).collect(),
+        x: img[16..16 + n * d]
+            .iter()
+            .map(|&p| p as f32 / 255.0)
+            .collect(),
         y: lab[8..8 + n].to_vec(),
         n,
         d,
@@ -116,7 +124,13 @@ pub trait Model {
     fn init(&self, rng: &mut Rng) -> Vec<Vec<f32>>;
     /// Mean cross-entropy over `rows`; when `grads` is given, also its
     /// gradient (overwritten).
-    fn loss(&self, p: &[Vec<f32>], data: &Dataset, rows: &[usize], grads: Option<&mut [Vec<f32>]>) -> f64;
+    fn loss(
+        &self,
+        p: &[Vec<f32>],
+        data: &Dataset,
+        rows: &[usize],
+        grads: Option<&mut [Vec<f32>]>,
+    ) -> f64;
     /// Fraction of `rows` classified correctly.
     fn accuracy(&self, p: &[Vec<f32>], data: &Dataset, rows: &[usize]) -> f64;
 }
@@ -168,7 +182,13 @@ impl Model for Logistic {
     fn init(&self, _rng: &mut Rng) -> Vec<Vec<f32>> {
         self.shapes().iter().map(|&n| vec![0.0; n]).collect()
     }
-    fn loss(&self, p: &[Vec<f32>], data: &Dataset, rows: &[usize], mut grads: Option<&mut [Vec<f32>]>) -> f64 {
+    fn loss(
+        &self,
+        p: &[Vec<f32>],
+        data: &Dataset,
+        rows: &[usize],
+        mut grads: Option<&mut [Vec<f32>]>,
+    ) -> f64 {
         if let Some(g) = grads.as_deref_mut() {
             g.iter_mut().for_each(|t| t.fill(0.0));
         }
@@ -228,19 +248,34 @@ impl Mlp {
 
 impl Model for Mlp {
     fn shapes(&self) -> Vec<usize> {
-        vec![self.hidden * self.d, self.hidden, self.classes * self.hidden, self.classes]
+        vec![
+            self.hidden * self.d,
+            self.hidden,
+            self.classes * self.hidden,
+            self.classes,
+        ]
     }
     fn init(&self, rng: &mut Rng) -> Vec<Vec<f32>> {
         let s1 = (1.0 / self.d as f64).sqrt();
         let s2 = (1.0 / self.hidden as f64).sqrt();
         vec![
-            (0..self.hidden * self.d).map(|_| (rng.normal() * s1) as f32).collect(),
+            (0..self.hidden * self.d)
+                .map(|_| (rng.normal() * s1) as f32)
+                .collect(),
             vec![0.0; self.hidden],
-            (0..self.classes * self.hidden).map(|_| (rng.normal() * s2) as f32).collect(),
+            (0..self.classes * self.hidden)
+                .map(|_| (rng.normal() * s2) as f32)
+                .collect(),
             vec![0.0; self.classes],
         ]
     }
-    fn loss(&self, p: &[Vec<f32>], data: &Dataset, rows: &[usize], mut grads: Option<&mut [Vec<f32>]>) -> f64 {
+    fn loss(
+        &self,
+        p: &[Vec<f32>],
+        data: &Dataset,
+        rows: &[usize],
+        mut grads: Option<&mut [Vec<f32>]>,
+    ) -> f64 {
         if let Some(g) = grads.as_deref_mut() {
             g.iter_mut().for_each(|t| t.fill(0.0));
         }
@@ -329,7 +364,16 @@ impl Lra {
             })
             .collect();
         check(
-            unsafe { lra_step(self.0, tensors.as_ptr(), tensors.len(), loss, 0.0, std::ptr::null_mut()) },
+            unsafe {
+                lra_step(
+                    self.0,
+                    tensors.as_ptr(),
+                    tensors.len(),
+                    loss,
+                    0.0,
+                    std::ptr::null_mut(),
+                )
+            },
             self.0,
         );
     }
@@ -340,7 +384,10 @@ impl Lra {
     }
     pub fn report(&mut self, loss_after: f64) -> lra_reeval_info {
         let mut info = std::mem::MaybeUninit::<lra_reeval_info>::uninit();
-        check(unsafe { lra_report_reeval(self.0, loss_after, info.as_mut_ptr()) }, self.0);
+        check(
+            unsafe { lra_report_reeval(self.0, loss_after, info.as_mut_ptr()) },
+            self.0,
+        );
         unsafe { info.assume_init() }
     }
     pub fn lr(&self) -> f64 {
@@ -372,7 +419,15 @@ pub struct RunResult {
 /// Mini-batch training through the C ABI. With `adapt`, each step is
 /// re-evaluated on the same batch whenever lra's schedule says so and η
 /// adapts; without it η stays fixed (the plain optimizer).
-pub fn train(model: &dyn Model, data: &Dataset, cfg: &lra_config, adapt: bool, epochs: usize, batch: usize, seed: u64) -> RunResult {
+pub fn train(
+    model: &dyn Model,
+    data: &Dataset,
+    cfg: &lra_config,
+    adapt: bool,
+    epochs: usize,
+    batch: usize,
+    seed: u64,
+) -> RunResult {
     let mut rng = Rng::new(seed);
     let mut params = model.init(&mut rng);
     let mut grads: Vec<Vec<f32>> = model.shapes().iter().map(|&n| vec![0.0; n]).collect();

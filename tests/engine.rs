@@ -1,0 +1,433 @@
+//! The engine through its Rust API: skips, call order, layout checks,
+//! checkpoints (bit-exact resume), φ determinism across thread counts,
+//! mixed dtypes and the scaled (two-pass) modes.
+
+use half::{bf16, f16};
+use lra::backend::TensorDesc;
+use lra::config::{Config, Device, ReevalSchedule};
+use lra::controller::{Decision, Settings, SkipReason};
+use lra::optim::{BiasPowers, DType, Hyper, OptimizerKind, StepScalars};
+use lra::{Engine, Status};
+use std::ptr::{null, null_mut};
+
+fn config(kind: OptimizerKind, lr: f64) -> Config {
+    Config {
+        kind,
+        device: Device::Host,
+        lr,
+        hyper: Hyper::defaults(kind),
+        settings: Settings::default(),
+        check_finite: true,
+        threads: 0,
+        schedule: ReevalSchedule::Always,
+        sharded: false,
+        loss_rank_local: false,
+    }
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+struct Model {
+    params: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+}
+
+impl Model {
+    fn new(sizes: &[usize], seed: u64) -> Model {
+        Model {
+            params: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| values(n, seed + i as u64))
+                .collect(),
+            grads: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| values(n, seed + 100 + i as u64))
+                .collect(),
+        }
+    }
+    fn tensors(&mut self) -> Vec<TensorDesc> {
+        self.params
+            .iter_mut()
+            .zip(&self.grads)
+            .map(|(p, g)| TensorDesc {
+                param: p.as_mut_ptr().cast(),
+                grad: g.as_ptr().cast(),
+                numel: p.len(),
+                dtype: DType::F32,
+            })
+            .collect()
+    }
+    /// New gradients for the next step (a function of the step index).
+    fn regrad(&mut self, step: u64) {
+        for (i, g) in self.grads.iter_mut().enumerate() {
+            *g = values(g.len(), 1000 * step + i as u64);
+        }
+    }
+}
+
+fn checkpoint(e: &mut Engine) -> Vec<u8> {
+    let mut buf = vec![0u8; e.state_size()];
+    let n = e.save_state(&mut buf).unwrap();
+    assert_eq!(n, buf.len());
+    buf
+}
+
+#[test]
+fn nonfinite_loss_skips_and_changes_nothing() {
+    let mut e = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let mut m = Model::new(&[10, 3], 1);
+    e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+    e.report_reeval(0.9).unwrap();
+    let before = (m.params.clone(), checkpoint(&mut e));
+    for bad in [f64::NAN, f64::INFINITY] {
+        e.step(&m.tensors(), bad, 0.0, null(), null_mut()).unwrap();
+        assert_eq!(m.params, before.0);
+        let r = e.report_reeval(0.5).unwrap();
+        assert_eq!(
+            (r.decision, r.skip),
+            (Decision::Skipped, SkipReason::NonfiniteLoss)
+        );
+    }
+    let c = e.counters().unwrap();
+    assert_eq!((c.steps, c.applied, c.skipped), (3, 1, 2));
+}
+
+#[test]
+fn nonfinite_gradient_is_caught_before_any_write() {
+    for two_pass in [false, true] {
+        let mut cfg = config(OptimizerKind::Momentum, 1e-2);
+        if two_pass {
+            cfg.settings.f_star = 0.0;
+        }
+        let mut e = Engine::new(cfg).unwrap();
+        let mut m = Model::new(&[40_000, 7], 2);
+        e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+        let before = (m.params.clone(), e.optimizer_state().unwrap());
+        m.grads[1][3] = f32::NAN;
+        e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+        assert_eq!(m.params, before.0, "two_pass={two_pass}");
+        assert_eq!(e.optimizer_state().unwrap(), before.1);
+        let r = e.report_reeval(0.5).unwrap();
+        assert_eq!(r.skip, SkipReason::NonfiniteGrad);
+        assert_eq!(r.lr, 1e-2);
+    }
+}
+
+#[test]
+fn guard_off_lets_nan_through_and_reports_nonfinite_phi() {
+    let mut cfg = config(OptimizerKind::Sgd, 1e-2);
+    cfg.check_finite = false;
+    let mut e = Engine::new(cfg).unwrap();
+    let mut m = Model::new(&[5], 3);
+    m.grads[0][0] = f32::INFINITY;
+    e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+    assert!(!m.params[0][0].is_finite());
+    let r = e.report_reeval(0.5).unwrap();
+    assert_eq!(
+        (r.decision, r.skip),
+        (Decision::Skipped, SkipReason::NonfinitePhi)
+    );
+    assert_eq!(r.lr, 1e-2);
+}
+
+#[test]
+fn found_inf_flag_skips() {
+    let mut e = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let mut m = Model::new(&[5], 4);
+    let p0 = m.params.clone();
+    let flag = 1.0f32;
+    e.step(
+        &m.tensors(),
+        1.0,
+        0.0,
+        (&flag as *const f32).cast(),
+        null_mut(),
+    )
+    .unwrap();
+    assert_eq!(m.params, p0);
+    assert_eq!(e.report_reeval(0.5).unwrap().skip, SkipReason::FoundInf);
+    let zero = 0.0f32;
+    e.step(
+        &m.tensors(),
+        1.0,
+        0.0,
+        (&zero as *const f32).cast(),
+        null_mut(),
+    )
+    .unwrap();
+    assert_ne!(m.params, p0);
+}
+
+#[test]
+fn call_order_and_layout_errors_change_nothing() {
+    let mut e = Engine::new(config(OptimizerKind::Sgd, 0.1)).unwrap();
+    assert_eq!(e.report_reeval(1.0).unwrap_err().status, Status::CallOrder);
+    assert_eq!(e.should_reeval().unwrap_err().status, Status::CallOrder);
+    let mut m = Model::new(&[4, 4], 5);
+    e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+    e.report_reeval(0.9).unwrap();
+    assert_eq!(
+        e.report_reeval(0.9).unwrap_err().status,
+        Status::CallOrder,
+        "one re-evaluation per step"
+    );
+    let p = m.params.clone();
+    let mut other = Model::new(&[4, 5], 6);
+    let err = e
+        .step(&other.tensors(), 1.0, 0.0, null(), null_mut())
+        .unwrap_err();
+    assert_eq!(err.status, Status::SizeMismatch);
+    assert!(err.message.contains("tensors[1]"), "{}", err.message);
+    let mut fewer = Model::new(&[4], 6);
+    assert_eq!(
+        e.step(&fewer.tensors(), 1.0, 0.0, null(), null_mut())
+            .unwrap_err()
+            .status,
+        Status::SizeMismatch
+    );
+    let err = e
+        .step(&m.tensors(), 1.0, -1.0, null(), null_mut())
+        .unwrap_err();
+    assert_eq!(err.status, Status::InvalidArgument);
+    assert!(err.message.contains("obs_var"));
+    // Aliasing: a parameter that overlaps a gradient.
+    let mut t = m.tensors();
+    t[1].grad = t[0].param.cast_const();
+    assert_eq!(
+        e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap_err().status,
+        Status::InvalidArgument
+    );
+    // Misaligned.
+    let mut t = m.tensors();
+    t[0].param = unsafe { t[0].param.cast::<u8>().add(1).cast() };
+    let err = e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap_err();
+    assert!(err.message.contains("aligned"), "{}", err.message);
+    assert_eq!(m.params, p);
+    assert_eq!(e.counters().unwrap().steps, 1);
+    assert_eq!(e.report_reeval(0.5).unwrap_err().status, Status::CallOrder);
+}
+
+/// Runs `steps` steps with re-evaluation on a model, from step index `from`.
+fn run(e: &mut Engine, m: &mut Model, from: u64, steps: u64) {
+    for k in from..from + steps {
+        m.regrad(k);
+        let loss = 1.0 + 1.0 / (k + 1) as f64;
+        e.step(&m.tensors(), loss, 0.0, null(), null_mut()).unwrap();
+        let after = loss - (e.last_phi().unwrap() * if k % 3 == 0 { 1.0 } else { 0.2 });
+        e.report_reeval(after).unwrap();
+    }
+}
+
+#[test]
+fn checkpoint_resume_is_bit_exact() {
+    for kind in OptimizerKind::ALL {
+        let sizes = [300, 17];
+        let mut a = Engine::new(config(kind, 1e-2)).unwrap();
+        let mut ma = Model::new(&sizes, 9);
+        run(&mut a, &mut ma, 0, 10);
+        let ckpt = checkpoint(&mut a);
+        let params_at_ckpt = ma.params.clone();
+        run(&mut a, &mut ma, 10, 10);
+
+        let mut b = Engine::new(config(kind, 1e-2)).unwrap();
+        b.load_state(&ckpt).unwrap();
+        let mut mb = Model::new(&sizes, 9);
+        mb.params = params_at_ckpt;
+        run(&mut b, &mut mb, 10, 10);
+        assert_eq!(ma.params, mb.params, "{kind:?}");
+        assert_eq!(a.lr().to_bits(), b.lr().to_bits());
+        assert_eq!(a.counters().unwrap(), b.counters().unwrap());
+        assert_eq!(checkpoint(&mut a), checkpoint(&mut b));
+    }
+}
+
+#[test]
+fn foreign_or_corrupt_checkpoints_are_rejected_without_change() {
+    let mut a = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let mut m = Model::new(&[8], 1);
+    run(&mut a, &mut m, 0, 3);
+    let ckpt = checkpoint(&mut a);
+
+    let mut sgd = Engine::new(config(OptimizerKind::Sgd, 1e-2)).unwrap();
+    assert_eq!(
+        sgd.load_state(&ckpt).unwrap_err().status,
+        Status::BadCheckpoint
+    );
+
+    let mut other_beta = config(OptimizerKind::Adam, 1e-2);
+    other_beta.hyper.beta1 = 0.9;
+    let err = Engine::new(other_beta)
+        .unwrap()
+        .load_state(&ckpt)
+        .unwrap_err();
+    assert!(err.message.contains("beta1"), "{}", err.message);
+
+    let mut b = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let mut mb = Model::new(&[9], 1);
+    run(&mut b, &mut mb, 0, 1);
+    let before = checkpoint(&mut b);
+    assert_eq!(
+        b.load_state(&ckpt).unwrap_err().status,
+        Status::BadCheckpoint,
+        "layout differs"
+    );
+    let mut corrupt = ckpt.clone();
+    corrupt[40] ^= 1;
+    assert_eq!(
+        b.load_state(&corrupt).unwrap_err().status,
+        Status::BadCheckpoint
+    );
+    assert_eq!(
+        b.load_state(&ckpt[..ckpt.len() - 3]).unwrap_err().status,
+        Status::BadCheckpoint
+    );
+    assert_eq!(checkpoint(&mut b), before);
+    let mut small = vec![0u8; 10];
+    assert_eq!(
+        b.save_state(&mut small).unwrap_err().status,
+        Status::BufferTooSmall
+    );
+}
+
+#[test]
+fn phi_has_the_same_bits_whatever_the_thread_count() {
+    let sizes = [200_000, 3, 70_001];
+    let mut phis = Vec::new();
+    let mut outs = Vec::new();
+    for threads in [1, 2, 3, 8] {
+        let mut cfg = config(OptimizerKind::Adam, 1e-3);
+        cfg.threads = threads;
+        let mut e = Engine::new(cfg).unwrap();
+        let mut m = Model::new(&sizes, 11);
+        e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+        phis.push(e.last_phi().unwrap().to_bits());
+        outs.push(m.params);
+    }
+    assert!(phis.iter().all(|&p| p == phis[0]), "{phis:?}");
+    assert!(outs.iter().all(|o| *o == outs[0]));
+}
+
+/// Mixed dtypes: each element equals the reference element math applied in
+/// f32 and rounded to the storage type.
+#[test]
+fn mixed_dtypes_follow_the_element_math() {
+    let n = 1000;
+    let p32 = values(n, 1);
+    let g32 = values(n, 2);
+    let mut p16: Vec<f16> = p32.iter().map(|&v| f16::from_f32(v)).collect();
+    let g16: Vec<f16> = g32.iter().map(|&v| f16::from_f32(v)).collect();
+    let mut pb: Vec<bf16> = p32.iter().map(|&v| bf16::from_f32(v)).collect();
+    let gb: Vec<bf16> = g32.iter().map(|&v| bf16::from_f32(v)).collect();
+    let (p16_0, pb_0) = (p16.clone(), pb.clone());
+    let mut p = p32.clone();
+    let kind = OptimizerKind::Adam;
+    let mut e = Engine::new(config(kind, 1e-2)).unwrap();
+    let t = [
+        TensorDesc {
+            param: p.as_mut_ptr().cast(),
+            grad: g32.as_ptr().cast(),
+            numel: n,
+            dtype: DType::F32,
+        },
+        TensorDesc {
+            param: p16.as_mut_ptr().cast(),
+            grad: g16.as_ptr().cast(),
+            numel: n,
+            dtype: DType::F16,
+        },
+        TensorDesc {
+            param: pb.as_mut_ptr().cast(),
+            grad: gb.as_ptr().cast(),
+            numel: n,
+            dtype: DType::Bf16,
+        },
+    ];
+    e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap();
+    let h = Hyper::defaults(kind);
+    let sc = StepScalars::new(kind, &h, BiasPowers::default().advanced(&h));
+    let reference = |th: f32, g: f32| {
+        let (mut a, mut b) = (0.0, 0.0);
+        let d = lra::optim::direction::<{ OptimizerKind::Adam as u32 }>(&sc, th, g, &mut a, &mut b);
+        lra::optim::apply(th, 1e-2f64 as f32, d)
+    };
+    for i in 0..n {
+        assert_eq!(p[i].to_bits(), reference(p32[i], g32[i]).to_bits());
+        assert_eq!(
+            p16[i],
+            f16::from_f32(reference(p16_0[i].to_f32(), g16[i].to_f32()))
+        );
+        assert_eq!(
+            pb[i],
+            bf16::from_f32(reference(pb_0[i].to_f32(), gb[i].to_f32()))
+        );
+    }
+}
+
+#[test]
+fn obs_var_and_f_star_scale_the_step() {
+    // SGD, one tensor: φ = η g·g, and the step is s·η·g.
+    let g = vec![1.0f32, 2.0, 2.0]; // g·g = 9
+    for (f_star, obs_var, expect_scale) in [
+        (f64::NAN, 0.0, 1.0),
+        (f64::NAN, 0.09, 0.9 / (0.9 + 0.09)), // φ = 0.9 with η = 0.1
+        (0.0, 0.0, 2.0 * 4.5 / 0.9),          // Polyak: 2(f − f*)/φ with f = 4.5
+        (5.0, 0.0, 0.0),                      // f < f*: no step
+    ] {
+        let mut cfg = config(OptimizerKind::Sgd, 0.1);
+        cfg.settings.f_star = f_star;
+        let mut e = Engine::new(cfg).unwrap();
+        let mut p = vec![0.0f32; 3];
+        let t = [TensorDesc {
+            param: p.as_mut_ptr().cast(),
+            grad: g.as_ptr().cast(),
+            numel: 3,
+            dtype: DType::F32,
+        }];
+        e.step(&t, 4.5, obs_var, null(), null_mut()).unwrap();
+        let r = e.report_reeval(4.0).unwrap();
+        assert!(
+            (r.scale - expect_scale).abs() < 1e-12,
+            "f*={f_star} R={obs_var}: s={}",
+            r.scale
+        );
+        assert!((r.phi - 0.9).abs() < 1e-7);
+        let lr_eff = (expect_scale * 0.1) as f32;
+        assert_eq!(p, vec![-lr_eff, -2.0 * lr_eff, -2.0 * lr_eff]);
+        if expect_scale == 0.0 {
+            assert_eq!(r.skip, SkipReason::ZeroScale);
+        }
+    }
+}
+
+#[test]
+fn empty_and_zero_sized_tensor_lists_work() {
+    let mut e = Engine::new(config(OptimizerKind::Adam, 0.1)).unwrap();
+    e.step(&[], 1.0, 0.0, null(), null_mut()).unwrap();
+    let r = e.report_reeval(0.5).unwrap();
+    assert_eq!(
+        r.skip,
+        SkipReason::NonpositivePhi,
+        "φ = 0 with no parameters"
+    );
+    let mut e = Engine::new(config(OptimizerKind::Adam, 0.1)).unwrap();
+    let t = [TensorDesc {
+        param: null_mut(),
+        grad: null(),
+        numel: 0,
+        dtype: DType::F16,
+    }];
+    e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap();
+}
