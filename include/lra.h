@@ -138,31 +138,43 @@ typedef uint32_t lra_sharding;
 
 
 
+#define LRA_OK 0
 
+// A required pointer argument was NULL.
+#define LRA_NULL_POINTER 1
 
+// An argument was out of range, misaligned, aliased or of the wrong kind.
+#define LRA_INVALID_ARGUMENT 2
 
+// `lra_create` rejected a configuration field (the message names it).
+#define LRA_INVALID_CONFIG 3
 
+// A call came out of order (e.g. `lra_report_reeval` with no pending step).
+#define LRA_CALL_ORDER 4
 
+// Tensor count, size or dtype differs from the first step.
+#define LRA_SIZE_MISMATCH 5
 
+// A CUDA handle was asked for, but there is no driver or no device.
+#define LRA_NO_CUDA 6
 
+// A CUDA call failed.
+#define LRA_CUDA_ERROR 7
 
+// A checkpoint buffer is corrupt, of another version or configuration.
+#define LRA_BAD_CHECKPOINT 8
 
+// The caller's buffer is smaller than needed.
+#define LRA_BUFFER_TOO_SMALL 9
 
+// A panic was caught inside lra; the handle refuses further calls.
+#define LRA_PANIC 10
 
+// Not supported by this build or backend.
+#define LRA_UNSUPPORTED 11
 
-
-
-
-
-
-
-
-
-
-
-
-
-
+// The registered cross-rank reduction returned non-zero.
+#define LRA_REDUCTION_FAILED 12
 
 #define LRA_OPTIMIZER_SGD 0
 

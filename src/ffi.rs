@@ -17,31 +17,31 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Status of every fallible call (`LRA_OK` = 0).
 pub type lra_status = u32;
-pub const LRA_OK: lra_status = Status::Ok as u32;
+pub const LRA_OK: lra_status = 0;
 /// A required pointer argument was NULL.
-pub const LRA_NULL_POINTER: lra_status = Status::NullPointer as u32;
+pub const LRA_NULL_POINTER: lra_status = 1;
 /// An argument was out of range, misaligned, aliased or of the wrong kind.
-pub const LRA_INVALID_ARGUMENT: lra_status = Status::InvalidArgument as u32;
+pub const LRA_INVALID_ARGUMENT: lra_status = 2;
 /// `lra_create` rejected a configuration field (the message names it).
-pub const LRA_INVALID_CONFIG: lra_status = Status::InvalidConfig as u32;
+pub const LRA_INVALID_CONFIG: lra_status = 3;
 /// A call came out of order (e.g. `lra_report_reeval` with no pending step).
-pub const LRA_CALL_ORDER: lra_status = Status::CallOrder as u32;
+pub const LRA_CALL_ORDER: lra_status = 4;
 /// Tensor count, size or dtype differs from the first step.
-pub const LRA_SIZE_MISMATCH: lra_status = Status::SizeMismatch as u32;
+pub const LRA_SIZE_MISMATCH: lra_status = 5;
 /// A CUDA handle was asked for, but there is no driver or no device.
-pub const LRA_NO_CUDA: lra_status = Status::NoCuda as u32;
+pub const LRA_NO_CUDA: lra_status = 6;
 /// A CUDA call failed.
-pub const LRA_CUDA_ERROR: lra_status = Status::Cuda as u32;
+pub const LRA_CUDA_ERROR: lra_status = 7;
 /// A checkpoint buffer is corrupt, of another version or configuration.
-pub const LRA_BAD_CHECKPOINT: lra_status = Status::BadCheckpoint as u32;
+pub const LRA_BAD_CHECKPOINT: lra_status = 8;
 /// The caller's buffer is smaller than needed.
-pub const LRA_BUFFER_TOO_SMALL: lra_status = Status::BufferTooSmall as u32;
+pub const LRA_BUFFER_TOO_SMALL: lra_status = 9;
 /// A panic was caught inside lra; the handle refuses further calls.
-pub const LRA_PANIC: lra_status = Status::Panic as u32;
+pub const LRA_PANIC: lra_status = 10;
 /// Not supported by this build or backend.
-pub const LRA_UNSUPPORTED: lra_status = Status::Unsupported as u32;
+pub const LRA_UNSUPPORTED: lra_status = 11;
 /// The registered cross-rank reduction returned non-zero.
-pub const LRA_REDUCTION_FAILED: lra_status = Status::ReductionFailed as u32;
+pub const LRA_REDUCTION_FAILED: lra_status = 12;
 
 /// Wrapped optimizer (`lra_config.optimizer`).
 pub type lra_optimizer = u32;
@@ -869,4 +869,58 @@ pub extern "C" fn lra_version() -> u32 {
     (p(env!("CARGO_PKG_VERSION_MAJOR")) << 16)
         | (p(env!("CARGO_PKG_VERSION_MINOR")) << 8)
         | p(env!("CARGO_PKG_VERSION_PATCH"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_constants_match_the_status_enum() {
+        let pairs = [
+            (LRA_OK, Status::Ok),
+            (LRA_NULL_POINTER, Status::NullPointer),
+            (LRA_INVALID_ARGUMENT, Status::InvalidArgument),
+            (LRA_INVALID_CONFIG, Status::InvalidConfig),
+            (LRA_CALL_ORDER, Status::CallOrder),
+            (LRA_SIZE_MISMATCH, Status::SizeMismatch),
+            (LRA_NO_CUDA, Status::NoCuda),
+            (LRA_CUDA_ERROR, Status::Cuda),
+            (LRA_BAD_CHECKPOINT, Status::BadCheckpoint),
+            (LRA_BUFFER_TOO_SMALL, Status::BufferTooSmall),
+            (LRA_PANIC, Status::Panic),
+            (LRA_UNSUPPORTED, Status::Unsupported),
+            (LRA_REDUCTION_FAILED, Status::ReductionFailed),
+        ];
+        assert_eq!(pairs.len(), Status::ALL.len());
+        for (c, s) in pairs {
+            assert_eq!(c, s as u32);
+        }
+    }
+
+    #[test]
+    fn a_panic_becomes_a_status_and_poisons_the_handle() {
+        let (status, err) = boundary("test", || panic!("boom"));
+        assert_eq!(status, LRA_PANIC);
+        assert!(err.unwrap().message.contains("boom"));
+        let mut cfg = std::mem::MaybeUninit::<lra_config>::uninit();
+        let mut h = std::ptr::null_mut();
+        unsafe {
+            lra_config_init(cfg.as_mut_ptr(), LRA_OPTIMIZER_SGD);
+            assert_eq!(lra_create(cfg.as_ptr(), &mut h), LRA_OK);
+            let st = with_handle(h, "test", |_| panic!("inside"));
+            assert_eq!(st, LRA_PANIC);
+            let mut lr = 0.0;
+            assert_eq!(
+                lra_get_lr(h, &mut lr),
+                LRA_PANIC,
+                "poisoned handles refuse work"
+            );
+            let msg = std::ffi::CStr::from_ptr(lra_last_error(h))
+                .to_string_lossy()
+                .into_owned();
+            assert!(msg.contains("panic"), "{msg}");
+            lra_destroy(h);
+        }
+    }
 }
