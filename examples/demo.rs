@@ -17,10 +17,13 @@ fn main() {
     while i < args.len() {
         match args[i].as_str() {
             "--epochs" => {
-                epochs = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-                    eprintln!("--epochs needs a positive integer");
-                    std::process::exit(2)
-                });
+                epochs = args
+                    .get(i + 1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| {
+                        eprintln!("--epochs needs a positive integer");
+                        std::process::exit(2)
+                    });
                 i += 1;
             }
             "-h" | "--help" => {
@@ -35,7 +38,10 @@ fn main() {
         i += 1;
     }
     let data = load_digits(&common::digits_path());
-    let model = Logistic { d: data.d, classes: data.classes };
+    let model = Logistic {
+        d: data.d,
+        classes: data.classes,
+    };
     println!(
         "lra demo: logistic regression on digits ({} images, {} features, {} params), {epochs} epochs, batch 64",
         data.n,
@@ -47,7 +53,11 @@ fn main() {
         "optimizer", "eta0", "fixed loss", "acc", "eta", "lra loss", "acc", "final eta"
     );
     let start = std::time::Instant::now();
-    for (name, opt) in [("sgd", LRA_OPTIMIZER_SGD), ("momentum", LRA_OPTIMIZER_MOMENTUM), ("adam", LRA_OPTIMIZER_ADAM)] {
+    for (name, opt) in [
+        ("sgd", LRA_OPTIMIZER_SGD),
+        ("momentum", LRA_OPTIMIZER_MOMENTUM),
+        ("adam", LRA_OPTIMIZER_ADAM),
+    ] {
         for lr0 in [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0] {
             let cfg = Lra::config(opt, lr0);
             let fixed = train(&model, &data, &cfg, false, epochs, 64, 1);
@@ -65,5 +75,8 @@ fn main() {
             );
         }
     }
-    println!("({:.1} s; loss = mean training cross-entropy, acc = training accuracy)", start.elapsed().as_secs_f64());
+    println!(
+        "({:.1} s; loss = mean training cross-entropy, acc = training accuracy)",
+        start.elapsed().as_secs_f64()
+    );
 }
