@@ -197,9 +197,6 @@ impl Engine {
             self.reduce(&mut v)?;
             loss = v[0] / v[1];
         }
-        if self.layout.is_none() {
-            self.layout = Some(tensors.iter().map(|t| (t.numel, t.dtype)).collect());
-        }
         let s = self.cfg.settings;
         let rule = if s.f_star.is_nan() && obs_var == 0.0 {
             None
@@ -240,6 +237,10 @@ impl Engine {
                 scale: 1.0,
             })
         };
+        // The first successful step fixes the layout (a failed one changes nothing).
+        if self.layout.is_none() {
+            self.layout = Some(tensors.iter().map(|t| (t.numel, t.dtype)).collect());
+        }
         let index = self.counters.steps;
         self.counters.steps += 1;
         let reeval_due = self.schedule_due(index);
