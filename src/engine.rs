@@ -385,8 +385,14 @@ impl Engine {
             Some(p) => Some(self.outcome_of(&p)?),
             None => None,
         };
-        let st = if self.layout.is_some() {
-            self.backend.export_state()?
+        let st = if let Some(layout) = &self.layout {
+            let mut st = self.backend.export_state()?;
+            // Skipped first steps leave the state unallocated: it is zero.
+            if st.slots.len() != layout.len() {
+                let slots = self.cfg.kind.state_slots();
+                st.slots = layout.iter().map(|&(n, _)| vec![0.0; n * slots]).collect();
+            }
+            st
         } else {
             BackendState {
                 bias: BiasPowers::default(),

@@ -431,3 +431,16 @@ fn empty_and_zero_sized_tensor_lists_work() {
     }];
     e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap();
 }
+
+#[test]
+fn checkpoint_after_a_skipped_first_step() {
+    let mut e = Engine::new(config(OptimizerKind::Adam, 0.1)).unwrap();
+    let mut m = Model::new(&[6], 1);
+    e.step(&m.tensors(), f64::NAN, 0.0, null(), null_mut()).unwrap();
+    let ckpt = checkpoint(&mut e);
+    let mut f = Engine::new(config(OptimizerKind::Adam, 0.1)).unwrap();
+    f.load_state(&ckpt).unwrap();
+    assert_eq!(f.counters().unwrap().steps, 1);
+    let r = f.report_reeval(0.5).unwrap();
+    assert_eq!(r.skip, SkipReason::NonfiniteLoss, "the pending skipped step survives the checkpoint");
+}
