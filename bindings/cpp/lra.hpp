@@ -1,0 +1,253 @@
+// lra.hpp: header-only C++17 binding of lra (automatic learning-rate
+// adaptation) over its C ABI, include/lra.h.
+//
+//   lra::Handle opt(lra::config(lra::Optimizer::Adam, /*lr=*/1e-4));
+//   std::vector<lra_tensor> tensors = {lra::tensor(w, dw, n)};
+//   opt.step(tensors, loss);              // optimizer step with the current η
+//   auto info = opt.report_reeval(loss_after_on_the_same_batch);  // adapts η
+//
+// Every failing call throws lra::Error carrying the lra_status and the
+// library's message. lra::Handle owns one lra_handle (move-only, RAII).
+#ifndef LRA_HPP
+#define LRA_HPP
+
+#include <lra.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace lra {
+
+// Status codes (values are part of the C ABI, see src/error.rs).
+enum class Status : lra_status {
+  Ok = 0,
+  NullPointer = 1,
+  InvalidArgument = 2,
+  InvalidConfig = 3,
+  CallOrder = 4,
+  SizeMismatch = 5,
+  NoCuda = 6,
+  CudaError = 7,
+  BadCheckpoint = 8,
+  BufferTooSmall = 9,
+  Panic = 10,
+  Unsupported = 11,
+  ReductionFailed = 12,
+};
+
+// Where lra.h carries the status macros, they must agree with the enum.
+#ifdef LRA_OK
+static_assert(LRA_OK == 0 && LRA_NULL_POINTER == 1 && LRA_INVALID_ARGUMENT == 2 &&
+                  LRA_INVALID_CONFIG == 3 && LRA_CALL_ORDER == 4 && LRA_SIZE_MISMATCH == 5 &&
+                  LRA_NO_CUDA == 6 && LRA_CUDA_ERROR == 7 && LRA_BAD_CHECKPOINT == 8 &&
+                  LRA_BUFFER_TOO_SMALL == 9 && LRA_PANIC == 10 && LRA_UNSUPPORTED == 11 &&
+                  LRA_REDUCTION_FAILED == 12,
+              "lra.hpp's Status differs from lra.h");
+#endif
+
+enum class Optimizer : lra_optimizer {
+  SGD = LRA_OPTIMIZER_SGD,
+  Momentum = LRA_OPTIMIZER_MOMENTUM,
+  Nesterov = LRA_OPTIMIZER_NESTEROV,
+  Adagrad = LRA_OPTIMIZER_ADAGRAD,
+  RMSprop = LRA_OPTIMIZER_RMSPROP,
+  Adam = LRA_OPTIMIZER_ADAM,
+  AdamW = LRA_OPTIMIZER_ADAMW,
+};
+
+enum class DType : lra_dtype { F32 = LRA_DTYPE_F32, F16 = LRA_DTYPE_F16, BF16 = LRA_DTYPE_BF16 };
+
+enum class Decision : lra_decision {
+  Kept = LRA_DECISION_KEPT,
+  Raised = LRA_DECISION_RAISED,
+  Lowered = LRA_DECISION_LOWERED,
+  Skipped = LRA_DECISION_SKIPPED,
+};
+
+inline Decision decision(const lra_reeval_info& info) { return static_cast<Decision>(info.decision); }
+
+inline const char* decision_name(const lra_reeval_info& info) {
+  switch (info.decision) {
+    case LRA_DECISION_KEPT: return "kept";
+    case LRA_DECISION_RAISED: return "raised";
+    case LRA_DECISION_LOWERED: return "lowered";
+    case LRA_DECISION_SKIPPED: return "skipped";
+    default: return "unknown";
+  }
+}
+
+// A failed lra call: its status and the library's message.
+class Error : public std::runtime_error {
+ public:
+  Error(lra_status status, const std::string& message)
+      : std::runtime_error(std::string("lra: ") + message), status_(status) {}
+  lra_status status() const noexcept { return status_; }
+  Status code() const noexcept { return static_cast<Status>(status_); }
+
+ private:
+  lra_status status_;
+};
+
+// A read-only view of contiguous elements (std::span is C++20): built from
+// a vector, a std::array, a C array or pointer + count. (Handle::step also
+// takes a braced list directly.)
+template <class T>
+class Span {
+ public:
+  constexpr Span() noexcept = default;
+  constexpr Span(const T* data, std::size_t size) noexcept : data_(data), size_(size) {}
+  template <class A>
+  Span(const std::vector<T, A>& v) noexcept : data_(v.data()), size_(v.size()) {}  // NOLINT
+  template <std::size_t N>
+  constexpr Span(const std::array<T, N>& a) noexcept : data_(a.data()), size_(N) {}  // NOLINT
+  template <std::size_t N>
+  constexpr Span(const T (&a)[N]) noexcept : data_(a), size_(N) {}  // NOLINT
+  constexpr const T* data() const noexcept { return data_; }
+  constexpr std::size_t size() const noexcept { return size_; }
+  constexpr const T* begin() const noexcept { return data_; }
+  constexpr const T* end() const noexcept { return data_ + size_; }
+
+ private:
+  const T* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+using TensorList = Span<lra_tensor>;
+
+// lra_config with every default for `opt` (lra_config_init), then η.
+inline lra_config config(Optimizer opt, double lr = 1e-3) {
+  lra_config c;
+  lra_config_init(&c, static_cast<lra_optimizer>(opt));
+  c.lr = lr;
+  return c;
+}
+
+namespace detail {
+template <class T>
+constexpr DType dtype_of() {
+  static_assert(std::is_same<T, float>::value,
+                "lra::tensor(T*) deduces f32 only; pass a DType for f16/bf16 buffers");
+  return DType::F32;
+}
+}  // namespace detail
+
+// One parameter buffer and its gradient (f32 by default).
+inline lra_tensor tensor(void* param, const void* grad, std::uint64_t numel, DType dtype) {
+  return lra_tensor{param, grad, numel, static_cast<lra_dtype>(dtype)};
+}
+template <class T>
+lra_tensor tensor(T* param, const T* grad, std::uint64_t numel) {
+  return tensor(static_cast<void*>(param), static_cast<const void*>(grad), numel,
+                detail::dtype_of<T>());
+}
+
+inline std::uint32_t version() { return lra_version(); }
+
+// One lra handle: the wrapped optimizer and its η adaptation. Move-only.
+class Handle {
+ public:
+  explicit Handle(const lra_config& cfg) {
+    lra_status s = lra_create(&cfg, &h_);
+    if (s != LRA_OK_VALUE) throw Error(s, lra_thread_last_error());
+  }
+  explicit Handle(Optimizer opt, double lr = 1e-3) : Handle(config(opt, lr)) {}
+  ~Handle() { lra_destroy(h_); }
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  Handle(Handle&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Handle& operator=(Handle&& o) noexcept {
+    if (this != &o) {
+      lra_destroy(h_);
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+
+  // The raw handle (NULL after a move).
+  lra_handle* get() const noexcept { return h_; }
+  explicit operator bool() const noexcept { return h_ != nullptr; }
+
+  // The wrapped optimizer's step with the current η. `loss` = f_i on this
+  // batch; `stream` a CUstream for CUDA handles (nullptr = legacy default).
+  void step(TensorList tensors, double loss, double obs_var = 0.0, void* stream = nullptr) {
+    check(lra_step(h_, tensors.data(), tensors.size(), loss, obs_var, stream));
+  }
+  void step(std::initializer_list<lra_tensor> tensors, double loss, double obs_var = 0.0,
+            void* stream = nullptr) {
+    step(TensorList(tensors.begin(), tensors.size()), loss, obs_var, stream);
+  }
+  // `step` with a found-inf flag (one f32 in host or device memory, like the
+  // tensors): non-zero makes the step a no-op.
+  void step_ex(TensorList tensors, double loss, double obs_var, const float* found_inf,
+               void* stream = nullptr) {
+    check(lra_step_ex(h_, tensors.data(), tensors.size(), loss, obs_var, found_inf, stream));
+  }
+  // f+ = the loss on the SAME batch after the step; adapts η.
+  lra_reeval_info report_reeval(double loss_after) {
+    lra_reeval_info info{};
+    check(lra_report_reeval(h_, loss_after, &info));
+    return info;
+  }
+  lra_reeval_info last_reeval() const {
+    lra_reeval_info info{};
+    check(lra_get_last_reeval(h_, &info));
+    return info;
+  }
+  bool should_reeval() const {
+    std::uint32_t due = 0;
+    check(lra_should_reeval(h_, &due));
+    return due != 0;
+  }
+  double lr() const {
+    double v = 0;
+    check(lra_get_lr(h_, &v));
+    return v;
+  }
+  void set_lr(double lr) { check(lra_set_lr(h_, lr)); }
+  double last_phi() {
+    double v = 0;
+    check(lra_get_last_phi(h_, &v));
+    return v;
+  }
+  lra_counters counters() {
+    lra_counters c{};
+    check(lra_get_counters(h_, &c));
+    return c;
+  }
+
+  // Checkpoints: a versioned byte string (η, counters, optimizer state).
+  std::vector<unsigned char> save_state() {
+    std::size_t size = 0;
+    check(lra_state_size(h_, &size));
+    std::vector<unsigned char> buf(size == 0 ? 1 : size);
+    std::size_t written = 0;
+    check(lra_save_state(h_, buf.data(), buf.size(), &written));
+    buf.resize(written);
+    return buf;
+  }
+  void load_state(const void* data, std::size_t len) { check(lra_load_state(h_, data, len)); }
+  void load_state(const std::vector<unsigned char>& buf) { load_state(buf.data(), buf.size()); }
+
+  // Cross-rank sum for sharded parameters / rank-local losses (nullptr removes it).
+  void set_reduction(lra_reduce_fn reduce, void* user) {
+    check(lra_set_reduction(h_, reduce, user));
+  }
+
+ private:
+  static constexpr lra_status LRA_OK_VALUE = static_cast<lra_status>(Status::Ok);
+  void check(lra_status s) const {
+    if (s != LRA_OK_VALUE) throw Error(s, lra_last_error(h_));
+  }
+  lra_handle* h_ = nullptr;
+};
+
+}  // namespace lra
+
+#endif  // LRA_HPP

@@ -1,0 +1,111 @@
+// Tests of lra.hpp (no LibTorch): RAII and moves, exceptions with status and
+// message, tensor lists from vectors / arrays / initializer lists,
+// checkpoints. Exits non-zero on the first failed check.
+#include <lra.hpp>
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#define EXPECT(cond)                                                   \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed\n", __FILE__, __LINE__, #cond); \
+      std::exit(1);                                                   \
+    }                                                                 \
+  } while (0)
+
+template <class F>
+lra::Status status_of(F&& f) {
+  try {
+    f();
+  } catch (const lra::Error& e) {
+    EXPECT(std::string(e.what()).size() > 5);
+    return e.code();
+  }
+  return lra::Status::Ok;
+}
+
+static_assert(!std::is_copy_constructible<lra::Handle>::value, "Handle must be move-only");
+static_assert(std::is_nothrow_move_constructible<lra::Handle>::value, "Handle moves");
+
+int main() {
+  EXPECT(lra::version() >> 16 == 0);
+
+  // An invalid configuration throws with InvalidConfig and names the field.
+  {
+    lra_config bad = lra::config(lra::Optimizer::SGD, -1.0);
+    try {
+      lra::Handle h(bad);
+      EXPECT(false);
+    } catch (const lra::Error& e) {
+      EXPECT(e.code() == lra::Status::InvalidConfig);
+      EXPECT(std::string(e.what()).find("lr") != std::string::npos);
+    }
+  }
+
+  std::vector<float> w = {1.0f, -2.0f, 3.0f}, g = {0.5f, 0.5f, -1.0f};
+  lra_config cfg = lra::config(lra::Optimizer::SGD, 0.1);
+  cfg.num_threads = 1;
+  lra::Handle a(cfg);
+  EXPECT(a);
+  EXPECT(a.lr() == 0.1);
+
+  // No pending step: report_reeval is out of order.
+  EXPECT(status_of([&] { a.report_reeval(1.0); }) == lra::Status::CallOrder);
+
+  // A vector of tensors; SGD moves w by -lr * g.
+  std::vector<lra_tensor> list = {lra::tensor(w.data(), g.data(), w.size())};
+  a.step(list, 2.0);
+  EXPECT(std::fabs(w[0] - 0.95f) < 1e-6f);
+  EXPECT(std::fabs(a.last_phi() - 0.15) < 1e-6);
+  EXPECT(a.should_reeval());
+  lra_reeval_info info = a.report_reeval(2.0 - 0.15);
+  EXPECT(lra::decision(info) == lra::Decision::Raised);
+  EXPECT(std::string(lra::decision_name(info)) == "raised");
+  EXPECT(std::fabs(a.lr() - 0.12) < 1e-12);
+  EXPECT(a.last_reeval().lr == info.lr);
+
+  // A std::array and an initializer list name the same layout.
+  std::array<lra_tensor, 1> arr = {lra::tensor(w.data(), g.data(), w.size())};
+  a.step(arr, 1.0);
+  a.report_reeval(1.0);  // no decrease: lowered
+  a.step({lra::tensor(w.data(), g.data(), w.size())}, 1.0);
+  EXPECT(a.counters().steps == 3);
+  EXPECT(a.counters().lowered == 1);
+
+  // A different layout is rejected with SizeMismatch.
+  EXPECT(status_of([&] { a.step({lra::tensor(w.data(), g.data(), 2)}, 1.0); }) ==
+        lra::Status::SizeMismatch);
+
+  // Checkpoint round trip into a second handle.
+  a.report_reeval(0.5);
+  const std::vector<unsigned char> blob = a.save_state();
+  lra::Handle b(cfg);
+  b.step(list, 1.0);
+  b.load_state(blob);
+  EXPECT(b.lr() == a.lr());
+  EXPECT(b.save_state() == blob);
+  std::vector<unsigned char> broken(blob.begin(), blob.end() - 1);
+  EXPECT(status_of([&] { b.load_state(broken); }) != lra::Status::Ok);
+
+  // Moves transfer ownership; the moved-from handle is empty and throws.
+  lra::Handle c = std::move(b);
+  EXPECT(c && !b);  // NOLINT(bugprone-use-after-move): checking the moved-from state
+  EXPECT(c.lr() == a.lr());
+  EXPECT(status_of([&] { b.lr(); }) == lra::Status::NullPointer);  // NOLINT
+  b = std::move(c);
+  EXPECT(b && !c);  // NOLINT
+
+  // set_lr validates.
+  EXPECT(status_of([&] { a.set_lr(-1.0); }) != lra::Status::Ok);
+  a.set_lr(0.25);
+  EXPECT(a.lr() == 0.25);
+
+  std::puts("test_lra_hpp: all checks passed");
+  return 0;
+}

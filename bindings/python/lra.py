@@ -1,0 +1,604 @@
+"""Python binding of lra (automatic learning-rate adaptation) over its C ABI.
+
+Pure ``ctypes``: nothing to compile. The shared library is found, in order,
+through ``$LRA_LIBRARY`` (a path to ``liblra.so``), ``$CARGO_TARGET_DIR/release``,
+the repository's ``target/release``, then the system loader (``ctypes.util``).
+
+Two layers:
+
+* :class:`Optimizer` owns one ``lra_handle`` and takes raw tensor lists
+  (``(param_ptr, grad_ptr, numel, dtype)`` tuples or :class:`Tensor` structs).
+* :class:`TorchOptimizer` takes a list of ``torch`` parameters and gathers the
+  pointers of the parameters and of their CURRENT gradients at every step.
+
+One iteration (the paper's Algorithm 1)::
+
+    opt = lra.TorchOptimizer(model.parameters(), optimizer="adam", lr=1e-4)
+    loss = loss_fn(model(x), y)
+    model.zero_grad(); loss.backward()
+    opt.step(loss)                                   # the optimizer step with the current lr
+    opt.reeval(lambda: loss_fn(model(x), y))         # same batch, under no_grad; adapts lr
+
+The re-evaluation must compare like with like: the SAME batch, and a model
+whose forward pass is deterministic between the two evaluations (dropout
+off or with the same mask, BatchNorm not updating running statistics, i.e.
+``model.eval()`` semantics for the second pass when the first used them).
+"""
+
+import ctypes
+import ctypes.util
+import math
+import os
+
+__all__ = [
+    "LraError",
+    "Config",
+    "Tensor",
+    "ReevalInfo",
+    "Counters",
+    "Optimizer",
+    "TorchOptimizer",
+    "load_library",
+    "version",
+    "OPTIMIZERS",
+    "DTYPE_F32",
+    "DTYPE_F16",
+    "DTYPE_BF16",
+    "DEVICE_HOST",
+    "DEVICE_CUDA",
+]
+
+# --- constants (values are part of the C ABI; see include/lra.h) -----------
+
+OPTIMIZERS = {
+    "sgd": 0,
+    "momentum": 1,
+    "nesterov": 2,
+    "adagrad": 3,
+    "rmsprop": 4,
+    "adam": 5,
+    "adamw": 6,
+}
+DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
+DEVICE_HOST, DEVICE_CUDA = 0, 1
+DECISIONS = {0: "kept", 1: "raised", 2: "lowered", 3: "skipped"}
+SKIP_REASONS = {
+    0: "none",
+    1: "nonfinite_loss",
+    2: "nonfinite_grad",
+    3: "found_inf",
+    4: "nonpositive_phi",
+    5: "nonfinite_phi",
+    6: "zero_scale",
+}
+REEVAL_SCHEDULES = {"always": 0, "every": 1, "geometric": 2}
+SHARDINGS = {"replicated": 0, "sharded": 1}
+
+# lra_status values (src/error.rs `Status`).
+OK = 0
+CALL_ORDER = 4
+
+# --- C structs --------------------------------------------------------------
+
+
+class Config(ctypes.Structure):
+    """``lra_config``; fill with :meth:`Optimizer.default_config` first."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("optimizer", ctypes.c_uint32),
+        ("device", ctypes.c_uint32),
+        ("device_ordinal", ctypes.c_int32),
+        ("lr", ctypes.c_double),
+        ("momentum", ctypes.c_double),
+        ("alpha", ctypes.c_double),
+        ("beta1", ctypes.c_double),
+        ("beta2", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("weight_decay", ctypes.c_double),
+        ("f_star", ctypes.c_double),
+        ("factor_up", ctypes.c_double),
+        ("factor_down", ctypes.c_double),
+        ("threshold_up", ctypes.c_double),
+        ("threshold_down", ctypes.c_double),
+        ("lr_min", ctypes.c_double),
+        ("lr_max", ctypes.c_double),
+        ("scale_max", ctypes.c_double),
+        ("denom_eps", ctypes.c_double),
+        ("check_finite", ctypes.c_uint32),
+        ("num_threads", ctypes.c_uint32),
+        ("reeval_schedule", ctypes.c_uint32),
+        ("reeval_every", ctypes.c_uint32),
+        ("reeval_growth", ctypes.c_double),
+        ("sharding", ctypes.c_uint32),
+        ("loss_is_rank_local", ctypes.c_uint32),
+    ]
+
+
+class Tensor(ctypes.Structure):
+    """``lra_tensor``: one parameter buffer and its gradient."""
+
+    _fields_ = [
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("numel", ctypes.c_uint64),
+        ("dtype", ctypes.c_uint32),
+    ]
+
+
+class ReevalInfo(ctypes.Structure):
+    """``lra_reeval_info``: what one re-evaluation found and decided."""
+
+    _fields_ = [
+        ("phi", ctypes.c_double),
+        ("rho", ctypes.c_double),
+        ("scale", ctypes.c_double),
+        ("lr_before", ctypes.c_double),
+        ("lr", ctypes.c_double),
+        ("decision", ctypes.c_uint32),
+        ("skip_reason", ctypes.c_uint32),
+    ]
+
+    @property
+    def decision_name(self):
+        return DECISIONS.get(self.decision, str(self.decision))
+
+    @property
+    def skip_reason_name(self):
+        return SKIP_REASONS.get(self.skip_reason, str(self.skip_reason))
+
+    def __repr__(self):
+        return (
+            f"ReevalInfo(phi={self.phi!r}, rho={self.rho!r}, scale={self.scale!r}, "
+            f"lr_before={self.lr_before!r}, lr={self.lr!r}, decision={self.decision_name}, "
+            f"skip_reason={self.skip_reason_name})"
+        )
+
+
+class Counters(ctypes.Structure):
+    """``lra_counters``."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "steps",
+            "applied",
+            "skipped",
+            "reevals",
+            "raised",
+            "lowered",
+            "kept",
+            "reeval_skipped",
+        )
+    ]
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name, _ in self._fields_}
+
+    def __repr__(self):
+        return f"Counters({self.as_dict()})"
+
+
+REDUCE_FN = ctypes.CFUNCTYPE(
+    ctypes.c_int32, ctypes.POINTER(ctypes.c_double), ctypes.c_size_t, ctypes.c_void_p
+)
+
+# --- library loading --------------------------------------------------------
+
+_HANDLE = ctypes.c_void_p
+_STATUS = ctypes.c_uint32
+
+# name: (restype, argtypes), exactly the prototypes of include/lra.h.
+_PROTOTYPES = {
+    "lra_config_init": (None, [ctypes.POINTER(Config), ctypes.c_uint32]),
+    "lra_create": (_STATUS, [ctypes.POINTER(Config), ctypes.POINTER(_HANDLE)]),
+    "lra_destroy": (None, [_HANDLE]),
+    "lra_step": (
+        _STATUS,
+        [
+            _HANDLE,
+            ctypes.POINTER(Tensor),
+            ctypes.c_size_t,
+            ctypes.c_double,
+            ctypes.c_double,
+            ctypes.c_void_p,
+        ],
+    ),
+    "lra_step_ex": (
+        _STATUS,
+        [
+            _HANDLE,
+            ctypes.POINTER(Tensor),
+            ctypes.c_size_t,
+            ctypes.c_double,
+            ctypes.c_double,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ],
+    ),
+    "lra_report_reeval": (
+        _STATUS,
+        [_HANDLE, ctypes.c_double, ctypes.POINTER(ReevalInfo)],
+    ),
+    "lra_get_last_reeval": (_STATUS, [_HANDLE, ctypes.POINTER(ReevalInfo)]),
+    "lra_get_lr": (_STATUS, [_HANDLE, ctypes.POINTER(ctypes.c_double)]),
+    "lra_set_lr": (_STATUS, [_HANDLE, ctypes.c_double]),
+    "lra_get_last_phi": (_STATUS, [_HANDLE, ctypes.POINTER(ctypes.c_double)]),
+    "lra_get_counters": (_STATUS, [_HANDLE, ctypes.POINTER(Counters)]),
+    "lra_should_reeval": (_STATUS, [_HANDLE, ctypes.POINTER(ctypes.c_uint32)]),
+    "lra_state_size": (_STATUS, [_HANDLE, ctypes.POINTER(ctypes.c_size_t)]),
+    "lra_save_state": (
+        _STATUS,
+        [_HANDLE, ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)],
+    ),
+    "lra_load_state": (_STATUS, [_HANDLE, ctypes.c_void_p, ctypes.c_size_t]),
+    "lra_set_reduction": (_STATUS, [_HANDLE, REDUCE_FN, ctypes.c_void_p]),
+    "lra_status_string": (ctypes.c_char_p, [_STATUS]),
+    "lra_last_error": (ctypes.c_char_p, [_HANDLE]),
+    "lra_thread_last_error": (ctypes.c_char_p, []),
+    "lra_version": (ctypes.c_uint32, []),
+}
+
+_lib = None
+
+
+def _candidate_paths():
+    env = os.environ.get("LRA_LIBRARY")
+    if env:
+        yield env
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(here))
+    target = os.environ.get("CARGO_TARGET_DIR")
+    if target:
+        yield os.path.join(target, "release", "liblra.so")
+    yield os.path.join(repo, "target", "release", "liblra.so")
+    found = ctypes.util.find_library("lra")
+    if found:
+        yield found
+
+
+def load_library(path=None):
+    """Loads (once) and returns the ``ctypes.CDLL`` of liblra with typed prototypes."""
+    global _lib
+    if _lib is not None and path is None:
+        return _lib
+    tried = []
+    for candidate in [path] if path else _candidate_paths():
+        if os.sep in candidate and not os.path.exists(candidate):
+            tried.append(candidate + " (missing)")
+            continue
+        try:
+            lib = ctypes.CDLL(candidate)
+        except OSError as e:
+            tried.append(f"{candidate} ({e})")
+            continue
+        for name, (restype, argtypes) in _PROTOTYPES.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        _lib = lib
+        return lib
+    raise OSError(
+        "liblra not found; build it with `cargo build --release --lib` or set "
+        "LRA_LIBRARY=/path/to/liblra.so. Tried: " + "; ".join(tried)
+    )
+
+
+def version():
+    """The library version as a ``(major, minor, patch)`` tuple."""
+    v = load_library().lra_version()
+    return (v >> 16, (v >> 8) & 0xFF, v & 0xFF)
+
+
+class LraError(RuntimeError):
+    """A failed lra call: ``status`` (an ``lra_status``) and the library's message."""
+
+    def __init__(self, status, message):
+        self.status = status
+        self.message = message
+        super().__init__(f"lra status {status}: {message}")
+
+
+def _decode(p):
+    return p.decode("utf-8", "replace") if p else ""
+
+
+# --- the handle -------------------------------------------------------------
+
+
+class Optimizer:
+    """One lra handle: the wrapped optimizer plus its learning-rate adaptation.
+
+    ``optimizer`` is a name from :data:`OPTIMIZERS` or its number; every
+    other keyword sets the ``lra_config`` field of that name after the
+    defaults are filled in (``lr``, ``beta1``, ``device``, ``reeval_schedule``
+    (name or number), ``sharding`` (name or number), ...).
+    """
+
+    def __init__(self, optimizer="adam", **config):
+        self._lib = load_library()
+        self._h = _HANDLE()
+        self._reducer = None
+        cfg = self.default_config(optimizer)
+        for key, value in config.items():
+            if key == "device" and isinstance(value, str):
+                value = {"host": DEVICE_HOST, "cpu": DEVICE_HOST, "cuda": DEVICE_CUDA}[value]
+            elif key == "reeval_schedule" and isinstance(value, str):
+                value = REEVAL_SCHEDULES[value]
+            elif key == "sharding" and isinstance(value, str):
+                value = SHARDINGS[value]
+            elif key in ("check_finite", "loss_is_rank_local"):
+                value = int(bool(value))
+            if key not in dict(Config._fields_) or key == "struct_size":
+                raise TypeError(f"unknown lra_config field {key!r}")
+            setattr(cfg, key, value)
+        self.config = cfg
+        status = self._lib.lra_create(ctypes.byref(cfg), ctypes.byref(self._h))
+        if status != OK:
+            raise LraError(status, _decode(self._lib.lra_thread_last_error()))
+
+    @staticmethod
+    def default_config(optimizer="adam"):
+        """An ``lra_config`` filled by ``lra_config_init`` for ``optimizer``."""
+        code = OPTIMIZERS[optimizer.lower()] if isinstance(optimizer, str) else int(optimizer)
+        cfg = Config()
+        load_library().lra_config_init(ctypes.byref(cfg), code)
+        return cfg
+
+    # lifetime
+    def close(self):
+        """Destroys the handle (idempotent); later calls raise."""
+        h, self._h = getattr(self, "_h", None), _HANDLE()
+        if h:
+            self._lib.lra_destroy(h)
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check(self, status):
+        if status != OK:
+            raise LraError(status, _decode(self._lib.lra_last_error(self._h)))
+
+    def _live(self):
+        if not self._h:
+            raise LraError(1, "the lra handle was closed")
+        return self._h
+
+    # the iteration
+    @staticmethod
+    def _tensor_array(tensors):
+        if isinstance(tensors, ctypes.Array) and tensors._type_ is Tensor:
+            return tensors
+        items = [t if isinstance(t, Tensor) else Tensor(*t) for t in tensors]
+        return (Tensor * len(items))(*items)
+
+    def step(self, tensors, loss, obs_var=0.0, stream=None, found_inf=None):
+        """``lra_step`` / ``lra_step_ex``: the optimizer step with the current lr.
+
+        ``tensors``: :class:`Tensor` structs or ``(param_ptr, grad_ptr, numel,
+        dtype)`` tuples, the same layout at every step. ``stream``: a
+        ``CUstream`` as an int (CUDA handles only). ``found_inf``: address
+        of one f32 flag (host or device memory, like the tensors) or None.
+        """
+        arr = self._tensor_array(tensors)
+        h = self._live()
+        if found_inf is None:
+            self._check(
+                self._lib.lra_step(h, arr, len(arr), float(loss), float(obs_var), stream)
+            )
+        else:
+            self._check(
+                self._lib.lra_step_ex(
+                    h, arr, len(arr), float(loss), float(obs_var), found_inf, stream
+                )
+            )
+
+    def report_reeval(self, loss_after):
+        """``lra_report_reeval``: f+ on the SAME batch after the step; returns :class:`ReevalInfo`."""
+        info = ReevalInfo()
+        self._check(self._lib.lra_report_reeval(self._live(), float(loss_after), ctypes.byref(info)))
+        return info
+
+    def should_reeval(self):
+        """Whether the schedule wants the pending step re-evaluated."""
+        out = ctypes.c_uint32()
+        self._check(self._lib.lra_should_reeval(self._live(), ctypes.byref(out)))
+        return bool(out.value)
+
+    # getters / setters
+    @property
+    def lr(self):
+        out = ctypes.c_double()
+        self._check(self._lib.lra_get_lr(self._live(), ctypes.byref(out)))
+        return out.value
+
+    @lr.setter
+    def lr(self, value):
+        self._check(self._lib.lra_set_lr(self._live(), float(value)))
+
+    @property
+    def last_phi(self):
+        out = ctypes.c_double()
+        self._check(self._lib.lra_get_last_phi(self._live(), ctypes.byref(out)))
+        return out.value
+
+    @property
+    def last_reeval(self):
+        info = ReevalInfo()
+        self._check(self._lib.lra_get_last_reeval(self._live(), ctypes.byref(info)))
+        return info
+
+    @property
+    def counters(self):
+        out = Counters()
+        self._check(self._lib.lra_get_counters(self._live(), ctypes.byref(out)))
+        return out
+
+    # checkpoints
+    def save_state(self):
+        """A versioned checkpoint as ``bytes``."""
+        size = ctypes.c_size_t()
+        self._check(self._lib.lra_state_size(self._live(), ctypes.byref(size)))
+        buf = ctypes.create_string_buffer(max(size.value, 1))
+        written = ctypes.c_size_t()
+        self._check(
+            self._lib.lra_save_state(self._h, buf, size.value, ctypes.byref(written))
+        )
+        return buf.raw[: written.value]
+
+    def load_state(self, data):
+        """Restores a checkpoint from :meth:`save_state` (same config and layout)."""
+        data = bytes(data)
+        buf = ctypes.create_string_buffer(data, max(len(data), 1))
+        self._check(self._lib.lra_load_state(self._live(), buf, len(data)))
+
+    # distributed
+    def set_reduction(self, reduce):
+        """Registers ``reduce(values: list[float]) -> list[float]`` (the cross-rank sums), or None.
+
+        An exception inside ``reduce`` is reported to lra as a failure.
+        """
+        if reduce is None:
+            self._check(self._lib.lra_set_reduction(self._live(), REDUCE_FN(), None))
+            self._reducer = None
+            return
+
+        def trampoline(values, count, _user):
+            try:
+                sums = reduce([values[i] for i in range(count)])
+                if len(sums) != count:
+                    return 2
+                for i, v in enumerate(sums):
+                    values[i] = float(v)
+                return 0
+            except Exception:  # noqa: BLE001 -- must not unwind through C
+                return 1
+
+        fn = REDUCE_FN(trampoline)
+        self._check(self._lib.lra_set_reduction(self._live(), fn, None))
+        self._reducer = fn  # keep the C callback alive as long as the handle
+
+
+# --- torch adapter ----------------------------------------------------------
+
+
+def _torch_dtype_code(torch, dtype):
+    codes = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
+    if dtype not in codes:
+        raise TypeError(f"lra supports float32, float16 and bfloat16 parameters, not {dtype}")
+    return codes[dtype]
+
+
+class TorchOptimizer:
+    """lra over a list of ``torch`` parameters (all on one device).
+
+    Parameters without ``requires_grad`` are left out. At every :meth:`step`
+    the pointers of the parameters and of their CURRENT ``.grad`` tensors are
+    gathered again (autograd may reallocate gradients); every parameter must
+    have a gradient then (``zero_grad(set_to_none=False)`` or a loss that
+    reaches every parameter). CUDA parameters use a CUDA handle on the
+    parameters' device and torch's current stream.
+    """
+
+    def __init__(self, params, optimizer="adam", **config):
+        import torch
+
+        self._torch = torch
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("no parameters that require gradients")
+        self.device = self.params[0].device
+        for i, p in enumerate(self.params):
+            if p.device != self.device:
+                raise ValueError(
+                    f"parameter {i} is on {p.device}, parameter 0 on {self.device}: "
+                    "one TorchOptimizer per device"
+                )
+            _torch_dtype_code(torch, p.dtype)
+        if self.device.type == "cuda":
+            config.setdefault("device", DEVICE_CUDA)
+            config.setdefault("device_ordinal", self.device.index or 0)
+        elif self.device.type != "cpu":
+            raise ValueError(f"unsupported device {self.device}")
+        self.lra = Optimizer(optimizer, **config)
+
+    def _gather(self):
+        torch = self._torch
+        arr = (Tensor * len(self.params))()
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                raise ValueError(f"parameter {i} ({tuple(p.shape)}) has no gradient")
+            if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+                raise ValueError(
+                    f"parameter {i}: gradient {g.dtype}/{g.device}/{tuple(g.shape)} differs "
+                    f"from the parameter {p.dtype}/{p.device}/{tuple(p.shape)}"
+                )
+            if not p.is_contiguous() or not g.is_contiguous():
+                raise ValueError(f"parameter {i} or its gradient is not contiguous")
+            if g.is_sparse:
+                raise ValueError(f"parameter {i} has a sparse gradient")
+            arr[i] = Tensor(p.data_ptr(), g.data_ptr(), p.numel(), _torch_dtype_code(torch, p.dtype))
+        return arr
+
+    def _stream(self):
+        if self.device.type != "cuda":
+            return None
+        return self._torch.cuda.current_stream(self.device).cuda_stream or None
+
+    @staticmethod
+    def _value(x):
+        return float(x.detach().item()) if hasattr(x, "detach") else float(x)
+
+    def step(self, loss, obs_var=0.0, found_inf=None):
+        """The optimizer step with the current lr; ``loss`` = f_i on this batch (tensor or float).
+
+        ``found_inf``: an optional one-element float32 tensor on the
+        parameters' device (e.g. from AMP); non-zero skips the step.
+        """
+        arr = self._gather()
+        flag = None
+        if found_inf is not None:
+            if found_inf.dtype != self._torch.float32 or found_inf.device != self.device:
+                raise ValueError("found_inf must be a float32 tensor on the parameters' device")
+            flag = found_inf.data_ptr()
+        self.lra.step(arr, self._value(loss), obs_var, self._stream(), flag)
+
+    def report_reeval(self, loss_after):
+        """f+ = the loss on the SAME batch after :meth:`step`; adapts lr; returns :class:`ReevalInfo`."""
+        return self.lra.report_reeval(self._value(loss_after))
+
+    def reeval(self, closure, force=False):
+        """Runs ``closure()`` (the loss on the same batch) under ``torch.no_grad`` and reports it.
+
+        Skipped (returns None) when the re-evaluation schedule does not want
+        this step re-evaluated, unless ``force``.
+        """
+        if not force and not self.lra.should_reeval():
+            return None
+        with self._torch.no_grad():
+            loss_after = closure()
+        return self.report_reeval(loss_after)
+
+    @property
+    def lr(self):
+        return self.lra.lr
+
+    @lr.setter
+    def lr(self, value):
+        self.lra.lr = value
+
+    def state_dict(self):
+        return {"lra_state": self.lra.save_state()}
+
+    def load_state_dict(self, state):
+        self.lra.load_state(state["lra_state"])
+
+    def close(self):
+        self.lra.close()

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Stage "bindings": proves each language binding with a real program.
+#  1. static ABI check of the Julia and Python bindings against include/lra.h
+#     (with a self-test that injected drift is caught);
+#  2. scripts/install.sh into a temporary PREFIX (lib, headers, CMake config, lra.pc);
+#  3. plain C flat-buffer example built through pkg-config (shared and static), run;
+#  4. C++ binding tests built through find_package(lra) (+ the LibTorch adapter test);
+#  5. LibTorch digits MLP through find_package(lra COMPONENTS torch): Adam from
+#     lr 1e-4 and from lr 1.0 must each reach >= 90% training accuracy;
+#  6. Python ctypes binding tests, training a torch model with Debian's python3.
+# Uses target/ (or $CARGO_TARGET_DIR); prints "!!!! SKIPPED:" for a missing dependency.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root="$PWD"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+lib="$CARGO_TARGET_DIR/release/liblra.so"
+
+say() { printf -- '---- bindings: %s\n' "$*"; }
+skip() { printf '\n!!!! SKIPPED: %s !!!!\n' "$*"; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/lra-bindings.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+jobs="$(nproc 2>/dev/null || echo 2)"
+
+say "static ABI check (Julia ccalls, Python prototypes vs include/lra.h)"
+if have python3; then
+  python3 bindings/check_abi.py --self-test
+else
+  skip "python3 not found: the Julia/Python ABI check did not run"
+fi
+
+say "install into a temporary prefix"
+prefix="$work/prefix"
+scripts/install.sh "$prefix"
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+
+say "plain C example (one flat parameter buffer)"
+if have cc && have pkg-config; then
+  pkg-config --exists lra
+  # shellcheck disable=SC2046  # pkg-config output is a word list
+  cc -std=c99 -Wall -Wextra -pedantic -Werror -O2 examples/c/flat_buffer.c \
+    $(pkg-config --cflags --libs lra) -Wl,-rpath,"$prefix/lib" -lm -o "$work/flat_buffer"
+  "$work/flat_buffer"
+  # The same program against the static library and lra.pc's Libs.private.
+  # shellcheck disable=SC2046
+  cc -std=c99 -O2 examples/c/flat_buffer.c $(pkg-config --cflags lra) "$prefix/lib/liblra.a" \
+    $(pkg-config --static --libs lra | sed 's/-llra//') -lm -o "$work/flat_buffer_static"
+  if readelf -d "$work/flat_buffer_static" | grep -q 'liblra'; then
+    echo "flat_buffer_static still needs liblra.so" >&2
+    exit 1
+  fi
+  "$work/flat_buffer_static" | tail -n 1
+else
+  skip "cc or pkg-config not found: the plain C example did not run"
+fi
+
+torch_dir=""
+for d in "${Torch_DIR:-}" /usr/lib/*/cmake/Torch /usr/share/cmake/Torch /usr/local/share/cmake/Torch; do
+  if [ -n "$d" ] && [ -f "$d/TorchConfig.cmake" ]; then
+    torch_dir="$d"
+    break
+  fi
+done
+
+if have cmake && have c++; then
+  say "C++ binding tests (find_package(lra))"
+  cmake -S bindings/cpp/tests -B "$work/cpp-tests" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$prefix${torch_dir:+;$torch_dir}" >"$work/cpp-tests.log" 2>&1 ||
+    { cat "$work/cpp-tests.log"; exit 1; }
+  cmake --build "$work/cpp-tests" -j "$jobs"
+  "$work/cpp-tests/test_lra_hpp"
+  "$work/cpp-tests/test_lra_hpp_static"
+  if [ -x "$work/cpp-tests/test_lra_torch" ]; then
+    "$work/cpp-tests/test_lra_torch"
+  else
+    skip "LibTorch (TorchConfig.cmake) not found: lra_torch.hpp was not tested (install libtorch-dev)"
+  fi
+
+  if [ -n "$torch_dir" ]; then
+    say "LibTorch digits MLP (find_package(lra COMPONENTS torch))"
+    cmake -S examples/libtorch -B "$work/libtorch" -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_PREFIX_PATH="$prefix;$torch_dir" >"$work/libtorch.log" 2>&1 ||
+      { cat "$work/libtorch.log"; exit 1; }
+    cmake --build "$work/libtorch" -j "$jobs"
+    for lr in 1e-4 1.0; do
+      "$work/libtorch/digits_mlp" --data data/digits.csv.gz --optimizer adam --lr "$lr" \
+        --epochs 20 --min-accuracy 0.9
+    done
+  else
+    skip "LibTorch (TorchConfig.cmake) not found: the LibTorch digits trainer did not run (install libtorch-dev)"
+  fi
+else
+  skip "cmake or a C++ compiler not found: C++ tests and the LibTorch trainer did not run"
+fi
+
+say "Python ctypes binding"
+torch_python=""
+for py in /usr/bin/python3 python3; do
+  if have "$py" && "$py" -c 'import torch' >/dev/null 2>&1; then
+    torch_python="$py"
+    break
+  fi
+done
+if [ -n "$torch_python" ]; then
+  LRA_LIBRARY="$lib" "$torch_python" -m unittest -v bindings/python/test_lra.py
+elif have python3; then
+  skip "no python3 with torch (Debian python3-torch): the torch training tests did not run"
+  LRA_LIBRARY="$lib" python3 -m unittest -v bindings/python/test_lra.py
+else
+  skip "python3 not found: the Python binding did not run"
+fi
+
+say "all binding checks passed"
