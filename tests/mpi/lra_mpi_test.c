@@ -1,0 +1,644 @@
+/* lra over MPI with the real engine (liblra) and the MPI binding
+ * (bindings/mpi/lra_mpi.h).
+ *
+ *   lra_mpi_test MODE OPTIMIZER REF DIGITS_CSV
+ *
+ * Run with 1 rank, it trains the whole model and writes its trajectory
+ * (per step: η, decision, skip reason, φ, ρ, f_i; then the final parameters)
+ * to REF. Run with more ranks, the model is split (data-parallel or sharded)
+ * and rank 0 compares its trajectory with REF: η and every decision must be
+ * identical, φ, ρ, f_i and the parameters equal within f32 rounding. Every
+ * rank checks each step that all ranks hold the same η bit for bit.
+ *
+ * MODE
+ *   dp        replicated data parallel: each rank its slice of the batch,
+ *             gradients averaged by this program (MPI_Allreduce of f32),
+ *             rank-local losses averaged by lra; re-evaluation every 3rd step.
+ *   sharded   multinomial logistic regression on digits, classes (one
+ *             tensor each) dealt round-robin to the ranks; the logits are
+ *             summed across ranks, so the loss is the same everywhere.
+ *             Fused mode. Injects a NaN gradient and a found-inf flag on the
+ *             rank owning the last class, and a non-finite loss.
+ *   empty     as sharded, but rank 0 owns every class: the other ranks step
+ *             with an empty shard (count 0) and must neither hang nor differ.
+ *   polyak    least squares y = Aθ*, columns sharded round-robin, f* = 0
+ *             known: the two-pass mode (step scale from the reduced φ).
+ *   fail      as sharded with rank-local losses (each rank reports the loss
+ *             of its slice of the batch); the reduction callback fails on
+ *             every rank at chosen calls: each must surface as
+ *             LRA_REDUCTION_FAILED on every rank and change nothing, and the
+ *             retried run must still match REF.
+ *   poison    (2+ ranks only, REF unused) sharded fused mode with the
+ *             non-finite guard off; one rank alone raises found-inf: every
+ *             rank must skip the ratio test and keep the same η.
+ */
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lra_mpi.h"
+
+static int g_rank, g_size;
+static const char *g_optimizer;
+
+#define FAIL(...)                                                                                  \
+    do {                                                                                           \
+        fprintf(stderr, "FAIL [rank %d] %s:%d: ", g_rank, __FILE__, __LINE__);                     \
+        fprintf(stderr, __VA_ARGS__);                                                              \
+        fprintf(stderr, "\n");                                                                     \
+        MPI_Abort(MPI_COMM_WORLD, 1);                                                              \
+    } while (0)
+
+#define CHECK_LRA(h, call)                                                                         \
+    do {                                                                                           \
+        lra_status st_ = (call);                                                                   \
+        if (st_ != LRA_OK)                                                                         \
+            FAIL("%s -> %u (%s): %s", #call, st_, lra_status_string(st_), lra_last_error(h));      \
+    } while (0)
+
+/* ---- data ------------------------------------------------------------- */
+
+enum { FEATURES = 64, CLASSES = 10, ROW = FEATURES + 1 /* W_c and b_c */ };
+
+static float *g_x; /* n × FEATURES, scaled to [0, 1] */
+static int *g_y;
+static int g_n;
+
+static void load_digits(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        FAIL("cannot open %s", path);
+    int cap = 2048;
+    g_x = malloc(sizeof(float) * FEATURES * cap);
+    g_y = malloc(sizeof(int) * cap);
+    g_n = 0;
+    for (;;) {
+        int v[FEATURES + 1], k;
+        for (k = 0; k <= FEATURES; k++)
+            if (fscanf(f, k ? ",%d" : "%d", &v[k]) != 1)
+                break;
+        if (k == 0)
+            break;
+        if (k != FEATURES + 1 || g_n == cap)
+            FAIL("%s: bad row %d", path, g_n);
+        for (k = 0; k < FEATURES; k++)
+            g_x[g_n * FEATURES + k] = (float)v[k] / 16.0f;
+        g_y[g_n++] = v[FEATURES];
+    }
+    fclose(f);
+    if (g_n < 1000)
+        FAIL("%s: only %d rows", path, g_n);
+}
+
+/* Deterministic pseudo-random numbers (the same on every rank). */
+static uint64_t g_lcg = 0x2545F4914F6CDD1DULL;
+static double uniform(void)
+{
+    g_lcg = g_lcg * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (double)(g_lcg >> 11) / 9007199254740992.0;
+}
+
+/* ---- run description --------------------------------------------------- */
+
+typedef struct {
+    const char *mode;
+    int sharded, rank_local_loss, logistic, steps, batch;
+    int inject; /* NaN gradient, found-inf, non-finite loss at fixed steps */
+    lra_config cfg;
+} run_t;
+
+/* Steps at which faults are injected (inject = 1). */
+enum { STEP_NAN_GRAD = 7, STEP_FOUND_INF = 11, STEP_NAN_LOSS = 15 };
+
+/* Which rank owns parameter tensor t (of `count`). */
+static int owner(const run_t *r, int t)
+{
+    if (!r->sharded)
+        return g_rank; /* replicated: every rank holds everything */
+    if (strcmp(r->mode, "empty") == 0)
+        return 0;
+    return t % g_size;
+}
+
+/* ---- reduction callback with fault injection -------------------------- */
+
+typedef struct {
+    MPI_Comm comm;
+    long calls;
+    long fail_at; /* fail (on every rank, without communicating) at this call */
+} reduce_ctx;
+
+static int32_t reduce_cb(double *v, size_t count, void *user)
+{
+    reduce_ctx *c = user;
+    long call = c->calls++;
+    if (call == c->fail_at)
+        return 7;
+    return lra_mpi_allreduce_sum(v, count, &c->comm);
+}
+
+/* ---- models -------------------------------------------------------------
+ * Parameters live in one array of `count` tensors of `len` floats; a rank
+ * touches only the tensors it owns. Every function below computes, for the
+ * batch rows [b0, b0 + bn), the loss (mean over the rows this rank reports)
+ * and, if grad != NULL, the gradient of the owned tensors. */
+
+typedef struct {
+    int count, len;
+    float *theta, *grad;
+    /* least squares */
+    int lsq_rows;
+    double *a, *y;
+} model_t;
+
+static void model_init(model_t *m, const run_t *r)
+{
+    if (r->logistic) {
+        m->count = CLASSES;
+        m->len = ROW;
+    } else {
+        m->count = 6;
+        m->len = 8;
+        m->lsq_rows = 96;
+        int d = m->count * m->len;
+        m->a = malloc(sizeof(double) * m->lsq_rows * d);
+        m->y = malloc(sizeof(double) * m->lsq_rows);
+        double *star = malloc(sizeof(double) * d);
+        for (int j = 0; j < d; j++)
+            star[j] = 2.0 * uniform() - 1.0;
+        for (int i = 0; i < m->lsq_rows; i++) {
+            double s = 0;
+            for (int j = 0; j < d; j++) {
+                m->a[i * d + j] = 2.0 * uniform() - 1.0;
+                s += m->a[i * d + j] * star[j];
+            }
+            m->y[i] = s;
+        }
+        free(star);
+    }
+    m->theta = calloc((size_t)m->count * m->len, sizeof(float));
+    m->grad = calloc((size_t)m->count * m->len, sizeof(float));
+    if (r->logistic) /* small deterministic start, not 0 (symmetry) */
+        for (int i = 0; i < m->count * m->len; i++)
+            m->theta[i] = (float)(0.02 * (uniform() - 0.5));
+}
+
+/* Rows of the batch whose loss this rank reports: its slice when losses are
+ * rank-local (also the rows whose gradient it computes in dp mode). */
+static void my_rows(const run_t *r, int bn, int *lo, int *hi)
+{
+    if (r->rank_local_loss) {
+        *lo = bn * g_rank / g_size;
+        *hi = bn * (g_rank + 1) / g_size;
+    } else {
+        *lo = 0;
+        *hi = bn;
+    }
+}
+
+static double logistic(const run_t *r, model_t *m, int b0, int bn, int with_grad)
+{
+    /* dp: this rank works on its slice only; sharded: on the whole batch,
+       its own classes, and the logits are summed over ranks (each entry is
+       computed by exactly one rank, the others add 0: exact). */
+    int lo = 0, hi = bn;
+    if (!r->sharded)
+        my_rows(r, bn, &lo, &hi);
+    double *z = calloc((size_t)bn * CLASSES, sizeof(double));
+    for (int c = 0; c < CLASSES; c++) {
+        if (owner(r, c) != g_rank)
+            continue;
+        const float *w = m->theta + c * ROW;
+        for (int i = lo; i < hi; i++) {
+            const float *x = g_x + (size_t)((b0 + i) % g_n) * FEATURES;
+            double s = w[FEATURES];
+            for (int k = 0; k < FEATURES; k++)
+                s += (double)w[k] * x[k];
+            z[i * CLASSES + c] = s;
+        }
+    }
+    if (r->sharded)
+        MPI_Allreduce(MPI_IN_PLACE, z, bn * CLASSES, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    int llo, lhi;
+    my_rows(r, bn, &llo, &lhi);
+    double loss = 0;
+    int grad_rows = hi - lo;
+    if (with_grad)
+        for (int c = 0; c < CLASSES; c++)
+            if (owner(r, c) == g_rank)
+                memset(m->grad + c * ROW, 0, sizeof(float) * ROW);
+    double *gacc = with_grad ? calloc(CLASSES * ROW, sizeof(double)) : NULL;
+    for (int i = lo; i < hi; i++) {
+        double mx = -INFINITY, se = 0;
+        for (int c = 0; c < CLASSES; c++)
+            mx = fmax(mx, z[i * CLASSES + c]);
+        for (int c = 0; c < CLASSES; c++)
+            se += exp(z[i * CLASSES + c] - mx);
+        int label = g_y[(b0 + i) % g_n];
+        if (i >= llo && i < lhi)
+            loss += mx + log(se) - z[i * CLASSES + label];
+        if (!with_grad)
+            continue;
+        const float *x = g_x + (size_t)((b0 + i) % g_n) * FEATURES;
+        for (int c = 0; c < CLASSES; c++) {
+            if (owner(r, c) != g_rank)
+                continue;
+            double dz = (exp(z[i * CLASSES + c] - mx) / se - (c == label)) / grad_rows;
+            for (int k = 0; k < FEATURES; k++)
+                gacc[c * ROW + k] += dz * x[k];
+            gacc[c * ROW + FEATURES] += dz;
+        }
+    }
+    if (with_grad) {
+        for (int c = 0; c < CLASSES; c++)
+            if (owner(r, c) == g_rank)
+                for (int k = 0; k < ROW; k++)
+                    m->grad[c * ROW + k] = (float)gacc[c * ROW + k];
+        if (!r->sharded && g_size > 1) {
+            /* What a data-parallel trainer does: average the gradients. */
+            MPI_Allreduce(MPI_IN_PLACE, m->grad, CLASSES * ROW, MPI_FLOAT, MPI_SUM,
+                          MPI_COMM_WORLD);
+            for (int k = 0; k < CLASSES * ROW; k++)
+                m->grad[k] /= (float)g_size;
+        }
+    }
+    free(gacc);
+    free(z);
+    return loss / (lhi - llo);
+}
+
+static double least_squares(const run_t *r, model_t *m, int b0, int bn, int with_grad)
+{
+    int d = m->count * m->len;
+    double *p = calloc((size_t)bn, sizeof(double));
+    for (int i = 0; i < bn; i++) {
+        const double *a = m->a + (size_t)((b0 + i) % m->lsq_rows) * d;
+        for (int t = 0; t < m->count; t++)
+            if (owner(r, t) == g_rank)
+                for (int k = 0; k < m->len; k++)
+                    p[i] += a[t * m->len + k] * m->theta[t * m->len + k];
+    }
+    MPI_Allreduce(MPI_IN_PLACE, p, bn, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    double loss = 0;
+    for (int i = 0; i < bn; i++) {
+        p[i] -= m->y[(b0 + i) % m->lsq_rows]; /* residual */
+        loss += 0.5 * p[i] * p[i];
+    }
+    if (with_grad)
+        for (int t = 0; t < m->count; t++) {
+            if (owner(r, t) != g_rank)
+                continue;
+            for (int k = 0; k < m->len; k++) {
+                double g = 0;
+                for (int i = 0; i < bn; i++)
+                    g += m->a[(size_t)((b0 + i) % m->lsq_rows) * d + t * m->len + k] * p[i];
+                m->grad[t * m->len + k] = (float)(g / bn);
+            }
+        }
+    free(p);
+    return loss / bn;
+}
+
+static double model_eval(const run_t *r, model_t *m, int b0, int bn, int with_grad)
+{
+    return r->logistic ? logistic(r, m, b0, bn, with_grad) : least_squares(r, m, b0, bn, with_grad);
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+/* Aborts unless every rank passed the same double (bit for bit). */
+static void expect_same_everywhere(double v, const char *what, int step)
+{
+    double lo, hi;
+    MPI_Allreduce(&v, &lo, 1, MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(&v, &hi, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    if (!(lo == hi || (isnan(lo) && isnan(hi))))
+        FAIL("step %d: %s differs across ranks: %.17g .. %.17g", step, what, lo, hi);
+}
+
+/* The rank's optimizer checkpoint (η, counters, pending step, state). */
+static unsigned char *checkpoint(lra_handle *h, size_t *len)
+{
+    CHECK_LRA(h, lra_state_size(h, len));
+    unsigned char *b = malloc(*len ? *len : 1);
+    CHECK_LRA(h, lra_save_state(h, b, *len, NULL));
+    return b;
+}
+
+/* Calls `fn` with the callback failing at its k-th reduction from now, on
+ * every rank; checks the failure surfaced everywhere and changed nothing. */
+#define EXPECT_REDUCTION_FAILURE(h, ctx, m, k, call, step)                                         \
+    do {                                                                                           \
+        size_t n0_, n1_;                                                                           \
+        unsigned char *before_ = checkpoint(h, &n0_);                                              \
+        size_t pbytes_ = sizeof(float) * (size_t)(m)->count * (m)->len;                            \
+        float *pbefore_ = malloc(pbytes_);                                                         \
+        memcpy(pbefore_, (m)->theta, pbytes_);                                                     \
+        (ctx)->fail_at = (ctx)->calls + (k);                                                       \
+        lra_status st_ = (call);                                                                   \
+        (ctx)->fail_at = -1;                                                                       \
+        expect_same_everywhere((double)st_, "status of a failing reduction", step);                \
+        if (st_ != LRA_REDUCTION_FAILED)                                                           \
+            FAIL("step %d: %s with a failing callback -> %u (%s), want LRA_REDUCTION_FAILED",      \
+                 step, #call, st_, lra_status_string(st_));                                        \
+        if (!strstr(lra_last_error(h), "returned 7"))                                              \
+            FAIL("step %d: last error does not name the callback's code: %s", step,                \
+                 lra_last_error(h));                                                               \
+        unsigned char *after_ = checkpoint(h, &n1_);                                               \
+        if (n0_ != n1_ || memcmp(before_, after_, n0_) != 0)                                       \
+            FAIL("step %d: %s changed the handle's state although its reduction failed", step,     \
+                 #call);                                                                           \
+        if (memcmp(pbefore_, (m)->theta, pbytes_) != 0)                                            \
+            FAIL("step %d: %s changed parameters although its reduction failed", step, #call);     \
+        failures_seen++;                                                                           \
+        free(before_);                                                                             \
+        free(after_);                                                                              \
+        free(pbefore_);                                                                            \
+    } while (0)
+
+/* ---- the training loop ---------------------------------------------------- */
+
+typedef struct {
+    double lr_before, lr, phi, rho, loss;
+    unsigned decision, skip;
+} record_t;
+
+static int parse_optimizer(const char *s)
+{
+    const char *names[] = {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"};
+    for (int i = 0; i < 7; i++)
+        if (strcmp(s, names[i]) == 0)
+            return i;
+    FAIL("unknown optimizer %s", s);
+    return -1;
+}
+
+static void setup(run_t *r, const char *mode, const char *opt)
+{
+    memset(r, 0, sizeof *r);
+    r->mode = mode;
+    r->logistic = 1;
+    r->steps = 40;
+    r->batch = 64;
+    lra_config_init(&r->cfg, (uint32_t)parse_optimizer(opt));
+    r->cfg.num_threads = 1;
+    r->cfg.lr = r->cfg.optimizer <= LRA_OPTIMIZER_NESTEROV ? 0.05 : 1e-3;
+    if (strcmp(mode, "dp") == 0) {
+        r->rank_local_loss = 1;
+        r->steps = 60;
+        r->cfg.lr *= 20; /* start high enough that η also comes down */
+        r->cfg.reeval_schedule = LRA_REEVAL_EVERY;
+        r->cfg.reeval_every = 2;
+    } else if (strcmp(mode, "sharded") == 0 || strcmp(mode, "empty") == 0) {
+        r->sharded = 1;
+        r->inject = 1;
+    } else if (strcmp(mode, "polyak") == 0) {
+        r->sharded = 1;
+        r->logistic = 0;
+        r->batch = 16;
+        r->inject = 1;
+        r->cfg.f_star = 0.0;
+        r->cfg.scale_max = 1.0e3;
+    } else if (strcmp(mode, "fail") == 0) {
+        r->sharded = 1;
+        r->rank_local_loss = 1;
+        r->steps = 16;
+    } else if (strcmp(mode, "poison") == 0) {
+        r->sharded = 1;
+        r->steps = 8;
+        r->cfg.check_finite = 0;
+    } else {
+        FAIL("unknown mode %s", mode);
+    }
+    r->cfg.sharding = r->sharded ? LRA_SHARDING_SHARDED : LRA_SHARDING_REPLICATED;
+    r->cfg.loss_is_rank_local = (uint32_t)r->rank_local_loss;
+}
+
+static int failures_seen;
+
+/* Trains; returns the per-step records (rank 0's view) and leaves the final
+ * parameters in m->theta (owned tensors only). */
+static record_t *train(run_t *r, model_t *m, lra_handle *h, reduce_ctx *ctx)
+{
+    record_t *rec = calloc((size_t)r->steps, sizeof(record_t));
+    lra_tensor *mine = calloc((size_t)m->count, sizeof(lra_tensor));
+    size_t n = 0;
+    for (int t = 0; t < m->count; t++)
+        if (owner(r, t) == g_rank)
+            mine[n++] = (lra_tensor){m->theta + t * m->len, m->grad + t * m->len,
+                                     (uint64_t)m->len, LRA_DTYPE_F32};
+    /* An empty shard passes no tensor at all (and may pass NULL). */
+    const lra_tensor *list = n ? mine : NULL;
+    int last_owner = owner(r, m->count - 1);
+    int rows = r->logistic ? g_n : m->lsq_rows;
+
+    for (int step = 0; step < r->steps; step++) {
+        int b0 = (step * r->batch) % rows;
+        double loss = model_eval(r, m, b0, r->batch, 1);
+        float found_inf = 0.0f;
+        if (r->inject && step == STEP_NAN_GRAD && last_owner == g_rank)
+            m->grad[(m->count - 1) * m->len + 3] = NAN;
+        if (r->inject && step == STEP_FOUND_INF && last_owner == g_rank)
+            found_inf = 1.0f;
+        if (r->inject && step == STEP_NAN_LOSS)
+            loss = NAN;
+        if (strcmp(r->mode, "poison") == 0 && step == 4 && g_rank == g_size - 1)
+            found_inf = 1.0f; /* this rank alone, guard off */
+
+        if (strcmp(r->mode, "fail") == 0 && step == 3)
+            EXPECT_REDUCTION_FAILURE(h, ctx, m, 0,
+                                     lra_step_ex(h, list, n, loss, 0.0, &found_inf, NULL), step);
+        if (strcmp(r->mode, "fail") == 0 && step == 5)
+            EXPECT_REDUCTION_FAILURE(h, ctx, m, 1,
+                                     lra_step_ex(h, list, n, loss, 0.0, &found_inf, NULL), step);
+        CHECK_LRA(h, lra_step_ex(h, list, n, loss, 0.0, &found_inf, NULL));
+
+        uint32_t due = 0;
+        CHECK_LRA(h, lra_should_reeval(h, &due));
+        lra_reeval_info info;
+        if (due) {
+            double after = model_eval(r, m, b0, r->batch, 0);
+            if (strcmp(r->mode, "fail") == 0 && step == 8)
+                EXPECT_REDUCTION_FAILURE(h, ctx, m, 0, lra_report_reeval(h, after, &info), step);
+            CHECK_LRA(h, lra_report_reeval(h, after, &info));
+        } else {
+            double lr;
+            CHECK_LRA(h, lra_get_lr(h, &lr));
+            info = (lra_reeval_info){NAN, NAN, NAN, lr, lr, 99, 99};
+        }
+        expect_same_everywhere(info.lr, "η", step);
+        expect_same_everywhere((double)info.decision, "decision", step);
+        if (strcmp(r->mode, "poison") == 0) {
+            if (step == 4 && info.decision != LRA_DECISION_SKIPPED)
+                FAIL("poison: decision %u on the step where one rank raised found-inf, want "
+                     "SKIPPED on every rank",
+                     info.decision);
+        } else {
+            expect_same_everywhere((double)info.skip_reason, "skip reason", step);
+            expect_same_everywhere(info.phi, "φ", step);
+        }
+        rec[step] = (record_t){info.lr_before, info.lr,       info.phi,
+                               info.rho,       loss,          info.decision,
+                               info.skip_reason};
+        if (r->rank_local_loss) { /* record the mean loss, as lra sees it */
+            double v[2] = {loss, 1.0};
+            MPI_Allreduce(MPI_IN_PLACE, v, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+            rec[step].loss = v[0] / v[1];
+        }
+    }
+    free(mine);
+    return rec;
+}
+
+/* Final parameters of every tensor, in tensor order, on rank 0. */
+static float *gather_params(const run_t *r, model_t *m)
+{
+    int total = m->count * m->len;
+    float *own = calloc((size_t)total, sizeof(float));
+    for (int t = 0; t < m->count; t++)
+        if (owner(r, t) == g_rank)
+            memcpy(own + t * m->len, m->theta + t * m->len, sizeof(float) * m->len);
+    if (!r->sharded) /* replicas: every rank must hold the same bits */
+        for (int k = 0; k < total; k++)
+            expect_same_everywhere(own[k], "replicated parameter", -1);
+    float *all = calloc((size_t)total, sizeof(float));
+    if (r->sharded)
+        MPI_Reduce(own, all, total, MPI_FLOAT, MPI_SUM, 0, MPI_COMM_WORLD); /* x + 0: exact */
+    else
+        memcpy(all, own, sizeof(float) * total);
+    free(own);
+    return all;
+}
+
+static void write_ref(const char *path, const run_t *r, const record_t *rec, const float *p, int np)
+{
+    FILE *f = fopen(path, "w");
+    if (!f)
+        FAIL("cannot write %s", path);
+    fprintf(f, "%d %d\n", r->steps, np);
+    for (int s = 0; s < r->steps; s++)
+        fprintf(f, "%a %a %a %a %a %u %u\n", rec[s].lr_before, rec[s].lr, rec[s].phi, rec[s].rho,
+                rec[s].loss, rec[s].decision, rec[s].skip);
+    for (int k = 0; k < np; k++)
+        fprintf(f, "%a\n", (double)p[k]);
+    fclose(f);
+}
+
+static int close_enough(double a, double b, double rel)
+{
+    if (isnan(a) || isnan(b))
+        return isnan(a) && isnan(b);
+    return fabs(a - b) <= rel * fmax(1e-30, fmax(fabs(a), fabs(b)));
+}
+
+static void compare_ref(const char *path, const run_t *r, const record_t *rec, const float *p,
+                        int np)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        FAIL("cannot read the 1-rank reference %s", path);
+    int steps, nref;
+    if (fscanf(f, "%d %d", &steps, &nref) != 2 || steps != r->steps || nref != np)
+        FAIL("%s: header does not match this run", path);
+    int raised = 0, lowered = 0, kept = 0, skipped = 0;
+    double worst_phi = 0;
+    for (int s = 0; s < steps; s++) {
+        record_t q;
+        if (fscanf(f, "%la %la %la %la %la %u %u", &q.lr_before, &q.lr, &q.phi, &q.rho, &q.loss,
+                   &q.decision, &q.skip) != 7)
+            FAIL("%s: short step line %d", path, s);
+        const record_t *m = &rec[s];
+        if (q.lr_before != m->lr_before || q.lr != m->lr || q.decision != m->decision ||
+            q.skip != m->skip)
+            FAIL("step %d: η %.17g -> %.17g (decision %u, skip %u) with %d ranks, but "
+                 "%.17g -> %.17g (decision %u, skip %u) on 1 rank",
+                 s, m->lr_before, m->lr, m->decision, m->skip, g_size, q.lr_before, q.lr,
+                 q.decision, q.skip);
+        if (!close_enough(q.phi, m->phi, 1e-4) || !close_enough(q.rho, m->rho, 1e-3) ||
+            !close_enough(q.loss, m->loss, 1e-5))
+            FAIL("step %d: φ %.9g ρ %.9g f %.9g with %d ranks, φ %.9g ρ %.9g f %.9g on 1 rank", s,
+                 m->phi, m->rho, m->loss, g_size, q.phi, q.rho, q.loss);
+        if (!isnan(q.phi))
+            worst_phi = fmax(worst_phi, fabs(q.phi - m->phi) / fabs(q.phi));
+        raised += q.decision == LRA_DECISION_RAISED;
+        lowered += q.decision == LRA_DECISION_LOWERED;
+        kept += q.decision == LRA_DECISION_KEPT;
+        skipped += q.decision == LRA_DECISION_SKIPPED;
+    }
+    double worst = 0, scale = 0;
+    int differ = 0;
+    for (int k = 0; k < np; k++) {
+        double q;
+        if (fscanf(f, "%la", &q) != 1)
+            FAIL("%s: short parameter list", path);
+        worst = fmax(worst, fabs(q - p[k]));
+        scale = fmax(scale, fabs(q));
+        differ += q != (double)p[k];
+    }
+    fclose(f);
+    /* f32 rounding: differing summation orders (φ, gradient averages,
+       predictions) may move a parameter by a few ulp per step. */
+    if (worst > 1e-5 * (1.0 + scale))
+        FAIL("parameters differ from the 1-rank run by %.3g (max |θ| %.3g)", worst, scale);
+    if (raised + lowered == 0)
+        FAIL("η never changed in %d steps: the comparison would prove little", steps);
+    printf("%-8s %-8s np=%d: %d steps, η decisions identical to 1 rank (raised %d, lowered %d, "
+           "kept %d, skipped %d); max rel. φ diff %.2g; params: %d/%d differ, max |Δθ| %.3g "
+           "(max |θ| %.3g)\n",
+           r->mode, g_optimizer, g_size, steps, raised, lowered, kept, skipped,
+           worst_phi, differ, np, worst, scale);
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+    if (argc != 5)
+        FAIL("usage: %s MODE OPTIMIZER REF DIGITS_CSV", argv[0]);
+    g_optimizer = argv[2];
+    run_t r;
+    setup(&r, argv[1], argv[2]);
+    if (r.logistic)
+        load_digits(argv[4]);
+    model_t m;
+    model_init(&m, &r);
+
+    lra_handle *h = NULL;
+    if (lra_create(&r.cfg, &h) != LRA_OK)
+        FAIL("lra_create: %s", lra_thread_last_error());
+    reduce_ctx ctx = {MPI_COMM_WORLD, 0, -1};
+    CHECK_LRA(h, lra_set_reduction(h, reduce_cb, &ctx));
+
+    record_t *rec = train(&r, &m, h, &ctx);
+    if (strcmp(r.mode, "fail") == 0 && failures_seen != 3)
+        FAIL("fail: %d injected failures checked, want 3", failures_seen);
+
+    /* Every rank called the collective equally often. */
+    expect_same_everywhere((double)ctx.calls, "number of reduction calls", -1);
+    struct lra_counters c;
+    CHECK_LRA(h, lra_get_counters(h, &c));
+    if (strcmp(r.mode, "poison") != 0) /* there one rank alone skipped a step */
+        expect_same_everywhere((double)c.applied, "applied steps", -1);
+
+    int np = m.count * m.len;
+    float *p = gather_params(&r, &m);
+    if (g_rank == 0) {
+        if (strcmp(r.mode, "poison") == 0)
+            printf("poison   %-8s np=%d: a rank-local found-inf with the guard off: SKIPPED "
+                   "and the same η on every rank\n",
+                   argv[2], g_size);
+        else if (g_size == 1)
+            write_ref(argv[3], &r, rec, p, np);
+        else
+            compare_ref(argv[3], &r, rec, p, np);
+    }
+    lra_destroy(h);
+    free(p);
+    free(rec);
+    MPI_Finalize();
+    return 0;
+}
