@@ -62,7 +62,9 @@ fn in_unit_interval(name: &str, v: f64, closed_low: bool) -> Result<()> {
 }
 
 impl Config {
-    /// Checks every field; the message names the first bad one.
+    /// Checks every field; the message names the first bad one. Negated
+    /// comparisons are deliberate: they also reject NaN.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         positive_finite("lr", self.lr)?;
         let h = &self.hyper;

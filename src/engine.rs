@@ -155,7 +155,7 @@ impl Engine {
     fn schedule_due(&mut self, index: u64) -> bool {
         match self.cfg.schedule {
             ReevalSchedule::Always => true,
-            ReevalSchedule::Every(k) => index % k == 0,
+            ReevalSchedule::Every(k) => index.is_multiple_of(k),
             ReevalSchedule::Geometric(r) => {
                 if index < self.schedule.next {
                     return false;
@@ -185,7 +185,7 @@ impl Engine {
         }
         self.check_layout(tensors)?;
         self.backend.validate(tensors)?;
-        if found_inf as usize % 4 != 0 {
+        if !(found_inf as usize).is_multiple_of(4) {
             fail!(
                 InvalidArgument,
                 "found_inf = {found_inf:p} is not aligned to 4 bytes (it points at one f32)"

@@ -3,6 +3,10 @@
 //! boundary; failures return a status and leave a message on the handle
 //! (and on the calling thread). No algorithm here.
 #![allow(non_camel_case_types)]
+// Every exported function states its pointer contract in its doc comment and
+// checks what can be checked (NULL, alignment, handle liveness); the C caller
+// owns the rest, as with any C API.
+#![allow(clippy::missing_safety_doc)]
 
 use crate::backend::TensorDesc;
 use crate::config::{Config, Device, ReevalSchedule};
@@ -280,7 +284,9 @@ unsafe fn with_handle(
     if h.is_null() {
         return null_error(name, "handle");
     }
-    if (h as usize) % std::mem::align_of::<lra_handle>() != 0 || (*h).magic != HANDLE_MAGIC {
+    if !(h as usize).is_multiple_of(std::mem::align_of::<lra_handle>())
+        || (*h).magic != HANDLE_MAGIC
+    {
         let e = Error::new(
             Status::InvalidArgument,
             format!("{name}: handle {h:p} is not a live lra handle"),
@@ -315,7 +321,7 @@ fn require<T>(p: *const T, name: &str, what: &str) -> Result<()> {
     if p.is_null() {
         fail!(NullPointer, "{what} is NULL");
     }
-    if (p as usize) % std::mem::align_of::<T>() != 0 {
+    if !(p as usize).is_multiple_of(std::mem::align_of::<T>()) {
         fail!(
             InvalidArgument,
             "{what} = {p:p} is not aligned to {} bytes ({name})",
@@ -451,7 +457,7 @@ pub fn config_from_c(c: &lra_config) -> Result<Config> {
 /// `lra_create`). NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn lra_config_init(cfg: *mut lra_config, optimizer: u32) {
-    if cfg.is_null() || (cfg as usize) % std::mem::align_of::<lra_config>() != 0 {
+    if cfg.is_null() || !(cfg as usize).is_multiple_of(std::mem::align_of::<lra_config>()) {
         return;
     }
     cfg.write(config_defaults(optimizer));
@@ -497,7 +503,7 @@ pub unsafe extern "C" fn lra_create(
 #[no_mangle]
 pub unsafe extern "C" fn lra_destroy(h: *mut lra_handle) {
     if h.is_null()
-        || (h as usize) % std::mem::align_of::<lra_handle>() != 0
+        || !(h as usize).is_multiple_of(std::mem::align_of::<lra_handle>())
         || (*h).magic != HANDLE_MAGIC
     {
         return;
@@ -846,7 +852,7 @@ pub extern "C" fn lra_status_string(status: lra_status) -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn lra_last_error(h: *const lra_handle) -> *const c_char {
     if h.is_null()
-        || (h as usize) % std::mem::align_of::<lra_handle>() != 0
+        || !(h as usize).is_multiple_of(std::mem::align_of::<lra_handle>())
         || (*h).magic != HANDLE_MAGIC
     {
         return lra_thread_last_error();

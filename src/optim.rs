@@ -304,7 +304,7 @@ pub fn direction<const K: u32>(
             gw + sc.b1 * *s0
         }
         ADAGRAD => {
-            *s0 = *s0 + gw * gw;
+            *s0 += gw * gw;
             gw / (s0.sqrt() + sc.eps)
         }
         RMSPROP => {
