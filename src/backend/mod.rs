@@ -41,10 +41,12 @@ pub struct StepRequest<'a> {
     /// CUDA stream (null = legacy default stream); ignored on the host.
     pub stream: *mut c_void,
     /// Sharded parameters only (`None` otherwise): sums, across ranks,
-    /// `[non-finite gradient count, η·Σg·d]` after the read-only pass and
-    /// before anything is written, so every rank skips or scales alike.
-    /// Called in two-pass mode, and in fused mode when `check_finite` is on
-    /// (then the second value is 0).
+    /// `[non-finite gradient count, found-inf flag (0/1), η·Σg·d]` after the
+    /// read-only pass and before anything is written, so every rank skips
+    /// or scales alike. Called in two-pass mode, and in fused mode when
+    /// `check_finite` is on (then the last value is 0); never skipped on a
+    /// rank whose own found-inf flag is set or whose shard is empty, since
+    /// the other ranks wait in the same collective.
     pub reduce: Option<Reducer<'a>>,
 }
 

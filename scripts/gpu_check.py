@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""lra on a GPU with PyTorch (run by scripts/gpu-check.sh; needs no Rust).
+
+1. Drives lra through its C ABI (ctypes on liblra.so) with PyTorch CUDA
+   tensors on a PyTorch side stream, for a small MLP trained with
+   re-evaluation, and checks every step bit for bit against a host (device
+   = 0) lra handle fed the same gradients; also the device found_inf flag.
+2. Benchmarks the fused Adam step against a device-to-device copy of the
+   same bytes and against torch.optim.Adam(fused=True), at 1M, 16M and 256M
+   parameters in 1 and in 200 tensors, and prints a markdown table.
+
+Usage: gpu_check.py --lib path/to/liblra.so [--cpu-selftest] [--quick]
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+ADAM, HOST, CUDA = 5, 0, 1
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class Lra:
+    """This script's view of bindings/python/lra.py, the project's one ctypes
+    binding (so the GPU run exercises it too)."""
+
+    def __init__(self, path):
+        os.environ["LRA_LIBRARY"] = os.path.abspath(path)
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python"))
+        import lra as binding
+
+        self.b = binding
+
+    def create(self, device, **fields):
+        return self.b.Optimizer(fields.pop("optimizer", ADAM), device=device, **fields)
+
+    def tensors(self, params, grads):
+        arr = (self.b.Tensor * len(params))()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            arr[i] = self.b.Tensor(p.data_ptr(), g.data_ptr(), p.numel(), DTYPES[p.dtype])
+        return arr
+
+    def step(self, h, arr, loss, stream=None, found_inf=None):
+        h.step(arr, loss, 0.0, stream, found_inf)
+
+    def reeval(self, h, loss_after):
+        return h.report_reeval(loss_after)
+
+    def destroy(self, h):
+        h.close()
+
+
+def bits(t):
+    return t.detach().cpu().contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def training_on_a_torch_stream(lra, device):
+    """A small MLP trained by lra on a side stream; every step equals the
+    host backend bit for bit (same gradients, same η decisions)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(device)
+    params = list(model.parameters())
+    host = [p.detach().cpu().clone() for p in params]
+    x, y = torch.randn(512, 32, device=device), torch.randn(512, 1, device=device)
+    hdev = lra.create(CUDA if device == "cuda" else HOST, lr=1e-2)
+    hcpu = lra.create(HOST, lr=1e-2, num_threads=1)
+    stream = torch.cuda.Stream() if device == "cuda" else None
+    first = last = None
+    lrs = []
+    with (torch.cuda.stream(stream) if stream is not None else _null()):
+        for it in range(40):
+            model.zero_grad(set_to_none=True)  # new gradient buffers every step
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            f = loss.item()
+            first = f if first is None else first
+            grads = [p.grad for p in params]
+            raw = stream.cuda_stream if stream is not None else None
+            lra.step(hdev, lra.tensors(params, grads), f, raw)
+            hgrads = [g.detach().cpu().clone() for g in grads]
+            lra.step(hcpu, lra.tensors(host, hgrads), f)
+            with torch.no_grad():
+                f_after = torch.nn.functional.mse_loss(model(x), y).item()
+            a, b = lra.reeval(hdev, f_after), lra.reeval(hcpu, f_after)
+            assert abs(a.phi - b.phi) <= 1e-6 * abs(b.phi), (it, a.phi, b.phi)
+            assert (a.decision, a.lr) == (b.decision, b.lr), (it, a.decision, b.decision)
+            for p, q in zip(params, host):
+                assert torch.equal(bits(p), bits(q)), f"step {it}: parameters differ from the host backend"
+            lrs.append(a.lr)
+            last = f_after
+    assert last < first, (first, last)
+    # A set found_inf flag (device memory) makes the step a no-op.
+    flag = torch.ones(1, device=device)
+    before = [bits(p) for p in params]
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    lra.step(hdev, lra.tensors(params, [p.grad for p in params]), 1.0, None, flag.data_ptr())
+    info = lra.reeval(hdev, 1.0)
+    assert info.skip_reason == 3, info.skip_reason
+    assert all(torch.equal(b, bits(p)) for b, p in zip(before, params))
+    lra.destroy(hdev)
+    lra.destroy(hcpu)
+    print(f"torch-stream training: 40 steps bit-identical to the host backend, loss {first:.4f} -> {last:.4f}, "
+          f"lr 1e-2 -> {lrs[-1]:.3g}; found_inf skip ok")
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def torch_adapter_on_cuda(lra):
+    """bindings/python's TorchOptimizer on CUDA parameters: current stream,
+    fresh .grad tensors, re-evaluation closure under no_grad; it must learn."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).cuda()
+    x, y = torch.randn(256, 16, device="cuda"), torch.randn(256, 1, device="cuda")
+    opt = lra.b.TorchOptimizer(model.parameters(), optimizer="adam", lr=1e-4)
+    loss_fn = torch.nn.functional.mse_loss
+    first = loss_fn(model(x), y).item()
+    for _ in range(150):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step(loss)
+        opt.reeval(lambda: loss_fn(model(x), y))
+    final = loss_fn(model(x), y).item()
+    assert final < 0.5 * first, (first, final)
+    assert opt.lr > 1e-4, opt.lr
+    print(f"bindings/python TorchOptimizer on CUDA: loss {first:.4f} -> {final:.4f}, lr 1e-4 -> {opt.lr:.3g}")
+    opt.close()
+
+
+def timed(fn, iters, reps=5):
+    """Median seconds per call of `fn`, timed with CUDA events on the
+    current stream."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(iters):
+            fn()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e) * 1e-3 / iters)
+    out.sort()
+    return out[len(out) // 2]
+
+
+def split(n, k, device, fill):
+    sizes = [n // k] * k
+    sizes[-1] += n - sum(sizes)
+    return [fill(s, device) for s in sizes]
+
+
+def benchmark(lra, sizes, counts):
+    dev = "cuda"
+    stream = torch.cuda.current_stream().cuda_stream
+    rows = {}
+    print()
+    print("| parameters | tensors | lra fused (guard off) | copy same bytes | lra vs copy | lra (guard on) "
+          "| torch Adam fused | torch / lra |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        iters = max(5, min(200, (200 << 20) // n))
+        for k in counts:
+            g = torch.Generator(device=dev).manual_seed(1)
+            params = split(n, k, dev, lambda s, d: torch.randn(s, device=d, generator=g))
+            grads = split(n, k, dev, lambda s, d: torch.randn(s, device=d, generator=g))
+            arr = lra.tensors(params, grads)
+            t = {}
+            for guard in (0, 1):
+                h = lra.create(CUDA, lr=1e-6, check_finite=guard)
+                t[guard] = timed(lambda: lra.step(h, arr, 1.0, stream), iters)
+                lra.destroy(h)
+            # Adam fp32 fused step moves 28 B per parameter (read θ, g, m, v;
+            # write θ, m, v): a copy of 14 B per parameter moves the same.
+            src = torch.empty(14 * n, dtype=torch.uint8, device=dev)
+            dst = torch.empty_like(src)
+            t_copy = timed(lambda: dst.copy_(src), iters)
+            del src, dst
+            tp = [p.clone().requires_grad_(True) for p in params]
+            for p, gr in zip(tp, grads):
+                p.grad = gr.clone()
+            opt = torch.optim.Adam(tp, lr=1e-6, betas=(0.5, 0.999), fused=True)
+            t_torch = timed(opt.step, iters)
+            del opt, tp, params, grads, arr
+            torch.cuda.empty_cache()
+            bw = 28 * n / t[0] / 1e9
+            rows[(n, k)] = t
+            print(f"| {n >> 20}M | {k} | {t[0] * 1e6:.1f} us ({bw:.0f} GB/s) | {t_copy * 1e6:.1f} us "
+                  f"({28 * n / t_copy / 1e9:.0f} GB/s) | {t_copy / t[0]:.3f} | {t[1] * 1e6:.1f} us "
+                  f"| {t_torch * 1e6:.1f} us | {t_torch / t[0]:.3f} |", flush=True)
+    print()
+    for n in sizes:
+        if (n, 1) in rows and (n, 200) in rows:
+            r = rows[(n, 200)][0] / rows[(n, 1)][0]
+            print(f"{n >> 20}M parameters: 200 tensors / 1 tensor (fused, guard off) = {r:.3f}")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", required=True)
+    ap.add_argument("--cpu-selftest", action="store_true", help="check the ctypes binding on a host handle")
+    ap.add_argument("--quick", action="store_true", help="benchmark 1M and 16M only")
+    a = ap.parse_args()
+    lra = Lra(a.lib)
+    if a.cpu_selftest:
+        training_on_a_torch_stream(lra, "cpu")
+        return
+    if not torch.cuda.is_available():
+        print("!!!! SKIPPED: gpu_check.py: torch sees no CUDA device")
+        sys.exit(1 if os.environ.get("LRA_REQUIRE_GPU") else 0)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    t0 = time.time()
+    training_on_a_torch_stream(lra, "cuda")
+    torch_adapter_on_cuda(lra)
+    sizes = [1 << 20, 16 << 20] + ([] if a.quick else [256 << 20])
+    benchmark(lra, sizes, [1, 200])
+    print(f"\ngpu_check.py finished in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

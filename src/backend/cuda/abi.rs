@@ -1,0 +1,419 @@
+//! The kernel ABI of `kernels/lra.ptx` on the host side (kernels/README.md
+//! is the reference): the embedded PTX text, the table and control-block
+//! layouts, the mode bits and which launches make up a step. Pure Rust with
+//! no driver calls, so the PTX interpreter's tests drive the kernel through
+//! exactly the tables and launch plan the CUDA backend uses.
+
+use crate::controller::ScaleRule;
+use crate::optim::{DType, OptimizerKind, StepScalars};
+
+/// The kernels, as embedded in the library.
+pub const PTX: &str = include_str!("../../../kernels/lra.ptx");
+/// The one entry point.
+pub const ENTRY: &str = "lra_pass";
+/// Elements per chunk (one φ partial per chunk) when the step has fewer
+/// than [`LARGE_FROM`] elements: enough chunks to fill a GPU at 1M.
+pub const CHUNK: usize = 4096;
+/// Elements per chunk from [`LARGE_FROM`] elements on: fewer per-chunk
+/// pauses (descriptor loads, the block reduction) and fewer partials.
+pub const CHUNK_LARGE: usize = 16384;
+pub const LARGE_FROM: usize = 1 << 24;
+
+/// The chunk length of a layout: it depends only on the total element
+/// count, never on the GPU, so φ's summation order (and bits) is the same
+/// on every device.
+pub fn chunk_len(total: usize) -> usize {
+    if total >= LARGE_FROM {
+        CHUNK_LARGE
+    } else {
+        CHUNK
+    }
+}
+/// Threads per block.
+pub const BLOCK: u32 = 256;
+
+/// `mode` bits of `lra_pass` (kernels/README.md, "mode bits").
+pub mod mode {
+    pub const THETA: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const DOT: u32 = 4;
+    pub const CHECK: u32 = 8;
+    pub const GUARD: u32 = 16;
+    pub const LR_DEVICE: u32 = 32;
+    pub const F_SUM: u32 = 64;
+    pub const F_DECIDE: u32 = 128;
+    pub const F_SCALE: u32 = 256;
+    pub const F_END: u32 = 512;
+}
+
+/// One row of the tensor table (40 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TensorEntry {
+    pub param: u64,
+    pub grad: u64,
+    pub state0: u64,
+    pub state1: u64,
+    pub dtype: u32,
+    /// 1 when parameter and gradient are aligned to 4 elements.
+    pub vec: u32,
+}
+
+/// One row of the chunk table (16 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ChunkEntry {
+    pub start: u64,
+    pub tensor: u32,
+    pub len: u32,
+}
+
+/// The device control block (64 bytes), one per handle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Control {
+    pub pow1: f64,
+    pub pow2: f64,
+    pub applied: u64,
+    pub nonfinite: u32,
+    pub skip: u32,
+    pub phi: f64,
+    pub scale: f64,
+    pub lr_eff: f32,
+    pub done: u32,
+    pub reserved: [u32; 2],
+}
+
+const _: () = assert!(std::mem::size_of::<TensorEntry>() == 40);
+const _: () = assert!(std::mem::size_of::<ChunkEntry>() == 16);
+const _: () = assert!(std::mem::size_of::<Control>() == 64);
+
+/// Byte offsets inside [`Control`] the host writes between launches.
+pub const CONTROL_NONFINITE: u64 = 24;
+pub const CONTROL_PHI: u64 = 32;
+/// Bit of `Control::nonfinite` the host sets after a cross-rank sum that
+/// found some rank's found_inf flag set: the step skips as `FoundInf`.
+pub const NONFINITE_FOUND_INF: u32 = 1 << 31;
+
+impl Control {
+    /// The control block of a fresh handle (no step applied yet).
+    pub fn initial() -> Control {
+        Control {
+            pow1: 1.0,
+            pow2: 1.0,
+            ..Control::default()
+        }
+    }
+}
+
+/// Rows of the device tables, as the kernel reads them (little-endian
+/// `repr(C)`; every target of lra is little-endian).
+pub trait Row: Copy {}
+impl Row for TensorEntry {}
+impl Row for ChunkEntry {}
+impl Row for Control {}
+
+pub fn rows_bytes<T: Row>(rows: &[T]) -> &[u8] {
+    // SAFETY: `Row` types are repr(C) plain data without padding bytes.
+    unsafe { std::slice::from_raw_parts(rows.as_ptr() as *const u8, std::mem::size_of_val(rows)) }
+}
+
+impl Control {
+    /// The control block read back from the device.
+    pub fn from_bytes(b: &[u8]) -> Control {
+        assert_eq!(
+            b.len(),
+            std::mem::size_of::<Control>(),
+            "control block size"
+        );
+        let mut c = Control::default();
+        // SAFETY: Control is plain data; every bit pattern is a value.
+        unsafe {
+            std::ptr::copy_nonoverlapping(b.as_ptr(), &mut c as *mut Control as *mut u8, b.len())
+        };
+        c
+    }
+}
+
+/// The parameters of one `lra_pass` launch (kernels/README.md, table
+/// "Parameters of lra_pass").
+#[derive(Clone, Copy, Debug)]
+pub struct KernelArgs {
+    pub tensors: u64,
+    pub chunks: u64,
+    pub nchunks: u32,
+    pub control: u64,
+    pub partials: u64,
+    pub found_inf: u64,
+    pub kind: OptimizerKind,
+    pub mode: u32,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// The scale rule (fused steps pass [`ScaleRule`] values it ignores).
+    pub rule: ScaleRule,
+    /// `inv_bc1`/`inv_bc2_sqrt` are ignored: the kernel derives them.
+    pub sc: StepScalars,
+}
+
+impl KernelArgs {
+    /// Each parameter's bytes, in declaration order.
+    pub fn params(&self) -> Vec<Vec<u8>> {
+        let sc = self.sc;
+        let sc_bytes = [
+            sc.b1,
+            sc.omb1,
+            sc.b2,
+            sc.omb2,
+            sc.eps,
+            sc.weight_decay,
+            sc.inv_bc1,
+            sc.inv_bc2_sqrt,
+        ]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+        vec![
+            self.tensors.to_le_bytes().to_vec(),
+            self.chunks.to_le_bytes().to_vec(),
+            self.nchunks.to_le_bytes().to_vec(),
+            self.control.to_le_bytes().to_vec(),
+            self.partials.to_le_bytes().to_vec(),
+            self.found_inf.to_le_bytes().to_vec(),
+            (self.kind as u32).to_le_bytes().to_vec(),
+            self.mode.to_le_bytes().to_vec(),
+            self.lr.to_le_bytes().to_vec(),
+            self.beta1.to_le_bytes().to_vec(),
+            self.beta2.to_le_bytes().to_vec(),
+            self.rule.loss.to_le_bytes().to_vec(),
+            self.rule.f_star.to_le_bytes().to_vec(),
+            self.rule.obs_var.to_le_bytes().to_vec(),
+            self.rule.scale_max.to_le_bytes().to_vec(),
+            sc_bytes,
+        ]
+    }
+}
+
+/// The rule a fused step passes (never read by the kernel).
+pub const NO_RULE: ScaleRule = ScaleRule {
+    loss: 0.0,
+    f_star: f64::NAN,
+    obs_var: 0.0,
+    scale_max: f64::INFINITY,
+};
+
+/// Launch grid: one block per chunk up to what keeps every SM busy, at
+/// least one (the final stage runs even without chunks).
+pub fn grid(nchunks: u32, max_grid: u32) -> u32 {
+    nchunks.min(max_grid).max(1)
+}
+
+/// Whether the 4-element vector path may read/write this tensor.
+pub fn vector_ok(param: u64, grad: u64, dtype: DType) -> bool {
+    let align = 4 * dtype.size() as u64;
+    param.is_multiple_of(align) && grad.is_multiple_of(align)
+}
+
+/// The chunk table of a tensor layout: tensors in order, cut into chunks
+/// of [`chunk_len`] elements; empty tensors have none.
+pub fn chunk_table(numels: &[usize]) -> Vec<ChunkEntry> {
+    let chunk = chunk_len(numels.iter().sum());
+    let mut out = Vec::new();
+    for (t, &n) in numels.iter().enumerate() {
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            out.push(ChunkEntry {
+                start: start as u64,
+                tensor: t as u32,
+                len: len as u32,
+            });
+            start += len;
+        }
+    }
+    out
+}
+
+/// Where each tensor's optimizer state lives inside one f32 buffer:
+/// per tensor the element offset of slot 0 (slot 1 follows after the
+/// element count rounded up to 4, so every slot is 16-byte aligned), and
+/// the buffer's total length in f32 elements.
+pub fn state_layout(numels: &[usize], kind: OptimizerKind) -> (Vec<usize>, usize) {
+    let slots = kind.state_slots();
+    let mut offsets = Vec::with_capacity(numels.len());
+    let mut at = 0;
+    for &n in numels {
+        offsets.push(at);
+        at += slots * slot_stride(n);
+    }
+    (offsets, at)
+}
+
+/// Elements between slot 0 and slot 1 of a tensor of `numel` elements.
+pub fn slot_stride(numel: usize) -> usize {
+    numel.div_ceil(4) * 4
+}
+
+/// Mode bits of each launch of a step, in order (kernels/README.md, "Passes
+/// the host launches per step"). `sharded`: a cross-rank sum runs on the
+/// host between the first launch and the rest (see [`sharded_split`]).
+pub fn step_launches(two_pass: bool, guard: bool) -> Vec<u32> {
+    use mode::*;
+    let g = if guard { GUARD } else { 0 };
+    if two_pass {
+        vec![
+            THETA | DOT | CHECK | F_SUM | F_DECIDE | F_SCALE | g,
+            THETA | WRITE | LR_DEVICE | F_END,
+        ]
+    } else {
+        let fused = THETA | WRITE | DOT | F_SUM | F_DECIDE | F_END | g;
+        if guard {
+            vec![CHECK, fused]
+        } else {
+            vec![fused]
+        }
+    }
+}
+
+/// Sharded steps with a registered reduction: the launches before the host
+/// reads `[nonfinite, phi]` and runs the sum, and those after. A launch with
+/// no chunk work (`nchunks = 0`) is marked by `true`.
+pub fn sharded_split(two_pass: bool, guard: bool) -> (Vec<u32>, Vec<(u32, bool)>) {
+    use mode::*;
+    let g = if guard { GUARD } else { 0 };
+    if two_pass {
+        (
+            vec![THETA | DOT | CHECK | F_SUM | g],
+            vec![
+                (F_DECIDE | F_SCALE | g, true),
+                (THETA | WRITE | LR_DEVICE | F_END, false),
+            ],
+        )
+    } else {
+        (
+            vec![CHECK],
+            vec![(THETA | WRITE | DOT | F_SUM | F_DECIDE | F_END | g, false)],
+        )
+    }
+}
+
+/// The rounding lint: every f32/f64 `add`, `sub`, `mul`, `div`, `sqrt`
+/// and `fma` carries `.rn` (so ptxas may not contract or approximate it)
+/// and nothing uses `.ftz`, `.approx` or `.full`. Returns the offending
+/// lines (1-based number, text).
+pub fn rounding_lint(ptx: &str) -> Vec<(usize, String)> {
+    let mut bad = Vec::new();
+    for (no, line) in ptx.lines().enumerate() {
+        let code = line.split("//").next().unwrap_or("").trim();
+        let Some(op) = code.split_whitespace().find(|t| !t.starts_with('@')) else {
+            continue;
+        };
+        let parts: Vec<&str> = op.trim_end_matches(';').split('.').collect();
+        let float = parts.iter().any(|p| *p == "f32" || *p == "f64");
+        let arith = matches!(
+            parts[0],
+            "add" | "sub" | "mul" | "div" | "sqrt" | "fma" | "rcp"
+        );
+        let loose = parts
+            .iter()
+            .any(|p| matches!(*p, "ftz" | "approx" | "full"));
+        if (float && arith && !parts.contains(&"rn")) || loose {
+            bad.push((no + 1, line.trim().to_string()));
+        }
+    }
+    bad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_float_operation_rounds_to_nearest() {
+        let bad = rounding_lint(PTX);
+        assert!(bad.is_empty(), "kernels/lra.ptx: {bad:?}");
+        // The lint can fail.
+        for line in [
+            "\tadd.f32 %f1, %f2, %f3;",
+            "@%p mul.f64 %fd1, %fd2, %fd3;",
+            "\tsub.ftz.rn.f32 %f1, %f2, %f3;",
+            "\tdiv.approx.f32 %f1, %f2, %f3;",
+            "\tfma.f32 %f1, %f2, %f3, %f4;",
+        ] {
+            assert_eq!(rounding_lint(line).len(), 1, "{line}");
+        }
+        assert!(rounding_lint("\tadd.u32 %r1, %r2, 1; // add.f32 in a comment").is_empty());
+    }
+
+    #[test]
+    fn chunks_cover_every_element_once() {
+        let numels = [0, 1, CHUNK, CHUNK + 1, 3 * CHUNK - 5];
+        let table = chunk_table(&numels);
+        for (t, &n) in numels.iter().enumerate() {
+            let mut covered = 0;
+            for c in table.iter().filter(|c| c.tensor as usize == t) {
+                assert_eq!(c.start as usize, covered);
+                assert!(c.len >= 1 && c.len as usize <= CHUNK);
+                covered += c.len as usize;
+            }
+            assert_eq!(covered, n);
+        }
+    }
+
+    #[test]
+    fn large_layouts_use_large_chunks() {
+        let table = chunk_table(&[LARGE_FROM - 7, CHUNK_LARGE + 1]);
+        assert!(table.iter().all(|c| c.len as usize <= CHUNK_LARGE));
+        assert_eq!(table[0].len as usize, CHUNK_LARGE);
+        assert_eq!(table.last().unwrap().len, 1);
+        assert_eq!(chunk_len(LARGE_FROM - 1), CHUNK);
+    }
+
+    #[test]
+    fn state_slots_are_16_byte_aligned_and_disjoint() {
+        let (off, total) = state_layout(&[3, 5, 8], OptimizerKind::Adam);
+        assert_eq!(off, vec![0, 8, 24]);
+        assert_eq!(total, 40);
+        assert!(off.iter().all(|o| o % 4 == 0));
+        let (off, total) = state_layout(&[3, 5], OptimizerKind::Sgd);
+        assert_eq!((off, total), (vec![0, 0], 0));
+    }
+
+    #[test]
+    fn vector_path_needs_four_element_alignment() {
+        assert!(vector_ok(0x1000, 0x2010, DType::F32));
+        assert!(!vector_ok(0x1004, 0x2010, DType::F32));
+        assert!(vector_ok(0x1008, 0x2000, DType::F16));
+        assert!(!vector_ok(0x1008, 0x2002, DType::Bf16));
+    }
+
+    #[test]
+    fn every_step_ends_by_advancing_and_decides_once() {
+        for two_pass in [false, true] {
+            for guard in [false, true] {
+                let plain = step_launches(two_pass, guard);
+                let (before, after) = sharded_split(two_pass, guard);
+                for seq in [
+                    plain.clone(),
+                    before
+                        .iter()
+                        .copied()
+                        .chain(after.iter().map(|a| a.0))
+                        .collect(),
+                ] {
+                    let count = |bit| seq.iter().filter(|&&m| m & bit != 0).count();
+                    assert_eq!(count(mode::F_END), 1);
+                    assert_eq!(count(mode::F_DECIDE), 1);
+                    assert_eq!(count(mode::WRITE), 1);
+                    assert_eq!(seq.last().unwrap() & mode::F_END, mode::F_END);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn embedded_ptx_declares_the_entry() {
+        assert!(PTX.contains(".visible .entry lra_pass("));
+        assert!(PTX.is_ascii(), "ptxas rejects non-ASCII text");
+    }
+}

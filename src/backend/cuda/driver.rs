@@ -1,0 +1,472 @@
+//! The few CUDA driver calls the backend makes, through cudarc's
+//! dynamically loaded `sys` bindings: errors become [`Error`]s, a missing
+//! driver becomes `NoCuda` (never a panic), and every call runs with the
+//! device's primary context pushed (and popped again), so the caller's
+//! current context is left as it was.
+
+use super::abi;
+use crate::error::{Error, Result, Status};
+use cudarc::driver::sys;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub use sys::{CUdeviceptr, CUevent, CUstream};
+
+/// `Err(Cuda)` naming the failed call and the driver's error name.
+pub fn check(r: sys::CUresult, what: &str) -> Result<()> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorName writes a pointer to a static string or fails.
+    let named = unsafe { sys::cuGetErrorName(r, &mut name) } == sys::CUresult::CUDA_SUCCESS;
+    let name = if named && !name.is_null() {
+        // SAFETY: a NUL-terminated static string owned by the driver.
+        unsafe { std::ffi::CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        format!("{r:?}")
+    };
+    Err(Error::new(Status::Cuda, format!("{what} failed: {name}")))
+}
+
+/// Loads libcuda and runs `cuInit` once per process. `NoCuda` when the
+/// library is missing, fails to initialise, or has no device.
+pub fn init() -> Result<()> {
+    static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    let r = INIT.get_or_init(|| {
+        // cudarc panics when the library is absent: look first, and catch
+        // any panic from a library that loads but lacks a symbol.
+        let present = std::panic::catch_unwind(|| unsafe { sys::is_culib_present() });
+        if !matches!(present, Ok(true)) {
+            return Err("the CUDA driver library (libcuda.so) was not found".into());
+        }
+        match std::panic::catch_unwind(|| unsafe { sys::cuInit(0) }) {
+            Ok(sys::CUresult::CUDA_SUCCESS) => Ok(()),
+            Ok(e) => Err(format!("cuInit failed: {e:?} (no usable GPU or driver)")),
+            Err(_) => Err("the CUDA driver library could not be used (missing symbols)".into()),
+        }
+    });
+    r.clone().map_err(|m| Error::new(Status::NoCuda, m))
+}
+
+/// Number of CUDA devices (after [`init`]).
+pub fn device_count() -> Result<i32> {
+    init()?;
+    let mut n = 0;
+    // SAFETY: plain out-parameter.
+    check(unsafe { sys::cuDeviceGetCount(&mut n) }, "cuDeviceGetCount")?;
+    Ok(n)
+}
+
+/// One device's primary context with the kernels loaded: created once per
+/// device and kept for the process lifetime (the module is "loaded once
+/// per context").
+pub struct Device {
+    pub ordinal: i32,
+    ctx: sys::CUcontext,
+    func: sys::CUfunction,
+    /// Blocks that keep every SM busy: SMs × resident blocks per SM.
+    pub max_grid: u32,
+}
+
+// SAFETY: driver handles may be used from any thread once a context is
+// current; every use pushes the context first.
+unsafe impl Send for Device {}
+unsafe impl Sync for Device {}
+
+/// Pops the context pushed by [`Device::enter`].
+pub struct Entered;
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let mut old: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: balances the push in `enter`.
+        unsafe { sys::cuCtxPopCurrent_v2(&mut old) };
+    }
+}
+
+impl Device {
+    /// The device `ordinal`, its primary context retained and the module
+    /// loaded on first use.
+    pub fn get(ordinal: i32) -> Result<Arc<Device>> {
+        static DEVICES: Mutex<Vec<Arc<Device>>> = Mutex::new(Vec::new());
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::new(
+                Status::NoCuda,
+                format!(
+                    "device_ordinal = {ordinal}, but the driver reports {count} CUDA device(s)"
+                ),
+            ));
+        }
+        let mut list = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = list.iter().find(|d| d.ordinal == ordinal) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(Device::load(ordinal)?);
+        list.push(d.clone());
+        Ok(d)
+    }
+
+    fn load(ordinal: i32) -> Result<Device> {
+        // SAFETY: out-parameters; the context is pushed before use.
+        unsafe {
+            let mut dev = 0;
+            check(sys::cuDeviceGet(&mut dev, ordinal), "cuDeviceGet")?;
+            let mut ctx = std::ptr::null_mut();
+            check(
+                sys::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                "cuDevicePrimaryCtxRetain",
+            )?;
+            check(sys::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")?;
+            let _pop = Entered;
+            let text = CString::new(abi::PTX).expect("the PTX has no NUL byte");
+            let mut module = std::ptr::null_mut();
+            // The JIT's error log goes into the message if it fails.
+            let mut log = vec![0u8; 4096];
+            let mut opts = [
+                sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+                sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+            ];
+            let mut vals = [log.as_mut_ptr() as *mut c_void, log.len() as *mut c_void];
+            let r = sys::cuModuleLoadDataEx(
+                &mut module,
+                text.as_ptr() as *const c_void,
+                opts.len() as u32,
+                opts.as_mut_ptr(),
+                vals.as_mut_ptr(),
+            );
+            if let Err(mut e) = check(r, "cuModuleLoadDataEx (JIT of kernels/lra.ptx)") {
+                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+                e.message += &format!(": {}", String::from_utf8_lossy(&log[..end]).trim());
+                return Err(e);
+            }
+            let mut func = std::ptr::null_mut();
+            let name = CString::new(abi::ENTRY).unwrap();
+            check(
+                sys::cuModuleGetFunction(&mut func, module, name.as_ptr()),
+                "cuModuleGetFunction(lra_pass)",
+            )?;
+            let mut sms = 0;
+            check(
+                sys::cuDeviceGetAttribute(
+                    &mut sms,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                    dev,
+                ),
+                "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)",
+            )?;
+            let mut per_sm = 0;
+            check(
+                sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                    &mut per_sm,
+                    func,
+                    abi::BLOCK as i32,
+                    0,
+                ),
+                "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+            )?;
+            Ok(Device {
+                ordinal,
+                ctx,
+                func,
+                max_grid: (sms.max(1) * per_sm.max(1)) as u32,
+            })
+        }
+    }
+
+    /// Makes the primary context current until the guard drops.
+    pub fn enter(&self) -> Result<Entered> {
+        // SAFETY: a retained context; popped by the guard.
+        check(
+            unsafe { sys::cuCtxPushCurrent_v2(self.ctx) },
+            "cuCtxPushCurrent",
+        )?;
+        Ok(Entered)
+    }
+
+    /// Launches `lra_pass` with `grid` blocks on `stream`.
+    /// # Safety
+    /// `params` must point at values laid out as the kernel's parameters,
+    /// and the device addresses inside them must be valid for the launch.
+    pub unsafe fn launch(
+        &self,
+        grid: u32,
+        stream: CUstream,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        check(
+            sys::cuLaunchKernel(
+                self.func,
+                grid,
+                1,
+                1,
+                abi::BLOCK,
+                1,
+                1,
+                0,
+                stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            ),
+            "cuLaunchKernel(lra_pass)",
+        )
+    }
+}
+
+/// Device memory owned by a handle (freed on drop, context current).
+pub struct DeviceBuffer {
+    pub ptr: CUdeviceptr,
+}
+
+impl DeviceBuffer {
+    pub fn new(bytes: usize) -> Result<DeviceBuffer> {
+        let mut ptr = 0;
+        // SAFETY: out-parameter; at least 16 bytes so the address is valid.
+        check(
+            unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.max(16)) },
+            "cuMemAlloc",
+        )?;
+        Ok(DeviceBuffer { ptr })
+    }
+}
+
+impl DeviceBuffer {
+    /// An empty placeholder (nothing to free), for dropping the real one
+    /// while the context is current.
+    pub fn none() -> DeviceBuffer {
+        DeviceBuffer { ptr: 0 }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by cuMemAlloc; the owner synchronised first.
+            unsafe { sys::cuMemFree_v2(self.ptr) };
+        }
+    }
+}
+
+/// A CUDA event without timing.
+pub struct Event(pub CUevent);
+
+impl Event {
+    pub fn new() -> Result<Event> {
+        let mut e = std::ptr::null_mut();
+        // SAFETY: out-parameter. 2 = CU_EVENT_DISABLE_TIMING.
+        check(unsafe { sys::cuEventCreate(&mut e, 2) }, "cuEventCreate")?;
+        Ok(Event(e))
+    }
+    pub fn record(&self, stream: CUstream) -> Result<()> {
+        // SAFETY: a live event; the stream is the caller's (or ours).
+        check(
+            unsafe { sys::cuEventRecord(self.0, stream) },
+            "cuEventRecord",
+        )
+    }
+    /// Waits for everything recorded before.
+    pub fn wait(&self) {
+        // SAFETY: a live event.
+        unsafe { sys::cuEventSynchronize(self.0) };
+    }
+    /// Whether everything recorded before has finished (never waits).
+    pub fn is_done(&self) -> bool {
+        // SAFETY: a live event.
+        unsafe { sys::cuEventQuery(self.0) == sys::CUresult::CUDA_SUCCESS }
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: created by cuEventCreate.
+            unsafe { sys::cuEventDestroy_v2(self.0) };
+        }
+    }
+}
+
+/// A non-blocking stream of the handle's own, for read-backs that must not
+/// wait for the caller's later work.
+pub struct Stream(pub CUstream);
+
+impl Stream {
+    pub fn new() -> Result<Stream> {
+        let mut s = std::ptr::null_mut();
+        // SAFETY: out-parameter. 1 = CU_STREAM_NON_BLOCKING.
+        check(unsafe { sys::cuStreamCreate(&mut s, 1) }, "cuStreamCreate")?;
+        Ok(Stream(s))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: created by cuStreamCreate.
+            unsafe { sys::cuStreamDestroy_v2(self.0) };
+        }
+    }
+}
+
+/// Makes `stream` wait (on the device) for `event`.
+pub fn wait_event(stream: CUstream, event: &Event) -> Result<()> {
+    // SAFETY: live handles.
+    check(
+        unsafe { sys::cuStreamWaitEvent(stream, event.0, 0) },
+        "cuStreamWaitEvent",
+    )
+}
+
+/// Copies `dst.len()` bytes from the device into host memory on `stream`
+/// and waits for that stream (only).
+pub fn read(dst: &mut [u8], src: CUdeviceptr, stream: &Stream) -> Result<()> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: `src` holds at least `dst.len()` bytes (the caller's buffer).
+    unsafe {
+        check(
+            sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len(), stream.0),
+            "cuMemcpyDtoHAsync",
+        )?;
+        check(sys::cuStreamSynchronize(stream.0), "cuStreamSynchronize")
+    }
+}
+
+/// Copies host bytes to the device on `stream` and waits for that stream.
+pub fn write_now(dst: CUdeviceptr, src: &[u8], stream: &Stream) -> Result<()> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: `dst` holds at least `src.len()` bytes.
+    unsafe {
+        check(
+            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), stream.0),
+            "cuMemcpyHtoDAsync",
+        )?;
+        check(sys::cuStreamSynchronize(stream.0), "cuStreamSynchronize")
+    }
+}
+
+/// Sets `count` u32 words at `dst` to `value`, ordered on `stream`.
+pub fn set_words(dst: CUdeviceptr, value: u32, count: usize, stream: CUstream) -> Result<()> {
+    // SAFETY: `dst` holds `count` words (the caller's buffer).
+    check(
+        unsafe { sys::cuMemsetD32Async(dst, value, count, stream) },
+        "cuMemsetD32Async",
+    )
+}
+
+/// Pinned host buffers for uploads that must not wait: a buffer is reused
+/// only once the copy that read it has finished, otherwise a new one is
+/// allocated, so `upload` never blocks.
+#[derive(Default)]
+pub struct Staging {
+    slots: Vec<(*mut u8, usize, Event)>,
+}
+
+// SAFETY: the pinned pointers are owned by this value alone.
+unsafe impl Send for Staging {}
+
+impl Staging {
+    /// Enqueues a copy of `src` to `dst` on `stream`.
+    pub fn upload(&mut self, dst: CUdeviceptr, src: &[u8], stream: CUstream) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let free = self
+            .slots
+            .iter()
+            .position(|(_, cap, ev)| *cap >= src.len() && ev.is_done());
+        let i = match free {
+            Some(i) => i,
+            None => {
+                let cap = src.len().next_power_of_two().max(4096);
+                let mut p = std::ptr::null_mut();
+                // SAFETY: out-parameter.
+                check(
+                    unsafe { sys::cuMemAllocHost_v2(&mut p, cap) },
+                    "cuMemAllocHost",
+                )?;
+                self.slots.push((p as *mut u8, cap, Event::new()?));
+                self.slots.len() - 1
+            }
+        };
+        let (p, _, ev) = &self.slots[i];
+        // SAFETY: the slot holds `cap >= src.len()` bytes and no copy reads
+        // it any more; `dst` holds `src.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), *p, src.len());
+            check(
+                sys::cuMemcpyHtoDAsync_v2(dst, *p as *const c_void, src.len(), stream),
+                "cuMemcpyHtoDAsync",
+            )?;
+        }
+        ev.record(stream)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        for (p, _, ev) in self.slots.drain(..) {
+            // SAFETY: the owner synchronised; allocated by cuMemAllocHost.
+            unsafe {
+                sys::cuEventSynchronize(ev.0);
+                sys::cuMemFreeHost(p as *mut c_void);
+            }
+        }
+    }
+}
+
+/// What the driver says about a pointer the caller handed in.
+pub struct PointerInfo {
+    pub device_memory: bool,
+    pub ordinal: i32,
+    pub range_start: u64,
+    pub range_size: u64,
+}
+
+/// Asks the driver about `ptr`; `None` when the driver does not know it
+/// (a plain host pointer).
+pub fn pointer_info(ptr: u64) -> Option<PointerInfo> {
+    use sys::CUpointer_attribute as A;
+    let mut mem_type: u32 = 0;
+    let mut managed: u32 = 0;
+    let mut ordinal: i32 = -1;
+    let mut start: u64 = 0;
+    let mut size: u64 = 0;
+    let mut attrs = [
+        A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+        A::CU_POINTER_ATTRIBUTE_IS_MANAGED,
+        A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+        A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+        A::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+    ];
+    let mut data: [*mut c_void; 5] = [
+        &mut mem_type as *mut u32 as *mut c_void,
+        &mut managed as *mut u32 as *mut c_void,
+        &mut ordinal as *mut i32 as *mut c_void,
+        &mut start as *mut u64 as *mut c_void,
+        &mut size as *mut u64 as *mut c_void,
+    ];
+    // SAFETY: each data pointer matches its attribute's documented type.
+    let r = unsafe {
+        sys::cuPointerGetAttributes(
+            attrs.len() as u32,
+            attrs.as_mut_ptr(),
+            data.as_mut_ptr(),
+            ptr,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS || mem_type == 0 {
+        return None;
+    }
+    Some(PointerInfo {
+        device_memory: mem_type == 2 || managed != 0,
+        ordinal,
+        range_start: start,
+        range_size: size,
+    })
+}

@@ -1,0 +1,452 @@
+//! The CUDA backend: the hand-written PTX of `kernels/lra.ptx` run on the
+//! caller's device pointers, on the caller's stream, in the device's
+//! primary context. `step` never waits for the device: the per-step
+//! scalars that depend on earlier steps (bias powers, applied-step count,
+//! skip flags, φ, the scale) live in a device control block; `outcome`,
+//! state export/import and `applied_steps` wait. Sharded steps with a
+//! registered cross-rank sum wait too (the sum runs on the host).
+
+pub mod abi;
+mod driver;
+
+use super::{Backend, BackendState, StepRequest, TensorDesc};
+use crate::controller::{SkipReason, StepOutcome};
+use crate::engine::skip_from;
+use crate::error::{Error, Result, Status};
+use crate::fail;
+use crate::optim::{BiasPowers, OptimizerKind, StepScalars};
+use abi::{Control, TensorEntry};
+use driver::{CUdeviceptr, CUstream, Device, DeviceBuffer, Event, Staging, Stream};
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// Creates the backend of a `device = 1` handle. `NoCuda` (with the reason)
+/// when there is no driver, no device, or no such ordinal.
+pub fn create(kind: OptimizerKind, ordinal: i32) -> Result<Box<dyn Backend>> {
+    let dev = Device::get(ordinal)?;
+    let _ctx = dev.enter()?;
+    let control = DeviceBuffer::new(std::mem::size_of::<Control>())?;
+    let reader = Stream::new()?;
+    driver::write_now(control.ptr, abi::rows_bytes(&[Control::initial()]), &reader)?;
+    Ok(Box::new(CudaBackend {
+        kind,
+        done: Event::new()?,
+        reader,
+        control,
+        layout: None,
+        staging: Staging::default(),
+        uploaded: Vec::new(),
+        validated: RefCell::new(Vec::new()),
+        validated_flag: 0,
+        dev,
+    }))
+}
+
+/// Buffers sized by the tensor layout (fixed by the first step).
+struct Layout {
+    numels: Vec<usize>,
+    /// f32 element offset of each tensor's slot 0 in `state`.
+    offsets: Vec<usize>,
+    state: Option<DeviceBuffer>,
+    chunks: DeviceBuffer,
+    nchunks: u32,
+    tensors: DeviceBuffer,
+    partials: DeviceBuffer,
+}
+
+pub struct CudaBackend {
+    kind: OptimizerKind,
+    /// Recorded after every step on the step's stream.
+    done: Event,
+    /// The handle's own non-blocking stream for read-backs.
+    reader: Stream,
+    control: DeviceBuffer,
+    layout: Option<Layout>,
+    staging: Staging,
+    /// The tensor table as last uploaded.
+    uploaded: Vec<TensorEntry>,
+    /// (param, grad) pairs already checked with the driver.
+    validated: RefCell<Vec<(u64, u64)>>,
+    /// The found_inf pointer last checked with the driver (0: none yet).
+    validated_flag: u64,
+    // Last: the context must outlive every buffer above (drop order).
+    dev: Arc<Device>,
+}
+
+// SAFETY: the raw driver handles inside are only used through `&mut self`
+// (or `&self` for `validate`, which touches only the RefCell'd cache), with
+// the context pushed.
+unsafe impl Send for CudaBackend {}
+
+impl CudaBackend {
+    fn check_device_pointer(&self, what: &str, p: u64, bytes: usize) -> Result<()> {
+        let ordinal = self.dev.ordinal;
+        let Some(info) = driver::pointer_info(p) else {
+            fail!(
+                InvalidArgument,
+                "{what} = {p:#x} is not CUDA memory (a host pointer?); a device = 1 handle takes device pointers of device {ordinal}"
+            );
+        };
+        if !info.device_memory {
+            fail!(
+                InvalidArgument,
+                "{what} = {p:#x} is host memory known to CUDA (pinned?), not device memory of device {ordinal}"
+            );
+        }
+        if info.ordinal != ordinal {
+            fail!(
+                InvalidArgument,
+                "{what} = {p:#x} is memory of device {}, this handle runs on device {ordinal}",
+                info.ordinal
+            );
+        }
+        if info.range_size != 0 && p + bytes as u64 > info.range_start + info.range_size {
+            fail!(
+                InvalidArgument,
+                "{what} = {p:#x} + {bytes} bytes runs past the end of its allocation ({:#x} + {} bytes)",
+                info.range_start,
+                info.range_size
+            );
+        }
+        Ok(())
+    }
+
+    /// Allocates the state, tables and partials for this layout (first step
+    /// or first import). State starts at zero.
+    fn ensure_layout(&mut self, numels: &[usize], stream: CUstream) -> Result<()> {
+        if let Some(l) = &self.layout {
+            if l.numels == numels {
+                return Ok(());
+            }
+            return Err(Error::new(
+                Status::SizeMismatch,
+                "tensor layout differs from the one the CUDA state was allocated for",
+            ));
+        }
+        let (offsets, total) = abi::state_layout(numels, self.kind);
+        let state = if total > 0 {
+            let b = DeviceBuffer::new(total * 4)?;
+            driver::set_words(b.ptr, 0, total, stream)?;
+            Some(b)
+        } else {
+            None
+        };
+        let table = abi::chunk_table(numels);
+        let nchunks = u32::try_from(table.len()).map_err(|_| {
+            Error::new(
+                Status::InvalidArgument,
+                "too many elements for one handle (2^32 chunks)",
+            )
+        })?;
+        let chunks = DeviceBuffer::new(std::mem::size_of_val(table.as_slice()))?;
+        self.staging
+            .upload(chunks.ptr, abi::rows_bytes(&table), stream)?;
+        let tensors = DeviceBuffer::new(numels.len() * std::mem::size_of::<TensorEntry>())?;
+        let partials = DeviceBuffer::new(table.len() * 8)?;
+        self.uploaded.clear();
+        self.layout = Some(Layout {
+            numels: numels.to_vec(),
+            offsets,
+            state,
+            chunks,
+            nchunks,
+            tensors,
+            partials,
+        });
+        Ok(())
+    }
+
+    fn tensor_table(&self, tensors: &[TensorDesc]) -> Vec<TensorEntry> {
+        let l = self.layout.as_ref().expect("layout allocated");
+        let slots = self.kind.state_slots();
+        let base = l.state.as_ref().map_or(0, |b| b.ptr);
+        tensors
+            .iter()
+            .zip(&l.offsets)
+            .map(|(t, &off)| {
+                let s0 = base + 4 * off as u64;
+                let s1 = s0 + 4 * abi::slot_stride(t.numel) as u64;
+                TensorEntry {
+                    param: t.param as u64,
+                    grad: t.grad as u64,
+                    state0: if slots >= 1 { s0 } else { 0 },
+                    state1: if slots >= 2 { s1 } else { 0 },
+                    dtype: t.dtype as u32,
+                    vec: abi::vector_ok(t.param as u64, t.grad as u64, t.dtype) as u32,
+                }
+            })
+            .collect()
+    }
+
+    /// Waits for the last step and reads the control block.
+    fn read_control(&mut self) -> Result<Control> {
+        driver::wait_event(self.reader.0, &self.done)?;
+        let mut buf = [0u8; std::mem::size_of::<Control>()];
+        driver::read(&mut buf, self.control.ptr, &self.reader)?;
+        Ok(Control::from_bytes(&buf))
+    }
+
+    /// Runs the step's launches; on success the last one has been enqueued.
+    fn run_step(&mut self, req: StepRequest<'_>, stream: CUstream) -> Result<()> {
+        let numels: Vec<usize> = req.tensors.iter().map(|t| t.numel).collect();
+        self.ensure_layout(&numels, stream)?;
+        let table = self.tensor_table(req.tensors);
+        let l = self.layout.as_ref().expect("layout allocated");
+        if table != self.uploaded {
+            self.staging
+                .upload(l.tensors.ptr, abi::rows_bytes(&table), stream)?;
+            self.uploaded = table;
+        }
+        let h = req.hyper;
+        let mut args = abi::KernelArgs {
+            tensors: l.tensors.ptr,
+            chunks: l.chunks.ptr,
+            nchunks: l.nchunks,
+            control: self.control.ptr,
+            partials: l.partials.ptr,
+            found_inf: req.found_inf as u64,
+            kind: self.kind,
+            mode: 0,
+            lr: req.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            rule: req.rule.unwrap_or(abi::NO_RULE),
+            sc: StepScalars::new(self.kind, &h, BiasPowers::default()),
+        };
+        let nchunks = l.nchunks;
+        let grid = abi::grid(nchunks, self.dev.max_grid);
+        let two_pass = req.rule.is_some();
+        let guard = req.check_finite;
+        match req.reduce {
+            Some(reduce) if two_pass || guard => {
+                let (before, after) = abi::sharded_split(two_pass, guard);
+                for m in before {
+                    args.mode = m;
+                    self.launch(&args, grid, stream)?;
+                }
+                self.done.record(stream)?;
+                let c = self.read_control()?;
+                // Every rank joins the sum, its own found_inf flag included
+                // (as the CPU backend does): the others wait for it.
+                let found_inf = self.found_inf_set(req.found_inf)?;
+                // With the flag set the dot pass did no work: no partial φ.
+                let phi = if two_pass && !found_inf { c.phi } else { 0.0 };
+                let mut v = [c.nonfinite as f64, found_inf as u32 as f64, phi];
+                if let Err(e) = reduce(&mut v) {
+                    // Nothing was written; clear the flag the pass set.
+                    driver::set_words(self.control.ptr + abi::CONTROL_NONFINITE, 0, 1, stream)?;
+                    return Err(e);
+                }
+                let flags = (v[0] != 0.0) as u32
+                    | if v[1] != 0.0 {
+                        abi::NONFINITE_FOUND_INF
+                    } else {
+                        0
+                    };
+                driver::set_words(self.control.ptr + abi::CONTROL_NONFINITE, flags, 1, stream)?;
+                if two_pass {
+                    let phi = v[2].to_bits();
+                    driver::set_words(self.control.ptr + abi::CONTROL_PHI, phi as u32, 1, stream)?;
+                    driver::set_words(
+                        self.control.ptr + abi::CONTROL_PHI + 4,
+                        (phi >> 32) as u32,
+                        1,
+                        stream,
+                    )?;
+                }
+                for (m, final_only) in after {
+                    args.mode = m;
+                    args.nchunks = if final_only { 0 } else { nchunks };
+                    self.launch(&args, abi::grid(args.nchunks, grid), stream)?;
+                }
+            }
+            _ => {
+                for m in abi::step_launches(two_pass, guard) {
+                    args.mode = m;
+                    self.launch(&args, grid, stream)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn found_inf_set(&self, found_inf: *const c_void) -> Result<bool> {
+        if found_inf.is_null() {
+            return Ok(false);
+        }
+        let mut v = [0u8; 4];
+        driver::read(&mut v, found_inf as CUdeviceptr, &self.reader)?;
+        Ok(f32::from_ne_bytes(v) != 0.0)
+    }
+
+    fn launch(&self, a: &abi::KernelArgs, grid: u32, stream: CUstream) -> Result<()> {
+        let mut values = a.params();
+        let mut params: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|v| v.as_mut_ptr() as *mut c_void)
+            .collect();
+        // SAFETY: the parameters follow kernels/README.md; every address
+        // is a live buffer of this handle or a validated caller pointer.
+        unsafe { self.dev.launch(grid, stream, &mut params) }
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 is plain data.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+impl Backend for CudaBackend {
+    fn validate(&self, tensors: &[TensorDesc]) -> Result<()> {
+        // The same pointers as the last validated step (sizes and dtypes are
+        // fixed by the engine's layout check): nothing to ask the driver,
+        // which keeps steps over many tensors cheap on the host.
+        let mut known = self.validated.borrow_mut();
+        let fresh = known.len() != tensors.len()
+            || tensors
+                .iter()
+                .zip(known.iter())
+                .any(|(t, &(p, g))| t.param as u64 != p || t.grad as u64 != g);
+        if !fresh {
+            return Ok(());
+        }
+        // Alignment for the dtype and no aliasing: the host backend's rules.
+        super::cpu::CpuBackend::new(self.kind, 1).validate(tensors)?;
+        let _ctx = self.dev.enter()?;
+        for (i, t) in tensors.iter().enumerate() {
+            if t.numel == 0 {
+                continue;
+            }
+            let bytes = t.numel * t.dtype.size();
+            self.check_device_pointer(&format!("tensors[{i}].param"), t.param as u64, bytes)?;
+            self.check_device_pointer(&format!("tensors[{i}].grad"), t.grad as u64, bytes)?;
+        }
+        *known = tensors
+            .iter()
+            .map(|t| (t.param as u64, t.grad as u64))
+            .collect();
+        Ok(())
+    }
+
+    fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
+        let _ctx = self.dev.enter()?;
+        let flag = req.found_inf as u64;
+        if flag != 0 && flag != self.validated_flag {
+            self.check_device_pointer("found_inf", flag, 4)?;
+            self.validated_flag = flag;
+        }
+        let stream = req.stream as CUstream;
+        // Our buffers are ordered after the previous step whatever stream
+        // it ran on (frameworks switch streams): a device-side wait only.
+        driver::wait_event(stream, &self.done)?;
+        let r = self.run_step(req, stream);
+        self.done.record(stream)?;
+        r
+    }
+
+    fn outcome(&mut self) -> Result<StepOutcome> {
+        let _ctx = self.dev.enter()?;
+        let c = self.read_control()?;
+        Ok(StepOutcome {
+            skip: skip_from(c.skip).unwrap_or(SkipReason::None),
+            phi: c.phi,
+            scale: c.scale,
+        })
+    }
+
+    fn export_state(&mut self) -> Result<BackendState> {
+        let _ctx = self.dev.enter()?;
+        let c = self.read_control()?;
+        let slots = self.kind.state_slots();
+        let mut out = Vec::new();
+        if let Some(l) = &self.layout {
+            for (&n, &off) in l.numels.iter().zip(&l.offsets) {
+                let mut v = vec![0f32; slots * n];
+                if let Some(state) = &l.state {
+                    for s in 0..slots {
+                        let src = state.ptr + 4 * (off + s * abi::slot_stride(n)) as u64;
+                        let dst = &mut v[s * n..(s + 1) * n];
+                        // SAFETY: f32 is plain data.
+                        let bytes = unsafe {
+                            std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u8, 4 * n)
+                        };
+                        driver::read(bytes, src, &self.reader)?;
+                    }
+                }
+                out.push(v);
+            }
+        }
+        Ok(BackendState {
+            bias: BiasPowers {
+                pow1: c.pow1,
+                pow2: c.pow2,
+            },
+            applied: c.applied,
+            slots: out,
+        })
+    }
+
+    fn import_state(&mut self, state: &BackendState) -> Result<()> {
+        let _ctx = self.dev.enter()?;
+        self.read_control()?;
+        let slots = self.kind.state_slots();
+        if self.layout.is_none() && slots > 0 {
+            let numels: Vec<usize> = state.slots.iter().map(|v| v.len() / slots).collect();
+            self.ensure_layout(&numels, self.reader.0)?;
+        }
+        if let Some(l) = &self.layout {
+            for ((v, &n), &off) in state.slots.iter().zip(&l.numels).zip(&l.offsets) {
+                if v.len() != slots * n {
+                    fail!(
+                        BadCheckpoint,
+                        "state of {} values for a tensor of {n} elements",
+                        v.len()
+                    );
+                }
+                if let Some(buf) = &l.state {
+                    for s in 0..slots {
+                        let dst = buf.ptr + 4 * (off + s * abi::slot_stride(n)) as u64;
+                        driver::write_now(dst, f32_bytes(&v[s * n..(s + 1) * n]), &self.reader)?;
+                    }
+                }
+            }
+        }
+        let c = Control {
+            pow1: state.bias.pow1,
+            pow2: state.bias.pow2,
+            applied: state.applied,
+            ..Control::initial()
+        };
+        driver::write_now(self.control.ptr, abi::rows_bytes(&[c]), &self.reader)?;
+        // Later steps on any stream must see the import.
+        self.done.record(self.reader.0)
+    }
+
+    fn applied_steps(&mut self) -> Result<u64> {
+        let _ctx = self.dev.enter()?;
+        Ok(self.read_control()?.applied)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Free everything with the context current, once the last step's
+        // kernels (which may still use these buffers) are done.
+        let Ok(_ctx) = self.dev.enter() else {
+            return;
+        };
+        self.done.wait();
+        self.layout = None;
+        self.staging = Staging::default();
+        drop(std::mem::replace(&mut self.control, DeviceBuffer::none()));
+        drop(std::mem::replace(
+            &mut self.reader,
+            Stream(std::ptr::null_mut()),
+        ));
+        drop(std::mem::replace(
+            &mut self.done,
+            Event(std::ptr::null_mut()),
+        ));
+    }
+}

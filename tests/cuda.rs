@@ -1,0 +1,704 @@
+//! The CUDA backend against the CPU backend. Without a CUDA driver and GPU
+//! (CI), only `no_gpu_handle_reports_no_cuda` asserts; every other test
+//! prints why it skips. On a GPU machine `scripts/gpu-check.sh` runs this
+//! binary (prebuilt) with `--include-ignored`.
+
+use cudarc::driver::sys;
+use lra::backend::{cpu::CpuBackend, cuda, Backend, BackendState, StepRequest, TensorDesc};
+use lra::controller::{ScaleRule, SkipReason, StepOutcome};
+use lra::optim::{DType, Hyper, OptimizerKind};
+use lra::Status;
+use std::ffi::c_void;
+
+/// Makes the primary context of device 0 current on this thread; false
+/// (with the reason printed) when there is no driver or GPU.
+fn gpu(test: &str) -> bool {
+    let why = (|| -> Result<(), String> {
+        // SAFETY: probing calls with out-parameters.
+        unsafe {
+            if !sys::is_culib_present() {
+                return Err("no CUDA driver library (libcuda.so)".into());
+            }
+            if sys::cuInit(0) != sys::CUresult::CUDA_SUCCESS {
+                return Err("cuInit failed (no usable GPU)".into());
+            }
+            let mut n = 0;
+            sys::cuDeviceGetCount(&mut n);
+            if n == 0 {
+                return Err("no CUDA device".into());
+            }
+            let mut ctx = std::ptr::null_mut();
+            let mut dev = 0;
+            sys::cuDeviceGet(&mut dev, 0);
+            if sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) != sys::CUresult::CUDA_SUCCESS {
+                return Err("cuDevicePrimaryCtxRetain failed".into());
+            }
+            sys::cuCtxSetCurrent(ctx);
+        }
+        Ok(())
+    })();
+    match why {
+        Ok(()) => true,
+        Err(why) => {
+            // scripts/gpu-check.sh sets this: there a skip is a failure.
+            if std::env::var_os("LRA_REQUIRE_GPU").is_some() {
+                panic!("{test}: LRA_REQUIRE_GPU is set, but {why}");
+            }
+            skipped(test, &why);
+            false
+        }
+    }
+}
+
+/// Prints the skip reason past libtest's output capture (which only
+/// intercepts the print macros), so it shows in the suite's log.
+fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "!!!! SKIPPED: {test}: {why}");
+}
+
+fn ok(r: sys::CUresult) {
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+}
+
+/// A device allocation holding a copy of some host bytes.
+struct DevBuf(u64);
+
+impl DevBuf {
+    fn new(bytes: &[u8]) -> DevBuf {
+        let mut p = 0;
+        // SAFETY: out-parameter.
+        unsafe { ok(sys::cuMemAlloc_v2(&mut p, bytes.len().max(16) + 16)) };
+        let b = DevBuf(p);
+        b.write(0, bytes);
+        b
+    }
+    fn write(&self, at: u64, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        // SAFETY: inside the allocation.
+        unsafe {
+            ok(sys::cuCtxSynchronize());
+            ok(sys::cuMemcpyHtoD_v2(
+                self.0 + at,
+                bytes.as_ptr() as *const c_void,
+                bytes.len(),
+            ));
+        }
+    }
+    fn read(&self, at: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        if len == 0 {
+            return v;
+        }
+        // SAFETY: inside the allocation.
+        unsafe {
+            ok(sys::cuCtxSynchronize());
+            ok(sys::cuMemcpyDtoH_v2(
+                v.as_mut_ptr() as *mut c_void,
+                self.0 + at,
+                len,
+            ));
+        }
+        v
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated above.
+        unsafe {
+            sys::cuCtxSynchronize();
+            sys::cuMemFree_v2(self.0);
+        }
+    }
+}
+
+/// Deterministic values: mostly in (-2, 2), with zeros, a subnormal and
+/// large magnitudes sprinkled in.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+            match i % 97 {
+                5 => 0.0,
+                11 => -0.0,
+                23 => 1.0e-40,
+                47 => 3.0e4 * (u - 0.5),
+                _ => 4.0 * (u - 0.5),
+            }
+        })
+        .collect()
+}
+
+fn encode(v: &[f32], dt: DType) -> Vec<u8> {
+    match dt {
+        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        DType::Bf16 => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Element-wise equality of two buffers of `dt`: same bits, or both NaN
+/// (NaN payloads differ between CPUs and GPUs).
+fn assert_same(cpu: &[u8], gpu: &[u8], dt: DType, what: &str) {
+    assert_eq!(cpu.len(), gpu.len(), "{what}: length");
+    let n = cpu.len() / dt.size();
+    for i in 0..n {
+        let (a, b) = match dt {
+            DType::F32 => {
+                let a = f32::from_le_bytes(cpu[4 * i..4 * i + 4].try_into().unwrap());
+                let b = f32::from_le_bytes(gpu[4 * i..4 * i + 4].try_into().unwrap());
+                if a.is_nan() && b.is_nan() {
+                    continue;
+                }
+                (a.to_bits() as u64, b.to_bits() as u64)
+            }
+            _ => {
+                let a = u16::from_le_bytes(cpu[2 * i..2 * i + 2].try_into().unwrap());
+                let b = u16::from_le_bytes(gpu[2 * i..2 * i + 2].try_into().unwrap());
+                let nan = |x: u16| match dt {
+                    DType::F16 => half::f16::from_bits(x).is_nan(),
+                    _ => half::bf16::from_bits(x).is_nan(),
+                };
+                if nan(a) && nan(b) {
+                    continue;
+                }
+                (a as u64, b as u64)
+            }
+        };
+        assert_eq!(
+            a, b,
+            "{what}: element {i} of {n} differs (cpu {a:#x}, gpu {b:#x})"
+        );
+    }
+}
+
+fn assert_phi_close(cpu: f64, gpu: f64, what: &str) {
+    if !cpu.is_finite() {
+        assert!(
+            gpu.to_bits() == cpu.to_bits() || (cpu.is_nan() && gpu.is_nan()),
+            "{what}: φ cpu {cpu}, gpu {gpu}"
+        );
+        return;
+    }
+    let tol = 1e-6 * cpu.abs().max(1e-300);
+    assert!(
+        (cpu - gpu).abs() <= tol,
+        "{what}: φ cpu {cpu:e} gpu {gpu:e}"
+    );
+}
+
+/// How a step finds its scale.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Fused {
+        guard: bool,
+    },
+    /// f* known and far below: s capped at 0.5 exactly on both backends.
+    Capped,
+    /// f* above the loss: s = 0 exactly.
+    Zero,
+    /// R > 0: s = φ/(φ+R) (compared within tolerance, not bits).
+    Noisy,
+}
+
+impl Mode {
+    fn rule(self) -> Option<ScaleRule> {
+        let r = |loss, f_star, obs_var, scale_max| ScaleRule {
+            loss,
+            f_star,
+            obs_var,
+            scale_max,
+        };
+        match self {
+            Mode::Fused { .. } => None,
+            Mode::Capped => Some(r(1e30, 0.0, 0.0, 0.5)),
+            Mode::Zero => Some(r(0.0, 1.0, 0.0, f64::INFINITY)),
+            Mode::Noisy => Some(r(1.0, f64::NAN, 1.0, f64::INFINITY)),
+        }
+    }
+    fn guard(self) -> bool {
+        !matches!(self, Mode::Fused { guard: false })
+    }
+}
+
+/// One tensor of a case: host copy (CPU backend) and device copy.
+struct Pair {
+    dt: DType,
+    n: usize,
+    host: Vec<u8>,
+    hgrad: Vec<u8>,
+    dev: DevBuf,
+    dgrad: DevBuf,
+    /// Byte offset of the tensor inside `dev` (misaligned vector path).
+    off: u64,
+}
+
+struct Case {
+    kind: OptimizerKind,
+    pairs: Vec<Pair>,
+    cpu: CpuBackend,
+    gpu: Box<dyn Backend>,
+    stream: *mut c_void,
+    /// Steps hand a (recording, identity) cross-rank sum to both backends.
+    sharded: bool,
+}
+
+impl Case {
+    fn new(kind: OptimizerKind, shape: &[(usize, DType, bool)], stream: *mut c_void) -> Case {
+        let pairs = shape
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, dt, misalign))| {
+                let off = if misalign { dt.size() as u64 } else { 0 };
+                let host = encode(&values(n, 7 + i as u64), dt);
+                let mut padded = vec![0u8; off as usize];
+                padded.extend_from_slice(&host);
+                Pair {
+                    dt,
+                    n,
+                    hgrad: vec![0; host.len()],
+                    dgrad: DevBuf::new(&padded),
+                    dev: DevBuf::new(&padded),
+                    host,
+                    off,
+                }
+            })
+            .collect();
+        Case {
+            kind,
+            pairs,
+            cpu: CpuBackend::new(kind, 1),
+            gpu: cuda::create(kind, 0).expect("CUDA backend"),
+            stream,
+            sharded: false,
+        }
+    }
+
+    fn set_grads(&mut self, seed: u64, poison: Option<f32>) {
+        for (i, p) in self.pairs.iter_mut().enumerate() {
+            let mut g = values(p.n, seed * 131 + i as u64);
+            if let (Some(bad), true) = (poison, p.n > 0) {
+                g[p.n / 2] = bad;
+            }
+            p.hgrad = encode(&g, p.dt);
+            p.dgrad.write(p.off, &p.hgrad);
+        }
+    }
+
+    fn descs(&mut self) -> (Vec<TensorDesc>, Vec<TensorDesc>) {
+        let cpu = self
+            .pairs
+            .iter_mut()
+            .map(|p| {
+                // Empty tensors: NULL, as a C caller would pass (an empty
+                // Vec's dangling pointer is not aligned for the dtype).
+                let (param, grad) = if p.n == 0 {
+                    (std::ptr::null_mut(), std::ptr::null())
+                } else {
+                    (
+                        p.host.as_mut_ptr() as *mut c_void,
+                        p.hgrad.as_ptr() as *const c_void,
+                    )
+                };
+                TensorDesc {
+                    param,
+                    grad,
+                    numel: p.n,
+                    dtype: p.dt,
+                }
+            })
+            .collect();
+        let gpu = self
+            .pairs
+            .iter()
+            .map(|p| TensorDesc {
+                param: (p.dev.0 + p.off) as *mut c_void,
+                grad: (p.dgrad.0 + p.off) as *const c_void,
+                numel: p.n,
+                dtype: p.dt,
+            })
+            .collect();
+        (cpu, gpu)
+    }
+
+    /// One step on both backends; returns both outcomes.
+    fn step(
+        &mut self,
+        mode: Mode,
+        lr: f64,
+        found_inf: Option<&DevBuf>,
+    ) -> (StepOutcome, StepOutcome) {
+        let (tc, tg) = self.descs();
+        let hyper = Hyper::defaults(self.kind);
+        let host_flag: f32 = found_inf.map_or(0.0, |b| {
+            f32::from_le_bytes(b.read(0, 4).try_into().unwrap())
+        });
+        let sharded = self.sharded;
+        let req = |tensors, found: *const c_void, stream, reduce| StepRequest {
+            tensors,
+            kind: self.kind,
+            hyper,
+            lr,
+            rule: mode.rule(),
+            check_finite: mode.guard(),
+            found_inf: found,
+            stream,
+            reduce,
+        };
+        self.cpu.validate(&tc).unwrap();
+        self.gpu.validate(&tg).unwrap();
+        let hf = if found_inf.is_some() {
+            &host_flag as *const f32 as *const c_void
+        } else {
+            std::ptr::null()
+        };
+        // Sharded: an identity "cross-rank sum" that records what it saw.
+        let (mut seen_cpu, mut seen_gpu) = (Vec::new(), Vec::new());
+        let mut rc = |v: &mut [f64]| -> lra::Result<()> {
+            seen_cpu.push(v.to_vec());
+            Ok(())
+        };
+        let mut rg = |v: &mut [f64]| -> lra::Result<()> {
+            seen_gpu.push(v.to_vec());
+            Ok(())
+        };
+        let (rc, rg): (Option<lra::backend::Reducer>, Option<lra::backend::Reducer>) = if sharded {
+            (Some(&mut rc), Some(&mut rg))
+        } else {
+            (None, None)
+        };
+        self.cpu
+            .step(req(&tc, hf, std::ptr::null_mut(), rc))
+            .unwrap();
+        let df = found_inf.map_or(std::ptr::null(), |b| b.0 as *const c_void);
+        self.gpu.step(req(&tg, df, self.stream, rg)).unwrap();
+        assert_eq!(seen_cpu.len(), seen_gpu.len(), "reduction calls");
+        // [non-finite count, found-inf flag, η·Σg·d]: counts differ in
+        // unit (chunks vs threads), only their being non-zero is shared.
+        for (c, g) in seen_cpu.iter().zip(&seen_gpu) {
+            assert_eq!(c[0] != 0.0, g[0] != 0.0, "non-finite count {c:?} {g:?}");
+            assert_eq!(c[1], g[1], "found-inf flag {c:?} {g:?}");
+            if c[1] == 0.0 {
+                // (with its flag set the GPU skips the dot pass and sends 0)
+                assert_phi_close(c[2], g[2], "partial φ handed to the reduction");
+            }
+        }
+        (self.cpu.outcome().unwrap(), self.gpu.outcome().unwrap())
+    }
+
+    fn assert_params_same(&self, what: &str) {
+        for (i, p) in self.pairs.iter().enumerate() {
+            let dev = p.dev.read(p.off, p.host.len());
+            assert_same(
+                &p.host,
+                &dev,
+                p.dt,
+                &format!("{what}: tensor {i} ({} {})", p.n, p.dt.name()),
+            );
+        }
+    }
+
+    fn assert_state_same(&mut self, what: &str) {
+        let a: BackendState = self.cpu.export_state().unwrap();
+        let b: BackendState = self.gpu.export_state().unwrap();
+        assert_eq!(a.applied, b.applied, "{what}: applied steps");
+        assert_eq!(a.bias.pow1.to_bits(), b.bias.pow1.to_bits(), "{what}: pow1");
+        assert_eq!(a.bias.pow2.to_bits(), b.bias.pow2.to_bits(), "{what}: pow2");
+        assert_eq!(a.slots.len(), b.slots.len());
+        for (i, (x, y)) in a.slots.iter().zip(&b.slots).enumerate() {
+            let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let yb: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert_same(
+                &xb,
+                &yb,
+                DType::F32,
+                &format!("{what}: state of tensor {i}"),
+            );
+        }
+    }
+}
+
+/// Sizes around warp, block, vector and chunk edges, one misaligned.
+fn shape(dt: DType) -> Vec<(usize, DType, bool)> {
+    vec![
+        (0, dt, false),
+        (1, dt, false),
+        (31, dt, false),
+        (33, dt, true),
+        (257, dt, false),
+        (4097, dt, false),
+        (9001, dt, true),
+        (3 * 4096 + 5, dt, false),
+    ]
+}
+
+#[test]
+fn no_gpu_handle_reports_no_cuda() {
+    // On a GPU machine this is the wrong test; the others cover it.
+    // SAFETY: probing only.
+    let present = unsafe { sys::is_culib_present() }
+        && unsafe { sys::cuInit(0) } == sys::CUresult::CUDA_SUCCESS;
+    if present {
+        skipped(
+            "no_gpu_handle_reports_no_cuda",
+            "this machine has a CUDA driver and device",
+        );
+        return;
+    }
+    let mut cfg = std::mem::MaybeUninit::<lra::ffi::lra_config>::zeroed();
+    let mut h: *mut lra::ffi::lra_handle = std::ptr::null_mut();
+    // SAFETY: the C ABI as a C caller uses it.
+    let (status, msg) = unsafe {
+        lra::ffi::lra_config_init(cfg.as_mut_ptr(), OptimizerKind::Adam as u32);
+        let mut cfg = cfg.assume_init();
+        cfg.device = lra::ffi::LRA_DEVICE_CUDA;
+        let status = lra::ffi::lra_create(&cfg, &mut h);
+        let msg = std::ffi::CStr::from_ptr(lra::ffi::lra_thread_last_error())
+            .to_string_lossy()
+            .into_owned();
+        (status, msg)
+    };
+    assert_eq!(status, lra::ffi::LRA_NO_CUDA, "{msg}");
+    assert!(h.is_null());
+    assert!(msg.contains("CUDA"), "{msg}");
+    println!("lra_create(device = 1) on this machine: {msg}");
+    // And twice (the driver probe is cached, still no panic).
+    let err = cuda::create(OptimizerKind::Sgd, 0).err().unwrap();
+    assert_eq!(err.status, Status::NoCuda);
+}
+
+#[test]
+fn every_kernel_matches_the_cpu_backend() {
+    if !gpu("every_kernel_matches_the_cpu_backend") {
+        return;
+    }
+    for kind in OptimizerKind::ALL {
+        for dt in [DType::F32, DType::F16, DType::Bf16] {
+            for mode in [
+                Mode::Fused { guard: false },
+                Mode::Fused { guard: true },
+                Mode::Capped,
+                Mode::Zero,
+                Mode::Noisy,
+            ] {
+                let what = format!("{} {} {mode:?}", kind.name(), dt.name());
+                let mut case = Case::new(kind, &shape(dt), std::ptr::null_mut());
+                for step in 0..3 {
+                    case.set_grads(step + 1, None);
+                    let (c, g) = case.step(mode, 0.01, None);
+                    let what = format!("{what} step {step}");
+                    assert_eq!(c.skip, g.skip, "{what}");
+                    assert_phi_close(c.phi, g.phi, &what);
+                    if let Mode::Noisy = mode {
+                        assert_phi_close(c.scale, g.scale, &what);
+                        assert_params_close(&case, &what);
+                        // Re-sync the CPU copy so the next step compares bits.
+                        for p in case.pairs.iter_mut() {
+                            p.host = p.dev.read(p.off, p.host.len());
+                        }
+                    } else {
+                        assert_eq!(c.scale.to_bits(), g.scale.to_bits(), "{what}: scale");
+                        case.assert_params_same(&what);
+                    }
+                    case.assert_state_same(&what);
+                }
+            }
+        }
+    }
+}
+
+/// With s from φ (R > 0), s differs in the last bits between backends, so
+/// parameters agree to a relative 1e-5 instead of bitwise.
+fn assert_params_close(case: &Case, what: &str) {
+    for p in &case.pairs {
+        if p.dt != DType::F32 {
+            continue;
+        }
+        let dev = p.dev.read(p.off, p.host.len());
+        for i in 0..p.n {
+            let a = f32::from_le_bytes(p.host[4 * i..4 * i + 4].try_into().unwrap());
+            let b = f32::from_le_bytes(dev[4 * i..4 * i + 4].try_into().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1e-30) || a == b,
+                "{what}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mixed_dtypes_in_one_launch_and_a_caller_stream() {
+    if !gpu("mixed_dtypes_in_one_launch_and_a_caller_stream") {
+        return;
+    }
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: out-parameter; 1 = non-blocking.
+    unsafe { ok(sys::cuStreamCreate(&mut stream, 1)) };
+    let shape = vec![
+        (100, DType::F32, false),
+        (5000, DType::Bf16, true),
+        (77, DType::F16, false),
+        (4096, DType::F32, true),
+    ];
+    let mut case = Case::new(OptimizerKind::AdamW, &shape, stream as *mut c_void);
+    for step in 0..4 {
+        case.set_grads(step + 10, None);
+        let (c, g) = case.step(Mode::Fused { guard: true }, 0.003, None);
+        assert_phi_close(c.phi, g.phi, "mixed");
+        case.assert_params_same("mixed");
+    }
+    case.assert_state_same("mixed");
+    drop(case);
+    // SAFETY: created above.
+    unsafe { sys::cuStreamDestroy_v2(stream) };
+}
+
+#[test]
+fn skips_leave_everything_untouched() {
+    if !gpu("skips_leave_everything_untouched") {
+        return;
+    }
+    for mode in [Mode::Fused { guard: true }, Mode::Capped] {
+        let mut case = Case::new(
+            OptimizerKind::Adam,
+            &shape(DType::F32),
+            std::ptr::null_mut(),
+        );
+        case.set_grads(1, None);
+        case.step(mode, 0.01, None);
+        let before: Vec<Vec<u8>> = case
+            .pairs
+            .iter()
+            .map(|p| p.dev.read(p.off, p.host.len()))
+            .collect();
+        // A NaN gradient with the guard on.
+        case.set_grads(2, Some(f32::NAN));
+        let (c, g) = case.step(mode, 0.01, None);
+        assert_eq!(
+            (c.skip, g.skip),
+            (SkipReason::NonfiniteGrad, SkipReason::NonfiniteGrad)
+        );
+        // The device found_inf flag.
+        case.set_grads(3, None);
+        let flag = DevBuf::new(&1.0f32.to_le_bytes());
+        let (c, g) = case.step(mode, 0.01, Some(&flag));
+        assert_eq!(
+            (c.skip, g.skip),
+            (SkipReason::FoundInf, SkipReason::FoundInf)
+        );
+        for (p, b) in case.pairs.iter().zip(&before) {
+            assert_eq!(
+                &p.dev.read(p.off, p.host.len()),
+                b,
+                "{mode:?}: parameters changed by a skipped step"
+            );
+        }
+        case.assert_state_same(&format!("{mode:?} after skips"));
+        // A cleared flag applies the step again, with the same bias step count.
+        flag.write(0, &0.0f32.to_le_bytes());
+        let (c, g) = case.step(mode, 0.01, Some(&flag));
+        assert_eq!((c.skip, g.skip), (SkipReason::None, SkipReason::None));
+        case.assert_params_same(&format!("{mode:?} after skips"));
+        case.assert_state_same(&format!("{mode:?} after skips"));
+    }
+}
+
+#[test]
+fn phi_is_bit_identical_across_runs() {
+    if !gpu("phi_is_bit_identical_across_runs") {
+        return;
+    }
+    // Past abi::LARGE_FROM elements: the large-chunk layout.
+    let shape = vec![
+        (lra::backend::cuda::abi::LARGE_FROM + 3, DType::F32, false),
+        (12345, DType::F16, true),
+    ];
+    let mut phis = Vec::new();
+    for _ in 0..3 {
+        let mut case = Case::new(OptimizerKind::Adam, &shape, std::ptr::null_mut());
+        for step in 0..2 {
+            case.set_grads(5 + step, None);
+            let (c, g) = case.step(Mode::Fused { guard: false }, 0.01, None);
+            assert_phi_close(c.phi, g.phi, "large layout");
+            phis.push(g.phi.to_bits());
+        }
+        case.assert_params_same("large layout");
+        case.assert_state_same("large layout");
+    }
+    assert!(phis.chunks(2).all(|run| run == &phis[..2]), "{phis:x?}");
+}
+
+#[test]
+fn sharded_steps_sum_across_ranks_between_the_passes() {
+    if !gpu("sharded_steps_sum_across_ranks_between_the_passes") {
+        return;
+    }
+    for mode in [Mode::Fused { guard: true }, Mode::Capped, Mode::Zero] {
+        let mut case = Case::new(
+            OptimizerKind::Rmsprop,
+            &shape(DType::Bf16),
+            std::ptr::null_mut(),
+        );
+        case.sharded = true;
+        for step in 0..3 {
+            case.set_grads(20 + step, (step == 1).then_some(f32::INFINITY));
+            let what = format!("sharded {mode:?} step {step}");
+            let (c, g) = case.step(mode, 0.02, None);
+            assert_eq!(c.skip, g.skip, "{what}");
+            assert_phi_close(c.phi, g.phi, &what);
+            case.assert_params_same(&what);
+            case.assert_state_same(&what);
+        }
+        // A set found_inf joins the sum (the rank does not drop out of the
+        // collective) and skips the step.
+        let flag = DevBuf::new(&1.0f32.to_le_bytes());
+        let (c, g) = case.step(mode, 0.02, Some(&flag));
+        assert_eq!(
+            (c.skip, g.skip),
+            (SkipReason::FoundInf, SkipReason::FoundInf)
+        );
+        case.assert_params_same(&format!("sharded {mode:?} found_inf"));
+        case.assert_state_same(&format!("sharded {mode:?} found_inf"));
+    }
+}
+
+#[test]
+fn bad_pointers_are_invalid_arguments() {
+    if !gpu("bad_pointers_are_invalid_arguments") {
+        return;
+    }
+    let gpu = cuda::create(OptimizerKind::Sgd, 0).unwrap();
+    let host = [0f32; 16];
+    let dev = DevBuf::new(&[0u8; 64]);
+    let t = |p: u64, g: u64, n| TensorDesc {
+        param: p as *mut c_void,
+        grad: g as *const c_void,
+        numel: n,
+        dtype: DType::F32,
+    };
+    let cases = [
+        ("host pointer", t(host.as_ptr() as u64, dev.0, 4)),
+        ("misaligned", t(dev.0 + 2, dev.0 + 32, 4)),
+        ("past the allocation", t(dev.0, dev.0 + 32, 1 << 20)),
+    ];
+    for (what, d) in cases {
+        let e = gpu
+            .validate(&[d])
+            .err()
+            .unwrap_or_else(|| panic!("{what} accepted"));
+        assert_eq!(e.status, Status::InvalidArgument, "{what}: {e}");
+    }
+}
