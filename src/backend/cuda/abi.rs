@@ -17,7 +17,7 @@ pub const CHUNK: usize = 4096;
 /// Elements per chunk from [`LARGE_FROM`] elements on: fewer per-chunk
 /// pauses (descriptor loads, the block reduction) and fewer partials.
 pub const CHUNK_LARGE: usize = 16384;
-pub const LARGE_FROM: usize = 1 << 24;
+pub const LARGE_FROM: usize = 1 << 26;
 
 /// The chunk length of a layout: it depends only on the total element
 /// count, never on the GPU, so φ's summation order (and bits) is the same

@@ -1,0 +1,972 @@
+//! Shared harness of the PTX-interpreter tests: drives `kernels/lra.ptx`
+//! (the text the library embeds, `abi::PTX`) through the same tables and
+//! launch plan as the CUDA backend (`lra::backend::cuda::abi`), on the CPU
+//! with `ptx-interp`, next to the CPU backend on the same inputs.
+#![allow(dead_code)]
+
+use half::{bf16, f16};
+use lra::backend::cpu::CpuBackend;
+use lra::backend::cuda::abi::{self, ChunkEntry, Control, TensorEntry};
+use lra::backend::{Backend, BackendState, StepRequest, TensorDesc};
+use lra::controller::{ScaleRule, SkipReason, StepOutcome};
+use lra::optim::{self, BiasPowers, DType, Hyper, OptimizerKind, StepScalars};
+use ptx_interp::{Arg, Device, LaunchConfig, Module, Schedule};
+
+/// Deterministic generator (splitmix64).
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1) times 2^e with e in -40..=11: a wide dynamic
+    /// range, so that f64 sums of the φ terms round and their order shows
+    /// in the bits (with a narrow range every order gives the exact sum).
+    pub fn value(&mut self) -> f32 {
+        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+        u * 2f32.powi((self.next() % 52) as i32 - 40)
+    }
+}
+
+/// ±0, smallest and largest subnormal, smallest normal, ±inf, NaN, ±max
+/// finite: as raw bits of each storage type.
+pub fn special_bits(dt: DType) -> &'static [u32] {
+    match dt {
+        DType::F32 => &[
+            0x0000_0000,
+            0x8000_0000,
+            0x0000_0001,
+            0x807f_ffff,
+            0x0080_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+        ],
+        DType::F16 => &[
+            0x0000, 0x8000, 0x0001, 0x83ff, 0x0400, 0x7c00, 0xfc00, 0x7e00, 0x7bff, 0xfbff,
+        ],
+        DType::Bf16 => &[
+            0x0000, 0x8000, 0x0001, 0x807f, 0x0080, 0x7f80, 0xff80, 0x7fc0, 0x7f7f, 0xff7f,
+        ],
+    }
+}
+
+/// `n` elements of `dt` as little-endian bytes; every `every`-th element
+/// (from `phase`) is a special value, the rest ordinary numbers. With
+/// `small_finite_only` the specials are restricted to ±0, subnormals and the
+/// smallest normal, so sums over them stay finite and φ is a real number.
+pub fn values(
+    rng: &mut Rng,
+    dt: DType,
+    n: usize,
+    every: usize,
+    phase: usize,
+    small_finite_only: bool,
+) -> Vec<u8> {
+    let sp: Vec<u32> = special_bits(dt)
+        .iter()
+        .copied()
+        .filter(|&b| {
+            let x = to_f32(dt, &b.to_le_bytes(), 0);
+            !small_finite_only || (x.is_finite() && x.abs() <= 1.0)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n * dt.size());
+    for i in 0..n {
+        let bits = if every > 0 && i % every == phase {
+            sp[(rng.next() % sp.len() as u64) as usize]
+        } else {
+            let v = rng.value();
+            match dt {
+                DType::F32 => v.to_bits(),
+                DType::F16 => f16::from_f32(v).to_bits() as u32,
+                DType::Bf16 => bf16::from_f32(v).to_bits() as u32,
+            }
+        };
+        out.extend_from_slice(&bits.to_le_bytes()[..dt.size()]);
+    }
+    out
+}
+
+pub fn to_f32(dt: DType, b: &[u8], i: usize) -> f32 {
+    match dt {
+        DType::F32 => f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()),
+        DType::F16 => f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32(),
+        DType::Bf16 => bf16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32(),
+    }
+}
+
+/// Bitwise equality where any NaN equals any NaN (payloads differ between
+/// x86 and PTX).
+pub fn same_f32(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+pub fn same_f64(a: f64, b: f64) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+/// Compares two buffers of `dt` element by element; returns the first
+/// mismatch as text.
+pub fn diff(dt: DType, a: &[u8], b: &[u8]) -> Option<String> {
+    assert_eq!(a.len(), b.len());
+    (0..a.len() / dt.size()).find_map(|i| {
+        let (x, y) = (to_f32(dt, a, i), to_f32(dt, b, i));
+        let nan_same = x.is_nan() && y.is_nan();
+        let bytes_same =
+            a[i * dt.size()..(i + 1) * dt.size()] == b[i * dt.size()..(i + 1) * dt.size()];
+        (!(bytes_same || nan_same)).then(|| format!("element {i}: {x:e} vs {y:e}"))
+    })
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn pod_bytes<T: Copy>(v: &[T]) -> Vec<u8> {
+    // SAFETY: plain-old-data repr(C) rows of the ABI tables.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        .to_vec()
+}
+
+/// One tensor of a test case.
+#[derive(Clone, Copy, Debug)]
+pub struct Spec {
+    pub dtype: DType,
+    pub numel: usize,
+    /// Offset the parameter by one element so the vector path is off.
+    pub misalign: bool,
+}
+
+pub fn spec(dtype: DType, numel: usize) -> Spec {
+    Spec {
+        dtype,
+        numel,
+        misalign: false,
+    }
+}
+
+/// Which passes a step runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pass {
+    /// f* unknown, R = 0, guard off: one fused launch.
+    Fused,
+    /// Fused with the non-finite guard: check launch, fused launch.
+    Guarded,
+    /// f* known and/or R > 0: dot launch, update launch (scale on the device).
+    Scaled { f_star: f64, obs_var: f64 },
+    /// Two-pass with a registered (single-rank) reduction: the host reads
+    /// φ and the non-finite count between launches and writes them back.
+    Sharded { f_star: f64, obs_var: f64 },
+}
+
+/// The per-step scalars of every launch of a step.
+pub struct StepArgs<'a> {
+    pub hyper: &'a Hyper,
+    pub lr: f64,
+    pub rule: ScaleRule,
+    /// Pass the found_inf flag's address (else 0).
+    pub found_inf: bool,
+}
+
+/// The device half of one handle, driven exactly like `CudaBackend`.
+pub struct Gpu<'m> {
+    pub dev: Device,
+    module: &'m Module,
+    kind: OptimizerKind,
+    specs: Vec<Spec>,
+    /// (param, grad) device addresses.
+    pub ptrs: Vec<(u64, u64)>,
+    state: u64,
+    offsets: Vec<usize>,
+    pub control: u64,
+    tensors: u64,
+    chunks: u64,
+    nchunks: u32,
+    partials: u64,
+    found_inf: u64,
+    pub grid: u32,
+    pub schedule: Schedule,
+    pub table: Vec<TensorEntry>,
+    pub chunk_rows: Vec<ChunkEntry>,
+}
+
+impl<'m> Gpu<'m> {
+    pub fn new(
+        module: &'m Module,
+        kind: OptimizerKind,
+        specs: &[Spec],
+        grid: Option<u32>,
+    ) -> Gpu<'m> {
+        let mut dev = Device::new();
+        let numels: Vec<usize> = specs.iter().map(|s| s.numel).collect();
+        let ptrs: Vec<(u64, u64)> = specs
+            .iter()
+            .map(|s| {
+                let esz = s.dtype.size();
+                let extra = s.misalign as usize;
+                // the buffer ends exactly where the tensor ends: any overrun is out of bounds
+                let p = dev.alloc((s.numel + extra) * esz) + (extra * esz) as u64;
+                let g = dev.alloc(s.numel * esz);
+                (p, g)
+            })
+            .collect();
+        let (offsets, total) = abi::state_layout(&numels, kind);
+        let state = dev.alloc(total * 4);
+        let slots = kind.state_slots();
+        let table: Vec<TensorEntry> = specs
+            .iter()
+            .zip(&ptrs)
+            .zip(&offsets)
+            .map(|((s, &(p, g)), &off)| {
+                let s0 = state + 4 * off as u64;
+                let s1 = s0 + 4 * abi::slot_stride(s.numel) as u64;
+                TensorEntry {
+                    param: p,
+                    grad: g,
+                    state0: if slots >= 1 { s0 } else { 0 },
+                    state1: if slots >= 2 { s1 } else { 0 },
+                    dtype: s.dtype as u32,
+                    vec: abi::vector_ok(p, g, s.dtype) as u32,
+                }
+            })
+            .collect();
+        let chunk_rows = abi::chunk_table(&numels);
+        let nchunks = chunk_rows.len() as u32;
+        let tensors = dev.alloc_from(&pod_bytes(&table));
+        let chunks = dev.alloc_from(&pod_bytes(&chunk_rows));
+        let partials = dev.alloc(8 * chunk_rows.len());
+        let control = dev.alloc_from(&pod_bytes(&[Control::initial()]));
+        let found_inf = dev.alloc(4);
+        let grid = grid.unwrap_or(nchunks.clamp(1, 3));
+        Gpu {
+            dev,
+            module,
+            kind,
+            specs: specs.to_vec(),
+            ptrs,
+            state,
+            offsets,
+            control,
+            tensors,
+            chunks,
+            nchunks,
+            partials,
+            found_inf,
+            grid,
+            schedule: Schedule::InOrder,
+            table,
+            chunk_rows,
+        }
+    }
+
+    pub fn write_params(&mut self, params: &[Vec<u8>]) {
+        for (p, &(pa, _)) in params.iter().zip(&self.ptrs) {
+            self.dev.write(pa, p).unwrap();
+        }
+    }
+
+    pub fn write_grads(&mut self, grads: &[Vec<u8>]) {
+        for (g, &(_, ga)) in grads.iter().zip(&self.ptrs) {
+            self.dev.write(ga, g).unwrap();
+        }
+    }
+
+    pub fn params(&self) -> Vec<Vec<u8>> {
+        self.specs
+            .iter()
+            .zip(&self.ptrs)
+            .map(|(s, &(p, _))| self.dev.read(p, s.numel * s.dtype.size()).unwrap())
+            .collect()
+    }
+
+    /// Per tensor, slot-major state (the `BackendState` layout).
+    pub fn state(&self) -> Vec<Vec<f32>> {
+        let slots = self.kind.state_slots();
+        self.specs
+            .iter()
+            .zip(&self.offsets)
+            .map(|(s, &off)| {
+                let mut v = Vec::new();
+                for k in 0..slots {
+                    let a = self.state + 4 * (off + k * abi::slot_stride(s.numel)) as u64;
+                    let b = self.dev.read(a, 4 * s.numel).unwrap();
+                    v.extend(
+                        b.chunks(4)
+                            .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+                    );
+                }
+                v
+            })
+            .collect()
+    }
+
+    pub fn set_state(&mut self, st: &[Vec<f32>]) {
+        for ((s, &off), v) in self.specs.iter().zip(&self.offsets).zip(st) {
+            for (k, slot) in v.chunks(s.numel.max(1)).enumerate() {
+                let a = self.state + 4 * (off + k * abi::slot_stride(s.numel)) as u64;
+                self.dev.write(a, &f32_bytes(slot)).unwrap();
+            }
+        }
+    }
+
+    pub fn control(&self) -> Control {
+        let b = self.dev.read(self.control, 64).unwrap();
+        let f64at = |o: usize| f64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let u32at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        Control {
+            pow1: f64at(0),
+            pow2: f64at(8),
+            applied: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            nonfinite: u32at(24),
+            skip: u32at(28),
+            phi: f64at(32),
+            scale: f64at(40),
+            lr_eff: f32::from_bits(u32at(48)),
+            done: u32at(52),
+            reserved: [u32at(56), u32at(60)],
+        }
+    }
+
+    pub fn set_found_inf(&mut self, v: f32) {
+        self.dev.write(self.found_inf, &v.to_le_bytes()).unwrap();
+    }
+
+    /// One launch of `lra_pass`, arguments in kernels/README.md order.
+    pub fn launch(
+        &mut self,
+        m: u32,
+        a: &StepArgs,
+        nchunks: u32,
+        grid: u32,
+    ) -> ptx_interp::Result<()> {
+        let (hyper, lr, rule, found_inf) = (a.hyper, a.lr, &a.rule, a.found_inf);
+        let sc = StepScalars::new(self.kind, hyper, BiasPowers::default());
+        let sc_bytes: Vec<u8> = [
+            sc.b1,
+            sc.omb1,
+            sc.b2,
+            sc.omb2,
+            sc.eps,
+            sc.weight_decay,
+            sc.inv_bc1,
+            sc.inv_bc2_sqrt,
+        ]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+        let args = [
+            Arg::U64(self.tensors),
+            Arg::U64(self.chunks),
+            Arg::U32(nchunks),
+            Arg::U64(self.control),
+            Arg::U64(self.partials),
+            Arg::U64(if found_inf { self.found_inf } else { 0 }),
+            Arg::U32(self.kind as u32),
+            Arg::U32(m),
+            Arg::F64(lr),
+            Arg::F64(hyper.beta1),
+            Arg::F64(hyper.beta2),
+            Arg::F64(rule.loss),
+            Arg::F64(rule.f_star),
+            Arg::F64(rule.obs_var),
+            Arg::F64(rule.scale_max),
+            Arg::Bytes(sc_bytes),
+        ];
+        let cfg = LaunchConfig::linear(grid, abi::BLOCK).with_schedule(self.schedule.clone());
+        self.dev
+            .launch(self.module, abi::ENTRY, &cfg, &args)
+            .map(|_| ())
+    }
+
+    /// The launches of one step, as `CudaBackend::run_step` makes them.
+    pub fn step(
+        &mut self,
+        pass: Pass,
+        hyper: &Hyper,
+        lr: f64,
+        loss: f64,
+        found_inf: bool,
+    ) -> ptx_interp::Result<()> {
+        let (two_pass, rule, sharded) = match pass {
+            Pass::Fused | Pass::Guarded => (false, None, false),
+            Pass::Scaled { f_star, obs_var } => (true, Some((f_star, obs_var)), false),
+            Pass::Sharded { f_star, obs_var } => (true, Some((f_star, obs_var)), true),
+        };
+        let guard = pass == Pass::Guarded || sharded;
+        let rule = ScaleRule {
+            loss: if rule.is_some() { loss } else { 0.0 },
+            f_star: rule.map_or(f64::NAN, |r| r.0),
+            obs_var: rule.map_or(0.0, |r| r.1),
+            scale_max: f64::INFINITY,
+        };
+        let (grid, n) = (self.grid, self.nchunks);
+        let a = StepArgs {
+            hyper,
+            lr,
+            rule,
+            found_inf,
+        };
+        if sharded {
+            let (before, after) = abi::sharded_split(two_pass, guard);
+            for m in before {
+                self.launch(m, &a, n, grid)?;
+            }
+            // single rank: the host's sum is the identity; write the values
+            // back as the backend does (nonfinite as a flag, φ bit for bit)
+            let c = self.control();
+            let flag = (c.nonfinite != 0) as u32;
+            self.dev
+                .write(self.control + abi::CONTROL_NONFINITE, &flag.to_le_bytes())
+                .unwrap();
+            self.dev
+                .write(self.control + abi::CONTROL_PHI, &c.phi.to_le_bytes())
+                .unwrap();
+            for (m, final_only) in after {
+                if final_only {
+                    self.launch(m, &a, 0, 1)?;
+                } else {
+                    self.launch(m, &a, n, grid)?;
+                }
+            }
+        } else {
+            for m in abi::step_launches(two_pass, guard) {
+                self.launch(m, &a, n, grid)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Host buffers for the CPU backend, 4-byte aligned, with the same bytes.
+pub struct Host {
+    pub specs: Vec<Spec>,
+    params: Vec<Vec<u32>>,
+    grads: Vec<Vec<u32>>,
+    pub cpu: CpuBackend,
+    pub kind: OptimizerKind,
+}
+
+fn words(bytes: &[u8]) -> Vec<u32> {
+    let mut w = vec![0u32; bytes.len().div_ceil(4)];
+    // SAFETY: `w` holds at least `bytes.len()` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), w.as_mut_ptr() as *mut u8, bytes.len())
+    };
+    w
+}
+
+fn word_bytes(w: &[u32], len: usize) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_le_bytes()).take(len).collect()
+}
+
+impl Host {
+    pub fn new(
+        kind: OptimizerKind,
+        specs: &[Spec],
+        params: &[Vec<u8>],
+        state: &[Vec<f32>],
+    ) -> Host {
+        let mut cpu = CpuBackend::new(kind, 1);
+        cpu.import_state(&BackendState {
+            bias: BiasPowers::default(),
+            applied: 0,
+            slots: state.to_vec(),
+        })
+        .unwrap();
+        Host {
+            specs: specs.to_vec(),
+            params: params.iter().map(|p| words(p)).collect(),
+            grads: specs
+                .iter()
+                .map(|s| vec![0; (s.numel * s.dtype.size()).div_ceil(4)])
+                .collect(),
+            cpu,
+            kind,
+        }
+    }
+
+    pub fn params(&self) -> Vec<Vec<u8>> {
+        self.params
+            .iter()
+            .zip(&self.specs)
+            .map(|(w, s)| word_bytes(w, s.numel * s.dtype.size()))
+            .collect()
+    }
+
+    pub fn step(
+        &mut self,
+        pass: Pass,
+        hyper: &Hyper,
+        lr: f64,
+        loss: f64,
+        grads: &[Vec<u8>],
+        found_inf: bool,
+    ) -> StepOutcome {
+        for (g, b) in self.grads.iter_mut().zip(grads) {
+            *g = words(b);
+        }
+        let descs: Vec<TensorDesc> = self
+            .specs
+            .iter()
+            .zip(self.params.iter_mut().zip(&self.grads))
+            .map(|(s, (p, g))| TensorDesc {
+                param: p.as_mut_ptr() as *mut _,
+                grad: g.as_ptr() as *const _,
+                numel: s.numel,
+                dtype: s.dtype,
+            })
+            .collect();
+        let flag = 1.0f32;
+        let rule = |f_star: f64, obs_var: f64| ScaleRule {
+            loss,
+            f_star,
+            obs_var,
+            scale_max: f64::INFINITY,
+        };
+        let (rule, check, sharded) = match pass {
+            Pass::Fused => (None, false, false),
+            Pass::Guarded => (None, true, false),
+            Pass::Scaled { f_star, obs_var } => (Some(rule(f_star, obs_var)), false, false),
+            Pass::Sharded { f_star, obs_var } => (Some(rule(f_star, obs_var)), true, true),
+        };
+        let mut identity = |_: &mut [f64]| -> lra::Result<()> { Ok(()) };
+        let req = StepRequest {
+            tensors: &descs,
+            kind: self.kind,
+            hyper: *hyper,
+            lr,
+            rule,
+            check_finite: check,
+            found_inf: if found_inf {
+                &flag as *const f32 as *const _
+            } else {
+                std::ptr::null()
+            },
+            stream: std::ptr::null_mut(),
+            reduce: if sharded { Some(&mut identity) } else { None },
+        };
+        self.cpu.step(req).unwrap();
+        self.cpu.outcome().unwrap()
+    }
+
+    pub fn state(&mut self) -> BackendState {
+        self.cpu.export_state().unwrap()
+    }
+}
+
+/// `direction::<K>` with a second (unused) parameter, the shape
+/// `dispatch_kind!` needs.
+fn dir_one<const K: u32, const UNUSED: u8>(
+    sc: &StepScalars,
+    th: f32,
+    g: f32,
+    a: &mut f32,
+    b: &mut f32,
+) -> f32 {
+    optim::direction::<K>(sc, th, g, a, b)
+}
+
+/// Per tensor, the φ term `(f64)(g·d)` of every element, from the state
+/// before the step (`src/optim.rs`, the per-element source of truth).
+pub fn dot_terms(
+    kind: OptimizerKind,
+    hyper: &Hyper,
+    bias: BiasPowers,
+    specs: &[Spec],
+    params: &[Vec<u8>],
+    grads: &[Vec<u8>],
+    state: &[Vec<f32>],
+) -> Vec<Vec<f64>> {
+    let sc = StepScalars::new(kind, hyper, bias.advanced(hyper));
+    let slots = kind.state_slots();
+    specs
+        .iter()
+        .enumerate()
+        .map(|(t, s)| {
+            (0..s.numel)
+                .map(|i| {
+                    let th = to_f32(s.dtype, &params[t], i);
+                    let g = to_f32(s.dtype, &grads[t], i);
+                    let mut a = if slots >= 1 { state[t][i] } else { 0.0 };
+                    let mut b = if slots >= 2 {
+                        state[t][s.numel + i]
+                    } else {
+                        0.0
+                    };
+                    let d = lra::dispatch_kind!(kind, dir_one::<0>(&sc, th, g, &mut a, &mut b));
+                    optim::dot_term(g, d)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The kernel's butterfly offsets (kernels/README.md, reduction step 2).
+pub const BFLY: [usize; 5] = [16, 8, 4, 2, 1];
+
+/// `acc = acc + shfl.bfly(acc, off)` for each offset: lane 0's result.
+fn warp_sum(mut v: [f64; 32], offsets: &[usize]) -> f64 {
+    for &off in offsets {
+        let old = v;
+        for (l, x) in v.iter_mut().enumerate() {
+            *x = old[l] + old[l ^ off];
+        }
+    }
+    v[0]
+}
+
+/// kernels/README.md, reduction order steps 2 and 3, for `T` threads.
+fn block_sum(acc: &[f64], offsets: &[usize]) -> f64 {
+    let warps: Vec<f64> = acc
+        .chunks(32)
+        .map(|w| warp_sum(w.try_into().unwrap(), offsets))
+        .collect();
+    let mut v = [0.0f64; 32];
+    v[..warps.len()].copy_from_slice(&warps);
+    warp_sum(v, offsets)
+}
+
+/// φ in the kernel's reduction order (kernels/README.md, "Reduction order
+/// of φ"), bit for bit, from the per-element terms.
+pub fn phi_reference(
+    terms: &[Vec<f64>],
+    table: &[TensorEntry],
+    chunks: &[ChunkEntry],
+    lr: f64,
+) -> f64 {
+    phi_reference_with(terms, table, chunks, lr, &BFLY)
+}
+
+/// [`phi_reference`] with other butterfly offsets (for the negative tests).
+pub fn phi_reference_with(
+    terms: &[Vec<f64>],
+    table: &[TensorEntry],
+    chunks: &[ChunkEntry],
+    lr: f64,
+    offsets: &[usize],
+) -> f64 {
+    let t_n = abi::BLOCK as usize;
+    let partials: Vec<f64> = chunks
+        .iter()
+        .map(|c| {
+            let x = &terms[c.tensor as usize][c.start as usize..c.start as usize + c.len as usize];
+            let l = x.len();
+            let v = table[c.tensor as usize].vec != 0;
+            let acc: Vec<f64> = (0..t_n)
+                .map(|t| {
+                    let mut a = 0.0f64;
+                    if v {
+                        let mut q = t;
+                        while q < l / 4 {
+                            for k in 0..4 {
+                                a += x[4 * q + k];
+                            }
+                            q += t_n;
+                        }
+                    }
+                    let mut i = if v { 4 * (l / 4) } else { 0 } + t;
+                    while i < l {
+                        a += x[i];
+                        i += t_n;
+                    }
+                    a
+                })
+                .collect();
+            block_sum(&acc, offsets)
+        })
+        .collect();
+    let acc: Vec<f64> = (0..t_n)
+        .map(|t| partials.iter().skip(t).step_by(t_n).fold(0.0, |a, p| a + p))
+        .collect();
+    lr * block_sum(&acc, offsets)
+}
+
+/// Skip reason codes of the control block.
+pub fn skip_code(s: SkipReason) -> u32 {
+    s as u32
+}
+
+/// `panic!`/`assert!` that return the message as `Err` instead, so the
+/// negative tests can show that a wrong kernel fails the comparison.
+macro_rules! fail {
+    ($($t:tt)*) => { return Err(format!($($t)*)) };
+}
+macro_rules! check {
+    ($c:expr, $($t:tt)*) => {
+        match $c {
+            true => {}
+            false => return Err(format!($($t)*)),
+        }
+    };
+}
+macro_rules! check_eq {
+    ($a:expr, $b:expr, $($t:tt)*) => {{
+        let (a, b) = (&$a, &$b);
+        if a != b { return Err(format!("{}: {:?} != {:?}", format!($($t)*), a, b)); }
+    }};
+}
+
+/// How one step of a case is fed.
+#[derive(Clone, Copy)]
+pub struct StepPlan {
+    pub pass: Pass,
+    pub lr: f64,
+    pub loss: f64,
+    /// Gradients may hold ±inf/NaN (else only finite specials).
+    pub nonfinite_grads: bool,
+    /// The caller's found_inf flag (None: no flag passed).
+    pub found_inf: Option<f32>,
+}
+
+pub fn plan(pass: Pass, lr: f64) -> StepPlan {
+    StepPlan {
+        pass,
+        lr,
+        loss: 1.0,
+        nonfinite_grads: true,
+        found_inf: None,
+    }
+}
+
+pub struct Case<'a> {
+    pub name: String,
+    pub kind: OptimizerKind,
+    pub specs: &'a [Spec],
+    pub hyper: Hyper,
+    pub steps: &'a [StepPlan],
+    /// Initial parameters and state may hold ±inf/NaN (else only small
+    /// finite specials, so that φ is finite and its bits mean something).
+    pub nonfinite_init: bool,
+    pub seed: u64,
+    pub grid: Option<u32>,
+    pub schedule: Schedule,
+}
+
+/// What the device ended with (for schedule comparisons).
+#[derive(PartialEq, Debug)]
+pub struct DeviceResult {
+    pub params: Vec<Vec<u8>>,
+    pub state_bits: Vec<Vec<u32>>,
+    pub phis: Vec<u64>,
+}
+
+/// How many φ comparisons were made, and how many compared a finite,
+/// non-zero φ (a NaN-equals-NaN comparison proves nothing about the order).
+#[derive(Default, Debug)]
+pub struct PhiStats {
+    pub phi_checks: usize,
+    pub finite_phi: usize,
+}
+
+impl PhiStats {
+    pub fn add(&mut self, o: PhiStats) {
+        self.phi_checks += o.phi_checks;
+        self.finite_phi += o.finite_phi;
+    }
+    /// Most φ comparisons must be between real numbers.
+    pub fn assert_meaningful(&self, what: &str) {
+        println!(
+            "{what}: {} φ comparisons, {} of finite non-zero φ",
+            self.phi_checks, self.finite_phi
+        );
+        assert!(
+            self.finite_phi * 2 >= self.phi_checks,
+            "{what}: too few finite φ: {self:?}"
+        );
+    }
+}
+
+/// Runs a case on the interpreter and on the CPU backend, asserting after
+/// every step; returns the device's final bits.
+pub fn try_run(m: &Module, c: &Case) -> Result<(DeviceResult, PhiStats), String> {
+    let mut stats = PhiStats::default();
+    let mut rng = Rng(c.seed);
+    let slots = c.kind.state_slots();
+    let small = !c.nonfinite_init;
+    let params: Vec<Vec<u8>> = c
+        .specs
+        .iter()
+        .map(|s| values(&mut rng, s.dtype, s.numel, 13, 5, small))
+        .collect();
+    let state: Vec<Vec<f32>> = c
+        .specs
+        .iter()
+        .map(|s| {
+            let raw = values(&mut rng, DType::F32, slots * s.numel, 19, 2, small);
+            (0..slots * s.numel)
+                .map(|i| {
+                    let v = to_f32(DType::F32, &raw, i);
+                    // real second moments are non-negative; the non-finite
+                    // specials include negative ones (sqrt → NaN)
+                    if i % 19 == 2 && !small {
+                        v
+                    } else {
+                        v.abs()
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mut gpu = Gpu::new(m, c.kind, c.specs, c.grid);
+    gpu.schedule = c.schedule.clone();
+    gpu.write_params(&params);
+    gpu.set_state(&state);
+    let mut host = Host::new(c.kind, c.specs, &params, &state);
+    let mut phis = Vec::new();
+    for (k, st) in c.steps.iter().enumerate() {
+        let ctx = format!("{} step {k}", c.name);
+        let grads: Vec<Vec<u8>> = c
+            .specs
+            .iter()
+            .map(|s| values(&mut rng, s.dtype, s.numel, 11, 7, !st.nonfinite_grads))
+            .collect();
+        let before = host.state();
+        let before_params = host.params();
+        let out = host.step(
+            st.pass,
+            &c.hyper,
+            st.lr,
+            st.loss,
+            &grads,
+            st.found_inf.is_some_and(|f| f != 0.0),
+        );
+        gpu.write_grads(&grads);
+        if let Some(f) = st.found_inf {
+            gpu.set_found_inf(f);
+        }
+        gpu.step(st.pass, &c.hyper, st.lr, st.loss, st.found_inf.is_some())
+            .map_err(|e| format!("{ctx}: interpreter: {e}"))?;
+
+        // parameters and state, bit for bit
+        let (hp, gp) = (host.params(), gpu.params());
+        for (t, s) in c.specs.iter().enumerate() {
+            if let Some(d) = diff(s.dtype, &hp[t], &gp[t]) {
+                fail!(
+                    "{ctx}: tensor {t} ({:?}, {} elements) parameters differ (CPU vs PTX) at {d}",
+                    s.dtype,
+                    s.numel
+                );
+            }
+        }
+        let after = host.state();
+        let gs = gpu.state();
+        for (t, (a, b)) in after.slots.iter().zip(&gs).enumerate() {
+            if let Some(i) = (0..a.len()).find(|&i| !same_f32(a[i], b[i])) {
+                fail!(
+                    "{ctx}: tensor {t} state value {i} differs: CPU {:e} vs PTX {:e}",
+                    a[i],
+                    b[i]
+                );
+            }
+        }
+
+        // control block: skip reason, bias powers, applied steps, scale, φ
+        let ctl = gpu.control();
+        check_eq!(ctl.skip, skip_code(out.skip), "{ctx}: skip reason");
+        check_eq!(
+            (ctl.pow1.to_bits(), ctl.pow2.to_bits()),
+            (after.bias.pow1.to_bits(), after.bias.pow2.to_bits()),
+            "{ctx}: bias powers"
+        );
+        check_eq!(ctl.applied, after.applied, "{ctx}: applied steps");
+        check_eq!(ctl.done, 0, "{ctx}: last-block counter must wrap to 0");
+        if out.skip != SkipReason::None {
+            check!(
+                ctl.phi.is_nan() && out.phi.is_nan(),
+                "{ctx}: a skipped step reports φ = NaN"
+            );
+            check_eq!(hp, before_params, "{ctx}: a skipped step writes nothing");
+        } else {
+            let terms = dot_terms(
+                c.kind,
+                &c.hyper,
+                before.bias,
+                c.specs,
+                &before_params,
+                &grads,
+                &before.slots,
+            );
+            let want = phi_reference(&terms, &gpu.table, &gpu.chunk_rows, st.lr);
+            check!(
+                same_f64(ctl.phi, want),
+                "{ctx}: φ {:e} ({:#x}) but the kernel's order gives {want:e} ({:#x})",
+                ctl.phi,
+                ctl.phi.to_bits(),
+                want.to_bits()
+            );
+            if want.is_finite() && want != 0.0 {
+                stats.finite_phi += 1;
+            }
+            stats.phi_checks += 1;
+            // the CPU backend sums in another order: close, not equal
+            let mag: f64 = terms.iter().flatten().map(|t| t.abs()).sum::<f64>() * st.lr;
+            if want.is_finite() && mag.is_finite() {
+                check!(
+                    (out.phi - want).abs() <= 1e-9 * mag,
+                    "{ctx}: φ CPU {:e} vs PTX {want:e}",
+                    out.phi
+                );
+            } else {
+                check_eq!(
+                    out.phi.is_finite(),
+                    want.is_finite(),
+                    "{ctx}: φ CPU {:e} vs PTX {want:e}",
+                    out.phi
+                );
+            }
+            match st.pass {
+                Pass::Fused | Pass::Guarded => check_eq!(ctl.scale, 1.0, "{ctx}"),
+                Pass::Scaled { f_star, obs_var } | Pass::Sharded { f_star, obs_var } => {
+                    let rule = ScaleRule {
+                        loss: st.loss,
+                        f_star,
+                        obs_var,
+                        scale_max: f64::INFINITY,
+                    };
+                    check!(
+                        same_f64(ctl.scale, rule.scale(ctl.phi)),
+                        "{ctx}: device scale {} vs ScaleRule {}",
+                        ctl.scale,
+                        rule.scale(ctl.phi)
+                    );
+                    // The CPU scales by its own φ; equal parameters above need equal (f32)(s·η).
+                    check_eq!(
+                        ctl.lr_eff,
+                        (out.scale * st.lr) as f32,
+                        "{ctx}: effective learning rate"
+                    );
+                }
+            }
+        }
+        phis.push(ctl.phi.to_bits());
+    }
+    let r = DeviceResult {
+        params: gpu.params(),
+        state_bits: gpu
+            .state()
+            .iter()
+            .map(|v| v.iter().map(|x| x.to_bits()).collect())
+            .collect(),
+        phis,
+    };
+    Ok((r, stats))
+}
+
+/// [`try_run`], panicking with the first difference.
+pub fn run(m: &Module, c: &Case) -> (DeviceResult, PhiStats) {
+    try_run(m, c).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn hyper(kind: OptimizerKind, decay: bool) -> Hyper {
+    let mut h = Hyper::defaults(kind);
+    if decay && kind != OptimizerKind::AdamW {
+        h.weight_decay = 1e-3;
+    }
+    h
+}

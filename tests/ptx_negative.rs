@@ -1,0 +1,248 @@
+//! The PTX checks can fail: copies of the real `kernels/lra.ptx`, edited
+//! at test time (so they track the real kernel), each with one bug, are
+//! reported by the interpreter or by the comparison against the CPU
+//! backend.
+
+mod ptx_common;
+
+use lra::backend::cuda::abi;
+use lra::optim::{DType, OptimizerKind};
+use ptx_common::*;
+use ptx_interp::{ErrorKind, Module, Schedule};
+
+/// `abi::PTX` with `from` replaced by `to` at its `nth` occurrence; the
+/// pattern must exist, so a kernel rewrite cannot silently void the test.
+fn edit(from: &str, to: &str, nth: usize) -> String {
+    let at = abi::PTX
+        .match_indices(from)
+        .nth(nth)
+        .unwrap_or_else(|| panic!("kernels/lra.ptx no longer contains {from:?} #{nth}"))
+        .0;
+    format!("{}{}{}", &abi::PTX[..at], to, &abi::PTX[at + from.len()..])
+}
+
+fn load(src: &str) -> Module {
+    Module::load(src).unwrap_or_else(|e| panic!("edited kernel does not load: {e}"))
+}
+
+/// Two chunks per block (four chunks, grid 2), a vector and a scalar tail,
+/// the dot product on, non-finite gradients in a checking pass: every
+/// barrier, shuffle and cross-block hand-over of the kernel runs.
+fn case<'a>(specs: &'a [Spec], steps: &'a [StepPlan]) -> Case<'a> {
+    Case {
+        name: "edited kernel".into(),
+        kind: OptimizerKind::Adam,
+        specs,
+        hyper: hyper(OptimizerKind::Adam, false),
+        steps,
+        nonfinite_init: false,
+        seed: 3,
+        grid: Some(2),
+        schedule: Schedule::InOrder,
+    }
+}
+
+const SPECS: [Spec; 2] = [
+    Spec {
+        dtype: DType::F32,
+        numel: 2 * 4096 + 33,
+        misalign: false,
+    },
+    Spec {
+        dtype: DType::Bf16,
+        numel: 33,
+        misalign: false,
+    },
+];
+
+fn steps() -> [StepPlan; 3] {
+    let p = StepPlan {
+        nonfinite_grads: false,
+        ..plan(Pass::Fused, 1e-2)
+    };
+    let scaled = StepPlan {
+        pass: Pass::Scaled {
+            f_star: 0.5,
+            obs_var: 0.0,
+        },
+        ..p
+    };
+    [
+        p,
+        scaled,
+        StepPlan {
+            nonfinite_grads: true,
+            ..scaled
+        },
+    ]
+}
+
+/// The interpreter error of running `src`, which must fail.
+fn interp_error(src: &str) -> String {
+    let m = load(src);
+    let steps = steps();
+    match try_run(&m, &case(&SPECS, &steps)) {
+        Ok(_) => panic!("the edited kernel passed"),
+        Err(e) => e,
+    }
+}
+
+fn kind_of(msg: &str) -> Option<ErrorKind> {
+    [
+        ErrorKind::Race,
+        ErrorKind::Barrier,
+        ErrorKind::Warp,
+        ErrorKind::Deadlock,
+        ErrorKind::OutOfBounds,
+        ErrorKind::Misaligned,
+        ErrorKind::Undefined,
+    ]
+    .into_iter()
+    .find(|k| msg.contains(&format!("interpreter: {k:?}:")))
+}
+
+#[test]
+fn the_unedited_kernel_passes_the_same_case() {
+    let steps = steps();
+    try_run(&load(abi::PTX), &case(&SPECS, &steps)).unwrap();
+}
+
+#[test]
+fn removing_any_barrier_is_reported() {
+    // #0: warp 0 reads the per-warp sums before the other warps wrote
+    // them; #1: the next chunk overwrites them while warp 0 reads; #3:
+    // threads read the last-block flag before thread 0 wrote it. These show
+    // in every schedule. #2: a block counts itself out (fence + atomic)
+    // before all its threads raised the non-finite flag; that shows only
+    // in schedules where a late raise comes after the last block read the
+    // flag, so interleaved schedules are searched for one.
+    let n = abi::PTX.matches("bar.sync 0;").count();
+    assert_eq!(
+        n, 4,
+        "kernels/lra.ptx changed its barriers: revisit this test"
+    );
+    let steps = steps();
+    for nth in 0..n {
+        let m = load(&edit("bar.sync 0;", "", nth));
+        let schedules = std::iter::once(Schedule::InOrder).chain((0..16).flat_map(|seed| {
+            [1, 4, 50].map(|q| Schedule::Random {
+                seed,
+                resident: 2,
+                max_quantum: q,
+            })
+        }));
+        let found = schedules
+            .map(|sched| {
+                try_run(
+                    &m,
+                    &Case {
+                        schedule: sched,
+                        ..case(&SPECS, &steps)
+                    },
+                )
+            })
+            .find_map(|r| r.err());
+        let e = found.unwrap_or_else(|| panic!("bar.sync #{nth} removed: no schedule reported it"));
+        // a race, or a read of shared memory no thread has written yet
+        assert!(
+            matches!(kind_of(&e), Some(ErrorKind::Race | ErrorKind::Undefined)),
+            "bar.sync #{nth} removed: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_wrong_shuffle_mask_is_reported() {
+    // lane 31 left out of the member mask of the warp sum
+    let e = interp_error(&edit("31, -1;", "31, 0x7fffffff;", 0));
+    assert_eq!(kind_of(&e), Some(ErrorKind::Warp), "{e}");
+    assert!(e.contains("not in the member mask"), "{e}");
+}
+
+#[test]
+fn an_off_by_one_index_is_out_of_bounds() {
+    // the scalar tail runs one element past the chunk (and the tensor)
+    let src = edit("setp.ge.u32 %p, %i, %len;", "setp.gt.u32 %p, %i, %len;", 0);
+    let e = interp_error(&src);
+    assert_eq!(kind_of(&e), Some(ErrorKind::OutOfBounds), "{e}");
+}
+
+#[test]
+fn an_early_return_before_a_barrier_is_reported() {
+    // warps 1.. leave after storing their sums instead of meeting warp 0 at
+    // the barrier that ends the reduction
+    let e = interp_error(&edit(
+        "setp.ge.u32 %p, %tx, 32;\n\t@%p bra REDUCED;",
+        "setp.ge.u32 %p, %tx, 32;\n\t@%p ret;",
+        0,
+    ));
+    assert_eq!(kind_of(&e), Some(ErrorKind::Barrier), "{e}");
+    assert!(e.contains("exited"), "{e}");
+}
+
+#[test]
+fn returning_instead_of_finishing_the_chunks_is_caught() {
+    // every thread leaves after its first chunk: no barrier is ever
+    // reached, but the later chunks are never updated
+    let e = interp_error(&edit("@%p bra CHUNK_END;", "@%p ret;", 0));
+    assert!(e.contains("parameters differ"), "{e}");
+}
+
+#[test]
+fn an_fma_contraction_changes_parameters_and_is_caught() {
+    // what ptxas may do to an unrounded mul/sub pair: θ − lr·d as one fma
+    let src = edit(
+        "mul.rn.f32 %xf, %lr, %d;\n\tsub.rn.f32 %th, %th, %xf;",
+        "neg.f32 %xf, %lr;\n\tfma.rn.f32 %th, %xf, %d, %th;",
+        0,
+    );
+    let e = interp_error(&src);
+    assert!(e.contains("parameters differ"), "{e}");
+}
+
+#[test]
+fn another_reduction_order_changes_phi_and_is_caught() {
+    // butterfly offsets 1, 2, 4, 8, 16 instead of 16, 8, 4, 2, 1
+    let first = edit("mov.u32 %off, 16;", "mov.u32 %off, 1;", 0);
+    let src = first.replacen(
+        "shr.u32 %off, %off, 1;\n\tsetp.ne.u32 %p, %off, 0;",
+        "shl.b32 %off, %off, 1;\n\tsetp.ne.u32 %p, %off, 32;",
+        1,
+    );
+    assert_ne!(src, first, "loop edit did not apply");
+    let m = load(&src);
+    // Sums of few, similar terms are exact in f64 in any order; on some of
+    // these inputs the order shows in the bits, and there it must be caught.
+    let steps = steps();
+    let mut caught = 0;
+    for kind in [
+        OptimizerKind::Sgd,
+        OptimizerKind::Momentum,
+        OptimizerKind::Adam,
+    ] {
+        for seed in 0..4 {
+            let c = Case {
+                kind,
+                seed,
+                hyper: hyper(kind, false),
+                ..case(&SPECS, &steps)
+            };
+            match try_run(&m, &c) {
+                Ok(_) => {}
+                Err(e) => {
+                    assert!(e.contains("but the kernel's order gives"), "{e}");
+                    caught += 1;
+                }
+            }
+        }
+    }
+    assert!(caught > 0, "no input showed the changed reduction order");
+}
+
+#[test]
+fn an_unrounded_add_in_the_kernel_is_a_load_error() {
+    let src = edit("add.rn.f32", "add.f32", 0);
+    let e = Module::load(&src).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Load, "{e}");
+    assert!(e.message.contains("contract"), "{e}");
+}
