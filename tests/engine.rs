@@ -379,7 +379,7 @@ fn mixed_dtypes_follow_the_element_math() {
 #[test]
 fn obs_var_and_f_star_scale_the_step() {
     // SGD, one tensor: φ = η g·g, and the step is s·η·g.
-    let g = vec![1.0f32, 2.0, 2.0]; // g·g = 9
+    let g = [1.0f32, 2.0, 2.0]; // g·g = 9
     for (f_star, obs_var, expect_scale) in [
         (f64::NAN, 0.0, 1.0),
         (f64::NAN, 0.09, 0.9 / (0.9 + 0.09)), // φ = 0.9 with η = 0.1
@@ -436,11 +436,16 @@ fn empty_and_zero_sized_tensor_lists_work() {
 fn checkpoint_after_a_skipped_first_step() {
     let mut e = Engine::new(config(OptimizerKind::Adam, 0.1)).unwrap();
     let mut m = Model::new(&[6], 1);
-    e.step(&m.tensors(), f64::NAN, 0.0, null(), null_mut()).unwrap();
+    e.step(&m.tensors(), f64::NAN, 0.0, null(), null_mut())
+        .unwrap();
     let ckpt = checkpoint(&mut e);
     let mut f = Engine::new(config(OptimizerKind::Adam, 0.1)).unwrap();
     f.load_state(&ckpt).unwrap();
     assert_eq!(f.counters().unwrap().steps, 1);
     let r = f.report_reeval(0.5).unwrap();
-    assert_eq!(r.skip, SkipReason::NonfiniteLoss, "the pending skipped step survives the checkpoint");
+    assert_eq!(
+        r.skip,
+        SkipReason::NonfiniteLoss,
+        "the pending skipped step survives the checkpoint"
+    );
 }

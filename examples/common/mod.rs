@@ -428,6 +428,22 @@ pub fn train(
     batch: usize,
     seed: u64,
 ) -> RunResult {
+    train_observed(model, data, cfg, adapt, epochs, batch, seed, &mut |_, _| {})
+}
+
+/// [`train`], calling `on_epoch(epoch, params)` after each epoch (added
+/// for the sweep example, which records per-epoch training accuracy).
+#[allow(clippy::too_many_arguments)]
+pub fn train_observed(
+    model: &dyn Model,
+    data: &Dataset,
+    cfg: &lra_config,
+    adapt: bool,
+    epochs: usize,
+    batch: usize,
+    seed: u64,
+    on_epoch: &mut dyn FnMut(usize, &[Vec<f32>]),
+) -> RunResult {
     let mut rng = Rng::new(seed);
     let mut params = model.init(&mut rng);
     let mut grads: Vec<Vec<f32>> = model.shapes().iter().map(|&n| vec![0.0; n]).collect();
@@ -435,7 +451,7 @@ pub fn train(
     let mut order: Vec<usize> = (0..data.n).collect();
     let mut lr_trace = Vec::with_capacity(epochs);
     let mut forward_passes = 0;
-    for _ in 0..epochs {
+    for epoch in 0..epochs {
         rng.shuffle(&mut order);
         for rows in order.chunks(batch) {
             let loss = model.loss(&params, data, rows, Some(&mut grads));
@@ -448,6 +464,7 @@ pub fn train(
             }
         }
         lr_trace.push(opt.lr());
+        on_epoch(epoch, &params);
     }
     let all: Vec<usize> = (0..data.n).collect();
     RunResult {

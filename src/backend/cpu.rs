@@ -1,25 +1,35 @@
 //! The CPU backend: host pointers, the reference and the embedded default.
 //!
 //! Work is cut into fixed chunks of [`CHUNK`] elements per tensor; each chunk
-//! yields one f64 partial of Σ g·d, accumulated in [`LANES`] interleaved
-//! lanes (so the loop vectorises) and folded in a fixed tree. Chunk partials
-//! are then added in chunk order. None of this depends on the number of
+//! yields one f64 partial of Σ g·d: element j of the chunk (counted from the
+//! chunk's start) is added to lane j % [`LANES`], each lane in element
+//! order, and the lanes are folded in a fixed pairwise tree
+//! ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)). Chunk partials are then added in
+//! chunk order (tensor by tensor). None of this depends on the number of
 //! threads, so φ has the same bits whatever `threads` is.
+//!
+//! Speed (measured with `benches/kernel_cost.rs`): each chunk is walked in
+//! sub-blocks of `SUB` elements as two loops the compiler vectorises (the
+//! element math of `optim`, then the lane sums); on x86-64 both are also
+//! compiled with AVX2 and picked at run time. The order of every f32 and f64
+//! operation is the same in both builds, so are the bits.
 
 use super::{Backend, BackendState, StepRequest, TensorDesc};
 use crate::controller::{SkipReason, StepOutcome};
 use crate::dispatch_kind;
 use crate::error::Result;
 use crate::fail;
-use crate::optim::{self, BiasPowers, DType, Elem, OptimizerKind, StepScalars};
+use crate::optim::{self, BiasPowers, DType, Elem, Hyper, OptimizerKind, StepScalars};
 use half::{bf16, f16};
 
 /// Elements per work item.
 pub const CHUNK: usize = 1 << 14;
 /// Interleaved f64 accumulators per chunk.
 pub const LANES: usize = 8;
-/// Below this many elements in a step, one thread does everything.
-const PARALLEL_MIN: usize = 1 << 16;
+/// Below this many elements in a step, one thread does everything: under
+/// about 256Ki elements starting a second thread costs about what it saves
+/// (measured with `benches/kernel_cost.rs` on a 2-core machine).
+const PARALLEL_MIN: usize = 1 << 18;
 
 pub struct CpuBackend {
     kind: OptimizerKind,
@@ -29,6 +39,9 @@ pub struct CpuBackend {
     /// Per tensor, slot-major f32 state; sized at the first step.
     state: Vec<Vec<f32>>,
     last: StepOutcome,
+    /// (param, grad, numel, dtype) of the last tensor list that passed
+    /// `validate`.
+    validated: std::sync::Mutex<Vec<(usize, usize, usize, DType)>>,
 }
 
 /// A raw pointer that may cross to a worker thread: the engine has checked
@@ -67,6 +80,7 @@ impl CpuBackend {
                 phi: f64::NAN,
                 scale: 1.0,
             },
+            validated: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -147,22 +161,55 @@ impl CpuBackend {
     }
 }
 
-/// Σ of the lanes in a fixed tree.
+/// Σ of the lanes in a fixed pairwise tree: adjacent pairs first, then
+/// pairs of pairs, … (for 8 lanes: ((a0+a1)+(a2+a3))+((a4+a5)+(a6+a7))).
 #[inline(always)]
 fn fold_lanes(a: &[f64; LANES]) -> f64 {
-    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    const { assert!(LANES.is_power_of_two()) };
+    let mut v = *a;
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] = v[2 * i] + v[2 * i + 1];
+        }
+    }
+    v[0]
 }
 
-/// One chunk's pass. `WRITE`: advance the state and write θ − lr·d (the
-/// fused pass and the update pass); otherwise read only (the dot pass, on
-/// copies of the state). Returns Σ g·d over the chunk and whether any
-/// gradient was non-finite.
+/// What a chunk pass does (the `MODE` of [`chunk_pass`]).
+/// Read only, on copies of the state: Σ g·d and the non-finite check (the
+/// first pass of the two-pass mode).
+const PASS_DOT: u8 = 0;
+/// Advance the state, write θ − lr·d, and return Σ g·d (the fused pass and
+/// the update pass of the two-pass mode).
+const PASS_FUSED: u8 = 1;
+/// Advance the state and write θ − lr·d, no dot product: the wrapped
+/// optimizer alone ([`CpuBackend::step_plain`], the benchmark's baseline).
+const PASS_PLAIN: u8 = 2;
+
+/// Elements per sub-block of a chunk: the dot terms of one sub-block wait
+/// in a small on-stack buffer (in L1) to be summed. Small, so that the
+/// sum's dependency chain overlaps the next sub-block's memory traffic.
+const SUB: usize = 64;
+
+/// One chunk's pass (see the `PASS_*` modes). Returns Σ g·d over the chunk
+/// (0 in `PASS_PLAIN`) and whether any gradient was non-finite (`PASS_DOT`
+/// only).
+///
+/// Each sub-block of [`SUB`] elements runs as two loops the compiler
+/// vectorises: an elementwise loop (state and θ written, dot terms into a
+/// buffer), then the dot terms summed into the [`LANES`] accumulators,
+/// element `j` of the chunk into lane `j % LANES`, in element order. `SUB`
+/// is a multiple of `LANES`, so lanes and order of additions are those of
+/// one plain pass over the chunk.
 #[inline(always)]
-fn chunk_pass<const K: u32, P: Elem, const WRITE: bool>(
+fn chunk_pass<const K: u32, P: Elem, const MODE: u8>(
     sc: &StepScalars,
     lr: f32,
     it: &Item,
 ) -> (f64, bool) {
+    const { assert!(SUB.is_multiple_of(LANES)) };
     let n = it.len;
     let slots = OptimizerKind::from_u32(K).map_or(0, |k| k.state_slots());
     // SAFETY: the item's pointers cover `n` elements of the right type
@@ -175,16 +222,79 @@ fn chunk_pass<const K: u32, P: Elem, const WRITE: bool>(
             std::slice::from_raw_parts_mut(it.s1.0 as *mut f32, if slots >= 2 { n } else { 0 }),
         )
     };
+    // The loop is specialised for the common weight_decay = 0: a copy of
+    // the scalars holding a literal 0 lets the compiler drop the
+    // per-element test inside `direction`; the arithmetic is the same.
+    let no_decay = StepScalars {
+        weight_decay: 0.0,
+        ..*sc
+    };
     let mut acc = [0.0f64; LANES];
     let mut bad = false;
-    let mut one = |i: usize, lane: usize| {
+    let mut terms = [0.0f32; SUB];
+    let mut base = 0;
+    while base < n {
+        let m = SUB.min(n - base);
+        let end = base + m;
+        let t = &mut terms[..m];
+        let s0 = if slots >= 1 {
+            &mut s0[base..end]
+        } else {
+            &mut []
+        };
+        let s1 = if slots >= 2 {
+            &mut s1[base..end]
+        } else {
+            &mut []
+        };
+        let (th, gs) = (&mut theta[base..end], &g[base..end]);
+        bad |= if sc.weight_decay == 0.0 {
+            elementwise::<K, P, MODE>(&no_decay, lr, th, gs, s0, s1, t)
+        } else {
+            elementwise::<K, P, MODE>(sc, lr, th, gs, s0, s1, t)
+        };
+        if MODE != PASS_PLAIN {
+            accumulate(&mut acc, t);
+        }
+        base = end;
+    }
+    (fold_lanes(&acc), bad)
+}
+
+/// The elementwise loop of one sub-block: every slice has `theta.len()`
+/// elements (state slices of unused slots are empty). Writes each dot term
+/// into `terms` (not in `PASS_PLAIN`); returns whether a gradient was
+/// non-finite (`PASS_DOT` only).
+#[inline(always)]
+fn elementwise<const K: u32, P: Elem, const MODE: u8>(
+    sc: &StepScalars,
+    lr: f32,
+    theta: &mut [P],
+    g: &[P],
+    s0: &mut [f32],
+    s1: &mut [f32],
+    terms: &mut [f32],
+) -> bool {
+    let slots = OptimizerKind::from_u32(K).map_or(0, |k| k.state_slots());
+    let m = theta.len();
+    // Lengths stated once, so the loop below carries no bounds checks.
+    let (g, terms) = (&g[..m], &mut terms[..m]);
+    let s0 = if slots >= 1 { &mut s0[..m] } else { s0 };
+    let s1 = if slots >= 2 { &mut s1[..m] } else { s1 };
+    let mut bad = false;
+    for i in 0..m {
         let th = theta[i].to_f32();
         let gi = g[i].to_f32();
         let mut a = if slots >= 1 { s0[i] } else { 0.0 };
         let mut b = if slots >= 2 { s1[i] } else { 0.0 };
         let d = optim::direction::<K>(sc, th, gi, &mut a, &mut b);
-        acc[lane] += optim::dot_term(gi, d);
-        if !WRITE {
+        if MODE != PASS_PLAIN {
+            // The dot term is an f32 product widened to f64: narrowing it
+            // back is exact and keeps this loop in f32 (8 lanes per AVX2
+            // instruction instead of 4); `accumulate` widens it again.
+            terms[i] = optim::dot_term(gi, d) as f32;
+        }
+        if MODE == PASS_DOT {
             bad |= !gi.is_finite();
         } else {
             if slots >= 1 {
@@ -195,44 +305,163 @@ fn chunk_pass<const K: u32, P: Elem, const WRITE: bool>(
             }
             theta[i] = P::from_f32(optim::apply(th, lr, d));
         }
-    };
-    let full = n / LANES * LANES;
-    let mut base = 0;
-    while base < full {
-        for lane in 0..LANES {
-            one(base + lane, lane);
-        }
-        base += LANES;
     }
-    for i in full..n {
-        one(i, i - full);
-    }
-    (fold_lanes(&acc), bad)
+    bad
 }
 
-fn chunk_dispatch<const K: u32, const WRITE: bool>(
+/// Adds one sub-block's dot terms to the lanes: term `j` into lane
+/// `j % LANES`, widened to f64, in order.
+#[inline(always)]
+fn accumulate(acc: &mut [f64; LANES], terms: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { accumulate_avx2(acc, terms) };
+    }
+    let mut blocks = terms.chunks_exact(LANES);
+    for blk in &mut blocks {
+        for l in 0..LANES {
+            acc[l] += blk[l] as f64;
+        }
+    }
+    for (l, t) in blocks.remainder().iter().enumerate() {
+        acc[l] += *t as f64;
+    }
+}
+
+/// [`accumulate`] with AVX2 intrinsics (the compiler does not find this
+/// shape itself): lanes in groups of 4 per register, the same additions in
+/// the same order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn accumulate_avx2(acc: &mut [f64; LANES], terms: &[f32]) {
+    use std::arch::x86_64::*;
+    const { assert!(LANES.is_multiple_of(8)) };
+    let mut a = [_mm256_setzero_pd(); LANES / 4];
+    for (k, r) in a.iter_mut().enumerate() {
+        *r = _mm256_loadu_pd(acc.as_ptr().add(4 * k));
+    }
+    let mut blocks = terms.chunks_exact(LANES);
+    for blk in &mut blocks {
+        for k in 0..LANES / 8 {
+            let t = _mm256_loadu_ps(blk.as_ptr().add(8 * k));
+            a[2 * k] = _mm256_add_pd(a[2 * k], _mm256_cvtps_pd(_mm256_castps256_ps128(t)));
+            a[2 * k + 1] =
+                _mm256_add_pd(a[2 * k + 1], _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(t)));
+        }
+    }
+    for (k, r) in a.iter().enumerate() {
+        _mm256_storeu_pd(acc.as_mut_ptr().add(4 * k), *r);
+    }
+    for (l, t) in blocks.remainder().iter().enumerate() {
+        acc[l] += *t as f64;
+    }
+}
+
+/// `chunk_pass` for the item's dtype, compiled for the baseline ISA.
+#[inline(always)]
+fn chunk_any<const K: u32, const MODE: u8>(sc: &StepScalars, lr: f32, it: &Item) -> (f64, bool) {
+    match it.dtype {
+        DType::F32 => chunk_pass::<K, f32, MODE>(sc, lr, it),
+        DType::F16 => chunk_pass::<K, f16, MODE>(sc, lr, it),
+        DType::Bf16 => chunk_pass::<K, bf16, MODE>(sc, lr, it),
+    }
+}
+
+/// `chunk_any` compiled with AVX2 enabled (8 f32 lanes per instruction).
+/// The same IEEE operations in the same order (Rust never contracts into
+/// FMA), so the same bits as the baseline build.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn chunk_avx2<const K: u32, const MODE: u8>(
     sc: &StepScalars,
     lr: f32,
     it: &Item,
 ) -> (f64, bool) {
-    match it.dtype {
-        DType::F32 => chunk_pass::<K, f32, WRITE>(sc, lr, it),
-        DType::F16 => chunk_pass::<K, f16, WRITE>(sc, lr, it),
-        DType::Bf16 => chunk_pass::<K, bf16, WRITE>(sc, lr, it),
-    }
+    chunk_any::<K, MODE>(sc, lr, it)
 }
 
+/// Whether this CPU runs the AVX2 builds (checked once).
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: once_cell::sync::Lazy<bool> =
+            once_cell::sync::Lazy::new(|| std::arch::is_x86_feature_detected!("avx2"));
+        *AVX2
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn chunk_dispatch<const K: u32, const MODE: u8>(
+    sc: &StepScalars,
+    lr: f32,
+    it: &Item,
+) -> (f64, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { chunk_avx2::<K, MODE>(sc, lr, it) };
+    }
+    chunk_any::<K, MODE>(sc, lr, it)
+}
+
+#[inline(always)]
 fn grads_finite<P: Elem>(it: &Item) -> bool {
     // SAFETY: as in `chunk_pass`.
     let g = unsafe { std::slice::from_raw_parts(it.grad.0 as *const P, it.len) };
-    g.iter().all(|x| x.to_f32().is_finite())
+    // The largest magnitude's bits, branch-free (a u32 max vectorises; an
+    // early exit would not): finite iff below the bits of +inf.
+    let mut max_abs = 0u32;
+    for x in g {
+        max_abs = max_abs.max(x.to_f32().to_bits() & 0x7fff_ffff);
+    }
+    max_abs < f32::INFINITY.to_bits()
 }
 
-fn chunk_finite(it: &Item) -> bool {
+#[inline(always)]
+fn finite_any(it: &Item) -> bool {
     match it.dtype {
         DType::F32 => grads_finite::<f32>(it),
         DType::F16 => grads_finite::<f16>(it),
         DType::Bf16 => grads_finite::<bf16>(it),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn finite_avx2(it: &Item) -> bool {
+    finite_any(it)
+}
+
+fn chunk_finite(it: &Item) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time).
+        return unsafe { finite_avx2(it) };
+    }
+    finite_any(it)
+}
+
+/// The outcome of a step that wrote nothing.
+fn skipped(why: SkipReason) -> StepOutcome {
+    StepOutcome {
+        skip: why,
+        phi: f64::NAN,
+        scale: 1.0,
+    }
+}
+
+/// The skip decided by the pre-write values `[non-finite gradient count,
+/// found-inf flag, η·Σg·d]` (summed across ranks when sharded): the
+/// found-inf flag first, then non-finite gradients when the guard is on.
+fn prewrite_skip(v: &[f64; 3], check_finite: bool) -> Option<SkipReason> {
+    if v[1] != 0.0 {
+        Some(SkipReason::FoundInf)
+    } else if check_finite && v[0] != 0.0 {
+        Some(SkipReason::NonfiniteGrad)
+    } else {
+        None
     }
 }
 
@@ -243,8 +472,39 @@ fn ordered_sum(parts: &[(f64, bool)]) -> (f64, bool) {
         .fold((0.0, false), |(s, b), &(p, pb)| (s + p, b | pb))
 }
 
+impl CpuBackend {
+    /// The wrapped optimizer's step alone, adaptation off: the same chunks,
+    /// threads and element math as the fused pass, without the dot product
+    /// and without the non-finite guard. Advances the state like a step.
+    /// This is the "adaptation off" baseline of the kernel-cost benchmark
+    /// (`benches/kernel_cost.rs`); the engine never calls it.
+    pub fn step_plain(&mut self, tensors: &[TensorDesc], hyper: &Hyper, lr: f64) {
+        self.ensure_state(tensors);
+        let items = self.items(tensors);
+        let total: usize = tensors.iter().map(|t| t.numel).sum();
+        let bias = self.bias.advanced(hyper);
+        let sc = StepScalars::new(self.kind, hyper, bias);
+        let kind = self.kind;
+        let lr = lr as f32;
+        self.run(&items, total, &|it| {
+            dispatch_kind!(kind, chunk_dispatch::<PASS_PLAIN>(&sc, lr, it))
+        });
+        self.bias = bias;
+        self.applied += 1;
+    }
+}
+
 impl Backend for CpuBackend {
     fn validate(&self, tensors: &[TensorDesc]) -> Result<()> {
+        // Trainers hand the same buffers every step: a list equal to the
+        // last one that passed needs no new check (the sort below costs
+        // more than a small step).
+        let key = |t: &TensorDesc| (t.param as usize, t.grad as usize, t.numel, t.dtype);
+        let mut last = self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        if last.len() == tensors.len() && last.iter().zip(tensors).all(|(k, t)| *k == key(t)) {
+            return Ok(());
+        }
+        last.clear();
         let mut ranges = Vec::with_capacity(2 * tensors.len());
         for (i, t) in tensors.iter().enumerate() {
             let align = t.dtype.size();
@@ -264,47 +524,53 @@ impl Backend for CpuBackend {
             }
         }
         ranges.sort_unstable_by_key(|r| r.0);
-        for w in ranges.windows(2) {
-            let (a, b) = (w[0], w[1]);
-            // Two gradients may share memory (read only); anything written may not.
-            if a.0 + a.1 > b.0 && !(a.3 == "grad" && b.3 == "grad") {
+        // Sweep in address order, remembering the range that reaches
+        // furthest so far, and the parameter range that does: a parameter
+        // may overlap nothing before it, a gradient no parameter (two
+        // gradients may share memory: they are only read).
+        let mut reach_any: Option<(usize, usize, &str)> = None;
+        let mut reach_param: Option<(usize, usize, &str)> = None;
+        for &(start, bytes, i, what) in &ranges {
+            let earlier = if what == "param" {
+                reach_any
+            } else {
+                reach_param
+            };
+            if let Some((_, j, jwhat)) = earlier.filter(|r| r.0 > start) {
                 fail!(
                     InvalidArgument,
-                    "tensors[{}].{} overlaps tensors[{}].{}: parameters must not alias each other or any gradient",
-                    a.2,
-                    a.3,
-                    b.2,
-                    b.3
+                    "tensors[{j}].{jwhat} overlaps tensors[{i}].{what}: parameters must not alias each other or any gradient"
                 );
             }
+            let r = Some((start + bytes, i, what));
+            if reach_any.is_none_or(|x| x.0 < start + bytes) {
+                reach_any = r;
+            }
+            if what == "param" && reach_param.is_none_or(|x| x.0 < start + bytes) {
+                reach_param = r;
+            }
         }
+        last.extend(tensors.iter().map(key));
         Ok(())
     }
 
     fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
-        if !req.found_inf.is_null() {
-            // SAFETY: the engine checked the pointer is non-null and aligned;
-            // the caller promises it points at one f32 on the host.
-            let flag = unsafe { *(req.found_inf as *const f32) };
-            if flag != 0.0 {
-                self.last = StepOutcome {
-                    skip: SkipReason::FoundInf,
-                    phi: f64::NAN,
-                    scale: 1.0,
-                };
-                return Ok(());
-            }
+        // SAFETY: the engine checked the pointer is aligned; the caller
+        // promises it points at one f32 on the host.
+        let found_inf =
+            !req.found_inf.is_null() && unsafe { *(req.found_inf as *const f32) } != 0.0;
+        // Sharded: when there is a pre-write reduction the flag joins it, so
+        // every rank calls the collective and skips alike.
+        let prewrite_reduce = req.reduce.is_some() && (req.rule.is_some() || req.check_finite);
+        if found_inf && !prewrite_reduce {
+            self.last = skipped(SkipReason::FoundInf);
+            return Ok(());
         }
         self.ensure_state(req.tensors);
         let items = self.items(req.tensors);
         let total: usize = req.tensors.iter().map(|t| t.numel).sum();
         let bias = self.bias.advanced(&req.hyper);
         let sc = StepScalars::new(req.kind, &req.hyper, bias);
-        let nonfinite = StepOutcome {
-            skip: SkipReason::NonfiniteGrad,
-            phi: f64::NAN,
-            scale: 1.0,
-        };
         let kind = req.kind;
 
         // (scale, φ already reduced across ranks in two-pass mode)
@@ -312,12 +578,13 @@ impl Backend for CpuBackend {
             None => {
                 if req.check_finite {
                     let ok = self.run(&items, total, &|it| chunk_finite(it));
-                    let mut v = [ok.iter().filter(|&&f| !f).count() as f64, 0.0];
+                    let nonfinite = ok.iter().filter(|&&f| !f).count();
+                    let mut v = [nonfinite as f64, found_inf as u32 as f64, 0.0];
                     if let Some(reduce) = req.reduce {
                         reduce(&mut v)?;
                     }
-                    if v[0] != 0.0 {
-                        self.last = nonfinite;
+                    if let Some(why) = prewrite_skip(&v, true) {
+                        self.last = skipped(why);
                         return Ok(());
                     }
                 }
@@ -325,23 +592,23 @@ impl Backend for CpuBackend {
             }
             Some(rule) => {
                 let parts = self.run(&items, total, &|it| {
-                    dispatch_kind!(kind, chunk_dispatch::<false>(&sc, 0.0, it))
+                    dispatch_kind!(kind, chunk_dispatch::<PASS_DOT>(&sc, 0.0, it))
                 });
                 let (sum, bad) = ordered_sum(&parts);
-                let mut v = [bad as u32 as f64, req.lr * sum];
+                let mut v = [bad as u32 as f64, found_inf as u32 as f64, req.lr * sum];
                 if let Some(reduce) = req.reduce {
                     reduce(&mut v)?;
                 }
-                if req.check_finite && v[0] != 0.0 {
-                    self.last = nonfinite;
+                if let Some(why) = prewrite_skip(&v, req.check_finite) {
+                    self.last = skipped(why);
                     return Ok(());
                 }
-                (rule.scale(v[1]), Some(v[1]))
+                (rule.scale(v[2]), Some(v[2]))
             }
         };
         let lr = (scale * req.lr) as f32;
         let parts = self.run(&items, total, &|it| {
-            dispatch_kind!(kind, chunk_dispatch::<true>(&sc, lr, it))
+            dispatch_kind!(kind, chunk_dispatch::<PASS_FUSED>(&sc, lr, it))
         });
         let (sum, _) = ordered_sum(&parts);
         self.bias = bias;
