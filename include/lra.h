@@ -136,8 +136,6 @@ typedef uint32_t lra_reeval_schedule;
 // Parameter placement across ranks (`lra_config.sharding`).
 typedef uint32_t lra_sharding;
 
-
-
 #define LRA_OK 0
 
 // A required pointer argument was NULL.
@@ -242,8 +240,6 @@ typedef uint32_t lra_sharding;
 
 // Each rank holds a disjoint part of the parameters.
 #define LRA_SHARDING_SHARDED 1
-
-
 
 #ifdef __cplusplus
 extern "C" {
