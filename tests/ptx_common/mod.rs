@@ -218,23 +218,11 @@ impl<'m> Gpu<'m> {
             .collect();
         let (offsets, total) = abi::state_layout(&numels, kind);
         let state = dev.alloc(total * 4);
-        let slots = kind.state_slots();
         let table: Vec<TensorEntry> = specs
             .iter()
             .zip(&ptrs)
             .zip(&offsets)
-            .map(|((s, &(p, g)), &off)| {
-                let s0 = state + 4 * off as u64;
-                let s1 = s0 + 4 * abi::slot_stride(s.numel) as u64;
-                TensorEntry {
-                    param: p,
-                    grad: g,
-                    state0: if slots >= 1 { s0 } else { 0 },
-                    state1: if slots >= 2 { s1 } else { 0 },
-                    dtype: s.dtype as u32,
-                    vec: abi::vector_ok(p, g, s.dtype) as u32,
-                }
-            })
+            .map(|((s, &ptr), &off)| abi::tensor_entry(kind, ptr, s.numel, s.dtype, state, off))
             .collect();
         let chunk_rows = abi::chunk_table(&numels);
         let nchunks = chunk_rows.len() as u32;
@@ -345,39 +333,27 @@ impl<'m> Gpu<'m> {
         nchunks: u32,
         grid: u32,
     ) -> ptx_interp::Result<()> {
-        let (hyper, lr, rule, found_inf) = (a.hyper, a.lr, &a.rule, a.found_inf);
-        let sc = StepScalars::new(self.kind, hyper, BiasPowers::default());
-        let sc_bytes: Vec<u8> = [
-            sc.b1,
-            sc.omb1,
-            sc.b2,
-            sc.omb2,
-            sc.eps,
-            sc.weight_decay,
-            sc.inv_bc1,
-            sc.inv_bc2_sqrt,
-        ]
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
+        // The backend's own argument packing (abi::KernelArgs), so the test
+        // launches exactly what the CUDA backend launches.
+        let args: Vec<Arg> = abi::KernelArgs {
+            tensors: self.tensors,
+            chunks: self.chunks,
+            nchunks,
+            control: self.control,
+            partials: self.partials,
+            found_inf: if a.found_inf { self.found_inf } else { 0 },
+            kind: self.kind,
+            mode: m,
+            lr: a.lr,
+            beta1: a.hyper.beta1,
+            beta2: a.hyper.beta2,
+            rule: a.rule,
+            sc: StepScalars::new(self.kind, a.hyper, BiasPowers::default()),
+        }
+        .params()
+        .into_iter()
+        .map(Arg::Bytes)
         .collect();
-        let args = [
-            Arg::U64(self.tensors),
-            Arg::U64(self.chunks),
-            Arg::U32(nchunks),
-            Arg::U64(self.control),
-            Arg::U64(self.partials),
-            Arg::U64(if found_inf { self.found_inf } else { 0 }),
-            Arg::U32(self.kind as u32),
-            Arg::U32(m),
-            Arg::F64(lr),
-            Arg::F64(hyper.beta1),
-            Arg::F64(hyper.beta2),
-            Arg::F64(rule.loss),
-            Arg::F64(rule.f_star),
-            Arg::F64(rule.obs_var),
-            Arg::F64(rule.scale_max),
-            Arg::Bytes(sc_bytes),
-        ];
         let cfg = LaunchConfig::linear(grid, abi::BLOCK).with_schedule(self.schedule.clone());
         self.dev
             .launch(self.module, abi::ENTRY, &cfg, &args)

@@ -249,6 +249,30 @@ pub fn state_layout(numels: &[usize], kind: OptimizerKind) -> (Vec<usize>, usize
     (offsets, at)
 }
 
+/// The tensor-table row of one tensor whose optimizer state starts
+/// `offset` f32 elements into the state buffer at `state_base` (offsets
+/// from [`state_layout`]).
+pub fn tensor_entry(
+    kind: OptimizerKind,
+    (param, grad): (u64, u64),
+    numel: usize,
+    dtype: DType,
+    state_base: u64,
+    offset: usize,
+) -> TensorEntry {
+    let slots = kind.state_slots();
+    let s0 = state_base + 4 * offset as u64;
+    let s1 = s0 + 4 * slot_stride(numel) as u64;
+    TensorEntry {
+        param,
+        grad,
+        state0: if slots >= 1 { s0 } else { 0 },
+        state1: if slots >= 2 { s1 } else { 0 },
+        dtype: dtype as u32,
+        vec: vector_ok(param, grad, dtype) as u32,
+    }
+}
+
 /// Elements between slot 0 and slot 1 of a tensor of `numel` elements.
 pub fn slot_stride(numel: usize) -> usize {
     numel.div_ceil(4) * 4

@@ -159,22 +159,19 @@ impl CudaBackend {
 
     fn tensor_table(&self, tensors: &[TensorDesc]) -> Vec<TensorEntry> {
         let l = self.layout.as_ref().expect("layout allocated");
-        let slots = self.kind.state_slots();
         let base = l.state.as_ref().map_or(0, |b| b.ptr);
         tensors
             .iter()
             .zip(&l.offsets)
             .map(|(t, &off)| {
-                let s0 = base + 4 * off as u64;
-                let s1 = s0 + 4 * abi::slot_stride(t.numel) as u64;
-                TensorEntry {
-                    param: t.param as u64,
-                    grad: t.grad as u64,
-                    state0: if slots >= 1 { s0 } else { 0 },
-                    state1: if slots >= 2 { s1 } else { 0 },
-                    dtype: t.dtype as u32,
-                    vec: abi::vector_ok(t.param as u64, t.grad as u64, t.dtype) as u32,
-                }
+                abi::tensor_entry(
+                    self.kind,
+                    (t.param as u64, t.grad as u64),
+                    t.numel,
+                    t.dtype,
+                    base,
+                    off,
+                )
             })
             .collect()
     }
