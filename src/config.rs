@@ -62,6 +62,24 @@ fn in_unit_interval(name: &str, v: f64, closed_low: bool) -> Result<()> {
 }
 
 impl Config {
+    /// A host configuration with every default `lra_config_init` fills in
+    /// (initial η 1e-3, the paper's β/β1 = 0.5, guard on, one thread per
+    /// core, re-evaluation every step, one rank).
+    pub fn defaults(kind: OptimizerKind) -> Config {
+        Config {
+            kind,
+            device: Device::Host,
+            lr: 1e-3,
+            hyper: Hyper::defaults(kind),
+            settings: Settings::default(),
+            check_finite: true,
+            threads: 0,
+            schedule: ReevalSchedule::Always,
+            sharded: false,
+            loss_rank_local: false,
+        }
+    }
+
     /// Checks every field; the message names the first bad one. Negated
     /// comparisons are deliberate: they also reject NaN.
     #[allow(clippy::neg_cmp_op_on_partial_ord)]

@@ -3,9 +3,8 @@
 //! python3-torch) on the same random tensors within 1e-6 relative in f32.
 
 use lra::backend::TensorDesc;
-use lra::config::{Config, Device, ReevalSchedule};
-use lra::controller::Settings;
-use lra::optim::{DType, Hyper, OptimizerKind};
+use lra::config::Config;
+use lra::optim::{DType, OptimizerKind};
 use lra::Engine;
 use std::process::Command;
 use std::ptr::{null, null_mut};
@@ -87,16 +86,8 @@ fn twenty_steps_match_torch_optim() {
         assert_eq!(reference.len(), n * steps);
 
         let mut e = Engine::new(Config {
-            kind,
-            device: Device::Host,
             lr,
-            hyper: Hyper::defaults(kind),
-            settings: Settings::default(),
-            check_finite: true,
-            threads: 0,
-            schedule: ReevalSchedule::Always,
-            sharded: false,
-            loss_rank_local: false,
+            ..Config::defaults(kind)
         })
         .unwrap();
         let mut p = p0.clone();

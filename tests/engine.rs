@@ -4,24 +4,16 @@
 
 use half::{bf16, f16};
 use lra::backend::TensorDesc;
-use lra::config::{Config, Device, ReevalSchedule};
-use lra::controller::{Decision, Settings, SkipReason};
+use lra::config::Config;
+use lra::controller::{Decision, SkipReason};
 use lra::optim::{BiasPowers, DType, Hyper, OptimizerKind, StepScalars};
 use lra::{Engine, Status};
 use std::ptr::{null, null_mut};
 
 fn config(kind: OptimizerKind, lr: f64) -> Config {
     Config {
-        kind,
-        device: Device::Host,
         lr,
-        hyper: Hyper::defaults(kind),
-        settings: Settings::default(),
-        check_finite: true,
-        threads: 0,
-        schedule: ReevalSchedule::Always,
-        sharded: false,
-        loss_rank_local: false,
+        ..Config::defaults(kind)
     }
 }
 
@@ -62,12 +54,7 @@ impl Model {
         self.params
             .iter_mut()
             .zip(&self.grads)
-            .map(|(p, g)| TensorDesc {
-                param: p.as_mut_ptr().cast(),
-                grad: g.as_ptr().cast(),
-                numel: p.len(),
-                dtype: DType::F32,
-            })
+            .map(|(p, g)| TensorDesc::host_f32(p, g))
             .collect()
     }
     /// New gradients for the next step (a function of the step index).

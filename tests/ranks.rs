@@ -7,9 +7,9 @@
 //! properties through the C ABI and `mpirun`; this test needs neither.
 
 use lra::backend::TensorDesc;
-use lra::config::{Config, Device, ReevalSchedule};
-use lra::controller::{Decision, Settings, SkipReason};
-use lra::optim::{DType, Hyper, OptimizerKind};
+use lra::config::Config;
+use lra::controller::{Decision, SkipReason};
+use lra::optim::OptimizerKind;
 use lra::{Engine, Status};
 use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -104,16 +104,10 @@ impl Collective {
 
 fn config(kind: OptimizerKind, lr: f64) -> Config {
     Config {
-        kind,
-        device: Device::Host,
         lr,
-        hyper: Hyper::defaults(kind),
-        settings: Settings::default(),
-        check_finite: true,
         threads: 1,
-        schedule: ReevalSchedule::Always,
         sharded: true,
-        loss_rank_local: false,
+        ..Config::defaults(kind)
     }
 }
 
@@ -179,12 +173,7 @@ impl Shard {
         self.theta
             .iter_mut()
             .zip(&self.grad)
-            .map(|(p, g)| TensorDesc {
-                param: p.as_mut_ptr().cast(),
-                grad: g.as_ptr().cast(),
-                numel: p.len(),
-                dtype: DType::F32,
-            })
+            .map(|(p, g)| TensorDesc::host_f32(p, g))
             .collect()
     }
 }

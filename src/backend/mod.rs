@@ -20,6 +20,24 @@ pub struct TensorDesc {
     pub dtype: DType,
 }
 
+impl TensorDesc {
+    /// An f32 tensor over host slices (Rust callers, tests, benchmarks).
+    /// The slices must outlive every step that uses the descriptor.
+    pub fn host_f32(param: &mut [f32], grad: &[f32]) -> TensorDesc {
+        assert_eq!(
+            param.len(),
+            grad.len(),
+            "parameter and gradient lengths differ"
+        );
+        TensorDesc {
+            param: param.as_mut_ptr().cast(),
+            grad: grad.as_ptr().cast(),
+            numel: param.len(),
+            dtype: DType::F32,
+        }
+    }
+}
+
 /// Sums `values` across ranks in place (the registered reduction); identity
 /// on a single rank.
 pub type Reducer<'a> = &'a mut dyn FnMut(&mut [f64]) -> Result<()>;
