@@ -17,17 +17,11 @@ fn config(kind: OptimizerKind, lr: f64) -> Config {
     }
 }
 
+mod support;
+
 /// Deterministic pseudo-random values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    support::uniform(n, seed, -1.0, 1.0)
 }
 
 struct Model {

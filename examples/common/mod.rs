@@ -117,11 +117,22 @@ impl Rng {
 
 // -------------------------------------------------------------- models ----
 
-/// A model with its parameters in named flat tensors.
+/// A classifier with its parameters in flat tensors. A model gives its
+/// per-example forward and backward pass; the mean softmax cross-entropy,
+/// its gradient and the accuracy are written once, here.
 pub trait Model {
     /// Element counts of the parameter tensors, in order.
     fn shapes(&self) -> Vec<usize>;
     fn init(&self, rng: &mut Rng) -> Vec<Vec<f32>>;
+    fn classes(&self) -> usize;
+    fn features(&self) -> usize;
+    /// Length of the activation buffer `forward` fills (0: none).
+    fn hidden_len(&self) -> usize;
+    /// Logits `z` of one example `x`; `act` keeps what `backward` needs.
+    fn forward(&self, p: &[Vec<f32>], x: &[f32], act: &mut [f32], z: &mut [f32]);
+    /// Adds the gradient of one example to `g`, given ∂loss/∂z = `dz`.
+    fn backward(&self, p: &[Vec<f32>], x: &[f32], act: &[f32], dz: &[f32], g: &mut [Vec<f32>]);
+
     /// Mean cross-entropy over `rows`; when `grads` is given, also its
     /// gradient (overwritten).
     fn loss(
@@ -129,10 +140,46 @@ pub trait Model {
         p: &[Vec<f32>],
         data: &Dataset,
         rows: &[usize],
-        grads: Option<&mut [Vec<f32>]>,
-    ) -> f64;
+        mut grads: Option<&mut [Vec<f32>]>,
+    ) -> f64 {
+        if let Some(g) = grads.as_deref_mut() {
+            g.iter_mut().for_each(|t| t.fill(0.0));
+        }
+        let (d, inv) = (self.features(), 1.0 / rows.len() as f32);
+        let mut act = vec![0.0f32; self.hidden_len()];
+        let mut z = vec![0.0f32; self.classes()];
+        let mut total = 0.0f64;
+        for &r in rows {
+            let x = &data.x[r * d..(r + 1) * d];
+            let y = data.y[r] as usize;
+            self.forward(p, x, &mut act, &mut z);
+            let zy = z[y] as f64;
+            total += softmax(&mut z) - zy;
+            if let Some(g) = grads.as_deref_mut() {
+                // z now holds the softmax: ∂/∂z of the mean loss.
+                for (c, zc) in z.iter_mut().enumerate() {
+                    *zc = (*zc - (c == y) as u8 as f32) * inv;
+                }
+                self.backward(p, x, &act, &z, g);
+            }
+        }
+        total / rows.len() as f64
+    }
+
     /// Fraction of `rows` classified correctly.
-    fn accuracy(&self, p: &[Vec<f32>], data: &Dataset, rows: &[usize]) -> f64;
+    fn accuracy(&self, p: &[Vec<f32>], data: &Dataset, rows: &[usize]) -> f64 {
+        let d = self.features();
+        let mut act = vec![0.0f32; self.hidden_len()];
+        let mut z = vec![0.0f32; self.classes()];
+        let ok = rows
+            .iter()
+            .filter(|&&r| {
+                self.forward(p, &data.x[r * d..(r + 1) * d], &mut act, &mut z);
+                argmax(&z) == data.y[r] as usize
+            })
+            .count();
+        ok as f64 / rows.len() as f64
+    }
 }
 
 /// Softmax in place; returns log-sum-exp.
@@ -160,19 +207,28 @@ fn argmax(z: &[f32]) -> usize {
     best
 }
 
+/// `out[i] = b[i] + W[i]·x` for W stored row-major with `x.len()` columns.
+fn affine(w: &[f32], b: &[f32], x: &[f32], out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let row = &w[i * x.len()..(i + 1) * x.len()];
+        *o = b[i] + row.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
+    }
+}
+
+/// Gradient of `affine` with respect to W and b, added: gw += dout ⊗ x, gb += dout.
+fn affine_grad(dout: &[f32], x: &[f32], gw: &mut [f32], gb: &mut [f32]) {
+    for (i, &di) in dout.iter().enumerate() {
+        gb[i] += di;
+        for (g, xv) in gw[i * x.len()..(i + 1) * x.len()].iter_mut().zip(x) {
+            *g += di * xv;
+        }
+    }
+}
+
 /// Multinomial logistic regression: W (classes×d), b (classes).
 pub struct Logistic {
     pub d: usize,
     pub classes: usize,
-}
-
-impl Logistic {
-    fn logits(&self, p: &[Vec<f32>], x: &[f32], z: &mut [f32]) {
-        for (c, zc) in z.iter_mut().enumerate() {
-            let w = &p[0][c * self.d..(c + 1) * self.d];
-            *zc = p[1][c] + w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
-        }
-    }
 }
 
 impl Model for Logistic {
@@ -182,47 +238,21 @@ impl Model for Logistic {
     fn init(&self, _rng: &mut Rng) -> Vec<Vec<f32>> {
         self.shapes().iter().map(|&n| vec![0.0; n]).collect()
     }
-    fn loss(
-        &self,
-        p: &[Vec<f32>],
-        data: &Dataset,
-        rows: &[usize],
-        mut grads: Option<&mut [Vec<f32>]>,
-    ) -> f64 {
-        if let Some(g) = grads.as_deref_mut() {
-            g.iter_mut().for_each(|t| t.fill(0.0));
-        }
-        let inv = 1.0 / rows.len() as f32;
-        let mut z = vec![0.0f32; self.classes];
-        let mut total = 0.0f64;
-        for &r in rows {
-            let x = &data.x[r * self.d..(r + 1) * self.d];
-            let y = data.y[r] as usize;
-            self.logits(p, x, &mut z);
-            let zy = z[y] as f64;
-            total += softmax(&mut z) - zy;
-            if let Some(g) = grads.as_deref_mut() {
-                for c in 0..self.classes {
-                    let delta = (z[c] - (c == y) as u8 as f32) * inv;
-                    g[1][c] += delta;
-                    for (gw, xv) in g[0][c * self.d..(c + 1) * self.d].iter_mut().zip(x) {
-                        *gw += delta * xv;
-                    }
-                }
-            }
-        }
-        total / rows.len() as f64
+    fn classes(&self) -> usize {
+        self.classes
     }
-    fn accuracy(&self, p: &[Vec<f32>], data: &Dataset, rows: &[usize]) -> f64 {
-        let mut z = vec![0.0f32; self.classes];
-        let ok = rows
-            .iter()
-            .filter(|&&r| {
-                self.logits(p, &data.x[r * self.d..(r + 1) * self.d], &mut z);
-                argmax(&z) == data.y[r] as usize
-            })
-            .count();
-        ok as f64 / rows.len() as f64
+    fn features(&self) -> usize {
+        self.d
+    }
+    fn hidden_len(&self) -> usize {
+        0
+    }
+    fn forward(&self, p: &[Vec<f32>], x: &[f32], _act: &mut [f32], z: &mut [f32]) {
+        affine(&p[0], &p[1], x, z);
+    }
+    fn backward(&self, _p: &[Vec<f32>], x: &[f32], _act: &[f32], dz: &[f32], g: &mut [Vec<f32>]) {
+        let (gw, gb) = g.split_at_mut(1);
+        affine_grad(dz, x, &mut gw[0], &mut gb[0]);
     }
 }
 
@@ -231,19 +261,6 @@ pub struct Mlp {
     pub d: usize,
     pub hidden: usize,
     pub classes: usize,
-}
-
-impl Mlp {
-    fn forward(&self, p: &[Vec<f32>], x: &[f32], h: &mut [f32], z: &mut [f32]) {
-        for (j, hj) in h.iter_mut().enumerate() {
-            let w = &p[0][j * self.d..(j + 1) * self.d];
-            *hj = (p[1][j] + w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>()).tanh();
-        }
-        for (c, zc) in z.iter_mut().enumerate() {
-            let w = &p[2][c * self.hidden..(c + 1) * self.hidden];
-            *zc = p[3][c] + w.iter().zip(h.iter()).map(|(a, b)| a * b).sum::<f32>();
-        }
-    }
 }
 
 impl Model for Mlp {
@@ -269,58 +286,37 @@ impl Model for Mlp {
             vec![0.0; self.classes],
         ]
     }
-    fn loss(
-        &self,
-        p: &[Vec<f32>],
-        data: &Dataset,
-        rows: &[usize],
-        mut grads: Option<&mut [Vec<f32>]>,
-    ) -> f64 {
-        if let Some(g) = grads.as_deref_mut() {
-            g.iter_mut().for_each(|t| t.fill(0.0));
-        }
-        let inv = 1.0 / rows.len() as f32;
-        let (mut h, mut z) = (vec![0.0f32; self.hidden], vec![0.0f32; self.classes]);
-        let mut dh = vec![0.0f32; self.hidden];
-        let mut total = 0.0f64;
-        for &r in rows {
-            let x = &data.x[r * self.d..(r + 1) * self.d];
-            let y = data.y[r] as usize;
-            self.forward(p, x, &mut h, &mut z);
-            let zy = z[y] as f64;
-            total += softmax(&mut z) - zy;
-            if let Some(g) = grads.as_deref_mut() {
-                dh.fill(0.0);
-                for c in 0..self.classes {
-                    let delta = (z[c] - (c == y) as u8 as f32) * inv;
-                    g[3][c] += delta;
-                    let w2 = &p[2][c * self.hidden..(c + 1) * self.hidden];
-                    for j in 0..self.hidden {
-                        g[2][c * self.hidden + j] += delta * h[j];
-                        dh[j] += delta * w2[j];
-                    }
-                }
-                for j in 0..self.hidden {
-                    let da = dh[j] * (1.0 - h[j] * h[j]);
-                    g[1][j] += da;
-                    for (gw, xv) in g[0][j * self.d..(j + 1) * self.d].iter_mut().zip(x) {
-                        *gw += da * xv;
-                    }
-                }
-            }
-        }
-        total / rows.len() as f64
+    fn classes(&self) -> usize {
+        self.classes
     }
-    fn accuracy(&self, p: &[Vec<f32>], data: &Dataset, rows: &[usize]) -> f64 {
-        let (mut h, mut z) = (vec![0.0f32; self.hidden], vec![0.0f32; self.classes]);
-        let ok = rows
-            .iter()
-            .filter(|&&r| {
-                self.forward(p, &data.x[r * self.d..(r + 1) * self.d], &mut h, &mut z);
-                argmax(&z) == data.y[r] as usize
+    fn features(&self) -> usize {
+        self.d
+    }
+    fn hidden_len(&self) -> usize {
+        self.hidden
+    }
+    fn forward(&self, p: &[Vec<f32>], x: &[f32], h: &mut [f32], z: &mut [f32]) {
+        affine(&p[0], &p[1], x, h);
+        h.iter_mut().for_each(|v| *v = v.tanh());
+        affine(&p[2], &p[3], h, z);
+    }
+    fn backward(&self, p: &[Vec<f32>], x: &[f32], h: &[f32], dz: &[f32], g: &mut [Vec<f32>]) {
+        let (g01, g23) = g.split_at_mut(2);
+        let (gw2, gb2) = g23.split_at_mut(1);
+        affine_grad(dz, h, &mut gw2[0], &mut gb2[0]);
+        // Back through W2 and tanh.
+        let da: Vec<f32> = (0..self.hidden)
+            .map(|j| {
+                let dh: f32 = dz
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &dc)| dc * p[2][c * self.hidden + j])
+                    .sum();
+                dh * (1.0 - h[j] * h[j])
             })
-            .count();
-        ok as f64 / rows.len() as f64
+            .collect();
+        let (gw1, gb1) = g01.split_at_mut(1);
+        affine_grad(&da, x, &mut gw1[0], &mut gb1[0]);
     }
 }
 
