@@ -193,6 +193,45 @@ const PASS_PLAIN: u8 = 2;
 /// sum's dependency chain overlaps the next sub-block's memory traffic.
 const SUB: usize = 64;
 
+/// How far ahead of the sub-block being processed, in elements, the pass
+/// asks for cache lines. A single core's hardware prefetchers do not keep
+/// enough misses in flight for a loop that does this much work per byte;
+/// without this the pass is latency-bound, and the dot product's extra
+/// instructions show up in the step time (measured with
+/// `benches/kernel_cost.rs`: 512 gave the lowest times at 64 Mi elements).
+const PREFETCH_AHEAD: usize = 512;
+
+/// Prefetches the cache lines of one sub-block starting at element `at` of
+/// the item (parameters, gradients and the used state slots). The address
+/// may lie past the item, even past the tensor: a prefetch never faults,
+/// and past a chunk's end it is usually the next chunk's data.
+#[inline(always)]
+fn prefetch_ahead<P: Elem>(it: &Item, slots: usize, at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        const LINE: usize = 64;
+        let esz = std::mem::size_of::<P>();
+        let f32s = std::mem::size_of::<f32>();
+        let mut streams = [
+            (it.param.0, esz),
+            (it.grad.0, esz),
+            (it.s0.0, f32s),
+            (it.s1.0, f32s),
+        ];
+        for (ptr, size) in &mut streams[..2 + slots] {
+            let start = ptr.wrapping_add(at * *size);
+            for off in (0..SUB * *size).step_by(LINE) {
+                // SAFETY: a prefetch is a hint; it reads nothing the program
+                // sees and never faults, whatever the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off) as *const i8) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (it, slots, at);
+}
+
 /// One chunk's pass (see the `PASS_*` modes). Returns Σ g·d over the chunk
 /// (0 in `PASS_PLAIN`) and whether any gradient was non-finite (`PASS_DOT`
 /// only).
@@ -248,6 +287,7 @@ fn chunk_pass<const K: u32, P: Elem, const MODE: u8>(
             &mut []
         };
         let (th, gs) = (&mut theta[base..end], &g[base..end]);
+        prefetch_ahead::<P>(it, slots, base + PREFETCH_AHEAD);
         bad |= if sc.weight_decay == 0.0 {
             elementwise::<K, P, MODE>(&no_decay, lr, th, gs, s0, s1, t)
         } else {
