@@ -165,6 +165,7 @@ def benchmark(lra, sizes, counts):
     dev = "cuda"
     stream = torch.cuda.current_stream().cuda_stream
     rows = {}
+    fcopy = {}
     print()
     print("| parameters | tensors | lra fused (guard off) | copy same bytes | lra vs copy | lra (guard on) "
           "| torch Adam fused | torch / lra |")
@@ -187,6 +188,10 @@ def benchmark(lra, sizes, counts):
             dst = torch.empty_like(src)
             t_copy = timed(lambda: dst.copy_(src), iters)
             del src, dst
+            # Placement control: the memory system's own cost of the caller's
+            # k allocations, with no lra in it: one multi-tensor launch that
+            # copies every gradient into a fresh tensor of the same shape.
+            t_fcopy = foreach_copy_time(grads, iters)
             tp = [p.clone().requires_grad_(True) for p in params]
             for p, gr in zip(tp, grads):
                 p.grad = gr.clone()
@@ -196,6 +201,7 @@ def benchmark(lra, sizes, counts):
             torch.cuda.empty_cache()
             bw = 28 * n / t[0] / 1e9
             rows[(n, k)] = t
+            fcopy[(n, k)] = t_fcopy
             print(f"| {n >> 20}M | {k} | {t[0] * 1e6:.1f} us ({bw:.0f} GB/s) | {t_copy * 1e6:.1f} us "
                   f"({28 * n / t_copy / 1e9:.0f} GB/s) | {t_copy / t[0]:.3f} | {t[1] * 1e6:.1f} us "
                   f"| {t_torch * 1e6:.1f} us | {t_torch / t[0]:.3f} |", flush=True)
@@ -210,7 +216,23 @@ def benchmark(lra, sizes, counts):
             views = contiguous_views(lra, n, 200, stream)
             print(f"{n >> 20}M parameters: 200 views of one buffer / 1 tensor (fused, guard off) = "
                   f"{views / rows[(n, 1)][0]:.3f}")
+            if fcopy[(n, 1)] and fcopy[(n, 200)]:
+                print(f"{n >> 20}M parameters: torch._foreach_copy_ of the gradients, 200 tensors / 1 tensor "
+                      f"(the allocations' own cost, no lra) = {fcopy[(n, 200)] / fcopy[(n, 1)]:.3f}")
     return rows
+
+
+def foreach_copy_time(tensors, iters):
+    """Seconds per `torch._foreach_copy_` of `tensors` into fresh tensors
+    of the same shapes (torch's multi-tensor apply: a few launches whatever
+    the count), or None where this torch lacks it."""
+    if not hasattr(torch, "_foreach_copy_"):
+        print("note: this torch has no _foreach_copy_; placement control skipped")
+        return None
+    dst = [torch.empty_like(t) for t in tensors]
+    t = timed(lambda: torch._foreach_copy_(dst, tensors), iters)
+    del dst
+    return t
 
 
 def contiguous_views(lra, n, k, stream):
