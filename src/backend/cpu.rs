@@ -198,7 +198,8 @@ const SUB: usize = 64;
 /// enough misses in flight for a loop that does this much work per byte;
 /// without this the pass is latency-bound, and the dot product's extra
 /// instructions show up in the step time (measured with
-/// `benches/kernel_cost.rs`: 512 gave the lowest times at 64 Mi elements).
+/// `benches/kernel_cost.rs` at 64 Mi elements: 256 to 1024 alike, no
+/// prefetch 5–20% slower).
 const PREFETCH_AHEAD: usize = 512;
 
 /// Prefetches the cache lines of one sub-block starting at element `at` of
@@ -213,15 +214,15 @@ fn prefetch_ahead<P: Elem>(it: &Item, slots: usize, at: usize) {
         const LINE: usize = 64;
         let esz = std::mem::size_of::<P>();
         let f32s = std::mem::size_of::<f32>();
-        let mut streams = [
+        let streams = [
             (it.param.0, esz),
             (it.grad.0, esz),
             (it.s0.0, f32s),
             (it.s1.0, f32s),
         ];
-        for (ptr, size) in &mut streams[..2 + slots] {
-            let start = ptr.wrapping_add(at * *size);
-            for off in (0..SUB * *size).step_by(LINE) {
+        for &(ptr, size) in &streams[..2 + slots] {
+            let start = ptr.wrapping_add(at * size);
+            for off in (0..SUB * size).step_by(LINE) {
                 // SAFETY: a prefetch is a hint; it reads nothing the program
                 // sees and never faults, whatever the address.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off) as *const i8) };
