@@ -21,7 +21,7 @@ fn module() -> Module {
 
 /// Fused steps (the default mode) of every optimizer at every size, as
 /// single tensors (aligned, and misaligned so the scalar path runs) and
-/// mixed in one launch.
+/// mixed in one launch (six tensors; forty small ones sharing chunks).
 fn fused_matrix(dt: DType) {
     let m = module();
     let steps = [
@@ -55,6 +55,17 @@ fn fused_matrix(dt: DType) {
             spec(DType::F32, 1),
             spec(dt, 4096),
         ]);
+        // many small tensors: chunks made of many segments, tensors cut
+        // across chunk boundaries, vector and scalar paths side by side
+        layouts.push(
+            (0..40)
+                .map(|i| Spec {
+                    dtype: [dt, DType::F16, DType::Bf16, DType::F32][i % 4],
+                    numel: (i * 97) % 613 + i % 3,
+                    misalign: i % 5 == 2,
+                })
+                .collect(),
+        );
         for (li, specs) in layouts.iter().enumerate() {
             for nonfinite in [true, false] {
                 let c = Case {
@@ -235,7 +246,9 @@ fn results_and_phi_are_identical_under_every_schedule_and_grid() {
             )
         },
     ];
-    let nchunks = abi::chunk_table(&specs.iter().map(|s| s.numel).collect::<Vec<_>>()).len() as u32;
+    let nchunks = abi::chunk_table(&specs.iter().map(|s| s.numel).collect::<Vec<_>>())
+        .chunks
+        .len() as u32;
     for kind in [OptimizerKind::Adam, OptimizerKind::Nesterov] {
         let case = |grid: Option<u32>, schedule: Schedule| Case {
             name: format!("{}/grid {grid:?}/{schedule:?}", kind.name()),

@@ -25,8 +25,8 @@ fn load(src: &str) -> Module {
     Module::load(src).unwrap_or_else(|e| panic!("edited kernel does not load: {e}"))
 }
 
-/// Two chunks per block (four chunks, grid 2), a vector and a scalar tail,
-/// the dot product on, non-finite gradients in a checking pass: every
+/// Two chunks per block (four chunks, grid 2; the last spans both
+/// tensors), a vector and a scalar tail, the dot product on, non-finite gradients in a checking pass: every
 /// barrier, shuffle and cross-block hand-over of the kernel runs.
 fn case<'a>(specs: &'a [Spec], steps: &'a [StepPlan]) -> Case<'a> {
     Case {
@@ -45,7 +45,7 @@ fn case<'a>(specs: &'a [Spec], steps: &'a [StepPlan]) -> Case<'a> {
 const SPECS: [Spec; 2] = [
     Spec {
         dtype: DType::F32,
-        numel: 2 * 4096 + 33,
+        numel: 3 * 4096 + 33,
         misalign: false,
     },
     Spec {
@@ -103,6 +103,10 @@ fn kind_of(msg: &str) -> Option<ErrorKind> {
 
 #[test]
 fn the_unedited_kernel_passes_the_same_case() {
+    // the layout the comment on `case` describes
+    let plan = abi::chunk_table(&SPECS.map(|s| s.numel));
+    assert_eq!(plan.chunks.len(), 4);
+    assert_eq!(plan.chunks[3].end - plan.chunks[3].first, 2);
     let steps = steps();
     try_run(&load(abi::PTX), &case(&SPECS, &steps)).unwrap();
 }
@@ -115,7 +119,8 @@ fn removing_any_barrier_is_reported() {
     // in every schedule. #2: a block counts itself out (fence + atomic)
     // before all its threads raised the non-finite flag; that shows only
     // in schedules where a late raise comes after the last block read the
-    // flag, so interleaved schedules are searched for one.
+    // flag, so interleaved schedules are searched for one (long quanta,
+    // which let thread 0 run far ahead of its block, find it soonest).
     let n = abi::PTX.matches("bar.sync 0;").count();
     assert_eq!(
         n, 4,
@@ -125,7 +130,7 @@ fn removing_any_barrier_is_reported() {
     for nth in 0..n {
         let m = load(&edit("bar.sync 0;", "", nth));
         let schedules = std::iter::once(Schedule::InOrder).chain((0..16).flat_map(|seed| {
-            [1, 4, 50].map(|q| Schedule::Random {
+            [1, 4, 50, 400].map(|q| Schedule::Random {
                 seed,
                 resident: 2,
                 max_quantum: q,
@@ -161,9 +166,20 @@ fn a_wrong_shuffle_mask_is_reported() {
 
 #[test]
 fn an_off_by_one_index_is_out_of_bounds() {
-    // the scalar tail runs one element past the chunk (and the tensor)
+    // the scalar tail runs one element past the segment: into the next
+    // chunk (a race with the block that owns it, when another block does)
+    // and, at the end of each tensor, out of bounds; one block runs every
+    // chunk, so the bound is what is reported
     let src = edit("setp.ge.u32 %p, %i, %len;", "setp.gt.u32 %p, %i, %len;", 0);
-    let e = interp_error(&src);
+    let steps = steps();
+    let e = try_run(
+        &load(&src),
+        &Case {
+            grid: Some(1),
+            ..case(&SPECS, &steps)
+        },
+    )
+    .expect_err("the edited kernel passed");
     assert_eq!(kind_of(&e), Some(ErrorKind::OutOfBounds), "{e}");
 }
 
@@ -182,9 +198,20 @@ fn an_early_return_before_a_barrier_is_reported() {
 
 #[test]
 fn returning_instead_of_finishing_the_chunks_is_caught() {
-    // every thread leaves after its first chunk: no barrier is ever
-    // reached, but the later chunks are never updated
+    // every thread leaves after its first chunk's segments: no barrier is
+    // ever reached, but the later chunks are never updated
     let e = interp_error(&edit("@%p bra CHUNK_END;", "@%p ret;", 0));
+    assert!(e.contains("parameters differ"), "{e}");
+}
+
+#[test]
+fn ending_a_chunk_after_its_first_segment_is_caught() {
+    // the last chunk's second segment (the whole bf16 tensor) is skipped
+    let e = interp_error(&edit(
+        "add.u32 %seg, %seg, 1;\n\tbra SEG_LOOP;",
+        "bra CHUNK_END;",
+        0,
+    ));
     assert!(e.contains("parameters differ"), "{e}");
 }
 

@@ -6,7 +6,7 @@
 
 use half::{bf16, f16};
 use lra::backend::cpu::CpuBackend;
-use lra::backend::cuda::abi::{self, ChunkEntry, Control, TensorEntry};
+use lra::backend::cuda::abi::{self, ChunkPlan, Control, TensorEntry};
 use lra::backend::{Backend, BackendState, StepRequest, TensorDesc};
 use lra::controller::{ScaleRule, SkipReason, StepOutcome};
 use lra::optim::{self, BiasPowers, DType, Hyper, OptimizerKind, StepScalars};
@@ -187,13 +187,14 @@ pub struct Gpu<'m> {
     pub control: u64,
     tensors: u64,
     chunks: u64,
+    segments: u64,
     nchunks: u32,
     partials: u64,
     found_inf: u64,
     pub grid: u32,
     pub schedule: Schedule,
     pub table: Vec<TensorEntry>,
-    pub chunk_rows: Vec<ChunkEntry>,
+    pub plan: ChunkPlan,
 }
 
 impl<'m> Gpu<'m> {
@@ -224,11 +225,12 @@ impl<'m> Gpu<'m> {
             .zip(&offsets)
             .map(|((s, &ptr), &off)| abi::tensor_entry(kind, ptr, s.numel, s.dtype, state, off))
             .collect();
-        let chunk_rows = abi::chunk_table(&numels);
-        let nchunks = chunk_rows.len() as u32;
+        let plan = abi::chunk_table(&numels);
+        let nchunks = plan.chunks.len() as u32;
         let tensors = dev.alloc_from(&pod_bytes(&table));
-        let chunks = dev.alloc_from(&pod_bytes(&chunk_rows));
-        let partials = dev.alloc(8 * chunk_rows.len());
+        let chunks = dev.alloc_from(&pod_bytes(&plan.chunks));
+        let segments = dev.alloc_from(&pod_bytes(&plan.segments));
+        let partials = dev.alloc(8 * plan.chunks.len());
         let control = dev.alloc_from(&pod_bytes(&[Control::initial()]));
         let found_inf = dev.alloc(4);
         let grid = grid.unwrap_or(nchunks.clamp(1, 3));
@@ -243,13 +245,14 @@ impl<'m> Gpu<'m> {
             control,
             tensors,
             chunks,
+            segments,
             nchunks,
             partials,
             found_inf,
             grid,
             schedule: Schedule::InOrder,
             table,
-            chunk_rows,
+            plan,
         }
     }
 
@@ -338,6 +341,7 @@ impl<'m> Gpu<'m> {
         let args: Vec<Arg> = abi::KernelArgs {
             tensors: self.tensors,
             chunks: self.chunks,
+            segments: self.segments,
             nchunks,
             control: self.control,
             partials: self.partials,
@@ -610,46 +614,46 @@ fn block_sum(acc: &[f64], offsets: &[usize]) -> f64 {
 
 /// φ in the kernel's reduction order (kernels/README.md, "Reduction order
 /// of φ"), bit for bit, from the per-element terms.
-pub fn phi_reference(
-    terms: &[Vec<f64>],
-    table: &[TensorEntry],
-    chunks: &[ChunkEntry],
-    lr: f64,
-) -> f64 {
-    phi_reference_with(terms, table, chunks, lr, &BFLY)
+pub fn phi_reference(terms: &[Vec<f64>], table: &[TensorEntry], plan: &ChunkPlan, lr: f64) -> f64 {
+    phi_reference_with(terms, table, plan, lr, &BFLY)
 }
 
 /// [`phi_reference`] with other butterfly offsets (for the negative tests).
 pub fn phi_reference_with(
     terms: &[Vec<f64>],
     table: &[TensorEntry],
-    chunks: &[ChunkEntry],
+    plan: &ChunkPlan,
     lr: f64,
     offsets: &[usize],
 ) -> f64 {
     let t_n = abi::BLOCK as usize;
-    let partials: Vec<f64> = chunks
+    let partials: Vec<f64> = plan
+        .chunks
         .iter()
         .map(|c| {
-            let x = &terms[c.tensor as usize][c.start as usize..c.start as usize + c.len as usize];
-            let l = x.len();
-            let v = table[c.tensor as usize].vec != 0;
+            let segments = &plan.segments[c.first as usize..c.end as usize];
             let acc: Vec<f64> = (0..t_n)
                 .map(|t| {
+                    // thread t's sum runs on across the chunk's segments
                     let mut a = 0.0f64;
-                    if v {
-                        let mut q = t;
-                        while q < l / 4 {
-                            for k in 0..4 {
-                                a += x[4 * q + k];
+                    for s in segments {
+                        let (start, l) = (s.start as usize, s.len as usize);
+                        let x = &terms[s.tensor as usize][start..start + l];
+                        let v = table[s.tensor as usize].vec != 0;
+                        if v {
+                            let mut q = t;
+                            while q < l / 4 {
+                                for k in 0..4 {
+                                    a += x[4 * q + k];
+                                }
+                                q += t_n;
                             }
-                            q += t_n;
                         }
-                    }
-                    let mut i = if v { 4 * (l / 4) } else { 0 } + t;
-                    while i < l {
-                        a += x[i];
-                        i += t_n;
+                        let mut i = if v { 4 * (l / 4) } else { 0 } + t;
+                        while i < l {
+                            a += x[i];
+                            i += t_n;
+                        }
                     }
                     a
                 })
@@ -868,7 +872,7 @@ pub fn try_run(m: &Module, c: &Case) -> Result<(DeviceResult, PhiStats), String>
                 &grads,
                 &before.slots,
             );
-            let want = phi_reference(&terms, &gpu.table, &gpu.chunk_rows, st.lr);
+            let want = phi_reference(&terms, &gpu.table, &gpu.plan, st.lr);
             check!(
                 same_f64(ctl.phi, want),
                 "{ctx}: φ {:e} ({:#x}) but the kernel's order gives {want:e} ({:#x})",

@@ -59,10 +59,20 @@ pub struct TensorEntry {
     pub vec: u32,
 }
 
-/// One row of the chunk table (16 bytes).
+/// One row of the chunk table (8 bytes): the chunk is rows `first..end`
+/// of the segment table, in order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ChunkEntry {
+    pub first: u32,
+    pub end: u32,
+}
+
+/// One row of the segment table (16 bytes): `len` elements of tensor
+/// `tensor` from element `start` (a multiple of 4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SegmentEntry {
     pub start: u64,
     pub tensor: u32,
     pub len: u32,
@@ -85,7 +95,8 @@ pub struct Control {
 }
 
 const _: () = assert!(std::mem::size_of::<TensorEntry>() == 40);
-const _: () = assert!(std::mem::size_of::<ChunkEntry>() == 16);
+const _: () = assert!(std::mem::size_of::<ChunkEntry>() == 8);
+const _: () = assert!(std::mem::size_of::<SegmentEntry>() == 16);
 const _: () = assert!(std::mem::size_of::<Control>() == 64);
 
 /// Byte offsets inside [`Control`] the host writes between launches.
@@ -111,6 +122,7 @@ impl Control {
 pub trait Row: Copy {}
 impl Row for TensorEntry {}
 impl Row for ChunkEntry {}
+impl Row for SegmentEntry {}
 impl Row for Control {}
 
 pub fn rows_bytes<T: Row>(rows: &[T]) -> &[u8] {
@@ -141,6 +153,7 @@ impl Control {
 pub struct KernelArgs {
     pub tensors: u64,
     pub chunks: u64,
+    pub segments: u64,
     pub nchunks: u32,
     pub control: u64,
     pub partials: u64,
@@ -176,6 +189,7 @@ impl KernelArgs {
         vec![
             self.tensors.to_le_bytes().to_vec(),
             self.chunks.to_le_bytes().to_vec(),
+            self.segments.to_le_bytes().to_vec(),
             self.nchunks.to_le_bytes().to_vec(),
             self.control.to_le_bytes().to_vec(),
             self.partials.to_le_bytes().to_vec(),
@@ -214,24 +228,51 @@ pub fn vector_ok(param: u64, grad: u64, dtype: DType) -> bool {
     param.is_multiple_of(align) && grad.is_multiple_of(align)
 }
 
-/// The chunk table of a tensor layout: tensors in order, cut into chunks
-/// of [`chunk_len`] elements; empty tensors have none.
-pub fn chunk_table(numels: &[usize]) -> Vec<ChunkEntry> {
+/// The chunk and segment tables of a tensor layout (kernels/README.md,
+/// "Chunks and segments").
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ChunkPlan {
+    pub chunks: Vec<ChunkEntry>,
+    pub segments: Vec<SegmentEntry>,
+}
+
+/// Cuts a tensor layout into chunks of [`chunk_len`] elements of one flat
+/// index space: the tensors in order, each starting at a multiple of 4
+/// (its element count rounded up to 4 apart from the last), so a segment's
+/// start inside its tensor is a multiple of 4 and inherits the tensor's
+/// alignment. A chunk holds the pieces (segments) of every tensor it
+/// overlaps, so N tensors make as many chunks, of the same sizes, as one
+/// tensor of their total size: the same work per block whatever the
+/// split. Empty tensors have no segments.
+pub fn chunk_table(numels: &[usize]) -> ChunkPlan {
     let chunk = chunk_len(numels.iter().sum());
-    let mut out = Vec::new();
+    let mut plan = ChunkPlan::default();
+    // flat index of the current tensor's element 0, and the flat chunk
+    // number of the last row pushed
+    let mut base = 0usize;
+    let mut last_chunk = usize::MAX;
     for (t, &n) in numels.iter().enumerate() {
         let mut start = 0;
         while start < n {
-            let len = chunk.min(n - start);
-            out.push(ChunkEntry {
+            let flat = base + start;
+            let k = flat / chunk;
+            let len = ((k + 1) * chunk - flat).min(n - start);
+            if k != last_chunk {
+                let at = plan.segments.len() as u32;
+                plan.chunks.push(ChunkEntry { first: at, end: at });
+                last_chunk = k;
+            }
+            plan.segments.push(SegmentEntry {
                 start: start as u64,
                 tensor: t as u32,
                 len: len as u32,
             });
+            plan.chunks.last_mut().expect("pushed above").end += 1;
             start += len;
         }
+        base += slot_stride(n);
     }
-    out
+    plan
 }
 
 /// Where each tensor's optimizer state lives inside one f32 buffer:
@@ -369,28 +410,69 @@ mod tests {
         assert!(rounding_lint("\tadd.u32 %r1, %r2, 1; // add.f32 in a comment").is_empty());
     }
 
-    #[test]
-    fn chunks_cover_every_element_once() {
-        let numels = [0, 1, CHUNK, CHUNK + 1, 3 * CHUNK - 5];
-        let table = chunk_table(&numels);
-        for (t, &n) in numels.iter().enumerate() {
-            let mut covered = 0;
-            for c in table.iter().filter(|c| c.tensor as usize == t) {
-                assert_eq!(c.start as usize, covered);
-                assert!(c.len >= 1 && c.len as usize <= CHUNK);
-                covered += c.len as usize;
+    /// Every element in exactly one segment, segments in tensor order,
+    /// starts at multiples of 4, chunks of at most `C` elements.
+    fn check_plan(numels: &[usize]) -> ChunkPlan {
+        let c = chunk_len(numels.iter().sum());
+        let plan = chunk_table(numels);
+        let mut next = vec![0usize; numels.len()];
+        let mut seen = 0;
+        for (k, ch) in plan.chunks.iter().enumerate() {
+            assert_eq!(
+                ch.first as usize, seen,
+                "chunk {k} starts where the last ended"
+            );
+            assert!(ch.end > ch.first, "chunk {k} is empty");
+            seen = ch.end as usize;
+            let segs = &plan.segments[ch.first as usize..ch.end as usize];
+            let total: usize = segs.iter().map(|s| s.len as usize).sum();
+            assert!(total <= c, "chunk {k}: {total} elements");
+            for s in segs {
+                let t = s.tensor as usize;
+                assert_eq!(s.start as usize, next[t], "tensor {t} covered in order");
+                assert!(s.start % 4 == 0 && s.len >= 1);
+                next[t] += s.len as usize;
             }
-            assert_eq!(covered, n);
         }
+        assert_eq!(seen, plan.segments.len());
+        assert_eq!(next, numels);
+        plan
     }
 
     #[test]
-    fn large_layouts_use_large_chunks() {
-        let table = chunk_table(&[LARGE_FROM - 7, CHUNK_LARGE + 1]);
-        assert!(table.iter().all(|c| c.len as usize <= CHUNK_LARGE));
-        assert_eq!(table[0].len as usize, CHUNK_LARGE);
-        assert_eq!(table.last().unwrap().len, 1);
-        assert_eq!(chunk_len(LARGE_FROM - 1), CHUNK);
+    fn chunks_cover_every_element_once() {
+        check_plan(&[0, 1, CHUNK, CHUNK + 1, 3 * CHUNK - 5]);
+        check_plan(&[5; 1000]);
+        check_plan(&[]);
+        check_plan(&[0, 0]);
+        let plan = check_plan(&[CHUNK - 3, 7, 2 * CHUNK]);
+        // tensor 1 starts at flat CHUNK (CHUNK - 3 rounded up to 4)
+        assert_eq!(plan.segments[1].tensor, 1);
+        assert_eq!(plan.chunks[1].first, 1);
+    }
+
+    #[test]
+    fn many_tensors_make_the_chunks_of_one() {
+        // what the GPU benchmark compares: 1 tensor against 200 of the same
+        // total, at 1M, 16M and 256M elements
+        // (scripts/gpu_check.py's split: total / 200 each, the rest in the
+        // last); rounding each tensor up to 4 adds at most 3 · 200 elements,
+        // so at most one more chunk
+        for total in [1 << 20, 1 << 24, 1 << 28] {
+            let one = chunk_table(&[total]).chunks.len();
+            let mut split = vec![total / 200; 200];
+            split[199] += total % 200;
+            let many = chunk_table(&split);
+            assert!(many.chunks.len() <= one + 1, "{total}");
+            assert!(many.segments.len() <= many.chunks.len() + 199);
+            // cut at multiples of 4 (contiguous_views): exactly the chunks of one
+            let mut aligned = vec![(total / 200) & !3; 200];
+            aligned[199] = total - 199 * aligned[0];
+            assert_eq!(chunk_table(&aligned).chunks.len(), one, "{total}");
+        }
+        // many small tensors share chunks: 10 000 biases of 100 elements
+        let plan = check_plan(&[100; 10_000]);
+        assert_eq!(plan.chunks.len(), (10_000 * 100usize).div_ceil(CHUNK));
     }
 
     #[test]

@@ -50,6 +50,7 @@ struct Layout {
     offsets: Vec<usize>,
     state: Option<DeviceBuffer>,
     chunks: DeviceBuffer,
+    segments: DeviceBuffer,
     nchunks: u32,
     tensors: DeviceBuffer,
     partials: DeviceBuffer,
@@ -132,24 +133,31 @@ impl CudaBackend {
         } else {
             None
         };
-        let table = abi::chunk_table(numels);
-        let nchunks = u32::try_from(table.len()).map_err(|_| {
-            Error::new(
-                Status::InvalidArgument,
-                "too many elements for one handle (2^32 chunks)",
-            )
-        })?;
-        let chunks = DeviceBuffer::new(std::mem::size_of_val(table.as_slice()))?;
+        let plan = abi::chunk_table(numels);
+        // segment indices are u32 too, and there are more segments than chunks
+        let nchunks = u32::try_from(plan.segments.len())
+            .map(|_| plan.chunks.len() as u32)
+            .map_err(|_| {
+                Error::new(
+                    Status::InvalidArgument,
+                    "too many elements or tensors for one handle (2^32 chunk segments)",
+                )
+            })?;
+        let chunks = DeviceBuffer::new(std::mem::size_of_val(plan.chunks.as_slice()))?;
         self.staging
-            .upload(chunks.ptr, abi::rows_bytes(&table), stream)?;
+            .upload(chunks.ptr, abi::rows_bytes(&plan.chunks), stream)?;
+        let segments = DeviceBuffer::new(std::mem::size_of_val(plan.segments.as_slice()))?;
+        self.staging
+            .upload(segments.ptr, abi::rows_bytes(&plan.segments), stream)?;
         let tensors = DeviceBuffer::new(numels.len() * std::mem::size_of::<TensorEntry>())?;
-        let partials = DeviceBuffer::new(table.len() * 8)?;
+        let partials = DeviceBuffer::new(plan.chunks.len() * 8)?;
         self.uploaded.clear();
         self.layout = Some(Layout {
             numels: numels.to_vec(),
             offsets,
             state,
             chunks,
+            segments,
             nchunks,
             tensors,
             partials,
@@ -199,6 +207,7 @@ impl CudaBackend {
         let mut args = abi::KernelArgs {
             tensors: l.tensors.ptr,
             chunks: l.chunks.ptr,
+            segments: l.segments.ptr,
             nchunks: l.nchunks,
             control: self.control.ptr,
             partials: l.partials.ptr,
