@@ -547,12 +547,15 @@ fn mixed_dtypes_in_one_launch_and_a_caller_stream() {
     let mut stream = std::ptr::null_mut();
     // SAFETY: out-parameter; 1 = non-blocking.
     unsafe { ok(sys::cuStreamCreate(&mut stream, 1)) };
-    let shape = vec![
+    let mut shape = vec![
         (100, DType::F32, false),
         (5000, DType::Bf16, true),
         (77, DType::F16, false),
         (4096, DType::F32, true),
     ];
+    // and sixty small tensors: chunks of many segments
+    let dts = [DType::F32, DType::F16, DType::Bf16];
+    shape.extend((0..60).map(|i| (13 * i + 1, dts[i % 3], i % 7 == 3)));
     let mut case = Case::new(OptimizerKind::AdamW, &shape, stream as *mut c_void);
     for step in 0..4 {
         case.set_grads(step + 10, None);
