@@ -7,6 +7,10 @@
 #   bash scripts/gpu-check.sh             # on the GPU machine (CUDA driver,
 #                                         # python3 with torch): runs them
 #
+# `--prepare --baseline REV` also builds liblra.so of git revision REV (a
+# worktree in target/gpu-check-baseline-src) into target/gpu-check/baseline/;
+# the GPU run then times the fused step of both libraries side by side.
+#
 # The GPU run (a few minutes at most; the 256M benchmarks take seconds):
 # 1. tests/cuda.rs (prebuilt): every kernel x optimizer x dtype x mode
 #    against the CPU backend (elementwise bit for bit, phi within 1e-6
@@ -20,6 +24,10 @@ cd "$(dirname "$0")/.."
 out=target/gpu-check
 
 if [ "${1:-}" = "--prepare" ]; then
+  baseline=
+  if [ "${2:-}" = "--baseline" ]; then
+    baseline=${3:?--baseline needs a git revision}
+  fi
   cargo build --release --lib
   exe=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
@@ -30,7 +38,19 @@ if [ "${1:-}" = "--prepare" ]; then
   cp "$lib" "$out/liblra.so"
   # Line tables only matter here; keep what travels small.
   strip --strip-debug "$out/cuda-tests" "$out/liblra.so" 2>/dev/null || true
-  ls -la "$out"
+  rm -rf "$out/baseline"
+  if [ -n "$baseline" ]; then
+    src=target/gpu-check-baseline-src
+    git worktree remove --force "$src" 2>/dev/null || rm -rf "$src"
+    git worktree add --detach "$src" "$baseline"
+    (cd "$src" && CARGO_TARGET_DIR="$PWD/../gpu-check-baseline-target" cargo build --release --lib)
+    mkdir -p "$out/baseline"
+    cp target/gpu-check-baseline-target/release/liblra.so "$out/baseline/liblra.so"
+    git -C "$src" log -1 --format='%h %s' >"$out/baseline/REVISION"
+    git worktree remove --force "$src"
+    strip --strip-debug "$out/baseline/liblra.so" 2>/dev/null || true
+  fi
+  ls -laR "$out"
   echo "now on the GPU machine (carry $out): bash scripts/gpu-check.sh"
   exit 0
 fi
@@ -55,6 +75,11 @@ done
 if [ -z "$py" ]; then
   echo "!!!! SKIPPED: gpu_check.py: no python3 with torch"
 else
-  "$py" scripts/gpu_check.py --lib "$out/liblra.so"
+  base=()
+  if [ -e "$out/baseline/liblra.so" ]; then
+    echo "baseline library: $(cat "$out/baseline/REVISION" 2>/dev/null)"
+    base=(--baseline-lib "$out/baseline/liblra.so")
+  fi
+  "$py" scripts/gpu_check.py --lib "$out/liblra.so" ${base[@]+"${base[@]}"}
 fi
 echo "==== gpu-check passed in $(( $(date +%s) - start )) s"

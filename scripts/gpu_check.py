@@ -8,10 +8,15 @@
 2. Benchmarks the fused Adam step against a device-to-device copy of the
    same bytes and against torch.optim.Adam(fused=True), at 1M, 16M and 256M
    parameters in 1 and in 200 tensors, and prints a markdown table.
+3. With --baseline-lib (another build of lra, e.g. an earlier commit), times
+   both libraries' fused step on the same tensors, alternating, and prints
+   their ratios side by side (an A/B of a kernel change).
 
-Usage: gpu_check.py --lib path/to/liblra.so [--cpu-selftest] [--quick]
+Usage: gpu_check.py --lib path/to/liblra.so [--baseline-lib other/liblra.so]
+                    [--cpu-selftest] [--quick]
 """
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -26,11 +31,14 @@ class Lra:
     """This script's view of bindings/python/lra.py, the project's one ctypes
     binding (so the GPU run exercises it too)."""
 
-    def __init__(self, path):
-        os.environ["LRA_LIBRARY"] = os.path.abspath(path)
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python"))
-        import lra as binding
-
+    def __init__(self, path, module_name="lra"):
+        # A fresh instance of the binding module per library, so two builds
+        # of liblra (a baseline) can be loaded side by side.
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python", "lra.py")
+        spec = importlib.util.spec_from_file_location(module_name, src)
+        binding = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(binding)
+        binding.load_library(os.path.abspath(path))
         self.b = binding
 
     def create(self, device, **fields):
@@ -255,11 +263,51 @@ def contiguous_views(lra, n, k, stream):
     return t
 
 
+def compare_libraries(lra, base, sizes, counts):
+    """The fused step (guard off) of two builds of lra on the same tensors,
+    timed alternately (new, baseline, new, ...) so both see the same
+    conditions; prints times and ratios."""
+    stream = torch.cuda.current_stream().cuda_stream
+    print()
+    print("A/B against the baseline library (fused Adam, guard off; medians of alternating rounds)")
+    print("| parameters | tensors | this lra | baseline | this / baseline |")
+    print("|---:|---:|---:|---:|---:|")
+    per = {}
+    for n in sizes:
+        iters = max(5, min(200, (200 << 20) // n))
+        for k in counts:
+            g = torch.Generator(device="cuda").manual_seed(1)
+            params = split(n, k, "cuda", lambda s, d: torch.randn(s, device=d, generator=g))
+            grads = split(n, k, "cuda", lambda s, d: torch.randn(s, device=d, generator=g))
+            times = {}
+            for name, lib in (("this", lra), ("base", base)):
+                h = lib.create(CUDA, lr=1e-6, check_finite=0)
+                times[name] = (lib, h, lib.tensors(params, grads), [])
+            for _ in range(5):
+                for name, (lib, h, arr, out) in times.items():
+                    out.append(timed(lambda: lib.step(h, arr, 1.0, stream), iters, reps=1))
+            med = {}
+            for name, (lib, h, arr, out) in times.items():
+                lib.destroy(h)
+                out.sort()
+                med[name] = out[len(out) // 2]
+            per[(n, k)] = med
+            del times, params, grads
+            torch.cuda.empty_cache()
+            print(f"| {n >> 20}M | {k} | {med['this'] * 1e6:.1f} us | {med['base'] * 1e6:.1f} us "
+                  f"| {med['this'] / med['base']:.3f} |", flush=True)
+    for n in sizes:
+        if (n, 1) in per and (n, 200) in per:
+            a, b = (per[(n, 200)][x] / per[(n, 1)][x] for x in ("this", "base"))
+            print(f"{n >> 20}M parameters: 200 tensors / 1 tensor: this lra {a:.3f}, baseline {b:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True)
     ap.add_argument("--cpu-selftest", action="store_true", help="check the ctypes binding on a host handle")
     ap.add_argument("--quick", action="store_true", help="benchmark 1M and 16M only")
+    ap.add_argument("--baseline-lib", help="another liblra.so to compare the fused step with")
     a = ap.parse_args()
     lra = Lra(a.lib)
     if a.cpu_selftest:
@@ -274,6 +322,8 @@ def main():
     torch_adapter_on_cuda(lra)
     sizes = [1 << 20, 16 << 20] + ([] if a.quick else [256 << 20])
     benchmark(lra, sizes, [1, 200])
+    if a.baseline_lib:
+        compare_libraries(lra, Lra(a.baseline_lib, "lra_baseline"), sizes, [1, 200])
     print(f"\ngpu_check.py finished in {time.time() - t0:.0f} s")
 
 
