@@ -238,7 +238,7 @@ pub struct ChunkPlan {
 
 /// Cuts a tensor layout into chunks of [`chunk_len`] elements of one flat
 /// index space: the tensors in order, each starting at a multiple of 4
-/// (its element count rounded up to 4 apart from the last), so a segment's
+/// (the element counts before it rounded up to 4), so a segment's
 /// start inside its tensor is a multiple of 4 and inherits the tensor's
 /// alignment. A chunk holds the pieces (segments) of every tensor it
 /// overlaps, so N tensors make as many chunks, of the same sizes, as one
@@ -473,6 +473,19 @@ mod tests {
         // many small tensors share chunks: 10 000 biases of 100 elements
         let plan = check_plan(&[100; 10_000]);
         assert_eq!(plan.chunks.len(), (10_000 * 100usize).div_ceil(CHUNK));
+    }
+
+    #[test]
+    fn large_layouts_use_large_chunks() {
+        let plan = check_plan(&[LARGE_FROM - 7, CHUNK_LARGE + 1]);
+        assert_eq!(plan.segments[0].len as usize, CHUNK_LARGE);
+        // the first tensor ends 7 elements short of a chunk boundary, 4
+        // after rounding: the first 4 elements of the second fill that chunk
+        let shared = plan.chunks[LARGE_FROM / CHUNK_LARGE - 1];
+        assert_eq!(shared.end - shared.first, 2);
+        assert_eq!(plan.segments[shared.first as usize + 1].len, 4);
+        assert_eq!(plan.segments.last().unwrap().len as usize, CHUNK_LARGE - 3);
+        assert_eq!(chunk_len(LARGE_FROM - 1), CHUNK);
     }
 
     #[test]
