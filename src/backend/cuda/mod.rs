@@ -134,15 +134,14 @@ impl CudaBackend {
             None
         };
         let plan = abi::chunk_table(numels);
-        // segment indices are u32 too, and there are more segments than chunks
-        let nchunks = u32::try_from(plan.segments.len())
-            .map(|_| plan.chunks.len() as u32)
-            .map_err(|_| {
-                Error::new(
-                    Status::InvalidArgument,
-                    "too many elements or tensors for one handle (2^32 chunk segments)",
-                )
-            })?;
+        // The kernel indexes segments (at least as many as chunks) with u32.
+        if u32::try_from(plan.segments.len()).is_err() {
+            fail!(
+                InvalidArgument,
+                "too many elements or tensors for one handle (2^32 chunk segments)"
+            );
+        }
+        let nchunks = plan.chunks.len() as u32;
         let chunks = DeviceBuffer::new(std::mem::size_of_val(plan.chunks.as_slice()))?;
         self.staging
             .upload(chunks.ptr, abi::rows_bytes(&plan.chunks), stream)?;
