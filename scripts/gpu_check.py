@@ -7,13 +7,16 @@
    = 0) lra handle fed the same gradients; also the device found_inf flag.
 2. Benchmarks the fused Adam step against a device-to-device copy of the
    same bytes and against torch.optim.Adam(fused=True), at 1M, 16M and 256M
-   parameters in 1 and in 200 tensors, and prints a markdown table.
+   parameters in 1 and in 200 tensors, and prints a markdown table. Each
+   lra row also gives the host's own time to enqueue one step: where it
+   reaches the device time, the loop was host-bound (the 1M question).
 3. With --baseline-lib (another build of lra, e.g. an earlier commit), times
    both libraries' fused step on the same tensors, alternating, and prints
    their ratios side by side (an A/B of a kernel change).
 
 Usage: gpu_check.py --lib path/to/liblra.so [--baseline-lib other/liblra.so]
                     [--cpu-selftest] [--quick]
+CI runs these code paths on the CPU: scripts/gpu_check_dryrun.py.
 """
 import argparse
 import importlib.util
@@ -144,23 +147,36 @@ def torch_adapter_on_cuda(lra):
     opt.close()
 
 
+class Timing:
+    """Median seconds per call: `device` between CUDA events on the current
+    stream, `host` the caller's own time to enqueue the calls (perf_counter
+    around the loop, before waiting). Where `host` reaches `device` the
+    loop is host-bound and `device` measures the host, not the kernels."""
+
+    def __init__(self, device, host):
+        self.device, self.host = device, host
+
+
 def timed(fn, iters, reps=5):
-    """Median seconds per call of `fn`, timed with CUDA events on the
-    current stream."""
+    """A `Timing` of `fn`, median over `reps` rounds of `iters` calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    out = []
+    dev, host = [], []
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
+        h0 = time.perf_counter()
         for _ in range(iters):
             fn()
+        h1 = time.perf_counter()
         e.record()
         e.synchronize()
-        out.append(s.elapsed_time(e) * 1e-3 / iters)
-    out.sort()
-    return out[len(out) // 2]
+        dev.append(s.elapsed_time(e) * 1e-3 / iters)
+        host.append((h1 - h0) / iters)
+    dev.sort()
+    host.sort()
+    return Timing(dev[len(dev) // 2], host[len(host) // 2])
 
 
 def split(n, k, device, fill):
@@ -176,8 +192,8 @@ def benchmark(lra, sizes, counts):
     fcopy = {}
     print()
     print("| parameters | tensors | lra fused (guard off) | copy same bytes | lra vs copy | lra (guard on) "
-          "| torch Adam fused | torch / lra |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| torch Adam fused | torch / lra | lra host enqueue (guard off) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         iters = max(5, min(200, (200 << 20) // n))
         for k in counts:
@@ -188,13 +204,16 @@ def benchmark(lra, sizes, counts):
             t = {}
             for guard in (0, 1):
                 h = lra.create(CUDA, lr=1e-6, check_finite=guard)
-                t[guard] = timed(lambda: lra.step(h, arr, 1.0, stream), iters)
+                timing = timed(lambda: lra.step(h, arr, 1.0, stream), iters)
+                t[guard] = timing.device
+                if guard == 0:
+                    host = timing.host
                 lra.destroy(h)
             # Adam fp32 fused step moves 28 B per parameter (read θ, g, m, v;
             # write θ, m, v): a copy of 14 B per parameter moves the same.
             src = torch.empty(14 * n, dtype=torch.uint8, device=dev)
             dst = torch.empty_like(src)
-            t_copy = timed(lambda: dst.copy_(src), iters)
+            t_copy = timed(lambda: dst.copy_(src), iters).device
             del src, dst
             # Placement control: the memory system's own cost of the caller's
             # k allocations, with no lra in it: one multi-tensor launch that
@@ -204,7 +223,7 @@ def benchmark(lra, sizes, counts):
             for p, gr in zip(tp, grads):
                 p.grad = gr.clone()
             opt = torch.optim.Adam(tp, lr=1e-6, betas=(0.5, 0.999), fused=True)
-            t_torch = timed(opt.step, iters)
+            t_torch = timed(opt.step, iters).device
             del opt, tp, params, grads, arr
             torch.cuda.empty_cache()
             bw = 28 * n / t[0] / 1e9
@@ -212,7 +231,7 @@ def benchmark(lra, sizes, counts):
             fcopy[(n, k)] = t_fcopy
             print(f"| {n >> 20}M | {k} | {t[0] * 1e6:.1f} us ({bw:.0f} GB/s) | {t_copy * 1e6:.1f} us "
                   f"({28 * n / t_copy / 1e9:.0f} GB/s) | {t_copy / t[0]:.3f} | {t[1] * 1e6:.1f} us "
-                  f"| {t_torch * 1e6:.1f} us | {t_torch / t[0]:.3f} |", flush=True)
+                  f"| {t_torch * 1e6:.1f} us | {t_torch / t[0]:.3f} | {host * 1e6:.1f} us |", flush=True)
     print()
     for n in sizes:
         if (n, 1) in rows and (n, 200) in rows:
@@ -238,7 +257,7 @@ def foreach_copy_time(tensors, iters):
         print("note: this torch has no _foreach_copy_; placement control skipped")
         return None
     dst = [torch.empty_like(t) for t in tensors]
-    t = timed(lambda: torch._foreach_copy_(dst, tensors), iters)
+    t = timed(lambda: torch._foreach_copy_(dst, tensors), iters).device
     del dst
     return t
 
@@ -256,7 +275,7 @@ def contiguous_views(lra, n, k, stream):
     grads = list(torch.split(flat_g, sizes))
     h = lra.create(CUDA, lr=1e-6, check_finite=0)
     arr = lra.tensors(params, grads)
-    t = timed(lambda: lra.step(h, arr, 1.0, stream), max(5, min(200, (200 << 20) // n)))
+    t = timed(lambda: lra.step(h, arr, 1.0, stream), max(5, min(200, (200 << 20) // n))).device
     lra.destroy(h)
     del flat_p, flat_g, params, grads, arr
     torch.cuda.empty_cache()
@@ -270,8 +289,8 @@ def compare_libraries(lra, base, sizes, counts):
     stream = torch.cuda.current_stream().cuda_stream
     print()
     print("A/B against the baseline library (fused Adam, guard off; medians of alternating rounds)")
-    print("| parameters | tensors | this lra | baseline | this / baseline |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| parameters | tensors | this lra | baseline | this / baseline | host enqueue: this, baseline |")
+    print("|---:|---:|---:|---:|---:|---:|")
     per = {}
     for n in sizes:
         iters = max(5, min(200, (200 << 20) // n))
@@ -286,16 +305,17 @@ def compare_libraries(lra, base, sizes, counts):
             for _ in range(5):
                 for name, (lib, h, arr, out) in times.items():
                     out.append(timed(lambda: lib.step(h, arr, 1.0, stream), iters, reps=1))
-            med = {}
+            med, host = {}, {}
             for name, (lib, h, arr, out) in times.items():
                 lib.destroy(h)
-                out.sort()
-                med[name] = out[len(out) // 2]
+                med[name] = sorted(x.device for x in out)[len(out) // 2]
+                host[name] = sorted(x.host for x in out)[len(out) // 2]
             per[(n, k)] = med
             del times, params, grads
             torch.cuda.empty_cache()
             print(f"| {n >> 20}M | {k} | {med['this'] * 1e6:.1f} us | {med['base'] * 1e6:.1f} us "
-                  f"| {med['this'] / med['base']:.3f} |", flush=True)
+                  f"| {med['this'] / med['base']:.3f} | {host['this'] * 1e6:.1f} us, {host['base'] * 1e6:.1f} us |",
+                  flush=True)
     for n in sizes:
         if (n, 1) in per and (n, 200) in per:
             a, b = (per[(n, 200)][x] / per[(n, 1)][x] for x in ("this", "base"))

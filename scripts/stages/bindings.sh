@@ -7,7 +7,9 @@
 #  4. C++ binding tests built through find_package(lra) (+ the LibTorch adapter test);
 #  5. LibTorch digits MLP through find_package(lra COMPONENTS torch): Adam from
 #     lr 1e-4 and from lr 1.0 must each reach >= 90% training accuracy;
-#  6. Python ctypes binding tests, training a torch model with Debian's python3.
+#  6. Python ctypes binding tests, training a torch model with Debian's python3;
+#  7. a CPU dry run of scripts/gpu_check.py's code paths (the GPU script must
+#     not first break on a lent GPU).
 # Uses target/ (or $CARGO_TARGET_DIR); prints "!!!! SKIPPED:" for a missing dependency.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -104,8 +106,10 @@ for py in /usr/bin/python3 python3; do
 done
 if [ -n "$torch_python" ]; then
   LRA_LIBRARY="$lib" "$torch_python" -m unittest -v bindings/python/test_lra.py
+  say "GPU check script, dry run on the CPU (scripts/gpu_check_dryrun.py)"
+  "$torch_python" scripts/gpu_check_dryrun.py "$lib"
 elif have python3; then
-  skip "no python3 with torch (Debian python3-torch): the torch training tests did not run"
+  skip "no python3 with torch (Debian python3-torch): the torch training tests and the gpu_check.py dry run did not run"
   LRA_LIBRARY="$lib" python3 -m unittest -v bindings/python/test_lra.py
 else
   skip "python3 not found: the Python binding did not run"

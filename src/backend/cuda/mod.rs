@@ -193,11 +193,27 @@ impl CudaBackend {
 
     /// Runs the step's launches; on success the last one has been enqueued.
     fn run_step(&mut self, req: StepRequest<'_>, stream: CUstream) -> Result<()> {
-        let numels: Vec<usize> = req.tensors.iter().map(|t| t.numel).collect();
-        self.ensure_layout(&numels, stream)?;
-        let table = self.tensor_table(req.tensors);
+        // Checked here too, not only by the engine: a first step that failed
+        // after allocating (or an import) fixed this layout without the
+        // engine's knowledge.
+        let same_sizes = self.layout.as_ref().is_some_and(|l| {
+            l.numels.len() == req.tensors.len()
+                && l.numels.iter().zip(req.tensors).all(|(&n, t)| n == t.numel)
+        });
+        if !same_sizes {
+            let numels: Vec<usize> = req.tensors.iter().map(|t| t.numel).collect();
+            self.ensure_layout(&numels, stream)?;
+        }
+        // A row is a function of the pointers, the dtype and the layout: the
+        // same ones as the uploaded table need no new table (one comparison
+        // per tensor, no allocation, in the host work of every step).
+        let same_table = self.uploaded.len() == req.tensors.len()
+            && req.tensors.iter().zip(&self.uploaded).all(|(t, e)| {
+                e.param == t.param as u64 && e.grad == t.grad as u64 && e.dtype == t.dtype as u32
+            });
         let l = self.layout.as_ref().expect("layout allocated");
-        if table != self.uploaded {
+        if !same_table {
+            let table = self.tensor_table(req.tensors);
             self.staging
                 .upload(l.tensors.ptr, abi::rows_bytes(&table), stream)?;
             self.uploaded = table;
