@@ -314,6 +314,21 @@ pub fn tensor_entry(
     }
 }
 
+/// Whether `rows` (built by [`tensor_entry`] for this layout) are still
+/// the rows of `tensors`, given as (param, grad, dtype): a row is a function
+/// of those and of what the layout fixes (size, state offset), so equal
+/// ones mean an equal table, decided with no allocation on every step.
+pub fn table_is_current(
+    rows: &[TensorEntry],
+    tensors: impl ExactSizeIterator<Item = (u64, u64, DType)>,
+) -> bool {
+    rows.len() == tensors.len()
+        && rows
+            .iter()
+            .zip(tensors)
+            .all(|(r, (p, g, dt))| r.param == p && r.grad == g && r.dtype == dt as u32)
+}
+
 /// Elements between slot 0 and slot 1 of a tensor of `numel` elements.
 pub fn slot_stride(numel: usize) -> usize {
     numel.div_ceil(4) * 4
@@ -408,6 +423,63 @@ mod tests {
             assert_eq!(rounding_lint(line).len(), 1, "{line}");
         }
         assert!(rounding_lint("\tadd.u32 %r1, %r2, 1; // add.f32 in a comment").is_empty());
+    }
+
+    /// The per-step shortcut agrees with rebuilding the table: over many
+    /// moves of pointers (by an element, a vector, far), dtype changes and
+    /// no change at all, "current" exactly when the rebuilt rows are equal.
+    #[test]
+    fn table_is_current_exactly_when_rebuilding_gives_the_same_rows() {
+        let numels = [1usize, 33, 4096, 5];
+        let kind = OptimizerKind::Adam;
+        let (offsets, _) = state_layout(&numels, kind);
+        let rows_of = |t: &[(u64, u64, DType)]| -> Vec<TensorEntry> {
+            t.iter()
+                .zip(&numels)
+                .zip(&offsets)
+                .map(|((&(p, g, dt), &n), &off)| tensor_entry(kind, (p, g), n, dt, 1 << 40, off))
+                .collect()
+        };
+        let first: Vec<(u64, u64, DType)> = (0..numels.len() as u64)
+            .map(|i| {
+                (
+                    0x1000_0000 * (i + 1),
+                    0x8000_0000 + 0x1000_0000 * i,
+                    DType::F32,
+                )
+            })
+            .collect();
+        let uploaded = rows_of(&first);
+        let mut seed = 12345u64;
+        let (mut same, mut changed) = (0, 0);
+        for _ in 0..2000 {
+            let mut t = first.clone();
+            for e in t.iter_mut() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let moves = [0u64, 2, 4, 16, 1 << 20];
+                let mv = moves[(seed >> 33) as usize % moves.len()];
+                match (seed >> 40) % 5 {
+                    0 => e.0 += mv,
+                    1 => e.1 += mv,
+                    2 => e.2 = [DType::F32, DType::F16, DType::Bf16][(seed >> 50) as usize % 3],
+                    _ => {}
+                }
+            }
+            let current = table_is_current(&uploaded, t.iter().copied());
+            assert_eq!(current, rows_of(&t) == uploaded, "{t:?}");
+            if current {
+                same += 1;
+            } else {
+                changed += 1;
+            }
+        }
+        assert!(
+            same > 100 && changed > 100,
+            "both outcomes seen: {same} {changed}"
+        );
+        assert!(!table_is_current(&uploaded, first[..3].iter().copied()));
     }
 
     /// Every element in exactly one segment, segments in tensor order,

@@ -204,15 +204,14 @@ impl CudaBackend {
             let numels: Vec<usize> = req.tensors.iter().map(|t| t.numel).collect();
             self.ensure_layout(&numels, stream)?;
         }
-        // A row is a function of the pointers, the dtype and the layout: the
-        // same ones as the uploaded table need no new table (one comparison
-        // per tensor, no allocation, in the host work of every step).
-        let same_table = self.uploaded.len() == req.tensors.len()
-            && req.tensors.iter().zip(&self.uploaded).all(|(t, e)| {
-                e.param == t.param as u64 && e.grad == t.grad as u64 && e.dtype == t.dtype as u32
-            });
+        let current = abi::table_is_current(
+            &self.uploaded,
+            req.tensors
+                .iter()
+                .map(|t| (t.param as u64, t.grad as u64, t.dtype)),
+        );
         let l = self.layout.as_ref().expect("layout allocated");
-        if !same_table {
+        if !current {
             let table = self.tensor_table(req.tensors);
             self.staging
                 .upload(l.tensors.ptr, abi::rows_bytes(&table), stream)?;
