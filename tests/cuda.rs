@@ -9,6 +9,8 @@ use lra::controller::{ScaleRule, SkipReason, StepOutcome};
 use lra::optim::{DType, Hyper, OptimizerKind};
 use lra::Status;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::{Duration, Instant};
 
 /// Makes the primary context of device 0 current on this thread; false
 /// (with the reason printed) when there is no driver or GPU.
@@ -351,6 +353,29 @@ impl Case {
         (cpu, gpu)
     }
 
+    /// The request of one step of this case (either backend).
+    fn request<'a>(
+        &self,
+        mode: Mode,
+        lr: f64,
+        tensors: &'a [TensorDesc],
+        found_inf: *const c_void,
+        stream: *mut c_void,
+        reduce: Option<lra::backend::Reducer<'a>>,
+    ) -> StepRequest<'a> {
+        StepRequest {
+            tensors,
+            kind: self.kind,
+            hyper: Hyper::defaults(self.kind),
+            lr,
+            rule: mode.rule(),
+            check_finite: mode.guard(),
+            found_inf,
+            stream,
+            reduce,
+        }
+    }
+
     /// One step on both backends; returns both outcomes.
     fn step(
         &mut self,
@@ -358,23 +383,25 @@ impl Case {
         lr: f64,
         found_inf: Option<&DevBuf>,
     ) -> (StepOutcome, StepOutcome) {
+        let (c, g) = self.step_with(mode, lr, found_inf, false);
+        c.unwrap();
+        g.unwrap();
+        (self.cpu.outcome().unwrap(), self.gpu.outcome().unwrap())
+    }
+
+    /// One step on both backends, without reading the outcomes. Sharded:
+    /// the (identity) cross-rank sum fails when `sum_fails`.
+    fn step_with(
+        &mut self,
+        mode: Mode,
+        lr: f64,
+        found_inf: Option<&DevBuf>,
+        sum_fails: bool,
+    ) -> (lra::Result<()>, lra::Result<()>) {
         let (tc, tg) = self.descs();
-        let hyper = Hyper::defaults(self.kind);
         let host_flag: f32 = found_inf.map_or(0.0, |b| {
             f32::from_le_bytes(b.read(0, 4).try_into().unwrap())
         });
-        let sharded = self.sharded;
-        let req = |tensors, found: *const c_void, stream, reduce| StepRequest {
-            tensors,
-            kind: self.kind,
-            hyper,
-            lr,
-            rule: mode.rule(),
-            check_finite: mode.guard(),
-            found_inf: found,
-            stream,
-            reduce,
-        };
         self.cpu.validate(&tc).unwrap();
         self.gpu.validate(&tg).unwrap();
         let hf = if found_inf.is_some() {
@@ -384,24 +411,31 @@ impl Case {
         };
         // Sharded: an identity "cross-rank sum" that records what it saw.
         let (mut seen_cpu, mut seen_gpu) = (Vec::new(), Vec::new());
-        let mut rc = |v: &mut [f64]| -> lra::Result<()> {
-            seen_cpu.push(v.to_vec());
+        let sum = |seen: &mut Vec<Vec<f64>>, v: &mut [f64]| -> lra::Result<()> {
+            seen.push(v.to_vec());
+            if sum_fails {
+                return Err(lra::Error::new(
+                    Status::ReductionFailed,
+                    "the test's sum fails",
+                ));
+            }
             Ok(())
         };
-        let mut rg = |v: &mut [f64]| -> lra::Result<()> {
-            seen_gpu.push(v.to_vec());
-            Ok(())
-        };
-        let (rc, rg): (Option<lra::backend::Reducer>, Option<lra::backend::Reducer>) = if sharded {
-            (Some(&mut rc), Some(&mut rg))
-        } else {
-            (None, None)
-        };
-        self.cpu
-            .step(req(&tc, hf, std::ptr::null_mut(), rc))
-            .unwrap();
+        let mut rc = |v: &mut [f64]| sum(&mut seen_cpu, v);
+        let mut rg = |v: &mut [f64]| sum(&mut seen_gpu, v);
+        let (rc, rg): (Option<lra::backend::Reducer>, Option<lra::backend::Reducer>) =
+            if self.sharded {
+                (Some(&mut rc), Some(&mut rg))
+            } else {
+                (None, None)
+            };
+        let cpu = self
+            .cpu
+            .step(self.request(mode, lr, &tc, hf, std::ptr::null_mut(), rc));
         let df = found_inf.map_or(std::ptr::null(), |b| b.0 as *const c_void);
-        self.gpu.step(req(&tg, df, self.stream, rg)).unwrap();
+        let gpu = self
+            .gpu
+            .step(self.request(mode, lr, &tg, df, self.stream, rg));
         assert_eq!(seen_cpu.len(), seen_gpu.len(), "reduction calls");
         // [non-finite count, found-inf flag, η·Σg·d]: counts differ in
         // unit (chunks vs threads), only their being non-zero is shared.
@@ -413,7 +447,7 @@ impl Case {
                 assert_phi_close(c[2], g[2], "partial φ handed to the reduction");
             }
         }
-        (self.cpu.outcome().unwrap(), self.gpu.outcome().unwrap())
+        (cpu, gpu)
     }
 
     fn assert_params_same(&self, what: &str) {
@@ -725,5 +759,317 @@ fn bad_pointers_are_invalid_arguments() {
             .err()
             .unwrap_or_else(|| panic!("{what} accepted"));
         assert_eq!(e.status, Status::InvalidArgument, "{what}: {e}");
+    }
+    // Pointers that passed once are checked again when the size or dtype
+    // changes (no layout is fixed: no step ran).
+    let f16 = |p: u64, g: u64, n| TensorDesc {
+        dtype: DType::F16,
+        ..t(p, g, n)
+    };
+    let after_accepted = [
+        (
+            "grown past the allocation",
+            t(dev.0, dev.0 + 32, 4),
+            t(dev.0, dev.0 + 32, 1 << 20),
+        ),
+        (
+            "f16 reread as f32",
+            f16(dev.0 + 2, dev.0 + 34, 2),
+            t(dev.0 + 2, dev.0 + 34, 2),
+        ),
+    ];
+    for (what, good, bad) in after_accepted {
+        gpu.validate(&[good]).unwrap();
+        let e = gpu
+            .validate(&[bad])
+            .err()
+            .unwrap_or_else(|| panic!("{what} accepted"));
+        assert_eq!(e.status, Status::InvalidArgument, "{what}: {e}");
+    }
+}
+
+/// A stream of another context, and a stream capturing a CUDA graph, are
+/// refused before anything is enqueued (the capture stays valid).
+#[test]
+fn foreign_and_capturing_streams_are_refused() {
+    if !gpu("foreign_and_capturing_streams_are_refused") {
+        return;
+    }
+    let mut case = Case::new(OptimizerKind::Sgd, &shape(DType::F32), std::ptr::null_mut());
+    case.set_grads(1, None);
+    case.step(Mode::Fused { guard: false }, 0.01, None);
+    let (_, tg) = case.descs();
+    let mode = Mode::Fused { guard: false };
+    let refused = |case: &mut Case, stream: *mut c_void, what: &str| {
+        let e = case
+            .gpu
+            .step(case.request(mode, 0.01, &tg, std::ptr::null(), stream, None))
+            .err()
+            .unwrap_or_else(|| panic!("{what}: step accepted"));
+        assert_eq!(e.status, Status::InvalidArgument, "{what}: {e}");
+        println!("{what}: {e}");
+    };
+    // SAFETY: driver calls with out-parameters on handles made here.
+    unsafe {
+        let (mut dev, mut other, mut stream) = (0, std::ptr::null_mut(), std::ptr::null_mut());
+        ok(sys::cuDeviceGet(&mut dev, 0));
+        ok(sys::cuCtxCreate_v2(&mut other, 0, dev));
+        ok(sys::cuStreamCreate(&mut stream, 1));
+        let mut popped = std::ptr::null_mut();
+        ok(sys::cuCtxPopCurrent_v2(&mut popped));
+        refused(
+            &mut case,
+            stream as *mut c_void,
+            "a stream of another context",
+        );
+        ok(sys::cuCtxPushCurrent_v2(other));
+        ok(sys::cuStreamDestroy_v2(stream));
+        ok(sys::cuCtxPopCurrent_v2(&mut popped));
+        ok(sys::cuCtxDestroy_v2(other));
+
+        let mut capturing = std::ptr::null_mut();
+        ok(sys::cuStreamCreate(&mut capturing, 1));
+        ok(sys::cuStreamBeginCapture_v2(
+            capturing,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        ));
+        refused(&mut case, capturing as *mut c_void, "a capturing stream");
+        let mut graph = std::ptr::null_mut();
+        ok(sys::cuStreamEndCapture(capturing, &mut graph));
+        if !graph.is_null() {
+            sys::cuGraphDestroy(graph);
+        }
+        ok(sys::cuStreamDestroy_v2(capturing));
+    }
+    // The handle still works and still matches the CPU backend.
+    case.set_grads(2, None);
+    let (c, g) = case.step(mode, 0.01, None);
+    assert_phi_close(c.phi, g.phi, "after refused streams");
+    case.assert_params_same("after refused streams");
+}
+
+/// A sharded step whose cross-rank sum fails (an MPI error) changes
+/// nothing: the last step's outcome, parameters and state stay, as on the
+/// CPU backend, and the next step matches it again.
+#[test]
+fn a_failed_cross_rank_sum_changes_nothing() {
+    if !gpu("a_failed_cross_rank_sum_changes_nothing") {
+        return;
+    }
+    for mode in [Mode::Fused { guard: true }, Mode::Capped] {
+        let mut case = Case::new(
+            OptimizerKind::Adam,
+            &shape(DType::F16),
+            std::ptr::null_mut(),
+        );
+        case.sharded = true;
+        case.set_grads(1, None);
+        let (c1, g1) = case.step(mode, 0.02, None);
+        // A non-finite gradient: the guard's flag is set before the sum.
+        case.set_grads(2, Some(f32::NAN));
+        let (c, g) = case.step_with(mode, 0.02, None, true);
+        let what = format!("{mode:?}, failed sum");
+        assert_eq!(
+            c.err().map(|e| e.status),
+            Some(Status::ReductionFailed),
+            "{what}"
+        );
+        assert_eq!(
+            g.err().map(|e| e.status),
+            Some(Status::ReductionFailed),
+            "{what}"
+        );
+        let (c, g) = (case.cpu.outcome().unwrap(), case.gpu.outcome().unwrap());
+        assert_eq!(
+            (c.skip, c.phi.to_bits()),
+            (c1.skip, c1.phi.to_bits()),
+            "{what}: CPU"
+        );
+        assert_eq!(g.skip, g1.skip, "{what}: outcome of the step before");
+        assert_eq!(
+            g.phi.to_bits(),
+            g1.phi.to_bits(),
+            "{what}: φ of the step before"
+        );
+        assert_eq!(g.scale.to_bits(), g1.scale.to_bits(), "{what}: scale");
+        case.assert_params_same(&what);
+        case.assert_state_same(&what);
+        case.set_grads(3, None);
+        let (c, g) = case.step(mode, 0.02, None);
+        assert_eq!(c.skip, g.skip, "{what}, next step");
+        assert_phi_close(c.phi, g.phi, &format!("{what}, next step"));
+        case.assert_params_same(&format!("{what}, next step"));
+        case.assert_state_same(&format!("{what}, next step"));
+    }
+}
+
+/// Holds a stream in a host function until opened. After 30 s it lets go
+/// by itself and says so, which the tests report as a failure (lra waited
+/// for the held stream) instead of hanging.
+#[derive(Default)]
+struct Gate {
+    open: AtomicBool,
+    ran: AtomicBool,
+    timed_out: AtomicBool,
+}
+
+unsafe extern "C" fn hold_stream(arg: *mut c_void) {
+    // SAFETY: a leaked `Gate` (see `Gate::hold`).
+    let gate = unsafe { &*(arg as *const Gate) };
+    let start = Instant::now();
+    while !gate.open.load(SeqCst) {
+        if start.elapsed() > Duration::from_secs(30) {
+            gate.timed_out.store(true, SeqCst);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    gate.ran.store(true, SeqCst);
+}
+
+impl Gate {
+    fn hold(stream: sys::CUstream) -> &'static Gate {
+        let gate: &'static Gate = Box::leak(Box::default());
+        // SAFETY: the gate lives for the process.
+        unsafe {
+            ok(sys::cuLaunchHostFunc(
+                stream,
+                Some(hold_stream),
+                gate as *const Gate as *mut c_void,
+            ))
+        };
+        gate
+    }
+
+    /// Opens the gate from another thread after a moment, so that the
+    /// calling thread is already waiting (if it waits) when it opens.
+    fn open_soon(&'static self) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            self.open.store(true, SeqCst);
+        })
+    }
+}
+
+/// Step N on stream A while A is held, step N+1 (new gradient buffers, so a
+/// new tensor table) on stream B: neither call waits for the device, B's
+/// work waits for A's on the device, and the outcome read on the host after
+/// A is released is step N+1's, equal to two CPU steps.
+#[test]
+fn steps_on_two_streams_are_ordered_on_the_device() {
+    if !gpu("steps_on_two_streams_are_ordered_on_the_device") {
+        return;
+    }
+    let (mut a, mut b) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: out-parameters; 1 = non-blocking.
+    unsafe {
+        ok(sys::cuStreamCreate(&mut a, 1));
+        ok(sys::cuStreamCreate(&mut b, 1));
+    }
+    let shape = [
+        (4097, DType::F32, false),
+        (300, DType::Bf16, true),
+        (77, DType::F16, false),
+    ];
+    let mode = Mode::Fused { guard: true };
+    let mut case = Case::new(OptimizerKind::Adam, &shape, a as *mut c_void);
+    case.set_grads(1, None);
+    case.step(mode, 0.01, None);
+    // Step N's gradients, then step N+1's in new device buffers, all
+    // written before A is held (writes synchronise the context).
+    case.set_grads(2, None);
+    let (tc1, tg1) = case.descs();
+    let req = case.request(
+        mode,
+        0.01,
+        &tc1,
+        std::ptr::null(),
+        std::ptr::null_mut(),
+        None,
+    );
+    case.cpu.step(req).unwrap();
+    let mut old_grads = Vec::new();
+    for (i, p) in case.pairs.iter_mut().enumerate() {
+        p.hgrad = encode(&values(p.n, 300 + i as u64), p.dt);
+        let mut padded = vec![0u8; p.off as usize];
+        padded.extend_from_slice(&p.hgrad);
+        old_grads.push(std::mem::replace(&mut p.dgrad, DevBuf::new(&padded)));
+    }
+    let (tc2, tg2) = case.descs();
+    let req = case.request(
+        mode,
+        0.01,
+        &tc2,
+        std::ptr::null(),
+        std::ptr::null_mut(),
+        None,
+    );
+    case.cpu.step(req).unwrap();
+    case.gpu.validate(&tg2).unwrap();
+
+    let gate = Gate::hold(a);
+    let req = case.request(mode, 0.01, &tg1, std::ptr::null(), a as *mut c_void, None);
+    case.gpu.step(req).unwrap();
+    let req = case.request(mode, 0.01, &tg2, std::ptr::null(), b as *mut c_void, None);
+    case.gpu.step(req).unwrap();
+    assert!(
+        !gate.timed_out.load(SeqCst),
+        "lra_step waited for a held stream"
+    );
+    assert!(!gate.ran.load(SeqCst));
+    // SAFETY: a live stream.
+    let b_state = unsafe { sys::cuStreamQuery(b) };
+    assert_eq!(
+        b_state,
+        sys::CUresult::CUDA_ERROR_NOT_READY,
+        "step N+1 on stream B did not wait for step N on held stream A"
+    );
+    let opener = gate.open_soon();
+    let g = case.gpu.outcome().unwrap();
+    opener.join().unwrap();
+    assert!(gate.ran.load(SeqCst) && !gate.timed_out.load(SeqCst));
+    let c = case.cpu.outcome().unwrap();
+    assert_eq!(c.skip, g.skip);
+    assert_phi_close(c.phi, g.phi, "two streams");
+    case.assert_params_same("two streams");
+    case.assert_state_same("two streams");
+    drop(case);
+    drop(old_grads);
+    // SAFETY: created above.
+    unsafe {
+        sys::cuStreamDestroy_v2(a);
+        sys::cuStreamDestroy_v2(b);
+    }
+}
+
+/// Destroying a handle whose last step is still queued behind a held
+/// stream waits for that step before freeing its buffers.
+#[test]
+fn destroy_waits_for_a_step_still_queued() {
+    if !gpu("destroy_waits_for_a_step_still_queued") {
+        return;
+    }
+    let mut a = std::ptr::null_mut();
+    // SAFETY: out-parameter; 1 = non-blocking.
+    unsafe { ok(sys::cuStreamCreate(&mut a, 1)) };
+    let mode = Mode::Capped;
+    let mut case = Case::new(OptimizerKind::Adam, &shape(DType::F32), a as *mut c_void);
+    case.set_grads(1, None);
+    let (_, tg) = case.descs();
+    let gate = Gate::hold(a);
+    let req = case.request(mode, 0.01, &tg, std::ptr::null(), a as *mut c_void, None);
+    case.gpu.step(req).unwrap();
+    let opener = gate.open_soon();
+    drop(case.gpu);
+    assert!(
+        gate.ran.load(SeqCst),
+        "the handle was destroyed before its queued step ran"
+    );
+    assert!(!gate.timed_out.load(SeqCst));
+    opener.join().unwrap();
+    // SAFETY: no step touched freed memory, or this reports it.
+    unsafe {
+        ok(sys::cuCtxSynchronize());
+        sys::cuStreamDestroy_v2(a);
     }
 }

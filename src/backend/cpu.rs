@@ -14,11 +14,10 @@
 //! compiled with AVX2 and picked at run time. The order of every f32 and f64
 //! operation is the same in both builds, so are the bits.
 
-use super::{Backend, BackendState, StepRequest, TensorDesc};
+use super::{Backend, BackendState, StepRequest, TensorDesc, ValidatedTensors};
 use crate::controller::{SkipReason, StepOutcome};
 use crate::dispatch_kind;
 use crate::error::Result;
-use crate::fail;
 use crate::optim::{self, BiasPowers, DType, Elem, Hyper, OptimizerKind, StepScalars};
 use half::{bf16, f16};
 
@@ -39,9 +38,7 @@ pub struct CpuBackend {
     /// Per tensor, slot-major f32 state; sized at the first step.
     state: Vec<Vec<f32>>,
     last: StepOutcome,
-    /// (param, grad, numel, dtype) of the last tensor list that passed
-    /// `validate`.
-    validated: std::sync::Mutex<Vec<(usize, usize, usize, DType)>>,
+    validated: ValidatedTensors,
 }
 
 /// A raw pointer that may cross to a worker thread: the engine has checked
@@ -80,7 +77,7 @@ impl CpuBackend {
                 phi: f64::NAN,
                 scale: 1.0,
             },
-            validated: std::sync::Mutex::new(Vec::new()),
+            validated: ValidatedTensors::default(),
         }
     }
 
@@ -537,62 +534,8 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     fn validate(&self, tensors: &[TensorDesc]) -> Result<()> {
-        // Trainers hand the same buffers every step: a list equal to the
-        // last one that passed needs no new check (the sort below costs
-        // more than a small step).
-        let key = |t: &TensorDesc| (t.param as usize, t.grad as usize, t.numel, t.dtype);
-        let mut last = self.validated.lock().unwrap_or_else(|e| e.into_inner());
-        if last.len() == tensors.len() && last.iter().zip(tensors).all(|(k, t)| *k == key(t)) {
-            return Ok(());
-        }
-        last.clear();
-        let mut ranges = Vec::with_capacity(2 * tensors.len());
-        for (i, t) in tensors.iter().enumerate() {
-            let align = t.dtype.size();
-            for (what, p) in [("param", t.param as usize), ("grad", t.grad as usize)] {
-                if p % align != 0 {
-                    fail!(
-                        InvalidArgument,
-                        "tensors[{i}].{what} = {p:#x} is not aligned to {align} bytes for {}",
-                        t.dtype.name()
-                    );
-                }
-            }
-            let bytes = t.numel * t.dtype.size();
-            if bytes > 0 {
-                ranges.push((t.param as usize, bytes, i, "param"));
-                ranges.push((t.grad as usize, bytes, i, "grad"));
-            }
-        }
-        ranges.sort_unstable_by_key(|r| r.0);
-        // Sweep in address order, remembering the range that reaches
-        // furthest so far, and the parameter range that does: a parameter
-        // may overlap nothing before it, a gradient no parameter (two
-        // gradients may share memory: they are only read).
-        let mut reach_any: Option<(usize, usize, &str)> = None;
-        let mut reach_param: Option<(usize, usize, &str)> = None;
-        for &(start, bytes, i, what) in &ranges {
-            let earlier = if what == "param" {
-                reach_any
-            } else {
-                reach_param
-            };
-            if let Some((_, j, jwhat)) = earlier.filter(|r| r.0 > start) {
-                fail!(
-                    InvalidArgument,
-                    "tensors[{j}].{jwhat} overlaps tensors[{i}].{what}: parameters must not alias each other or any gradient"
-                );
-            }
-            let r = Some((start + bytes, i, what));
-            if reach_any.is_none_or(|x| x.0 < start + bytes) {
-                reach_any = r;
-            }
-            if what == "param" && reach_param.is_none_or(|x| x.0 < start + bytes) {
-                reach_param = r;
-            }
-        }
-        last.extend(tensors.iter().map(key));
-        Ok(())
+        self.validated
+            .check_once(tensors, || super::check_alignment_and_aliasing(tensors))
     }
 
     fn step(&mut self, req: StepRequest<'_>) -> Result<()> {

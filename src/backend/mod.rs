@@ -8,8 +8,10 @@ pub mod cuda;
 
 use crate::controller::{ScaleRule, StepOutcome};
 use crate::error::Result;
+use crate::fail;
 use crate::optim::{BiasPowers, DType, Hyper, OptimizerKind};
 use std::ffi::c_void;
+use std::sync::Mutex;
 
 /// One parameter tensor and its gradient, as the caller handed them over.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,6 +38,85 @@ impl TensorDesc {
             dtype: DType::F32,
         }
     }
+}
+
+/// The tensor list a backend's `validate` last accepted. Trainers hand the
+/// same buffers every step, and a list equal to the last accepted one needs
+/// no new check (the checks cost more than a small step). The key is the
+/// whole descriptor: the same pointers with a larger size or a wider dtype
+/// are checked again (range, alignment, aliasing), also before the engine
+/// has fixed a layout (a first step that fails after `validate` fixes none).
+#[derive(Default)]
+pub struct ValidatedTensors(Mutex<Vec<(usize, usize, usize, DType)>>);
+
+impl ValidatedTensors {
+    /// Runs `check` unless `tensors` equals the last list it accepted.
+    pub fn check_once(
+        &self,
+        tensors: &[TensorDesc],
+        check: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let key = |t: &TensorDesc| (t.param as usize, t.grad as usize, t.numel, t.dtype);
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if last.len() == tensors.len() && last.iter().zip(tensors).all(|(k, t)| *k == key(t)) {
+            return Ok(());
+        }
+        last.clear();
+        check()?;
+        last.extend(tensors.iter().map(key));
+        Ok(())
+    }
+}
+
+/// The pointer rules of every backend: each pointer aligned for its dtype;
+/// no parameter overlaps another parameter or any gradient (two gradients
+/// may share memory: they are only read).
+pub fn check_alignment_and_aliasing(tensors: &[TensorDesc]) -> Result<()> {
+    let mut ranges = Vec::with_capacity(2 * tensors.len());
+    for (i, t) in tensors.iter().enumerate() {
+        let align = t.dtype.size();
+        for (what, p) in [("param", t.param as usize), ("grad", t.grad as usize)] {
+            if p % align != 0 {
+                fail!(
+                    InvalidArgument,
+                    "tensors[{i}].{what} = {p:#x} is not aligned to {align} bytes for {}",
+                    t.dtype.name()
+                );
+            }
+        }
+        let bytes = t.numel * t.dtype.size();
+        if bytes > 0 {
+            ranges.push((t.param as usize, bytes, i, "param"));
+            ranges.push((t.grad as usize, bytes, i, "grad"));
+        }
+    }
+    ranges.sort_unstable_by_key(|r| r.0);
+    // Sweep in address order, remembering the range that reaches furthest
+    // so far, and the parameter range that does: a parameter may overlap
+    // nothing before it, a gradient no parameter.
+    let mut reach_any: Option<(usize, usize, &str)> = None;
+    let mut reach_param: Option<(usize, usize, &str)> = None;
+    for &(start, bytes, i, what) in &ranges {
+        let earlier = if what == "param" {
+            reach_any
+        } else {
+            reach_param
+        };
+        if let Some((_, j, jwhat)) = earlier.filter(|r| r.0 > start) {
+            fail!(
+                InvalidArgument,
+                "tensors[{j}].{jwhat} overlaps tensors[{i}].{what}: parameters must not alias each other or any gradient"
+            );
+        }
+        let r = Some((start + bytes, i, what));
+        if reach_any.is_none_or(|x| x.0 < start + bytes) {
+            reach_any = r;
+        }
+        if what == "param" && reach_param.is_none_or(|x| x.0 < start + bytes) {
+            reach_param = r;
+        }
+    }
+    Ok(())
 }
 
 /// Sums `values` across ranks in place (the registered reduction); identity
@@ -94,4 +175,97 @@ pub trait Backend: Send {
     fn import_state(&mut self, state: &BackendState) -> Result<()>;
     /// Number of applied steps so far (may wait on a device).
     fn applied_steps(&mut self) -> Result<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{Error, Status};
+
+    fn desc(param: usize, grad: usize, numel: usize, dtype: DType) -> TensorDesc {
+        TensorDesc {
+            param: param as *mut c_void,
+            grad: grad as *const c_void,
+            numel,
+            dtype,
+        }
+    }
+
+    /// Runs `check_once` with a check that counts its calls and fails when
+    /// told to; returns whether the check ran.
+    fn checked(v: &ValidatedTensors, tensors: &[TensorDesc], fail: bool) -> bool {
+        let mut ran = false;
+        let r = v.check_once(tensors, || {
+            ran = true;
+            if fail {
+                Err(Error::new(Status::InvalidArgument, "test"))
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(r.is_err(), fail && ran);
+        ran
+    }
+
+    #[test]
+    fn a_list_is_checked_again_unless_every_field_matches_the_last_accepted_one() {
+        let v = ValidatedTensors::default();
+        let base = [
+            desc(0x1000, 0x2000, 4, DType::F16),
+            desc(0x3000, 0x4000, 8, DType::F32),
+        ];
+        assert!(checked(&v, &base, false));
+        assert!(!checked(&v, &base, false), "same list: no new check");
+        // Each field of each descriptor, changed alone, must bring the check
+        // back: same pointers with more elements or a wider dtype could run
+        // past the allocation or be misaligned.
+        for i in 0..2 {
+            for change in 0..4 {
+                let mut t = base;
+                match change {
+                    0 => t[i].param = (t[i].param as usize + 2) as *mut c_void,
+                    1 => t[i].grad = (t[i].grad as usize + 2) as *const c_void,
+                    2 => t[i].numel += 1,
+                    _ => t[i].dtype = DType::Bf16,
+                }
+                assert!(checked(&v, &t, false), "tensor {i}, change {change}");
+                assert!(checked(&v, &base, false));
+            }
+        }
+        assert!(checked(&v, &base[..1], false), "a shorter list");
+        // A failed check remembers nothing: the next call checks again.
+        assert!(checked(&v, &base, true));
+        assert!(checked(&v, &base, false));
+        assert!(!checked(&v, &base, false));
+    }
+
+    #[test]
+    fn alignment_and_aliasing_rules() {
+        let ok = |t: &[TensorDesc]| check_alignment_and_aliasing(t).is_ok();
+        assert!(ok(&[desc(0x1000, 0x2000, 4, DType::F32)]));
+        assert!(
+            !ok(&[desc(0x1002, 0x2000, 4, DType::F32)]),
+            "misaligned f32"
+        );
+        assert!(ok(&[desc(0x1002, 0x2002, 4, DType::F16)]));
+        assert!(
+            !ok(&[desc(0x1000, 0x1008, 4, DType::F32)]),
+            "param overlaps its grad"
+        );
+        assert!(
+            ok(&[
+                desc(0x1000, 0x3000, 4, DType::F32),
+                desc(0x2000, 0x3000, 4, DType::F32)
+            ]),
+            "two gradients may share memory"
+        );
+        assert!(!ok(&[
+            desc(0x1000, 0x3000, 4, DType::F32),
+            desc(0x100c, 0x4000, 4, DType::F32)
+        ]));
+        assert!(
+            ok(&[desc(0x1000, 0x1000, 0, DType::F32)]),
+            "empty tensors overlap nothing"
+        );
+    }
 }

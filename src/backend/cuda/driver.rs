@@ -44,6 +44,12 @@ pub fn init() -> Result<()> {
         }
         match std::panic::catch_unwind(|| unsafe { sys::cuInit(0) }) {
             Ok(sys::CUresult::CUDA_SUCCESS) => Ok(()),
+            // cudarc opens `libcuda.so` before `libcuda.so.1`: a toolkit's
+            // stubs directory on the library path wins over the driver.
+            Ok(sys::CUresult::CUDA_ERROR_STUB_LIBRARY) => Err(
+                "cuInit failed: CUDA_ERROR_STUB_LIBRARY (the CUDA toolkit's stub libcuda.so was loaded instead of the driver's; remove the toolkit's lib64/stubs directory from LD_LIBRARY_PATH)"
+                    .into(),
+            ),
             Ok(e) => Err(format!("cuInit failed: {e:?} (no usable GPU or driver)")),
             Err(_) => Err("the CUDA driver library could not be used (missing symbols)".into()),
         }
@@ -120,8 +126,30 @@ impl Device {
                 sys::cuDevicePrimaryCtxRetain(&mut ctx, dev),
                 "cuDevicePrimaryCtxRetain",
             )?;
+            let loaded = Device::load_in(ordinal, dev, ctx);
+            if loaded.is_err() {
+                // A later lra_create retries from scratch: give the retain back.
+                sys::cuDevicePrimaryCtxRelease_v2(dev);
+            }
+            loaded
+        }
+    }
+
+    /// Loads the kernels into `ctx`, which the caller has retained.
+    fn load_in(ordinal: i32, dev: sys::CUdevice, ctx: sys::CUcontext) -> Result<Device> {
+        // SAFETY (whole body): out-parameters; `ctx` is retained and pushed.
+        unsafe {
             check(sys::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")?;
             let _pop = Entered;
+            let mut sms = 0;
+            check(
+                sys::cuDeviceGetAttribute(
+                    &mut sms,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                    dev,
+                ),
+                "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)",
+            )?;
             let text = CString::new(abi::PTX).expect("the PTX has no NUL byte");
             let mut module = std::ptr::null_mut();
             // The JIT's error log goes into the message if it fails.
@@ -143,31 +171,33 @@ impl Device {
                 e.message += &format!(": {}", String::from_utf8_lossy(&log[..end]).trim());
                 return Err(e);
             }
-            let mut func = std::ptr::null_mut();
-            let name = CString::new(abi::ENTRY).unwrap();
-            check(
-                sys::cuModuleGetFunction(&mut func, module, name.as_ptr()),
-                "cuModuleGetFunction(lra_pass)",
-            )?;
-            let mut sms = 0;
-            check(
-                sys::cuDeviceGetAttribute(
-                    &mut sms,
-                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-                    dev,
-                ),
-                "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)",
-            )?;
-            let mut per_sm = 0;
-            check(
-                sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                    &mut per_sm,
-                    func,
-                    abi::BLOCK as i32,
-                    0,
-                ),
-                "cuOccupancyMaxActiveBlocksPerMultiprocessor",
-            )?;
+            // Any failure from here on gives the module back.
+            let func_and_occupancy = || -> Result<(sys::CUfunction, i32)> {
+                let mut func = std::ptr::null_mut();
+                let name = CString::new(abi::ENTRY).unwrap();
+                check(
+                    sys::cuModuleGetFunction(&mut func, module, name.as_ptr()),
+                    "cuModuleGetFunction(lra_pass)",
+                )?;
+                let mut per_sm = 0;
+                check(
+                    sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                        &mut per_sm,
+                        func,
+                        abi::BLOCK as i32,
+                        0,
+                    ),
+                    "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+                )?;
+                Ok((func, per_sm))
+            };
+            let (func, per_sm) = match func_and_occupancy() {
+                Ok(v) => v,
+                Err(e) => {
+                    sys::cuModuleUnload(module);
+                    return Err(e);
+                }
+            };
             Ok(Device {
                 ordinal,
                 ctx,
@@ -175,6 +205,22 @@ impl Device {
                 max_grid: (sms.max(1) * per_sm.max(1)) as u32,
             })
         }
+    }
+
+    /// Whether `stream` belongs to this device's primary context. The
+    /// special handles (NULL, legacy, per-thread) always belong to the
+    /// current context, which `enter` made this one.
+    pub fn owns_stream(&self, stream: CUstream) -> Result<bool> {
+        if (stream as usize) <= 2 {
+            return Ok(true);
+        }
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: out-parameter; the stream is the caller's.
+        check(
+            unsafe { sys::cuStreamGetCtx(stream, &mut ctx) },
+            "cuStreamGetCtx",
+        )?;
+        Ok(ctx == self.ctx)
     }
 
     /// Makes the primary context current until the guard drops.
@@ -350,6 +396,31 @@ pub fn write_now(dst: CUdeviceptr, src: &[u8], stream: &Stream) -> Result<()> {
     }
 }
 
+/// Copies `bytes` bytes between device buffers, ordered on `stream`.
+pub fn copy_device(
+    dst: CUdeviceptr,
+    src: CUdeviceptr,
+    bytes: usize,
+    stream: CUstream,
+) -> Result<()> {
+    // SAFETY: both buffers hold `bytes` bytes (the caller's buffers).
+    check(
+        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream) },
+        "cuMemcpyDtoDAsync",
+    )
+}
+
+/// Whether `stream` is capturing a CUDA graph.
+pub fn is_capturing(stream: CUstream) -> Result<bool> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: out-parameter; the stream is the caller's.
+    check(
+        unsafe { sys::cuStreamIsCapturing(stream, &mut status) },
+        "cuStreamIsCapturing",
+    )?;
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
 /// Sets `count` u32 words at `dst` to `value`, ordered on `stream`.
 pub fn set_words(dst: CUdeviceptr, value: u32, count: usize, stream: CUstream) -> Result<()> {
     // SAFETY: `dst` holds `count` words (the caller's buffer).
@@ -383,14 +454,8 @@ impl Staging {
         let i = match free {
             Some(i) => i,
             None => {
-                let cap = src.len().next_power_of_two().max(4096);
-                let mut p = std::ptr::null_mut();
-                // SAFETY: out-parameter.
-                check(
-                    unsafe { sys::cuMemAllocHost_v2(&mut p, cap) },
-                    "cuMemAllocHost",
-                )?;
-                self.slots.push((p as *mut u8, cap, Event::new()?));
+                let have = self.slots.len();
+                self.reserve(have + 1, src.len())?;
                 self.slots.len() - 1
             }
         };
@@ -404,7 +469,32 @@ impl Staging {
                 "cuMemcpyHtoDAsync",
             )?;
         }
-        ev.record(stream)
+        if let Err(e) = ev.record(stream) {
+            // The copy may still read the slot, and its event no longer
+            // says when it is done: never reuse or free it (a few KiB
+            // lost, after a driver error only).
+            self.slots.swap_remove(i);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Keeps at least `count` buffers of `bytes` bytes ready, so that
+    /// uploads while earlier ones are in flight (the host running ahead of
+    /// the device, pointers changing every step) do not allocate pinned
+    /// memory, which may synchronise the device.
+    pub fn reserve(&mut self, count: usize, bytes: usize) -> Result<()> {
+        let cap = bytes.next_power_of_two().max(4096);
+        while self.slots.iter().filter(|s| s.1 >= bytes).count() < count {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: out-parameter.
+            check(
+                unsafe { sys::cuMemAllocHost_v2(&mut p, cap) },
+                "cuMemAllocHost",
+            )?;
+            self.slots.push((p as *mut u8, cap, Event::new()?));
+        }
+        Ok(())
     }
 }
 

@@ -9,7 +9,7 @@
 pub mod abi;
 mod driver;
 
-use super::{Backend, BackendState, StepRequest, TensorDesc};
+use super::{Backend, BackendState, StepRequest, TensorDesc, ValidatedTensors};
 use crate::controller::{SkipReason, StepOutcome};
 use crate::engine::skip_from;
 use crate::error::{Error, Result, Status};
@@ -17,16 +17,18 @@ use crate::fail;
 use crate::optim::{BiasPowers, OptimizerKind, StepScalars};
 use abi::{Control, TensorEntry};
 use driver::{CUdeviceptr, CUstream, Device, DeviceBuffer, Event, Staging, Stream};
-use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::Arc;
+
+const CONTROL_BYTES: usize = std::mem::size_of::<Control>();
 
 /// Creates the backend of a `device = 1` handle. `NoCuda` (with the reason)
 /// when there is no driver, no device, or no such ordinal.
 pub fn create(kind: OptimizerKind, ordinal: i32) -> Result<Box<dyn Backend>> {
     let dev = Device::get(ordinal)?;
     let _ctx = dev.enter()?;
-    let control = DeviceBuffer::new(std::mem::size_of::<Control>())?;
+    // The control block, then room for a copy of it (sharded steps).
+    let control = DeviceBuffer::new(2 * CONTROL_BYTES)?;
     let reader = Stream::new()?;
     driver::write_now(control.ptr, abi::rows_bytes(&[Control::initial()]), &reader)?;
     Ok(Box::new(CudaBackend {
@@ -37,8 +39,11 @@ pub fn create(kind: OptimizerKind, ordinal: i32) -> Result<Box<dyn Backend>> {
         layout: None,
         staging: Staging::default(),
         uploaded: Vec::new(),
-        validated: RefCell::new(Vec::new()),
+        validated: ValidatedTensors::default(),
         validated_flag: 0,
+        validated_stream: std::ptr::null_mut(),
+        partial: false,
+        broken: None,
         dev,
     }))
 }
@@ -67,17 +72,24 @@ pub struct CudaBackend {
     staging: Staging,
     /// The tensor table as last uploaded.
     uploaded: Vec<TensorEntry>,
-    /// (param, grad) pairs already checked with the driver.
-    validated: RefCell<Vec<(u64, u64)>>,
+    validated: ValidatedTensors,
     /// The found_inf pointer last checked with the driver (0: none yet).
     validated_flag: u64,
+    /// The caller's stream last checked with the driver.
+    validated_stream: CUstream,
+    /// Set once the current step has enqueued a launch: a failure after
+    /// that leaves the device state half-updated.
+    partial: bool,
+    /// Why this handle's device state can no longer be trusted (a step
+    /// failed half way); every later call but an import fails with it.
+    broken: Option<String>,
     // Last: the context must outlive every buffer above (drop order).
     dev: Arc<Device>,
 }
 
 // SAFETY: the raw driver handles inside are only used through `&mut self`
-// (or `&self` for `validate`, which touches only the RefCell'd cache), with
-// the context pushed.
+// (or `&self` for `validate`, which only reads the device and its cache
+// behind a mutex), with the context pushed.
 unsafe impl Send for CudaBackend {}
 
 impl CudaBackend {
@@ -108,6 +120,35 @@ impl CudaBackend {
                 "{what} = {p:#x} + {bytes} bytes runs past the end of its allocation ({:#x} + {} bytes)",
                 info.range_start,
                 info.range_size
+            );
+        }
+        Ok(())
+    }
+
+    fn check_not_broken(&self) -> Result<()> {
+        match &self.broken {
+            Some(why) => Err(Error::new(Status::Cuda, why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The caller's stream must be of this device's primary context and not
+    /// capturing a CUDA graph: a step waits on an event recorded outside
+    /// any capture, reuses pinned upload buffers a replay would read again,
+    /// and a sharded step waits for the device.
+    fn check_stream(&mut self, stream: CUstream) -> Result<()> {
+        if stream != self.validated_stream && !self.dev.owns_stream(stream)? {
+            fail!(
+                InvalidArgument,
+                "stream {stream:p} belongs to another device or context; a device = 1 handle runs on the primary context of device {}",
+                self.dev.ordinal
+            );
+        }
+        self.validated_stream = stream;
+        if driver::is_capturing(stream)? {
+            fail!(
+                InvalidArgument,
+                "stream {stream:p} is capturing a CUDA graph; lra_step cannot be captured (run it outside the graph)"
             );
         }
         Ok(())
@@ -148,7 +189,12 @@ impl CudaBackend {
         let segments = DeviceBuffer::new(std::mem::size_of_val(plan.segments.as_slice()))?;
         self.staging
             .upload(segments.ptr, abi::rows_bytes(&plan.segments), stream)?;
-        let tensors = DeviceBuffer::new(numels.len() * std::mem::size_of::<TensorEntry>())?;
+        let table_bytes = numels.len() * std::mem::size_of::<TensorEntry>();
+        let tensors = DeviceBuffer::new(table_bytes)?;
+        // Uploads of new tensor tables while earlier ones are in flight
+        // then find a buffer ready (a framework that reallocates gradients
+        // every step, the host a few steps ahead).
+        self.staging.reserve(4, table_bytes)?;
         let partials = DeviceBuffer::new(plan.chunks.len() * 8)?;
         self.uploaded.clear();
         self.layout = Some(Layout {
@@ -241,23 +287,35 @@ impl CudaBackend {
         match req.reduce {
             Some(reduce) if two_pass || guard => {
                 let (before, after) = abi::sharded_split(two_pass, guard);
-                for m in before {
-                    args.mode = m;
-                    self.launch(&args, grid, stream)?;
-                }
-                self.done.record(stream)?;
-                let c = self.read_control()?;
-                // Every rank joins the sum, its own found_inf flag included
-                // (as the CPU backend does): the others wait for it.
-                let found_inf = self.found_inf_set(req.found_inf)?;
-                // With the flag set the dot pass did no work: no partial φ.
-                let phi = if two_pass && !found_inf { c.phi } else { 0.0 };
-                let mut v = [c.nonfinite as f64, found_inf as u32 as f64, phi];
-                if let Err(e) = reduce(&mut v) {
-                    // Nothing was written; clear the flag the pass set.
-                    driver::set_words(self.control.ptr + abi::CONTROL_NONFINITE, 0, 1, stream)?;
-                    return Err(e);
-                }
+                // The passes before the cross-rank sum write the control
+                // block only (φ, the non-finite flag): kept, so that a
+                // failed sum (an MPI error) leaves the last step's outcome
+                // and nothing else changed.
+                let backup = self.control.ptr + CONTROL_BYTES as u64;
+                driver::copy_device(backup, self.control.ptr, CONTROL_BYTES, stream)?;
+                let summed = self
+                    .read_only_passes(&mut args, grid, before, req.found_inf, stream)
+                    .and_then(|(c, found_inf)| {
+                        // Every rank joins the sum, its own found_inf flag
+                        // included (as the CPU backend does): the others
+                        // wait for it. With the flag set the dot pass did
+                        // no work: no partial φ.
+                        let phi = if two_pass && !found_inf { c.phi } else { 0.0 };
+                        let mut v = [c.nonfinite as f64, found_inf as u32 as f64, phi];
+                        reduce(&mut v)?;
+                        Ok(v)
+                    });
+                let v = match summed {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let restored =
+                            driver::copy_device(self.control.ptr, backup, CONTROL_BYTES, stream);
+                        if restored.is_ok() {
+                            self.partial = false;
+                        }
+                        return Err(e);
+                    }
+                };
                 let flags = (v[0] != 0.0) as u32
                     | if v[1] != 0.0 {
                         abi::NONFINITE_FOUND_INF
@@ -291,6 +349,25 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The read-only passes of a sharded step (`before`); waits for them
+    /// and returns the control block and whether the found_inf flag is set.
+    fn read_only_passes(
+        &mut self,
+        args: &mut abi::KernelArgs,
+        grid: u32,
+        before: Vec<u32>,
+        found_inf: *const c_void,
+        stream: CUstream,
+    ) -> Result<(Control, bool)> {
+        for m in before {
+            args.mode = m;
+            self.launch(args, grid, stream)?;
+        }
+        self.done.record(stream)?;
+        let c = self.read_control()?;
+        Ok((c, self.found_inf_set(found_inf)?))
+    }
+
     fn found_inf_set(&self, found_inf: *const c_void) -> Result<bool> {
         if found_inf.is_null() {
             return Ok(false);
@@ -300,7 +377,7 @@ impl CudaBackend {
         Ok(f32::from_ne_bytes(v) != 0.0)
     }
 
-    fn launch(&self, a: &abi::KernelArgs, grid: u32, stream: CUstream) -> Result<()> {
+    fn launch(&mut self, a: &abi::KernelArgs, grid: u32, stream: CUstream) -> Result<()> {
         let mut values = a.params();
         let mut params: Vec<*mut c_void> = values
             .iter_mut()
@@ -308,7 +385,9 @@ impl CudaBackend {
             .collect();
         // SAFETY: the parameters follow kernels/README.md; every address
         // is a live buffer of this handle or a validated caller pointer.
-        unsafe { self.dev.launch(grid, stream, &mut params) }
+        unsafe { self.dev.launch(grid, stream, &mut params) }?;
+        self.partial = true;
+        Ok(())
     }
 }
 
@@ -319,37 +398,25 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
 
 impl Backend for CudaBackend {
     fn validate(&self, tensors: &[TensorDesc]) -> Result<()> {
-        // The same pointers as the last validated step (sizes and dtypes are
-        // fixed by the engine's layout check): nothing to ask the driver,
-        // which keeps steps over many tensors cheap on the host.
-        let mut known = self.validated.borrow_mut();
-        let fresh = known.len() != tensors.len()
-            || tensors
-                .iter()
-                .zip(known.iter())
-                .any(|(t, &(p, g))| t.param as u64 != p || t.grad as u64 != g);
-        if !fresh {
-            return Ok(());
-        }
-        // Alignment for the dtype and no aliasing: the host backend's rules.
-        super::cpu::CpuBackend::new(self.kind, 1).validate(tensors)?;
-        let _ctx = self.dev.enter()?;
-        for (i, t) in tensors.iter().enumerate() {
-            if t.numel == 0 {
-                continue;
+        // Asking the driver about 400 pointers costs more than the step: a
+        // list equal to the last accepted one is not asked again.
+        self.validated.check_once(tensors, || {
+            super::check_alignment_and_aliasing(tensors)?;
+            let _ctx = self.dev.enter()?;
+            for (i, t) in tensors.iter().enumerate() {
+                if t.numel == 0 {
+                    continue;
+                }
+                let bytes = t.numel * t.dtype.size();
+                self.check_device_pointer(&format!("tensors[{i}].param"), t.param as u64, bytes)?;
+                self.check_device_pointer(&format!("tensors[{i}].grad"), t.grad as u64, bytes)?;
             }
-            let bytes = t.numel * t.dtype.size();
-            self.check_device_pointer(&format!("tensors[{i}].param"), t.param as u64, bytes)?;
-            self.check_device_pointer(&format!("tensors[{i}].grad"), t.grad as u64, bytes)?;
-        }
-        *known = tensors
-            .iter()
-            .map(|t| (t.param as u64, t.grad as u64))
-            .collect();
-        Ok(())
+            Ok(())
+        })
     }
 
     fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
+        self.check_not_broken()?;
         let _ctx = self.dev.enter()?;
         let flag = req.found_inf as u64;
         if flag != 0 && flag != self.validated_flag {
@@ -357,15 +424,24 @@ impl Backend for CudaBackend {
             self.validated_flag = flag;
         }
         let stream = req.stream as CUstream;
+        self.check_stream(stream)?;
         // Our buffers are ordered after the previous step whatever stream
         // it ran on (frameworks switch streams): a device-side wait only.
         driver::wait_event(stream, &self.done)?;
+        self.partial = false;
         let r = self.run_step(req, stream);
-        self.done.record(stream)?;
-        r
+        if let (Err(e), true) = (&r, self.partial) {
+            self.broken = Some(format!(
+                "a step failed after part of it was enqueued ({e}); this handle's optimizer state may be half-updated: load a checkpoint (lra_load_state) or destroy the handle"
+            ));
+        }
+        // The step's own error first: a failed record only follows from it.
+        let recorded = self.done.record(stream);
+        r.and(recorded)
     }
 
     fn outcome(&mut self) -> Result<StepOutcome> {
+        self.check_not_broken()?;
         let _ctx = self.dev.enter()?;
         let c = self.read_control()?;
         Ok(StepOutcome {
@@ -376,6 +452,7 @@ impl Backend for CudaBackend {
     }
 
     fn export_state(&mut self) -> Result<BackendState> {
+        self.check_not_broken()?;
         let _ctx = self.dev.enter()?;
         let c = self.read_control()?;
         let slots = self.kind.state_slots();
@@ -439,11 +516,14 @@ impl Backend for CudaBackend {
             ..Control::initial()
         };
         driver::write_now(self.control.ptr, abi::rows_bytes(&[c]), &self.reader)?;
+        // The whole state and control block were just rewritten.
+        self.broken = None;
         // Later steps on any stream must see the import.
         self.done.record(self.reader.0)
     }
 
     fn applied_steps(&mut self) -> Result<u64> {
+        self.check_not_broken()?;
         let _ctx = self.dev.enter()?;
         Ok(self.read_control()?.applied)
     }
@@ -454,6 +534,20 @@ impl Drop for CudaBackend {
         // Free everything with the context current, once the last step's
         // kernels (which may still use these buffers) are done.
         let Ok(_ctx) = self.dev.enter() else {
+            // The driver is gone (process teardown): freeing without the
+            // context would fail and could touch memory still in use.
+            // Leave it all to the process's end.
+            std::mem::forget(self.layout.take());
+            std::mem::forget(std::mem::take(&mut self.staging));
+            std::mem::forget(std::mem::replace(&mut self.control, DeviceBuffer::none()));
+            std::mem::forget(std::mem::replace(
+                &mut self.reader,
+                Stream(std::ptr::null_mut()),
+            ));
+            std::mem::forget(std::mem::replace(
+                &mut self.done,
+                Event(std::ptr::null_mut()),
+            ));
             return;
         };
         self.done.wait();
