@@ -4,10 +4,16 @@
 Julia cannot be installed where these bindings are developed, so
 bindings/julia/src/LRA.jl is checked by parsing: every `ccall`'s symbol,
 return type and argument types, every `struct` mirroring a C struct (field
-names, order, types) and every `LRA_*` constant must match the header; every
-function the header exports must be called somewhere. The ctypes module
+names, order, types: with C's alignment rules, which Julia and ctypes both
+follow, that fixes every offset and the size) and every `LRA_*` constant
+must match the header; every function the header exports must be called
+somewhere; every `@cfunction` must have the signature of a callback typedef
+(`lra_reduce_fn`) and each typedef must have one. The ctypes module
 bindings/python/lra.py is checked the same way through its prototype table
-and Structure classes (imported, not loaded: no library needed).
+(callback arguments: the CFUNCTYPE's signature), Structure classes and
+constant tables, which must hold every value C defines (imported, not
+loaded: no library needed). `--self-test`
+injects each kind of drift into both bindings and fails unless each is caught.
 
 Status values (LRA_OK, ...) are taken from the header when it defines them,
 else from src/ffi.rs + src/error.rs.
@@ -21,6 +27,7 @@ import importlib.util
 import os
 import re
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(ROOT, "include", "lra.h")
@@ -29,7 +36,8 @@ PYTHON = os.path.join(ROOT, "bindings", "python", "lra.py")
 
 # --- canonical types --------------------------------------------------------
 # A type is a string: a scalar ('u32', 'i32', 'u64', 'f32', 'f64', 'usize',
-# 'void', 'char', 'fnptr'), a struct name ('lra_config', ...), or 'ptr(T)'.
+# 'void', 'char'), a struct name ('lra_config', ...), 'ptr(T)', or
+# 'fn(NAME)' for a function-pointer typedef (its signature is checked apart).
 
 C_SCALARS = {
     "uint32_t": "u32",
@@ -61,8 +69,10 @@ class Header:
                 self.typedefs[alias] = base.split()[-1]
             else:
                 self.typedefs[alias] = self.canon(base)
-        for m in re.finditer(r"typedef\s+[\w\s]+\(\s*\*\s*(\w+)\s*\)\s*\(", code):
-            self.typedefs[m.group(1)] = "fnptr"
+        self.callbacks = {}  # function-pointer typedef -> (ret, [args])
+        for m in re.finditer(r"typedef\s+([\w\s*]+?)\(\s*\*\s*(\w+)\s*\)\s*\(([^)]*)\)\s*;", code):
+            self.typedefs[m.group(2)] = f"fn({m.group(2)})"
+            self.callbacks[m.group(2)] = (self.canon(m.group(1)), self.params(m.group(3)))
         self.structs = {}  # name -> [(field, canonical type)]
         for m in re.finditer(r"typedef\s+struct\s+(\w+)\s*\{(.*?)\}\s*\w+\s*;", code, flags=re.S):
             fields = []
@@ -80,15 +90,17 @@ class Header:
         }
         self.functions = {}  # name -> (ret, [args])
         for m in re.finditer(r"^([\w\s*]+?)\b(lra_\w+)\s*\(([^)]*)\)\s*;", code, flags=re.M):
-            ret = self.canon(m.group(1))
-            args = []
-            params = m.group(3).strip()
-            if params and params != "void":
-                for p in params.split(","):
-                    p = p.strip()
-                    pm = re.match(r"(.+?)([\s*]+)(\w+)$", p)
-                    args.append(self.canon(pm.group(1) + pm.group(2).replace(" ", "")))
-            self.functions[m.group(2)] = (ret, args)
+            self.functions[m.group(2)] = (self.canon(m.group(1)), self.params(m.group(3)))
+
+    def params(self, text):
+        """Canonical types of a C parameter list ("void" or empty: none)."""
+        args = []
+        text = text.strip()
+        if text and text != "void":
+            for p in text.split(","):
+                pm = re.match(r"(.+?)([\s*]+)(\w+)$", p.strip())
+                args.append(self.canon(pm.group(1) + pm.group(2).replace(" ", "")))
+        return args
 
     def canon(self, ctype):
         t = ctype.replace("const", " ").replace("struct", " ")
@@ -212,6 +224,14 @@ class Julia:
             if not (types.startswith("(") and types.endswith(")")):
                 raise ValueError(f"LRA.jl:{line}: argument types must be a literal tuple")
             self.ccalls.append((sm.group(1) if sm else args[0], args[1], split_top(types[1:-1]), line))
+        self.cfunctions = []  # (Julia function, ret, [args], line number)
+        for m in re.finditer(r"@cfunction\(", code):
+            args = split_top(balanced_call(code, m.end() - 1))
+            line = code.count("\n", 0, m.start()) + 1
+            types = args[2].strip()
+            if not (types.startswith("(") and types.endswith(")")):
+                raise ValueError(f"LRA.jl:{line}: @cfunction argument types must be a literal tuple")
+            self.cfunctions.append((args[0], args[1], split_top(types[1:-1]), line))
 
     def canon(self, jtype):
         t = jtype.strip()
@@ -232,8 +252,9 @@ class Julia:
 
 
 def c_arg_matches(c, j):
-    # A C function pointer is passed from Julia as Ptr{Cvoid} (@cfunction).
-    return c == j or (c == "fnptr" and j == "ptr(void)")
+    # A C function pointer is passed from Julia as Ptr{Cvoid} (@cfunction);
+    # the @cfunction's own signature is checked against the typedef apart.
+    return c == j or (c.startswith("fn(") and j == "ptr(void)")
 
 
 def check_julia(header, text, statuses):
@@ -256,6 +277,18 @@ def check_julia(header, text, statuses):
                 errors.append(f"LRA.jl:{line}: {name} argument {i + 1} is {c} in C, ccall says {j} ({jl.canon(j)})")
     for name in sorted(set(header.functions) - called):
         errors.append(f"LRA.jl: exported function {name} is not wrapped by any ccall")
+    # Callbacks: every @cfunction must have the signature of a C callback
+    # typedef, and every typedef must be implemented by one.
+    implemented = set()
+    for fname, ret, args, line in jl.cfunctions:
+        sig = (jl.canon(ret), [jl.canon(a) for a in args])
+        names = [n for n, csig in header.callbacks.items() if csig == sig]
+        if not names:
+            errors.append(f"LRA.jl:{line}: @cfunction({fname}) has signature {sig}, which matches no "
+                          f"callback typedef of include/lra.h {header.callbacks}")
+        implemented.update(names)
+    for name in sorted(set(header.callbacks) - implemented):
+        errors.append(f"LRA.jl: no @cfunction implements the callback {name} {header.callbacks[name]}")
     for jname, cname in JULIA_STRUCTS.items():
         if cname not in header.structs:
             continue  # opaque
@@ -297,15 +330,16 @@ def ctypes_canon(t):
     if hasattr(t, "_type_") and issubclass(t, ctypes._Pointer):
         return f"ptr({ctypes_canon(t._type_)})"
     if isinstance(t, type) and issubclass(t, ctypes._CFuncPtr):
-        return "fnptr"
+        args = ",".join(ctypes_canon(a) for a in t._argtypes_)
+        return f"fnsig({ctypes_canon(t._restype_)};{args})"
     if isinstance(t, type) and issubclass(t, ctypes.Structure):
         return {"Config": "lra_config", "Tensor": "lra_tensor", "ReevalInfo": "lra_reeval_info",
                 "Counters": "lra_counters"}.get(t.__name__, "?" + t.__name__)
     return "?" + repr(t)
 
 
-def check_python(header, statuses):
-    spec = importlib.util.spec_from_file_location("lra_binding_under_check", PYTHON)
+def check_python(header, statuses, path=PYTHON):
+    spec = importlib.util.spec_from_file_location("lra_binding_under_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     errors = []
@@ -315,6 +349,10 @@ def check_python(header, statuses):
         return c.replace("usize", "u64")
 
     def python_arg_matches(c, p):
+        if c.startswith("fn("):
+            # A CFUNCTYPE whose signature is the typedef's.
+            ret, args = header.callbacks[c[3:-1]]
+            return p == lp64(f"fnsig({ret};{','.join(args)})")
         c = lp64(c)
         # The opaque handle travels as void*; NULL-able pointers to a single
         # f32 and to structs as their declared pointer types.
@@ -363,11 +401,25 @@ def check_python(header, statuses):
     for py, c in (("OK", "LRA_OK"), ("CALL_ORDER", "LRA_CALL_ORDER")):
         if getattr(mod, py) != statuses.get(c, header.defines.get(c)):
             errors.append(f"lra.py: {py} differs from C {c}")
+    # Completeness: a value C adds must reach the Python tables too.
+    tables = {
+        "LRA_OPTIMIZER_": {k.upper() for k in mod.OPTIMIZERS},
+        "LRA_DECISION_": {v.upper() for v in mod.DECISIONS.values()},
+        "LRA_SKIP_": {v.upper() for v in mod.SKIP_REASONS.values()},
+        "LRA_REEVAL_": {k.upper() for k in mod.REEVAL_SCHEDULES},
+        "LRA_SHARDING_": {k.upper() for k in mod.SHARDINGS},
+        "LRA_DTYPE_": {n[len("DTYPE_"):] for n in dir(mod) if n.startswith("DTYPE_")},
+        "LRA_DEVICE_": {n[len("DEVICE_"):] for n in dir(mod) if n.startswith("DEVICE_")},
+    }
+    for name in sorted(header.defines):
+        for prefix, known in tables.items():
+            if name.startswith(prefix) and name[len(prefix):] not in known:
+                errors.append(f"lra.py: C constant {name} has no entry in the binding's table")
     return errors
 
 
-def self_test(header, julia_text, statuses):
-    """The checker must catch each kind of drift; returns failures."""
+def self_test(header, julia_text, python_text, statuses):
+    """The checker must catch each kind of drift, in both bindings; returns failures."""
     failures = []
     mutations = {
         "wrong argument type": ("(Ptr{OpaqueHandle}, Float64), live(o), value))",
@@ -379,13 +431,39 @@ def self_test(header, julia_text, statuses):
         "constant drift": ("const LRA_DTYPE_BF16 = UInt32(2)", "const LRA_DTYPE_BF16 = UInt32(3)"),
         "argument count": ("(Ptr{OpaqueHandle}, Float64), live(o), value))",
                            "(Ptr{OpaqueHandle}, Float64, Float64), live(o), value, 0.0))"),
+        "callback signature": ("Int32, (Ptr{Float64}, Csize_t, Ptr{Cvoid}))",
+                               "Int32, (Ptr{Float32}, Csize_t, Ptr{Cvoid}))"),
     }
     for what, (old, new) in mutations.items():
         if old not in julia_text:
             failures.append(f"self-test: cannot apply '{what}': {old!r} not in LRA.jl")
             continue
         if not check_julia(header, julia_text.replace(old, new, 1), statuses):
-            failures.append(f"self-test: the checker missed '{what}'")
+            failures.append(f"self-test: the checker missed '{what}' in LRA.jl")
+    python_mutations = {
+        "wrong argument type": ('"lra_set_lr": (_STATUS, [_HANDLE, ctypes.c_double]),',
+                                '"lra_set_lr": (_STATUS, [_HANDLE, ctypes.c_float]),'),
+        "wrong return type": ('"lra_version": (ctypes.c_uint32, []),',
+                              '"lra_version": (ctypes.c_int32, []),'),
+        "missing prototype": ('"lra_version": (ctypes.c_uint32, []),', ""),
+        "struct drift": ('        ("denom_eps", ctypes.c_double),\n', ""),
+        "constant drift": ("DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2",
+                           "DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 3"),
+        "skip reason drift": ('6: "zero_scale",', '7: "zero_scale",'),
+        "missing skip reason": ('    6: "zero_scale",\n', ""),
+        "callback signature": ("ctypes.c_int32, ctypes.POINTER(ctypes.c_double), ctypes.c_size_t",
+                               "ctypes.c_int32, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for what, (old, new) in python_mutations.items():
+            if old not in python_text:
+                failures.append(f"self-test: cannot apply '{what}': {old!r} not in lra.py")
+                continue
+            path = os.path.join(tmp, "lra_mutated.py")
+            with open(path, "w") as f:
+                f.write(python_text.replace(old, new, 1))
+            if not check_python(header, statuses, path):
+                failures.append(f"self-test: the checker missed '{what}' in lra.py")
     return failures
 
 
@@ -403,7 +481,8 @@ def main(argv):
         return 1
     errors = check_julia(header, julia_text, statuses) + check_python(header, statuses)
     if "--self-test" in argv:
-        errors += self_test(header, julia_text, statuses)
+        with open(PYTHON) as f:
+            errors += self_test(header, julia_text, f.read(), statuses)
     for e in errors:
         print("ABI MISMATCH:", e, file=sys.stderr)
     if errors:
@@ -411,7 +490,8 @@ def main(argv):
     jl = Julia(julia_text)
     print(
         f"check_abi: {len(header.functions)} C functions, {len(jl.ccalls)} Julia ccalls, "
-        f"{len(header.structs)} structs, {len(header.defines) + len(statuses)} constants: "
+        f"{len(header.structs)} structs, {len(header.callbacks)} callback type(s), "
+        f"{len(header.defines) + len(statuses)} constants: "
         "Julia and Python bindings match include/lra.h"
         + (" (self-test: every injected drift caught)" if "--self-test" in argv else "")
     )

@@ -565,8 +565,9 @@ class TorchOptimizer:
         arr = self._gather()
         flag = None
         if found_inf is not None:
-            if found_inf.dtype != self._torch.float32 or found_inf.device != self.device:
-                raise ValueError("found_inf must be a float32 tensor on the parameters' device")
+            if (found_inf.dtype != self._torch.float32 or found_inf.device != self.device
+                    or found_inf.numel() != 1):
+                raise ValueError("found_inf must be one float32 element on the parameters' device")
             flag = found_inf.data_ptr()
         self.lra.step(arr, self._value(loss), obs_var, self._stream(), flag)
 

@@ -106,6 +106,24 @@ class RawHandleTests(unittest.TestCase):
         opt.report_reeval(0.9)
         self.assertTrue(calls, "the reduction was never called for a sharded handle")
 
+    def test_empty_shard_still_steps_and_reduces(self):
+        # A rank that owns no parameter still takes every step and joins
+        # every collective (README, "Distributed training").
+        sizes = []
+
+        def reduce(values):
+            sizes.append(len(values))
+            return values
+
+        with lra.Optimizer("sgd", sharding="sharded", num_threads=1) as opt:
+            opt.set_reduction(reduce)
+            opt.step([], 1.0)
+            self.assertEqual(opt.last_phi, 0.0)
+            info = opt.report_reeval(0.5)
+            self.assertEqual((info.decision_name, info.skip_reason_name), ("skipped", "nonpositive_phi"))
+            # pre-write [non-finite, found-inf, 0] (guard on), then this rank's φ
+            self.assertEqual(sizes, [3, 1])
+
 
 @unittest.skipIf(torch is None, "torch is not importable by this python")
 class TorchTests(unittest.TestCase):
@@ -178,6 +196,8 @@ class TorchTests(unittest.TestCase):
         self.assertEqual((info.decision_name, info.skip_reason_name), ("skipped", "found_inf"))
         opt.step(1.0, found_inf=torch.zeros(1))
         self.assertTrue(torch.allclose(p.detach(), torch.full((4,), 0.95)))
+        with self.assertRaisesRegex(ValueError, "one float32 element"):
+            opt.step(1.0, found_inf=torch.zeros(2))
 
     def test_state_dict_round_trip(self):
         p = torch.nn.Parameter(torch.ones(4))

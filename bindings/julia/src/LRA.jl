@@ -3,8 +3,9 @@
 
 Julia binding of lra (automatic learning-rate adaptation) over its C ABI
 (`include/lra.h`). Every exported C function is wrapped with `ccall` below;
-`bindings/julia/check_ccalls` (run by the test suite) checks each `ccall`'s
-symbol, return type and argument types against `include/lra.h`.
+`bindings/check_abi.py` (run by the test suite) checks each `ccall`'s
+symbol, return type and argument types, the structs, the constants and the
+reduction `@cfunction` against `include/lra.h`.
 
 The shared library is `ENV["LRA_LIBRARY"]` when set (a path to `liblra.so`),
 else `liblra` on the system's library path (after `scripts/install.sh PREFIX`,
@@ -297,16 +298,25 @@ The wrapped optimizer's step with the current η. `params` and `grads` are
 equally long vectors of arrays (or one array each, e.g. a flat buffer);
 `loss` is f_i on this batch. `found_inf`: an optional one-element Float32
 array (host or device, like the buffers); non-zero skips the step. The
-stream defaults to CUDA.jl's current stream for CuArrays.
+stream defaults to CUDA.jl's current stream for CuArrays. Empty typed
+vectors (`Vector{Float32}[]`) are allowed: with sharded parameters a rank
+whose shard is empty still takes every step (the collectives must match).
 """
 function step!(o::Optimizer, params::AbstractVector{<:AbstractArray},
                grads::AbstractVector{<:AbstractArray}, loss::Real;
                obs_var::Real = 0.0, found_inf = nothing, stream = nothing)
     length(params) == length(grads) ||
         throw(DimensionMismatch("$(length(params)) parameters, $(length(grads)) gradients"))
-    isempty(params) && throw(ArgumentError("no parameters"))
     tensors = Tensor[Tensor(p, g) for (p, g) in zip(params, grads)]
-    s = stream === nothing ? stream_of(first(params)) : Ptr{Cvoid}(stream)
+    # An empty shard has no arrays to take a stream from: NULL (the legacy
+    # default stream) unless the caller passes one.
+    s = if stream !== nothing
+        Ptr{Cvoid}(stream)
+    elseif isempty(params)
+        C_NULL
+    else
+        stream_of(first(params))
+    end
     # The tensors hold raw pointers into params/grads: keep those alive.
     st = GC.@preserve params grads found_inf begin
         if found_inf === nothing

@@ -45,6 +45,21 @@ using Test
     @test loss(θ) < 1e-3 * first_loss
     @test counters(opt).raised > 0
 
+    # Sharded: a rank whose shard is empty still steps and joins every
+    # reduction (one rank here, so the sum is the identity). The same calls
+    # through the Python binding give φ = 0, reductions of 3 and 1 values,
+    # and a skipped ratio test (φ ≤ 0).
+    sizes = Int[]
+    empty_rank = LRA.Optimizer(:sgd; sharding = :sharded, num_threads = 1)
+    set_reduction!(empty_rank, v -> push!(sizes, length(v)))
+    step!(empty_rank, Vector{Float32}[], Vector{Float32}[], 1.0)
+    @test last_phi(empty_rank) == 0.0
+    info = report_reeval!(empty_rank, 0.5)
+    @test decision_name(info) == :skipped
+    @test info.skip_reason == LRA.LRA_SKIP_NONPOSITIVE_PHI
+    @test sizes == [3, 1]
+    close(empty_rank)
+
     # Checkpoints round-trip.
     blob = save_state(opt)
     other = LRA.Optimizer(:momentum; lr = 1e-5, num_threads = 1)
