@@ -903,6 +903,46 @@ fn a_failed_cross_rank_sum_changes_nothing() {
     }
 }
 
+/// A first step that fails after the state was allocated (a failed
+/// cross-rank sum) fixes no layout: the next first step may bring other
+/// sizes, as on the CPU backend.
+#[test]
+fn a_failed_first_step_fixes_no_layout() {
+    if !gpu("a_failed_first_step_fixes_no_layout") {
+        return;
+    }
+    let mode = Mode::Capped;
+    let mut small = Case::new(
+        OptimizerKind::Adam,
+        &shape(DType::F32)[..4],
+        std::ptr::null_mut(),
+    );
+    small.sharded = true;
+    small.set_grads(1, None);
+    let (c, g) = small.step_with(mode, 0.02, None, true);
+    assert!(
+        c.is_err() && g.is_err(),
+        "the failing sum must fail the step"
+    );
+    let mut large = Case::new(
+        OptimizerKind::Adam,
+        &shape(DType::F32),
+        std::ptr::null_mut(),
+    );
+    large.sharded = true;
+    large.cpu = small.cpu;
+    large.gpu = small.gpu;
+    for step in 0..2 {
+        large.set_grads(2 + step, None);
+        let (c, g) = large.step(mode, 0.02, None);
+        let what = format!("first layout after a failed first step, step {step}");
+        assert_eq!(c.skip, g.skip, "{what}");
+        assert_phi_close(c.phi, g.phi, &what);
+        large.assert_params_same(&what);
+        large.assert_state_same(&what);
+    }
+}
+
 /// Holds a stream in a host function until opened. After 30 s it lets go
 /// by itself and says so, which the tests report as a failure (lra waited
 /// for the held stream) instead of hanging.

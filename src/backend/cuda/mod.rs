@@ -161,10 +161,13 @@ impl CudaBackend {
             if l.numels == numels {
                 return Ok(());
             }
-            return Err(Error::new(
-                Status::SizeMismatch,
-                "tensor layout differs from the one the CUDA state was allocated for",
-            ));
+            // The engine refuses a layout other than the one it fixed, so
+            // this one is left by a first step that failed after
+            // allocating (which fixes nothing, as on the CPU backend): free
+            // it once the work queued with it is done.
+            self.done.wait();
+            self.layout = None;
+            self.uploaded.clear();
         }
         let (offsets, total) = abi::state_layout(numels, self.kind);
         let state = if total > 0 {
@@ -240,8 +243,7 @@ impl CudaBackend {
     /// Runs the step's launches; on success the last one has been enqueued.
     fn run_step(&mut self, req: StepRequest<'_>, stream: CUstream) -> Result<()> {
         // Checked here too, not only by the engine: a first step that failed
-        // after allocating (or an import) fixed this layout without the
-        // engine's knowledge.
+        // after allocating left a layout the engine did not fix.
         let same_sizes = self.layout.as_ref().is_some_and(|l| {
             l.numels.len() == req.tensors.len()
                 && l.numels.iter().zip(req.tensors).all(|(&n, t)| n == t.numel)
@@ -488,7 +490,7 @@ impl Backend for CudaBackend {
         let _ctx = self.dev.enter()?;
         self.read_control()?;
         let slots = self.kind.state_slots();
-        if self.layout.is_none() && slots > 0 {
+        if slots > 0 {
             let numels: Vec<usize> = state.slots.iter().map(|v| v.len() / slots).collect();
             self.ensure_layout(&numels, self.reader.0)?;
         }
