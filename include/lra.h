@@ -89,7 +89,8 @@ typedef struct lra_reeval_info {
   double rho;
   // The step scale s_i used (1 in the default mode).
   double scale;
-  // η used by the step.
+  // η the decision started from: the step's η, or the value
+  // `lra_set_lr` set between the step and this report.
   double lr_before;
   // η from now on.
   double lr;
@@ -147,7 +148,8 @@ typedef uint32_t lra_sharding;
 // `lra_create` rejected a configuration field (the message names it).
 #define LRA_INVALID_CONFIG 3
 
-// A call came out of order (e.g. `lra_report_reeval` with no pending step).
+// A call came out of order (e.g. `lra_report_reeval` with no pending step,
+// or a call on a handle from inside its own reduction callback).
 #define LRA_CALL_ORDER 4
 
 // Tensor count, size or dtype differs from the first step.
@@ -217,7 +219,9 @@ typedef uint32_t lra_sharding;
 // The caller's found-inf flag was non-zero; nothing was written.
 #define LRA_SKIP_FOUND_INF 3
 
-// φ ≤ 0: the step was taken (scale 1), η kept.
+// φ ≤ 0 (no descent predicted): η kept. The step itself was applied
+// with the scale `lra_reeval_info.scale` says (with R > 0 that can be 0:
+// no move).
 #define LRA_SKIP_NONPOSITIVE_PHI 4
 
 // φ NaN or ±inf (guard off and a bad gradient, or overflow); η kept.
@@ -254,14 +258,17 @@ void lra_config_init(struct lra_config *cfg, uint32_t optimizer);
 // `lra_thread_last_error()` says why.
 lra_status lra_create(const struct lra_config *cfg, struct lra_handle **out);
 
-// Destroys a handle and its optimizer state. NULL is a no-op.
+// Destroys a handle and its optimizer state. NULL is a no-op. Refused
+// (the handle lives on; `lra_thread_last_error()` says why) while another
+// call runs on the handle, e.g. from inside its reduction callback.
 void lra_destroy(struct lra_handle *h);
 
 // One iteration: the wrapped optimizer's step with the current η.
 // `loss` is f_i on this batch, `obs_var` = R_i >= 0 (0 by default),
 // `stream` a `CUstream` for CUDA handles (NULL = legacy default stream),
 // NULL for host handles. The step is skipped (and reported by the next
-// `lra_report_reeval`) when `loss` or a gradient is not finite.
+// `lra_report_reeval`) when `loss` is not finite, or, with
+// `check_finite` on, when a gradient is not finite.
 lra_status lra_step(struct lra_handle *h, const struct lra_tensor *tensors, size_t count, double loss, double obs_var, void *stream);
 
 // `lra_step` with a found-inf flag: `found_inf` points at one f32 (host
@@ -280,7 +287,9 @@ lra_status lra_get_last_reeval(const struct lra_handle *h, struct lra_reeval_inf
 // Current η.
 lra_status lra_get_lr(const struct lra_handle *h, double *lr);
 
-// Sets η (positive, finite, inside [lr_min, lr_max]); applies from the next step.
+// Sets η (inside [lr_min, lr_max] and inside f32's positive normal range,
+// about [1.2e-38, 3.4e38], since the update applies η as an f32); applies
+// from the next step.
 lra_status lra_set_lr(struct lra_handle *h, double lr);
 
 // φ of the most recent step (NaN before the first step or when it was
@@ -304,12 +313,16 @@ lra_status lra_state_size(const struct lra_handle *h, size_t *size);
 lra_status lra_save_state(struct lra_handle *h, void *buf, size_t len, size_t *written);
 
 // Restores a checkpoint written by `lra_save_state` for the same
-// optimizer, hyper-parameters and tensor layout. Nothing changes on error.
+// optimizer, hyper-parameters and tensor layout, whose η lies inside this
+// handle's [lr_min, lr_max]. Nothing changes on error.
 lra_status lra_load_state(struct lra_handle *h, const void *buf, size_t len);
 
 // Registers the cross-rank sum used for sharded parameters and rank-local
-// losses (`reduce` NULL removes it). It must be registered on every rank
-// and is then called on every rank in the same order.
+// losses (`reduce` NULL removes it, except on a sharded or rank-local-loss
+// handle, which needs one: `LRA_INVALID_ARGUMENT`). It must be registered on every rank
+// and is then called on every rank in the same order. It runs inside
+// calls on this handle: calls on the handle from inside it fail with
+// `LRA_CALL_ORDER`.
 lra_status lra_set_reduction(struct lra_handle *h, lra_reduce_fn reduce, void *user);
 
 // A static description of a status value ("unknown status" for others).

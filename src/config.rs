@@ -84,7 +84,6 @@ impl Config {
     /// comparisons are deliberate: they also reject NaN.
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
-        positive_finite("lr", self.lr)?;
         let h = &self.hyper;
         in_unit_interval("momentum", h.momentum, true)?;
         in_unit_interval("alpha", h.alpha, true)?;
@@ -150,14 +149,8 @@ impl Config {
                 s.lr_min
             );
         }
-        if self.lr < s.lr_min || self.lr > s.lr_max {
-            fail!(
-                InvalidConfig,
-                "lr = {} lies outside [lr_min, lr_max] = [{}, {}]",
-                self.lr,
-                s.lr_min,
-                s.lr_max
-            );
+        if let Some(why) = crate::controller::lr_problem(self.lr, s) {
+            fail!(InvalidConfig, "{why}");
         }
         if !(s.scale_max > 0.0) {
             fail!(

@@ -129,6 +129,24 @@ pub struct ReevalResult {
 pub const LR_FLOOR: f64 = f32::MIN_POSITIVE as f64;
 pub const LR_CEIL: f64 = f32::MAX as f64;
 
+/// Why `lr` cannot be η under `s` (`None` when it can): η must lie inside
+/// the always-on safety range [`LR_FLOOR`, `LR_CEIL`] and inside
+/// [lr_min, lr_max]. Initial, set and restored η all pass this check.
+pub fn lr_problem(lr: f64, s: &Settings) -> Option<String> {
+    if !(LR_FLOOR..=LR_CEIL).contains(&lr) {
+        return Some(format!(
+            "lr = {lr} must be a positive finite number in [{LR_FLOOR:e}, {LR_CEIL:e}] (η is applied as an f32)"
+        ));
+    }
+    if lr < s.lr_min || lr > s.lr_max {
+        return Some(format!(
+            "lr = {lr} lies outside [lr_min, lr_max] = [{}, {}]",
+            s.lr_min, s.lr_max
+        ));
+    }
+    None
+}
+
 /// Keep η inside the configured bounds and the always-on safety range.
 pub fn clamp_lr(lr: f64, s: &Settings) -> f64 {
     let lo = s.lr_min.max(LR_FLOOR);

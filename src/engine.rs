@@ -94,22 +94,10 @@ impl Engine {
     }
 
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        let s = &self.cfg.settings;
-        if !(lr.is_finite() && lr > 0.0) {
-            fail!(
-                InvalidArgument,
-                "lr = {lr} must be a positive finite number"
-            );
+        if let Some(why) = controller::lr_problem(lr, &self.cfg.settings) {
+            fail!(InvalidArgument, "{why}");
         }
-        if lr < s.lr_min || lr > s.lr_max {
-            fail!(
-                InvalidArgument,
-                "lr = {lr} lies outside [lr_min, lr_max] = [{}, {}]",
-                s.lr_min,
-                s.lr_max
-            );
-        }
-        self.lr = controller::clamp_lr(lr, s);
+        self.lr = lr;
         Ok(())
     }
 
@@ -160,7 +148,10 @@ impl Engine {
                 if index < self.schedule.next {
                     return false;
                 }
-                self.schedule.next = index + self.schedule.gap.floor().max(1.0) as u64;
+                // Saturating: a huge growth factor makes the gap +inf (as
+                // u64: u64::MAX), and the schedule must not wrap to "due".
+                let gap = self.schedule.gap.floor().max(1.0) as u64;
+                self.schedule.next = index.saturating_add(gap);
                 self.schedule.gap *= r;
                 true
             }
@@ -548,10 +539,15 @@ impl Engine {
         ] {
             *x = r.u64()?;
         }
+        if self.layout.is_some() && n == 0 && counters.steps == 0 {
+            return Err(bad(
+                "checkpoint was saved before any step, but this handle's tensor layout is already fixed".into(),
+            ));
+        }
         let loss_skips = r.u64()?;
         let lr = r.f64()?;
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(bad(format!("checkpoint lr = {lr} is not positive")));
+        if let Some(why) = controller::lr_problem(lr, &self.cfg.settings) {
+            return Err(bad(format!("checkpoint {why}")));
         }
         let schedule = ScheduleState {
             next: r.u64()?,
@@ -591,6 +587,12 @@ impl Engine {
             pow2: r.f64()?,
         };
         let applied = r.u64()?;
+        if applied > counters.steps {
+            return Err(bad(format!(
+                "checkpoint has {applied} applied steps but only {} steps",
+                counters.steps
+            )));
+        }
         let slots_per = self.cfg.kind.state_slots();
         let mut slots = Vec::with_capacity(n);
         for &(numel, _) in &layout {
@@ -612,18 +614,17 @@ impl Engine {
         if r.at != body.len() {
             return Err(bad(format!("{} trailing bytes", body.len() - r.at)));
         }
-        if n > 0 || self.layout.is_some() {
+        // No tensors means either "no step yet" (no layout) or steps on the
+        // empty tensor list (the empty layout): the step count tells.
+        let has_layout = n > 0 || counters.steps > 0;
+        if has_layout {
             self.backend.import_state(&BackendState {
                 bias,
                 applied,
                 slots,
             })?;
         }
-        self.layout = if n > 0 || self.layout.is_some() {
-            Some(layout)
-        } else {
-            None
-        };
+        self.layout = has_layout.then_some(layout);
         self.counters = counters;
         self.loss_skips = loss_skips;
         self.lr = lr;

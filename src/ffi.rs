@@ -18,6 +18,7 @@ use crate::optim::{DType, Hyper, OptimizerKind};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Status of every fallible call (`LRA_OK` = 0).
 pub type lra_status = u32;
@@ -28,7 +29,8 @@ pub const LRA_NULL_POINTER: lra_status = 1;
 pub const LRA_INVALID_ARGUMENT: lra_status = 2;
 /// `lra_create` rejected a configuration field (the message names it).
 pub const LRA_INVALID_CONFIG: lra_status = 3;
-/// A call came out of order (e.g. `lra_report_reeval` with no pending step).
+/// A call came out of order (e.g. `lra_report_reeval` with no pending step,
+/// or a call on a handle from inside its own reduction callback).
 pub const LRA_CALL_ORDER: lra_status = 4;
 /// Tensor count, size or dtype differs from the first step.
 pub const LRA_SIZE_MISMATCH: lra_status = 5;
@@ -84,7 +86,9 @@ pub const LRA_SKIP_NONFINITE_LOSS: lra_skip_reason = 1;
 pub const LRA_SKIP_NONFINITE_GRAD: lra_skip_reason = 2;
 /// The caller's found-inf flag was non-zero; nothing was written.
 pub const LRA_SKIP_FOUND_INF: lra_skip_reason = 3;
-/// φ ≤ 0: the step was taken (scale 1), η kept.
+/// φ ≤ 0 (no descent predicted): η kept. The step itself was applied
+/// with the scale `lra_reeval_info.scale` says (with R > 0 that can be 0:
+/// no move).
 pub const LRA_SKIP_NONPOSITIVE_PHI: lra_skip_reason = 4;
 /// φ NaN or ±inf (guard off and a bad gradient, or overflow); η kept.
 pub const LRA_SKIP_NONFINITE_PHI: lra_skip_reason = 5;
@@ -189,7 +193,8 @@ pub struct lra_reeval_info {
     pub rho: f64,
     /// The step scale s_i used (1 in the default mode).
     pub scale: f64,
-    /// η used by the step.
+    /// η the decision started from: the step's η, or the value
+    /// `lra_set_lr` set between the step and this report.
     pub lr_before: f64,
     /// η from now on.
     pub lr: f64,
@@ -221,6 +226,10 @@ pub type lra_reduce_fn =
 /// Opaque handle: one optimizer with its adaptation state.
 pub struct lra_handle {
     magic: u64,
+    /// Set while a call runs on the handle: a call from inside its own
+    /// reduction callback (or from a second thread at the same time) would
+    /// otherwise alias the engine the running call is changing.
+    busy: AtomicBool,
     engine: Engine,
     last_error: CString,
     poisoned: bool,
@@ -274,15 +283,11 @@ fn null_error(name: &str, what: &str) -> lra_status {
     LRA_NULL_POINTER
 }
 
-/// Checks the handle pointer, then runs `f` on its engine behind the panic
-/// boundary, keeping the message on the handle.
-unsafe fn with_handle(
-    h: *mut lra_handle,
-    name: &str,
-    f: impl FnOnce(&mut Engine) -> Result<()>,
-) -> lra_status {
+/// Claims a live handle for one call (see `lra_handle::busy`); on failure
+/// records why on the calling thread and returns the status.
+unsafe fn claim(h: *mut lra_handle, name: &str) -> std::result::Result<(), lra_status> {
     if h.is_null() {
-        return null_error(name, "handle");
+        return Err(null_error(name, "handle"));
     }
     if !(h as usize).is_multiple_of(std::mem::align_of::<lra_handle>())
         || (*h).magic != HANDLE_MAGIC
@@ -292,10 +297,39 @@ unsafe fn with_handle(
             format!("{name}: handle {h:p} is not a live lra handle"),
         );
         set_thread_error(&e);
-        return LRA_INVALID_ARGUMENT;
+        return Err(LRA_INVALID_ARGUMENT);
     }
-    let hr = &mut *h;
-    if hr.poisoned {
+    // Field access only: a running call holds `&mut` to the engine field.
+    let busy = &*std::ptr::addr_of!((*h).busy);
+    if busy
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        let e = Error::new(
+            Status::CallOrder,
+            format!(
+                "{name}: the handle is in the middle of another call (lra functions must not be called on a handle from inside its reduction callback, nor from two threads at once)"
+            ),
+        );
+        set_thread_error(&e);
+        return Err(LRA_CALL_ORDER);
+    }
+    Ok(())
+}
+
+/// Checks and claims the handle, then runs `f` on its engine behind the
+/// panic boundary, keeping the message on the handle. Touches the handle
+/// field by field, never through one `&mut lra_handle`, so that a refused
+/// re-entrant call does not alias the running one.
+unsafe fn with_handle(
+    h: *mut lra_handle,
+    name: &str,
+    f: impl FnOnce(&mut Engine) -> Result<()>,
+) -> lra_status {
+    if let Err(status) = claim(h, name) {
+        return status;
+    }
+    let status = if (*h).poisoned {
         let e = Error::new(
             Status::Panic,
             format!(
@@ -303,17 +337,20 @@ unsafe fn with_handle(
             ),
         );
         set_thread_error(&e);
-        hr.last_error = c_message(&e);
-        return LRA_PANIC;
-    }
-    let engine = &mut hr.engine;
-    let (status, err) = boundary(name, || f(engine));
-    if let Some(e) = err {
-        if e.status == Status::Panic {
-            hr.poisoned = true;
+        (*h).last_error = c_message(&e);
+        LRA_PANIC
+    } else {
+        let engine = &mut *std::ptr::addr_of_mut!((*h).engine);
+        let (status, err) = boundary(name, || f(engine));
+        if let Some(e) = err {
+            if e.status == Status::Panic {
+                (*h).poisoned = true;
+            }
+            (*h).last_error = c_message(&e);
         }
-        hr.last_error = c_message(&e);
-    }
+        status
+    };
+    (*std::ptr::addr_of!((*h).busy)).store(false, Ordering::Release);
     status
 }
 
@@ -329,6 +366,24 @@ fn require<T>(p: *const T, name: &str, what: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuses a byte range no allocation can have: longer than `isize::MAX`
+/// bytes, or running past the end of the address space (what
+/// `slice::from_raw_parts` and pointer offsets require).
+fn require_extent(p: usize, bytes: usize, what: &str) -> Result<()> {
+    if bytes > isize::MAX as usize || p.checked_add(bytes).is_none() {
+        fail!(
+            InvalidArgument,
+            "{what}: {bytes} bytes from {p:#x} run past the end of the address space"
+        );
+    }
+    Ok(())
+}
+
+/// Whether the byte ranges `[a, a + alen)` and `[b, b + blen)` share a byte.
+fn overlaps(a: usize, alen: usize, b: usize, blen: usize) -> bool {
+    alen > 0 && blen > 0 && a < b.saturating_add(blen) && b < a.saturating_add(alen)
 }
 
 /// Writes `v` through an output pointer after checking it.
@@ -472,10 +527,24 @@ pub unsafe extern "C" fn lra_create(
 ) -> lra_status {
     let (status, _) = boundary("lra_create", || {
         require(out as *const *mut lra_handle, "lra_create", "out")?;
+        let cfg_bytes = std::mem::size_of::<lra_config>();
+        if !cfg.is_null()
+            && overlaps(
+                out as usize,
+                std::mem::size_of::<*mut lra_handle>(),
+                cfg as usize,
+                cfg_bytes,
+            )
+        {
+            fail!(
+                InvalidArgument,
+                "out = {out:p} points into cfg = {cfg:p}: the handle would overwrite the configuration"
+            );
+        }
         out.write(std::ptr::null_mut());
         require(cfg, "lra_create", "cfg")?;
-        // Read only the bytes the caller declared (struct_size) on top of
-        // the defaults, so an older, shorter struct stays readable.
+        // struct_size must be this library's size: another one means the
+        // caller was compiled against another lra.h.
         let declared = (cfg as *const u32).read() as usize;
         let size = std::mem::size_of::<lra_config>();
         if declared != size {
@@ -489,6 +558,7 @@ pub unsafe extern "C" fn lra_create(
         let engine = Engine::new(config)?;
         let h = Box::new(lra_handle {
             magic: HANDLE_MAGIC,
+            busy: AtomicBool::new(false),
             engine,
             last_error: CString::default(),
             poisoned: false,
@@ -499,13 +569,12 @@ pub unsafe extern "C" fn lra_create(
     status
 }
 
-/// Destroys a handle and its optimizer state. NULL is a no-op.
+/// Destroys a handle and its optimizer state. NULL is a no-op. Refused
+/// (the handle lives on; `lra_thread_last_error()` says why) while another
+/// call runs on the handle, e.g. from inside its reduction callback.
 #[no_mangle]
 pub unsafe extern "C" fn lra_destroy(h: *mut lra_handle) {
-    if h.is_null()
-        || !(h as usize).is_multiple_of(std::mem::align_of::<lra_handle>())
-        || (*h).magic != HANDLE_MAGIC
-    {
+    if h.is_null() || claim(h, "lra_destroy").is_err() {
         return;
     }
     let _ = catch_unwind(AssertUnwindSafe(|| {
@@ -554,6 +623,9 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
             if t.grad.is_null() {
                 fail!(NullPointer, "tensors[{i}].grad is NULL");
             }
+            let bytes = numel * dtype.size();
+            require_extent(t.param as usize, bytes, &format!("tensors[{i}].param"))?;
+            require_extent(t.grad as usize, bytes, &format!("tensors[{i}].grad"))?;
         }
         out.push(TensorDesc {
             param: t.param,
@@ -569,7 +641,8 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
 /// `loss` is f_i on this batch, `obs_var` = R_i >= 0 (0 by default),
 /// `stream` a `CUstream` for CUDA handles (NULL = legacy default stream),
 /// NULL for host handles. The step is skipped (and reported by the next
-/// `lra_report_reeval`) when `loss` or a gradient is not finite.
+/// `lra_report_reeval`) when `loss` is not finite, or, with
+/// `check_finite` on, when a gradient is not finite.
 #[no_mangle]
 pub unsafe extern "C" fn lra_step(
     h: *mut lra_handle,
@@ -694,7 +767,9 @@ pub unsafe extern "C" fn lra_get_lr(h: *const lra_handle, lr: *mut f64) -> lra_s
     })
 }
 
-/// Sets η (positive, finite, inside [lr_min, lr_max]); applies from the next step.
+/// Sets η (inside [lr_min, lr_max] and inside f32's positive normal range,
+/// about [1.2e-38, 3.4e38], since the update applies η as an f32); applies
+/// from the next step.
 #[no_mangle]
 pub unsafe extern "C" fn lra_set_lr(h: *mut lra_handle, lr: f64) -> lra_status {
     with_handle(h, "lra_set_lr", |e| e.set_lr(lr))
@@ -769,8 +844,20 @@ pub unsafe extern "C" fn lra_save_state(
 ) -> lra_status {
     with_handle(h, "lra_save_state", |e| {
         require(buf as *const u8, "lra_save_state", "buf")?;
+        require_extent(buf as usize, len, "buf, len")?;
         if !written.is_null() {
             require(written as *const usize, "lra_save_state", "written")?;
+            if overlaps(
+                written as usize,
+                std::mem::size_of::<usize>(),
+                buf as usize,
+                len,
+            ) {
+                fail!(
+                    InvalidArgument,
+                    "written = {written:p} points into buf: the size would overwrite the checkpoint"
+                );
+            }
         }
         let out = std::slice::from_raw_parts_mut(buf as *mut u8, len);
         let n = e.save_state(out)?;
@@ -782,7 +869,8 @@ pub unsafe extern "C" fn lra_save_state(
 }
 
 /// Restores a checkpoint written by `lra_save_state` for the same
-/// optimizer, hyper-parameters and tensor layout. Nothing changes on error.
+/// optimizer, hyper-parameters and tensor layout, whose η lies inside this
+/// handle's [lr_min, lr_max]. Nothing changes on error.
 #[no_mangle]
 pub unsafe extern "C" fn lra_load_state(
     h: *mut lra_handle,
@@ -791,13 +879,17 @@ pub unsafe extern "C" fn lra_load_state(
 ) -> lra_status {
     with_handle(h, "lra_load_state", |e| {
         require(buf as *const u8, "lra_load_state", "buf")?;
+        require_extent(buf as usize, len, "buf, len")?;
         e.load_state(std::slice::from_raw_parts(buf as *const u8, len))
     })
 }
 
 /// Registers the cross-rank sum used for sharded parameters and rank-local
-/// losses (`reduce` NULL removes it). It must be registered on every rank
-/// and is then called on every rank in the same order.
+/// losses (`reduce` NULL removes it, except on a sharded or rank-local-loss
+/// handle, which needs one: `LRA_INVALID_ARGUMENT`). It must be registered on every rank
+/// and is then called on every rank in the same order. It runs inside
+/// calls on this handle: calls on the handle from inside it fail with
+/// `LRA_CALL_ORDER`.
 #[no_mangle]
 pub unsafe extern "C" fn lra_set_reduction(
     h: *mut lra_handle,

@@ -83,7 +83,16 @@ impl CpuBackend {
 
     fn ensure_state(&mut self, tensors: &[TensorDesc]) {
         let slots = self.kind.state_slots();
-        if self.state.len() != tensors.len() {
+        // Sizes compared too, not just the count: a first step that failed
+        // after sizing the state (a failed reduction) fixes no layout, and
+        // the next first step may bring other sizes.
+        let sized = self.state.len() == tensors.len()
+            && self
+                .state
+                .iter()
+                .zip(tensors)
+                .all(|(s, t)| s.len() == slots * t.numel);
+        if !sized {
             self.state = tensors.iter().map(|t| vec![0.0; slots * t.numel]).collect();
         }
     }

@@ -1,0 +1,489 @@
+//! Adversarial use of the C ABI, called exactly as a C caller would: every
+//! misuse gets a status and a message, and leaves the handle as it was
+//! (checkpoint bytes, parameters, a pending step). Each test here covers a
+//! case that was wrong once, or whose "nothing changed" half no other test
+//! checks; the plain argument checks live in tests/c/abi_test.c.
+
+use lra::ffi::*;
+use std::ffi::{c_void, CStr};
+use std::mem::MaybeUninit;
+use std::ptr::null_mut;
+
+/// Owns a handle for the test's duration.
+struct Handle(*mut lra_handle);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        unsafe { lra_destroy(self.0) }
+    }
+}
+
+fn config(optimizer: lra_optimizer, lr: f64) -> lra_config {
+    let mut c = MaybeUninit::<lra_config>::uninit();
+    unsafe {
+        lra_config_init(c.as_mut_ptr(), optimizer);
+        let mut c = c.assume_init();
+        c.lr = lr;
+        c.num_threads = 1;
+        c
+    }
+}
+
+fn create(cfg: &lra_config) -> Handle {
+    let mut h = null_mut();
+    let st = unsafe { lra_create(cfg, &mut h) };
+    assert_eq!(st, LRA_OK, "lra_create: {}", thread_error());
+    Handle(h)
+}
+
+fn thread_error() -> String {
+    unsafe { CStr::from_ptr(lra_thread_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+impl Handle {
+    fn error(&self) -> String {
+        unsafe { CStr::from_ptr(lra_last_error(self.0)) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Asserts `status` is `want` and the handle's message contains `words`.
+    fn expect(&self, status: lra_status, want: lra_status, words: &str) {
+        let msg = self.error();
+        assert_eq!(status, want, "status {status}, message '{msg}'");
+        assert!(msg.contains(words), "message '{msg}' lacks '{words}'");
+    }
+
+    fn checkpoint(&self) -> Vec<u8> {
+        let mut size = 0;
+        assert_eq!(unsafe { lra_state_size(self.0, &mut size) }, LRA_OK);
+        let mut buf = vec![0u8; size];
+        let mut written = 0;
+        let st = unsafe { lra_save_state(self.0, buf.as_mut_ptr().cast(), size, &mut written) };
+        assert_eq!(st, LRA_OK, "lra_save_state: {}", self.error());
+        assert_eq!(written, size);
+        buf
+    }
+
+    fn load(&self, ckpt: &[u8]) -> lra_status {
+        unsafe { lra_load_state(self.0, ckpt.as_ptr().cast(), ckpt.len()) }
+    }
+
+    fn step(&self, t: &[lra_tensor], loss: f64) -> lra_status {
+        unsafe { lra_step(self.0, t.as_ptr(), t.len(), loss, 0.0, null_mut()) }
+    }
+
+    fn report(&self, loss_after: f64) -> lra_reeval_info {
+        let mut info = MaybeUninit::<lra_reeval_info>::uninit();
+        let st = unsafe { lra_report_reeval(self.0, loss_after, info.as_mut_ptr()) };
+        assert_eq!(st, LRA_OK, "lra_report_reeval: {}", self.error());
+        unsafe { info.assume_init() }
+    }
+
+    fn lr(&self) -> f64 {
+        let mut lr = 0.0;
+        assert_eq!(unsafe { lra_get_lr(self.0, &mut lr) }, LRA_OK);
+        lr
+    }
+
+    fn should_reeval(&self) -> bool {
+        let mut due = 9;
+        assert_eq!(unsafe { lra_should_reeval(self.0, &mut due) }, LRA_OK);
+        due == 1
+    }
+
+    fn counters(&self) -> lra_counters {
+        let mut c = lra_counters::default();
+        assert_eq!(unsafe { lra_get_counters(self.0, &mut c) }, LRA_OK);
+        c
+    }
+}
+
+fn f32_tensor(param: &mut [f32], grad: &[f32]) -> lra_tensor {
+    assert_eq!(param.len(), grad.len());
+    lra_tensor {
+        param: param.as_mut_ptr().cast(),
+        grad: grad.as_ptr().cast(),
+        numel: param.len() as u64,
+        dtype: LRA_DTYPE_F32,
+    }
+}
+
+fn ramp(n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| scale * (1.0 + i as f32 / n as f32))
+        .collect()
+}
+
+/// The checkpoint format's checksum (FNV-1a over everything before it), so
+/// a test can forge a field and still pass the checksum.
+fn reseal(ckpt: &mut [u8]) {
+    let n = ckpt.len() - 8;
+    let sum = ckpt[..n].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    ckpt[n..].copy_from_slice(&sum.to_le_bytes());
+}
+
+/// A mid-training Adam handle with a step awaiting re-evaluation: every bad
+/// call leaves checkpoint bytes and parameters as they were, and the
+/// pending step is then re-evaluated exactly as if nothing had happened.
+#[test]
+fn bad_calls_on_a_pending_step_change_nothing() {
+    let mut p = ramp(64, 0.5);
+    let g = ramp(64, 0.25);
+    let mut q = ramp(8, -1.0);
+    let gq = ramp(8, 0.75);
+    let twin_start = (p.clone(), q.clone());
+    let run = |p: &mut Vec<f32>, q: &mut Vec<f32>, bad_calls: bool| -> (Vec<u8>, f64) {
+        let h = create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
+        let t = [f32_tensor(p, &g), f32_tensor(q, &gq)];
+        assert_eq!(h.step(&t, 2.0), LRA_OK);
+        h.report(1.0);
+        assert_eq!(h.step(&t, 1.5), LRA_OK);
+        if bad_calls {
+            let before = h.checkpoint();
+            let params = (t[0].param as *const f32, t[1].param as *const f32);
+            let snapshot = unsafe {
+                (
+                    std::slice::from_raw_parts(params.0, 64).to_vec(),
+                    std::slice::from_raw_parts(params.1, 8).to_vec(),
+                )
+            };
+            let mut bad = t;
+            bad[1].dtype = 7;
+            h.expect(h.step(&bad, 1.0), LRA_INVALID_ARGUMENT, "dtype");
+            let mut bad = t;
+            bad[1].numel = 7;
+            h.expect(h.step(&bad, 1.0), LRA_SIZE_MISMATCH, "tensors[1]");
+            let mut bad = t;
+            bad[1].param = bad[0].param;
+            h.expect(h.step(&bad, 1.0), LRA_INVALID_ARGUMENT, "overlaps");
+            let mut bad = t;
+            bad[0].grad = unsafe { bad[0].grad.cast::<u8>().add(2).cast() };
+            h.expect(h.step(&bad, 1.0), LRA_INVALID_ARGUMENT, "aligned");
+            h.expect(h.step(&t[..1], 1.0), LRA_SIZE_MISMATCH, "first step");
+            let st = unsafe { lra_step(h.0, t.as_ptr(), 2, 1.0, f64::NAN, null_mut()) };
+            h.expect(st, LRA_INVALID_ARGUMENT, "obs_var");
+            let odd = [0u8; 8];
+            let flag = unsafe { odd.as_ptr().add(1) }.cast::<f32>();
+            let st = unsafe { lra_step_ex(h.0, t.as_ptr(), 2, 1.0, 0.0, flag, null_mut()) };
+            h.expect(st, LRA_INVALID_ARGUMENT, "found_inf");
+            h.expect(
+                unsafe { lra_set_lr(h.0, f64::NAN) },
+                LRA_INVALID_ARGUMENT,
+                "lr",
+            );
+            h.expect(
+                h.load(&before[..before.len() - 1]),
+                LRA_BAD_CHECKPOINT,
+                "checksum",
+            );
+            let mut flipped = before.clone();
+            flipped[100] ^= 0x10;
+            h.expect(h.load(&flipped), LRA_BAD_CHECKPOINT, "checksum");
+            let mut small = vec![0u8; before.len() - 1];
+            let st =
+                unsafe { lra_save_state(h.0, small.as_mut_ptr().cast(), small.len(), null_mut()) };
+            h.expect(st, LRA_BUFFER_TOO_SMALL, "needs");
+            assert_eq!(h.checkpoint(), before, "a failed call changed the handle");
+            let now = unsafe {
+                (
+                    std::slice::from_raw_parts(params.0, 64).to_vec(),
+                    std::slice::from_raw_parts(params.1, 8).to_vec(),
+                )
+            };
+            assert_eq!(now, snapshot, "a failed call wrote parameters");
+        }
+        let info = h.report(1.2);
+        (h.checkpoint(), info.lr)
+    };
+    let (mut p2, mut q2) = twin_start;
+    let clean = run(&mut p2, &mut q2, false);
+    let poked = run(&mut p, &mut q, true);
+    assert_eq!(poked, clean);
+    assert_eq!((p, q), (p2, q2));
+}
+
+/// Sharded handle whose reduction fails on the first step: the step fails
+/// after the backend sized its state for that layout. The next first step,
+/// with the same tensor count but other sizes, must start from scratch.
+/// (Used to write past the end of the state sized for the failed step: the
+/// heap corruption aborted the test process.)
+#[test]
+fn a_failed_first_step_leaves_no_state_behind() {
+    unsafe extern "C" fn fail_first(_v: *mut f64, _n: usize, user: *mut c_void) -> i32 {
+        let calls = &mut *(user as *mut u32);
+        *calls += 1;
+        (*calls == 1) as i32
+    }
+    let mut cfg = config(LRA_OPTIMIZER_ADAM, 1e-2);
+    cfg.sharding = LRA_SHARDING_SHARDED;
+    let mut calls = 0u32;
+    let h = create(&cfg);
+    let st = unsafe { lra_set_reduction(h.0, Some(fail_first), (&mut calls as *mut u32).cast()) };
+    assert_eq!(st, LRA_OK);
+    let mut small = vec![1.0f32; 16];
+    let gs = vec![0.5f32; 16];
+    h.expect(
+        h.step(&[f32_tensor(&mut small, &gs)], 1.0),
+        LRA_REDUCTION_FAILED,
+        "reduction",
+    );
+    assert_eq!(small, vec![1.0f32; 16]);
+
+    let mut calls_ref = 1u32; // never fails
+    let reference = create(&cfg);
+    let st = unsafe {
+        lra_set_reduction(
+            reference.0,
+            Some(fail_first),
+            (&mut calls_ref as *mut u32).cast(),
+        )
+    };
+    assert_eq!(st, LRA_OK);
+    let (mut a, mut b) = (ramp(40, 1.0), ramp(40, 1.0));
+    let g = ramp(40, 0.5);
+    assert_eq!(h.step(&[f32_tensor(&mut a, &g)], 1.0), LRA_OK);
+    assert_eq!(reference.step(&[f32_tensor(&mut b, &g)], 1.0), LRA_OK);
+    assert_eq!(a, b);
+    assert_eq!(h.checkpoint(), reference.checkpoint());
+}
+
+/// `len` beyond `isize::MAX` cannot describe a buffer; it is refused before
+/// anything reads or writes through `buf`.
+#[test]
+fn impossible_buffer_lengths_are_refused() {
+    let h = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let before = h.checkpoint();
+    let mut buf = before.clone();
+    let huge = isize::MAX as usize + 1;
+    let st = unsafe { lra_load_state(h.0, buf.as_ptr().cast(), huge) };
+    h.expect(st, LRA_INVALID_ARGUMENT, "len");
+    let mut written = 7usize;
+    let st = unsafe { lra_save_state(h.0, buf.as_mut_ptr().cast(), huge, &mut written) };
+    h.expect(st, LRA_INVALID_ARGUMENT, "len");
+    assert_eq!(written, 7);
+    assert_eq!(buf, before);
+    assert_eq!(h.checkpoint(), before);
+}
+
+/// Out-parameters that point into the caller's own input are refused
+/// untouched: `out` inside the config of `lra_create`, `written` inside the
+/// checkpoint buffer.
+#[test]
+fn out_parameters_aliasing_inputs_are_refused() {
+    let cfg = config(LRA_OPTIMIZER_ADAM, 1e-3);
+    let copy = cfg;
+    let inside = std::ptr::addr_of!(cfg.lr) as *mut *mut lra_handle;
+    let st = unsafe { lra_create(&cfg, inside) };
+    assert_eq!(st, LRA_INVALID_ARGUMENT, "{}", thread_error());
+    assert!(thread_error().contains("out"), "{}", thread_error());
+    assert_eq!(
+        format!("{cfg:?}"),
+        format!("{copy:?}"),
+        "the config was written"
+    );
+
+    let h = create(&cfg);
+    let ckpt = h.checkpoint();
+    let mut buf = vec![0u8; ckpt.len() + 8];
+    let written = buf.as_mut_ptr().cast::<usize>();
+    let st = unsafe { lra_save_state(h.0, buf.as_mut_ptr().cast(), buf.len(), written) };
+    h.expect(st, LRA_INVALID_ARGUMENT, "written");
+    assert!(buf.iter().all(|&b| b == 0));
+}
+
+/// A tensor whose byte range would wrap around the address space cannot be
+/// real memory; it is refused before any pointer arithmetic on it.
+#[test]
+fn a_tensor_wrapping_the_address_space_is_refused() {
+    let h = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let g = [0.0f32; 4];
+    let t = [lra_tensor {
+        param: (usize::MAX - 63) as *mut c_void,
+        grad: g.as_ptr().cast(),
+        numel: 1 << 20,
+        dtype: LRA_DTYPE_F32,
+    }];
+    h.expect(h.step(&t, 1.0), LRA_INVALID_ARGUMENT, "address");
+    assert_eq!(h.counters().steps, 0);
+}
+
+/// What the reduction callback tried, and what lra answered.
+struct Reentry {
+    h: *mut lra_handle,
+    set_lr: lra_status,
+    get_lr: lra_status,
+}
+
+/// A reduction callback that calls back into its own handle gets
+/// `LRA_CALL_ORDER` (the handle is in the middle of a call), and
+/// `lra_destroy` from there is refused: the outer call still runs on it.
+#[test]
+fn calls_from_inside_the_reduction_callback_are_refused() {
+    unsafe extern "C" fn reenter(_v: *mut f64, _n: usize, user: *mut c_void) -> i32 {
+        let r = &mut *(user as *mut Reentry);
+        r.set_lr = lra_set_lr(r.h, 0.5);
+        let mut lr = 0.0;
+        r.get_lr = lra_get_lr(r.h, &mut lr);
+        lra_destroy(r.h);
+        0
+    }
+    let mut cfg = config(LRA_OPTIMIZER_SGD, 0.1);
+    cfg.loss_is_rank_local = 1;
+    let h = create(&cfg);
+    let mut r = Reentry {
+        h: h.0,
+        set_lr: LRA_OK,
+        get_lr: LRA_OK,
+    };
+    let st = unsafe { lra_set_reduction(h.0, Some(reenter), (&mut r as *mut Reentry).cast()) };
+    assert_eq!(st, LRA_OK);
+    let mut p = ramp(8, 1.0);
+    let g = ramp(8, 1.0);
+    assert_eq!(h.step(&[f32_tensor(&mut p, &g)], 1.0), LRA_OK);
+    assert_eq!((r.set_lr, r.get_lr), (LRA_CALL_ORDER, LRA_CALL_ORDER));
+    let why = thread_error();
+    assert!(
+        why.contains("lra_destroy") && why.contains("callback"),
+        "{why}"
+    );
+    assert_eq!(h.lr(), 0.1, "the handle survived and η is unchanged");
+    assert_eq!(h.counters().steps, 1);
+}
+
+/// A failing reduction during `lra_report_reeval` keeps the step pending:
+/// nothing changed, and the retry decides as if the failure never happened.
+#[test]
+fn a_failed_reduction_in_report_keeps_the_step_pending() {
+    unsafe extern "C" fn fail_when_armed(_v: *mut f64, _n: usize, user: *mut c_void) -> i32 {
+        (*(user as *const std::cell::Cell<bool>)).get() as i32
+    }
+    let mut cfg = config(LRA_OPTIMIZER_MOMENTUM, 0.05);
+    cfg.loss_is_rank_local = 1;
+    let h = create(&cfg);
+    let armed = std::cell::Cell::new(false);
+    let st = unsafe {
+        lra_set_reduction(
+            h.0,
+            Some(fail_when_armed),
+            (&armed as *const std::cell::Cell<bool>).cast_mut().cast(),
+        )
+    };
+    assert_eq!(st, LRA_OK);
+    let mut p = ramp(32, 1.0);
+    let g = ramp(32, 1.0);
+    assert_eq!(h.step(&[f32_tensor(&mut p, &g)], 3.0), LRA_OK);
+    let before = h.checkpoint();
+    armed.set(true);
+    let mut info = MaybeUninit::<lra_reeval_info>::uninit();
+    let st = unsafe { lra_report_reeval(h.0, 0.0, info.as_mut_ptr()) };
+    h.expect(st, LRA_REDUCTION_FAILED, "callback returned 1");
+    assert_eq!(h.checkpoint(), before);
+    armed.set(false);
+    let info = h.report(0.0);
+    assert_eq!(info.decision, LRA_DECISION_RAISED);
+    assert_eq!(h.counters().reevals, 1);
+}
+
+/// The geometric schedule's next index saturates instead of wrapping: with
+/// a huge growth factor only steps 0 and 1 are due. (Used to wrap around in
+/// release builds, making every later step due, and to panic in debug.)
+#[test]
+fn a_huge_geometric_growth_does_not_wrap_the_schedule() {
+    let mut cfg = config(LRA_OPTIMIZER_SGD, 0.1);
+    cfg.reeval_schedule = LRA_REEVAL_GEOMETRIC;
+    cfg.reeval_growth = 1e300;
+    let h = create(&cfg);
+    let mut p = ramp(4, 1.0);
+    let g = ramp(4, 1.0);
+    let t = [f32_tensor(&mut p, &g)];
+    let due: Vec<bool> = (0..6)
+        .map(|_| {
+            assert_eq!(h.step(&t, 1.0), LRA_OK, "{}", h.error());
+            h.should_reeval()
+        })
+        .collect();
+    assert_eq!(due, [true, true, false, false, false, false]);
+}
+
+/// η is applied as an f32: an initial η, `lra_set_lr` value or restored η
+/// outside f32's positive normal range (or outside the handle's own
+/// [lr_min, lr_max]) is refused, not silently turned into inf or 0.
+#[test]
+fn an_lr_the_update_cannot_use_is_refused() {
+    for lr in [1e300, 1e-300] {
+        let mut h = null_mut();
+        let st = unsafe { lra_create(&config(LRA_OPTIMIZER_SGD, lr), &mut h) };
+        assert_eq!(st, LRA_INVALID_CONFIG, "lr = {lr}");
+        assert!(h.is_null());
+        assert!(thread_error().contains("lr = "), "{}", thread_error());
+    }
+    let h = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    for lr in [1e300, 1e-300] {
+        h.expect(
+            unsafe { lra_set_lr(h.0, lr) },
+            LRA_INVALID_ARGUMENT,
+            "lr = ",
+        );
+        assert_eq!(h.lr(), 0.1);
+    }
+    let ckpt = h.checkpoint();
+    let mut bounded = config(LRA_OPTIMIZER_SGD, 0.01);
+    bounded.lr_max = 0.05;
+    let b = create(&bounded);
+    let before = b.checkpoint();
+    b.expect(b.load(&ckpt), LRA_BAD_CHECKPOINT, "lr_max");
+    assert_eq!(b.checkpoint(), before);
+}
+
+/// A checkpoint whose checksum is right but whose counters contradict each
+/// other (more applied steps than steps) is refused, not loaded into
+/// counters that later underflow.
+#[test]
+fn a_forged_checkpoint_with_inconsistent_counters_is_refused() {
+    let h = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let mut p = ramp(4, 1.0);
+    let g = ramp(4, 1.0);
+    for _ in 0..2 {
+        assert_eq!(h.step(&[f32_tensor(&mut p, &g)], 1.0), LRA_OK);
+    }
+    let mut forged = h.checkpoint();
+    // SGD keeps no slots: the applied-step count is the u64 before the checksum.
+    let at = forged.len() - 16;
+    assert_eq!(forged[at..at + 8], 2u64.to_le_bytes());
+    forged[at..at + 8].copy_from_slice(&3u64.to_le_bytes());
+    reseal(&mut forged);
+    let fresh = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let before = fresh.checkpoint();
+    fresh.expect(fresh.load(&forged), LRA_BAD_CHECKPOINT, "applied");
+    assert_eq!(fresh.checkpoint(), before);
+}
+
+/// A handle whose layout is the empty tensor list (steps with count 0)
+/// round-trips through a checkpoint: the restored handle keeps the empty
+/// layout and the applied-step count. (Used to come back with no layout at
+/// all and applied = 0.)
+#[test]
+fn an_empty_layout_survives_a_checkpoint() {
+    let a = create(&config(LRA_OPTIMIZER_ADAM, 0.1));
+    assert_eq!(a.step(&[], 1.0), LRA_OK);
+    a.report(0.5);
+    let ckpt = a.checkpoint();
+    let b = create(&config(LRA_OPTIMIZER_ADAM, 0.1));
+    let unstepped = b.checkpoint();
+    assert_eq!(b.load(&ckpt), LRA_OK, "{}", b.error());
+    // ... and, like any fixed layout, refuses a checkpoint taken before any step.
+    a.expect(a.load(&unstepped), LRA_BAD_CHECKPOINT, "before any step");
+    assert_eq!(a.checkpoint(), ckpt);
+    assert_eq!(b.checkpoint(), ckpt);
+    assert_eq!(b.counters().applied, a.counters().applied);
+    let mut p = [1.0f32; 2];
+    let g = [1.0f32; 2];
+    let t = [f32_tensor(&mut p, &g)];
+    a.expect(a.step(&t, 1.0), LRA_SIZE_MISMATCH, "first step");
+    b.expect(b.step(&t, 1.0), LRA_SIZE_MISMATCH, "first step");
+}
