@@ -487,3 +487,24 @@ fn an_empty_layout_survives_a_checkpoint() {
     a.expect(a.step(&t, 1.0), LRA_SIZE_MISMATCH, "first step");
     b.expect(b.step(&t, 1.0), LRA_SIZE_MISMATCH, "first step");
 }
+
+/// A tensor list the optimizer state cannot be allocated for (sizes that
+/// fit the address space, but not memory) is an error, not an abort of the
+/// caller's process; the handle then takes a normal first step.
+#[test]
+fn an_unallocatable_optimizer_state_is_an_error() {
+    let h = create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
+    // 2^58 f16 elements: 2^59 bytes each (never touched), and Adam's two
+    // f32 slots would need 2^61 bytes.
+    let numel = 1u64 << 58;
+    let huge = [lra_tensor {
+        param: 0x1000 as *mut c_void,
+        grad: (0x2000 + (numel << 1)) as *const c_void,
+        numel,
+        dtype: LRA_DTYPE_F16,
+    }];
+    h.expect(h.step(&huge, 1.0), LRA_INVALID_ARGUMENT, "out of memory");
+    let (mut p, g) = (vec![1.0f32; 8], vec![0.5f32; 8]);
+    assert_eq!(h.step(&[f32_tensor(&mut p, &g)], 1.0), LRA_OK, "{}", h.error());
+    assert!(p.iter().all(|&x| x < 1.0), "the step after moved nothing: {p:?}");
+}

@@ -18,6 +18,7 @@ use super::{Backend, BackendState, StepRequest, TensorDesc, ValidatedTensors};
 use crate::controller::{SkipReason, StepOutcome};
 use crate::dispatch_kind;
 use crate::error::Result;
+use crate::fail;
 use crate::optim::{self, BiasPowers, DType, Elem, Hyper, OptimizerKind, StepScalars};
 use half::{bf16, f16};
 
@@ -81,7 +82,7 @@ impl CpuBackend {
         }
     }
 
-    fn ensure_state(&mut self, tensors: &[TensorDesc]) {
+    fn ensure_state(&mut self, tensors: &[TensorDesc]) -> Result<()> {
         let slots = self.kind.state_slots();
         // Sizes compared too, not just the count: a first step that failed
         // after sizing the state (a failed reduction) fixes no layout, and
@@ -93,8 +94,25 @@ impl CpuBackend {
                 .zip(tensors)
                 .all(|(s, t)| s.len() == slots * t.numel);
         if !sized {
-            self.state = tensors.iter().map(|t| vec![0.0; slots * t.numel]).collect();
+            // An allocation failure is an error, not an abort of the
+            // caller's process (sizes come from the caller).
+            let mut state = Vec::with_capacity(tensors.len());
+            for (i, t) in tensors.iter().enumerate() {
+                let n = slots.saturating_mul(t.numel);
+                let mut v = Vec::new();
+                if v.try_reserve_exact(n).is_err() {
+                    fail!(
+                        InvalidArgument,
+                        "tensors[{i}]: cannot allocate the optimizer state ({slots} x {} f32 values): out of memory",
+                        t.numel
+                    );
+                }
+                v.resize(n, 0.0);
+                state.push(v);
+            }
+            self.state = state;
         }
+        Ok(())
     }
 
     /// Cuts the step into chunk items (state pointers included).
@@ -526,7 +544,8 @@ impl CpuBackend {
     /// This is the "adaptation off" baseline of the kernel-cost benchmark
     /// (`benches/kernel_cost.rs`); the engine never calls it.
     pub fn step_plain(&mut self, tensors: &[TensorDesc], hyper: &Hyper, lr: f64) {
-        self.ensure_state(tensors);
+        self.ensure_state(tensors)
+            .expect("benchmark tensors fit in memory");
         let items = self.items(tensors);
         let total: usize = tensors.iter().map(|t| t.numel).sum();
         let bias = self.bias.advanced(hyper);
@@ -559,7 +578,7 @@ impl Backend for CpuBackend {
             self.last = skipped(SkipReason::FoundInf);
             return Ok(());
         }
-        self.ensure_state(req.tensors);
+        self.ensure_state(req.tensors)?;
         let items = self.items(req.tensors);
         let total: usize = req.tensors.iter().map(|t| t.numel).sum();
         let bias = self.bias.advanced(&req.hyper);
