@@ -307,3 +307,369 @@ fn results_and_phi_are_identical_under_every_schedule_and_grid() {
         }
     }
 }
+
+/// A small mixed layout (vector and scalar paths, two chunks) for the
+/// skip and clamp tests below.
+fn small_mixed() -> [Spec; 3] {
+    [
+        spec(DType::F32, 4097),
+        spec(DType::F16, 33),
+        Spec {
+            dtype: DType::Bf16,
+            numel: 7,
+            misalign: true,
+        },
+    ]
+}
+
+fn finite(pass: Pass, lr: f64) -> StepPlan {
+    StepPlan {
+        nonfinite_grads: false,
+        ..plan(pass, lr)
+    }
+}
+
+/// found_inf set (1 or NaN) on the very first step of a handle, in every
+/// pass: nothing is written (parameters, state, bias powers, step count)
+/// and φ is NaN; the next step is a first step. No launch may read the φ
+/// partials then: no chunk wrote them yet (GradScaler's first steps with
+/// fp16 overflow routinely), and the interpreter rejects reading them.
+#[test]
+fn found_inf_on_the_first_step_is_a_no_op_in_every_pass() {
+    let m = module();
+    let specs = small_mixed();
+    let passes = [
+        Pass::Fused,
+        Pass::Guarded,
+        Pass::Scaled {
+            f_star: 0.5,
+            obs_var: 0.0,
+        },
+        Pass::Sharded {
+            f_star: f64::NAN,
+            obs_var: 0.2,
+        },
+        Pass::ShardedPeers {
+            rule: None,
+            peers: [0.0; 3],
+        },
+    ];
+    for (i, pass) in passes.into_iter().enumerate() {
+        for flag in [1.0, f32::NAN] {
+            let kind = [OptimizerKind::Adam, OptimizerKind::Momentum][i % 2];
+            let steps = [
+                StepPlan {
+                    found_inf: Some(flag),
+                    ..finite(pass, 1e-2)
+                },
+                StepPlan {
+                    found_inf: Some(0.0),
+                    ..finite(pass, 1e-2)
+                },
+            ];
+            run(
+                &m,
+                &Case {
+                    name: format!("{}/{pass:?}/found_inf {flag} first", kind.name()),
+                    kind,
+                    specs: &specs,
+                    hyper: hyper(kind, true),
+                    steps: &steps,
+                    nonfinite_init: false,
+                    seed: 40 + i as u64,
+                    grid: None,
+                    schedule: Schedule::InOrder,
+                },
+            );
+        }
+    }
+}
+
+/// Sharded steps where the other ranks' part of the pre-write sum decides:
+/// some rank's found_inf (bit 31 of `control.nonfinite`, written by the
+/// host) skips this rank as FoundInf with its own flag clear; some rank's
+/// non-finite gradient skips it as NonfiniteGrad; the scale of a two-pass
+/// step comes from the summed φ. Fused (check launch only before the sum)
+/// and two-pass, equal to the CPU backend given the same sum.
+#[test]
+fn other_ranks_flags_and_phi_decide_sharded_steps() {
+    let m = module();
+    let specs = small_mixed();
+    let mut steps = Vec::new();
+    for rule in [None, Some((0.25, 0.0)), Some((f64::NAN, 0.1))] {
+        for peers in [[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3e-3], [0.0; 3]] {
+            steps.push(finite(Pass::ShardedPeers { rule, peers }, 1e-2));
+        }
+        // this rank's own non-finite gradient, and its own found_inf
+        steps.push(StepPlan {
+            nonfinite_grads: true,
+            ..finite(
+                Pass::ShardedPeers {
+                    rule,
+                    peers: [0.0; 3],
+                },
+                1e-2,
+            )
+        });
+        steps.push(StepPlan {
+            found_inf: Some(1.0),
+            ..finite(
+                Pass::ShardedPeers {
+                    rule,
+                    peers: [0.0, 0.0, 3e-3],
+                },
+                1e-2,
+            )
+        });
+    }
+    for kind in [OptimizerKind::Adam, OptimizerKind::Nesterov] {
+        run(
+            &m,
+            &Case {
+                name: format!("{}/other ranks", kind.name()),
+                kind,
+                specs: &specs,
+                hyper: hyper(kind, false),
+                steps: &steps,
+                nonfinite_init: false,
+                seed: 61,
+                grid: None,
+                schedule: Schedule::InOrder,
+            },
+        );
+    }
+}
+
+/// A finite `scale_max` clamps the device's scale as `ScaleRule::scale`
+/// does: above (f* far below the loss), and the fallback s = 1 when
+/// φ + R is not positive. Every other test runs with `scale_max` = +inf.
+#[test]
+fn scale_max_clamps_the_device_scale() {
+    let m = module();
+    let specs = small_mixed();
+    let steps = [
+        finite(
+            Pass::Clamped {
+                f_star: -1e30,
+                obs_var: 0.0,
+                scale_max: 0.75,
+            },
+            1e-2,
+        ),
+        finite(
+            Pass::Clamped {
+                f_star: f64::NAN,
+                obs_var: -1e30,
+                scale_max: 0.5,
+            },
+            1e-2,
+        ),
+        finite(
+            Pass::Clamped {
+                f_star: 0.9,
+                obs_var: 1e-6,
+                scale_max: 2.0,
+            },
+            1e-2,
+        ),
+    ];
+    for kind in [OptimizerKind::Sgd, OptimizerKind::AdamW] {
+        run(
+            &m,
+            &Case {
+                name: format!("{}/scale_max", kind.name()),
+                kind,
+                specs: &specs,
+                hyper: hyper(kind, false),
+                steps: &steps,
+                nonfinite_init: false,
+                seed: 71,
+                grid: None,
+                schedule: Schedule::InOrder,
+            },
+        );
+    }
+}
+
+/// A non-finite count left in the control block (a step that failed
+/// between its launches) must not split an unguarded fused step: F_DECIDE
+/// applies it (the guard is off), so the chunks must be written too.
+#[test]
+fn a_stale_nonfinite_count_does_not_split_an_unguarded_step() {
+    let m = module();
+    let specs = small_mixed();
+    let kind = OptimizerKind::Adam;
+    let h = hyper(kind, false);
+    let mut rng = Rng(9);
+    let params: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|s| values(&mut rng, s.dtype, s.numel, 0, 0, true))
+        .collect();
+    let grads: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|s| values(&mut rng, s.dtype, s.numel, 0, 0, true))
+        .collect();
+    let state: Vec<Vec<f32>> = specs.iter().map(|s| vec![0.0; 2 * s.numel]).collect();
+    let mut gpu = Gpu::new(&m, kind, &specs, None);
+    gpu.write_params(&params);
+    gpu.set_state(&state);
+    gpu.write_grads(&grads);
+    gpu.dev
+        .write(gpu.control + abi::CONTROL_NONFINITE, &1u32.to_le_bytes())
+        .unwrap();
+    let mut host = Host::new(kind, &specs, &params, &state);
+    let out = host.step(Pass::Fused, &h, 1e-2, 1.0, &grads, false);
+    gpu.step(Pass::Fused, &h, 1e-2, 1.0, false).unwrap();
+    let ctl = gpu.control();
+    assert_eq!(ctl.skip, skip_code(out.skip), "skip reason");
+    assert_eq!(ctl.applied, 1);
+    assert_eq!(ctl.nonfinite, 0, "F_END clears the count");
+    for (t, (h, g)) in host.params().iter().zip(gpu.params()).enumerate() {
+        assert_eq!(diff(specs[t].dtype, h, &g), None, "tensor {t}");
+    }
+}
+
+/// The chunking's edges, in every pass: no tensors, only empty ones,
+/// tensors ending exactly on a chunk boundary, tensors whose rounding to 4
+/// ends on one, and 300 tensors (table indices past 255) of mixed dtypes,
+/// alignments and sizes 0..60.
+#[test]
+fn chunking_edges_in_every_pass_equal_cpu() {
+    let m = module();
+    let passes = [
+        Pass::Fused,
+        Pass::Guarded,
+        Pass::Scaled {
+            f_star: 0.5,
+            obs_var: 0.0,
+        },
+        Pass::Sharded {
+            f_star: f64::NAN,
+            obs_var: 0.1,
+        },
+    ];
+    let steps = passes.map(|p| finite(p, 1e-2));
+    let many = many_tensors(300);
+    let layouts = [
+        vec![],
+        vec![spec(DType::F32, 0), spec(DType::Bf16, 0)],
+        vec![
+            spec(DType::F32, 4096),
+            spec(DType::F16, 4096),
+            spec(DType::Bf16, 5),
+        ],
+        vec![
+            spec(DType::F16, 4093),
+            spec(DType::F32, 3),
+            spec(DType::Bf16, 4095),
+            spec(DType::F32, 1),
+        ],
+        many,
+    ];
+    let plans: Vec<_> = layouts
+        .iter()
+        .map(|l| abi::chunk_table(&l.iter().map(|s| s.numel).collect::<Vec<_>>()))
+        .collect();
+    // the layouts are what they say: a tensor starts a chunk
+    assert!(plans[0].chunks.is_empty() && plans[1].chunks.is_empty());
+    for p in &plans[2..4] {
+        assert!(p.chunks.len() >= 2);
+        assert_eq!(p.segments[p.chunks[1].first as usize].start, 0);
+    }
+    assert!(plans[4].segments.iter().any(|s| s.tensor > 255));
+    for (li, specs) in layouts.iter().enumerate() {
+        for kind in [OptimizerKind::ALL[li % 7], OptimizerKind::ALL[(li + 3) % 7]] {
+            run(
+                &m,
+                &Case {
+                    name: format!("{}/edge layout {li}", kind.name()),
+                    kind,
+                    specs,
+                    hyper: hyper(kind, li % 2 == 0),
+                    steps: &steps,
+                    nonfinite_init: false,
+                    seed: 80 + li as u64,
+                    grid: None,
+                    schedule: Schedule::InOrder,
+                },
+            );
+        }
+    }
+}
+
+/// Chunks past 2^32 elements ([`past_two_to_the_32`]): 64-bit element
+/// starts and byte offsets, 16384-element chunks, a chunk of three
+/// tensors. The kernel gets the layout's real table rows; only the
+/// elements those chunks touch are allocated.
+#[test]
+fn chunks_past_two_to_the_32_elements_equal_cpu() {
+    let m = module();
+    let (w, specs) = past_two_to_the_32();
+    let (rows, _) = w.rows();
+    assert!(rows.segments.iter().any(|s| s.start >= 1 << 32));
+    assert_eq!(rows.chunks[1].end - rows.chunks[1].first, 3);
+    let steps = [
+        finite(Pass::Fused, 1e-2),
+        finite(
+            Pass::Scaled {
+                f_star: 0.5,
+                obs_var: 0.0,
+            },
+            1e-2,
+        ),
+    ];
+    for kind in [OptimizerKind::Adam, OptimizerKind::Rmsprop] {
+        let c = Case {
+            name: format!("{}/past 2^32", kind.name()),
+            kind,
+            specs: &specs,
+            hyper: hyper(kind, true),
+            steps: &steps,
+            nonfinite_init: false,
+            seed: 90,
+            grid: None,
+            schedule: Schedule::InOrder,
+        };
+        try_run_window(&m, &c, Some(&w)).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// The final stage alone over thousands of partials (the tests above have
+/// at most a few chunks): one to many partials per thread, and more than
+/// its sixteen loads in flight (4096 = 16 × 256), with any grid and block
+/// order: φ has the bits of the fixed order (kernels/README.md, step 4),
+/// which a plain sequential sum of these inputs does not have.
+#[test]
+fn phi_over_thousands_of_partials_is_in_the_fixed_order() {
+    let m = module();
+    let mut rng = Rng(5);
+    let mut order_shows = false;
+    for (n, grid, schedule) in [
+        (1, 1, Schedule::InOrder),
+        (257, 2, Schedule::Reversed),
+        (4097, 3, Schedule::InOrder),
+        (
+            2 * 4096 + 17,
+            4,
+            Schedule::Random {
+                seed: 3,
+                resident: 2,
+                max_quantum: 50,
+            },
+        ),
+    ] {
+        let parts: Vec<f64> = (0..n)
+            .map(|_| rng.value() as f64 * (1.0 + rng.value() as f64))
+            .collect();
+        let lr = 0.01;
+        let want = final_sum(&parts, lr, &BFLY);
+        let got = final_stage_phi(&m, &parts, lr, grid, schedule).unwrap();
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "{n} partials: {got:e} vs {want:e}"
+        );
+        order_shows |= (parts.iter().sum::<f64>() * lr).to_bits() != want.to_bits();
+    }
+    assert!(order_shows, "the inputs do not tell summation orders apart");
+}

@@ -273,3 +273,105 @@ fn an_unrounded_add_in_the_kernel_is_a_load_error() {
     assert_eq!(e.kind, ErrorKind::Load, "{e}");
     assert!(e.message.contains("contract"), "{e}");
 }
+
+#[test]
+fn a_32_bit_segment_start_is_caught_past_two_to_the_32() {
+    // the segment's first element read as 32 bits: element 2^32 becomes 0
+    let src = edit(
+        "ld.global.u64 %start, [%cd+0];",
+        "ld.global.u32 %lo, [%cd+0];\n\tcvt.u64.u32 %start, %lo;",
+        0,
+    );
+    let m = load(&src);
+    let (w, specs) = past_two_to_the_32();
+    let steps = [StepPlan {
+        nonfinite_grads: false,
+        ..plan(Pass::Fused, 1e-2)
+    }];
+    // every other test has starts far below 2^32: the edit passes them
+    try_run(&m, &case(&SPECS, &steps)).unwrap();
+    let e =
+        try_run_window(&m, &case(&specs, &steps), Some(&w)).expect_err("the edited kernel passed");
+    assert_eq!(kind_of(&e), Some(ErrorKind::OutOfBounds), "{e}");
+}
+
+#[test]
+fn a_tensor_index_cut_to_8_bits_is_caught_by_300_tensors() {
+    let src = edit(
+        "ld.global.u32 %tix, [%cd+8];",
+        "ld.global.u32 %tix, [%cd+8];\n\tand.b32 %tix, %tix, 255;",
+        0,
+    );
+    let m = load(&src);
+    let specs = many_tensors(300);
+    let steps = [StepPlan {
+        nonfinite_grads: false,
+        ..plan(Pass::Fused, 1e-2)
+    }];
+    try_run(&m, &case(&many_tensors(40), &steps)).unwrap();
+    let e = try_run(&m, &case(&specs, &steps)).expect_err("the edited kernel passed");
+    assert!(e.contains("differ") || kind_of(&e).is_some(), "{e}");
+}
+
+#[test]
+fn adding_a_wrong_partial_in_the_final_sum_is_caught() {
+    // the tenth of the sixteen partials a thread loads per round is added
+    // in place of the eleventh: only a sum of more than 10 × 256 partials
+    // has one
+    let m = load(&edit(
+        "@%p add.rn.f64 %acc, %acc, %v10;",
+        "@%p add.rn.f64 %acc, %acc, %v9;",
+        0,
+    ));
+    let mut rng = Rng(5);
+    let sum = |n: usize, rng: &mut Rng| {
+        let parts: Vec<f64> = (0..n).map(|_| rng.value() as f64).collect();
+        let got = final_stage_phi(&m, &parts, 1.0, 2, Schedule::InOrder).unwrap();
+        got.to_bits() == final_sum(&parts, 1.0, &BFLY).to_bits()
+    };
+    assert!(sum(257, &mut rng), "few partials do not show the edit");
+    assert!(!sum(4097, &mut rng), "the edited final sum passed");
+}
+
+#[test]
+fn ignoring_another_ranks_found_inf_is_caught() {
+    // bit 31 of control.nonfinite (some rank's found_inf) not tested: the
+    // step skips, but as a non-finite gradient
+    let m = load(&edit(
+        "and.b32 %y, %x, -2147483648;",
+        "and.b32 %y, %x, 0;",
+        0,
+    ));
+    let steps = [StepPlan {
+        nonfinite_grads: false,
+        ..plan(
+            Pass::ShardedPeers {
+                rule: Some((0.5, 0.0)),
+                peers: [0.0, 1.0, 0.0],
+            },
+            1e-2,
+        )
+    }];
+    let e = try_run(&m, &case(&SPECS, &steps)).expect_err("the edited kernel passed");
+    assert!(e.contains("skip reason"), "{e}");
+}
+
+#[test]
+fn an_unclamped_scale_is_caught() {
+    // scale_max not applied (every other case runs with scale_max = +inf)
+    let m = load(&edit("min.f64 %s, %s, %xd;", "", 0));
+    let steps = [StepPlan {
+        nonfinite_grads: false,
+        ..plan(
+            Pass::Clamped {
+                f_star: -1e30,
+                obs_var: 0.0,
+                scale_max: 0.75,
+            },
+            1e-2,
+        )
+    }];
+    let e = try_run(&m, &case(&SPECS, &steps)).expect_err("the edited kernel passed");
+    // θ moves by s·η·d with s about 1e30·2/φ instead of 0.75
+    assert!(e.contains("parameters differ"), "{e}");
+}

@@ -377,10 +377,13 @@ pub fn sharded_split(two_pass: bool, guard: bool) -> (Vec<u32>, Vec<(u32, bool)>
     }
 }
 
-/// The rounding lint: every f32/f64 `add`, `sub`, `mul`, `div`, `sqrt`
-/// and `fma` carries `.rn` (so ptxas may not contract or approximate it)
-/// and nothing uses `.ftz`, `.approx` or `.full`. Returns the offending
-/// lines (1-based number, text).
+/// The rounding lint: every floating-point (f16/bf16 and their x2
+/// vectors, f32, f64) `add`, `sub`, `mul`, `div`, `sqrt`, `rcp`, `fma`
+/// and `mad` carries `.rn` (so ptxas may not contract or approximate it);
+/// nothing uses `.ftz`, `.approx`, `.full` or a directed rounding (`.rz`,
+/// `.rm`, `.rp`: the CPU backend rounds to nearest), and no float
+/// operation saturates (`.sat`). Returns the offending lines (1-based
+/// number, text).
 pub fn rounding_lint(ptx: &str) -> Vec<(usize, String)> {
     let mut bad = Vec::new();
     for (no, line) in ptx.lines().enumerate() {
@@ -389,15 +392,18 @@ pub fn rounding_lint(ptx: &str) -> Vec<(usize, String)> {
             continue;
         };
         let parts: Vec<&str> = op.trim_end_matches(';').split('.').collect();
-        let float = parts.iter().any(|p| *p == "f32" || *p == "f64");
+        let float = parts
+            .iter()
+            .any(|p| matches!(*p, "f16" | "f16x2" | "bf16" | "bf16x2" | "f32" | "f64"));
         let arith = matches!(
             parts[0],
-            "add" | "sub" | "mul" | "div" | "sqrt" | "fma" | "rcp"
+            "add" | "sub" | "mul" | "div" | "sqrt" | "fma" | "rcp" | "mad"
         );
         let loose = parts
             .iter()
-            .any(|p| matches!(*p, "ftz" | "approx" | "full"));
-        if (float && arith && !parts.contains(&"rn")) || loose {
+            .any(|p| matches!(*p, "ftz" | "approx" | "full" | "rz" | "rm" | "rp"));
+        let saturated = float && parts.contains(&"sat");
+        if (float && arith && !parts.contains(&"rn")) || loose || saturated {
             bad.push((no + 1, line.trim().to_string()));
         }
     }
@@ -419,10 +425,25 @@ mod tests {
             "\tsub.ftz.rn.f32 %f1, %f2, %f3;",
             "\tdiv.approx.f32 %f1, %f2, %f3;",
             "\tfma.f32 %f1, %f2, %f3, %f4;",
+            "\tmad.f32 %f1, %f2, %f3, %f4;",
+            "\tadd.f16 %h1, %h2, %h3;",
+            "\tmul.bf16x2 %r1, %r2, %r3;",
+            "\tcvt.rz.f32.f64 %f1, %fd1;",
+            "\tadd.rn.sat.f32 %f1, %f2, %f3;",
+            "\trsqrt.approx.f64 %fd1, %fd2;",
         ] {
             assert_eq!(rounding_lint(line).len(), 1, "{line}");
         }
-        assert!(rounding_lint("\tadd.u32 %r1, %r2, 1; // add.f32 in a comment").is_empty());
+        for line in [
+            "\tadd.u32 %r1, %r2, 1; // add.f32 in a comment",
+            "\tcvt.rn.f16.f32 %h1, %f1;",
+            "\tcvt.f32.bf16 %f1, %h1;",
+            "\tfma.rn.f32 %f1, %f2, %f3, %f4;",
+            "\tmul.wide.u32 %rd1, %r1, 8;",
+            "\tmax.f64 %fd1, %fd1, 0d0000000000000000;",
+        ] {
+            assert!(rounding_lint(line).is_empty(), "{line}");
+        }
     }
 
     /// The per-step shortcut agrees with rebuilding the table: over many
@@ -558,6 +579,31 @@ mod tests {
         assert_eq!(plan.segments[shared.first as usize + 1].len, 4);
         assert_eq!(plan.segments.last().unwrap().len as usize, CHUNK_LARGE - 3);
         assert_eq!(chunk_len(LARGE_FROM - 1), CHUNK);
+    }
+
+    /// Past 2^32 elements (users pass billions): starts and state offsets
+    /// in 64 bits, chunk and segment counts far from the u32 limit.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn layouts_past_two_to_the_32_elements() {
+        let big = [(1usize << 32) + 6, 5000, 33];
+        let plan = check_plan(&big);
+        let flat = (1usize << 32) + 8 + 5000 + 36;
+        assert_eq!(plan.chunks.len(), flat.div_ceil(CHUNK_LARGE));
+        assert!(plan.segments.iter().any(|s| s.start > u32::MAX as u64));
+        let (off, total) = state_layout(&big, OptimizerKind::Adam);
+        assert_eq!(off[1], 2 * ((1 << 32) + 8));
+        assert_eq!(total, flat * 2);
+        let row = tensor_entry(
+            OptimizerKind::Adam,
+            (0, 0),
+            big[0],
+            DType::F16,
+            1 << 40,
+            off[1],
+        );
+        assert_eq!(row.state0, (1 << 40) + 4 * off[1] as u64);
+        assert_eq!(row.state1 - row.state0, 4 * ((1 << 32) + 8));
     }
 
     #[test]

@@ -178,11 +178,14 @@ impl CudaBackend {
             None
         };
         let plan = abi::chunk_table(numels);
-        // The kernel indexes segments (at least as many as chunks) with u32.
-        if u32::try_from(plan.segments.len()).is_err() {
+        // The kernel indexes tensors, segments and chunks (no more than
+        // segments) with u32, and its loops step past the last index by up
+        // to 16 blocks' worth: keep every count below that.
+        let limit = (u32::MAX - 16 * abi::BLOCK) as usize;
+        if plan.segments.len() > limit || numels.len() > limit {
             fail!(
                 InvalidArgument,
-                "too many elements or tensors for one handle (2^32 chunk segments)"
+                "too many elements or tensors for one handle (about 2^32 chunk segments or tensors)"
             );
         }
         let nchunks = plan.chunks.len() as u32;
