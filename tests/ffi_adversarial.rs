@@ -505,6 +505,14 @@ fn an_unallocatable_optimizer_state_is_an_error() {
     }];
     h.expect(h.step(&huge, 1.0), LRA_INVALID_ARGUMENT, "out of memory");
     let (mut p, g) = (vec![1.0f32; 8], vec![0.5f32; 8]);
-    assert_eq!(h.step(&[f32_tensor(&mut p, &g)], 1.0), LRA_OK, "{}", h.error());
-    assert!(p.iter().all(|&x| x < 1.0), "the step after moved nothing: {p:?}");
+    assert_eq!(
+        h.step(&[f32_tensor(&mut p, &g)], 1.0),
+        LRA_OK,
+        "{}",
+        h.error()
+    );
+    assert!(
+        p.iter().all(|&x| x < 1.0),
+        "the step after moved nothing: {p:?}"
+    );
 }
