@@ -199,17 +199,14 @@ fn guarded_two_pass_sharded_and_found_inf_steps_equal_cpu() {
     for (ki, kind) in OptimizerKind::ALL.into_iter().enumerate() {
         let (_, st) = run(
             &m,
-            &Case {
-                name: format!("{}/mixed passes", kind.name()),
+            &Case::plain(
+                format!("{}/mixed passes", kind.name()),
                 kind,
-                specs: &specs,
-                hyper: hyper(kind, ki % 2 == 0),
-                steps: &steps,
-                nonfinite_init: false,
-                seed: 77 + ki as u64,
-                grid: None,
-                schedule: Schedule::InOrder,
-            },
+                &specs,
+                hyper(kind, ki % 2 == 0),
+                &steps,
+                77 + ki as u64,
+            ),
         );
         stats.add(st);
     }
@@ -369,17 +366,14 @@ fn found_inf_on_the_first_step_is_a_no_op_in_every_pass() {
             ];
             run(
                 &m,
-                &Case {
-                    name: format!("{}/{pass:?}/found_inf {flag} first", kind.name()),
+                &Case::plain(
+                    format!("{}/{pass:?}/found_inf {flag} first", kind.name()),
                     kind,
-                    specs: &specs,
-                    hyper: hyper(kind, true),
-                    steps: &steps,
-                    nonfinite_init: false,
-                    seed: 40 + i as u64,
-                    grid: None,
-                    schedule: Schedule::InOrder,
-                },
+                    &specs,
+                    hyper(kind, true),
+                    &steps,
+                    40 + i as u64,
+                ),
             );
         }
     }
@@ -425,17 +419,14 @@ fn other_ranks_flags_and_phi_decide_sharded_steps() {
     for kind in [OptimizerKind::Adam, OptimizerKind::Nesterov] {
         run(
             &m,
-            &Case {
-                name: format!("{}/other ranks", kind.name()),
+            &Case::plain(
+                format!("{}/other ranks", kind.name()),
                 kind,
-                specs: &specs,
-                hyper: hyper(kind, false),
-                steps: &steps,
-                nonfinite_init: false,
-                seed: 61,
-                grid: None,
-                schedule: Schedule::InOrder,
-            },
+                &specs,
+                hyper(kind, false),
+                &steps,
+                61,
+            ),
         );
     }
 }
@@ -476,17 +467,14 @@ fn scale_max_clamps_the_device_scale() {
     for kind in [OptimizerKind::Sgd, OptimizerKind::AdamW] {
         run(
             &m,
-            &Case {
-                name: format!("{}/scale_max", kind.name()),
+            &Case::plain(
+                format!("{}/scale_max", kind.name()),
                 kind,
-                specs: &specs,
-                hyper: hyper(kind, false),
-                steps: &steps,
-                nonfinite_init: false,
-                seed: 71,
-                grid: None,
-                schedule: Schedule::InOrder,
-            },
+                &specs,
+                hyper(kind, false),
+                &steps,
+                71,
+            ),
         );
     }
 }
@@ -619,17 +607,14 @@ fn chunks_past_two_to_the_32_elements_equal_cpu() {
         ),
     ];
     for kind in [OptimizerKind::Adam, OptimizerKind::Rmsprop] {
-        let c = Case {
-            name: format!("{}/past 2^32", kind.name()),
+        let c = Case::plain(
+            format!("{}/past 2^32", kind.name()),
             kind,
-            specs: &specs,
-            hyper: hyper(kind, true),
-            steps: &steps,
-            nonfinite_init: false,
-            seed: 90,
-            grid: None,
-            schedule: Schedule::InOrder,
-        };
+            &specs,
+            hyper(kind, true),
+            &steps,
+            90,
+        );
         try_run_window(&m, &c, Some(&w)).unwrap_or_else(|e| panic!("{e}"));
     }
 }

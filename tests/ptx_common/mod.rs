@@ -1012,6 +1012,30 @@ pub struct Case<'a> {
     pub schedule: Schedule,
 }
 
+impl<'a> Case<'a> {
+    /// A case with finite initial values, the default grid, blocks in order.
+    pub fn plain(
+        name: String,
+        kind: OptimizerKind,
+        specs: &'a [Spec],
+        hyper: Hyper,
+        steps: &'a [StepPlan],
+        seed: u64,
+    ) -> Case<'a> {
+        Case {
+            name,
+            kind,
+            specs,
+            hyper,
+            steps,
+            nonfinite_init: false,
+            seed,
+            grid: None,
+            schedule: Schedule::InOrder,
+        }
+    }
+}
+
 /// What the device ended with (for schedule comparisons).
 #[derive(PartialEq, Debug)]
 pub struct DeviceResult {
