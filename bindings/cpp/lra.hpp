@@ -242,8 +242,12 @@ class Handle {
 
  private:
   static constexpr lra_status LRA_OK_VALUE = static_cast<lra_status>(Status::Ok);
-  void check(lra_status s) const {
-    if (s != LRA_OK_VALUE) throw Error(s, lra_last_error(h_));
+  // The calling thread's message, not lra_last_error(h_): a call refused
+  // because another one runs on the handle (another thread, or this
+  // handle's reduction callback) leaves its reason only there, and the
+  // handle's message belongs to the running call.
+  static void check(lra_status s) {
+    if (s != LRA_OK_VALUE) throw Error(s, lra_thread_last_error());
   }
   lra_handle* h_ = nullptr;
 };

@@ -21,6 +21,14 @@
 // reeval() runs the closure under torch::NoGradGuard (f+ needs no graph);
 // mode switches (model->eval()/train()) are the caller's, inside the closure.
 //
+// Tensors: float32/float16/bfloat16 (mixed per parameter), one device, each
+// parameter a leaf that covers its memory densely (contiguous or a permuted
+// dense layout such as channels_last; the layout of the first step is kept:
+// the optimizer state follows memory order). Gradients must be dense and of
+// the parameter's dtype, device and shape; one of another layout (transposed,
+// expanded) is copied into the parameter's layout for the step. Parameters
+// are never copied (an update of a copy would be lost).
+//
 // CUDA: parameters on a CUDA device get a CUDA handle on that device, and every
 // step runs on LibTorch's current CUDA stream. That needs the CUDA parts of
 // LibTorch, so it is compiled only with LRA_TORCH_CUDA defined (the CMake
@@ -32,6 +40,8 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <utility>
@@ -57,11 +67,41 @@ inline DType dtype_of(const ::torch::Tensor& t) {
   }
 }
 
+namespace detail {
+// The strides of t's dimensions longer than 1 (0 for the others): two
+// tensors of one shape with the same memory order put every element at the
+// same offset from their data pointers.
+inline std::vector<std::int64_t> memory_order(const ::torch::Tensor& t) {
+  std::vector<std::int64_t> order(static_cast<std::size_t>(t.dim()), 0);
+  for (std::int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) != 1) order[static_cast<std::size_t>(d)] = t.stride(d);
+  return order;
+}
+
+// Whether t's elements fill t.numel() consecutive slots, each once:
+// contiguous tensors and permuted dense layouts (channels_last), whose memory
+// an elementwise update may walk in order; not views that skip or repeat
+// memory (slices, expand).
+inline bool covers_memory_densely(const ::torch::Tensor& t) {
+  std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, size)
+  for (std::int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  std::int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+}  // namespace detail
+
 // lra over a fixed list of LibTorch parameters (all on one device).
 class TorchOptimizer {
  public:
-  // Parameters without requires_grad are left out. `cfg.device` and
-  // `cfg.device_ordinal` are set from the parameters' device.
+  // Parameters without requires_grad are left out (for good: the first step
+  // fixes the tensor layout). `cfg.device` and `cfg.device_ordinal` are set
+  // from the parameters' device.
   TorchOptimizer(std::vector<::torch::Tensor> params, lra_config cfg)
       : params_(select(std::move(params))), handle_(prepare(params_, cfg)) {
     list_.resize(params_.size());
@@ -69,17 +109,19 @@ class TorchOptimizer {
 
   // The optimizer step with the current η: `loss` is f_i on this batch.
   // Gathers the data pointers of the parameters and of their CURRENT
-  // gradients (LibTorch may reallocate .grad between steps).
-  void step(double loss, double obs_var = 0.0) { handle_.step(gather(), loss, obs_var, stream()); }
+  // gradients (LibTorch may reallocate .grad between steps). A gradient
+  // whose layout differs from its parameter's (transposed, expanded) is
+  // copied into the parameter's layout for the step.
+  void step(double loss, double obs_var = 0.0) { step_with(loss, obs_var, nullptr); }
   void step(const ::torch::Tensor& loss, double obs_var = 0.0) { step(value(loss), obs_var); }
 
   // `step` with a one-element float32 found-inf flag on the parameters'
   // device (e.g. from mixed precision): non-zero makes the step a no-op.
   void step(const ::torch::Tensor& loss, const ::torch::Tensor& found_inf, double obs_var = 0.0) {
     if (found_inf.scalar_type() != ::torch::kFloat || found_inf.device() != device_ ||
-        found_inf.numel() != 1)
+        found_inf.numel() != 1 || found_inf.layout() != ::torch::kStrided)
       throw invalid("found_inf must be one float32 element on the parameters' device");
-    handle_.step_ex(gather(), value(loss), obs_var, found_inf.data_ptr<float>(), stream());
+    step_with(value(loss), obs_var, found_inf.data_ptr<float>());
   }
 
   // f+ = the loss on the SAME batch after step(); adapts η.
@@ -98,6 +140,19 @@ class TorchOptimizer {
     return report_reeval(std::forward<Closure>(closure)());
   }
 
+  // Clears the gradients like torch::optim::Optimizer::zero_grad.
+  void zero_grad(bool set_to_none = true) {
+    for (auto& p : params_) {
+      auto& g = p.mutable_grad();
+      if (!g.defined()) continue;
+      g.detach_();
+      if (set_to_none)
+        g.reset();
+      else
+        g.zero_();
+    }
+  }
+
   double lr() const { return handle_.lr(); }
   void set_lr(double lr) { handle_.set_lr(lr); }
   Handle& handle() noexcept { return handle_; }
@@ -107,12 +162,21 @@ class TorchOptimizer {
   static Error invalid(const std::string& what) {
     return Error(static_cast<lra_status>(Status::InvalidArgument), what);
   }
+  static std::string name(std::size_t i) { return "parameter " + std::to_string(i); }
 
   static std::vector<::torch::Tensor> select(std::vector<::torch::Tensor> params) {
     std::vector<::torch::Tensor> out;
     for (auto& p : params)
       if (p.requires_grad()) out.push_back(std::move(p));
     if (out.empty()) throw invalid("no parameters that require gradients");
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      if (!out[i].is_leaf())
+        throw invalid(name(i) +
+                      " is not a leaf tensor (it is the result of an operation): autograd "
+                      "never fills its grad; pass the leaf it was computed from");
+      for (std::size_t j = 0; j < i; ++j)
+        if (out[i].is_same(out[j])) throw invalid(name(i) + " is " + name(j) + " again");
+    }
     return out;
   }
 
@@ -120,8 +184,8 @@ class TorchOptimizer {
     device_ = params.front().device();
     for (std::size_t i = 0; i < params.size(); ++i) {
       if (params[i].device() != device_)
-        throw invalid("parameter " + std::to_string(i) + " is on " + params[i].device().str() +
-                      ", parameter 0 on " + device_.str() + ": one TorchOptimizer per device");
+        throw invalid(name(i) + " is on " + params[i].device().str() + ", parameter 0 on " +
+                      device_.str() + ": one TorchOptimizer per device");
       dtype_of(params[i]);
     }
     if (device_.is_cuda()) {
@@ -141,22 +205,62 @@ class TorchOptimizer {
     return cfg;
   }
 
-  TensorList gather() {
+  // Fills list_ (and grad_copies_, which must outlive the lra call) and
+  // returns the parameters' memory orders.
+  std::vector<std::vector<std::int64_t>> gather() {
+    std::vector<std::vector<std::int64_t>> orders(params_.size());
+    grad_copies_.clear();
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const auto& p = params_[i];
+      // The handle lives on device_: another device's pointers would be
+      // dereferenced as foreign memory (model->to() moves parameters in place).
+      if (p.device() != device_)
+        throw invalid(name(i) + " is now on " + p.device().str() + ", this optimizer's handle on " +
+                      device_.str() + ": make the TorchOptimizer after moving the model");
       const auto& g = p.grad();
-      const std::string name = "parameter " + std::to_string(i);
-      if (!g.defined()) throw invalid(name + " has no gradient (was backward() called?)");
-      if (g.is_sparse()) throw invalid(name + " has a sparse gradient");
+      if (!g.defined()) throw invalid(name(i) + " has no gradient (was backward() called?)");
+      if (g.layout() != ::torch::kStrided)
+        throw invalid(name(i) + " has a non-dense (e.g. sparse) gradient");
       if (g.scalar_type() != p.scalar_type() || g.device() != p.device() ||
           g.sizes() != p.sizes())
-        throw invalid(name + ": the gradient's dtype, device or shape differs from the parameter");
-      if (!p.is_contiguous() || !g.is_contiguous())
-        throw invalid(name + " or its gradient is not contiguous");
-      list_[i] = tensor(p.data_ptr(), g.data_ptr(), static_cast<std::uint64_t>(p.numel()),
+        throw invalid(name(i) +
+                      ": the gradient's dtype, device or shape differs from the parameter");
+      orders[i] = detail::memory_order(p);
+      const void* grad_data = g.data_ptr();
+      if (p.numel() > 0) {
+        if (!detail::covers_memory_densely(p))
+          throw invalid(name(i) +
+                        " is a view that does not cover its memory densely; lra updates "
+                        "parameters in place, so it cannot work on a contiguous copy");
+        if (!memory_orders_.empty() && memory_orders_[i] != orders[i])
+          throw invalid(name(i) +
+                        " changed its memory layout (strides) since the first step; lra's "
+                        "optimizer state follows the memory order");
+        if (detail::memory_order(g) != orders[i]) {
+          ::torch::NoGradGuard no_grad;  // a create_graph gradient needs no graph here
+          grad_copies_.push_back(
+              ::torch::empty_strided(p.sizes(), p.strides(), p.options()).copy_(g));
+          grad_data = grad_copies_.back().data_ptr();
+        }
+      }
+      list_[i] = tensor(p.data_ptr(), grad_data, static_cast<std::uint64_t>(p.numel()),
                         dtype_of(p));
     }
-    return list_;
+    return orders;
+  }
+
+  void step_with(double loss, double obs_var, const float* found_inf) {
+    auto orders = gather();
+    // On CUDA the step is queued on LibTorch's current stream, where the
+    // copies were made: freeing them once the call returns is stream-ordered.
+    try {
+      handle_.step_ex(list_, loss, obs_var, found_inf, stream());
+    } catch (...) {
+      grad_copies_.clear();
+      throw;
+    }
+    grad_copies_.clear();
+    memory_orders_ = std::move(orders);
   }
 
   void* stream() const {
@@ -173,6 +277,8 @@ class TorchOptimizer {
   ::torch::Device device_{::torch::kCPU};
   Handle handle_;
   std::vector<lra_tensor> list_;
+  std::vector<::torch::Tensor> grad_copies_;
+  std::vector<std::vector<std::int64_t>> memory_orders_;  // fixed by the first step
 };
 
 }  // namespace lra

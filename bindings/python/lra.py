@@ -14,8 +14,9 @@ Two layers:
 One iteration (the paper's Algorithm 1)::
 
     opt = lra.TorchOptimizer(model.parameters(), optimizer="adam", lr=1e-4)
+    opt.zero_grad()
     loss = loss_fn(model(x), y)
-    model.zero_grad(); loss.backward()
+    loss.backward()
     opt.step(loss)                                   # the optimizer step with the current lr
     opt.reeval(lambda: loss_fn(model(x), y))         # same batch, under no_grad; adapts lr
 
@@ -303,6 +304,24 @@ def _decode(p):
     return p.decode("utf-8", "replace") if p else ""
 
 
+_DEVICE_NAMES = {"host": DEVICE_HOST, "cpu": DEVICE_HOST, "cuda": DEVICE_CUDA}
+
+
+def _config_value(key, value):
+    """The ``lra_config`` value for keyword ``key`` (names of enums accepted)."""
+    if key not in dict(Config._fields_) or key == "struct_size":
+        raise TypeError(f"unknown lra_config field {key!r}")
+    if key == "device" and isinstance(value, str):
+        return _DEVICE_NAMES[value]
+    if key == "reeval_schedule" and isinstance(value, str):
+        return REEVAL_SCHEDULES[value]
+    if key == "sharding" and isinstance(value, str):
+        return SHARDINGS[value]
+    if key in ("check_finite", "loss_is_rank_local"):
+        return int(bool(value))
+    return value
+
+
 # --- the handle -------------------------------------------------------------
 
 
@@ -321,17 +340,7 @@ class Optimizer:
         self._reducer = None
         cfg = self.default_config(optimizer)
         for key, value in config.items():
-            if key == "device" and isinstance(value, str):
-                value = {"host": DEVICE_HOST, "cpu": DEVICE_HOST, "cuda": DEVICE_CUDA}[value]
-            elif key == "reeval_schedule" and isinstance(value, str):
-                value = REEVAL_SCHEDULES[value]
-            elif key == "sharding" and isinstance(value, str):
-                value = SHARDINGS[value]
-            elif key in ("check_finite", "loss_is_rank_local"):
-                value = int(bool(value))
-            if key not in dict(Config._fields_) or key == "struct_size":
-                raise TypeError(f"unknown lra_config field {key!r}")
-            setattr(cfg, key, value)
+            setattr(cfg, key, _config_value(key, value))
         self.config = cfg
         status = self._lib.lra_create(ctypes.byref(cfg), ctypes.byref(self._h))
         if status != OK:
@@ -348,8 +357,11 @@ class Optimizer:
     # lifetime
     def close(self):
         """Destroys the handle (idempotent); later calls raise."""
-        h, self._h = getattr(self, "_h", None), _HANDLE()
+        # Only attributes of self: at interpreter shutdown __del__ may run
+        # after this module's globals were cleared to None.
+        h = getattr(self, "_h", None)
         if h:
+            self._h = type(h)()
             self._lib.lra_destroy(h)
 
     def __del__(self):
@@ -363,7 +375,11 @@ class Optimizer:
 
     def _check(self, status):
         if status != OK:
-            raise LraError(status, _decode(self._lib.lra_last_error(self._h)))
+            # The calling thread's message, not lra_last_error(h): a call
+            # refused because another one runs on the handle (another
+            # thread, or the reduction callback) leaves its reason only
+            # there, and the handle's message belongs to the running call.
+            raise LraError(status, _decode(self._lib.lra_thread_last_error()))
 
     def _live(self):
         if not self._h:
@@ -495,26 +511,79 @@ def _torch_dtype_code(torch, dtype):
     return codes[dtype]
 
 
+def _memory_order(t):
+    """The strides of ``t``'s dimensions longer than 1 (None for the others).
+
+    Two tensors of one shape with the same memory order put every element
+    at the same offset from their data pointers.
+    """
+    return tuple(st if sz != 1 else None for sz, st in zip(t.shape, t.stride()))
+
+
+def _covers_memory_densely(t):
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive slots, each once.
+
+    True for contiguous tensors and for permuted dense layouts such as
+    ``channels_last``: an elementwise update may then walk the memory in
+    order. False for views that skip or repeat memory (slices, expand).
+    """
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 class TorchOptimizer:
     """lra over a list of ``torch`` parameters (all on one device).
 
-    Parameters without ``requires_grad`` are left out. At every :meth:`step`
-    the pointers of the parameters and of their CURRENT ``.grad`` tensors are
-    gathered again (autograd may reallocate gradients); every parameter must
-    have a gradient then (``zero_grad(set_to_none=False)`` or a loss that
-    reaches every parameter). CUDA parameters use a CUDA handle on the
-    parameters' device and torch's current stream.
+    Parameters without ``requires_grad`` are left out (for good: the tensor
+    layout is fixed by the first step, so unfreezing them later needs a new
+    optimizer). At every :meth:`step` the pointers of the parameters and of
+    their CURRENT ``.grad`` tensors are gathered again (autograd may
+    reallocate gradients); every parameter must have a gradient then
+    (``zero_grad(set_to_none=False)`` or a loss that reaches every
+    parameter). Parameters are updated in place, so each must cover its
+    memory densely (contiguous, or a permuted dense layout such as
+    ``channels_last``) and keep its memory layout from the first step on;
+    gradients of another layout (transposed, expanded) are copied into the
+    parameter's layout for the step. CUDA parameters use a CUDA handle on the
+    parameters' device and torch's current stream; ``device`` and
+    ``device_ordinal`` follow the parameters.
     """
 
     def __init__(self, params, optimizer="adam", **config):
         import torch
 
         self._torch = torch
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params must be an iterable of tensors such as model.parameters(), not one tensor"
+            )
+        params = list(params)
+        for i, p in enumerate(params):
+            if isinstance(p, dict):
+                raise TypeError(
+                    "parameter groups (dicts) are not supported: one lra handle adapts one "
+                    "learning rate; make one TorchOptimizer per group"
+                )
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"parameter {i} is a {type(p).__name__}, not a torch.Tensor")
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("no parameters that require gradients")
         self.device = self.params[0].device
+        first_index = {}
         for i, p in enumerate(self.params):
+            if not p.is_leaf:
+                raise ValueError(
+                    f"parameter {i} is not a leaf tensor (it is the result of an operation): "
+                    "autograd never fills its .grad; pass the leaf it was computed from"
+                )
+            if id(p) in first_index:
+                raise ValueError(f"parameter {i} is parameter {first_index[id(p)]} again")
+            first_index[id(p)] = i
             if p.device != self.device:
                 raise ValueError(
                     f"parameter {i} is on {p.device}, parameter 0 on {self.device}: "
@@ -522,30 +591,91 @@ class TorchOptimizer:
                 )
             _torch_dtype_code(torch, p.dtype)
         if self.device.type == "cuda":
-            config.setdefault("device", DEVICE_CUDA)
-            config.setdefault("device_ordinal", self.device.index or 0)
-        elif self.device.type != "cpu":
+            placement = {"device": DEVICE_CUDA, "device_ordinal": self.device.index or 0}
+        elif self.device.type == "cpu":
+            placement = {"device": DEVICE_HOST}
+        else:
             raise ValueError(f"unsupported device {self.device}")
+        # The handle must be where the parameters are: a host handle given
+        # device pointers (or the reverse) would dereference foreign memory.
+        for key, want in placement.items():
+            if key in config and _config_value(key, config[key]) != want:
+                raise ValueError(
+                    f"{key}={config[key]!r} contradicts the parameters' device {self.device} "
+                    "(the handle's device follows the parameters; leave it out)"
+                )
+        config.update(placement)
         self.lra = Optimizer(optimizer, **config)
+        self._memory_orders = None  # fixed by the first successful step
+
+    @property
+    def param_groups(self):
+        """One group holding every parameter (what ``GradScaler.unscale_`` reads)."""
+        return [{"params": self.params}]
+
+    def zero_grad(self, set_to_none=True):
+        """Clears the gradients like ``torch.optim.Optimizer.zero_grad``."""
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
 
     def _gather(self):
+        """The ``lra_tensor`` array for this step, the tensors it points into
+        (keep them alive until the C call returns: some are copies) and the
+        parameters' memory orders."""
         torch = self._torch
         arr = (Tensor * len(self.params))()
+        keep = []
+        orders = []
         for i, p in enumerate(self.params):
+            name = f"parameter {i} {tuple(p.shape)}"
+            if p.device != self.device:
+                raise ValueError(
+                    f"{name} is now on {p.device}, this optimizer's handle on {self.device}: "
+                    "make the TorchOptimizer after moving the model"
+                )
             g = p.grad
             if g is None:
-                raise ValueError(f"parameter {i} ({tuple(p.shape)}) has no gradient")
+                raise ValueError(f"{name} has no gradient (backward() not called, or it does "
+                                 "not reach this parameter)")
+            if g.layout != torch.strided:
+                raise ValueError(f"{name} has a {g.layout} gradient; lra needs dense gradients")
             if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
                 raise ValueError(
-                    f"parameter {i}: gradient {g.dtype}/{g.device}/{tuple(g.shape)} differs "
+                    f"{name}: gradient {g.dtype}/{g.device}/{tuple(g.shape)} differs "
                     f"from the parameter {p.dtype}/{p.device}/{tuple(p.shape)}"
                 )
-            if not p.is_contiguous() or not g.is_contiguous():
-                raise ValueError(f"parameter {i} or its gradient is not contiguous")
-            if g.is_sparse:
-                raise ValueError(f"parameter {i} has a sparse gradient")
-            arr[i] = Tensor(p.data_ptr(), g.data_ptr(), p.numel(), _torch_dtype_code(torch, p.dtype))
-        return arr
+            order = _memory_order(p)
+            orders.append(order)
+            if p.numel() > 0:
+                if not _covers_memory_densely(p):
+                    raise ValueError(
+                        f"{name} is a view with strides {p.stride()} that does not cover its "
+                        "memory densely; lra updates parameters in place, so it cannot work on "
+                        "a contiguous copy"
+                    )
+                if self._memory_orders is not None and self._memory_orders[i] != order:
+                    raise ValueError(
+                        f"{name} changed its memory layout (strides now {p.stride()}) since "
+                        "the first step; lra's optimizer state follows the memory order"
+                    )
+                if _memory_order(g) != order:
+                    with torch.no_grad():  # a create_graph=True gradient needs no graph here
+                        g = torch.empty_strided(
+                            p.shape, p.stride(), dtype=p.dtype, device=p.device
+                        ).copy_(g)
+            keep.append(g)
+            code = _torch_dtype_code(torch, p.dtype)
+            arr[i] = Tensor(p.data_ptr(), g.data_ptr(), p.numel(), code)
+        return arr, keep, orders
 
     def _stream(self):
         if self.device.type != "cuda":
@@ -562,14 +692,17 @@ class TorchOptimizer:
         ``found_inf``: an optional one-element float32 tensor on the
         parameters' device (e.g. from AMP); non-zero skips the step.
         """
-        arr = self._gather()
+        loss = self._value(loss)
         flag = None
         if found_inf is not None:
             if (found_inf.dtype != self._torch.float32 or found_inf.device != self.device
-                    or found_inf.numel() != 1):
+                    or found_inf.numel() != 1 or found_inf.layout != self._torch.strided):
                 raise ValueError("found_inf must be one float32 element on the parameters' device")
             flag = found_inf.data_ptr()
-        self.lra.step(arr, self._value(loss), obs_var, self._stream(), flag)
+        arr, keep, orders = self._gather()
+        self.lra.step(arr, loss, obs_var, self._stream(), flag)
+        del keep  # the C call has returned (on CUDA: queued on torch's current stream)
+        self._memory_orders = orders
 
     def report_reeval(self, loss_after):
         """f+ = the loss on the SAME batch after :meth:`step`; adapts lr; returns :class:`ReevalInfo`."""
@@ -596,9 +729,22 @@ class TorchOptimizer:
         self.lra.lr = value
 
     def state_dict(self):
-        return {"lra_state": self.lra.save_state()}
+        """The handle's checkpoint and the parameter shapes it was saved for."""
+        return {
+            "lra_state": self.lra.save_state(),
+            "shapes": [tuple(p.shape) for p in self.params],
+        }
 
     def load_state_dict(self, state):
+        """Restores :meth:`state_dict` output; refuses one saved for other parameters."""
+        if not isinstance(state, dict) or "lra_state" not in state:
+            raise ValueError("not a state_dict of lra.TorchOptimizer (no 'lra_state' entry)")
+        shapes = [tuple(p.shape) for p in self.params]
+        if "shapes" in state and [tuple(s) for s in state["shapes"]] != shapes:
+            raise ValueError(
+                f"the state_dict was saved for parameter shapes {state['shapes']}, "
+                f"this optimizer has {shapes}"
+            )
         self.lra.load_state(state["lra_state"])
 
     def close(self):

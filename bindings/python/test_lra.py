@@ -212,5 +212,173 @@ class TorchTests(unittest.TestCase):
         self.assertEqual(b.lra.save_state(), a.lra.save_state())
 
 
+class HandleLifetimeAndMessageTests(unittest.TestCase):
+    def test_refused_reentrant_call_reports_its_own_reason(self):
+        # A call refused because another call runs on the handle leaves its
+        # reason on the calling thread; the handle's message belongs to the
+        # running call (here: empty).
+        import ctypes
+
+        seen = []
+        param, grad = f32_buffer([1.0]), f32_buffer([1.0])
+        with lra.Optimizer("sgd", sharding="sharded", num_threads=1) as opt:
+
+            def reduce(values):
+                try:
+                    opt.lr
+                except lra.LraError as e:
+                    seen.append((e.status, e.message))
+                return values
+
+            opt.set_reduction(reduce)
+            opt.step([(ctypes.addressof(param), ctypes.addressof(grad), 1, lra.DTYPE_F32)], 1.0)
+        self.assertTrue(seen)
+        self.assertEqual(seen[0][0], lra.CALL_ORDER)
+        self.assertIn("in the middle of another call", seen[0][1])
+
+    def test_close_works_after_module_globals_are_cleared(self):
+        # At interpreter shutdown __del__ may run after lra's globals became None.
+        from unittest import mock
+
+        opt = lra.Optimizer("sgd")
+        with mock.patch.object(lra, "_HANDLE", None):
+            opt.close()
+        with self.assertRaises(lra.LraError):
+            opt.lr  # closed
+
+
+@unittest.skipIf(torch is None, "torch is not importable by this python")
+class TorchAdapterAuditTests(unittest.TestCase):
+    """What a PyTorch user runs into: layouts, devices, argument kinds, checkpoints."""
+
+    def sgd_pair(self, make_param, lr=0.1):
+        """(lra param, torch.optim param, lra optimizer, torch optimizer) on equal copies."""
+        a, b = make_param(), make_param()
+        return a, b, lra.TorchOptimizer([a], optimizer="sgd", lr=lr), torch.optim.SGD([b], lr=lr)
+
+    def test_gradients_of_another_layout_are_copied_for_the_step(self):
+        p = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.5)
+        p.grad = torch.tensor([2.0]).expand(2, 3)  # stride 0
+        opt.step(1.0)
+        self.assertTrue(torch.equal(p.detach(), torch.arange(6.0).reshape(2, 3) - 1.0))
+        p.grad = torch.arange(6.0).reshape(3, 2).t()  # transposed
+        before = p.detach().clone()
+        opt.step(1.0)
+        expected = before - 0.5 * torch.arange(6.0).reshape(3, 2).t()
+        self.assertTrue(torch.allclose(p.detach(), expected))
+
+    def test_channels_last_parameters_train_like_torch_optim(self):
+        def make():
+            torch.manual_seed(1)
+            return torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+
+        x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+        a, b = make(), make()
+        self.assertFalse(a.weight.is_contiguous())
+        opt_a = lra.TorchOptimizer(a.parameters(), optimizer="momentum", lr=0.05)
+        opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.5)
+        for _ in range(3):
+            for model, opt in ((a, opt_a), (b, opt_b)):
+                opt.zero_grad()
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step(loss) if opt is opt_a else opt.step()
+        self.assertTrue(torch.allclose(a.weight, b.weight, atol=1e-6))
+        # The optimizer state follows memory order: a later layout change is refused.
+        a.to(memory_format=torch.contiguous_format)
+        opt_a.zero_grad()
+        a(x.contiguous()).square().mean().backward()
+        with self.assertRaisesRegex(ValueError, "memory layout"):
+            opt_a.step(1.0)
+
+    def test_view_that_skips_memory_is_refused_untouched(self):
+        base = torch.zeros(3, 4)
+        p = torch.nn.Parameter(base[:, :2])  # a leaf viewing every other pair of elements
+        p.grad = torch.ones(3, 2)
+        opt = lra.TorchOptimizer([p], optimizer="sgd")
+        with self.assertRaisesRegex(ValueError, "does not cover its memory densely"):
+            opt.step(1.0)
+        self.assertTrue(torch.equal(base, torch.zeros(3, 4)))
+
+    def test_parameter_moved_off_the_handles_device_is_refused(self):
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = lra.TorchOptimizer([p], optimizer="sgd")
+        moved = torch.nn.Parameter(torch.empty(4, device="meta"))
+        moved.grad = torch.empty(4, device="meta")
+        opt.params[0] = moved  # what model.to(other device) does to the parameter
+        with self.assertRaisesRegex(ValueError, "now on meta"):
+            opt.step(1.0)
+
+    def test_device_keyword_contradicting_the_parameters_is_refused(self):
+        p = torch.nn.Parameter(torch.ones(4))
+        with self.assertRaisesRegex(ValueError, "contradicts the parameters' device"):
+            lra.TorchOptimizer([p], optimizer="sgd", device="cuda")
+        lra.TorchOptimizer([p], optimizer="sgd", device="cpu").close()
+
+    def test_params_argument_mistakes_fail_at_construction(self):
+        p = torch.nn.Parameter(torch.ones(4))
+        with self.assertRaisesRegex(TypeError, "not one tensor"):
+            lra.TorchOptimizer(p)
+        with self.assertRaisesRegex(TypeError, "parameter groups"):
+            lra.TorchOptimizer([{"params": [p], "lr": 1e-3}])
+        with self.assertRaisesRegex(ValueError, "not a leaf"):
+            lra.TorchOptimizer([p * 2])
+        with self.assertRaisesRegex(ValueError, "parameter 1 is parameter 0 again"):
+            lra.TorchOptimizer([p, p])
+
+    def test_mixed_dtypes_in_one_optimizer(self):
+        ps = [torch.nn.Parameter(torch.full((8,), 1.0, dtype=dt))
+              for dt in (torch.float32, torch.bfloat16, torch.float16)]
+        for p in ps:
+            p.grad = torch.full((8,), 0.25, dtype=p.dtype)
+        opt = lra.TorchOptimizer(ps, optimizer="sgd", lr=0.5)
+        opt.step(1.0)
+        for p in ps:
+            self.assertTrue(torch.equal(p.detach(), torch.full((8,), 0.875, dtype=p.dtype)), p)
+
+    def test_zero_grad_like_torch_optim(self):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.1)
+        (p * p).sum().backward()
+        opt.zero_grad(set_to_none=False)
+        self.assertTrue(torch.equal(p.grad, torch.zeros(3)))
+        opt.zero_grad()
+        self.assertIsNone(p.grad)
+        self.assertIs(opt.param_groups[0]["params"][0], p)
+
+    def test_state_dict_survives_torch_save_and_resumes_before_any_step(self):
+        import io
+
+        def run(opt, p, steps):
+            for k in range(steps):
+                opt.zero_grad()
+                loss = ((p - k) ** 2).sum()
+                loss.backward()
+                opt.step(loss)
+                opt.reeval(lambda: ((p - k) ** 2).sum())
+
+        p = torch.nn.Parameter(torch.ones(2, 3))
+        a = lra.TorchOptimizer([p], optimizer="adam", lr=0.01)
+        run(a, p, 3)
+        buf = io.BytesIO()
+        torch.save({"model": p.detach().clone(), "opt": a.state_dict()}, buf)
+        buf.seek(0)
+        ckpt = torch.load(buf)
+        q = torch.nn.Parameter(ckpt["model"].clone())
+        b = lra.TorchOptimizer([q], optimizer="adam", lr=0.01)
+        b.load_state_dict(ckpt["opt"])  # a fresh optimizer, as when resuming
+        run(a, p, 2)
+        run(b, q, 2)
+        self.assertTrue(torch.equal(p.detach(), q.detach()))
+        self.assertEqual(a.lr, b.lr)
+        # Same element count, other shapes: refused, not silently misapplied.
+        r = torch.nn.Parameter(torch.ones(3, 2))
+        c = lra.TorchOptimizer([r], optimizer="adam", lr=0.01)
+        with self.assertRaisesRegex(ValueError, "shapes"):
+            c.load_state_dict(ckpt["opt"])
+        with self.assertRaisesRegex(ValueError, "not a state_dict of lra"):
+            c.load_state_dict(torch.optim.Adam([r]).state_dict())
+
 if __name__ == "__main__":
     unittest.main()

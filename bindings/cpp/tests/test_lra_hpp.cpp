@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -105,6 +106,37 @@ int main() {
   EXPECT(status_of([&] { a.set_lr(-1.0); }) != lra::Status::Ok);
   a.set_lr(0.25);
   EXPECT(a.lr() == 0.25);
+
+  // A call refused because another runs on the handle (here: from inside its
+  // reduction callback) throws with its own reason, not the running call's
+  // message on the handle.
+  {
+    struct Probe {
+      lra::Handle* handle;
+      lra::Status status;
+      std::string message;
+    } probe{nullptr, lra::Status::Ok, ""};
+    lra_config sharded = lra::config(lra::Optimizer::SGD, 0.1);
+    sharded.num_threads = 1;
+    sharded.sharding = LRA_SHARDING_SHARDED;
+    lra::Handle s(sharded);
+    probe.handle = &s;
+    s.set_reduction(
+        [](double*, std::size_t, void* user) -> std::int32_t {
+          auto* p = static_cast<Probe*>(user);
+          try {
+            p->handle->lr();
+          } catch (const lra::Error& e) {
+            p->status = e.code();
+            p->message = e.what();
+          }
+          return 0;  // one rank: the values are their own sums
+        },
+        &probe);
+    s.step(list, 1.0);
+    EXPECT(probe.status == lra::Status::CallOrder);
+    EXPECT(probe.message.find("in the middle of another call") != std::string::npos);
+  }
 
   std::puts("test_lra_hpp: all checks passed");
   return 0;

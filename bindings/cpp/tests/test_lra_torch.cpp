@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #define EXPECT(cond)                                                   \
   do {                                                                \
@@ -26,6 +27,12 @@ std::string error_of(F&& f) {
   return "";
 }
 
+// One handle per optimizer: copying would free it twice.
+static_assert(!std::is_copy_constructible<lra::TorchOptimizer>::value,
+              "TorchOptimizer is move-only");
+static_assert(std::is_nothrow_move_constructible<lra::TorchOptimizer>::value,
+              "TorchOptimizer moves");
+
 int main() {
   torch::manual_seed(0);
   auto cfg = lra::config(lra::Optimizer::SGD, 0.1);
@@ -44,9 +51,20 @@ int main() {
   // No gradient yet.
   EXPECT(error_of([&] { opt.step(1.0); }).find("no gradient") != std::string::npos);
 
-  // Non-contiguous gradient.
-  w.mutable_grad() = torch::ones({3, 2}).t();
-  EXPECT(error_of([&] { opt.step(1.0); }).find("contiguous") != std::string::npos);
+  // Gradients of another layout than the parameter (stride 0, transposed)
+  // are copied into the parameter's layout for the step.
+  {
+    const auto start = w.detach().clone();
+    w.mutable_grad() = torch::full({1}, 2.0).expand({2, 3});
+    opt.step(1.0);
+    EXPECT(torch::allclose(w.detach(), start - 0.2));
+    opt.report_reeval(1.0);  // no decrease: η halves to 0.05
+    w.mutable_grad() = torch::arange(6.0).reshape({3, 2}).t();
+    const auto before = w.detach().clone();
+    opt.step(1.0);
+    EXPECT(torch::allclose(w.detach(), before - 0.05 * torch::arange(6.0).reshape({3, 2}).t()));
+    opt.handle().set_lr(0.1);
+  }
 
   // A fresh gradient tensor each step (set_to_none semantics): the adapter
   // must follow the current .grad, not the first one.
@@ -68,8 +86,8 @@ int main() {
     EXPECT(!grad_mode_inside);
     EXPECT(torch::GradMode::is_enabled());
   }
-  EXPECT(opt.handle().counters().steps == 3);
-  EXPECT(opt.handle().counters().reevals == 3);
+  EXPECT(opt.handle().counters().steps == 5);  // 2 above + 3 here
+  EXPECT(opt.handle().counters().reevals == 4);
 
   // A found-inf flag makes the step a no-op, reported as skipped.
   {
@@ -81,6 +99,67 @@ int main() {
     EXPECT(lra::decision(info) == lra::Decision::Skipped);
     EXPECT(info.skip_reason == LRA_SKIP_FOUND_INF);
     EXPECT(!error_of([&] { opt.step(torch::tensor(1.0), torch::ones({2})); }).empty());
+  }
+
+  // Parameter-list mistakes fail at construction: a non-leaf tensor (its
+  // grad is never filled), the same tensor twice.
+  EXPECT(error_of([&] { lra::TorchOptimizer o({w * 2}, cfg); }).find("not a leaf") !=
+         std::string::npos);
+  EXPECT(error_of([&] { lra::TorchOptimizer o({w, w}, cfg); }).find("parameter 1 is parameter 0") !=
+         std::string::npos);
+
+  // A leaf that views every other pair of its storage cannot be updated in
+  // place: refused, memory untouched.
+  {
+    auto base = torch::zeros({3, 4});
+    auto view = base.slice(1, 0, 2).detach().requires_grad_();
+    view.mutable_grad() = torch::ones({3, 2});
+    lra::TorchOptimizer o({view}, cfg);
+    EXPECT(error_of([&] { o.step(1.0); }).find("densely") != std::string::npos);
+    EXPECT(torch::equal(base, torch::zeros({3, 4})));
+  }
+
+  // channels_last parameters (dense, not contiguous) train like torch::optim
+  // (momentum 0.5 = lra's default); a later layout change is refused.
+  {
+    auto make = [] {
+      torch::manual_seed(1);
+      torch::nn::Conv2d conv(torch::nn::Conv2dOptions(3, 4, 3));
+      conv->to(torch::kCPU);
+      for (auto& p : conv->parameters())
+        p.set_data(p.data().contiguous(p.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                    : at::MemoryFormat::Contiguous));
+      return conv;
+    };
+    auto a = make(), b = make();
+    EXPECT(!a->weight.is_contiguous());
+    const auto x = torch::randn({2, 3, 6, 6}).contiguous(at::MemoryFormat::ChannelsLast);
+    auto mcfg = lra::config(lra::Optimizer::Momentum, 0.05);
+    mcfg.num_threads = 1;
+    lra::TorchOptimizer opt_a(a->parameters(), mcfg);
+    torch::optim::SGD opt_b(b->parameters(), torch::optim::SGDOptions(0.05).momentum(0.5));
+    for (int i = 0; i < 3; ++i) {
+      opt_a.zero_grad();
+      auto la = a->forward(x).square().mean();
+      la.backward();
+      opt_a.step(la);
+      opt_b.zero_grad();
+      b->forward(x).square().mean().backward();
+      opt_b.step();
+    }
+    EXPECT(torch::allclose(a->weight, b->weight, 0.0, 1e-6));
+    a->weight.set_data(a->weight.data().contiguous());
+    opt_a.zero_grad();
+    a->forward(x.contiguous()).square().mean().backward();
+    EXPECT(error_of([&] { opt_a.step(1.0); }).find("memory layout") != std::string::npos);
+  }
+
+  // zero_grad like torch::optim.
+  {
+    opt.zero_grad(false);
+    EXPECT(w.grad().defined() && torch::equal(w.grad(), torch::zeros_like(w)));
+    opt.zero_grad();
+    EXPECT(!w.grad().defined());
   }
 
   // CUDA parameters: rejected with a clear message when this build has no
