@@ -125,25 +125,31 @@ class _null:
         return False
 
 
-def torch_adapter_on_cuda(lra):
-    """bindings/python's TorchOptimizer on CUDA parameters: current stream,
-    fresh .grad tensors, re-evaluation closure under no_grad; it must learn."""
+def torch_adapter(lra, device):
+    """bindings/python's TorchOptimizer on `device` parameters (CUDA: the
+    current stream): fresh .grad tensors, every tenth step a gradient in
+    transposed layout (copied into the parameter's layout for the step),
+    re-evaluation closure under no_grad; it must learn."""
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).cuda()
-    x, y = torch.randn(256, 16, device="cuda"), torch.randn(256, 1, device="cuda")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(device)
+    x, y = torch.randn(256, 16, device=device), torch.randn(256, 1, device=device)
     opt = lra.b.TorchOptimizer(model.parameters(), optimizer="adam", lr=1e-4)
     loss_fn = torch.nn.functional.mse_loss
     first = loss_fn(model(x), y).item()
-    for _ in range(150):
+    weight = model[0].weight
+    for i in range(150):
         model.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
+        if i % 10 == 0:
+            weight.grad = weight.grad.t().contiguous().t()
+            assert not weight.grad.is_contiguous()
         opt.step(loss)
         opt.reeval(lambda: loss_fn(model(x), y))
     final = loss_fn(model(x), y).item()
     assert final < 0.5 * first, (first, final)
     assert opt.lr > 1e-4, opt.lr
-    print(f"bindings/python TorchOptimizer on CUDA: loss {first:.4f} -> {final:.4f}, lr 1e-4 -> {opt.lr:.3g}")
+    print(f"bindings/python TorchOptimizer on {device}: loss {first:.4f} -> {final:.4f}, lr 1e-4 -> {opt.lr:.3g}")
     opt.close()
 
 
@@ -339,7 +345,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     t0 = time.time()
     training_on_a_torch_stream(lra, "cuda")
-    torch_adapter_on_cuda(lra)
+    torch_adapter(lra, "cuda")
     sizes = [1 << 20, 16 << 20] + ([] if a.quick else [256 << 20])
     benchmark(lra, sizes, [1, 200])
     if a.baseline_lib:

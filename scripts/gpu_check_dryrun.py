@@ -3,8 +3,8 @@
 
 A lent GPU is rare and its time short, so a typo in the GPU script's
 benchmark code must fail CI, not the GPU run. This runs the script's own
-functions (the ctypes binding on a torch stream, the benchmark table, the
-A/B of two libraries) on the CPU: host (device = 0) handles, CPU tensors,
+functions (the ctypes binding on a torch stream, the TorchOptimizer
+adapter, the benchmark table, the A/B of two libraries) on the CPU: host (device = 0) handles, CPU tensors,
 CUDA events replaced by perf_counter stamps, tiny sizes. The figures mean
 nothing; the check is that every code path runs and prints its rows.
 
@@ -67,6 +67,7 @@ def main():
     lra = gpu_check.Lra(lib)
     base = gpu_check.Lra(lib, "lra_baseline")
     gpu_check.training_on_a_torch_stream(lra, "cpu")
+    gpu_check.torch_adapter(lra, "cpu")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rows = gpu_check.benchmark(lra, [1 << 12], [1, 200])
