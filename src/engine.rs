@@ -617,13 +617,13 @@ impl Engine {
         // No tensors means either "no step yet" (no layout) or steps on the
         // empty tensor list (the empty layout): the step count tells.
         let has_layout = n > 0 || counters.steps > 0;
-        if has_layout {
-            self.backend.import_state(&BackendState {
-                bias,
-                applied,
-                slots,
-            })?;
-        }
+        // Also without a layout: the backend then starts afresh (it may
+        // hold what a failed first step left, or be marked broken).
+        self.backend.import_state(&BackendState {
+            bias,
+            applied,
+            slots,
+        })?;
         self.layout = has_layout.then_some(layout);
         self.counters = counters;
         self.loss_skips = loss_skips;

@@ -1,7 +1,7 @@
 //! The CUDA backend against the CPU backend. Without a CUDA driver and GPU
 //! (CI), only `no_gpu_handle_reports_no_cuda` asserts; every other test
 //! prints why it skips. On a GPU machine `scripts/gpu-check.sh` runs this
-//! binary (prebuilt) with `--include-ignored`.
+//! binary (prebuilt), one test at a time.
 
 use cudarc::driver::sys;
 use lra::backend::{cpu::CpuBackend, cuda, Backend, BackendState, StepRequest, TensorDesc};
@@ -748,17 +748,32 @@ fn bad_pointers_are_invalid_arguments() {
         numel: n,
         dtype: DType::F32,
     };
+    // Each case must be refused by its own check (the message says which):
+    // the gradient of the last one starts right after the parameter's
+    // range, so that only the driver's range check can refuse it.
     let cases = [
-        ("host pointer", t(host.as_ptr() as u64, dev.0, 4)),
-        ("misaligned", t(dev.0 + 2, dev.0 + 32, 4)),
-        ("past the allocation", t(dev.0, dev.0 + 32, 1 << 20)),
+        (
+            "host pointer",
+            t(host.as_ptr() as u64, dev.0, 4),
+            "not CUDA memory",
+        ),
+        ("misaligned", t(dev.0 + 2, dev.0 + 32, 4), "not aligned"),
+        (
+            "past the allocation",
+            t(dev.0, dev.0 + (4 << 20), 1 << 20),
+            "past the end of its allocation",
+        ),
     ];
-    for (what, d) in cases {
+    for (what, d, says) in cases {
         let e = gpu
             .validate(&[d])
             .err()
             .unwrap_or_else(|| panic!("{what} accepted"));
         assert_eq!(e.status, Status::InvalidArgument, "{what}: {e}");
+        assert!(
+            e.message.contains(says),
+            "{what}: refused by another check: {e}"
+        );
     }
     // Pointers that passed once are checked again when the size or dtype
     // changes (no layout is fixed: no step ran).
@@ -770,7 +785,7 @@ fn bad_pointers_are_invalid_arguments() {
         (
             "grown past the allocation",
             t(dev.0, dev.0 + 32, 4),
-            t(dev.0, dev.0 + 32, 1 << 20),
+            t(dev.0, dev.0 + (4 << 20), 1 << 20),
         ),
         (
             "f16 reread as f32",
@@ -943,6 +958,54 @@ fn a_failed_first_step_fixes_no_layout() {
     }
 }
 
+/// The CPU backend's state imported into a fresh CUDA backend, and into
+/// one whose failed first step left another layout, continues as the CPU
+/// backend does (the next step on a new non-blocking stream).
+#[test]
+fn imported_state_continues_as_on_the_cpu() {
+    if !gpu("imported_state_continues_as_on_the_cpu") {
+        return;
+    }
+    let mode = Mode::Fused { guard: true };
+    let kind = OptimizerKind::Adam;
+    let mut case = Case::new(kind, &shape(DType::F32), std::ptr::null_mut());
+    for s in 0..2 {
+        case.set_grads(1 + s, None);
+        case.step(mode, 0.01, None);
+    }
+    let mut stale = Case::new(kind, &shape(DType::F32)[..3], std::ptr::null_mut());
+    stale.sharded = true;
+    stale.set_grads(1, None);
+    assert!(stale.step_with(Mode::Capped, 0.01, None, true).1.is_err());
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: out-parameter; 1 = non-blocking.
+    unsafe { ok(sys::cuStreamCreate(&mut stream, 1)) };
+    for (i, (what, gpu)) in [
+        ("fresh", cuda::create(kind, 0).unwrap()),
+        ("stale layout", stale.gpu),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // The device parameters already equal the CPU's, bit for bit.
+        case.gpu = gpu;
+        let st = case.cpu.export_state().unwrap();
+        case.gpu.import_state(&st).unwrap();
+        case.assert_state_same(what);
+        case.set_grads(10 + i as u64, None);
+        case.stream = stream as *mut c_void;
+        let (c, g) = case.step(mode, 0.01, None);
+        assert_eq!(c.skip, g.skip, "{what}");
+        assert_phi_close(c.phi, g.phi, what);
+        case.assert_params_same(what);
+        case.assert_state_same(what);
+        case.stream = std::ptr::null_mut();
+    }
+    drop(case);
+    // SAFETY: created above.
+    unsafe { sys::cuStreamDestroy_v2(stream) };
+}
+
 /// Holds a stream in a host function until opened. After 30 s it lets go
 /// by itself and says so, which the tests report as a failure (lra waited
 /// for the held stream) instead of hanging.
@@ -1094,7 +1157,10 @@ fn destroy_waits_for_a_step_still_queued() {
     unsafe { ok(sys::cuStreamCreate(&mut a, 1)) };
     let mode = Mode::Capped;
     let mut case = Case::new(OptimizerKind::Adam, &shape(DType::F32), a as *mut c_void);
+    // A first step outside the hold: it allocates, and may wait.
     case.set_grads(1, None);
+    case.step(mode, 0.01, None);
+    case.set_grads(2, None);
     let (_, tg) = case.descs();
     let gate = Gate::hold(a);
     let req = case.request(mode, 0.01, &tg, std::ptr::null(), a as *mut c_void, None);

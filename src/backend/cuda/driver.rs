@@ -421,6 +421,12 @@ pub fn is_capturing(stream: CUstream) -> Result<bool> {
     Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
+/// Waits for everything queued on `stream` (best effort: on an error path).
+pub fn sync_stream(stream: CUstream) {
+    // SAFETY: the stream is live (the caller's or ours).
+    unsafe { sys::cuStreamSynchronize(stream) };
+}
+
 /// Sets `count` u32 words at `dst` to `value`, ordered on `stream`.
 pub fn set_words(dst: CUdeviceptr, value: u32, count: usize, stream: CUstream) -> Result<()> {
     // SAFETY: `dst` holds `count` words (the caller's buffer).

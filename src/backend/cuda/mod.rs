@@ -169,14 +169,6 @@ impl CudaBackend {
             self.layout = None;
             self.uploaded.clear();
         }
-        let (offsets, total) = abi::state_layout(numels, self.kind);
-        let state = if total > 0 {
-            let b = DeviceBuffer::new(total * 4)?;
-            driver::set_words(b.ptr, 0, total, stream)?;
-            Some(b)
-        } else {
-            None
-        };
         let plan = abi::chunk_table(numels);
         // The kernel indexes tensors, segments and chunks (no more than
         // segments) with u32, and its loops step past the last index by up
@@ -188,20 +180,39 @@ impl CudaBackend {
                 "too many elements or tensors for one handle (about 2^32 chunk segments or tensors)"
             );
         }
-        let nchunks = plan.chunks.len() as u32;
+        // Every allocation first: a failed one then frees nothing that
+        // queued work still uses.
+        let (offsets, total) = abi::state_layout(numels, self.kind);
+        let state = if total > 0 {
+            Some(DeviceBuffer::new(total * 4)?)
+        } else {
+            None
+        };
         let chunks = DeviceBuffer::new(std::mem::size_of_val(plan.chunks.as_slice()))?;
-        self.staging
-            .upload(chunks.ptr, abi::rows_bytes(&plan.chunks), stream)?;
         let segments = DeviceBuffer::new(std::mem::size_of_val(plan.segments.as_slice()))?;
-        self.staging
-            .upload(segments.ptr, abi::rows_bytes(&plan.segments), stream)?;
         let table_bytes = numels.len() * std::mem::size_of::<TensorEntry>();
         let tensors = DeviceBuffer::new(table_bytes)?;
-        // Uploads of new tensor tables while earlier ones are in flight
-        // then find a buffer ready (a framework that reallocates gradients
-        // every step, the host a few steps ahead).
-        self.staging.reserve(4, table_bytes)?;
         let partials = DeviceBuffer::new(plan.chunks.len() * 8)?;
+        // Pinned buffers for the tables below, and for uploads of new
+        // tensor tables while earlier ones are in flight (a framework that
+        // reallocates gradients every step, the host a few steps ahead).
+        self.staging.reserve(4, table_bytes)?;
+        let mut enqueue = || -> Result<()> {
+            if let Some(b) = &state {
+                driver::set_words(b.ptr, 0, total, stream)?;
+            }
+            self.staging
+                .upload(chunks.ptr, abi::rows_bytes(&plan.chunks), stream)?;
+            self.staging
+                .upload(segments.ptr, abi::rows_bytes(&plan.segments), stream)
+        };
+        if let Err(e) = enqueue() {
+            // The buffers are freed on return: not before what was queued
+            // on them has run.
+            driver::sync_stream(stream);
+            return Err(e);
+        }
+        let nchunks = plan.chunks.len() as u32;
         self.uploaded.clear();
         self.layout = Some(Layout {
             numels: numels.to_vec(),
@@ -423,26 +434,33 @@ impl Backend for CudaBackend {
     fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
         self.check_not_broken()?;
         let _ctx = self.dev.enter()?;
+        // The stream first: on a capturing stream only capture-safe queries.
+        let stream = req.stream as CUstream;
+        self.check_stream(stream)?;
         let flag = req.found_inf as u64;
         if flag != 0 && flag != self.validated_flag {
             self.check_device_pointer("found_inf", flag, 4)?;
             self.validated_flag = flag;
         }
-        let stream = req.stream as CUstream;
-        self.check_stream(stream)?;
         // Our buffers are ordered after the previous step whatever stream
         // it ran on (frameworks switch streams): a device-side wait only.
         driver::wait_event(stream, &self.done)?;
         self.partial = false;
+        // The step's own error first: a failed record only follows from it.
         let r = self.run_step(req, stream);
+        let r = r.and_then(|()| self.done.record(stream));
         if let (Err(e), true) = (&r, self.partial) {
+            // Launches ran (or may run) that the engine will not count, or
+            // the next step cannot be ordered after them.
             self.broken = Some(format!(
                 "a step failed after part of it was enqueued ({e}); this handle's optimizer state may be half-updated: load a checkpoint (lra_load_state) or destroy the handle"
             ));
         }
-        // The step's own error first: a failed record only follows from it.
-        let recorded = self.done.record(stream);
-        r.and(recorded)
+        if r.is_err() {
+            // Order what was enqueued before whatever comes next.
+            let _ = self.done.record(stream);
+        }
+        r
     }
 
     fn outcome(&mut self) -> Result<StepOutcome> {
@@ -494,18 +512,39 @@ impl Backend for CudaBackend {
         self.read_control()?;
         let slots = self.kind.state_slots();
         if slots > 0 {
+            if let Some(v) = state.slots.iter().find(|v| v.len() % slots != 0) {
+                fail!(
+                    BadCheckpoint,
+                    "state of {} values is not {slots} slots of one tensor",
+                    v.len()
+                );
+            }
             let numels: Vec<usize> = state.slots.iter().map(|v| v.len() / slots).collect();
             self.ensure_layout(&numels, self.reader.0)?;
         }
+        let r = self.write_state(state);
+        if let Err(e) = &r {
+            self.broken = Some(format!(
+                "a checkpoint import failed half way ({e}); load a checkpoint (lra_load_state) or destroy the handle"
+            ));
+        }
+        r
+    }
+
+    fn applied_steps(&mut self) -> Result<u64> {
+        self.check_not_broken()?;
+        let _ctx = self.dev.enter()?;
+        Ok(self.read_control()?.applied)
+    }
+}
+
+impl CudaBackend {
+    /// Writes an imported state and control block (context entered, last
+    /// step done, layout allocated).
+    fn write_state(&mut self, state: &BackendState) -> Result<()> {
+        let slots = self.kind.state_slots();
         if let Some(l) = &self.layout {
             for ((v, &n), &off) in state.slots.iter().zip(&l.numels).zip(&l.offsets) {
-                if v.len() != slots * n {
-                    fail!(
-                        BadCheckpoint,
-                        "state of {} values for a tensor of {n} elements",
-                        v.len()
-                    );
-                }
                 if let Some(buf) = &l.state {
                     for s in 0..slots {
                         let dst = buf.ptr + 4 * (off + s * abi::slot_stride(n)) as u64;
@@ -525,12 +564,6 @@ impl Backend for CudaBackend {
         self.broken = None;
         // Later steps on any stream must see the import.
         self.done.record(self.reader.0)
-    }
-
-    fn applied_steps(&mut self) -> Result<u64> {
-        self.check_not_broken()?;
-        let _ctx = self.dev.enter()?;
-        Ok(self.read_control()?.applied)
     }
 }
 
