@@ -318,10 +318,15 @@ impl Event {
         // SAFETY: a live event.
         unsafe { sys::cuEventSynchronize(self.0) };
     }
-    /// Whether everything recorded before has finished (never waits).
-    pub fn is_done(&self) -> bool {
+    /// Whether everything recorded before has finished (never waits). An
+    /// error (e.g. queried during another thread's graph capture) is an
+    /// error, not "still busy".
+    pub fn is_done(&self) -> Result<bool> {
         // SAFETY: a live event.
-        unsafe { sys::cuEventQuery(self.0) == sys::CUresult::CUDA_SUCCESS }
+        match unsafe { sys::cuEventQuery(self.0) } {
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            r => check(r, "cuEventQuery").map(|()| true),
+        }
     }
 }
 
@@ -453,10 +458,13 @@ impl Staging {
         if src.is_empty() {
             return Ok(());
         }
-        let free = self
-            .slots
-            .iter()
-            .position(|(_, cap, ev)| *cap >= src.len() && ev.is_done());
+        let mut free = None;
+        for (i, (_, cap, ev)) in self.slots.iter().enumerate() {
+            if *cap >= src.len() && ev.is_done()? {
+                free = Some(i);
+                break;
+            }
+        }
         let i = match free {
             Some(i) => i,
             None => {
