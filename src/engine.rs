@@ -174,6 +174,15 @@ impl Engine {
                 "obs_var = {obs_var} must be finite and >= 0"
             );
         }
+        if (self.cfg.sharded || self.cfg.loss_rank_local) && self.reducer.is_none() {
+            // Without the sum each rank would decide η from its own part
+            // (η drifts apart) or, if only some ranks registered it, the
+            // others would wait in a collective this rank never joins.
+            fail!(
+                CallOrder,
+                "the configuration is sharded or has rank-local losses, but no reduction is registered (call lra_set_reduction on every rank before the first step)"
+            );
+        }
         self.check_layout(tensors)?;
         self.backend.validate(tensors)?;
         if !(found_inf as usize).is_multiple_of(4) {
@@ -182,6 +191,8 @@ impl Engine {
                 "found_inf = {found_inf:p} is not aligned to 4 bytes (it points at one f32)"
             );
         }
+        // Before the loss sum below: a refused step joins no collective.
+        self.backend.check_step(found_inf, stream)?;
         let mut loss = loss;
         if self.cfg.loss_rank_local {
             let mut v = [loss, 1.0];
@@ -432,9 +443,10 @@ impl Engine {
         put_u32(
             &mut w,
             p.map_or(0, |p| {
-                1 | (p.fused as u32) << 1
-                    | (p.reeval_due as u32) << 2
-                    | (p.known.is_some() as u32) << 3
+                // Bit 3: the outcome below is recorded. Always true, since
+                // it is read from the backend when not known: a restored
+                // handle (which keeps it as known) saves the same bytes.
+                1 | (p.fused as u32) << 1 | (p.reeval_due as u32) << 2 | 1 << 3
             }),
         );
         let o = pending_outcome.unwrap_or(StepOutcome {

@@ -131,6 +131,12 @@ int main(int argc, char **argv)
             printf("%s step %3d  loss %.3e  lr %.3e -> %.3e\n", sharded ? "sharded" : "dp", step,
                    mean, info.lr_before, info.lr);
     }
+    /* Every rank must end with the same η and counters (a cheap check,
+       also worth running after restoring per-rank checkpoints). */
+    if (lra_mpi_check_agreement(h, comm) != 0) {
+        fprintf(stderr, "rank %d: the ranks' η or counters differ\n", rank);
+        MPI_Abort(comm, 1);
+    }
     lra_destroy(h);
     int ok = last < first / 10;
     if (rank == 0)

@@ -13,9 +13,12 @@
  * (sharding, loss_is_rank_local, f_star, check_finite, ...) and makes the
  * same sequence of lra_step / lra_report_reeval calls with the same obs_var,
  * also a rank whose shard holds no tensor (call lra_step with count 0).
- * Argument errors (LRA_INVALID_ARGUMENT, ...) are found before any
- * collective and are rank-local: treat them as fatal (MPI_Abort), since the
- * other ranks are then waiting in the collective.
+ * Argument errors (LRA_INVALID_ARGUMENT, ...) are rank-local and may come
+ * after another rank entered a collective: treat them as fatal (MPI_Abort).
+ *
+ * Threads: the callback runs on the thread that calls lra. If that is not
+ * the thread that initialised MPI, initialise with MPI_Init_thread and at
+ * least MPI_THREAD_SERIALIZED.
  *
  * This header includes <mpi.h> and "lra.h"; compile with mpicc and
  * -I<lra>/include -I<lra>/bindings/mpi, link with -llra.
@@ -27,6 +30,7 @@
 #include <mpi.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "lra.h"
 
@@ -34,14 +38,18 @@
  * values[0..count] by their sums over all ranks of that communicator with
  * MPI_Allreduce(MPI_IN_PLACE, ..., MPI_DOUBLE, MPI_SUM) and returns 0, or
  * the (non-zero) MPI error code, which lra reports as LRA_REDUCTION_FAILED.
- * A failure code only comes back when the communicator's error handler is
- * MPI_ERRORS_RETURN; with MPI's default (MPI_ERRORS_ARE_FATAL) a failing
- * collective aborts the job instead.
  *
- * Every rank receives the same sum: MPI's reduction algorithms combine each
- * element once and hand the result to all ranks (or combine pairwise, which
- * is commutative in IEEE arithmetic), so the η decisions computed from it
- * agree bit for bit. */
+ * Every rank receives the same sum, bit for bit: the MPI standard requires
+ * that all processes taking part in an all-reduce receive identical
+ * results. The η decisions computed from it therefore agree on every rank.
+ *
+ * Errors: a failure code only comes back when the communicator's error
+ * handler is MPI_ERRORS_RETURN; with MPI's default (MPI_ERRORS_ARE_FATAL)
+ * a failing collective aborts the job instead. MPI does not promise that a
+ * failing collective fails on every rank: some ranks may have completed
+ * it (and their lra call with it) while others report the error. Unless
+ * you know the failure was the same everywhere, treat LRA_REDUCTION_FAILED
+ * as fatal (MPI_Abort). */
 static inline int32_t lra_mpi_allreduce_sum(double *values, size_t count, void *user)
 {
     const MPI_Comm comm = *(const MPI_Comm *)user;
@@ -59,6 +67,66 @@ static inline int32_t lra_mpi_allreduce_sum(double *values, size_t count, void *
 static inline lra_status lra_mpi_set_reduction(lra_handle *h, MPI_Comm *comm)
 {
     return lra_set_reduction(h, lra_mpi_allreduce_sum, (void *)comm);
+}
+
+/* lra_mpi_check_agreement's answers besides 0 (agreement) and MPI error
+ * codes (which are positive). Every rank gets the same answer. */
+/* ranks hold different η, counters or pending-step state */
+#define LRA_MPI_DISAGREE (-1)
+/* an lra query failed on at least one rank (see lra_last_error there) */
+#define LRA_MPI_QUERY_FAILED (-2)
+
+/* Checks that every rank of `comm` holds the same η (bit for bit), the same
+ * step and re-evaluation counters and the same pending step (none, or one
+ * due or not due for re-evaluation): what must agree for the ranks to keep
+ * calling the collectives in step and deciding η alike. Per-shard optimizer
+ * state and the applied/skipped counters are not compared (with a rank-
+ * local found-inf flag and the guard off they may differ by design).
+ *
+ * One collective (MPI_Allreduce of 17 doubles, MPI_MAX); call it on every
+ * rank, between lra calls. Use it after every rank restored its checkpoint
+ * (lra_load_state can succeed on some ranks and fail on others) and, if
+ * you like, every few hundred steps. Returns 0, LRA_MPI_DISAGREE,
+ * LRA_MPI_QUERY_FAILED, or the MPI error code (under MPI_ERRORS_RETURN).
+ * When no step is pending, the handle's lra_last_error afterwards names the
+ * LRA_CALL_ORDER of the lra_should_reeval query it made. */
+static inline int32_t lra_mpi_check_agreement(lra_handle *h, MPI_Comm comm)
+{
+    enum { FIELDS = 8 };
+    double lr = 0.0;
+    struct lra_counters c;
+    memset(&c, 0, sizeof c);
+    int failed = lra_get_lr(h, &lr) != LRA_OK || lra_get_counters(h, &c) != LRA_OK;
+    uint32_t due = 0;
+    const lra_status pending = lra_should_reeval(h, &due);
+    failed |= pending != LRA_OK && pending != LRA_CALL_ORDER;
+    const double mine[FIELDS] = {
+        lr,
+        (double)c.steps,
+        (double)c.reevals,
+        (double)c.raised,
+        (double)c.lowered,
+        (double)c.kept,
+        (double)c.reeval_skipped,
+        pending == LRA_OK ? 1.0 + due : 0.0,
+    };
+    /* max of v and max of −v (= −min) in one collective; the last slot
+       carries "some query failed". */
+    double v[2 * FIELDS + 1];
+    for (int i = 0; i < FIELDS; i++) {
+        v[i] = mine[i];
+        v[FIELDS + i] = -mine[i];
+    }
+    v[2 * FIELDS] = failed;
+    const int rc = MPI_Allreduce(MPI_IN_PLACE, v, 2 * FIELDS + 1, MPI_DOUBLE, MPI_MAX, comm);
+    if (rc != MPI_SUCCESS)
+        return (int32_t)rc;
+    if (v[2 * FIELDS] != 0.0)
+        return LRA_MPI_QUERY_FAILED;
+    for (int i = 0; i < FIELDS; i++)
+        if (v[i] != -v[FIELDS + i])
+            return LRA_MPI_DISAGREE;
+    return 0;
 }
 
 #endif /* LRA_MPI_H */

@@ -3,7 +3,8 @@
 # bindings/mpi/lra_mpi.h). For each case, 1 rank writes the reference
 # trajectory and 2 ranks (data parallel, sharded, an empty shard, Polyak
 # two-pass, failing callbacks) must reproduce its η decisions exactly and its
-# parameters within f32 rounding. Also compile-checks (and runs on one
+# parameters within f32 rounding; so must runs that checkpoint, recreate and
+# restore every rank's handle mid-run. Also compile-checks (and runs on one
 # simulated rank) the NCCL callback in bindings/nccl against stub headers.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,6 +22,12 @@ cc -std=c11 -Wall -Wextra -Werror -I include -I bindings/nccl -I tests/nccl/stub
   tests/nccl/lra_nccl_stub_test.c tests/nccl/stub/stub_impl.c \
   -L "$lib_dir" -llra -Wl,-rpath,"$lib_dir" -o "$work/lra_nccl_stub_test"
 "$work/lra_nccl_stub_test"
+# Trainers are often C++: the header must compile as C++ too.
+if command -v c++ >/dev/null; then
+  printf '#include "lra_nccl.h"\nlra_reduce_fn f = lra_nccl_allreduce_sum;\n' > "$work/nccl.cpp"
+  c++ -std=c++17 -Wall -Wextra -Werror -fsyntax-only -I include -I bindings/nccl \
+    -I tests/nccl/stub "$work/nccl.cpp"
+fi
 # Against the real headers too, where a CUDA toolkit and NCCL are installed.
 inc=()
 for d in "${CUDA_HOME:-/usr/local/cuda}/include" /usr/include /usr/local/include \
@@ -46,22 +53,27 @@ fi
 mpicc -O2 -std=c11 -Wall -Wextra -Werror -I include -I bindings/mpi \
   tests/mpi/lra_mpi_test.c -L "$lib_dir" -llra -Wl,-rpath,"$lib_dir" -lm \
   -o "$work/lra_mpi_test"
+if command -v mpicxx >/dev/null; then # as C++ (the MPI C++ bindings left out)
+  printf '#include "lra_mpi.h"\nlra_reduce_fn f = lra_mpi_allreduce_sum;\n' > "$work/mpi.cpp"
+  mpicxx -std=c++17 -DOMPI_SKIP_MPICXX -DMPICH_SKIP_MPICXX -Wall -Wextra -Werror -fsyntax-only \
+    -I include -I bindings/mpi "$work/mpi.cpp"
+fi
 zcat data/digits.csv.gz > "$work/digits.csv"
 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # Shared memory only: every rank runs on this machine.
 export OMPI_MCA_btl=self,vader
 
-run() { # NP MODE OPTIMIZER
+run() { # NP MODE OPTIMIZER [restart]
   timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$1" \
-    "$work/lra_mpi_test" "$2" "$3" "$work/ref-$2-$3.txt" "$work/digits.csv" || {
-    echo "FAILED: mpirun -np $1 lra_mpi_test $2 $3 (exit $?; 124 = timed out: a hang)"
+    "$work/lra_mpi_test" "$2" "$3" "$work/ref-$2-$3.txt" "$work/digits.csv" ${4:+"$4"} || {
+    echo "FAILED: mpirun -np $1 lra_mpi_test $2 $3${4:+ $4} (exit $?; 124 = timed out: a hang)"
     exit 1
   }
 }
 
 for case in "dp adam" "dp momentum" "sharded adam" "sharded sgd" "empty adam" \
-  "polyak sgd" "polyak momentum" "fail adam"; do
+  "polyak sgd" "polyak momentum" "fail adam" "polyakfail momentum"; do
   # shellcheck disable=SC2086
   run 1 $case
   # shellcheck disable=SC2086
@@ -71,6 +83,12 @@ done
 run 3 sharded adam
 run 3 empty adam
 run 2 poison adam
+# Per-rank checkpoints: every rank saves, recreates and restores its handle
+# twice (once with a step awaiting re-evaluation); same trajectory as above.
+run 2 sharded adam restart
+run 3 empty adam restart
+run 2 polyak momentum restart
+run 2 dp adam restart
 
 # The README's example trainer, both set-ups.
 mpicc -O2 -std=c11 -Wall -Wextra -Werror -I include -I bindings/mpi bindings/mpi/example.c \

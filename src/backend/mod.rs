@@ -164,6 +164,13 @@ pub struct BackendState {
 pub trait Backend: Send {
     /// Checks the pointers of a step (memory kind, alignment, overlap).
     fn validate(&self, tensors: &[TensorDesc]) -> Result<()>;
+    /// Checks a step's found_inf flag and stream (memory kind, the stream's
+    /// context, ...) before the engine starts any cross-rank sum, so that
+    /// a refused step never leaves other ranks waiting in one. The host
+    /// backend has nothing to ask.
+    fn check_step(&mut self, _found_inf: *const c_void, _stream: *mut c_void) -> Result<()> {
+        Ok(())
+    }
     /// Runs one step. Never waits for a device.
     fn step(&mut self, req: StepRequest<'_>) -> Result<()>;
     /// Outcome of the last step: skip reason, the LOCAL partial Σg·d times

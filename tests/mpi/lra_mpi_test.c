@@ -1,7 +1,7 @@
 /* lra over MPI with the real engine (liblra) and the MPI binding
  * (bindings/mpi/lra_mpi.h).
  *
- *   lra_mpi_test MODE OPTIMIZER REF DIGITS_CSV
+ *   lra_mpi_test MODE OPTIMIZER REF DIGITS_CSV [restart]
  *
  * Run with 1 rank, it trains the whole model and writes its trajectory
  * (per step: η, decision, skip reason, φ, ρ, f_i; then the final parameters)
@@ -27,10 +27,22 @@
  *             of its slice of the batch); the reduction callback fails on
  *             every rank at chosen calls: each must surface as
  *             LRA_REDUCTION_FAILED on every rank and change nothing, and the
- *             retried run must still match REF.
+ *             retried run must still match REF. Also a real MPI error under
+ *             MPI_ERRORS_RETURN must come back as LRA_REDUCTION_FAILED with
+ *             the MPI error code.
+ *   polyakfail as polyak with rank-local losses, failing as fail does: the
+ *             failed pre-write sum of the two-pass step must change nothing.
  *   poison    (2+ ranks only, REF unused) sharded fused mode with the
  *             non-finite guard off; one rank alone raises found-inf: every
  *             rank must skip the ratio test and keep the same η.
+ *
+ * With `restart`, every rank checkpoints its handle twice during the run
+ * (once while a step awaits its re-evaluation, whose φ is still rank-local
+ * in fused sharded mode; once between steps), destroys it, creates a new
+ * one, restores the checkpoint and carries on: the run must still match
+ * REF written by the uninterrupted 1-rank run. Every multi-rank run also
+ * checks lra_mpi_check_agreement: 0 after the run (and after each
+ * restart), LRA_MPI_DISAGREE on every rank once one rank alone changes η.
  */
 #include <inttypes.h>
 #include <math.h>
@@ -42,6 +54,8 @@
 
 static int g_rank, g_size;
 static const char *g_optimizer;
+static int g_restart; /* checkpoint, recreate and restore the handle mid-run */
+enum { RESTART_PENDING = 13, RESTART_BETWEEN = 22 };
 
 #define FAIL(...)                                                                                  \
     do {                                                                                           \
@@ -106,6 +120,7 @@ static double uniform(void)
 typedef struct {
     const char *mode;
     int sharded, rank_local_loss, logistic, steps, batch;
+    int fail; /* inject failing reductions (modes fail, polyakfail) */
     int inject; /* NaN gradient, found-inf, non-finite loss at fixed steps */
     lra_config cfg;
 } run_t;
@@ -282,10 +297,13 @@ static double least_squares(const run_t *r, model_t *m, int b0, int bn, int with
                     p[i] += a[t * m->len + k] * m->theta[t * m->len + k];
     }
     MPI_Allreduce(MPI_IN_PLACE, p, bn, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    int llo, lhi; /* the rows whose loss this rank reports */
+    my_rows(r, bn, &llo, &lhi);
     double loss = 0;
     for (int i = 0; i < bn; i++) {
         p[i] -= m->y[(b0 + i) % m->lsq_rows]; /* residual */
-        loss += 0.5 * p[i] * p[i];
+        if (i >= llo && i < lhi)
+            loss += 0.5 * p[i] * p[i];
     }
     if (with_grad)
         for (int t = 0; t < m->count; t++) {
@@ -299,7 +317,7 @@ static double least_squares(const run_t *r, model_t *m, int b0, int bn, int with
             }
         }
     free(p);
-    return loss / bn;
+    return loss / (lhi - llo);
 }
 
 static double model_eval(const run_t *r, model_t *m, int b0, int bn, int with_grad)
@@ -395,16 +413,21 @@ static void setup(run_t *r, const char *mode, const char *opt)
     } else if (strcmp(mode, "sharded") == 0 || strcmp(mode, "empty") == 0) {
         r->sharded = 1;
         r->inject = 1;
-    } else if (strcmp(mode, "polyak") == 0) {
+    } else if (strcmp(mode, "polyak") == 0 || strcmp(mode, "polyakfail") == 0) {
         r->sharded = 1;
         r->logistic = 0;
         r->batch = 16;
-        r->inject = 1;
         r->cfg.f_star = 0.0;
         r->cfg.scale_max = 1.0e3;
+        r->fail = strcmp(mode, "polyakfail") == 0;
+        r->inject = !r->fail;
+        r->rank_local_loss = r->fail;
+        if (r->fail)
+            r->steps = 16;
     } else if (strcmp(mode, "fail") == 0) {
         r->sharded = 1;
         r->rank_local_loss = 1;
+        r->fail = 1;
         r->steps = 16;
     } else if (strcmp(mode, "poison") == 0) {
         r->sharded = 1;
@@ -419,10 +442,48 @@ static void setup(run_t *r, const char *mode, const char *opt)
 
 static int failures_seen;
 
-/* Trains; returns the per-step records (rank 0's view) and leaves the final
- * parameters in m->theta (owned tensors only). */
-static record_t *train(run_t *r, model_t *m, lra_handle *h, reduce_ctx *ctx)
+/* Aborts unless lra_mpi_check_agreement finds every rank in agreement. */
+static void expect_agreement(lra_handle *h, const char *when)
 {
+    const int32_t rc = lra_mpi_check_agreement(h, MPI_COMM_WORLD);
+    if (rc != 0)
+        FAIL("%s: lra_mpi_check_agreement -> %d, want 0 (ranks agree)", when, rc);
+}
+
+static lra_handle *create_handle(const run_t *r, reduce_ctx *ctx)
+{
+    lra_handle *h = NULL;
+    if (lra_create(&r->cfg, &h) != LRA_OK)
+        FAIL("lra_create: %s", lra_thread_last_error());
+    CHECK_LRA(h, lra_set_reduction(h, reduce_cb, ctx));
+    return h;
+}
+
+/* What a trainer does on restart: each rank saves its own checkpoint, a
+ * new process creates a new handle and restores it. Between steps the
+ * restored handle must save the very bytes it loaded (with a step pending
+ * it marks the step's outcome as recorded, a flag the original did not
+ * set), and all ranks must agree. */
+static void restart(const run_t *r, lra_handle **h, reduce_ctx *ctx, int step, int pending)
+{
+    size_t n, n2;
+    unsigned char *saved = checkpoint(*h, &n);
+    lra_destroy(*h);
+    *h = create_handle(r, ctx);
+    CHECK_LRA(*h, lra_load_state(*h, saved, n));
+    unsigned char *again = checkpoint(*h, &n2);
+    if (!pending && (n != n2 || memcmp(saved, again, n) != 0))
+        FAIL("step %d: the restored handle saves other bytes than the checkpoint it loaded", step);
+    free(saved);
+    free(again);
+    expect_agreement(*h, "after restoring the checkpoints");
+}
+
+/* Trains; returns the per-step records (rank 0's view) and leaves the final
+ * parameters in m->theta (owned tensors only). *hp may be replaced (restart). */
+static record_t *train(run_t *r, model_t *m, lra_handle **hp, reduce_ctx *ctx)
+{
+    lra_handle *h = *hp;
     record_t *rec = calloc((size_t)r->steps, sizeof(record_t));
     lra_tensor *mine = calloc((size_t)m->count, sizeof(lra_tensor));
     size_t n = 0;
@@ -448,20 +509,24 @@ static record_t *train(run_t *r, model_t *m, lra_handle *h, reduce_ctx *ctx)
         if (strcmp(r->mode, "poison") == 0 && step == 4 && g_rank == g_size - 1)
             found_inf = 1.0f; /* this rank alone, guard off */
 
-        if (strcmp(r->mode, "fail") == 0 && step == 3)
+        /* Rank-local losses: call 0 of a step sums [f_i, 1], call 1 is
+           the pre-write sum (fused with the guard on, or two-pass). */
+        if (r->fail && step == 3)
             EXPECT_REDUCTION_FAILURE(h, ctx, m, 0,
                                      lra_step_ex(h, list, n, loss, 0.0, &found_inf, NULL), step);
-        if (strcmp(r->mode, "fail") == 0 && step == 5)
+        if (r->fail && step == 5)
             EXPECT_REDUCTION_FAILURE(h, ctx, m, 1,
                                      lra_step_ex(h, list, n, loss, 0.0, &found_inf, NULL), step);
         CHECK_LRA(h, lra_step_ex(h, list, n, loss, 0.0, &found_inf, NULL));
+        if (g_restart && step == RESTART_PENDING)
+            restart(r, &h, ctx, step, 1);
 
         uint32_t due = 0;
         CHECK_LRA(h, lra_should_reeval(h, &due));
         lra_reeval_info info;
         if (due) {
             double after = model_eval(r, m, b0, r->batch, 0);
-            if (strcmp(r->mode, "fail") == 0 && step == 8)
+            if (r->fail && step == 8)
                 EXPECT_REDUCTION_FAILURE(h, ctx, m, 0, lra_report_reeval(h, after, &info), step);
             CHECK_LRA(h, lra_report_reeval(h, after, &info));
         } else {
@@ -488,8 +553,11 @@ static record_t *train(run_t *r, model_t *m, lra_handle *h, reduce_ctx *ctx)
             MPI_Allreduce(MPI_IN_PLACE, v, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
             rec[step].loss = v[0] / v[1];
         }
+        if (g_restart && step == RESTART_BETWEEN)
+            restart(r, &h, ctx, step, 0);
     }
     free(mine);
+    *hp = h;
     return rec;
 }
 
@@ -585,11 +653,58 @@ static void compare_ref(const char *path, const run_t *r, const record_t *rec, c
         FAIL("parameters differ from the 1-rank run by %.3g (max |θ| %.3g)", worst, scale);
     if (raised + lowered == 0)
         FAIL("η never changed in %d steps: the comparison would prove little", steps);
-    printf("%-8s %-8s np=%d: %d steps, η decisions identical to 1 rank (raised %d, lowered %d, "
-           "kept %d, skipped %d); max rel. φ diff %.2g; params: %d/%d differ, max |Δθ| %.3g "
+    printf("%-8s %-8s np=%d%s: %d steps, η decisions identical to 1 rank (raised %d, lowered "
+           "%d, kept %d, skipped %d); max rel. φ diff %.2g; params: %d/%d differ, max |Δθ| %.3g "
            "(max |θ| %.3g)\n",
-           r->mode, g_optimizer, g_size, steps, raised, lowered, kept, skipped,
-           worst_phi, differ, np, worst, scale);
+           r->mode, g_optimizer, g_size, g_restart ? " restarted twice" : "", steps, raised,
+           lowered, kept, skipped, worst_phi, differ, np, worst, scale);
+}
+
+/* A real MPI failure under MPI_ERRORS_RETURN (a collective on
+ * MPI_COMM_NULL, refused on every rank by MPI's argument check, which Open
+ * MPI and MPICH run by default) must come
+ * back from lra as LRA_REDUCTION_FAILED naming the MPI error code, and
+ * change nothing; lra_mpi_check_agreement passes such codes on too. */
+static void check_mpi_error_path(const run_t *r)
+{
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    MPI_Comm broken = MPI_COMM_NULL;
+    lra_handle *h = NULL;
+    if (lra_create(&r->cfg, &h) != LRA_OK)
+        FAIL("lra_create: %s", lra_thread_last_error());
+    CHECK_LRA(h, lra_mpi_set_reduction(h, &broken));
+    float theta[4] = {1, 2, 3, 4}, grad[4] = {0.5f, -0.5f, 0.25f, 1};
+    lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32};
+    const lra_status st = lra_step(h, &t, 1, 1.0, 0.0, NULL);
+    if (st != LRA_REDUCTION_FAILED)
+        FAIL("lra_step with an MPI error -> %u (%s), want LRA_REDUCTION_FAILED", st,
+             lra_status_string(st));
+    const char *at = strstr(lra_last_error(h), "returned ");
+    int code = at ? atoi(at + strlen("returned ")) : 0, cls = -1;
+    if (code <= 0 || MPI_Error_class(code, &cls) != MPI_SUCCESS || cls != MPI_ERR_COMM)
+        FAIL("the last error should name MPI_ERR_COMM's code: %s", lra_last_error(h));
+    if (theta[0] != 1 || theta[3] != 4)
+        FAIL("parameters changed although the reduction failed");
+    const int32_t rc = lra_mpi_check_agreement(h, MPI_COMM_NULL);
+    if (rc <= 0 || MPI_Error_class(rc, &cls) != MPI_SUCCESS || cls != MPI_ERR_COMM)
+        FAIL("lra_mpi_check_agreement on MPI_COMM_NULL -> %d, want MPI_ERR_COMM's code", rc);
+    lra_destroy(h);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
+}
+
+/* lra_mpi_check_agreement must notice one rank alone changing η. */
+static void check_disagreement_is_seen(lra_handle *h)
+{
+    expect_agreement(h, "after the run");
+    double lr;
+    CHECK_LRA(h, lra_get_lr(h, &lr));
+    if (g_rank == g_size - 1)
+        CHECK_LRA(h, lra_set_lr(h, lr * 0.5));
+    const int32_t rc = lra_mpi_check_agreement(h, MPI_COMM_WORLD);
+    if (rc != LRA_MPI_DISAGREE)
+        FAIL("one rank alone halved η: lra_mpi_check_agreement -> %d, want LRA_MPI_DISAGREE",
+             rc);
+    CHECK_LRA(h, lra_set_lr(h, lr));
 }
 
 int main(int argc, char **argv)
@@ -597,8 +712,9 @@ int main(int argc, char **argv)
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-    if (argc != 5)
-        FAIL("usage: %s MODE OPTIMIZER REF DIGITS_CSV", argv[0]);
+    if (argc != 5 && !(argc == 6 && strcmp(argv[5], "restart") == 0))
+        FAIL("usage: %s MODE OPTIMIZER REF DIGITS_CSV [restart]", argv[0]);
+    g_restart = argc == 6;
     g_optimizer = argv[2];
     run_t r;
     setup(&r, argv[1], argv[2]);
@@ -607,15 +723,14 @@ int main(int argc, char **argv)
     model_t m;
     model_init(&m, &r);
 
-    lra_handle *h = NULL;
-    if (lra_create(&r.cfg, &h) != LRA_OK)
-        FAIL("lra_create: %s", lra_thread_last_error());
+    if (r.fail)
+        check_mpi_error_path(&r);
     reduce_ctx ctx = {MPI_COMM_WORLD, 0, -1};
-    CHECK_LRA(h, lra_set_reduction(h, reduce_cb, &ctx));
+    lra_handle *h = create_handle(&r, &ctx);
 
-    record_t *rec = train(&r, &m, h, &ctx);
-    if (strcmp(r.mode, "fail") == 0 && failures_seen != 3)
-        FAIL("fail: %d injected failures checked, want 3", failures_seen);
+    record_t *rec = train(&r, &m, &h, &ctx);
+    if (r.fail && failures_seen != 3)
+        FAIL("%s: %d injected failures checked, want 3", r.mode, failures_seen);
 
     /* Every rank called the collective equally often. */
     expect_same_everywhere((double)ctx.calls, "number of reduction calls", -1);
@@ -623,6 +738,8 @@ int main(int argc, char **argv)
     CHECK_LRA(h, lra_get_counters(h, &c));
     if (strcmp(r.mode, "poison") != 0) /* there one rank alone skipped a step */
         expect_same_everywhere((double)c.applied, "applied steps", -1);
+    if (g_size > 1)
+        check_disagreement_is_seen(h);
 
     int np = m.count * m.len;
     float *p = gather_params(&r, &m);
@@ -631,7 +748,7 @@ int main(int argc, char **argv)
             printf("poison   %-8s np=%d: a rank-local found-inf with the guard off: SKIPPED "
                    "and the same η on every rank\n",
                    argv[2], g_size);
-        else if (g_size == 1)
+        else if (g_size == 1 && !g_restart)
             write_ref(argv[3], &r, rec, p, np);
         else
             compare_ref(argv[3], &r, rec, p, np);

@@ -1,9 +1,13 @@
 /* bindings/nccl/lra_nccl.h against the stub CUDA runtime and one-rank NCCL
  * in tests/nccl/stub: the header compiles against the real APIs' signatures,
- * the callback stages values and reports errors as documented, and a
- * sharded handle with rank-local losses driven through it on one rank takes
- * exactly the steps of a handle without any reduction. Real NCCL is not
- * exercised here (none is installed on the CI machines). */
+ * lra_nccl_init refuses a current device other than the communicator's,
+ * the callback stages values on the communicator and stream it was given
+ * and reports errors as documented, and a sharded handle with rank-local
+ * losses driven through it on one rank takes exactly the steps of a handle
+ * without any reduction, also on a non-blocking communicator and a busy
+ * stream. A failed peer (an asynchronous NCCL error while the collective
+ * can never finish) must end the call with an error, not hang it. Real NCCL
+ * is not exercised here (none is installed on the CI machines). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,8 +64,20 @@ static void step(lra_handle *h, float *theta, float *grad, lra_reeval_info *info
 
 int main(void)
 {
+    /* Distinct non-null handles: the stub counts calls that pass others. */
+    static int comm_object, stream_object;
+    stub_comm = (ncclComm_t)(void *)&comm_object;
+    stub_stream = (cudaStream_t)(void *)&stream_object;
     lra_nccl_reduction red;
-    CHECK(lra_nccl_init(&red, NULL, NULL) == 0, "lra_nccl_init failed");
+    /* The communicator lives on device 1, device 0 is current: refused,
+       nothing allocated. */
+    stub_comm_device = 1;
+    CHECK(lra_nccl_init(&red, stub_comm, stub_stream) == LRA_NCCL_ERR_DEVICE &&
+              stub_cuda_outstanding == 0 && red.device == NULL && red.host == NULL,
+          "lra_nccl_init on another device than the communicator's must fail and allocate "
+          "nothing");
+    stub_current_device = 1;
+    CHECK(lra_nccl_init(&red, stub_comm, stub_stream) == 0, "lra_nccl_init failed");
     CHECK(stub_cuda_outstanding == 2, "init should allocate a device and a pinned buffer");
 
     lra_handle *with = make(1), *without = make(0);
@@ -72,6 +88,10 @@ int main(void)
         a[k] = b[k] = (float)(0.1 * k);
     int changed = 0;
     for (int s = 0; s < STEPS; s++) {
+        /* Second half: a non-blocking communicator (ncclAllReduce answers
+           ncclInProgress) and a stream still busy when first asked. */
+        stub_nccl_enqueue_polls = s < STEPS / 2 ? 0 : 3;
+        stub_stream_busy_polls = s < STEPS / 2 ? 0 : 2;
         lra_reeval_info ia, ib;
         step(with, a, ga, &ia);
         step(without, b, gb, &ib);
@@ -88,6 +108,8 @@ int main(void)
     CHECK(stub_nccl_calls == 3 * STEPS, "%d ncclAllReduce calls, want %d", stub_nccl_calls,
           3 * STEPS);
 
+    stub_nccl_enqueue_polls = 0;
+
     /* A failing NCCL call surfaces as LRA_REDUCTION_FAILED with the code. */
     double lr_before, lr_after;
     CHECK(lra_get_lr(with, &lr_before) == LRA_OK, "lra_get_lr");
@@ -102,6 +124,24 @@ int main(void)
     CHECK(lra_get_lr(with, &lr_after) == LRA_OK && lr_after == lr_before, "η changed");
     CHECK(memcmp(a, b, sizeof a) == 0, "parameters changed although the reduction failed");
 
+    /* A peer failed: the collective never finishes. The wait must end with
+       the communicator's asynchronous error (cudaStreamSynchronize would
+       block forever), and nothing may change. */
+    stub_nccl_async_error = ncclSystemError;
+    st = lra_step(with, &t, 1, loss_and_grad(a, ga), 0.0, NULL);
+    stub_nccl_async_error = ncclSuccess;
+    CHECK(st == LRA_REDUCTION_FAILED, "lra_step with a failed peer -> %u (%s)", st,
+          lra_status_string(st));
+    CHECK(strstr(lra_last_error(with), "2002") != NULL,
+          "last error should carry LRA_NCCL_ERR_NCCL + ncclSystemError: %s",
+          lra_last_error(with));
+    CHECK(lra_get_lr(with, &lr_after) == LRA_OK && lr_after == lr_before, "η changed");
+    CHECK(memcmp(a, b, sizeof a) == 0, "parameters changed although the reduction failed");
+    CHECK(stub_wrong_handle == 0,
+          "%d CUDA/NCCL calls used another communicator or stream than the one given to "
+          "lra_nccl_init, or queued work before a non-blocking enqueue finished",
+          stub_wrong_handle);
+
     /* Too many values: refused before any CUDA call. */
     double many[LRA_NCCL_MAX_VALUES + 1] = {0};
     int calls = stub_nccl_calls;
@@ -114,8 +154,9 @@ int main(void)
     lra_nccl_free(&red);
     CHECK(stub_cuda_outstanding == 0, "lra_nccl_free left %d buffers", stub_cuda_outstanding);
     printf("nccl callback (stub CUDA/NCCL, one rank): %d steps identical to a handle without "
-           "reduction, %d ncclAllReduce calls, failure -> LRA_REDUCTION_FAILED; real NCCL not "
-           "run\n",
+           "reduction (half on a non-blocking communicator and a busy stream), %d ncclAllReduce "
+           "calls, failed call and failed peer -> LRA_REDUCTION_FAILED, wrong device refused; real "
+           "NCCL not run\n",
            STEPS, 3 * STEPS);
     return 0;
 }

@@ -431,17 +431,25 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
+    fn check_step(&mut self, found_inf: *const c_void, stream: *mut c_void) -> Result<()> {
         self.check_not_broken()?;
         let _ctx = self.dev.enter()?;
         // The stream first: on a capturing stream only capture-safe queries.
-        let stream = req.stream as CUstream;
-        self.check_stream(stream)?;
-        let flag = req.found_inf as u64;
+        self.check_stream(stream as CUstream)?;
+        let flag = found_inf as u64;
         if flag != 0 && flag != self.validated_flag {
             self.check_device_pointer("found_inf", flag, 4)?;
             self.validated_flag = flag;
         }
+        Ok(())
+    }
+
+    fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
+        // Again here (cached: no driver call for the same flag and stream)
+        // for callers of the backend that skip the engine.
+        self.check_step(req.found_inf, req.stream)?;
+        let _ctx = self.dev.enter()?;
+        let stream = req.stream as CUstream;
         // Our buffers are ordered after the previous step whatever stream
         // it ran on (frameworks switch streams): a device-side wait only.
         driver::wait_event(stream, &self.done)?;

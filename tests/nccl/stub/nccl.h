@@ -39,9 +39,26 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
                            ncclDataType_t datatype, ncclRedOp_t op, ncclComm_t comm,
                            cudaStream_t stream);
 
+ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError);
+ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device);
+
 /* Test controls (not NCCL API). */
 extern int stub_nccl_calls;          /* ncclAllReduce calls so far */
 extern ncclResult_t stub_nccl_fail;  /* returned by the next ncclAllReduce, then reset */
 extern int stub_cuda_outstanding;    /* live cudaMalloc + cudaMallocHost buffers */
+/* A non-blocking communicator: ncclAllReduce returns ncclInProgress and the
+   enqueue finishes after this many ncclCommGetAsyncError polls. */
+extern int stub_nccl_enqueue_polls;
+/* cudaStreamQuery answers cudaErrorNotReady this many times per wait. */
+extern int stub_stream_busy_polls;
+/* A peer failed: the stream never finishes the collective and
+   ncclCommGetAsyncError reports this error (ncclSuccess: off). */
+extern ncclResult_t stub_nccl_async_error;
+/* The current device (cudaGetDevice) and the communicator's. */
+extern int stub_current_device, stub_comm_device;
+/* The comm and stream every call must pass, and the calls that did not. */
+extern ncclComm_t stub_comm;
+extern cudaStream_t stub_stream;
+extern int stub_wrong_handle;
 
 #endif

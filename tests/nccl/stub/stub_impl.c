@@ -1,6 +1,7 @@
 /* Host implementation of the stub CUDA runtime and a one-rank NCCL: "device"
  * memory is host memory, copies are memcpy, the sum over one rank is the
- * identity. Checks the arguments lra_nccl.h passes. */
+ * identity. Checks the arguments lra_nccl.h passes, and can play a
+ * non-blocking communicator, a busy stream and a failed peer. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +11,17 @@
 int stub_nccl_calls;
 ncclResult_t stub_nccl_fail = ncclSuccess;
 int stub_cuda_outstanding;
+int stub_nccl_enqueue_polls;
+int stub_stream_busy_polls;
+ncclResult_t stub_nccl_async_error = ncclSuccess;
+int stub_current_device, stub_comm_device;
+ncclComm_t stub_comm;
+cudaStream_t stub_stream;
+int stub_wrong_handle;
+
+/* Enqueue polls left for the collective in flight on a non-blocking
+   communicator; stream polls left before the stream is idle. */
+static int enqueue_left, busy_left;
 
 static cudaError_t alloc(void **p, size_t size)
 {
@@ -31,6 +43,14 @@ static cudaError_t release(void *p)
     return cudaSuccess;
 }
 
+cudaError_t cudaGetDevice(int *device)
+{
+    if (!device)
+        return cudaErrorInvalidValue;
+    *device = stub_current_device;
+    return cudaSuccess;
+}
+
 cudaError_t cudaMalloc(void **devPtr, size_t size) { return alloc(devPtr, size); }
 cudaError_t cudaFree(void *devPtr) { return release(devPtr); }
 cudaError_t cudaMallocHost(void **ptr, size_t size) { return alloc(ptr, size); }
@@ -39,16 +59,25 @@ cudaError_t cudaFreeHost(void *ptr) { return release(ptr); }
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t count, enum cudaMemcpyKind kind,
                             cudaStream_t stream)
 {
-    (void)stream;
+    stub_wrong_handle += stream != stub_stream;
+    if (enqueue_left > 0) /* NCCL: nothing on the stream until the enqueue is done */
+        stub_wrong_handle++;
     if (kind != cudaMemcpyHostToDevice && kind != cudaMemcpyDeviceToHost)
         return cudaErrorInvalidValue;
     memcpy(dst, src, count);
+    busy_left = stub_stream_busy_polls;
     return cudaSuccess;
 }
 
-cudaError_t cudaStreamSynchronize(cudaStream_t stream)
+cudaError_t cudaStreamQuery(cudaStream_t stream)
 {
-    (void)stream;
+    stub_wrong_handle += stream != stub_stream;
+    if (stub_nccl_async_error != ncclSuccess)
+        return cudaErrorNotReady; /* the collective waits for a dead peer */
+    if (busy_left > 0) {
+        busy_left--;
+        return cudaErrorNotReady;
+    }
     return cudaSuccess;
 }
 
@@ -56,8 +85,7 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
                            ncclDataType_t datatype, ncclRedOp_t op, ncclComm_t comm,
                            cudaStream_t stream)
 {
-    (void)comm;
-    (void)stream;
+    stub_wrong_handle += comm != stub_comm || stream != stub_stream;
     stub_nccl_calls++;
     if (stub_nccl_fail != ncclSuccess) {
         ncclResult_t r = stub_nccl_fail;
@@ -68,5 +96,35 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
         return ncclInvalidArgument;
     if (sendbuff != recvbuff)
         memmove(recvbuff, sendbuff, count * sizeof(double));
+    busy_left = stub_stream_busy_polls;
+    if (stub_nccl_enqueue_polls > 0) {
+        enqueue_left = stub_nccl_enqueue_polls;
+        return ncclInProgress;
+    }
+    return ncclSuccess;
+}
+
+ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError)
+{
+    stub_wrong_handle += comm != stub_comm;
+    if (!asyncError)
+        return ncclInvalidArgument;
+    if (stub_nccl_async_error != ncclSuccess) {
+        *asyncError = stub_nccl_async_error;
+    } else if (enqueue_left > 0) {
+        enqueue_left--;
+        *asyncError = enqueue_left > 0 ? ncclInProgress : ncclSuccess;
+    } else {
+        *asyncError = ncclSuccess;
+    }
+    return ncclSuccess;
+}
+
+ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device)
+{
+    stub_wrong_handle += comm != stub_comm;
+    if (!device)
+        return ncclInvalidArgument;
+    *device = stub_comm_device;
     return ncclSuccess;
 }
