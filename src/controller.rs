@@ -129,6 +129,14 @@ pub struct ReevalResult {
 pub const LR_FLOOR: f64 = f32::MIN_POSITIVE as f64;
 pub const LR_CEIL: f64 = f32::MAX as f64;
 
+/// The f32 step size the update applies: s·η, saturated at f32::MAX. s·η
+/// can pass f32's range while s·η·d does not (f* known and a tiny φ);
+/// converted unclamped it would be inf, making parameters ±inf, and NaN
+/// where d = 0. The kernels' `F_DECIDE` computes the same.
+pub fn effective_lr(scale: f64, lr: f64) -> f32 {
+    (scale * lr).min(LR_CEIL) as f32
+}
+
 /// Why `lr` cannot be η under `s` (`None` when it can): η must lie inside
 /// the always-on safety range [`LR_FLOOR`, `LR_CEIL`] and inside
 /// [lr_min, lr_max]. Initial, set and restored η all pass this check.

@@ -105,10 +105,18 @@ impl Engine {
         self.reducer = r;
     }
 
+    /// The cross-rank sum. Only sharded and rank-local-loss handles reduce,
+    /// and they need the registered one: `step` refuses to run without it,
+    /// and so does the re-evaluation of a step restored from a checkpoint
+    /// (deciding η from this rank's values alone lets η drift apart, and
+    /// leaves the ranks that did register waiting in the collective).
     fn reduce(&mut self, v: &mut [f64]) -> Result<()> {
         match self.reducer.as_mut() {
             Some(r) => r(v),
-            None => Ok(()),
+            None => fail!(
+                CallOrder,
+                "the configuration is sharded or has rank-local losses, but no reduction is registered (call lra_set_reduction on every rank)"
+            ),
         }
     }
 
@@ -389,9 +397,16 @@ impl Engine {
         };
         let st = if let Some(layout) = &self.layout {
             let mut st = self.backend.export_state()?;
-            // Skipped first steps leave the state unallocated: it is zero.
-            if st.slots.len() != layout.len() {
-                let slots = self.cfg.kind.state_slots();
+            // Skipped first steps leave the state unallocated (or sized by a
+            // first step that failed, for other sizes): it is zero.
+            let slots = self.cfg.kind.state_slots();
+            let sized = st.slots.len() == layout.len()
+                && st
+                    .slots
+                    .iter()
+                    .zip(layout)
+                    .all(|(s, &(n, _))| s.len() == n * slots);
+            if !sized {
                 st.slots = layout.iter().map(|&(n, _)| vec![0.0; n * slots]).collect();
             }
             st
@@ -603,6 +618,23 @@ impl Engine {
             return Err(bad(format!(
                 "checkpoint has {applied} applied steps but only {} steps",
                 counters.steps
+            )));
+        }
+        // Counters no run can reach: every re-evaluation consumed a step and
+        // made one decision, and the next step must not overflow the count
+        // (the counters only ever grow by one).
+        let c = &counters;
+        let decided = [c.raised, c.lowered, c.kept, c.reeval_skipped]
+            .iter()
+            .try_fold(0u64, |a, &x| a.checked_add(x));
+        if c.steps == u64::MAX
+            || c.reevals > c.steps
+            || loss_skips > c.steps
+            || decided != Some(c.reevals)
+        {
+            return Err(bad(format!(
+                "checkpoint counters are inconsistent: {} steps, {} re-evaluations ({:?} decided), {loss_skips} loss skips",
+                c.steps, c.reevals, decided
             )));
         }
         let slots_per = self.cfg.kind.state_slots();

@@ -434,6 +434,7 @@ fn other_ranks_flags_and_phi_decide_sharded_steps() {
 /// A finite `scale_max` clamps the device's scale as `ScaleRule::scale`
 /// does: above (f* far below the loss), and the fallback s = 1 when
 /// φ + R is not positive. Every other test runs with `scale_max` = +inf.
+/// Last, with no clamp, s·η beyond f32's range saturates at f32::MAX.
 #[test]
 fn scale_max_clamps_the_device_scale() {
     let m = module();
@@ -460,6 +461,17 @@ fn scale_max_clamps_the_device_scale() {
                 f_star: 0.9,
                 obs_var: 1e-6,
                 scale_max: 2.0,
+            },
+            1e-2,
+        ),
+        // No clamp, and s·η far beyond f32's range: the effective η
+        // saturates at f32::MAX (unclamped it would be inf, and elements
+        // whose direction is 0 would turn NaN instead of staying put).
+        finite(
+            Pass::Clamped {
+                f_star: -1e300,
+                obs_var: 0.0,
+                scale_max: f64::INFINITY,
             },
             1e-2,
         ),

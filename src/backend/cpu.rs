@@ -618,7 +618,7 @@ impl Backend for CpuBackend {
                 (rule.scale(v[2]), Some(v[2]))
             }
         };
-        let lr = (scale * req.lr) as f32;
+        let lr = crate::controller::effective_lr(scale, req.lr);
         let parts = self.run(&items, total, &|it| {
             dispatch_kind!(kind, chunk_dispatch::<PASS_FUSED>(&sc, lr, it))
         });

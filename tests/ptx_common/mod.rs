@@ -1269,7 +1269,7 @@ pub fn try_run_window(
                     // The CPU scales by its own φ; equal parameters above need equal (f32)(s·η).
                     check_eq!(
                         ctl.lr_eff,
-                        (out.scale * st.lr) as f32,
+                        lra::controller::effective_lr(out.scale, st.lr),
                         "{ctx}: effective learning rate"
                     );
                 }
