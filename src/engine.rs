@@ -48,6 +48,10 @@ struct ScheduleState {
     gap: f64,
 }
 
+/// More steps than any run takes (292 years at one step per ns): a
+/// checkpoint claiming as many is forged.
+const STEPS_LIMIT: u64 = 1 << 63;
+
 pub struct Engine {
     cfg: Config,
     lr: f64,
@@ -621,13 +625,13 @@ impl Engine {
             )));
         }
         // Counters no run can reach: every re-evaluation consumed a step and
-        // made one decision, and the next step must not overflow the count
-        // (the counters only ever grow by one).
+        // made one decision, and no run takes 2^63 steps (the counters only
+        // grow by one a step, so they cannot overflow after such a load).
         let c = &counters;
         let decided = [c.raised, c.lowered, c.kept, c.reeval_skipped]
             .iter()
             .try_fold(0u64, |a, &x| a.checked_add(x));
-        if c.steps == u64::MAX
+        if c.steps >= STEPS_LIMIT
             || c.reevals > c.steps
             || loss_skips > c.steps
             || decided != Some(c.reevals)

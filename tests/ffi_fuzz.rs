@@ -2294,23 +2294,30 @@ fn a_checkpoint_with_counters_at_the_u64_limit_is_refused() {
     let mut ckpt = vec![0u8; size];
     let st = unsafe { lra_save_state(a, ckpt.as_mut_ptr().cast(), size, null_mut()) };
     assert_eq!(st, LRA_OK);
-    // The step counter is the first u64 after the layout.
+    // The step counter is the first u64 after the layout. u64::MAX − 1
+    // overflowed after two more steps (found by a debug-build fuzz run).
     let at = after_layout(&ckpt).unwrap();
     assert_eq!(ckpt[at..at + 8], 1u64.to_le_bytes());
-    ckpt[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-    reseal(&mut ckpt);
-    let loaded = unsafe { lra_load_state(b, ckpt.as_ptr().cast(), size) };
-    let stepped = unsafe { lra_step(b, t.as_ptr(), 1, 1.0, 0.0, null_mut()) };
-    let mut c = lra_counters::default();
-    let counted = unsafe { lra_get_counters(b, &mut c) };
+    let mut outcomes = Vec::new();
+    for forged in [u64::MAX, u64::MAX - 1, 1 << 63] {
+        ckpt[at..at + 8].copy_from_slice(&forged.to_le_bytes());
+        reseal(&mut ckpt);
+        let loaded = unsafe { lra_load_state(b, ckpt.as_ptr().cast(), size) };
+        let stepped: Vec<lra_status> = (0..2)
+            .map(|_| unsafe { lra_step(b, t.as_ptr(), 1, 1.0, 0.0, null_mut()) })
+            .collect();
+        outcomes.push((forged, loaded, stepped));
+    }
     unsafe {
         lra_destroy(a);
         lra_destroy(b);
     }
-    assert_eq!(
-        loaded, LRA_BAD_CHECKPOINT,
-        "loaded ({loaded}), then step {stepped}, counters {counted}: {c:?}"
-    );
+    for (forged, loaded, stepped) in outcomes {
+        assert_eq!(
+            loaded, LRA_BAD_CHECKPOINT,
+            "steps = {forged} loaded ({loaded}), then steps {stepped:?}"
+        );
+    }
 }
 
 /// A sharded first step whose reduction fails sizes the optimizer state for
