@@ -52,6 +52,15 @@ struct ScheduleState {
 /// checkpoint claiming as many is forged.
 const STEPS_LIMIT: u64 = 1 << 63;
 
+/// A sharded or rank-local-loss handle asked to reduce without a
+/// registered reduction.
+fn no_reduction() -> Error {
+    Error::new(
+        Status::CallOrder,
+        "the configuration is sharded or has rank-local losses, but no reduction is registered (call lra_set_reduction on every rank before the first step)",
+    )
+}
+
 pub struct Engine {
     cfg: Config,
     lr: f64,
@@ -117,10 +126,7 @@ impl Engine {
     fn reduce(&mut self, v: &mut [f64]) -> Result<()> {
         match self.reducer.as_mut() {
             Some(r) => r(v),
-            None => fail!(
-                CallOrder,
-                "the configuration is sharded or has rank-local losses, but no reduction is registered (call lra_set_reduction on every rank)"
-            ),
+            None => Err(no_reduction()),
         }
     }
 
@@ -190,10 +196,7 @@ impl Engine {
             // Without the sum each rank would decide η from its own part
             // (η drifts apart) or, if only some ranks registered it, the
             // others would wait in a collective this rank never joins.
-            fail!(
-                CallOrder,
-                "the configuration is sharded or has rank-local losses, but no reduction is registered (call lra_set_reduction on every rank before the first step)"
-            );
+            return Err(no_reduction());
         }
         self.check_layout(tensors)?;
         self.backend.validate(tensors)?;
