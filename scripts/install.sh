@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the release library and installs lra under PREFIX:
-#   PREFIX/lib/liblra.so, liblra.a           the C ABI (shared and static)
+#   PREFIX/lib/liblra.so.VERSION, liblra.a   the C ABI (shared and static), with the
+#   PREFIX/lib/liblra.so.ABI, liblra.so       links to it (ABI: the SONAME's suffix, build.rs)
 #   PREFIX/include/lra.h                      the C header
 #   PREFIX/include/lra.hpp, lra_torch.hpp     the header-only C++17 bindings
 #   PREFIX/include/lra_*.h                    header-only helpers of bindings/*/ (MPI, NCCL, ...)
@@ -25,7 +26,16 @@ version="$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$root/Cargo.toml" | head 
 [ -n "$version" ] || { echo "install.sh: no version in Cargo.toml" >&2; exit 1; }
 
 install -d "$prefix/lib" "$prefix/include" "$prefix/lib/cmake/lra" "$prefix/lib/pkgconfig"
-install -m 755 "$target/release/liblra.so" "$prefix/lib/liblra.so"
+# The SONAME rule lives in build.rs; read it back from the library.
+soname="$(objdump -p "$target/release/liblra.so" 2>/dev/null | sed -n 's/^ *SONAME *//p')"
+case "$soname" in
+  liblra.so.?*) ;;
+  *) echo "install.sh: $target/release/liblra.so has no SONAME liblra.so.<abi> (objdump -p: '$soname')" >&2; exit 1 ;;
+esac
+rm -f "$prefix/lib/liblra.so" "$prefix/lib/$soname"
+install -m 755 "$target/release/liblra.so" "$prefix/lib/liblra.so.$version"
+ln -s "liblra.so.$version" "$prefix/lib/$soname"
+ln -s "$soname" "$prefix/lib/liblra.so"
 install -m 644 "$target/release/liblra.a" "$prefix/lib/liblra.a"
 install -m 644 "$root/include/lra.h" "$prefix/include/lra.h"
 install -m 644 "$root/bindings/cpp/lra.hpp" "$root/bindings/cpp/lra_torch.hpp" "$prefix/include/"

@@ -29,11 +29,10 @@ endforeach()
 
 if(NOT TARGET lra::lra)
   add_library(lra::lra SHARED IMPORTED)
-  # The Rust cdylib carries no SONAME: link it by name (-llra), and CMake
-  # puts its directory in the build-tree RPATH.
+  # lib/liblra.so links to liblra.so.<abi> (its SONAME, which executables
+  # record); CMake puts lib/ in the build-tree RPATH.
   set_target_properties(lra::lra PROPERTIES
     IMPORTED_LOCATION "${lra_LIBRARY}"
-    IMPORTED_NO_SONAME TRUE
     INTERFACE_INCLUDE_DIRECTORIES "${lra_INCLUDE_DIRS}")
 
   add_library(lra::lra_static STATIC IMPORTED)

@@ -37,12 +37,39 @@ prefix="$work/prefix"
 scripts/install.sh "$prefix"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 
+say "installed shared library: liblra.so -> liblra.so.<abi> (its SONAME) -> liblra.so.<version>"
+# A second install over the first must leave the same layout.
+LRA_SKIP_BUILD=1 scripts/install.sh "$prefix" >/dev/null
+version="$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n 1)"
+major="${version%%.*}"
+minor="${version#*.}"; minor="${minor%%.*}"
+if [ "$major" = 0 ]; then want_soname="liblra.so.0.$minor"; else want_soname="liblra.so.$major"; fi
+soname="$(objdump -p "$prefix/lib/liblra.so.$version" | sed -n 's/^ *SONAME *//p')"
+if [ "$soname" != "$want_soname" ] \
+  || [ "$(readlink "$prefix/lib/$soname")" != "liblra.so.$version" ] \
+  || [ "$(readlink "$prefix/lib/liblra.so")" != "$soname" ] \
+  || [ ! -f "$prefix/lib/liblra.so.$version" ] || [ -L "$prefix/lib/liblra.so.$version" ]; then
+  echo "installed layout is wrong (SONAME '$soname', want '$want_soname'):" >&2
+  ls -l "$prefix/lib" >&2
+  exit 1
+fi
+# The build tree offers the same name (build.rs), for programs linked there.
+if [ "$(readlink "$CARGO_TARGET_DIR/release/$soname")" != liblra.so ]; then
+  echo "$CARGO_TARGET_DIR/release/$soname is not a link to liblra.so" >&2
+  exit 1
+fi
+
 say "plain C example (one flat parameter buffer)"
 if have cc && have pkg-config; then
   pkg-config --exists lra
   # shellcheck disable=SC2046  # pkg-config output is a word list
   cc -std=c99 -Wall -Wextra -pedantic -Werror -O2 examples/c/flat_buffer.c \
     $(pkg-config --cflags --libs lra) -Wl,-rpath,"$prefix/lib" -lm -o "$work/flat_buffer"
+  needed="$(readelf -d "$work/flat_buffer" | sed -n 's/.*(NEEDED).*\[\(liblra[^]]*\)\].*/\1/p')"
+  if [ "$needed" != "$soname" ]; then
+    echo "flat_buffer records '$needed' instead of the ABI name $soname" >&2
+    exit 1
+  fi
   "$work/flat_buffer"
   # The same program against the static library and lra.pc's Libs.private.
   # shellcheck disable=SC2046
