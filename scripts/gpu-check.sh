@@ -18,7 +18,8 @@
 # 2. scripts/gpu_check.py: lra on a PyTorch side stream with PyTorch tensors
 #    (bit-identical to the host backend), then the benchmark table (fused
 #    Adam vs a device-to-device copy of the same bytes and vs
-#    torch.optim.Adam(fused=True), 1M/16M/256M parameters, 1 and 200 tensors).
+#    torch.optim.Adam(fused=True), 1M/16M/256M parameters, 1 and 200 tensors);
+# 3. with a baseline: the fused step of both libraries, guard off and on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/gpu-check

@@ -289,14 +289,14 @@ def contiguous_views(lra, n, k, stream):
 
 
 def compare_libraries(lra, base, sizes, counts):
-    """The fused step (guard off) of two builds of lra on the same tensors,
-    timed alternately (new, baseline, new, ...) so both see the same
-    conditions; prints times and ratios."""
+    """The fused step of two builds of lra on the same tensors, with the
+    non-finite guard off and on, timed alternately (new, baseline, new, ...)
+    so both see the same conditions; prints times and ratios."""
     stream = torch.cuda.current_stream().cuda_stream
     print()
-    print("A/B against the baseline library (fused Adam, guard off; medians of alternating rounds)")
-    print("| parameters | tensors | this lra | baseline | this / baseline | host enqueue: this, baseline |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("A/B against the baseline library (fused Adam; medians of alternating rounds)")
+    print("| parameters | tensors | guard | this lra | baseline | this / baseline | host enqueue: this, baseline |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     per = {}
     for n in sizes:
         iters = max(5, min(200, (200 << 20) // n))
@@ -304,28 +304,32 @@ def compare_libraries(lra, base, sizes, counts):
             g = torch.Generator(device="cuda").manual_seed(1)
             params = split(n, k, "cuda", lambda s, d: torch.randn(s, device=d, generator=g))
             grads = split(n, k, "cuda", lambda s, d: torch.randn(s, device=d, generator=g))
-            times = {}
-            for name, lib in (("this", lra), ("base", base)):
-                h = lib.create(CUDA, lr=1e-6, check_finite=0)
-                times[name] = (lib, h, lib.tensors(params, grads), [])
-            for _ in range(5):
+            for guard in (0, 1):
+                times = {}
+                for name, lib in (("this", lra), ("base", base)):
+                    h = lib.create(CUDA, lr=1e-6, check_finite=guard)
+                    times[name] = (lib, h, lib.tensors(params, grads), [])
+                for _ in range(5):
+                    for name, (lib, h, arr, out) in times.items():
+                        out.append(timed(lambda: lib.step(h, arr, 1.0, stream), iters, reps=1))
+                med, host = {}, {}
                 for name, (lib, h, arr, out) in times.items():
-                    out.append(timed(lambda: lib.step(h, arr, 1.0, stream), iters, reps=1))
-            med, host = {}, {}
-            for name, (lib, h, arr, out) in times.items():
-                lib.destroy(h)
-                med[name] = sorted(x.device for x in out)[len(out) // 2]
-                host[name] = sorted(x.host for x in out)[len(out) // 2]
-            per[(n, k)] = med
-            del times, params, grads
+                    lib.destroy(h)
+                    med[name] = sorted(x.device for x in out)[len(out) // 2]
+                    host[name] = sorted(x.host for x in out)[len(out) // 2]
+                per[(n, k, guard)] = med
+                del times
+                print(f"| {n >> 20}M | {k} | {'on' if guard else 'off'} | {med['this'] * 1e6:.1f} us "
+                      f"| {med['base'] * 1e6:.1f} us | {med['this'] / med['base']:.3f} "
+                      f"| {host['this'] * 1e6:.1f} us, {host['base'] * 1e6:.1f} us |", flush=True)
+            del params, grads
             torch.cuda.empty_cache()
-            print(f"| {n >> 20}M | {k} | {med['this'] * 1e6:.1f} us | {med['base'] * 1e6:.1f} us "
-                  f"| {med['this'] / med['base']:.3f} | {host['this'] * 1e6:.1f} us, {host['base'] * 1e6:.1f} us |",
-                  flush=True)
     for n in sizes:
-        if (n, 1) in per and (n, 200) in per:
-            a, b = (per[(n, 200)][x] / per[(n, 1)][x] for x in ("this", "base"))
-            print(f"{n >> 20}M parameters: 200 tensors / 1 tensor: this lra {a:.3f}, baseline {b:.3f}")
+        for guard in (0, 1):
+            if (n, 1, guard) in per and (n, 200, guard) in per:
+                a, b = (per[(n, 200, guard)][x] / per[(n, 1, guard)][x] for x in ("this", "base"))
+                print(f"{n >> 20}M parameters, guard {'on' if guard else 'off'}: 200 tensors / 1 tensor: "
+                      f"this lra {a:.3f}, baseline {b:.3f}")
 
 
 def main():

@@ -75,10 +75,11 @@ def main():
     text = out.getvalue()
     print(text)
     table_rows = [line for line in text.splitlines() if line.startswith("| 0M |")]
-    assert len(table_rows) == 4, "expected 2 benchmark rows and 2 A/B rows"
+    assert len(table_rows) == 6, "expected 2 benchmark rows and 4 A/B rows (guard off and on)"
     assert all(t > 0 for r in rows.values() for t in r.values()), rows
     for needle in ("200 tensors / 1 tensor (fused, guard off)", "200 views of one buffer",
-                   "torch._foreach_copy_ of the gradients", "200 tensors / 1 tensor: this lra"):
+                   "torch._foreach_copy_ of the gradients", "guard off: 200 tensors / 1 tensor: this lra",
+                   "guard on: 200 tensors / 1 tensor: this lra"):
         assert needle in text, needle
     print("gpu_check.py dry run on the CPU: every benchmark path ran (figures meaningless here)")
 

@@ -670,3 +670,113 @@ fn phi_over_thousands_of_partials_is_in_the_fixed_order() {
     }
     assert!(order_shows, "the inputs do not tell summation orders apart");
 }
+
+/// The guard's check pass (`M_CHECK` alone) loads four vector items per
+/// thread at a time and tests exponent bits per 32-bit word. Every full
+/// chunk below is one block's, so `control.nonfinite` counts the threads
+/// that saw a non-finite value: exactly one per chunk where one was put,
+/// at every lane of every one of the four loads (both halves of a word for
+/// f16/bf16), among finite neighbours that sit at the edges of the finite
+/// range (±max, subnormals, −0), which must not count.
+#[test]
+fn the_check_pass_finds_each_nonfinite_value_in_its_four_loads() {
+    let m = module();
+    let block = abi::BLOCK as usize;
+    for dt in [DType::F32, DType::F16, DType::Bf16] {
+        let specials = special_bits(dt);
+        let is_finite = |bits: u32| match dt {
+            DType::F32 => bits & 0x7f80_0000 != 0x7f80_0000,
+            DType::F16 => bits & 0x7c00 != 0x7c00,
+            DType::Bf16 => bits & 0x7f80 != 0x7f80,
+        };
+        let finite: Vec<u32> = specials.iter().copied().filter(|&b| is_finite(b)).collect();
+        let mut bad: Vec<u32> = specials
+            .iter()
+            .copied()
+            .filter(|&b| !is_finite(b))
+            .collect();
+        // NaN payloads: signalling, all ones
+        bad.extend(match dt {
+            DType::F32 => [0x7f80_0001, 0xffff_ffff],
+            _ => [0x7c01 | ((dt == DType::Bf16) as u32 * 0x0380), 0xffff],
+        });
+        assert!(bad.iter().all(|&b| !is_finite(b)) && finite.len() >= 6);
+        // chunk k: load j = k % 4, lane (k / 4) % 4, thread [0, 131, 255][k / 16];
+        // chunk 48 has no non-finite value
+        let threads = [0, 131, block - 1];
+        let nchunks = 16 * threads.len() + 1;
+        let numel = nchunks * abi::CHUNK;
+        let mut words: Vec<u32> = (0..numel).map(|i| finite[i % finite.len()]).collect();
+        let mut planted = 0;
+        for k in 0..nchunks - 1 {
+            let (j, lane, tx) = (k % 4, (k / 4) % 4, threads[k / 16]);
+            let at = k * abi::CHUNK + 4 * (tx + block * j) + lane;
+            words[at] = bad[k % bad.len()];
+            planted += 1;
+        }
+        let grads: Vec<u8> = match dt {
+            DType::F32 => words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            _ => words
+                .iter()
+                .flat_map(|&w| (w as u16).to_le_bytes())
+                .collect(),
+        };
+        let specs = [spec(dt, numel)];
+        let kind = OptimizerKind::Sgd;
+        let h = hyper(kind, false);
+        let mut gpu = Gpu::new(&m, kind, &specs, Some(nchunks as u32));
+        gpu.write_grads(&[grads]);
+        let args = StepArgs {
+            hyper: &h,
+            lr: 1e-2,
+            rule: abi::NO_RULE,
+            found_inf: false,
+        };
+        gpu.launch(abi::mode::CHECK, &args, nchunks as u32, nchunks as u32)
+            .unwrap_or_else(|e| panic!("{}: check pass: {e}", dt.name()));
+        assert_eq!(
+            gpu.control().nonfinite,
+            planted,
+            "{}: threads that saw a non-finite gradient",
+            dt.name()
+        );
+    }
+}
+
+/// kernels/README.md lists the kernel's opcodes (the interpreter's subset);
+/// the list must stay exactly what `kernels/lra.ptx` uses.
+#[test]
+fn the_kernel_readme_lists_exactly_the_opcodes_used() {
+    let readme = include_str!("../kernels/README.md");
+    let listed: std::collections::BTreeSet<&str> = readme
+        .split("Exactly these opcodes")
+        .nth(1)
+        .and_then(|rest| rest.split("```").nth(1))
+        .expect("kernels/README.md: the opcode list")
+        .split_whitespace()
+        .collect();
+    let used: std::collections::BTreeSet<&str> = abi::PTX
+        .lines()
+        .map(|l| l.split("//").next().unwrap().trim())
+        .filter(|l| !l.is_empty() && !l.ends_with(':') && !l.starts_with('.'))
+        .filter(|l| !matches!(*l, "{" | "}" | ")"))
+        .filter_map(|l| {
+            let l = if l.starts_with('@') {
+                l.split_once(char::is_whitespace)?.1.trim_start()
+            } else {
+                l
+            };
+            l.split(|c: char| c.is_whitespace() || c == ';').next()
+        })
+        .collect();
+    assert_eq!(
+        listed.difference(&used).collect::<Vec<_>>(),
+        Vec::<&&str>::new(),
+        "listed in kernels/README.md but not used"
+    );
+    assert_eq!(
+        used.difference(&listed).collect::<Vec<_>>(),
+        Vec::<&&str>::new(),
+        "used in kernels/lra.ptx but not listed"
+    );
+}
