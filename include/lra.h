@@ -220,8 +220,8 @@ typedef uint32_t lra_sharding;
 #define LRA_SKIP_FOUND_INF 3
 
 // φ ≤ 0 (no descent predicted): η kept. The step itself was applied
-// with the scale `lra_reeval_info.scale` says (with R > 0 that can be 0:
-// no move).
+// with the scale `lra_reeval_info.scale` says (it can be 0, no move: with
+// f* unknown when φ ≤ 0 < φ + R, with f* known when f_i ≤ f*).
 #define LRA_SKIP_NONPOSITIVE_PHI 4
 
 // φ NaN or ±inf (guard off and a bad gradient, or overflow); η kept.

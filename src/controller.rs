@@ -17,18 +17,22 @@ pub struct ScaleRule {
 }
 
 impl ScaleRule {
-    /// s_i = 2Δf / (φ + R), Δf = f_i − f* (f* known) or φ/2; falls back to 1
-    /// when φ + R is not a positive finite number (never a reversed step);
-    /// clamped to [0, scale_max]. The CUDA kernels compute this same
-    /// expression in f64, operation for operation.
+    /// s_i = 2Δf / (φ + R), Δf = f_i − f* (f* known) or φ/2; 0 when f* is
+    /// known and f_i ≤ f* (at or below the bound: no step, whatever φ);
+    /// else falls back to 1 when φ + R is not a positive finite number
+    /// (never a reversed step); clamped to [0, scale_max]. The CUDA kernels
+    /// compute this same expression in f64, operation for operation.
     pub fn scale(&self, phi: f64) -> f64 {
         let denom = phi + self.obs_var;
-        let delta_f = if self.f_star.is_nan() {
-            phi * 0.5
-        } else {
+        let f_star_known = !self.f_star.is_nan();
+        let delta_f = if f_star_known {
             self.loss - self.f_star
+        } else {
+            phi * 0.5
         };
-        let s = if denom > 0.0 && denom <= f64::MAX {
+        let s = if f_star_known && delta_f <= 0.0 {
+            0.0
+        } else if denom > 0.0 && denom <= f64::MAX {
             (2.0 * delta_f) / denom
         } else {
             1.0
@@ -358,6 +362,16 @@ mod tests {
             ..unknown
         };
         assert_eq!(below.scale(4.0), 0.0);
+        // At or below f*, no step whatever φ is (the fallback to 1 is for
+        // f_i above the bound).
+        for phi in [0.0, -2.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(below.scale(phi), 0.0, "φ = {phi}");
+        }
+        let at = ScaleRule {
+            f_star: 5.0,
+            ..unknown
+        };
+        assert_eq!(at.scale(-2.0), 0.0);
         // Cap.
         let capped = ScaleRule {
             scale_max: 1.5,

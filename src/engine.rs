@@ -17,7 +17,8 @@ pub type BoxedReducer = Box<dyn FnMut(&mut [f64]) -> Result<()> + Send>;
 pub struct Counters {
     /// Accepted `step` calls (skipped ones included).
     pub steps: u64,
-    /// Steps that changed parameters and state.
+    /// Steps whose update ran: the state and t advanced, the parameters
+    /// moved by s·v (not at all when s = 0).
     pub applied: u64,
     /// Steps skipped (non-finite loss or gradient, found-inf flag).
     pub skipped: u64,
@@ -215,7 +216,9 @@ impl Engine {
             loss = v[0] / v[1];
         }
         let s = self.cfg.settings;
-        let rule = if s.f_star.is_nan() && obs_var == 0.0 {
+        // The fused pass applies s = 1 without looking at φ: only when no
+        // rule could make s anything else (a cap below 1 would).
+        let rule = if s.f_star.is_nan() && obs_var == 0.0 && s.scale_max >= 1.0 {
             None
         } else {
             Some(ScaleRule {

@@ -87,8 +87,8 @@ pub const LRA_SKIP_NONFINITE_GRAD: lra_skip_reason = 2;
 /// The caller's found-inf flag was non-zero; nothing was written.
 pub const LRA_SKIP_FOUND_INF: lra_skip_reason = 3;
 /// φ ≤ 0 (no descent predicted): η kept. The step itself was applied
-/// with the scale `lra_reeval_info.scale` says (with R > 0 that can be 0:
-/// no move).
+/// with the scale `lra_reeval_info.scale` says (it can be 0, no move: with
+/// f* unknown when φ ≤ 0 < φ + R, with f* known when f_i ≤ f*).
 pub const LRA_SKIP_NONPOSITIVE_PHI: lra_skip_reason = 4;
 /// φ NaN or ±inf (guard off and a bad gradient, or overflow); η kept.
 pub const LRA_SKIP_NONFINITE_PHI: lra_skip_reason = 5;

@@ -1128,7 +1128,8 @@ impl Fuzz {
         self.status(name, st, Some(s.h));
         let mode = s.mode();
         let cfg = s.cfg;
-        let fused = cfg.f_star.is_nan() && obs_var == 0.0;
+        // s = 1 without looking at φ: f* unknown, R = 0 and no cap below 1
+        let fused = cfg.f_star.is_nan() && obs_var == 0.0 && cfg.scale_max >= 1.0;
         let sharded = cfg.sharding == LRA_SHARDING_SHARDED;
         let rank_local = cfg.loss_is_rank_local == 1;
         let prewrite = sharded && loss.is_finite() && (!fused || cfg.check_finite == 1);
@@ -1223,7 +1224,7 @@ impl Fuzz {
     fn effective_lr(&self, i: usize, loss: f64, obs_var: f64) -> f64 {
         let s = &self.slots[i];
         let c = &s.cfg;
-        if c.f_star.is_nan() && obs_var == 0.0 {
+        if c.f_star.is_nan() && obs_var == 0.0 && c.scale_max >= 1.0 {
             return s.model.lr;
         }
         let mut phi = f64::NAN;
@@ -1235,7 +1236,10 @@ impl Fuzz {
         } else {
             loss - c.f_star
         };
-        let scale = if denom > 0.0 && denom <= f64::MAX {
+        // at or below a known f*: no step, whatever φ is
+        let scale = if !c.f_star.is_nan() && delta <= 0.0 {
+            0.0
+        } else if denom > 0.0 && denom <= f64::MAX {
             2.0 * delta / denom
         } else {
             1.0

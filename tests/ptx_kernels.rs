@@ -464,6 +464,15 @@ fn scale_max_clamps_the_device_scale() {
             },
             1e-2,
         ),
+        // f_i below f* with φ + R ≤ 0: no step (s = 0), not the fallback 1
+        finite(
+            Pass::Clamped {
+                f_star: 1e30,
+                obs_var: -1e30,
+                scale_max: 2.0,
+            },
+            1e-2,
+        ),
         // No clamp, and s·η far beyond f32's range: the effective η
         // saturates at f32::MAX (unclamped it would be inf, and elements
         // whose direction is 0 would turn NaN instead of staying put).
