@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Static check of the Fortran binding (bindings/fortran/lra.f90) against include/lra.h.
+
+gfortran itself says what the module means in C: `gfortran -fc-prototypes`
+prints a C prototype for every bind(C) interface and a C struct for every
+bind(C) derived type. Those are compared with the header (parsed by
+bindings/check_abi.py's Header, the parser that checks Julia and Python):
+
+* every function of lra.h has an interface with its C name, and no
+  interface names a function lra.h lacks;
+* return and argument types: scalars of the same width passed the same way
+  (Fortran has no unsigned: uint32_t is `int`, uint64_t and size_t `long`),
+  pointers to the same struct or scalar, or `void *` (type(c_ptr));
+  a C `void *` buffer may also be an integer(c_int8_t) array;
+* const: an argument Fortran declares intent(in) by reference (`const T *`)
+  must be const in C, else Fortran would assume memory lra writes is
+  unchanged;
+* the abstract interface lra_reduce_fn has the callback typedef's signature;
+* the four structs: the same field names, order and types (with C's
+  alignment rules, which bind(C) follows, that fixes every offset; the
+  layout stage also measures them);
+* every LRA_* constant of lra.h is a parameter with the same value, and no
+  other LRA_* parameter exists.
+
+Known blind spot: gfortran 12 prints a type(c_ptr) argument as `void *`
+whether or not it has the VALUE attribute, so "handle by value" versus
+"handle out-pointer" is not seen here. examples/fortran/flat_buffer.f90
+calls every function with a live handle and checks each status (a handle
+passed by reference by mistake makes those calls fail); this check fails
+when the example stops calling one of them.
+
+    python3 bindings/fortran/check_interfaces.py [--self-test]   (FC= picks the compiler)
+"""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+MODULE = os.path.join(HERE, "lra.f90")
+EXAMPLE = os.path.join(ROOT, "examples", "fortran", "flat_buffer.f90")
+
+_spec = importlib.util.spec_from_file_location("check_abi", os.path.join(ROOT, "bindings", "check_abi.py"))
+check_abi = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_abi)
+
+# Header scalar -> what gfortran prints for its ISO_C_BINDING counterpart.
+SCALARS = {"u32": "int", "i32": "int", "u64": "long", "i64": "long", "usize": "long",
+           "f64": "double", "f32": "float", "void": "void"}
+
+
+def prototypes(fortran_source):
+    """gfortran -fc-prototypes output for the given module source text."""
+    fc = os.environ.get("FC", "gfortran")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "lra.f90")
+        with open(src, "w") as f:
+            f.write(fortran_source)
+        run = subprocess.run([fc, "-std=f2008", "-fsyntax-only", "-fc-prototypes", src],
+                             cwd=tmp, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{fc} -fc-prototypes failed:\n{run.stderr}")
+    return run.stdout
+
+
+def c_type(text):
+    """(type, const) of a gfortran-printed C type such as 'const lra_config *'."""
+    words = text.replace("*", " * ").split()
+    const = "const" in words
+    words = [w for w in words if w != "const"]
+    return " ".join(words), const
+
+
+def parse_prototypes(text):
+    """structs: name -> [(field, type)]; functions: name -> (ret, [(type, const)])."""
+    structs = {}
+    for m in re.finditer(r"typedef struct (\w+) \{(.*?)\} \1;", text, flags=re.S):
+        fields = []
+        for decl in m.group(2).split(";"):
+            decl = decl.strip()
+            if decl:
+                fm = re.fullmatch(r"(.+?)\s*\b(\w+)", decl)
+                fields.append((fm.group(2), c_type(fm.group(1))[0]))
+        structs[m.group(1)] = fields
+    functions = {}
+    for m in re.finditer(r"^(.+?)\s*\b(\w+) \((.*)\);$", text, flags=re.M):
+        args = []
+        for a in filter(None, (s.strip() for s in m.group(3).split(","))):
+            if re.fullmatch(r"\w+ \(\*\w+\)\(\)", a):  # a type(c_funptr)
+                args.append(("funptr", False))
+            else:
+                args.append(c_type(re.fullmatch(r"(.+?)\s*\b\w+", a).group(1)))
+        functions[m.group(2)] = (c_type(m.group(1))[0], args)
+    return structs, functions
+
+
+def accepted(header, c):
+    """The gfortran-printed types that may stand for the canonical header type c."""
+    if c in SCALARS:
+        return {SCALARS[c]}
+    if c.startswith("fn("):
+        return {"funptr"}
+    if not c.startswith("ptr("):
+        return {c}  # a struct passed by value
+    inner = c[len("ptr("):-1]
+    ok = {"void *"}  # type(c_ptr), by value (or by reference: see the docstring)
+    if inner in header.structs:
+        ok.add(f"{inner} *")
+    elif inner in SCALARS and inner != "void":
+        ok.add(f"{SCALARS[inner]} *")
+    elif inner == "void":
+        ok.add("signed char *")  # an integer(c_int8_t) buffer
+    return ok
+
+
+def header_const_flags(header_text, name):
+    """Which parameters of C function `name` are pointers to const."""
+    code = check_abi.strip_comments_c(header_text)
+    params = re.search(rf"\b{name}\s*\(([^)]*)\)", code).group(1).strip()
+    if params in ("", "void"):
+        return []
+    return [bool(re.search(r"\bconst\b[^*]*\*", p)) for p in params.split(",")]
+
+
+def check(header, header_text, fortran_source):
+    errors = []
+    structs, functions = parse_prototypes(prototypes(fortran_source))
+    callbacks = {n: functions.pop(n) for n in list(functions) if n in header.callbacks}
+    lra_functions = {n: f for n, f in functions.items() if n.startswith("lra_")}
+
+    def compare(what, c_ret, c_args, f_ret, f_args, const_flags):
+        if f_ret not in accepted(header, c_ret):
+            errors.append(f"{what} returns {c_ret} in C, Fortran gives {f_ret}")
+        if len(f_args) != len(c_args):
+            errors.append(f"{what} takes {len(c_args)} arguments in C, Fortran {len(f_args)}")
+            return
+        for i, (c, (f, const)) in enumerate(zip(c_args, f_args)):
+            if f not in accepted(header, c):
+                errors.append(f"{what} argument {i + 1} is {c} in C, Fortran gives {f} "
+                              f"(accepted: {sorted(accepted(header, c))})")
+            if const and not const_flags[i]:
+                errors.append(f"{what} argument {i + 1}: Fortran says intent(in) (const {f}), "
+                              "but C may write through it")
+
+    for name, (c_ret, c_args) in sorted(header.functions.items()):
+        if name not in lra_functions:
+            errors.append(f"lra.f90: no bind(C) interface for {name}")
+            continue
+        f_ret, f_args = lra_functions[name]
+        compare(f"lra.f90: {name}", c_ret, c_args, f_ret, f_args, header_const_flags(header_text, name))
+    for name in sorted(set(lra_functions) - set(header.functions)):
+        errors.append(f"lra.f90: interface {name} binds a function lra.h does not declare")
+    for name, (c_ret, c_args) in sorted(header.callbacks.items()):
+        if name not in callbacks:
+            errors.append(f"lra.f90: no abstract interface {name} for the C callback type")
+            continue
+        f_ret, f_args = callbacks[name]
+        compare(f"lra.f90: callback {name}", c_ret, c_args, f_ret, f_args, [True] * len(c_args))
+    for cname, cfields in sorted(header.structs.items()):
+        ffields = structs.get(cname)
+        if ffields is None:
+            errors.append(f"lra.f90: no bind(C) type {cname}")
+            continue
+        wrong = len(ffields) != len(cfields) or any(
+            fn != cn or ft not in accepted(header, ct) for (fn, ft), (cn, ct) in zip(ffields, cfields))
+        if wrong:
+            errors.append(f"lra.f90: type {cname} fields {ffields} differ from C {cfields}")
+
+    code = re.sub(r"!.*", "", fortran_source)
+    constants = {m.group(1): int(m.group(2))
+                 for m in re.finditer(r"parameter\s*::\s*(LRA_\w+)\s*=\s*(-?\d+)", code)}
+    expected = dict(check_abi.status_values())
+    expected.update(header.defines)
+    for name, value in sorted(expected.items()):
+        if constants.get(name) != value:
+            errors.append(f"lra.f90: parameter {name} is {constants.get(name)}, C says {value}")
+    for name in sorted(set(constants) - set(expected)):
+        errors.append(f"lra.f90: parameter {name} does not exist in C")
+    return errors
+
+
+# Each kind of drift the check must catch: (old text in lra.f90, new text).
+MUTATIONS = {
+    "argument kind": ("import :: c_ptr, c_double, c_int32_t\n      type(c_ptr), value :: h\n      real(c_double), value :: lr\n",
+                      "import :: c_ptr, c_float, c_int32_t\n      type(c_ptr), value :: h\n      real(c_float), value :: lr\n"),
+    "missing VALUE on a size_t": ("integer(c_size_t), value :: len\n      type(c_ptr), value :: written",
+                                  "integer(c_size_t) :: len\n      type(c_ptr), value :: written"),
+    "intent(in) where C writes": ("real(c_double), intent(inout) :: lr\n", "real(c_double), intent(in) :: lr\n"),
+    "return kind": ("import :: c_int32_t\n      integer(c_int32_t) :: version\n",
+                    "import :: c_int64_t\n      integer(c_int64_t) :: version\n"),
+    "wrong C name": ('name="lra_version"', 'name="lra_versions"'),
+    "argument count": ("function lra_set_lr(h, lr) bind(C, name=\"lra_set_lr\") result(status)\n"
+                       "      import :: c_ptr, c_double, c_int32_t\n      type(c_ptr), value :: h\n",
+                       "function lra_set_lr(h, lr, x) bind(C, name=\"lra_set_lr\") result(status)\n"
+                       "      import :: c_ptr, c_double, c_int32_t\n      type(c_ptr), value :: h, x\n"),
+    "struct field missing": ("    real(c_double) :: denom_eps\n", ""),
+    "struct field kind": ("    integer(c_int64_t) :: numel\n", "    integer(c_int32_t) :: numel\n"),
+    "constant value": ("LRA_DTYPE_BF16 = 2", "LRA_DTYPE_BF16 = 3"),
+    "constant missing": ("  integer(c_int32_t), parameter :: LRA_SKIP_ZERO_SCALE = 6\n", ""),
+    "callback signature": ("import :: c_double, c_size_t, c_ptr, c_int32_t\n      real(c_double), intent(inout) :: values(*)",
+                           "import :: c_float, c_size_t, c_ptr, c_int32_t\n      real(c_float), intent(inout) :: values(*)"),
+}
+
+
+def main(argv):
+    with open(check_abi.HEADER) as f:
+        header_text = f.read()
+    header = check_abi.Header(header_text)
+    with open(MODULE) as f:
+        source = f.read()
+    errors = check(header, header_text, source)
+    with open(EXAMPLE) as f:
+        example = re.sub(r"!.*", "", f.read())
+    for name in sorted(header.functions):
+        if not re.search(rf"\b{name}\(", example):
+            errors.append(f"{os.path.relpath(EXAMPLE, ROOT)} never calls {name}: the blind spot above is uncovered")
+    if "--self-test" in argv:
+        for what, (old, new) in MUTATIONS.items():
+            if source.count(old) != 1:
+                errors.append(f"self-test: cannot apply '{what}': {old!r} is not in lra.f90 exactly once")
+                continue
+            try:
+                if not check(header, header_text, source.replace(old, new)):
+                    errors.append(f"self-test: the check missed '{what}'")
+            except RuntimeError as e:
+                errors.append(f"self-test: the '{what}' mutation does not compile: {e}")
+    for e in errors:
+        print("FORTRAN ABI MISMATCH:", e, file=sys.stderr)
+    if errors:
+        return 1
+    print(f"check_interfaces: {len(header.functions)} functions, {len(header.callbacks)} callback type(s), "
+          f"{len(header.structs)} structs, {len(header.defines)} constants: lra.f90 matches include/lra.h"
+          + (f" (self-test: all {len(MUTATIONS)} injected drifts caught)" if "--self-test" in argv else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
