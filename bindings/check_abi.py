@@ -20,6 +20,10 @@ else from src/ffi.rs + src/error.rs.
 
     python3 bindings/check_abi.py            # check; exit 1 on any mismatch
     python3 bindings/check_abi.py --self-test  # also prove it catches drift
+
+bindings/fortran/check_interfaces.py reuses this file's header parser: it
+imports Header, strip_comments_c, status_values and HEADER (keep those
+names).
 """
 
 import ctypes
