@@ -12,6 +12,7 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v mpirun >/dev/null || need_apt+=(openmpi-bin libopenmpi-dev)
 /usr/bin/python3 -c 'import torch' 2>/dev/null || need_apt+=(python3-torch)
 /usr/bin/python3 -c 'import numpy' 2>/dev/null || need_apt+=(python3-numpy)
+/usr/bin/python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 [ -e /usr/include/torch/csrc/api/include/torch/torch.h ] || [ -n "$(find /usr/lib /usr/share -path '*Torch*Config.cmake' -print -quit 2>/dev/null)" ] || need_apt+=(libtorch-dev)
 status=0
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -31,6 +31,10 @@ import ctypes.util
 import math
 import os
 
+# The release of lra this module was written for (Cargo.toml's version; the
+# tests check it against both Cargo.toml and the loaded library).
+__version__ = "0.1.0"
+
 __all__ = [
     "LraError",
     "Config",

@@ -28,7 +28,13 @@ def f32_buffer(values):
 
 class RawHandleTests(unittest.TestCase):
     def test_version_and_defaults(self):
-        self.assertEqual(lra.version()[0], 0)
+        # lra.__version__ is the package's version (pyproject.toml reads it):
+        # it must be Cargo.toml's and the loaded library's.
+        cargo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "Cargo.toml")
+        with open(cargo) as f:
+            cargo_version = next(line.split('"')[1] for line in f if line.startswith("version"))
+        self.assertEqual(lra.__version__, cargo_version)
+        self.assertEqual(lra.version(), tuple(int(x) for x in cargo_version.split(".")))
         cfg = lra.Optimizer.default_config("adam")
         self.assertEqual(cfg.struct_size, __import__("ctypes").sizeof(lra.Config))
         self.assertEqual(cfg.beta1, 0.5)

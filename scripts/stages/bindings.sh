@@ -142,4 +142,39 @@ else
   skip "python3 not found: the Python binding did not run"
 fi
 
+say "Python package: pip install of bindings/python, used with the installed library"
+pip_python=""
+for py in /usr/bin/python3 python3; do
+  if have "$py" && "$py" -m pip --version >/dev/null 2>&1 && "$py" -c 'import setuptools, wheel' >/dev/null 2>&1; then
+    pip_python="$py"
+    break
+  fi
+done
+if [ -n "$pip_python" ]; then
+  # Built from a copy: a build in the tree would leave build/ and *.egg-info there.
+  mkdir "$work/pysrc"
+  cp bindings/python/pyproject.toml bindings/python/lra.py "$work/pysrc/"
+  "$pip_python" -m pip install -q --no-deps --no-build-isolation --no-index \
+    --root-user-action=ignore --target "$work/site" "$work/pysrc"
+  (cd "$work" && LRA_LIBRARY="$prefix/lib/liblra.so" PYTHONPATH="$work/site" \
+    "$pip_python" - "$work/site" <<'PY'
+import ctypes, glob, os, sys
+import lra
+assert lra.__file__.startswith(sys.argv[1]), f"imported {lra.__file__}, not the installed package"
+dist = glob.glob(os.path.join(sys.argv[1], "lra-*.dist-info"))
+assert dist == [os.path.join(sys.argv[1], f"lra-{lra.__version__}.dist-info")], dist
+# one SGD step on a host buffer through the installed library
+p = (ctypes.c_float * 2)(1.0, -1.0)
+g = (ctypes.c_float * 2)(1.0, -1.0)
+with lra.Optimizer("sgd", lr=0.5) as opt:
+    opt.step([(ctypes.addressof(p), ctypes.addressof(g), 2, 0)], 1.0)
+    info = opt.report_reeval(0.0)
+assert list(p) == [0.5, -0.5], list(p)
+print(f"pip-installed lra {lra.__version__} (library {lra.version()}): one step ok, eta {info.lr_before} -> {info.lr}")
+PY
+  )
+else
+  skip "no python3 with pip, setuptools and wheel (Debian python3-pip): the pip install of bindings/python did not run"
+fi
+
 say "all binding checks passed"
