@@ -12,7 +12,8 @@ somewhere; every `@cfunction` must have the signature of a callback typedef
 bindings/python/lra.py is checked the same way through its prototype table
 (callback arguments: the CFUNCTYPE's signature), Structure classes and
 constant tables, which must hold every value C defines (imported, not
-loaded: no library needed). `--self-test`
+loaded: no library needed). The bindings' package versions must equal
+Cargo.toml's. `--self-test`
 injects each kind of drift into both bindings and fails unless each is caught.
 
 Status values (LRA_OK, ...) are taken from the header when it defines them,
@@ -471,6 +472,23 @@ def self_test(header, julia_text, python_text, statuses):
     return failures
 
 
+def check_versions():
+    """The bindings' package versions (Julia's Project.toml, the Python
+    module's __version__) must be Cargo.toml's: one release, one number."""
+
+    def first(path, pattern):
+        with open(os.path.join(ROOT, path)) as f:
+            m = re.search(pattern, f.read(), re.M)
+        return m.group(1) if m else None
+
+    cargo = first("Cargo.toml", r'^version\s*=\s*"([^"]+)"')
+    found = {
+        "bindings/julia/Project.toml": first("bindings/julia/Project.toml", r'^version\s*=\s*"([^"]+)"'),
+        "bindings/python/lra.py (__version__)": first("bindings/python/lra.py", r'^__version__\s*=\s*"([^"]+)"'),
+    }
+    return [f"{path}: version {v}, Cargo.toml has {cargo}" for path, v in found.items() if v != cargo]
+
+
 def main(argv):
     with open(HEADER) as f:
         header = Header(f.read())
@@ -483,7 +501,7 @@ def main(argv):
         print(f"check_abi: src/ffi.rs exports {sorted(exported)}, but lra.h parses as "
               f"{sorted(header.functions)} (stale header or a parser gap)", file=sys.stderr)
         return 1
-    errors = check_julia(header, julia_text, statuses) + check_python(header, statuses)
+    errors = check_julia(header, julia_text, statuses) + check_python(header, statuses) + check_versions()
     if "--self-test" in argv:
         with open(PYTHON) as f:
             errors += self_test(header, julia_text, f.read(), statuses)
