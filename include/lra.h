@@ -236,7 +236,8 @@ typedef uint32_t lra_sharding;
 // Every `reeval_every`-th step (steps 0, k, 2k, ...).
 #define LRA_REEVAL_EVERY 1
 
-// Gaps 1, then ×`reeval_growth` after each re-evaluation.
+// Steps 0, 1, 1+⌊r⌋, 1+⌊r⌋+⌊r²⌋, ... (r = `reeval_growth`): the gap ⌊G⌋
+// (at least 1) grows ×r at every due step, reported or not.
 #define LRA_REEVAL_GEOMETRIC 2
 
 // Every rank holds all parameters (data parallel, gradients all-reduced).

@@ -647,6 +647,23 @@ impl Engine {
                 c.steps, c.reevals, decided
             )));
         }
+        // Values no run can produce: a gap starts at 1 and only grows (by
+        // r >= 1, to +inf at most); bias powers are β^t with β in [0, 1).
+        // A NaN or negative gap would re-evaluate every step, a power
+        // outside [0, 1] would give Adam a negative or NaN bias correction.
+        if schedule.gap.is_nan() || schedule.gap < 1.0 {
+            return Err(bad(format!(
+                "checkpoint schedule gap {} is not a number >= 1",
+                schedule.gap
+            )));
+        }
+        for (name, pow) in [("beta1^t", bias.pow1), ("beta2^t", bias.pow2)] {
+            if !(0.0..=1.0).contains(&pow) {
+                return Err(bad(format!(
+                    "checkpoint bias power {name} = {pow} is outside [0, 1]"
+                )));
+            }
+        }
         let slots_per = self.cfg.kind.state_slots();
         let mut slots = Vec::with_capacity(n);
         for &(numel, _) in &layout {

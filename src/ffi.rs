@@ -101,7 +101,8 @@ pub type lra_reeval_schedule = u32;
 pub const LRA_REEVAL_ALWAYS: lra_reeval_schedule = 0;
 /// Every `reeval_every`-th step (steps 0, k, 2k, ...).
 pub const LRA_REEVAL_EVERY: lra_reeval_schedule = 1;
-/// Gaps 1, then ×`reeval_growth` after each re-evaluation.
+/// Steps 0, 1, 1+⌊r⌋, 1+⌊r⌋+⌊r²⌋, ... (r = `reeval_growth`): the gap ⌊G⌋
+/// (at least 1) grows ×r at every due step, reported or not.
 pub const LRA_REEVAL_GEOMETRIC: lra_reeval_schedule = 2;
 
 /// Parameter placement across ranks (`lra_config.sharding`).

@@ -516,3 +516,62 @@ fn an_unallocatable_optimizer_state_is_an_error() {
         "the step after moved nothing: {p:?}"
     );
 }
+
+/// Checkpoint fields no run can produce are refused even under a valid
+/// checksum: a re-evaluation gap that is NaN or below 1 (it would re-evaluate
+/// every step) and bias powers outside [0, 1] (Adam's bias correction would
+/// turn negative or NaN). A gap of +inf is what a huge growth factor makes,
+/// so it loads.
+#[test]
+fn forged_schedule_gaps_and_bias_powers_are_refused() {
+    let mut p = ramp(16, 0.5);
+    let g = ramp(16, 0.25);
+    let mut cfg = config(LRA_OPTIMIZER_ADAM, 1e-2);
+    cfg.reeval_schedule = LRA_REEVAL_GEOMETRIC;
+    cfg.reeval_growth = 2.0;
+    let h = create(&cfg);
+    let t = [f32_tensor(&mut p, &g)];
+    for _ in 0..3 {
+        assert_eq!(h.step(&t, 2.0), LRA_OK);
+        h.report(1.0);
+    }
+    let good = h.checkpoint();
+    // The fixed fields after the header (64 bytes), the tensor count and
+    // one 12-byte layout row: 7 counters, η, the schedule's next step and
+    // gap, ..., then the bias powers at +160 and +168.
+    let base = 64 + 8 + 12;
+    let (gap_at, pow1_at, pow2_at) = (base + 72, base + 160, base + 168);
+    let f64_at = |b: &[u8], at: usize| f64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    // Due at steps 0 and 1 (gap 1, then 2): the gap is now 4; three applied
+    // Adam steps with β1 = 0.5.
+    assert_eq!(f64_at(&good, gap_at), 4.0, "offset of the gap");
+    assert_eq!(f64_at(&good, pow1_at), 0.125, "offset of beta1^t");
+    assert_eq!(f64_at(&good, pow2_at), 0.999f64 * 0.999 * 0.999);
+    let forge = |at: usize, v: f64| {
+        let mut b = good.clone();
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        reseal(&mut b);
+        b
+    };
+    for (at, v, words) in [
+        (gap_at, f64::NAN, "gap"),
+        (gap_at, 0.5, "gap"),
+        (gap_at, -5.0, "gap"),
+        (gap_at, f64::NEG_INFINITY, "gap"),
+        (pow1_at, 1.5, "beta1^t"),
+        (pow1_at, -0.0625, "beta1^t"),
+        (pow2_at, f64::NAN, "beta2^t"),
+    ] {
+        let fresh = create(&cfg);
+        fresh.expect(fresh.load(&forge(at, v)), LRA_BAD_CHECKPOINT, words);
+        assert_eq!(
+            fresh.counters().steps,
+            0,
+            "a refused load changed the handle"
+        );
+    }
+    let fresh = create(&cfg);
+    assert_eq!(fresh.load(&forge(gap_at, f64::INFINITY)), LRA_OK);
+    assert_eq!(fresh.load(&good), LRA_OK);
+    assert_eq!(fresh.checkpoint(), good);
+}
