@@ -372,7 +372,11 @@ fn require<T>(p: *const T, name: &str, what: &str) -> Result<()> {
 /// Refuses a byte range no allocation can have: longer than `isize::MAX`
 /// bytes, or running past the end of the address space (what
 /// `slice::from_raw_parts` and pointer offsets require).
-fn require_extent(p: usize, bytes: usize, what: &str) -> Result<()> {
+/// `what` names the range for the message; it is only formatted on failure
+/// (`format_args!` at the call sites: a step checks two ranges per tensor,
+/// and building their names every time cost more than the step's own work
+/// for small tensors).
+fn require_extent(p: usize, bytes: usize, what: impl std::fmt::Display) -> Result<()> {
     if bytes > isize::MAX as usize || p.checked_add(bytes).is_none() {
         fail!(
             InvalidArgument,
@@ -625,8 +629,8 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
                 fail!(NullPointer, "tensors[{i}].grad is NULL");
             }
             let bytes = numel * dtype.size();
-            require_extent(t.param as usize, bytes, &format!("tensors[{i}].param"))?;
-            require_extent(t.grad as usize, bytes, &format!("tensors[{i}].grad"))?;
+            require_extent(t.param as usize, bytes, format_args!("tensors[{i}].param"))?;
+            require_extent(t.grad as usize, bytes, format_args!("tensors[{i}].grad"))?;
         }
         out.push(TensorDesc {
             param: t.param,
