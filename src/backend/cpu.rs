@@ -118,7 +118,8 @@ impl CpuBackend {
     /// Cuts the step into chunk items (state pointers included).
     fn items(&mut self, tensors: &[TensorDesc]) -> Vec<Item> {
         let slots = self.kind.state_slots();
-        let mut items = Vec::new();
+        // One allocation per step whatever the tensor count (tests/alloc.rs).
+        let mut items = Vec::with_capacity(tensors.iter().map(|t| t.numel.div_ceil(CHUNK)).sum());
         for (t, st) in tensors.iter().zip(self.state.iter_mut()) {
             let esz = t.dtype.size();
             let base = st.as_mut_ptr();
