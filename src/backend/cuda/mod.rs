@@ -96,7 +96,12 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 
 impl CudaBackend {
-    fn check_device_pointer(&self, what: &str, p: u64, bytes: usize) -> Result<()> {
+    fn check_device_pointer(
+        &self,
+        what: impl std::fmt::Display,
+        p: u64,
+        bytes: usize,
+    ) -> Result<()> {
         let ordinal = self.dev.ordinal;
         let Some(info) = driver::pointer_info(p) else {
             fail!(
@@ -427,8 +432,12 @@ impl Backend for CudaBackend {
                     continue;
                 }
                 let bytes = t.numel * t.dtype.size();
-                self.check_device_pointer(&format!("tensors[{i}].param"), t.param as u64, bytes)?;
-                self.check_device_pointer(&format!("tensors[{i}].grad"), t.grad as u64, bytes)?;
+                self.check_device_pointer(
+                    format_args!("tensors[{i}].param"),
+                    t.param as u64,
+                    bytes,
+                )?;
+                self.check_device_pointer(format_args!("tensors[{i}].grad"), t.grad as u64, bytes)?;
             }
             Ok(())
         })
