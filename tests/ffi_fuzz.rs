@@ -26,6 +26,8 @@
 //! iteration's own seed (rerun it alone with `LRA_FUZZ_ITERS=1`) and the
 //! call trace.
 
+mod support;
+
 use half::{bf16, f16};
 use lra::ffi::*;
 use std::cell::{Cell, RefCell};
@@ -465,18 +467,6 @@ fn same_f64(a: f64, b: f64) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
 }
 
-fn info_bits(i: &lra_reeval_info) -> [u64; 7] {
-    [
-        i.phi.to_bits(),
-        i.rho.to_bits(),
-        i.scale.to_bits(),
-        i.lr_before.to_bits(),
-        i.lr.to_bits(),
-        i.decision as u64,
-        i.skip_reason as u64,
-    ]
-}
-
 // ---- configurations -----------------------------------------------------------
 
 fn random_config(rng: &mut Rng) -> lra_config {
@@ -887,7 +877,7 @@ impl Fuzz {
         let st = unsafe { lra_get_last_reeval(s.h, info.as_mut_ptr()) };
         match m.last {
             Some(bits) => {
-                let got = info_bits(unsafe { &info.assume_init() });
+                let got = support::info_bits(unsafe { &info.assume_init() });
                 self.ensure(st == LRA_OK && got == bits, || {
                     format!("handle {i}: lra_get_last_reeval {st}, {got:?} != {bits:?}")
                 });
@@ -1498,9 +1488,10 @@ impl Fuzz {
         });
         if out_kind >= 2 {
             let written: lra_reeval_info = unsafe { out.as_ptr().cast::<lra_reeval_info>().read() };
-            self.ensure(info_bits(&written) == info_bits(&info), || {
-                format!("report wrote {written:?}, lra_get_last_reeval says {info:?}")
-            });
+            self.ensure(
+                support::info_bits(&written) == support::info_bits(&info),
+                || format!("report wrote {written:?}, lra_get_last_reeval says {info:?}"),
+            );
         }
         let m = &s.model;
         let lr0 = m.lr;
@@ -1558,7 +1549,7 @@ impl Fuzz {
                 )
             });
         }
-        let bits = info_bits(&info);
+        let bits = support::info_bits(&info);
         let s = &mut self.slots[i];
         let m = &mut s.model;
         m.pending = None;
@@ -2061,7 +2052,7 @@ impl Fuzz {
         m.applied = c.applied;
         m.decisions = [c.kept, c.raised, c.lowered, c.reeval_skipped];
         m.pending = None;
-        m.last = Some(info_bits(&info));
+        m.last = Some(support::info_bits(&info));
     }
 
     // ---- everything else ----------------------------------------------------

@@ -49,19 +49,6 @@ fn thread_error() -> String {
         .into_owned()
 }
 
-/// The bits of a report, so that NaN compares equal to NaN.
-fn info_bits(i: &lra_reeval_info) -> [u64; 7] {
-    [
-        i.phi.to_bits(),
-        i.rho.to_bits(),
-        i.scale.to_bits(),
-        i.lr_before.to_bits(),
-        i.lr.to_bits(),
-        i.decision as u64,
-        i.skip_reason as u64,
-    ]
-}
-
 fn counter_array(c: &lra_counters) -> [u64; 8] {
     [
         c.steps,
@@ -167,7 +154,7 @@ impl Handle {
         let mut info = MaybeUninit::<lra_reeval_info>::zeroed();
         // SAFETY: valid handle and out pointer; all-zero is a valid value.
         let st = unsafe { lra_get_last_reeval(self.0, info.as_mut_ptr()) };
-        (st, info_bits(&unsafe { info.assume_init() }))
+        (st, support::info_bits(&unsafe { info.assume_init() }))
     }
 
     fn report(&self, loss_after: f64) -> (lra_status, lra_reeval_info) {
@@ -810,7 +797,7 @@ fn counters_last_reeval_and_last_phi_after_every_kind_of_step() {
     assert_eq!(info.phi.to_bits(), phi1.to_bits());
     assert!(info.scale > 0.0 && info.scale <= 1.0);
     assert_eq!(info.lr.to_bits(), h.lr().to_bits());
-    assert_eq!(h.last(), (LRA_OK, info_bits(&info)));
+    assert_eq!(h.last(), (LRA_OK, support::info_bits(&info)));
     assert_eq!(h.phi().to_bits(), phi1.to_bits());
     assert_counters(&h, [1, 1, 0, 1, 1, 0, 0, 0], "after a raise");
     assert_eq!(h.due().0, LRA_CALL_ORDER);
@@ -849,7 +836,7 @@ fn counters_last_reeval_and_last_phi_after_every_kind_of_step() {
         want[3] += 1;
         want[7] += 1;
         assert_counters(&h, want, &format!("after reporting {kind:?}"));
-        assert_eq!(h.last(), (LRA_OK, info_bits(&info)));
+        assert_eq!(h.last(), (LRA_OK, support::info_bits(&info)));
         assert!(h.phi().is_nan());
     }
 
