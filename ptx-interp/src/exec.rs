@@ -1360,15 +1360,14 @@ impl<'a> Run<'a> {
                 let (x, y) = (rd(*a), rd(*b));
                 let v = if *ty == Ty::F32 {
                     let (x, y) = (f32b(x), f32b(y));
-                    (match op {
+                    f32_result(match op {
                         FOp::Add => x + y,
                         FOp::Sub => x - y,
                         FOp::Mul => x * y,
                         FOp::Div => x / y,
                         FOp::Min | FOp::Max => fminmax(x as f64, y as f64, *op == FOp::Max)
-                            .map_or(f32::from_bits(0x7fff_ffff), |v| v as f32),
+                            .map_or(f32::NAN, |v| v as f32),
                     })
-                    .to_bits() as u64
                 } else {
                     let (x, y) = (f64b(x), f64b(y));
                     (match op {
@@ -1385,7 +1384,7 @@ impl<'a> Run<'a> {
             }
             Op::Fma { ty, d, a, b, c } => {
                 let v = if *ty == Ty::F32 {
-                    f32b(rd(*a)).mul_add(f32b(rd(*b)), f32b(rd(*c))).to_bits() as u64
+                    f32_result(f32b(rd(*a)).mul_add(f32b(rd(*b)), f32b(rd(*c))))
                 } else {
                     f64b(rd(*a)).mul_add(f64b(rd(*b)), f64b(rd(*c))).to_bits()
                 };
@@ -1397,9 +1396,9 @@ impl<'a> Run<'a> {
                 let v = match op {
                     FUnOp::Neg => x ^ sign,
                     FUnOp::Abs => x & !sign,
-                    FUnOp::Sqrt if *ty == Ty::F32 => f32b(x).sqrt().to_bits() as u64,
+                    FUnOp::Sqrt if *ty == Ty::F32 => f32_result(f32b(x).sqrt()),
                     FUnOp::Sqrt => f64b(x).sqrt().to_bits(),
-                    FUnOp::Rcp if *ty == Ty::F32 => (1.0 / f32b(x)).to_bits() as u64,
+                    FUnOp::Rcp if *ty == Ty::F32 => f32_result(1.0 / f32b(x)),
                     FUnOp::Rcp => (1.0 / f64b(x)).to_bits(),
                 };
                 self.set(blk, ti, *d, v);
@@ -1824,6 +1823,19 @@ fn compare(cmp: Cmp, ty: Ty, a: u64, b: u64) -> bool {
     }
 }
 
+/// The bits an f32 arithmetic instruction writes: NVIDIA GPUs return the
+/// quiet NaN 0x7fffffff for every NaN result (CUDA C++ Programming Guide,
+/// "Floating-Point Standard"), whatever the inputs' payloads; the host's
+/// own NaN bits (0xffc00000 for 0/0 on x86-64) would make the interpreter's
+/// stores depend on the machine it runs on.
+fn f32_result(v: f32) -> u64 {
+    if v.is_nan() {
+        0x7fff_ffff
+    } else {
+        v.to_bits() as u64
+    }
+}
+
 fn cvt(dty: Ty, sty: Ty, irnd: Option<IRnd>, a: u64) -> u64 {
     let (df, sf) = (dty.kind() == TyKind::Float, sty.kind() == TyKind::Float);
     let src_f = || -> f64 {
@@ -1865,7 +1877,13 @@ fn cvt(dty: Ty, sty: Ty, irnd: Option<IRnd>, a: u64) -> u64 {
         };
         let w = dty.bits();
         if x.is_nan() {
-            return 0;
+            // PTX ISA, cvt, Integer Notes: 0, except from .f64 or into a
+            // 64-bit integer, where NaN gives 1 << (width − 1).
+            return if sty == Ty::F64 || w == 64 {
+                1 << (w - 1)
+            } else {
+                0
+            };
         }
         return if dty.kind() == TyKind::Sint {
             let (lo, hi) = (-(2f64.powi(w as i32 - 1)), 2f64.powi(w as i32 - 1) - 1.0);
