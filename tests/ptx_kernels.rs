@@ -433,7 +433,8 @@ fn other_ranks_flags_and_phi_decide_sharded_steps() {
 
 /// A finite `scale_max` clamps the device's scale as `ScaleRule::scale`
 /// does: above (f* far below the loss), and the fallback s = 1 when
-/// φ + R is not positive. Every other test runs with `scale_max` = +inf.
+/// φ + R is not positive, except at or below f*, where s = 0 whatever φ
+/// is. Every other test runs with `scale_max` = +inf.
 /// Last, with no clamp, s·η beyond f32's range saturates at f32::MAX.
 #[test]
 fn scale_max_clamps_the_device_scale() {
