@@ -314,8 +314,9 @@ lra_status lra_state_size(const struct lra_handle *h, size_t *size);
 lra_status lra_save_state(struct lra_handle *h, void *buf, size_t len, size_t *written);
 
 // Restores a checkpoint written by `lra_save_state` for the same
-// optimizer, hyper-parameters and tensor layout, whose η lies inside this
-// handle's [lr_min, lr_max]. Nothing changes on error.
+// optimizer and tensor layout, with the same bits of every hyper-parameter
+// the optimizer reads, whose η lies inside this handle's [lr_min, lr_max].
+// Nothing changes on error.
 lra_status lra_load_state(struct lra_handle *h, const void *buf, size_t len);
 
 // Registers the cross-rank sum used for sharded parameters and rank-local

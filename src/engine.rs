@@ -7,7 +7,7 @@ use crate::config::{Config, Device, ReevalSchedule};
 use crate::controller::{self, Decision, ReevalResult, ScaleRule, SkipReason, StepOutcome};
 use crate::error::{Error, Result, Status};
 use crate::fail;
-use crate::optim::{BiasPowers, DType};
+use crate::optim::{BiasPowers, DType, Hyper};
 use std::ffi::c_void;
 
 /// The registered cross-rank sum.
@@ -375,7 +375,7 @@ impl Engine {
         put_u32(&mut w, CKPT_VERSION);
         put_u32(&mut w, self.cfg.kind as u32);
         let h = &self.cfg.hyper;
-        for x in [h.momentum, h.alpha, h.beta1, h.beta2, h.eps, h.weight_decay] {
+        for x in h.to_array() {
             put_f64(&mut w, x);
         }
         w
@@ -529,19 +529,19 @@ impl Engine {
                 self.cfg.kind.name()
             )));
         }
-        let h = &self.cfg.hyper;
-        for (name, mine) in [
-            ("momentum", h.momentum),
-            ("alpha", h.alpha),
-            ("beta1", h.beta1),
-            ("beta2", h.beta2),
-            ("eps", h.eps),
-            ("weight_decay", h.weight_decay),
-        ] {
-            let theirs = r.f64()?;
+        // Stored are all six in a fixed order; compared bit for bit (−0 and
+        // 0 can give different bits) only those this optimizer reads.
+        let mut theirs = [0.0; 6];
+        for v in &mut theirs {
+            *v = r.f64()?;
+        }
+        let saved = Hyper::from_array(theirs);
+        let kind = self.cfg.kind;
+        for ((name, mine), (_, theirs)) in self.cfg.hyper.read_by(kind).zip(saved.read_by(kind)) {
             if theirs.to_bits() != mine.to_bits() {
                 return Err(bad(format!(
-                    "checkpoint has {name} = {theirs}, this handle {mine}"
+                    "checkpoint has {name} = {theirs}, this handle {mine} ({} reads {name})",
+                    kind.name()
                 )));
             }
         }

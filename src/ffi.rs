@@ -874,8 +874,9 @@ pub unsafe extern "C" fn lra_save_state(
 }
 
 /// Restores a checkpoint written by `lra_save_state` for the same
-/// optimizer, hyper-parameters and tensor layout, whose η lies inside this
-/// handle's [lr_min, lr_max]. Nothing changes on error.
+/// optimizer and tensor layout, with the same bits of every hyper-parameter
+/// the optimizer reads, whose η lies inside this handle's [lr_min, lr_max].
+/// Nothing changes on error.
 #[no_mangle]
 pub unsafe extern "C" fn lra_load_state(
     h: *mut lra_handle,

@@ -165,6 +165,51 @@ pub struct Hyper {
 }
 
 impl Hyper {
+    /// The hyper-parameters `kind`'s math reads (`StepScalars::new`,
+    /// `direction`), by their `lra_config` names. Checkpoints match these
+    /// and only these: the others cannot change a step.
+    pub fn read_by(&self, kind: OptimizerKind) -> impl Iterator<Item = (&'static str, f64)> {
+        use OptimizerKind::*;
+        let momentum = matches!(kind, Momentum | Nesterov);
+        let adam = matches!(kind, Adam | AdamW);
+        [
+            ("momentum", self.momentum, momentum),
+            ("alpha", self.alpha, kind == Rmsprop),
+            ("beta1", self.beta1, adam),
+            ("beta2", self.beta2, adam),
+            ("eps", self.eps, matches!(kind, Adagrad | Rmsprop) || adam),
+            ("weight_decay", self.weight_decay, true),
+        ]
+        .into_iter()
+        .filter(|&(_, _, read)| read)
+        .map(|(name, value, _)| (name, value))
+    }
+
+    /// The six values in checkpoint order.
+    pub fn to_array(&self) -> [f64; 6] {
+        [
+            self.momentum,
+            self.alpha,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+        ]
+    }
+
+    /// The inverse of [`Hyper::to_array`].
+    pub fn from_array(a: [f64; 6]) -> Hyper {
+        let [momentum, alpha, beta1, beta2, eps, weight_decay] = a;
+        Hyper {
+            momentum,
+            alpha,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        }
+    }
+
     /// PyTorch's defaults, except β = 0.5 for Momentum/Nesterov and
     /// β1 = 0.5 for Adam/AdamW (the paper's choice, ALGORITHM.md).
     pub fn defaults(kind: OptimizerKind) -> Hyper {

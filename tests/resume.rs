@@ -744,6 +744,81 @@ fn changed_adaptation_settings_apply_from_the_restart() {
     assert_eq!(report_rho(&b, f, 1.0).scale, 0.5);
 }
 
+/// README: a load compares, bit for bit, the hyper-parameters the optimizer
+/// reads, and only those. Each optimizer's handle loads a checkpoint saved
+/// with another value of every field it does not read, and then continues
+/// with the bits of the uninterrupted run (so the field really is unread);
+/// a field it reads is refused by name and changes nothing.
+#[test]
+fn a_load_compares_exactly_the_hyper_parameters_the_optimizer_reads() {
+    type Field = (&'static str, fn(&mut lra_config));
+    let fields: [Field; 6] = [
+        ("momentum", |c| c.momentum = 0.9),
+        ("alpha", |c| c.alpha = 0.9),
+        ("beta1", |c| c.beta1 = 0.9),
+        ("beta2", |c| c.beta2 = 0.99),
+        ("eps", |c| c.eps = 1e-3),
+        ("weight_decay", |c| c.weight_decay = 0.25),
+    ];
+    // From ALGORITHM.md's update rules, written out here independently of
+    // the library's own list.
+    let reads = |opt: lra_optimizer| -> &'static [&'static str] {
+        match opt {
+            LRA_OPTIMIZER_SGD => &["weight_decay"],
+            LRA_OPTIMIZER_MOMENTUM | LRA_OPTIMIZER_NESTEROV => &["momentum", "weight_decay"],
+            LRA_OPTIMIZER_ADAGRAD => &["eps", "weight_decay"],
+            LRA_OPTIMIZER_RMSPROP => &["alpha", "eps", "weight_decay"],
+            _ => &["beta1", "beta2", "eps", "weight_decay"],
+        }
+    };
+    let run = |h: &Handle, p: &mut Problem, batches: std::ops::Range<u64>| {
+        for b in batches {
+            plain_step(h, p, b);
+            let after = p.loss(b);
+            assert_eq!(h.report(after).0, LRA_OK, "{}", thread_error());
+        }
+    };
+    for opt in LRA_OPTIMIZER_SGD..=LRA_OPTIMIZER_ADAMW {
+        let saved_cfg = config(opt, 0.05);
+        for (name, change) in fields {
+            let mut cfg = saved_cfg;
+            change(&mut cfg);
+            let saver = Handle::new(&saved_cfg);
+            let mut p = Problem::new(&[5, 12], 11);
+            run(&saver, &mut p, 0..3);
+            let ckpt = saver.checkpoint();
+            let resumed = Handle::new(&cfg);
+            let mut q = Problem::new(&[5, 12], 11);
+            q.params.clone_from(&p.params);
+            if reads(opt).contains(&name) {
+                let before = resumed.checkpoint();
+                assert_eq!(resumed.load(&ckpt), LRA_BAD_CHECKPOINT, "{opt} {name}");
+                let msg = thread_error();
+                assert!(msg.contains(name), "optimizer {opt}, {name}: '{msg}'");
+                assert_eq!(
+                    resumed.checkpoint(),
+                    before,
+                    "a refused load changed the handle"
+                );
+                continue;
+            }
+            assert_eq!(
+                resumed.load(&ckpt),
+                LRA_OK,
+                "optimizer {opt} does not read {name}: {}",
+                thread_error()
+            );
+            run(&saver, &mut p, 3..7);
+            run(&resumed, &mut q, 3..7);
+            assert_eq!(
+                (q.param_bits(), resumed.lr().to_bits()),
+                (p.param_bits(), saver.lr().to_bits()),
+                "optimizer {opt} with another {name} diverged after the restart"
+            );
+        }
+    }
+}
+
 // ---- counters, last re-evaluation and last φ -------------------------------
 
 /// One step of `kind` (batch 0); returns its status.
