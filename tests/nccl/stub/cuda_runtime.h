@@ -1,7 +1,8 @@
 /* Test stand-in for the CUDA runtime header: only the declarations
  * bindings/nccl/lra_nccl.h uses, with the signatures and enum values of the
- * real cuda_runtime_api.h / driver_types.h (CUDA 12). Implemented on the
- * host by stub_impl.c. Not a CUDA runtime. */
+ * real cuda_runtime_api.h / driver_types.h (CUDA 12; scripts/stages/nccl.sh
+ * checks both against the real header where it can fetch one). Implemented
+ * on the host by stub_impl.c. Not a CUDA runtime. */
 #ifndef LRA_STUB_CUDA_RUNTIME_H
 #define LRA_STUB_CUDA_RUNTIME_H
 #include <stddef.h>

@@ -1,7 +1,8 @@
 /* Test stand-in for nccl.h: only what bindings/nccl/lra_nccl.h uses, with
- * the signatures and enum values of NCCL 2.x's nccl.h. Implemented by
- * stub_impl.c as a one-rank communicator (the sum over one rank is the
- * value itself). Not NCCL. */
+ * the signatures and enum values of NCCL 2.x's nccl.h (scripts/stages/nccl.sh
+ * checks both against the real header where it can fetch one). Implemented
+ * by stub_impl.c as a one-rank communicator (the sum over one rank is the
+ * value itself), driven through stub_controls.h. Not NCCL. */
 #ifndef LRA_STUB_NCCL_H
 #define LRA_STUB_NCCL_H
 #include <cuda_runtime.h>
@@ -18,7 +19,7 @@ typedef enum {
     ncclInvalidUsage = 5,
     ncclRemoteError = 6,
     ncclInProgress = 7,
-    ncclNumResults = 8
+    ncclTimeout = 8
 } ncclResult_t;
 
 typedef enum {
@@ -41,24 +42,5 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
 
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError);
 ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device);
-
-/* Test controls (not NCCL API). */
-extern int stub_nccl_calls;          /* ncclAllReduce calls so far */
-extern ncclResult_t stub_nccl_fail;  /* returned by the next ncclAllReduce, then reset */
-extern int stub_cuda_outstanding;    /* live cudaMalloc + cudaMallocHost buffers */
-/* A non-blocking communicator: ncclAllReduce returns ncclInProgress and the
-   enqueue finishes after this many ncclCommGetAsyncError polls. */
-extern int stub_nccl_enqueue_polls;
-/* cudaStreamQuery answers cudaErrorNotReady this many times per wait. */
-extern int stub_stream_busy_polls;
-/* A peer failed: the stream never finishes the collective and
-   ncclCommGetAsyncError reports this error (ncclSuccess: off). */
-extern ncclResult_t stub_nccl_async_error;
-/* The current device (cudaGetDevice) and the communicator's. */
-extern int stub_current_device, stub_comm_device;
-/* The comm and stream every call must pass, and the calls that did not. */
-extern ncclComm_t stub_comm;
-extern cudaStream_t stub_stream;
-extern int stub_wrong_handle;
 
 #endif

@@ -1,12 +1,20 @@
 /* Host implementation of the stub CUDA runtime and a one-rank NCCL: "device"
  * memory is host memory, copies are memcpy, the sum over one rank is the
  * identity. Checks the arguments lra_nccl.h passes, and can play a
- * non-blocking communicator, a busy stream and a failed peer. */
+ * non-blocking communicator, a busy stream and a failed peer.
+ *
+ * Includes the API headers with <>: scripts/stages/nccl.sh also compiles
+ * this file against the real cuda_runtime.h and nccl.h (include paths
+ * first), so a definition whose signature drifted from the real API fails
+ * to compile. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "nccl.h"
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include "stub_controls.h"
 
 int stub_nccl_calls;
 ncclResult_t stub_nccl_fail = ncclSuccess;

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Stage nccl: the NCCL reduction adapter bindings/nccl/lra_nccl.h, without a GPU.
+# 1. Against the stub CUDA/NCCL in tests/nccl/stub (always): compiles as C11
+#    and C++17, and its logic runs on one simulated rank (tests/nccl/
+#    lra_nccl_stub_test.c: blocking and non-blocking communicator, busy
+#    stream, failed call, failed peer, wrong device).
+# 2. Against the real NCCL and CUDA runtime from PyPI (nvidia-nccl-cu12,
+#    nvidia-cuda-runtime-cu12, plus nvidia-cuda-cccl-cu12 for <nv/target> and
+#    nvidia-cuda-nvcc-cu12 for crt/, which the real cuda_runtime.h and nccl.h
+#    include; pip-installed into python3 like ptxas, once, about 360 MB):
+#    - lra_nccl.h compiles as C11 and C++17 with -Wall -Wextra -Werror;
+#    - the stubs match the real API: stub_impl.c compiles against the real
+#      headers (each definition against the real prototype) and every enum
+#      value the stubs define is a _Static_assert against the real one;
+#    - tests/nccl/lra_nccl_real_test.c links libnccl.so.2, libcudart.so.12
+#      and liblra and runs every adapter path that needs no device, asserting
+#      the real libraries' error codes (then again under valgrind).
+#    The collective itself needs GPUs and never runs here.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+skip() { printf '\n!!!! SKIPPED: %s !!!!\n' "$*"; }
+
+lib_dir="${CARGO_TARGET_DIR:-$root/target}/release"
+cargo build --release --lib # a no-op after scripts/test.sh's build
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cflags=(-Wall -Wextra -Werror -I include -I bindings/nccl)
+lra_link=(-L "$lib_dir" -llra "-Wl,-rpath,$lib_dir")
+printf '#include "lra_nccl.h"\nlra_reduce_fn f = lra_nccl_allreduce_sum;\n' > "$work/use.c"
+cp "$work/use.c" "$work/use.cpp"
+
+# ---- 1. stub CUDA/NCCL: compile checks and the one-rank logic run ------------
+cc -std=c11 "${cflags[@]}" -I tests/nccl -I tests/nccl/stub tests/nccl/lra_nccl_stub_test.c \
+  tests/nccl/stub/stub_impl.c "${lra_link[@]}" -o "$work/lra_nccl_stub_test"
+"$work/lra_nccl_stub_test"
+# Trainers are often C++: the header must compile as C++ too.
+have_cxx=0
+if command -v c++ >/dev/null; then
+  have_cxx=1
+  c++ -std=c++17 "${cflags[@]}" -fsyntax-only -I tests/nccl/stub "$work/use.cpp"
+else
+  skip "no c++ (Debian: g++): lra_nccl.h was not compiled as C++"
+fi
+
+# ---- 2. real NCCL and CUDA runtime from PyPI -----------------------------------
+wheels=(nvidia-nccl-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 nvidia-cuda-nvcc-cu12)
+# Prints the four wheels' directories (nccl, cuda_runtime, cuda_cccl,
+# cuda_nvcc) from the first Python that has them all, as find-ptxas.sh looks.
+find_wheels() {
+  local py
+  for py in python3 /usr/bin/python3; do
+    "$py" - 2>/dev/null <<'EOF' && return 0
+import os, sys
+import nvidia.nccl, nvidia.cuda_runtime, nvidia.cuda_cccl, nvidia.cuda_nvcc
+dirs = [list(m.__path__)[0] for m in
+        (nvidia.nccl, nvidia.cuda_runtime, nvidia.cuda_cccl, nvidia.cuda_nvcc)]
+need = ["include/nccl.h", "lib/libnccl.so.2", "include/cuda_runtime.h", "lib/libcudart.so.12",
+        "include/nv/target", "include/crt/host_config.h"]
+for d, files in zip(dirs, (need[0:2], need[2:4], need[4:5], need[5:6])):
+    if not all(os.path.exists(os.path.join(d, f)) for f in files):
+        sys.exit(1)
+print("\n".join(dirs))
+EOF
+  done
+  return 1
+}
+if ! dirs=$(find_wheels); then
+  echo "installing NCCL and the CUDA runtime from PyPI (${wheels[*]}; about 360 MB, once)"
+  python3 -m pip install -q --no-cache-dir --retries 2 "${wheels[@]}" > "$work/pip.log" 2>&1 \
+    || tail -5 "$work/pip.log"
+  dirs=$(find_wheels) || {
+    skip "no real NCCL/CUDA headers and libraries (pip install ${wheels[*]} failed, see above):" \
+      "lra_nccl.h was checked against the stub declarations only, not linked or run against NCCL"
+    exit 0
+  }
+fi
+{ read -r nccl; read -r cudart; read -r cccl; read -r nvcc; } <<< "$dirs"
+real_inc=(-I "$nccl/include" -I "$cudart/include" -I "$cccl/include" -I "$nvcc/include")
+version=$(sed -n 's/^#define NCCL_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\)$/\2/p' "$nccl/include/nccl.h" \
+  | paste -sd.)
+echo "real NCCL $version: $nccl"
+
+# The adapter against the real headers, as C and as C++.
+cc -std=c11 "${cflags[@]}" -fsyntax-only "${real_inc[@]}" "$work/use.c"
+[ $have_cxx = 0 ] || c++ -std=c++17 "${cflags[@]}" -fsyntax-only "${real_inc[@]}" "$work/use.cpp"
+echo "lra_nccl.h compiles as C11$([ $have_cxx = 0 ] || echo ' and C++17')" \
+  "against the real cuda_runtime.h and nccl.h"
+
+# The stubs against the real API: a drifted signature or value is a compile error.
+cc -std=c11 "${cflags[@]}" -fsyntax-only "${real_inc[@]}" tests/nccl/stub/stub_impl.c
+{
+  printf '#include <cuda_runtime.h>\n#include <nccl.h>\n'
+  grep -ho '\b\(cuda\|nccl\)[A-Za-z0-9_]* = -\?[0-9]\+' tests/nccl/stub/*.h \
+    | awk '{ printf "_Static_assert(%s == %s, \"stub %s = %s\");\n", $1, $3, $1, $3 }'
+} > "$work/stub_values.c"
+values=$(grep -c _Static_assert "$work/stub_values.c" || true)
+[ "$values" -gt 0 ] || { echo "FAILED: no enum values found in tests/nccl/stub/*.h"; exit 1; }
+cc -std=c11 "${cflags[@]}" -fsyntax-only "${real_inc[@]}" "$work/stub_values.c"
+functions=$(grep -c '^\(cudaError_t\|ncclResult_t\) [a-zA-Z]*(' tests/nccl/stub/stub_impl.c || true)
+echo "stubs match the real API: $functions definitions in stub_impl.c, $values enum values"
+
+# Linked against the real libraries and run: the paths that need no device.
+cc -std=c11 "${cflags[@]}" "${real_inc[@]}" -I tests/nccl tests/nccl/lra_nccl_real_test.c \
+  "$nccl/lib/libnccl.so.2" "$cudart/lib/libcudart.so.12" -Wl,-rpath,"$nccl/lib:$cudart/lib" \
+  "${lra_link[@]}" -o "$work/lra_nccl_real_test"
+rc=0
+timeout 60 "$work/lra_nccl_real_test" || rc=$?
+case $rc in
+  0) ;;
+  77) echo "nccl stage passed (stub checks and real headers; the no-device run skipped, see above)"
+    exit 0 ;;
+  *) echo "FAILED: lra_nccl_real_test (exit $rc; 124 = timed out: a hang)"; exit 1 ;;
+esac
+# The adapter must not read the garbage an uninitialised struct holds, nor leak.
+if command -v valgrind >/dev/null; then
+  timeout 300 valgrind --quiet --error-exitcode=3 --leak-check=full \
+    --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect \
+    "$work/lra_nccl_real_test" > /dev/null
+  echo "valgrind: no invalid accesses, no definite or indirect leaks"
+else
+  skip "valgrind is not installed (scripts/deps.sh installs it): lra_nccl_real_test ran without it"
+fi
+echo "nccl stage passed (real NCCL $version, no device)"

@@ -1,0 +1,28 @@
+/* Test controls of the stub CUDA runtime and one-rank NCCL in stub_impl.c
+ * (not CUDA or NCCL API). Kept out of the stub nccl.h so that stub_impl.c
+ * also compiles against the real headers, which checks its definitions
+ * against the real prototypes. */
+#ifndef LRA_STUB_CONTROLS_H
+#define LRA_STUB_CONTROLS_H
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+extern int stub_nccl_calls;          /* ncclAllReduce calls so far */
+extern ncclResult_t stub_nccl_fail;  /* returned by the next ncclAllReduce, then reset */
+extern int stub_cuda_outstanding;    /* live cudaMalloc + cudaMallocHost buffers */
+/* A non-blocking communicator: ncclAllReduce returns ncclInProgress and the
+   enqueue finishes after this many ncclCommGetAsyncError polls. */
+extern int stub_nccl_enqueue_polls;
+/* cudaStreamQuery answers cudaErrorNotReady this many times per wait. */
+extern int stub_stream_busy_polls;
+/* A peer failed: the stream never finishes the collective and
+   ncclCommGetAsyncError reports this error (ncclSuccess: off). */
+extern ncclResult_t stub_nccl_async_error;
+/* The current device (cudaGetDevice) and the communicator's. */
+extern int stub_current_device, stub_comm_device;
+/* The comm and stream every call must pass, and the calls that did not. */
+extern ncclComm_t stub_comm;
+extern cudaStream_t stub_stream;
+extern int stub_wrong_handle;
+
+#endif
