@@ -6,6 +6,7 @@
 #   PREFIX/include/lra.hpp, lra_torch.hpp     the header-only C++17 bindings
 #   PREFIX/include/lra_*.h                    header-only helpers of bindings/*/ (MPI, NCCL, ...)
 #   PREFIX/include/lra.f90                    the Fortran module source (compile it with your compiler)
+#   PREFIX/include/lra_mpi.f90                its MPI reduction (module lra_mpi; compile with mpifort)
 #   PREFIX/lib/cmake/lra/                     find_package(lra) (CMAKE_PREFIX_PATH=PREFIX)
 #   PREFIX/lib/pkgconfig/lra.pc               pkg-config (PKG_CONFIG_PATH=PREFIX/lib/pkgconfig)
 # Usage: scripts/install.sh PREFIX   (honours CARGO_TARGET_DIR; LRA_SKIP_BUILD=1
@@ -40,7 +41,7 @@ ln -s "$soname" "$prefix/lib/liblra.so"
 install -m 644 "$target/release/liblra.a" "$prefix/lib/liblra.a"
 install -m 644 "$root/include/lra.h" "$prefix/include/lra.h"
 install -m 644 "$root/bindings/cpp/lra.hpp" "$root/bindings/cpp/lra_torch.hpp" "$prefix/include/"
-install -m 644 "$root/bindings/fortran/lra.f90" "$prefix/include/lra.f90"
+install -m 644 "$root/bindings/fortran/lra.f90" "$root/bindings/fortran/lra_mpi.f90" "$prefix/include/"
 for helper in "$root"/bindings/*/lra_*.h; do
   if [ -e "$helper" ]; then install -m 644 "$helper" "$prefix/include/"; fi
 done

@@ -30,6 +30,9 @@ passed by reference by mistake makes those calls fail); this check fails
 when the example stops calling one of them.
 
     python3 bindings/fortran/check_interfaces.py [--self-test]   (FC= picks the compiler)
+    python3 bindings/fortran/check_interfaces.py --mpi MODDIR [--self-test]
+        checks bindings/fortran/lra_mpi.f90's callback instead (MODDIR holds lra.mod;
+        FC_MPI= picks the MPI compiler wrapper, default mpifort)
 """
 
 import importlib.util
@@ -53,14 +56,16 @@ SCALARS = {"u32": "int", "i32": "int", "u64": "long", "i64": "long", "usize": "l
            "f64": "double", "f32": "float", "void": "void"}
 
 
-def prototypes(fortran_source):
-    """gfortran -fc-prototypes output for the given module source text."""
-    fc = os.environ.get("FC", "gfortran")
+def prototypes(fortran_source, fc=None, module_dirs=()):
+    """gfortran -fc-prototypes output for the given module source text
+    (module_dirs: where the .mod files it uses are)."""
+    fc = fc or os.environ.get("FC", "gfortran")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "lra.f90")
         with open(src, "w") as f:
             f.write(fortran_source)
-        run = subprocess.run([fc, "-std=f2008", "-fsyntax-only", "-fc-prototypes", src],
+        run = subprocess.run([fc, "-std=f2008", "-fsyntax-only", "-fc-prototypes",
+                              *(f"-I{d}" for d in module_dirs), src],
                              cwd=tmp, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"{fc} -fc-prototypes failed:\n{run.stderr}")
@@ -126,25 +131,30 @@ def header_const_flags(header_text, name):
     return [bool(re.search(r"\bconst\b[^*]*\*", p)) for p in params.split(",")]
 
 
+def compare_signature(header, errors, what, c_ret, c_args, f_ret, f_args, const_flags):
+    """Appends to errors where the Fortran signature (gfortran's C view) is not the C one."""
+    if f_ret not in accepted(header, c_ret):
+        errors.append(f"{what} returns {c_ret} in C, Fortran gives {f_ret}")
+    if len(f_args) != len(c_args):
+        errors.append(f"{what} takes {len(c_args)} arguments in C, Fortran {len(f_args)}")
+        return
+    for i, (c, (f, const)) in enumerate(zip(c_args, f_args)):
+        if f not in accepted(header, c):
+            errors.append(f"{what} argument {i + 1} is {c} in C, Fortran gives {f} "
+                          f"(accepted: {sorted(accepted(header, c))})")
+        if const and not const_flags[i]:
+            errors.append(f"{what} argument {i + 1}: Fortran says intent(in) (const {f}), "
+                          "but C may write through it")
+
+
 def check(header, header_text, fortran_source):
     errors = []
     structs, functions = parse_prototypes(prototypes(fortran_source))
     callbacks = {n: functions.pop(n) for n in list(functions) if n in header.callbacks}
     lra_functions = {n: f for n, f in functions.items() if n.startswith("lra_")}
 
-    def compare(what, c_ret, c_args, f_ret, f_args, const_flags):
-        if f_ret not in accepted(header, c_ret):
-            errors.append(f"{what} returns {c_ret} in C, Fortran gives {f_ret}")
-        if len(f_args) != len(c_args):
-            errors.append(f"{what} takes {len(c_args)} arguments in C, Fortran {len(f_args)}")
-            return
-        for i, (c, (f, const)) in enumerate(zip(c_args, f_args)):
-            if f not in accepted(header, c):
-                errors.append(f"{what} argument {i + 1} is {c} in C, Fortran gives {f} "
-                              f"(accepted: {sorted(accepted(header, c))})")
-            if const and not const_flags[i]:
-                errors.append(f"{what} argument {i + 1}: Fortran says intent(in) (const {f}), "
-                              "but C may write through it")
+    def compare(*args):
+        compare_signature(header, errors, *args)
 
     for name, (c_ret, c_args) in sorted(header.functions.items()):
         if name not in lra_functions:
@@ -206,10 +216,77 @@ MUTATIONS = {
 }
 
 
+# bindings/fortran/lra_mpi.f90 (module lra_mpi, needs mpi_f08): its bind(C)
+# callbacks and the lra.h callback type each one is passed as.
+MPI_MODULE = os.path.join(HERE, "lra_mpi.f90")
+MPI_CALLBACKS = {"lra_mpi_allreduce_sum": "lra_reduce_fn"}
+
+
+def check_mpi(header, mpi_source, fc, module_dirs):
+    """lra_mpi.f90's callbacks against lra.h's callback types, as gfortran sees them in C.
+    (lra_mpi.f90 also assigns each to a procedure(lra_reduce_fn) pointer, so
+    the compiler itself refuses most drift; what it lets through, such as a
+    callback that lost bind(C), is caught here.)"""
+    errors = []
+    # Types read from .mod files come with /* WARNING ... */ notes: drop them
+    # and the blanks they leave.
+    text = re.sub(r"/\*.*?\*/", "", prototypes(mpi_source, fc, module_dirs), flags=re.S)
+    text = re.sub(r"[ \t]+", " ", text).replace(" ,", ",")
+    _, functions = parse_prototypes(text)
+    for name, c_name in sorted(MPI_CALLBACKS.items()):
+        if name not in functions:
+            errors.append(f"lra_mpi.f90: {name} is not a bind(C) procedure (gfortran gives it no C prototype)")
+            continue
+        c_ret, c_args = header.callbacks[c_name]
+        f_ret, f_args = functions[name]
+        compare_signature(header, errors, f"lra_mpi.f90: {name} as {c_name}", c_ret, c_args, f_ret, f_args,
+                          [False] * len(c_args))  # lra_reduce_fn has no const argument
+    return errors
+
+
+# Drift in lra_mpi.f90 that the compiler or check_mpi must catch.
+MPI_MUTATIONS = {
+    "callback without bind(C)": ("function lra_mpi_allreduce_sum(values, count, user) bind(C) result(rc)",
+                                 "function lra_mpi_allreduce_sum(values, count, user) result(rc)"),
+    "callback argument kind": ("integer(c_size_t), value :: count", "integer(c_int32_t), value :: count"),
+    "callback count by reference": ("integer(c_size_t), value :: count", "integer(c_size_t) :: count"),
+}
+
+
+def main_mpi(argv, header):
+    """--mpi MODDIR: check lra_mpi.f90 (lra.mod in MODDIR; FC_MPI, default mpifort, compiles)."""
+    fc = os.environ.get("FC_MPI", "mpifort")
+    module_dirs = [argv[argv.index("--mpi") + 1]]
+    with open(MPI_MODULE) as f:
+        source = f.read()
+    errors = check_mpi(header, source, fc, module_dirs)
+    if "--self-test" in argv:
+        for what, (old, new) in MPI_MUTATIONS.items():
+            if source.count(old) != 1:
+                errors.append(f"self-test: cannot apply '{what}': {old!r} is not in lra_mpi.f90 exactly once")
+                continue
+            try:
+                if not check_mpi(header, source.replace(old, new), fc, module_dirs):
+                    errors.append(f"self-test: the check missed '{what}' in lra_mpi.f90")
+            except RuntimeError as e:  # refused by the compiler: caught, if for the interface
+                if "Interface mismatch" not in str(e):
+                    errors.append(f"self-test: the '{what}' mutation of lra_mpi.f90 does not compile: {e}")
+    for e in errors:
+        print("FORTRAN ABI MISMATCH:", e, file=sys.stderr)
+    if errors:
+        return 1
+    print(f"check_interfaces: lra_mpi.f90's {', '.join(sorted(MPI_CALLBACKS))} matches include/lra.h's "
+          f"{', '.join(sorted(set(MPI_CALLBACKS.values())))}"
+          + (f" (self-test: all {len(MPI_MUTATIONS)} injected drifts caught)" if "--self-test" in argv else ""))
+    return 0
+
+
 def main(argv):
     with open(check_abi.HEADER) as f:
         header_text = f.read()
     header = check_abi.Header(header_text)
+    if "--mpi" in argv:
+        return main_mpi(argv, header)
     with open(MODULE) as f:
         source = f.read()
     errors = check(header, header_text, source)

@@ -11,7 +11,13 @@
 #     reduction callback, a bit-identical checkpoint resume (exits non-zero
 #     on any failure); then once more under valgrind;
 #  4. the same example built the README's way against an installed prefix
-#     (scripts/install.sh, PREFIX/include/lra.f90, pkg-config).
+#     (scripts/install.sh, PREFIX/include/lra.f90, pkg-config);
+#  5. MPI (needs mpifort + mpirun): bindings/fortran/lra_mpi.f90's callback
+#     checked against lra.h (check_interfaces.py --mpi, with a self-test), then
+#     examples/fortran/mpi_data_parallel.f90 run with mpirun -np 1 (writes the
+#     reference trajectories) and -np 2 and 3 (must reproduce them: data
+#     parallel and sharded, failing reductions, a real MPI error); once more
+#     built from the installed prefix.
 # Uses target/ (or $CARGO_TARGET_DIR); prints "!!!! SKIPPED:" for a missing dependency.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -88,6 +94,48 @@ if have pkg-config && have objdump; then
   "$work/app/flat_buffer" | tail -n 1
 else
   skip "pkg-config or objdump not found: the installed-prefix build did not run"
+fi
+
+say "MPI: bindings/fortran/lra_mpi.f90, examples/fortran/mpi_data_parallel.f90 (mpifort, mpirun)"
+if have mpifort && have mpirun; then
+  mpi="$work/mpi"
+  mkdir "$mpi" "$mpi/ref"
+  # lra.mod again, from the compiler behind mpifort (FC may name another one).
+  mpifort "${fflags[@]}" -J "$mpi" -c bindings/fortran/lra.f90 -o "$mpi/lra.o"
+  mpifort "${fflags[@]}" -I"$mpi" -J "$mpi" -c bindings/fortran/lra_mpi.f90 -o "$mpi/lra_mpi.o"
+  if have python3; then
+    FC_MPI=mpifort python3 bindings/fortran/check_interfaces.py --mpi "$mpi" --self-test
+  else
+    skip "python3 not found: the static interface check of lra_mpi.f90 did not run"
+  fi
+  mpifort "${fflags[@]}" -I"$mpi" -J "$mpi" examples/fortran/mpi_data_parallel.f90 "$mpi/lra_mpi.o" "$mpi/lra.o" \
+    "${link[@]}" -o "$mpi/mpi_data_parallel"
+  # As scripts/stages/mpi.sh runs Open MPI: as root if need be, shared memory only.
+  mpi_run() { # NP PROGRAM
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader \
+      timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$1" "$2" "$mpi/ref" || {
+      echo "FAILED: mpirun -np $1 $2 (exit $?; 124 = timed out: a hang)" >&2
+      exit 1
+    }
+  }
+  for np in 1 2 3; do
+    echo "mpirun -np $np mpi_data_parallel:"
+    mpi_run "$np" "$mpi/mpi_data_parallel"
+  done
+  if [ -d "${prefix:-}" ]; then
+    echo "built from the installed prefix (include/lra.f90, include/lra_mpi.f90), mpirun -np 2:"
+    (
+      cd "$work/app"
+      export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+      mpifort -c "$prefix/include/lra.f90" "$prefix/include/lra_mpi.f90"
+      # shellcheck disable=SC2046  # pkg-config output is a word list
+      mpifort "$root/examples/fortran/mpi_data_parallel.f90" lra_mpi.o lra.o $(pkg-config --libs lra) \
+        -Wl,-rpath,"$prefix/lib" -o mpi_data_parallel
+    )
+    mpi_run 2 "$work/app/mpi_data_parallel" | tail -n 1
+  fi
+else
+  skip "mpifort or mpirun not found (Debian: openmpi-bin libopenmpi-dev): the Fortran MPI module lra_mpi.f90 was not compiled or run"
 fi
 
 say "all Fortran checks passed"
