@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU proof of the CUDA backend (issue 3), in two halves so the GPU machine
-# needs no Rust toolchain:
+# GPU proof of the CUDA backend (issue 3) and of the NCCL adapter, in two
+# halves so the GPU machine needs no Rust toolchain:
 #
 #   bash scripts/gpu-check.sh --prepare   # here: builds, copies what the GPU
 #                                         # run needs into target/gpu-check/
@@ -10,6 +10,11 @@
 # `--prepare --baseline REV` also builds liblra.so of git revision REV (a
 # worktree in target/gpu-check-baseline-src) into target/gpu-check/baseline/;
 # the GPU run then times the fused step of both libraries side by side.
+# `--prepare` also builds tests/nccl/lra_nccl_gpu_test.c into
+# target/gpu-check/nccl/ when the PyPI NCCL/CUDA runtime wheels are installed
+# here (scripts/find-nccl.sh; scripts/stages/nccl.sh installs them), linked
+# by soname, with this machine's libcudart.so.12 beside it (0.7 MB) as a
+# fallback; libnccl.so.2 (470 MB) does not travel.
 #
 # The GPU run (a few minutes at most; the 256M benchmarks take seconds):
 # 1. tests/cuda.rs (prebuilt): every kernel x optimizer x dtype x mode
@@ -19,10 +24,135 @@
 #    (bit-identical to the host backend), then the benchmark table (fused
 #    Adam vs a device-to-device copy of the same bytes and vs
 #    torch.optim.Adam(fused=True), 1M/16M/256M parameters, 1 and 200 tensors);
-# 3. with a baseline: the fused step of both libraries, guard off and on.
+# 3. with a baseline: the fused step of both libraries, guard off and on;
+# 4. the NCCL adapter (bindings/nccl/lra_nccl.h) on a one-rank communicator
+#    of device 0 (tests/nccl/lra_nccl_gpu_test.c: exact sums on the legacy
+#    and a created stream, host and CUDA handles identical to runs without
+#    NCCL, a non-blocking communicator, ncclCommAbort -> LRA_REDUCTION_FAILED)
+#    against this machine's own libnccl.so.2 (python3's nvidia.* packages,
+#    torch/lib, ldconfig, /usr/local/cuda*), under a 60 s timeout. It runs
+#    last, so its failure cannot stop steps 1-3; the summary at the end says
+#    PASS, FAIL or SKIPPED (no libnccl.so.2 here, or no test binary), and a
+#    FAIL makes the exit status 1.
+#
+# `bash scripts/gpu-check.sh --nccl` runs step 4 alone; it keeps the
+# caller's LRA_REQUIRE_GPU (unset: a machine without a device skips, which is
+# how scripts/stages/nccl.sh dry-runs it). `--prepare-nccl` builds only its
+# binary, next to an existing liblra.so. LRA_GPU_CHECK_DIR replaces
+# target/gpu-check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=target/gpu-check
+out=${LRA_GPU_CHECK_DIR:-target/gpu-check}
+
+# Builds tests/nccl/lra_nccl_gpu_test.c into $out/nccl/ against the real
+# NCCL and CUDA runtime headers of the PyPI wheels and $out/liblra.so, linked
+# by soname (NEEDED libnccl.so.2, libcudart.so.12, liblra.so.0.1) without an
+# rpath: the GPU half supplies the libraries through LD_LIBRARY_PATH. Returns
+# 2 when the wheels are not installed here, 1 when the build fails.
+prepare_nccl() {
+  local dirs nccl cudart cccl nvcc
+  rm -rf "$out/nccl"
+  dirs=$(bash scripts/find-nccl.sh) || return 2
+  { read -r nccl; read -r cudart; read -r cccl; read -r nvcc; } <<< "$dirs"
+  mkdir -p "$out/nccl"
+  cc -std=c11 -Wall -Wextra -Werror -I include -I bindings/nccl -I tests/nccl \
+    -I "$nccl/include" -I "$cudart/include" -I "$cccl/include" -I "$nvcc/include" \
+    tests/nccl/lra_nccl_gpu_test.c \
+    -L "$nccl/lib" -l:libnccl.so.2 -L "$cudart/lib" -l:libcudart.so.12 -L "$out" -l:liblra.so \
+    -o "$out/nccl/lra_nccl_gpu_test" || return 1
+  cp "$cudart/lib/libcudart.so.12" "$out/nccl/libcudart.so.12"
+}
+
+# Directories that may hold a CUDA library on this machine, most specific
+# first: the lib/ of every package in python3's `nvidia` namespace (the
+# nvidia-nccl-cu12/-cu13 and CUDA runtime wheels PyTorch depends on), torch's
+# own lib/, what ldconfig knows, the CUDA toolkit's.
+library_dirs() {
+  local py
+  for py in python3 /usr/bin/python3; do
+    "$py" - 2>/dev/null <<'EOF' || true
+import glob, importlib.util, os
+dirs = []
+try:
+    import nvidia
+    for p in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(p, "*", "lib")))
+except ImportError:
+    pass
+spec = importlib.util.find_spec("torch")  # found, not imported (slow)
+for p in (spec.submodule_search_locations or []) if spec else []:
+    dirs.append(os.path.join(p, "lib"))
+print("\n".join(dirs))
+EOF
+  done
+  ldconfig -p 2>/dev/null \
+    | awk '$1 ~ /^lib(nccl|cudart)\.so/ { sub(/\/[^\/]*$/, "", $NF); print $NF }'
+  printf '%s\n' /usr/local/cuda/lib64 /usr/local/cuda-*/lib64 /usr/lib/x86_64-linux-gnu
+}
+
+# The first directory of library_dirs holding the file $1.
+find_library() {
+  local dir
+  while read -r dir; do
+    [ -e "$dir/$1" ] && { echo "$dir"; return 0; }
+  done < <(library_dirs)
+  return 1
+}
+
+# Step 4: sets nccl_result to "PASS ...", "FAIL: ..." or "SKIPPED: ...".
+nccl_result=
+run_nccl() {
+  local dir test nccl_dir cudart_dir links rc=0
+  dir=$(cd "$out" && pwd)
+  test="$dir/nccl/lra_nccl_gpu_test"
+  if [ ! -x "$test" ]; then
+    nccl_result="SKIPPED: $test was not built (see the output of --prepare)"
+    return
+  fi
+  if ! nccl_dir=$(find_library libnccl.so.2); then
+    nccl_result="SKIPPED: no libnccl.so.2 on this machine (searched:"
+    nccl_result+=" $(library_dirs | sort -u | paste -sd' '))"
+    return
+  fi
+  if ! cudart_dir=$(find_library libcudart.so.12); then
+    cudart_dir="$dir/nccl" # the copy --prepare brought along
+  fi
+  echo "libnccl.so.2 from $nccl_dir; libcudart.so.12 from $cudart_dir"
+  [ -z "${LRA_NCCL_GPU_TEST_HOST_ONLY+set}" ] || echo "!!!! LRA_NCCL_GPU_TEST_HOST_ONLY is set" \
+    "(a dry run): the CUDA handles are left out !!!!"
+  links=$(mktemp -d)
+  ln -s "$dir/liblra.so" "$links/liblra.so.0.1" # the soname the test was linked with
+  NCCL_DEBUG=${NCCL_DEBUG:-WARN} \
+    LD_LIBRARY_PATH="$links:$nccl_dir:$cudart_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    timeout 60 "$test" || rc=$?
+  rm -rf "$links"
+  case $rc in
+    0) nccl_result="PASS (libnccl.so.2 from $nccl_dir, libcudart.so.12 from $cudart_dir)" ;;
+    77) nccl_result="SKIPPED: no usable CUDA device (see above)" ;;
+    124 | 137) nccl_result="FAIL: lra_nccl_gpu_test timed out after 60 s (a hang)" ;;
+    *) nccl_result="FAIL: lra_nccl_gpu_test exited with $rc (see above)" ;;
+  esac
+}
+
+# Prints the NCCL line of the summary; fails on FAIL.
+report_nccl() {
+  echo "NCCL adapter (lra_nccl_gpu_test): $nccl_result"
+  [ "${nccl_result%%:*}" != FAIL ]
+}
+
+case "${1:-}" in
+  --prepare-nccl)
+    rc=0
+    prepare_nccl || rc=$?
+    [ $rc != 2 ] || echo "no NCCL/CUDA runtime wheels here (scripts/find-nccl.sh)"
+    exit $rc ;;
+  --nccl)
+    echo "==== NCCL adapter on one rank (tests/nccl/lra_nccl_gpu_test.c)"
+    run_nccl
+    echo "==== summary"
+    report_nccl
+    exit ;;
+esac
 
 if [ "${1:-}" = "--prepare" ]; then
   baseline=
@@ -39,6 +169,15 @@ if [ "${1:-}" = "--prepare" ]; then
   cp "$lib" "$out/liblra.so"
   # Line tables only matter here; keep what travels small.
   strip --strip-debug "$out/cuda-tests" "$out/liblra.so" 2>/dev/null || true
+  rc=0
+  prepare_nccl || rc=$?
+  case $rc in
+    0) echo "built $out/nccl/lra_nccl_gpu_test (the NCCL adapter's GPU test)" ;;
+    2) echo "!!!! NOT BUILT: $out/nccl/lra_nccl_gpu_test: no NCCL/CUDA runtime wheels here" \
+      "(run scripts/stages/nccl.sh once to install them); the GPU run will skip it !!!!" ;;
+    *) echo "!!!! NOT BUILT: $out/nccl/lra_nccl_gpu_test failed to compile (see above);" \
+      "the GPU run will skip it !!!!" ;;
+  esac
   rm -rf "$out/baseline"
   if [ -n "$baseline" ]; then
     src=target/gpu-check-baseline-src
@@ -82,5 +221,17 @@ else
     base=(--baseline-lib "$out/baseline/liblra.so")
   fi
   "$py" scripts/gpu_check.py --lib "$out/liblra.so" ${base[@]+"${base[@]}"}
+fi
+
+# Last: a failure here must not cost the CUDA backend's results above.
+echo "==== NCCL adapter on one rank (tests/nccl/lra_nccl_gpu_test.c)"
+run_nccl
+
+echo "==== summary"
+echo "tests/cuda.rs: passed"
+echo "gpu_check.py: $([ -n "$py" ] && echo passed || echo 'SKIPPED (no python3 with torch)')"
+if ! report_nccl; then
+  echo "==== gpu-check FAILED (the NCCL adapter) in $(( $(date +%s) - start )) s"
+  exit 1
 fi
 echo "==== gpu-check passed in $(( $(date +%s) - start )) s"

@@ -15,7 +15,13 @@
 #    - tests/nccl/lra_nccl_real_test.c links libnccl.so.2, libcudart.so.12
 #      and liblra and runs every adapter path that needs no device, asserting
 #      the real libraries' error codes (then again under valgrind).
-#    The collective itself needs GPUs and never runs here.
+#    - tests/nccl/lra_nccl_gpu_test.c (run by scripts/gpu-check.sh on a
+#      GPU machine) compiles and links as gpu-check.sh --prepare builds it;
+#      gpu-check.sh --nccl runs it here as on the GPU machine (finds the
+#      libraries; no device: skipped), then over a pretend one-device GPU
+#      (tests/nccl/fake_gpu_preload.c, LD_PRELOAD), where the test's own
+#      checks must pass (all but its CUDA-handle part).
+#    The collective itself needs a GPU and never runs here.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -46,31 +52,11 @@ fi
 
 # ---- 2. real NCCL and CUDA runtime from PyPI -----------------------------------
 wheels=(nvidia-nccl-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 nvidia-cuda-nvcc-cu12)
-# Prints the four wheels' directories (nccl, cuda_runtime, cuda_cccl,
-# cuda_nvcc) from the first Python that has them all, as find-ptxas.sh looks.
-find_wheels() {
-  local py
-  for py in python3 /usr/bin/python3; do
-    "$py" - 2>/dev/null <<'EOF' && return 0
-import os, sys
-import nvidia.nccl, nvidia.cuda_runtime, nvidia.cuda_cccl, nvidia.cuda_nvcc
-dirs = [list(m.__path__)[0] for m in
-        (nvidia.nccl, nvidia.cuda_runtime, nvidia.cuda_cccl, nvidia.cuda_nvcc)]
-need = ["include/nccl.h", "lib/libnccl.so.2", "include/cuda_runtime.h", "lib/libcudart.so.12",
-        "include/nv/target", "include/crt/host_config.h"]
-for d, files in zip(dirs, (need[0:2], need[2:4], need[4:5], need[5:6])):
-    if not all(os.path.exists(os.path.join(d, f)) for f in files):
-        sys.exit(1)
-print("\n".join(dirs))
-EOF
-  done
-  return 1
-}
-if ! dirs=$(find_wheels); then
+if ! dirs=$(bash scripts/find-nccl.sh); then
   echo "installing NCCL and the CUDA runtime from PyPI (${wheels[*]}; about 360 MB, once)"
   python3 -m pip install -q --no-cache-dir --retries 2 "${wheels[@]}" > "$work/pip.log" 2>&1 \
     || tail -5 "$work/pip.log"
-  dirs=$(find_wheels) || {
+  dirs=$(bash scripts/find-nccl.sh) || {
     skip "no real NCCL/CUDA headers and libraries (pip install ${wheels[*]} failed, see above):" \
       "lra_nccl.h was checked against the stub declarations only, not linked or run against NCCL"
     exit 0
@@ -100,6 +86,43 @@ values=$(grep -c _Static_assert "$work/stub_values.c" || true)
 cc -std=c11 "${cflags[@]}" -fsyntax-only "${real_inc[@]}" "$work/stub_values.c"
 functions=$(grep -c '^\(cudaError_t\|ncclResult_t\) [a-zA-Z]*(' tests/nccl/stub/stub_impl.c || true)
 echo "stubs match the real API: $functions definitions in stub_impl.c, $values enum values"
+
+# The GPU test (tests/nccl/lra_nccl_gpu_test.c), built as
+# `scripts/gpu-check.sh --prepare` builds it (by soname, no rpath), and the
+# GPU machine's half of gpu-check.sh run on it here, twice: as it is (the
+# libraries are found as there, the binary loads; without a device it must
+# skip, with one pass), and over a pretend GPU (tests/nccl/
+# fake_gpu_preload.c, preloaded; CUDA handles left out), where every check
+# of the test must pass: a mistake in the test must not cost a lent GPU.
+mkdir "$work/gpu-check"
+cp "$lib_dir/liblra.so" "$work/gpu-check/"
+LRA_GPU_CHECK_DIR="$work/gpu-check" bash scripts/gpu-check.sh --prepare-nccl
+cc -std=c11 "${cflags[@]}" -shared -fPIC "${real_inc[@]}" tests/nccl/fake_gpu_preload.c \
+  -o "$work/fake_gpu_preload.so"
+# Runs gpu-check.sh --nccl with the environment given; prints its output
+# indented and returns its summary verdict in $verdict.
+gpu_check_nccl() {
+  local out
+  out=$(env -u LRA_REQUIRE_GPU LRA_GPU_CHECK_DIR="$work/gpu-check" "$@" \
+    bash scripts/gpu-check.sh --nccl 2>&1) || true
+  local line
+  while IFS= read -r line; do printf '  | %s\n' "$line"; done <<< "$out"
+  verdict=$(sed -n 's/^NCCL adapter (lra_nccl_gpu_test): //p' <<< "$out")
+}
+gpu_check_nccl
+as_is=${verdict%% (*}
+case $verdict in
+  PASS* | "SKIPPED: no usable CUDA device"*) ;;
+  *) echo "FAILED: gpu-check.sh --nccl: \"$verdict\", want PASS or the no-device SKIPPED"
+    exit 1 ;;
+esac
+gpu_check_nccl LD_PRELOAD="$work/fake_gpu_preload.so" LRA_NCCL_GPU_TEST_HOST_ONLY=1
+case $verdict in
+  PASS*) ;;
+  *) echo "FAILED: lra_nccl_gpu_test over the pretend GPU: \"$verdict\""; exit 1 ;;
+esac
+echo "lra_nccl_gpu_test: built and linked as for the GPU run; gpu-check.sh --nccl found the" \
+  "libraries and ran it ($as_is); over a pretend GPU every check but the CUDA handles' passed"
 
 # Linked against the real libraries and run: the paths that need no device.
 cc -std=c11 "${cflags[@]}" "${real_inc[@]}" -I tests/nccl tests/nccl/lra_nccl_real_test.c \
