@@ -256,7 +256,10 @@ def _candidate_paths():
     target = os.environ.get("CARGO_TARGET_DIR")
     if target:
         yield os.path.join(target, "release", "liblra.so")
-    yield os.path.join(repo, "target", "release", "liblra.so")
+    # Only from a checkout (bindings/python inside the repository), not
+    # from an installed copy, where this path would mean nothing.
+    if os.path.exists(os.path.join(repo, "Cargo.toml")):
+        yield os.path.join(repo, "target", "release", "liblra.so")
     found = ctypes.util.find_library("lra")
     if found:
         yield found
