@@ -157,6 +157,32 @@ fn removing_any_barrier_is_reported() {
 }
 
 #[test]
+fn removing_either_membar_gl_is_reported() {
+    // The kernel's atomics are relaxed, so the fences carry the ordering
+    // (PTX ISA 8.8, release and acquire patterns). #0: the blocks' partials
+    // and non-finite counts are not released before thread 0's atom.inc;
+    // #1: the last block reads them without acquiring what its atom.inc
+    // read. The interpreter's fence model reports both as races.
+    let n = abi::PTX.matches("membar.gl;").count();
+    assert_eq!(
+        n, 2,
+        "kernels/lra.ptx changed its fences: revisit this test"
+    );
+    for nth in 0..n {
+        let e = interp_error(&edit("membar.gl;", "", nth));
+        assert_eq!(
+            kind_of(&e),
+            Some(ErrorKind::Race),
+            "membar.gl #{nth} removed: {e}"
+        );
+        assert!(
+            e.contains("gpu-scope fence (membar.gl)"),
+            "membar.gl #{nth} removed: {e}"
+        );
+    }
+}
+
+#[test]
 fn a_wrong_shuffle_mask_is_reported() {
     // lane 31 left out of the member mask of the warp sum
     let e = interp_error(&edit("31, -1;", "31, 0x7fffffff;", 0));

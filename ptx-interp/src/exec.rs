@@ -3,7 +3,7 @@
 use crate::fp;
 use crate::load::{
     Addr, AtomOp, BoolOp, Cmp, FOp, FUnOp, IRnd, IUnOp, Inst, IntOp, Kernel, Op, ShflMode, Space,
-    Src, Sreg, TestKind, VoteMode,
+    Src, Sreg, SyncScope, TestKind, VoteMode,
 };
 use crate::{err, Error, ErrorKind, Module, Result, Ty, TyKind};
 use std::collections::{BTreeMap, VecDeque};
@@ -43,9 +43,10 @@ struct Tag {
 /// What one thread knows to have happened in block `b` (happens-before,
 /// at block granularity): every write of `b` made before its barrier phase
 /// `phase`, and, within phase `phase`, the writes of the listed threads up
-/// to their store numbers. Knowledge travels through global atomics
-/// (release on the writer's side, acquire on the reader's) and barriers
-/// (joined across the participants).
+/// to their store numbers. Knowledge travels through barriers (joined
+/// across the participants) and, between blocks, through a gpu-scope fence
+/// before a global atomic on the writer's side and a global atomic before a
+/// gpu-scope fence on the reader's (see `Thread::released`/`acquired`).
 #[derive(Clone, Debug, PartialEq, Default)]
 struct Know {
     phase: u32,
@@ -82,9 +83,113 @@ impl Know {
     }
 }
 
-fn join_all(into: &mut [Know], from: &[Know]) {
+/// Joins per-block knowledge `from` into `into`; an empty vector stands for
+/// knowing nothing (most threads never fence, so theirs stay unallocated).
+fn join_all(into: &mut Vec<Know>, from: &[Know]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), Know::default());
+    }
     for (a, b) in into.iter_mut().zip(from) {
         a.join(b);
+    }
+}
+
+/// What thread `ti` of block `linear` knows, including its own accesses so
+/// far (and so, through `Know`, every earlier barrier phase of its block).
+fn snapshot(th: &Thread, linear: u32, epoch: u32, ti: usize) -> Vec<Know> {
+    let mut mine = th.know.clone();
+    mine[linear as usize].join(&Know::one(epoch, ti as u32, th.seq));
+    mine
+}
+
+/// A gpu-scope fence (`membar.gl`/`.sys`, `fence.{sc,acq_rel}.{gpu,sys}`):
+/// acquire, then release. Knowledge read by earlier atomics becomes known;
+/// everything known now is what later atomics publish.
+///
+/// PTX ISA 8.8/8.9.4: a release pattern (fence, then a strong write) of one
+/// thread synchronises with an acquire pattern (a strong read of that
+/// write, then a fence) of another. `membar` is `fence.sc` on sm_70+
+/// (9.7.13.4), and two gpu-scope `fence.sc` are ordered one way or the
+/// other (8.9.3) without contradicting causality (8.10.2); so with a
+/// writer's fence F1 causally before its atomic W, a reader's atomic R
+/// reading W and R causally before the reader's fence F2, F2 before F1
+/// would put R causally before the W it reads (8.10.6 forbids that), hence
+/// F1 synchronises with F2. The causal paths may pass through barriers:
+/// "every thread fences, bar.sync, thread 0's atomic" releases every
+/// thread's writes, and "thread 0's atomic, bar.sync, every thread fences"
+/// acquires for every thread (kernels/lra.ptx, the last-block pattern, does
+/// both), which is why barriers join `released` and `acquired` too.
+/// `fence.acq_rel` is treated the same; the ISA promises that for it only
+/// when the fence and the atomic are in one thread (its patterns are
+/// per-thread), so a kernel that relies on an acq_rel fence across a
+/// barrier is not reported.
+fn fence(th: &mut Thread, linear: u32, epoch: u32, ti: usize) {
+    let acquired = std::mem::take(&mut th.acquired);
+    join_all(&mut th.know, &acquired);
+    // `released` so far (own and met at barriers) is within `know`
+    th.released = snapshot(th, linear, epoch, ti);
+}
+
+/// Joins the per-block knowledge `part` of every thread for which `here`
+/// holds (the participants of a completing barrier) and gives each the join.
+fn join_across(
+    threads: &mut [Thread],
+    here: impl Fn(&Thread) -> bool,
+    part: impl Fn(&mut Thread) -> &mut Vec<Know>,
+) {
+    let parts: Vec<&mut Vec<Know>> = threads.iter_mut().filter(|t| here(t)).map(part).collect();
+    let Some((first, rest)) = parts.split_first() else {
+        return;
+    };
+    // the common case: nothing new since the last barrier
+    if rest.iter().all(|p| p == first) {
+        return;
+    }
+    let mut joined = Vec::new();
+    for p in &parts {
+        join_all(&mut joined, p);
+    }
+    for p in parts {
+        p.clone_from(&joined);
+    }
+}
+
+/// At a completing barrier: where the participants' joined `released`
+/// lists every thread of the block at its current access number in this
+/// phase (every thread fenced and then touched no global memory before the
+/// barrier, as lra.ptx does), it is the same knowledge as "every phase
+/// before the next one" (no access of the next phase exists yet). One
+/// entry instead of one per thread keeps what travels to other blocks, and
+/// is joined again at every later barrier, small.
+fn compress_whole_phase(blk: &mut Block, here: impl Fn(&Thread) -> bool) {
+    let (own, epoch) = (blk.linear as usize, blk.epoch);
+    let whole = |k: &Know| {
+        k.phase == epoch
+            && k.partial.len() == blk.threads.len()
+            && k.partial
+                .iter()
+                .zip(0u32..)
+                .zip(&blk.threads)
+                .all(|((&(tid, seq), t), th)| tid == t && seq == th.seq)
+    };
+    // after the join every participant holds the same `released`
+    let Some(k) = blk
+        .threads
+        .iter()
+        .find(|t| here(t))
+        .and_then(|t| t.released.get(own))
+    else {
+        return;
+    };
+    if !whole(k) {
+        return;
+    }
+    let next = Know {
+        phase: epoch + 1,
+        partial: Vec::new(),
+    };
+    for th in blk.threads.iter_mut().filter(|t| here(t)) {
+        th.released[own] = next.clone();
     }
 }
 
@@ -404,6 +509,16 @@ struct Thread {
     defined: Vec<bool>,
     /// Per block of the grid: what this thread knows to have happened there.
     know: Vec<Know>,
+    /// Per block: what this thread's global atomics publish (release side
+    /// of fence synchronisation): its `know` and own position at its last
+    /// gpu-scope fence, joined with the same of every thread it has met at
+    /// a barrier since. Empty: nothing.
+    released: Vec<Know>,
+    /// Per block: what the global atomics this thread (or a thread it has
+    /// met at a barrier since) read had published, not yet in `know`: a
+    /// relaxed atomic orders nothing until a gpu-scope fence follows it
+    /// (acquire side). Empty: nothing.
+    acquired: Vec<Know>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -597,6 +712,8 @@ impl<'a> Run<'a> {
                 tid: [i % b[0], (i / b[0]) % b[1], i / (b[0] * b[1])],
                 seq: 0,
                 know: vec![Know::default(); self.nblocks],
+                released: Vec::new(),
+                acquired: Vec::new(),
                 defined: vec![false; self.k.reg_bits.len()],
             })
             .collect();
@@ -820,18 +937,16 @@ impl<'a> Run<'a> {
                 let expected = count.unwrap_or(nthreads);
                 if e.2 == expected {
                     blk.bar_waiting.remove(&id);
-                    // a barrier joins what its participants know
-                    let mut joined = vec![Know::default(); self.nblocks];
-                    for th in &blk.threads {
-                        if matches!(th.state, TState::Bar { id: i, .. } if i == id) {
-                            join_all(&mut joined, &th.know);
-                        }
-                    }
-                    for th in blk.threads.iter_mut() {
-                        if matches!(th.state, TState::Bar { id: i, .. } if i == id) {
-                            th.know.clone_from_slice(&joined);
-                        }
-                    }
+                    // A barrier synchronises its participants (PTX ISA 8.9.4):
+                    // it joins what they know, what their fences released and
+                    // what their atomics read. Carrying the last two across
+                    // is what fence.sc allows; see `fence`.
+                    let at_this =
+                        |th: &Thread| matches!(th.state, TState::Bar { id: i, .. } if i == id);
+                    join_across(&mut blk.threads, at_this, |th| &mut th.know);
+                    join_across(&mut blk.threads, at_this, |th| &mut th.released);
+                    join_across(&mut blk.threads, at_this, |th| &mut th.acquired);
+                    compress_whole_phase(blk, at_this);
                     for (t, th) in blk.threads.iter_mut().enumerate() {
                         if matches!(th.state, TState::Bar { id: i, .. } if i == id) {
                             th.state = TState::Ready;
@@ -1245,13 +1360,24 @@ impl<'a> Run<'a> {
                 )
             });
         }
-        let k = &blk.threads[ti].know[t.block as usize];
-        (!k.covers(t)).then(|| {
-            format!(
-                "thread {} of block {} accessed it in this launch (its barrier phase {}, access {}) and nothing orders that before this access (this thread knows {k:?} of that block): the first block needs a barrier, then a fence and an atomic; this one an atomic, then a fence",
-                t.tid, t.block, t.phase, t.seq
-            )
-        })
+        let th = &blk.threads[ti];
+        let k = &th.know[t.block as usize];
+        if k.covers(t) {
+            return None;
+        }
+        let missing = if th
+            .acquired
+            .get(t.block as usize)
+            .is_some_and(|a| a.covers(t))
+        {
+            "a global atomic (of this thread, or of one it met at a barrier since) read that block's release of it, but this thread has run no gpu-scope fence (membar.gl) after that atomic"
+        } else {
+            "that block needs a gpu-scope fence (membar.gl) after the access and before a global atomic (a barrier may come in between), and this block a global atomic that reads that one's, then a gpu-scope fence in this thread (again a barrier may come in between); a `.cta` fence does not reach other blocks"
+        };
+        Some(format!(
+            "thread {} of block {} accessed it in this launch (its barrier phase {}, access {}) and nothing orders that before this access (this thread knows {k:?} of that block): {missing}",
+            t.tid, t.block, t.phase, t.seq
+        ))
     }
 
     fn check_init(buf: &Buffer, off: usize, size: usize, a: u64) -> Result<()> {
@@ -1582,6 +1708,9 @@ impl<'a> Run<'a> {
                 addr,
                 b,
                 c,
+                acquire,
+                release,
+                scope,
             } => {
                 let a = self.addr(th, addr);
                 let (bv, cv) = (rd(*b), c.map_or(0, &rd));
@@ -1608,21 +1737,29 @@ impl<'a> Run<'a> {
                 };
                 let new = atom_op(*op, *ty, old, bv, cv);
                 self.store(blk, ti, *space, a, &new.to_le_bytes()[..size], true)?;
-                if !sh {
-                    // a global atomic releases what this thread knows (its own
-                    // block: every earlier phase, its own stores) and acquires
-                    // what earlier atomics on the address released
-                    let n = self.nblocks;
+                if !sh && *scope == SyncScope::Gpu {
+                    // PTX ISA 8.8/8.9.4: an atomic publishes what the thread's
+                    // fences released (a `.release` one also what it knows
+                    // now); what it reads takes effect at the next fence (for
+                    // an `.acquire` one at once). A `red` reads nothing: it
+                    // never forms an acquire pattern (8.11.1). `.cta` atomics
+                    // do not reach other blocks.
                     let th = &mut blk.threads[ti];
-                    let mut mine = th.know.clone();
-                    let own = &mut mine[blk.linear as usize];
-                    own.join(&Know::one(blk.epoch, ti as u32, th.seq));
-                    let clock = self
-                        .atom_clocks
-                        .entry(ra)
-                        .or_insert_with(|| vec![Know::default(); n]);
-                    join_all(clock, &mine);
-                    join_all(&mut th.know, clock);
+                    let clock = self.atom_clocks.entry(ra).or_default();
+                    join_all(clock, &th.released);
+                    if *release {
+                        join_all(clock, &snapshot(th, blk.linear, blk.epoch, ti));
+                    }
+                    if d.is_some() {
+                        join_all(
+                            if *acquire {
+                                &mut th.know
+                            } else {
+                                &mut th.acquired
+                            },
+                            clock,
+                        );
+                    }
                 }
                 if let Some(d) = d {
                     self.set(blk, ti, *d, old);
@@ -1668,7 +1805,14 @@ impl<'a> Run<'a> {
                 let mask = rd(*mask) as u32;
                 return self.arrive(blk, ti, CollKind::Vote(*mode), mask, [p as u32, 0, 0]);
             }
-            Op::Fence => {}
+            // a `.cta` fence orders nothing for other blocks, and within a
+            // block barriers already order global accesses (the model has
+            // no other intra-block synchronisation)
+            Op::Fence { scope } => {
+                if *scope == SyncScope::Gpu {
+                    fence(&mut blk.threads[ti], blk.linear, blk.epoch, ti);
+                }
+            }
             Op::Exit => return Ok(Flow::Exit),
         }
         Ok(Flow::Next)

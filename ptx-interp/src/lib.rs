@@ -28,12 +28,26 @@
 //!   happens-before model at block granularity checks every global read
 //!   and write against the last conflicting access of another thread in the
 //!   same launch: within a block they must be separated by a barrier;
-//!   across blocks the earlier block must have released (barrier, then a
-//!   global atomic) what the later one acquired (a global atomic on the
-//!   same address, then barriers). Fences are not modelled separately: a
-//!   global atomic counts as release + acquire, so a missing `membar.gl`
-//!   next to one is not reported. The check sees the conflicts of the
-//!   schedule that ran; use [`Schedule::Random`] to look for others.
+//!   across blocks they must be ordered by fence synchronisation as in the
+//!   PTX memory model (PTX ISA 8.8, 8.9): the earlier access, then a
+//!   gpu-scope fence (`membar.gl`/`.sys`, `fence.{sc,acq_rel}.{gpu,sys}`),
+//!   then a global atomic (a `.release` one needs no fence); in the later
+//!   block a global `atom` on the same address that reads it, then a
+//!   gpu-scope fence (an `.acquire` atomic needs none), then the access.
+//!   Barriers may come in between on either side: a fence before a barrier
+//!   covers what its thread did and the atomic may be another thread's
+//!   after the barrier, and a fence after a barrier acquires what another
+//!   thread's atomic before it read, as `fence.sc` (what `membar` is on
+//!   sm_70+) guarantees. A relaxed atomic without its fences orders
+//!   nothing, so a missing `membar.gl` in the "last block" reduction is a
+//!   race. `.cta` fences and atomics do not reach other blocks; `red` never
+//!   acquires (8.11.1). `fence.acq_rel` is treated like `fence.sc`, which
+//!   is more than the ISA promises when its fence and atomic are in
+//!   different threads joined by a barrier (not reported). Only global
+//!   atomics synchronise: a hand-over through `ld`/`st` `.volatile` or
+//!   `.relaxed` is reported as a race (`ld.acquire`/`st.release` are not
+//!   accepted). The check sees the conflicts of the schedule that ran; use
+//!   [`Schedule::Random`] to look for others.
 //! - **Undefined values**: registers start undefined, as on the hardware.
 //!   A result computed from an undefined register is undefined; moving such
 //!   values around is allowed, but using one as an address, a stored value,

@@ -194,6 +194,26 @@ pub(crate) enum Space {
     Generic,
 }
 
+/// The threads a fence or an atomic can synchronise with (PTX ISA 8.5,
+/// "Scope"). `.gpu` and `.sys` are one here: a launch is one grid on one
+/// device. `.cta` reaches only the own block, which barriers order already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SyncScope {
+    Cta,
+    Gpu,
+}
+
+impl SyncScope {
+    /// The scope named by a `.cta`/`.gpu`/`.sys` (`membar`: `.cta`/`.gl`/`.sys`)
+    /// modifier; `None` (no modifier) is `.gpu`, the default of `atom`/`red`.
+    fn parse(m: Option<&str>) -> SyncScope {
+        match m {
+            Some("cta") => SyncScope::Cta,
+            _ => SyncScope::Gpu,
+        }
+    }
+}
+
 /// `[base + off]`; symbols are resolved into `off` (offset in their space).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Addr {
@@ -445,6 +465,7 @@ pub(crate) enum Op {
         srcs: Vec<Src>,
         addr: Addr,
     },
+    /// `atom` (`d` is the old value) or `red` (`d` is `None`).
     Atom {
         space: Space,
         op: AtomOp,
@@ -453,6 +474,11 @@ pub(crate) enum Op {
         addr: Addr,
         b: Src,
         c: Option<Src>,
+        /// `.acquire` or `.acq_rel`.
+        acquire: bool,
+        /// `.release` or `.acq_rel`.
+        release: bool,
+        scope: SyncScope,
     },
     Bra {
         target: usize,
@@ -480,7 +506,11 @@ pub(crate) enum Op {
         aneg: bool,
         mask: Src,
     },
-    Fence,
+    /// `membar` or `fence.{sc,acq_rel}`; both kinds are modelled alike
+    /// (crate docs, "Global races").
+    Fence {
+        scope: SyncScope,
+    },
     Exit,
 }
 
@@ -597,7 +627,7 @@ impl Op {
                 src(&Src::Reg(*a));
                 src(mask);
             }
-            Op::Bra { .. } | Op::Fence | Op::Exit => {}
+            Op::Bra { .. } | Op::Fence { .. } | Op::Exit => {}
         }
         v
     }
@@ -2111,8 +2141,8 @@ impl Parser {
                 if space == Space::Param {
                     return load_err(l, "atomics on .param");
                 }
-                m.take(&["relaxed", "acquire", "release", "acq_rel"]);
-                m.take(&["cta", "gpu", "sys"]);
+                let sem = m.take(&["relaxed", "acquire", "release", "acq_rel"]);
+                let scope = SyncScope::parse(m.take(&["cta", "gpu", "sys"]));
                 let aop = match m.take(&[
                     "add", "inc", "dec", "cas", "exch", "min", "max", "and", "or", "xor",
                 ]) {
@@ -2164,6 +2194,9 @@ impl Parser {
                     } else {
                         None
                     },
+                    acquire: matches!(sem, Some("acquire" | "acq_rel")),
+                    release: matches!(sem, Some("release" | "acq_rel")),
+                    scope,
                 }
             }
             "bra" => {
@@ -2276,26 +2309,30 @@ impl Parser {
                 }
             }
             "membar" => {
-                m.take(&["cta", "gl", "sys"]).ok_or_else(|| Error {
+                let level = m.take(&["cta", "gl", "sys"]).ok_or_else(|| Error {
                     kind: ErrorKind::Load,
                     message: format!("line {l}: membar needs .cta/.gl/.sys"),
                 })?;
                 m.done()?;
                 argc(0)?;
-                Op::Fence
+                Op::Fence {
+                    scope: SyncScope::parse(Some(level)),
+                }
             }
             "fence" => {
                 m.take(&["sc", "acq_rel"]).ok_or_else(|| Error {
                     kind: ErrorKind::Load,
                     message: format!("line {l}: fence needs .sc/.acq_rel"),
                 })?;
-                m.take(&["cta", "gpu", "sys"]).ok_or_else(|| Error {
+                let scope = m.take(&["cta", "gpu", "sys"]).ok_or_else(|| Error {
                     kind: ErrorKind::Load,
                     message: format!("line {l}: fence needs a scope"),
                 })?;
                 m.done()?;
                 argc(0)?;
-                Op::Fence
+                Op::Fence {
+                    scope: SyncScope::parse(Some(scope)),
+                }
             }
             "ret" | "exit" => {
                 m.take(&["uni"]);

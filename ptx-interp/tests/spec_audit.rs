@@ -1,17 +1,15 @@
 //! Audit of the interpreter's semantics against the PTX ISA, for exactly the
 //! opcodes `kernels/lra.ptx` uses (`kernels/README.md`, "Instructions used").
 //!
-//! Two kinds of tests:
-//! - pins: edge cases the kernel relies on (NaN/±0/inf/subnormal inputs,
-//!   overflow and ties in conversions, shift amounts, wrap-around, atomics,
-//!   alignment, predication), each with the expected bits written down from
-//!   the specification, so a change to the interpreter cannot silently move
-//!   them;
-//! - `#[ignore = "divergence: ..."]`: places where the interpreter still
-//!   differs from the specification or the hardware (memory fences). They
-//!   fail today on purpose; the reason says whether `lra.ptx` can reach the
-//!   case. Two found by the audit (f32 NaN bits, cvt of NaN to integers) are
-//!   fixed and now pinned.
+//! Pins: edge cases the kernel relies on (NaN/±0/inf/subnormal inputs,
+//! overflow and ties in conversions, shift amounts, wrap-around, atomics,
+//! alignment, predication, memory fences), each with the expected bits or
+//! verdict written down from the specification, so a change to the
+//! interpreter cannot silently move them. A place where the interpreter
+//! differed from the specification would be an
+//! `#[ignore = "divergence: ..."]` test saying whether `lra.ptx` can reach
+//! it; there is none now. Three found by the audit (f32 NaN bits, cvt of
+//! NaN to integers, fences not modelled) are fixed and now pinned.
 //!
 //! Sources: PTX ISA 9.0 (docs.nvidia.com/cuda/parallel-thread-execution),
 //! sections cited per test; CUDA C++ Programming Guide, "Floating-Point
@@ -1035,15 +1033,15 @@ fn atom_inc_wraps_at_the_limit_and_atom_add_returns_the_old_value() {
     );
 }
 
-/// The kernel's last-block pattern in miniature: thread 0 of every block
-/// writes its block's partial; every thread `membar.gl` (FENCE_W), `bar.sync`;
-/// thread 0 `atom.global.inc.u32` with limit G−1 and shares "last" through
-/// shared memory; `bar.sync`; the last block `membar.gl` (FENCE_R) and sums
-/// all partials. COUNTER selects the counting instruction.
+/// The kernel's last-block pattern in miniature: thread WRITER of every
+/// block writes its block's partial; every thread FENCE_W, `bar.sync`;
+/// thread 0 FENCE_T0 and COUNTER (`atom.global.inc.u32` with limit G−1) and
+/// shares "last" through shared memory; `bar.sync`; the last block's
+/// threads FENCE_R, and thread READER sums all partials.
 const LAST_BLOCK: &str = r#"
 .visible .entry last_block(.param .u64 p_part, .param .u64 p_ctl, .param .u64 p_out)
 {
-    .reg .pred %p, %t0;
+    .reg .pred %p, %t0, %tw, %tr;
     .reg .b32 %tx, %c, %n, %x, %old, %y, %i;
     .reg .b64 %part, %ctl, %out, %o;
     .reg .f64 %acc, %v;
@@ -1055,7 +1053,9 @@ const LAST_BLOCK: &str = r#"
     mov.u32 %c, %ctaid.x;
     mov.u32 %n, %nctaid.x;
     setp.eq.u32 %t0, %tx, 0;
-    @!%t0 bra WRITTEN;
+    setp.eq.u32 %tw, %tx, WRITER;
+    setp.eq.u32 %tr, %tx, READER;
+    @!%tw bra WRITTEN;
     cvt.rn.f64.u32 %v, %c;
     mul.wide.u32 %o, %c, 8;
     add.s64 %o, %part, %o;
@@ -1064,6 +1064,7 @@ WRITTEN:
     FENCE_W
     bar.sync 0;
     @!%t0 bra COUNTED;
+    FENCE_T0
     sub.u32 %x, %n, 1;
     COUNTER
     setp.eq.u32 %p, %old, %x;
@@ -1075,7 +1076,7 @@ COUNTED:
     setp.eq.u32 %p, %y, 0;
     @%p bra DONE;
     FENCE_R
-    @!%t0 bra DONE;
+    @!%tr bra DONE;
     mov.f64 %acc, 0d0000000000000000;
     mov.u32 %i, 0;
 SUM:
@@ -1102,15 +1103,71 @@ const PLAIN_COUNTER: &str = "ld.global.u32 %old, [%ctl];
     @%p mov.u32 %y, 0;
     st.global.u32 [%ctl], %y;";
 
-fn last_block_module(fenced: bool, counter: &str) -> Module {
-    let fence = if fenced { "membar.gl;" } else { "" };
-    load(&format!(
-        "{HEAD}{}",
-        LAST_BLOCK
-            .replace("FENCE_W", fence)
-            .replace("FENCE_R", fence)
-            .replace("COUNTER", counter)
-    ))
+/// One variant of `LAST_BLOCK`: the text of each placeholder.
+#[derive(Clone, Copy)]
+struct LastBlock {
+    fence_w: &'static str,
+    fence_t0: &'static str,
+    fence_r: &'static str,
+    counter: &'static str,
+    writer: u32,
+    reader: u32,
+}
+
+/// As the kernel does it: every thread fences before the barrier that
+/// precedes thread 0's relaxed atomic, and after the barrier that follows it.
+const AS_THE_KERNEL: LastBlock = LastBlock {
+    fence_w: "membar.gl;",
+    fence_t0: "",
+    fence_r: "membar.gl;",
+    counter: ATOM_COUNTER,
+    writer: 0,
+    reader: 0,
+};
+
+impl LastBlock {
+    fn module(&self) -> Module {
+        load(&format!(
+            "{HEAD}{}",
+            LAST_BLOCK
+                .replace("FENCE_W", self.fence_w)
+                .replace("FENCE_T0", self.fence_t0)
+                .replace("FENCE_R", self.fence_r)
+                .replace("COUNTER", self.counter)
+                .replace("WRITER", &self.writer.to_string())
+                .replace("READER", &self.reader.to_string())
+        ))
+    }
+
+    /// Accepted under every schedule, exactly one last block (the sum is
+    /// complete), the counter back at 0 for the next launch; G = 1 included.
+    fn holds(&self, what: &str) {
+        let m = self.module();
+        for grid in [1u32, 2, 7] {
+            for sched in schedules() {
+                let (sum, ctr) = run_last_block(&m, grid, &sched)
+                    .unwrap_or_else(|e| panic!("{what}: grid {grid} {sched:?}: {e}"));
+                let want = (0..grid).map(f64::from).sum::<f64>();
+                assert_eq!((sum, ctr), (want, 0), "{what}: grid {grid} {sched:?}");
+            }
+        }
+    }
+
+    /// A race reported under every schedule (the last block always reads
+    /// partials of blocks that counted out before it); the first message.
+    fn reported(&self, what: &str) -> String {
+        let m = self.module();
+        let errs: Vec<ptx_interp::Error> = schedules()
+            .iter()
+            .map(|s| {
+                run_last_block(&m, 7, s).expect_err(&format!("{what}: {s:?} reported nothing"))
+            })
+            .collect();
+        for e in &errs {
+            assert_eq!(e.kind, ErrorKind::Race, "{what}: {e}");
+        }
+        errs[0].message.clone()
+    }
 }
 
 fn schedules() -> Vec<Schedule> {
@@ -1144,63 +1201,237 @@ fn run_last_block(m: &Module, grid: u32, sched: &Schedule) -> ptx_interp::Result
     Ok((sum, ctr))
 }
 
-/// The pattern as the kernel writes it is accepted under every schedule,
-/// finds exactly one last block (the sum is complete), and leaves the counter
-/// at 0 for the next launch; G = 1 included.
 #[test]
 fn last_block_pattern_with_fences_and_atom_inc_holds_under_all_schedules() {
-    let m = last_block_module(true, ATOM_COUNTER);
-    for grid in [1u32, 2, 7] {
-        for sched in schedules() {
-            let (sum, ctr) = run_last_block(&m, grid, &sched)
-                .unwrap_or_else(|e| panic!("grid {grid} {sched:?}: {e}"));
-            let want = (0..grid).map(f64::from).sum::<f64>();
-            assert_eq!((sum, ctr), (want, 0), "grid {grid} {sched:?}");
-        }
-    }
+    AS_THE_KERNEL.holds("as the kernel");
 }
 
 /// Without the atomic (a plain load/store count) the last block's reads of
-/// other blocks' partials are unordered: the happens-before check reports a
-/// race under some schedule. This is what the model does catch.
+/// other blocks' partials are unordered, fences or not.
 #[test]
 fn last_block_pattern_without_an_atomic_is_reported() {
-    let m = last_block_module(true, PLAIN_COUNTER);
-    let errs: Vec<ErrorKind> = schedules()
-        .iter()
-        .filter_map(|s| run_last_block(&m, 7, s).err().map(|e| e.kind))
-        .collect();
-    assert!(
-        errs.contains(&ErrorKind::Race),
-        "no schedule reported a race: {errs:?}"
-    );
+    LastBlock {
+        counter: PLAIN_COUNTER,
+        ..AS_THE_KERNEL
+    }
+    .reported("plain counter");
 }
 
 /// PTX ISA 9.7.13.5: "If the .sem qualifier is absent, .relaxed is assumed";
-/// a relaxed atomic orders nothing else (PTX memory model, 8.x: release and
-/// acquire patterns need a fence next to the atomic). The interpreter counts
-/// every global atomic as release + acquire (crate docs, "Fences are not
-/// modelled separately"), and it runs with sequentially consistent memory
-/// (every load sees the latest store), so dropping both `membar.gl` from the
-/// pattern still passes every schedule. On hardware the last block could then
-/// read a stale partial (the CUDA threadFenceReduction sample needs its
-/// `__threadfence()` for exactly this).
-///
-/// Reachable: not by lra.ptx as written (it has both fences:
-/// `lra_ptx_fences_its_last_block_pattern` pins them), but a kernel edit that
-/// removed one would pass every interpreter test.
+/// a relaxed atomic orders nothing else. 8.8: a release pattern is a fence
+/// followed by a strong write, an acquire pattern a strong read followed by
+/// a fence, and only such patterns synchronise (8.9.4). Without the fences
+/// the last block could read a stale partial on hardware (the CUDA
+/// threadFenceReduction sample needs its `__threadfence()` for exactly
+/// this), and the interpreter reports it.
 #[test]
-#[ignore = "divergence: atomics are modelled as release+acquire and memory as sequentially consistent, so a missing membar.gl around the relaxed atom.inc is not reported; lra.ptx has both fences (pinned by lra_ptx_fences_its_last_block_pattern)"]
 fn last_block_pattern_without_fences_is_reported() {
-    let m = last_block_module(false, ATOM_COUNTER);
-    let errs: Vec<String> = schedules()
-        .iter()
-        .filter_map(|s| run_last_block(&m, 7, s).err().map(|e| e.to_string()))
-        .collect();
+    let e = LastBlock {
+        fence_w: "",
+        fence_r: "",
+        ..AS_THE_KERNEL
+    }
+    .reported("no fences");
+    assert!(e.contains("gpu-scope fence (membar.gl)"), "{e}");
+}
+
+/// Only the writers' side fenced: the reader's relaxed atomic read the
+/// release, but no fence made it take effect; the message says so.
+#[test]
+fn a_missing_acquire_fence_is_reported() {
+    let e = LastBlock {
+        fence_r: "",
+        ..AS_THE_KERNEL
+    }
+    .reported("no acquire fence");
     assert!(
-        !errs.is_empty(),
-        "no schedule reported the missing membar.gl"
+        e.contains("this thread has run no gpu-scope fence (membar.gl) after that atomic"),
+        "{e}"
     );
+}
+
+/// Only the reader's side fenced: the writers' atomics released nothing.
+#[test]
+fn a_missing_release_fence_is_reported() {
+    let e = LastBlock {
+        fence_w: "",
+        ..AS_THE_KERNEL
+    }
+    .reported("no release fence");
+    assert!(
+        e.contains("that block needs a gpu-scope fence (membar.gl) after the access"),
+        "{e}"
+    );
+}
+
+/// PTX ISA 8.5: a `.cta` fence synchronises only within the block, so it
+/// cannot carry the partials to another block, on either side.
+#[test]
+fn cta_scope_fences_do_not_order_blocks() {
+    for (w, r) in [
+        ("membar.cta;", "membar.cta;"),
+        ("membar.cta;", "membar.gl;"),
+        ("membar.gl;", "membar.cta;"),
+        ("fence.sc.cta;", "fence.sc.cta;"),
+        ("fence.acq_rel.cta;", "fence.acq_rel.cta;"),
+    ] {
+        LastBlock {
+            fence_w: w,
+            fence_r: r,
+            ..AS_THE_KERNEL
+        }
+        .reported(&format!("{w} / {r}"));
+    }
+}
+
+/// `membar.gl` is `fence.sc.gpu` (PTX ISA 9.7.13.4, sm_70+); `.sys` scope
+/// includes `.gpu`; `fence.acq_rel.gpu` forms the same release and acquire
+/// patterns with the atomic in the same thread (here thread 0 fences on
+/// both sides itself, so the acq_rel reading holds to the letter).
+#[test]
+fn every_gpu_scope_fence_orders_like_membar_gl() {
+    for f in [
+        "fence.acq_rel.gpu;",
+        "fence.sc.gpu;",
+        "membar.sys;",
+        "fence.sc.sys;",
+        "fence.acq_rel.sys;",
+    ] {
+        LastBlock {
+            fence_w: f,
+            fence_r: f,
+            ..AS_THE_KERNEL
+        }
+        .holds(f);
+    }
+}
+
+/// Cumulativity through barriers (PTX ISA 8.9.5, base causality is
+/// transitive; 8.9.3/8.10.2, two `fence.sc` are ordered without
+/// contradicting causality): a fence in every thread before the barrier
+/// releases what every thread wrote through thread 0's atomic, and a fence
+/// in every thread after the barrier that follows thread 0's atomic
+/// acquires for each of them (kernels/lra.ptx relies on both: non-zero
+/// threads raise the non-finite count, every thread reads partials). A
+/// fence only in the atomic's thread, before the barrier, does not cover
+/// another thread's write; after the barrier it does.
+#[test]
+fn fences_reach_through_barriers_as_fence_sc_orders_them() {
+    LastBlock {
+        writer: 37,
+        ..AS_THE_KERNEL
+    }
+    .holds("writer 37, every thread fences");
+    LastBlock {
+        reader: 37,
+        ..AS_THE_KERNEL
+    }
+    .holds("reader 37, every thread fences");
+    LastBlock {
+        writer: 37,
+        fence_w: "",
+        fence_t0: "membar.gl;",
+        ..AS_THE_KERNEL
+    }
+    .holds("writer 37, thread 0 fences after the barrier");
+    LastBlock {
+        writer: 37,
+        fence_w: "@%t0 membar.gl;",
+        ..AS_THE_KERNEL
+    }
+    .reported("writer 37, only thread 0 fences, before the barrier");
+    LastBlock {
+        reader: 37,
+        fence_r: "@%t0 membar.gl;",
+        ..AS_THE_KERNEL
+    }
+    .reported("reader 37, only thread 0 fences");
+}
+
+/// PTX ISA 8.8: an atomic with `.release` (`.acquire`) semantics is a
+/// release (acquire) pattern by itself; `.acq_rel` is both. A `.cta` atomic
+/// does not reach other blocks (8.5, 8.7: not morally strong with them).
+#[test]
+fn atomics_with_release_and_acquire_semantics_need_no_fence() {
+    let no_fences = LastBlock {
+        fence_w: "",
+        fence_r: "",
+        ..AS_THE_KERNEL
+    };
+    LastBlock {
+        counter: "atom.acq_rel.gpu.global.inc.u32 %old, [%ctl], %x;",
+        ..no_fences
+    }
+    .holds("atom.acq_rel.gpu");
+    LastBlock {
+        counter: "atom.release.gpu.global.inc.u32 %old, [%ctl], %x;",
+        ..no_fences
+    }
+    .reported("atom.release, no acquire fence");
+    LastBlock {
+        counter: "atom.acquire.gpu.global.inc.u32 %old, [%ctl], %x;",
+        ..no_fences
+    }
+    .reported("atom.acquire, no release fence");
+    LastBlock {
+        counter: "atom.acq_rel.cta.global.inc.u32 %old, [%ctl], %x;",
+        ..no_fences
+    }
+    .reported("atom.acq_rel.cta");
+    LastBlock {
+        counter: "atom.relaxed.gpu.global.inc.u32 %old, [%ctl], %x;",
+        ..AS_THE_KERNEL
+    }
+    .holds("explicit .relaxed.gpu with fences");
+}
+
+/// PTX ISA 8.11.1: a `red` does not form an acquire pattern, so
+/// `red; fence` acquires nothing where `atom; fence` does. Block 0 writes
+/// and publishes (fence, atomic), block 1 (run after it) counts in and reads.
+#[test]
+fn a_reduction_does_not_acquire() {
+    let kernel = |count_in: &str| {
+        load(&format!(
+            "{HEAD}{}",
+            r#"
+.visible .entry k(.param .u64 p_data, .param .u64 p_flag)
+{
+    .reg .pred %p;
+    .reg .b32 %c, %v;
+    .reg .b64 %data, %flag;
+    ld.param.u64 %data, [p_data];
+    ld.param.u64 %flag, [p_flag];
+    mov.u32 %c, %ctaid.x;
+    setp.ne.u32 %p, %c, 0;
+    @%p bra READ;
+    st.global.u32 [%data], 7;
+    membar.gl;
+    atom.global.add.u32 %v, [%flag], 1;
+    ret;
+READ:
+    COUNT_IN
+    membar.gl;
+    ld.global.u32 %v, [%data];
+    ret;
+}
+"#
+            .replace("COUNT_IN", count_in)
+        ))
+    };
+    let run = |m: &Module| {
+        let mut dev = Device::new();
+        let data = dev.alloc_zeroed(4);
+        let flag = dev.alloc_zeroed(4);
+        dev.launch(
+            m,
+            "k",
+            &LaunchConfig::linear(2, 1),
+            &[Arg::U64(data), Arg::U64(flag)],
+        )
+    };
+    run(&kernel("atom.global.add.u32 %v, [%flag], 1;")).expect("atom; membar.gl acquires");
+    let e = run(&kernel("red.global.add.u32 [%flag], 1;")).expect_err("red acquires nothing");
+    assert_eq!(e.kind, ErrorKind::Race, "{e}");
 }
 
 // ---------------------------------------------------------------- the kernel itself
@@ -1280,13 +1511,14 @@ fn every_opcode_of_lra_ptx_is_audited() {
     }
 }
 
-/// The fences the interpreter cannot check (see
-/// `last_block_pattern_without_fences_is_reported`), checked on the text:
-/// every thread does `membar.gl` before the `bar.sync` that precedes the
-/// counting `atom.global.inc.u32`, and the last block does `membar.gl` after
-/// learning it is last and before its first load of partials or control. All
-/// global atomics of the kernel are relaxed (no `.sem`), so the fences carry
-/// the ordering.
+/// The kernel's fences, checked on the text as well (the interpreter
+/// reports a missing one only in a run that reaches the unordered access:
+/// tests/ptx_negative.rs, `removing_either_membar_gl_is_reported`): every
+/// thread does `membar.gl` before the `bar.sync` that precedes the counting
+/// `atom.global.inc.u32`, and the last block does `membar.gl` after learning
+/// it is last and before its first load of partials or control. All global
+/// atomics of the kernel are relaxed (no `.sem`), so the fences carry the
+/// ordering.
 #[test]
 fn lra_ptx_fences_its_last_block_pattern() {
     let insts = lra_instructions();
