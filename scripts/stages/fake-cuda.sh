@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The CUDA backend's host code end to end without a GPU: tests/cuda.rs, at
+# its full sizes, against a fake CUDA driver (fake-cuda/: a libcuda.so whose
+# kernels, the real kernels/lra.ptx, run in the ptx-interp interpreter with
+# its race, bounds, alignment and undefined-value checks; streams are
+# asynchronous, each run in order by a thread of its own, ordered by events
+# and the legacy stream's rules). See fake-cuda/src/lib.rs.
+#
+# The interpreter runs the blocks of a launch in a seeded random order with
+# their threads interleaved (FAKE_CUDA_SCHEDULE, default here random:1; also
+# in-order, reversed): every one a schedule a GPU could run, and the race
+# checks see the cross-block hand-overs of the last-block reduction.
+#
+# The run must not pass by skipping: exactly the tests listed below may
+# skip (the no-driver test, and the one too large for the interpreter), and
+# every other test of tests/cuda.rs must have run and passed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TERM_COLOR=never
+
+# Skipped because a driver is present (it asserts the no-driver path).
+expect_skipped="no_gpu_handle_reports_no_cuda"
+# Skipped by LRA_FAKE_CUDA, each with its reason printed by the test.
+expect_fake_skipped="phi_is_bit_identical_across_runs"
+
+target=${CARGO_TARGET_DIR:-target}
+cargo build --release -p fake-cuda
+# A directory of its own: a libcuda.so in the target directory would be on
+# the library path of every `cargo test` (see fake-cuda/Cargo.toml).
+driver_dir=$(mktemp -d)
+trap 'rm -rf "$driver_dir"' EXIT
+cp "$target/release/libfake_cuda.so" "$driver_dir/libcuda.so"
+log="$driver_dir/cuda-tests.log"
+
+export FAKE_CUDA_SCHEDULE=${FAKE_CUDA_SCHEDULE:-random:1}
+echo "fake driver: $driver_dir/libcuda.so, schedule $FAKE_CUDA_SCHEDULE"
+start=$SECONDS
+LD_LIBRARY_PATH="$driver_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LRA_FAKE_CUDA=1 \
+  cargo test --release --test cuda 2>&1 | tee "$log"
+elapsed=$((SECONDS - start))
+
+# Test names after a prefix, wherever the prefix is on a line.
+names() { grep -o "$1[a-z0-9_]*" "$log" | sed "s/^$1//" | sort -u || true; }
+passed=$(sed -n 's/^test \([a-z0-9_]*\) \.\.\. ok$/\1/p' "$log" | sort -u)
+skipped=$(names '!!!! SKIPPED: ')
+fake_skipped=$(names '!!!! SKIPPED (fake driver): ')
+status=0
+if [ "$skipped" != "$expect_skipped" ]; then
+  echo "FAIL: skipped for lack of a driver: [$skipped], expected [$expect_skipped] (did the fake driver load?)"
+  status=1
+fi
+if [ "$fake_skipped" != "$expect_fake_skipped" ]; then
+  echo "FAIL: skipped on the fake driver: [$(echo $fake_skipped)], expected [$(echo $expect_fake_skipped)]"
+  status=1
+fi
+ran=$(comm -23 <(echo "$passed") <(printf '%s\n' $expect_skipped $expect_fake_skipped | sort))
+for t in $expect_skipped $expect_fake_skipped; do
+  grep -qx "$t" <<< "$passed" || { echo "FAIL: $t is not a passing test of tests/cuda.rs"; status=1; }
+done
+if grep -q '^fake-cuda: ' "$log"; then
+  echo "FAIL: the fake driver refused calls (the 'fake-cuda:' lines above; lra saw those errors, or ignored them)"
+  status=1
+fi
+if [ -z "$ran" ]; then
+  echo "FAIL: no test ran on the fake driver"
+  status=1
+fi
+[ $status -eq 0 ] || exit $status
+echo "ok: $(wc -l <<< "$ran") tests of tests/cuda.rs ran and passed on the fake CUDA driver ($FAKE_CUDA_SCHEDULE) in ${elapsed}s:" $ran
+echo "    (skipped as expected: $(echo $expect_skipped $expect_fake_skipped))"
