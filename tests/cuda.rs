@@ -81,6 +81,46 @@ fn fake_driver_cannot(test: &str, why: &str) -> bool {
     true
 }
 
+/// A stream of a context of its own (not the primary context lra runs
+/// on), destroyed with that context on drop.
+struct ForeignStream {
+    ctx: sys::CUcontext,
+    stream: *mut c_void,
+}
+
+impl ForeignStream {
+    fn new() -> ForeignStream {
+        // SAFETY: driver calls with out-parameters; the created context is
+        // popped again, so the caller's current context is unchanged.
+        unsafe {
+            let (mut dev, mut ctx, mut stream) = (0, std::ptr::null_mut(), std::ptr::null_mut());
+            ok(sys::cuDeviceGet(&mut dev, 0));
+            ok(sys::cuCtxCreate_v2(&mut ctx, 0, dev));
+            ok(sys::cuStreamCreate(&mut stream, 1));
+            let mut popped = std::ptr::null_mut();
+            ok(sys::cuCtxPopCurrent_v2(&mut popped));
+            ForeignStream {
+                ctx,
+                stream: stream as *mut c_void,
+            }
+        }
+    }
+}
+
+impl Drop for ForeignStream {
+    fn drop(&mut self) {
+        let (ctx, stream) = (self.ctx, self.stream);
+        // SAFETY: the context and stream made in `new`, destroyed once.
+        unsafe {
+            ok(sys::cuCtxPushCurrent_v2(ctx));
+            ok(sys::cuStreamDestroy_v2(stream as sys::CUstream));
+            let mut popped = std::ptr::null_mut();
+            ok(sys::cuCtxPopCurrent_v2(&mut popped));
+            ok(sys::cuCtxDestroy_v2(ctx));
+        }
+    }
+}
+
 fn ok(r: sys::CUresult) {
     assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
 }
@@ -894,24 +934,11 @@ fn foreign_and_capturing_streams_are_refused() {
         assert_eq!(e.status, Status::InvalidArgument, "{what}: {e}");
         println!("{what}: {e}");
     };
+    let foreign = ForeignStream::new();
+    refused(&mut case, foreign.stream, "a stream of another context");
+    drop(foreign);
     // SAFETY: driver calls with out-parameters on handles made here.
     unsafe {
-        let (mut dev, mut other, mut stream) = (0, std::ptr::null_mut(), std::ptr::null_mut());
-        ok(sys::cuDeviceGet(&mut dev, 0));
-        ok(sys::cuCtxCreate_v2(&mut other, 0, dev));
-        ok(sys::cuStreamCreate(&mut stream, 1));
-        let mut popped = std::ptr::null_mut();
-        ok(sys::cuCtxPopCurrent_v2(&mut popped));
-        refused(
-            &mut case,
-            stream as *mut c_void,
-            "a stream of another context",
-        );
-        ok(sys::cuCtxPushCurrent_v2(other));
-        ok(sys::cuStreamDestroy_v2(stream));
-        ok(sys::cuCtxPopCurrent_v2(&mut popped));
-        ok(sys::cuCtxDestroy_v2(other));
-
         let mut capturing = std::ptr::null_mut();
         ok(sys::cuStreamCreate(&mut capturing, 1));
         ok(sys::cuStreamBeginCapture_v2(
@@ -2064,25 +2091,13 @@ fn abi_cuda_bad_arguments_change_nothing() {
         assert_refused(run, "host found_inf", "not CUDA memory", |r| {
             step(r, &tensors, &host_flag, std::ptr::null_mut())
         });
-        // SAFETY: driver calls on a context and stream made here.
-        unsafe {
-            let (mut dev, mut other, mut foreign) = (0, std::ptr::null_mut(), std::ptr::null_mut());
-            ok(sys::cuDeviceGet(&mut dev, 0));
-            ok(sys::cuCtxCreate_v2(&mut other, 0, dev));
-            ok(sys::cuStreamCreate(&mut foreign, 0));
-            let mut popped = std::ptr::null_mut();
-            ok(sys::cuCtxPopCurrent_v2(&mut popped));
-            assert_refused(
-                run,
-                "a stream of another context",
-                "another device or context",
-                |r| step(r, &tensors, std::ptr::null(), foreign as *mut c_void),
-            );
-            ok(sys::cuCtxPushCurrent_v2(other));
-            ok(sys::cuStreamDestroy_v2(foreign));
-            ok(sys::cuCtxPopCurrent_v2(&mut popped));
-            ok(sys::cuCtxDestroy_v2(other));
-        }
+        let foreign = ForeignStream::new();
+        assert_refused(
+            run,
+            "a stream of another context",
+            "another device or context",
+            |r| step(r, &tensors, std::ptr::null(), foreign.stream),
+        );
     });
     assert_eq!(refusals, 2);
 }
