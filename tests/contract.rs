@@ -14,10 +14,10 @@ use lra::controller::SkipReason;
 use lra::ffi::*;
 use lra::optim::OptimizerKind;
 use lra::Engine;
-use std::ffi::CStr;
 use std::ptr::{null, null_mut};
 
 mod support;
+use support::Handle;
 
 const ALL: [u32; 7] = [
     LRA_OPTIMIZER_SGD,
@@ -50,27 +50,7 @@ fn no_info() -> lra_reeval_info {
     }
 }
 
-/// One lra handle driven through the C ABI with host f32 tensors.
-struct Handle(*mut lra_handle);
-
 impl Handle {
-    fn new(cfg: &lra_config) -> Handle {
-        let mut h = null_mut();
-        // SAFETY: valid config and out pointer.
-        let st = unsafe { lra_create(cfg, &mut h) };
-        assert_eq!(st, LRA_OK, "lra_create: {}", unsafe {
-            CStr::from_ptr(lra_thread_last_error()).to_string_lossy()
-        });
-        Handle(h)
-    }
-
-    fn error(&self) -> String {
-        // SAFETY: live handle; the message is a NUL-terminated string.
-        unsafe { CStr::from_ptr(lra_last_error(self.0)) }
-            .to_string_lossy()
-            .into_owned()
-    }
-
     /// `lra_step_ex` over `params`/`grads` (one f32 tensor each), with the
     /// found-inf flag when `found_inf` is given.
     fn step_ex(
@@ -121,34 +101,6 @@ impl Handle {
         let st = unsafe { lra_report_reeval(self.0, loss_after, &mut info) };
         assert_eq!(st, LRA_OK, "lra_report_reeval: {}", self.error());
         info
-    }
-
-    fn lr(&self) -> f64 {
-        let mut lr = f64::NAN;
-        // SAFETY: live handle, valid out pointer.
-        assert_eq!(unsafe { lra_get_lr(self.0, &mut lr) }, LRA_OK);
-        lr
-    }
-
-    fn phi(&self) -> f64 {
-        let mut phi = f64::NAN;
-        // SAFETY: live handle, valid out pointer.
-        assert_eq!(unsafe { lra_get_last_phi(self.0, &mut phi) }, LRA_OK);
-        phi
-    }
-
-    fn counters(&self) -> lra_counters {
-        let mut c = lra_counters::default();
-        // SAFETY: live handle, valid out pointer.
-        assert_eq!(unsafe { lra_get_counters(self.0, &mut c) }, LRA_OK);
-        c
-    }
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        // SAFETY: created by lra_create, destroyed once.
-        unsafe { lra_destroy(self.0) }
     }
 }
 
@@ -266,7 +218,7 @@ fn directions_and_phi_follow_the_table_with_coupled_and_decoupled_decay() {
             c.eps = 1e-3;
             c.weight_decay = wd;
             c.num_threads = 1;
-            let h = Handle::new(&c);
+            let h = Handle::create(&c);
             let mut params: Vec<Vec<f32>> = sizes
                 .iter()
                 .enumerate()
@@ -439,7 +391,7 @@ fn adamw_decay_is_inside_v_and_scaled_by_s() {
     let mut c = config(LRA_OPTIMIZER_ADAMW);
     c.lr = 0.5;
     c.num_threads = 1;
-    let h = Handle::new(&c);
+    let h = Handle::create(&c);
     let theta0 = values(8, 3, 1.0, 4.0);
     let mut params = vec![theta0.clone()];
     let mut g = vec![0.0f32; 8];
@@ -472,7 +424,7 @@ fn uphill_second_step_at(
     let mut c = config(LRA_OPTIMIZER_MOMENTUM);
     c.lr = 0.1;
     c.f_star = f_star;
-    let h = Handle::new(&c);
+    let h = Handle::create(&c);
     let mut params = vec![vec![1.0f32, -2.0]];
     h.step(&mut params, &[vec![1.0, 1.0]], 1.0, 0.0);
     let before = params[0].clone();
@@ -524,7 +476,7 @@ fn loss_at_f_star_does_not_move() {
     let mut c = config(LRA_OPTIMIZER_SGD);
     c.lr = 0.1;
     c.f_star = 0.25;
-    let h = Handle::new(&c);
+    let h = Handle::create(&c);
     let mut params = vec![vec![1.0f32, -1.0]];
     h.step(&mut params, &[vec![1.0, -1.0]], 0.25, 0.0);
     assert_eq!(params[0], vec![1.0, -1.0]);
@@ -551,7 +503,7 @@ fn below_f_star_never_steps_even_when_phi_is_not_positive() {
     let mut c = config(LRA_OPTIMIZER_SGD);
     c.lr = 0.1;
     c.f_star = 0.0;
-    let h = Handle::new(&c);
+    let h = Handle::create(&c);
     let mut params = vec![vec![0.0f32, 1.0]];
     h.step(&mut params, &[vec![1e30, 0.0]], -1.0, 0.0);
     let info = h.report(-2.0);
@@ -568,7 +520,7 @@ fn overflowing_phi_is_reported_and_keeps_eta() {
         let mut c = config(LRA_OPTIMIZER_SGD);
         c.lr = 0.1;
         c.f_star = f_star;
-        let h = Handle::new(&c);
+        let h = Handle::create(&c);
         let mut params = vec![vec![0.0f32, 1.0]];
         let g = 1e30f32;
         h.step(&mut params, &[vec![g, 0.0]], 1.0, 0.0);
@@ -591,7 +543,7 @@ fn scale_max_caps_the_polyak_step() {
     c.lr = 0.1;
     c.f_star = 0.0;
     c.scale_max = 1.5;
-    let h = Handle::new(&c);
+    let h = Handle::create(&c);
     let mut params = vec![vec![0.0f32; 2]];
     // φ = 0.1·(1 + 1) = 0.2; uncapped s = 2·4/0.2 = 40.
     h.step(&mut params, &[vec![1.0, -1.0]], 4.0, 0.0);
@@ -609,7 +561,7 @@ fn scale_max_below_one_caps_the_fused_step_too() {
     c.lr = 0.1;
     c.scale_max = 0.5;
     for obs_var in [1e-300, 0.0] {
-        let h = Handle::new(&c);
+        let h = Handle::create(&c);
         let mut params = vec![vec![0.0f32; 2]];
         h.step(&mut params, &[vec![1.0, -1.0]], 4.0, obs_var);
         let info = h.report(3.0);
@@ -635,7 +587,7 @@ fn rho_is_against_the_unscaled_prediction_when_s_is_not_one() {
         let mut c = config(LRA_OPTIMIZER_SGD);
         c.lr = 0.1;
         c.f_star = 0.0;
-        let h = Handle::new(&c);
+        let h = Handle::create(&c);
         let mut params = vec![vec![3.0f32; 4]];
         let loss = 10.0;
         h.step(&mut params, &[vec![0.5; 4]], loss, 0.0);
@@ -678,7 +630,7 @@ fn thresholds_are_strict_at_the_exact_boundaries() {
     ] {
         let mut c = config(LRA_OPTIMIZER_SGD);
         c.lr = 1.5;
-        let h = Handle::new(&c);
+        let h = Handle::create(&c);
         let mut params = vec![vec![0.0f32]];
         h.step(&mut params, &[vec![1.0]], loss, 0.0);
         let info = h.report(loss_after);
@@ -704,7 +656,7 @@ fn thresholds_are_strict_at_the_exact_boundaries() {
 fn new_eta_applies_from_the_next_step_and_reports_refer_to_the_latest_step() {
     let mut c = config(LRA_OPTIMIZER_SGD);
     c.lr = 0.25;
-    let h = Handle::new(&c);
+    let h = Handle::create(&c);
     let g = vec![vec![0.5f32, -0.25]];
     let mut params = vec![vec![1.0f32, 1.0]];
     let expect_step = |p: &[f32], lr: f64| -> Vec<f32> {
@@ -846,9 +798,9 @@ fn guard_off_moves_the_plain_bytes() {
     for kind in ALL {
         let mut c = config(kind);
         c.lr = 0.01;
-        let guarded = Handle::new(&c);
+        let guarded = Handle::create(&c);
         c.check_finite = 0;
-        let open = Handle::new(&c);
+        let open = Handle::create(&c);
         let mut pg = vec![values(9, 6, -1.0, 1.0)];
         let mut po = pg.clone();
         for k in 0..3u64 {
@@ -898,7 +850,7 @@ fn eta_bounds_hold_in_both_directions() {
         c.lr = 1e-3;
         c.lr_min = lr_min;
         c.lr_max = lr_max;
-        let h = Handle::new(&c);
+        let h = Handle::create(&c);
         let mut params = vec![vec![0.0f32]];
         let g = vec![vec![1e-3f32]];
         for (f_after, bound, want) in [
@@ -955,7 +907,7 @@ fn config_init_fills_the_contract_defaults() {
         assert_eq!((c.scale_max, c.denom_eps), (f64::INFINITY, 0.0));
         assert_eq!(c.check_finite, 1);
         assert_eq!(c.reeval_schedule, LRA_REEVAL_ALWAYS);
-        let h = Handle::new(&c);
+        let h = Handle::create(&c);
         assert_eq!(h.lr(), 1e-3);
     }
 }
@@ -978,7 +930,7 @@ fn decisions_have_the_same_bits_whatever_the_thread_count() {
             c.lr = 1e-2;
             c.f_star = f_star;
             c.num_threads = threads;
-            let h = Handle::new(&c);
+            let h = Handle::create(&c);
             let mut params = vec![values(n, 21, -1.0, 1.0), values(17, 22, -1.0, 1.0)];
             let loss = |p: &[Vec<f32>]| -> f64 {
                 p.iter()

@@ -17,6 +17,9 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
+mod support;
+use support::{counter_array, Handle};
+
 /// Makes the primary context of device 0 current on this thread; false
 /// (with the reason printed) when there is no driver or GPU.
 fn gpu(test: &str) -> bool {
@@ -1298,80 +1301,6 @@ fn abi_config(optimizer: lra_optimizer, device: lra_device, lr: f64) -> lra_conf
     cfg
 }
 
-fn cstr(p: *const std::ffi::c_char) -> String {
-    // SAFETY: lra returns NUL-terminated strings valid until its next call.
-    unsafe { std::ffi::CStr::from_ptr(p) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// A handle, destroyed on drop.
-struct AbiHandle(*mut lra_handle);
-
-impl Drop for AbiHandle {
-    fn drop(&mut self) {
-        // SAFETY: created by lra_create, destroyed once.
-        unsafe { lra_destroy(self.0) }
-    }
-}
-
-impl AbiHandle {
-    fn new(cfg: &lra_config) -> AbiHandle {
-        let mut h = std::ptr::null_mut();
-        // SAFETY: valid config and out-pointer.
-        let st = unsafe { lra_create(cfg, &mut h) };
-        assert_eq!(st, LRA_OK, "lra_create: {}", cstr(lra_thread_last_error()));
-        AbiHandle(h)
-    }
-    fn error(&self) -> String {
-        // SAFETY: a live handle.
-        cstr(unsafe { lra_last_error(self.0) })
-    }
-    fn checkpoint(&self) -> Vec<u8> {
-        let (mut size, mut written) = (0usize, 0usize);
-        // SAFETY: live handle, out-pointers, a buffer of `size` bytes.
-        unsafe {
-            assert_eq!(lra_state_size(self.0, &mut size), LRA_OK);
-            let mut buf = vec![0u8; size];
-            let st = lra_save_state(self.0, buf.as_mut_ptr().cast(), size, &mut written);
-            assert_eq!(st, LRA_OK, "lra_save_state: {}", self.error());
-            assert_eq!(written, size);
-            buf
-        }
-    }
-    fn load(&self, ckpt: &[u8]) -> lra_status {
-        // SAFETY: the slice is valid for its length.
-        unsafe { lra_load_state(self.0, ckpt.as_ptr().cast(), ckpt.len()) }
-    }
-    fn lr(&self) -> f64 {
-        let mut v = 0.0;
-        // SAFETY: live handle, out-pointer.
-        assert_eq!(unsafe { lra_get_lr(self.0, &mut v) }, LRA_OK);
-        v
-    }
-    fn phi(&self) -> f64 {
-        let mut v = 0.0;
-        // SAFETY: live handle, out-pointer.
-        assert_eq!(unsafe { lra_get_last_phi(self.0, &mut v) }, LRA_OK);
-        v
-    }
-    fn counters(&self) -> [u64; 8] {
-        let mut c = lra_counters::default();
-        // SAFETY: live handle, out-pointer.
-        assert_eq!(unsafe { lra_get_counters(self.0, &mut c) }, LRA_OK);
-        [
-            c.steps,
-            c.applied,
-            c.skipped,
-            c.reevals,
-            c.raised,
-            c.lowered,
-            c.kept,
-            c.reeval_skipped,
-        ]
-    }
-}
-
 /// Memory a C caller hands to lra: host memory for a device = 0 handle,
 /// device memory for a device = 1 handle.
 enum Mem {
@@ -1558,7 +1487,7 @@ fn unreported(t: usize) -> bool {
 
 /// One handle with the caller-owned memory it steps on.
 struct AbiRun {
-    h: AbiHandle,
+    h: Handle,
     cuda: bool,
     /// The caller's stream (CUDA): odd steps use it, even steps NULL.
     stream: *mut c_void,
@@ -1602,7 +1531,7 @@ impl AbiRun {
             .map(|&(n, dt)| Mem::new(cuda, &vec![0; n * dt.size()]))
             .collect();
         AbiRun {
-            h: AbiHandle::new(&cfg),
+            h: Handle::create(&cfg),
             cuda,
             stream: if cuda { stream } else { std::ptr::null_mut() },
             params,
@@ -1770,7 +1699,7 @@ fn abi_script(
                 phi: phi[i],
                 should: should[i],
                 info: r.report(t, loss_after),
-                counters: r.h.counters(),
+                counters: counter_array(&r.h.counters()),
                 lr: r.h.lr(),
             })
             .collect();
@@ -1916,7 +1845,7 @@ fn abi_cuda_handle_matches_a_host_handle() {
             AbiRun::new(mode, true, stream.ptr()),
         ];
         abi_script(mode, &mut runs, 0..ABI_STEPS, false, |_, _| {});
-        let c = runs[0].h.counters();
+        let c = counter_array(&runs[0].h.counters());
         println!(
             "{}: counters {c:?}, η {} → {}, loss {:.4e}",
             mode.name,
@@ -2020,7 +1949,11 @@ fn assert_refused(
     says: &str,
     call: impl FnOnce(&mut AbiRun) -> lra_status,
 ) {
-    let before = (run.h.checkpoint(), run.param_bytes(), run.h.counters());
+    let before = (
+        run.h.checkpoint(),
+        run.param_bytes(),
+        counter_array(&run.h.counters()),
+    );
     let st = call(run);
     let msg = run.h.error();
     assert_eq!(st, LRA_INVALID_ARGUMENT, "{what}: {msg}");
@@ -2029,7 +1962,11 @@ fn assert_refused(
         "{what}: refused by another check: {msg}"
     );
     println!("{what}: {msg}");
-    let after = (run.h.checkpoint(), run.param_bytes(), run.h.counters());
+    let after = (
+        run.h.checkpoint(),
+        run.param_bytes(),
+        counter_array(&run.h.counters()),
+    );
     assert!(before.0 == after.0, "{what}: the checkpoint changed");
     assert!(before.1 == after.1, "{what}: the parameters changed");
     assert_eq!(before.2, after.2, "{what}: counters");

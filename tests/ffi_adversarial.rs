@@ -5,18 +5,12 @@
 //! checks; the plain argument checks live in tests/c/abi_test.c.
 
 use lra::ffi::*;
-use std::ffi::{c_void, CStr};
+use std::ffi::c_void;
 use std::mem::MaybeUninit;
 use std::ptr::null_mut;
 
-/// Owns a handle for the test's duration.
-struct Handle(*mut lra_handle);
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        unsafe { lra_destroy(self.0) }
-    }
-}
+mod support;
+use support::{thread_error, Handle};
 
 fn config(optimizer: lra_optimizer, lr: f64) -> lra_config {
     let mut c = MaybeUninit::<lra_config>::uninit();
@@ -29,46 +23,12 @@ fn config(optimizer: lra_optimizer, lr: f64) -> lra_config {
     }
 }
 
-fn create(cfg: &lra_config) -> Handle {
-    let mut h = null_mut();
-    let st = unsafe { lra_create(cfg, &mut h) };
-    assert_eq!(st, LRA_OK, "lra_create: {}", thread_error());
-    Handle(h)
-}
-
-fn thread_error() -> String {
-    unsafe { CStr::from_ptr(lra_thread_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 impl Handle {
-    fn error(&self) -> String {
-        unsafe { CStr::from_ptr(lra_last_error(self.0)) }
-            .to_string_lossy()
-            .into_owned()
-    }
-
     /// Asserts `status` is `want` and the handle's message contains `words`.
     fn expect(&self, status: lra_status, want: lra_status, words: &str) {
         let msg = self.error();
         assert_eq!(status, want, "status {status}, message '{msg}'");
         assert!(msg.contains(words), "message '{msg}' lacks '{words}'");
-    }
-
-    fn checkpoint(&self) -> Vec<u8> {
-        let mut size = 0;
-        assert_eq!(unsafe { lra_state_size(self.0, &mut size) }, LRA_OK);
-        let mut buf = vec![0u8; size];
-        let mut written = 0;
-        let st = unsafe { lra_save_state(self.0, buf.as_mut_ptr().cast(), size, &mut written) };
-        assert_eq!(st, LRA_OK, "lra_save_state: {}", self.error());
-        assert_eq!(written, size);
-        buf
-    }
-
-    fn load(&self, ckpt: &[u8]) -> lra_status {
-        unsafe { lra_load_state(self.0, ckpt.as_ptr().cast(), ckpt.len()) }
     }
 
     fn step(&self, t: &[lra_tensor], loss: f64) -> lra_status {
@@ -82,22 +42,10 @@ impl Handle {
         unsafe { info.assume_init() }
     }
 
-    fn lr(&self) -> f64 {
-        let mut lr = 0.0;
-        assert_eq!(unsafe { lra_get_lr(self.0, &mut lr) }, LRA_OK);
-        lr
-    }
-
     fn should_reeval(&self) -> bool {
         let mut due = 9;
         assert_eq!(unsafe { lra_should_reeval(self.0, &mut due) }, LRA_OK);
         due == 1
-    }
-
-    fn counters(&self) -> lra_counters {
-        let mut c = lra_counters::default();
-        assert_eq!(unsafe { lra_get_counters(self.0, &mut c) }, LRA_OK);
-        c
     }
 }
 
@@ -138,7 +86,7 @@ fn bad_calls_on_a_pending_step_change_nothing() {
     let gq = ramp(8, 0.75);
     let twin_start = (p.clone(), q.clone());
     let run = |p: &mut Vec<f32>, q: &mut Vec<f32>, bad_calls: bool| -> (Vec<u8>, f64) {
-        let h = create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
+        let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
         let t = [f32_tensor(p, &g), f32_tensor(q, &gq)];
         assert_eq!(h.step(&t, 2.0), LRA_OK);
         h.report(1.0);
@@ -222,7 +170,7 @@ fn a_failed_first_step_leaves_no_state_behind() {
     let mut cfg = config(LRA_OPTIMIZER_ADAM, 1e-2);
     cfg.sharding = LRA_SHARDING_SHARDED;
     let mut calls = 0u32;
-    let h = create(&cfg);
+    let h = Handle::create(&cfg);
     let st = unsafe { lra_set_reduction(h.0, Some(fail_first), (&mut calls as *mut u32).cast()) };
     assert_eq!(st, LRA_OK);
     let mut small = vec![1.0f32; 16];
@@ -235,7 +183,7 @@ fn a_failed_first_step_leaves_no_state_behind() {
     assert_eq!(small, vec![1.0f32; 16]);
 
     let mut calls_ref = 1u32; // never fails
-    let reference = create(&cfg);
+    let reference = Handle::create(&cfg);
     let st = unsafe {
         lra_set_reduction(
             reference.0,
@@ -256,7 +204,7 @@ fn a_failed_first_step_leaves_no_state_behind() {
 /// anything reads or writes through `buf`.
 #[test]
 fn impossible_buffer_lengths_are_refused() {
-    let h = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let h = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
     let before = h.checkpoint();
     let mut buf = before.clone();
     let huge = isize::MAX as usize + 1;
@@ -287,7 +235,7 @@ fn out_parameters_aliasing_inputs_are_refused() {
         "the config was written"
     );
 
-    let h = create(&cfg);
+    let h = Handle::create(&cfg);
     let ckpt = h.checkpoint();
     let mut buf = vec![0u8; ckpt.len() + 8];
     let written = buf.as_mut_ptr().cast::<usize>();
@@ -300,7 +248,7 @@ fn out_parameters_aliasing_inputs_are_refused() {
 /// real memory; it is refused before any pointer arithmetic on it.
 #[test]
 fn a_tensor_wrapping_the_address_space_is_refused() {
-    let h = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let h = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
     let g = [0.0f32; 4];
     let t = [lra_tensor {
         param: (usize::MAX - 63) as *mut c_void,
@@ -334,7 +282,7 @@ fn calls_from_inside_the_reduction_callback_are_refused() {
     }
     let mut cfg = config(LRA_OPTIMIZER_SGD, 0.1);
     cfg.loss_is_rank_local = 1;
-    let h = create(&cfg);
+    let h = Handle::create(&cfg);
     let mut r = Reentry {
         h: h.0,
         set_lr: LRA_OK,
@@ -364,7 +312,7 @@ fn a_failed_reduction_in_report_keeps_the_step_pending() {
     }
     let mut cfg = config(LRA_OPTIMIZER_MOMENTUM, 0.05);
     cfg.loss_is_rank_local = 1;
-    let h = create(&cfg);
+    let h = Handle::create(&cfg);
     let armed = std::cell::Cell::new(false);
     let st = unsafe {
         lra_set_reduction(
@@ -397,7 +345,7 @@ fn a_huge_geometric_growth_does_not_wrap_the_schedule() {
     let mut cfg = config(LRA_OPTIMIZER_SGD, 0.1);
     cfg.reeval_schedule = LRA_REEVAL_GEOMETRIC;
     cfg.reeval_growth = 1e300;
-    let h = create(&cfg);
+    let h = Handle::create(&cfg);
     let mut p = ramp(4, 1.0);
     let g = ramp(4, 1.0);
     let t = [f32_tensor(&mut p, &g)];
@@ -422,7 +370,7 @@ fn an_lr_the_update_cannot_use_is_refused() {
         assert!(h.is_null());
         assert!(thread_error().contains("lr = "), "{}", thread_error());
     }
-    let h = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let h = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
     for lr in [1e300, 1e-300] {
         h.expect(
             unsafe { lra_set_lr(h.0, lr) },
@@ -434,7 +382,7 @@ fn an_lr_the_update_cannot_use_is_refused() {
     let ckpt = h.checkpoint();
     let mut bounded = config(LRA_OPTIMIZER_SGD, 0.01);
     bounded.lr_max = 0.05;
-    let b = create(&bounded);
+    let b = Handle::create(&bounded);
     let before = b.checkpoint();
     b.expect(b.load(&ckpt), LRA_BAD_CHECKPOINT, "lr_max");
     assert_eq!(b.checkpoint(), before);
@@ -445,7 +393,7 @@ fn an_lr_the_update_cannot_use_is_refused() {
 /// counters that later underflow.
 #[test]
 fn a_forged_checkpoint_with_inconsistent_counters_is_refused() {
-    let h = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let h = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
     let mut p = ramp(4, 1.0);
     let g = ramp(4, 1.0);
     for _ in 0..2 {
@@ -457,7 +405,7 @@ fn a_forged_checkpoint_with_inconsistent_counters_is_refused() {
     assert_eq!(forged[at..at + 8], 2u64.to_le_bytes());
     forged[at..at + 8].copy_from_slice(&3u64.to_le_bytes());
     reseal(&mut forged);
-    let fresh = create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let fresh = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
     let before = fresh.checkpoint();
     fresh.expect(fresh.load(&forged), LRA_BAD_CHECKPOINT, "applied");
     assert_eq!(fresh.checkpoint(), before);
@@ -469,11 +417,11 @@ fn a_forged_checkpoint_with_inconsistent_counters_is_refused() {
 /// all and applied = 0.)
 #[test]
 fn an_empty_layout_survives_a_checkpoint() {
-    let a = create(&config(LRA_OPTIMIZER_ADAM, 0.1));
+    let a = Handle::create(&config(LRA_OPTIMIZER_ADAM, 0.1));
     assert_eq!(a.step(&[], 1.0), LRA_OK);
     a.report(0.5);
     let ckpt = a.checkpoint();
-    let b = create(&config(LRA_OPTIMIZER_ADAM, 0.1));
+    let b = Handle::create(&config(LRA_OPTIMIZER_ADAM, 0.1));
     let unstepped = b.checkpoint();
     assert_eq!(b.load(&ckpt), LRA_OK, "{}", b.error());
     // ... and, like any fixed layout, refuses a checkpoint taken before any step.
@@ -493,7 +441,7 @@ fn an_empty_layout_survives_a_checkpoint() {
 /// caller's process; the handle then takes a normal first step.
 #[test]
 fn an_unallocatable_optimizer_state_is_an_error() {
-    let h = create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
+    let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
     // 2^58 f16 elements: 2^59 bytes each (never touched), and Adam's two
     // f32 slots would need 2^61 bytes.
     let numel = 1u64 << 58;
@@ -529,7 +477,7 @@ fn forged_schedule_gaps_and_bias_powers_are_refused() {
     let mut cfg = config(LRA_OPTIMIZER_ADAM, 1e-2);
     cfg.reeval_schedule = LRA_REEVAL_GEOMETRIC;
     cfg.reeval_growth = 2.0;
-    let h = create(&cfg);
+    let h = Handle::create(&cfg);
     let t = [f32_tensor(&mut p, &g)];
     for _ in 0..3 {
         assert_eq!(h.step(&t, 2.0), LRA_OK);
@@ -562,7 +510,7 @@ fn forged_schedule_gaps_and_bias_powers_are_refused() {
         (pow1_at, -0.0625, "beta1^t"),
         (pow2_at, f64::NAN, "beta2^t"),
     ] {
-        let fresh = create(&cfg);
+        let fresh = Handle::create(&cfg);
         fresh.expect(fresh.load(&forge(at, v)), LRA_BAD_CHECKPOINT, words);
         assert_eq!(
             fresh.counters().steps,
@@ -570,7 +518,7 @@ fn forged_schedule_gaps_and_bias_powers_are_refused() {
             "a refused load changed the handle"
         );
     }
-    let fresh = create(&cfg);
+    let fresh = Handle::create(&cfg);
     assert_eq!(fresh.load(&forge(gap_at, f64::INFINITY)), LRA_OK);
     assert_eq!(fresh.load(&good), LRA_OK);
     assert_eq!(fresh.checkpoint(), good);

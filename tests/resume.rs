@@ -29,6 +29,7 @@ use std::mem::MaybeUninit;
 use std::ptr::null_mut;
 
 mod support;
+use support::{counter_array, thread_error, Handle};
 
 fn config(optimizer: lra_optimizer, lr: f64) -> lra_config {
     let mut cfg = MaybeUninit::<lra_config>::uninit();
@@ -42,26 +43,6 @@ fn config(optimizer: lra_optimizer, lr: f64) -> lra_config {
     cfg
 }
 
-fn thread_error() -> String {
-    // SAFETY: a static or thread-local NUL-terminated string.
-    unsafe { std::ffi::CStr::from_ptr(lra_thread_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn counter_array(c: &lra_counters) -> [u64; 8] {
-    [
-        c.steps,
-        c.applied,
-        c.skipped,
-        c.reevals,
-        c.raised,
-        c.lowered,
-        c.kept,
-        c.reeval_skipped,
-    ]
-}
-
 /// The cross-rank sum over two ranks that hold the same values: a
 /// restored step whose φ was left rank-local, or reduced twice, shows.
 unsafe extern "C" fn two_equal_ranks(values: *mut f64, count: usize, _user: *mut c_void) -> i32 {
@@ -72,72 +53,17 @@ unsafe extern "C" fn two_equal_ranks(values: *mut f64, count: usize, _user: *mut
     0
 }
 
-struct Handle(*mut lra_handle);
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        // SAFETY: created by lra_create, destroyed once.
-        unsafe { lra_destroy(self.0) }
-    }
-}
-
 impl Handle {
+    /// `Handle::create`, with the two-rank reduction registered where the
+    /// configuration needs one.
     fn new(cfg: &lra_config) -> Handle {
-        let mut h = null_mut();
-        // SAFETY: valid config and out pointer.
-        let st = unsafe { lra_create(cfg, &mut h) };
-        assert_eq!(st, LRA_OK, "lra_create: {}", thread_error());
+        let h = Handle::create(cfg);
         if cfg.sharding == LRA_SHARDING_SHARDED || cfg.loss_is_rank_local == 1 {
             // SAFETY: valid handle; the callback needs no user data.
-            let st = unsafe { lra_set_reduction(h, Some(two_equal_ranks), null_mut()) };
+            let st = unsafe { lra_set_reduction(h.0, Some(two_equal_ranks), null_mut()) };
             assert_eq!(st, LRA_OK, "lra_set_reduction: {}", thread_error());
         }
-        Handle(h)
-    }
-
-    fn checkpoint(&self) -> Vec<u8> {
-        let mut size = 0usize;
-        // SAFETY: valid handle and out pointer.
-        assert_eq!(unsafe { lra_state_size(self.0, &mut size) }, LRA_OK);
-        // One spare byte: a larger buffer is fine, `written` says how much.
-        let mut buf = vec![0xa5u8; size + 1];
-        let mut written = 0usize;
-        // SAFETY: the buffer holds size + 1 bytes; `written` is outside it.
-        let st = unsafe { lra_save_state(self.0, buf.as_mut_ptr().cast(), size + 1, &mut written) };
-        assert_eq!(st, LRA_OK, "lra_save_state: {}", thread_error());
-        assert_eq!(
-            written, size,
-            "lra_save_state wrote other than lra_state_size"
-        );
-        assert_eq!(buf[size], 0xa5, "lra_save_state wrote past `written`");
-        buf.truncate(size);
-        buf
-    }
-
-    fn load(&self, ckpt: &[u8]) -> lra_status {
-        // SAFETY: the slice is valid for its length.
-        unsafe { lra_load_state(self.0, ckpt.as_ptr().cast(), ckpt.len()) }
-    }
-
-    fn lr(&self) -> f64 {
-        let mut v = 0.0;
-        // SAFETY: valid handle and out pointer.
-        assert_eq!(unsafe { lra_get_lr(self.0, &mut v) }, LRA_OK);
-        v
-    }
-
-    fn phi(&self) -> f64 {
-        let mut v = 0.0;
-        // SAFETY: valid handle and out pointer.
-        assert_eq!(unsafe { lra_get_last_phi(self.0, &mut v) }, LRA_OK);
-        v
-    }
-
-    fn counters(&self) -> lra_counters {
-        let mut c = lra_counters::default();
-        // SAFETY: valid handle and out pointer.
-        assert_eq!(unsafe { lra_get_counters(self.0, &mut c) }, LRA_OK);
-        c
+        h
     }
 
     /// `lra_should_reeval`: its status and answer (7 when not written).

@@ -28,3 +28,110 @@ pub fn info_bits(i: &lra::ffi::lra_reeval_info) -> [u64; 7] {
         i.skip_reason as u64,
     ]
 }
+
+/// The calling thread's last lra error message.
+pub fn thread_error() -> String {
+    // SAFETY: a static or thread-local NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(lra::ffi::lra_thread_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Counters as [steps, applied, skipped, reevals, raised, lowered, kept,
+/// reeval_skipped], for comparing them whole.
+pub fn counter_array(c: &lra::ffi::lra_counters) -> [u64; 8] {
+    [
+        c.steps,
+        c.applied,
+        c.skipped,
+        c.reevals,
+        c.raised,
+        c.lowered,
+        c.kept,
+        c.reeval_skipped,
+    ]
+}
+
+/// One lra handle driven through the C ABI as a C caller would, destroyed
+/// on drop. Test files add the calls they need in `impl support::Handle`.
+pub struct Handle(pub *mut lra::ffi::lra_handle);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by lra_create, destroyed once.
+        unsafe { lra::ffi::lra_destroy(self.0) }
+    }
+}
+
+impl Handle {
+    /// `lra_create`, which must succeed.
+    pub fn create(cfg: &lra::ffi::lra_config) -> Handle {
+        let mut h = std::ptr::null_mut();
+        // SAFETY: valid config and out pointer.
+        let st = unsafe { lra::ffi::lra_create(cfg, &mut h) };
+        assert_eq!(st, lra::ffi::LRA_OK, "lra_create: {}", thread_error());
+        Handle(h)
+    }
+
+    /// The handle's last error message.
+    pub fn error(&self) -> String {
+        // SAFETY: live handle; the message is a NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(lra::ffi::lra_last_error(self.0)) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// `lra_save_state` into a buffer one byte larger than `lra_state_size`
+    /// says: it must write exactly that size and nothing past `written`.
+    pub fn checkpoint(&self) -> Vec<u8> {
+        let mut size = 0usize;
+        // SAFETY: valid handle and out pointer.
+        let st = unsafe { lra::ffi::lra_state_size(self.0, &mut size) };
+        assert_eq!(st, lra::ffi::LRA_OK, "lra_state_size: {}", self.error());
+        let mut buf = vec![0xa5u8; size + 1];
+        let mut written = 0usize;
+        // SAFETY: the buffer holds size + 1 bytes; `written` is outside it.
+        let st = unsafe {
+            lra::ffi::lra_save_state(self.0, buf.as_mut_ptr().cast(), size + 1, &mut written)
+        };
+        assert_eq!(st, lra::ffi::LRA_OK, "lra_save_state: {}", self.error());
+        assert_eq!(
+            written, size,
+            "lra_save_state wrote other than lra_state_size"
+        );
+        assert_eq!(buf[size], 0xa5, "lra_save_state wrote past `written`");
+        buf.truncate(size);
+        buf
+    }
+
+    pub fn load(&self, ckpt: &[u8]) -> lra::ffi::lra_status {
+        // SAFETY: the slice is valid for its length.
+        unsafe { lra::ffi::lra_load_state(self.0, ckpt.as_ptr().cast(), ckpt.len()) }
+    }
+
+    pub fn lr(&self) -> f64 {
+        let mut v = f64::NAN;
+        // SAFETY: valid handle and out pointer.
+        assert_eq!(
+            unsafe { lra::ffi::lra_get_lr(self.0, &mut v) },
+            lra::ffi::LRA_OK
+        );
+        v
+    }
+
+    pub fn phi(&self) -> f64 {
+        let mut v = f64::NAN;
+        // SAFETY: valid handle and out pointer.
+        let st = unsafe { lra::ffi::lra_get_last_phi(self.0, &mut v) };
+        assert_eq!(st, lra::ffi::LRA_OK);
+        v
+    }
+
+    pub fn counters(&self) -> lra::ffi::lra_counters {
+        let mut c = lra::ffi::lra_counters::default();
+        // SAFETY: valid handle and out pointer.
+        let st = unsafe { lra::ffi::lra_get_counters(self.0, &mut c) };
+        assert_eq!(st, lra::ffi::LRA_OK);
+        c
+    }
+}
