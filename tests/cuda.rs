@@ -543,6 +543,26 @@ impl Case {
         (cpu, gpu)
     }
 
+    /// Both backends took the same step: same skip, φ within 1e-6, state
+    /// bitwise; parameters and s bitwise, except where s comes from φ
+    /// (Noisy): there within tolerance, and the CPU copy re-synced so the
+    /// next step compares bits again.
+    fn assert_step_matches(&mut self, mode: Mode, c: &StepOutcome, g: &StepOutcome, what: &str) {
+        assert_eq!(c.skip, g.skip, "{what}");
+        assert_phi_close(c.phi, g.phi, what);
+        if let Mode::Noisy = mode {
+            assert_phi_close(c.scale, g.scale, what);
+            assert_params_close(self, what);
+            for p in self.pairs.iter_mut() {
+                p.host = p.dev.read(p.off, p.host.len());
+            }
+        } else {
+            assert_eq!(c.scale.to_bits(), g.scale.to_bits(), "{what}: scale");
+            self.assert_params_same(what);
+        }
+        self.assert_state_same(what);
+    }
+
     fn assert_params_same(&self, what: &str) {
         for (i, p) in self.pairs.iter().enumerate() {
             let dev = p.dev.read(p.off, p.host.len());
@@ -643,21 +663,7 @@ fn every_kernel_matches_the_cpu_backend() {
                 for step in 0..3 {
                     case.set_grads(step + 1, None);
                     let (c, g) = case.step(mode, 0.01, None);
-                    let what = format!("{what} step {step}");
-                    assert_eq!(c.skip, g.skip, "{what}");
-                    assert_phi_close(c.phi, g.phi, &what);
-                    if let Mode::Noisy = mode {
-                        assert_phi_close(c.scale, g.scale, &what);
-                        assert_params_close(&case, &what);
-                        // Re-sync the CPU copy so the next step compares bits.
-                        for p in case.pairs.iter_mut() {
-                            p.host = p.dev.read(p.off, p.host.len());
-                        }
-                    } else {
-                        assert_eq!(c.scale.to_bits(), g.scale.to_bits(), "{what}: scale");
-                        case.assert_params_same(&what);
-                    }
-                    case.assert_state_same(&what);
+                    case.assert_step_matches(mode, &c, &g, &format!("{what} step {step}"));
                 }
             }
         }
@@ -819,20 +825,8 @@ fn sharded_steps_sum_across_ranks_between_the_passes() {
         case.sharded = true;
         for step in 0..3 {
             case.set_grads(20 + step, (step == 1).then_some(f32::INFINITY));
-            let what = format!("sharded {mode:?} step {step}");
             let (c, g) = case.step(mode, 0.02, None);
-            assert_eq!(c.skip, g.skip, "{what}");
-            assert_phi_close(c.phi, g.phi, &what);
-            if let Mode::Noisy = mode {
-                assert_phi_close(c.scale, g.scale, &what);
-                assert_params_close(&case, &what);
-                for p in case.pairs.iter_mut() {
-                    p.host = p.dev.read(p.off, p.host.len());
-                }
-            } else {
-                case.assert_params_same(&what);
-            }
-            case.assert_state_same(&what);
+            case.assert_step_matches(mode, &c, &g, &format!("sharded {mode:?} step {step}"));
         }
         // A set found_inf joins the sum (the rank does not drop out of the
         // collective) and skips the step.
