@@ -374,6 +374,26 @@ static void non_blocking(cudaStream_t stream)
            ncclGetErrorString(f), polls, ncclGetErrorString(d));
 }
 
+/* The next lra_step on `h` must fail with the reduction's `code` and leave
+   η, the counters and the parameters as they were. */
+static void step_fails_changing_nothing(lra_handle *h, float *theta, float *grad,
+                                        const char *what, int32_t code)
+{
+    float before[N];
+    double lr_before, lr_after;
+    lra_counters c0, c1;
+    CHECK(lra_get_lr(h, &lr_before) == LRA_OK && lra_get_counters(h, &c0) == LRA_OK, "queries");
+    memcpy(before, theta, sizeof before);
+    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32};
+    expect_reduction_failed(h, lra_step(h, &t, 1, loss_and_grad(theta, grad), 0.0, NULL), what,
+                            code);
+    CHECK(lra_get_lr(h, &lr_after) == LRA_OK && lr_after == lr_before, "%s: η changed: %.17g",
+          what, lr_after);
+    CHECK(lra_get_counters(h, &c1) == LRA_OK && c1.steps == c0.steps,
+          "%s: the failed step was counted", what);
+    CHECK(memcmp(theta, before, sizeof before) == 0, "%s: parameters changed", what);
+}
+
 /* Part 5: `comm` is aborted here. */
 static void failure_after_abort(ncclComm_t comm, cudaStream_t stream)
 {
@@ -381,7 +401,7 @@ static void failure_after_abort(ncclComm_t comm, cudaStream_t stream)
     CHECK(lra_nccl_init(&red, comm, stream) == 0, "lra_nccl_init for the failure check");
     lra_handle *h = make_handle(LRA_DEVICE_HOST, LRA_SHARDING_SHARDED, 1, 1,
                                 lra_nccl_allreduce_sum, &red);
-    float theta[N], grad[N], before[N];
+    float theta[N], grad[N];
     start(theta);
     lra_reeval_info info;
     for (int s = 0; s < 2; s++)
@@ -397,18 +417,8 @@ static void failure_after_abort(ncclComm_t comm, cudaStream_t stream)
     CHECK(refused != ncclSuccess && refused != ncclInProgress,
           "ncclAllReduce without a communicator -> %d", (int)refused);
     CUDA_OK(cudaStreamSynchronize(stream));
-    double lr_before, lr_after;
-    lra_counters c0, c1;
-    CHECK(lra_get_lr(h, &lr_before) == LRA_OK && lra_get_counters(h, &c0) == LRA_OK, "queries");
-    memcpy(before, theta, sizeof theta);
-    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32};
-    expect_reduction_failed(h, lra_step(h, &t, 1, loss_and_grad(theta, grad), 0.0, NULL),
-                            "lra_step after ncclCommAbort", LRA_NCCL_ERR_NCCL + (int32_t)refused);
-    CHECK(lra_get_lr(h, &lr_after) == LRA_OK && lr_after == lr_before, "η changed: %.17g",
-          lr_after);
-    CHECK(lra_get_counters(h, &c1) == LRA_OK && c1.steps == c0.steps,
-          "the failed step was counted");
-    CHECK(memcmp(theta, before, sizeof theta) == 0, "parameters changed");
+    step_fails_changing_nothing(h, theta, grad, "lra_step after ncclCommAbort",
+                                LRA_NCCL_ERR_NCCL + (int32_t)refused);
     /* (Without a communicator the callback's wait cannot poll one and
        returns at once; its staging copy may still be running.) */
     CUDA_OK(cudaStreamSynchronize(stream));
@@ -437,7 +447,7 @@ static void failure_after_revoke(cudaStream_t stream)
     CHECK(lra_nccl_init(&red, comm, stream) == 0, "lra_nccl_init for the revoke check");
     lra_handle *h = make_handle(LRA_DEVICE_HOST, LRA_SHARDING_SHARDED, 1, 1,
                                 lra_nccl_allreduce_sum, &red);
-    float theta[N], grad[N], before[N];
+    float theta[N], grad[N];
     start(theta);
     lra_reeval_info info;
     for (int s = 0; s < 2; s++)
@@ -458,20 +468,8 @@ static void failure_after_revoke(cudaStream_t stream)
             (void)settle(comm, &polls);
     } else {
         CUDA_OK(cudaStreamSynchronize(stream));
-        double lr_before, lr_after;
-        lra_counters c0, c1;
-        CHECK(lra_get_lr(h, &lr_before) == LRA_OK && lra_get_counters(h, &c0) == LRA_OK,
-              "queries");
-        memcpy(before, theta, sizeof theta);
-        lra_tensor t = {theta, grad, N, LRA_DTYPE_F32};
-        expect_reduction_failed(h, lra_step(h, &t, 1, loss_and_grad(theta, grad), 0.0, NULL),
-                                "lra_step after ncclCommRevoke",
-                                LRA_NCCL_ERR_NCCL + (int32_t)refused);
-        CHECK(lra_get_lr(h, &lr_after) == LRA_OK && lr_after == lr_before, "η changed: %.17g",
-              lr_after);
-        CHECK(lra_get_counters(h, &c1) == LRA_OK && c1.steps == c0.steps,
-              "the failed step was counted");
-        CHECK(memcmp(theta, before, sizeof theta) == 0, "parameters changed");
+        step_fails_changing_nothing(h, theta, grad, "lra_step after ncclCommRevoke",
+                                    LRA_NCCL_ERR_NCCL + (int32_t)refused);
         printf("  ncclCommRevoke -> state %s after %d polls; the next lra_step -> "
                "LRA_REDUCTION_FAILED (%d = LRA_NCCL_ERR_NCCL + %s), η, counters and parameters "
                "unchanged\n",
