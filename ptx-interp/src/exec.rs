@@ -278,6 +278,32 @@ impl LaunchConfig {
 pub struct LaunchReport {
     /// Instructions executed (guarded-off ones included).
     pub instructions: u64,
+    /// Bytes the threads' global `ld`s asked for, each thread counted (a
+    /// warp loading one address counts it 32 times): traffic into L1.
+    pub global_load_bytes: u64,
+    /// Bytes the threads' global `st`s wrote, each thread counted.
+    pub global_store_bytes: u64,
+    /// Distinct global bytes the launch read with `ld`: what DRAM must
+    /// deliver if every repeated read hits a cache.
+    pub global_bytes_read: u64,
+    /// Distinct global bytes the launch wrote (`st` or atomics).
+    pub global_bytes_written: u64,
+    /// Global atomics (`atom`, `red`) executed.
+    pub global_atomics: u64,
+    /// Global memory round trips on the launch's critical path, in a model
+    /// of in-order issue: a thread stalls only when an instruction (or its
+    /// guard) needs a value that has not arrived. A global `ld` or `atom`
+    /// delivers its value one round after the round it issues in; a
+    /// gpu-scope fence waits one round (for the thread's writes to be
+    /// acknowledged); shared memory, parameters and arithmetic take none.
+    /// A barrier or warp collective resumes its threads at the latest
+    /// round among them; a global atomic's value arrives a round after the
+    /// latest atomic on its address so far (so a "last block" that counts
+    /// the others out waits for the slowest of them). This is the most rounds any thread reached: with
+    /// every block resident at once, the round trips the launch waits for
+    /// one after another. Bandwidth and issue cost are not in it (the byte
+    /// and instruction counts are).
+    pub latency_rounds: u32,
 }
 
 impl Device {
@@ -461,12 +487,23 @@ impl Device {
             launch: 0,
             nblocks: cfg.grid.iter().map(|&g| g as usize).product(),
             result_defined: true,
+            result_ready: 0,
+            atom_rounds: Default::default(),
+            report: LaunchReport::default(),
             atom_clocks: Default::default(),
         };
         run.launch = run.dev.launches;
         run.go(&cfg.schedule)?;
-        Ok(LaunchReport {
+        let report = LaunchReport {
             instructions: run.steps,
+            ..run.report
+        };
+        let launch = self.launches;
+        let this_launch = |tags: &[Tag]| tags.iter().filter(|t| t.launch == launch).count() as u64;
+        Ok(LaunchReport {
+            global_bytes_read: self.bufs.values().map(|b| this_launch(&b.rtags)).sum(),
+            global_bytes_written: self.bufs.values().map(|b| this_launch(&b.tags)).sum(),
+            ..report
         })
     }
 }
@@ -507,6 +544,10 @@ struct Thread {
     /// Per register: holds a defined value (registers start undefined on
     /// the hardware; see `Inst::reads`).
     defined: Vec<bool>,
+    /// Latency model (`LaunchReport::latency_rounds`): the memory round the
+    /// thread issues in, and per register the round its value arrives.
+    round: u32,
+    ready: Vec<u32>,
     /// Per block of the grid: what this thread knows to have happened there.
     know: Vec<Know>,
     /// Per block: what this thread's global atomics publish (release side
@@ -557,6 +598,13 @@ struct Run<'a> {
     nblocks: usize,
     /// Whether the results of the instruction being executed are defined.
     result_defined: bool,
+    /// The round the results of the instruction being executed arrive in.
+    result_ready: u32,
+    /// Per global address used by atomics: the latest round one issued in
+    /// (an atomic reads what every earlier one there wrote, so its value
+    /// arrives after the latest of them: how a "last block" waits for all).
+    atom_rounds: std::collections::HashMap<u64, u32>,
+    report: LaunchReport,
     /// Per global address used by atomics: the knowledge released there.
     atom_clocks: std::collections::HashMap<u64, Vec<Know>>,
 }
@@ -715,6 +763,8 @@ impl<'a> Run<'a> {
                 released: Vec::new(),
                 acquired: Vec::new(),
                 defined: vec![false; self.k.reg_bits.len()],
+                round: 0,
+                ready: vec![0; self.k.reg_bits.len()],
             })
             .collect();
         Block {
@@ -846,6 +896,8 @@ impl<'a> Run<'a> {
                 Flow::Jump(t) => blk.threads[ti].pc = t,
                 Flow::Exit => {
                     blk.threads[ti].state = TState::Exited;
+                    let round = blk.threads[ti].round;
+                    self.report.latency_rounds = self.report.latency_rounds.max(round);
                     if let Err(e) = self.on_exit(blk, ti, released) {
                         return Err(self.context(blk, ti, e));
                     }
@@ -947,8 +999,16 @@ impl<'a> Run<'a> {
                     join_across(&mut blk.threads, at_this, |th| &mut th.released);
                     join_across(&mut blk.threads, at_this, |th| &mut th.acquired);
                     compress_whole_phase(blk, at_this);
+                    let round = blk
+                        .threads
+                        .iter()
+                        .filter(|th| at_this(th))
+                        .map(|th| th.round)
+                        .max()
+                        .unwrap_or(0);
                     for (t, th) in blk.threads.iter_mut().enumerate() {
                         if matches!(th.state, TState::Bar { id: i, .. } if i == id) {
+                            th.round = round;
                             th.state = TState::Ready;
                             th.pc += 1;
                             released.push(t);
@@ -1074,17 +1134,24 @@ impl<'a> Run<'a> {
                 }
             }
         }
+        // the lanes resume together, at the latest round among them
+        let round = parts
+            .iter()
+            .map(|&l| blk.threads[lane0 + l].round)
+            .max()
+            .unwrap_or(0);
         for (lane, v, p) in results {
             let t = lane0 + lane;
+            blk.threads[t].round = round;
             let inst = &self.k.insts[blk.threads[t].pc];
             match &inst.op {
                 Op::Shfl { d, p: pd, .. } => {
-                    write(self.k, &mut blk.threads[t], *d, v, true);
+                    write(self.k, &mut blk.threads[t], *d, v, true, round);
                     if let (Some(pr), Some(pv)) = (pd, p) {
-                        write(self.k, &mut blk.threads[t], *pr, pv as u64, true);
+                        write(self.k, &mut blk.threads[t], *pr, pv as u64, true, round);
                     }
                 }
-                Op::Vote { d, .. } => write(self.k, &mut blk.threads[t], *d, v, true),
+                Op::Vote { d, .. } => write(self.k, &mut blk.threads[t], *d, v, true, round),
                 _ => {}
             }
             blk.threads[t].state = TState::Ready;
@@ -1402,6 +1469,17 @@ impl<'a> Run<'a> {
 
     fn exec(&mut self, blk: &mut Block, ti: usize, inst: &Inst) -> Result<Flow> {
         let k = self.k;
+        // latency model: issue once the guard and every operand have arrived
+        {
+            let th = &mut blk.threads[ti];
+            let waits = inst
+                .guard
+                .iter()
+                .map(|g| g.0)
+                .chain(inst.reads.iter().copied());
+            th.round = waits.fold(th.round, |r, x| r.max(th.ready[x as usize]));
+            self.result_ready = th.round;
+        }
         let th = &blk.threads[ti];
         let undefined = |r: u16| -> Result<Flow> {
             err(
@@ -1665,6 +1743,10 @@ impl<'a> Run<'a> {
                     let (sh, ra) = self.resolve(*space, a)?;
                     Self::check_align(ra, total, if sh { "shared" } else { "global" })?;
                 }
+                if *space != Space::Param && !self.resolve(*space, a)?.0 {
+                    self.result_ready += 1;
+                    self.report.global_load_bytes += total as u64;
+                }
                 let ds = ds.clone();
                 for (i, d) in ds.iter().enumerate() {
                     let v = self.load(blk, ti, *space, a + (i * es) as u64, es)?;
@@ -1689,6 +1771,9 @@ impl<'a> Run<'a> {
                 let (sh, ra) = self.resolve(*space, a)?;
                 Self::check_align(ra, es * srcs.len(), if sh { "shared" } else { "global" })?;
                 let vals: Vec<u64> = srcs.iter().map(|s| rd(*s)).collect();
+                if !sh {
+                    self.report.global_store_bytes += (es * vals.len()) as u64;
+                }
                 for (i, v) in vals.into_iter().enumerate() {
                     self.store(
                         blk,
@@ -1737,6 +1822,12 @@ impl<'a> Run<'a> {
                 };
                 let new = atom_op(*op, *ty, old, bv, cv);
                 self.store(blk, ti, *space, a, &new.to_le_bytes()[..size], true)?;
+                if !sh {
+                    self.report.global_atomics += 1;
+                    let latest = self.atom_rounds.entry(ra).or_default();
+                    *latest = (*latest).max(self.result_ready);
+                    self.result_ready = *latest + 1;
+                }
                 if !sh && *scope == SyncScope::Gpu {
                     // PTX ISA 8.8/8.9.4: an atomic publishes what the thread's
                     // fences released (a `.release` one also what it knows
@@ -1811,6 +1902,7 @@ impl<'a> Run<'a> {
             Op::Fence { scope } => {
                 if *scope == SyncScope::Gpu {
                     fence(&mut blk.threads[ti], blk.linear, blk.epoch, ti);
+                    blk.threads[ti].round += 1;
                 }
             }
             Op::Exit => return Ok(Flow::Exit),
@@ -1838,13 +1930,22 @@ impl<'a> Run<'a> {
     }
 
     fn set(&self, blk: &mut Block, ti: usize, d: u16, v: u64) {
-        write(self.k, &mut blk.threads[ti], d, v, self.result_defined);
+        let ready = self.result_ready;
+        write(
+            self.k,
+            &mut blk.threads[ti],
+            d,
+            v,
+            self.result_defined,
+            ready,
+        );
     }
 }
 
-fn write(k: &Kernel, th: &mut Thread, d: u16, v: u64, defined: bool) {
+fn write(k: &Kernel, th: &mut Thread, d: u16, v: u64, defined: bool, ready: u32) {
     th.regs[d as usize] = v & mask_bits(k.reg_bits[d as usize]);
     th.defined[d as usize] = defined;
+    th.ready[d as usize] = ready;
 }
 
 fn le(b: &[u8]) -> u64 {

@@ -57,6 +57,13 @@
 //!   every thread waits.
 //! - **Schedules**: block order and thread interleaving are configurable
 //!   ([`Schedule`]) so tests can show results do not depend on them.
+//! - **Cost counters** ([`LaunchReport`]): instructions executed, global
+//!   bytes per thread and distinct, atomics, and global round trips on the
+//!   critical path in a model of in-order issue (a thread stalls only for
+//!   a value it needs that has not arrived; a barrier resumes its threads
+//!   at the latest of them; an atomic's value comes after every earlier
+//!   atomic on its address). Counts, not timings: the same on every run,
+//!   so tests can compare kernels and layouts by them.
 
 mod exec;
 pub mod fp;
