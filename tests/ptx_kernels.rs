@@ -8,6 +8,7 @@
 
 mod ptx_common;
 
+use half::{bf16, f16};
 use lra::backend::cuda::abi;
 use lra::optim::{DType, OptimizerKind};
 use ptx_common::*;
@@ -542,7 +543,8 @@ fn a_stale_nonfinite_count_does_not_split_an_unguarded_step() {
 /// The chunking's edges, in every pass: no tensors, only empty ones,
 /// tensors ending exactly on a chunk boundary, tensors whose rounding to 4
 /// ends on one, and 300 tensors (table indices past 255) of mixed dtypes,
-/// alignments and sizes 0..60.
+/// alignments and sizes 0..60, and 700 tiny tensors (a chunk of more than
+/// 512 segments, whose descriptors are staged 256 at a time).
 #[test]
 fn chunking_edges_in_every_pass_equal_cpu() {
     let m = module();
@@ -560,6 +562,15 @@ fn chunking_edges_in_every_pass_equal_cpu() {
     ];
     let steps = passes.map(|p| finite(p, 1e-2));
     let many = many_tensors(300);
+    // 700 tensors of 1..7 elements: a chunk of more than 512 segments,
+    // staged 256 at a time
+    let tiny: Vec<Spec> = (0..700)
+        .map(|i| Spec {
+            dtype: [DType::F32, DType::F16, DType::Bf16][i % 3],
+            numel: 1 + i % 7,
+            misalign: i % 5 == 2,
+        })
+        .collect();
     let layouts = [
         vec![],
         vec![spec(DType::F32, 0), spec(DType::Bf16, 0)],
@@ -575,6 +586,7 @@ fn chunking_edges_in_every_pass_equal_cpu() {
             spec(DType::F32, 1),
         ],
         many,
+        tiny,
     ];
     let plans: Vec<_> = layouts
         .iter()
@@ -587,6 +599,7 @@ fn chunking_edges_in_every_pass_equal_cpu() {
         assert_eq!(p.segments[p.chunks[1].first as usize].start, 0);
     }
     assert!(plans[4].segments.iter().any(|s| s.tensor > 255));
+    assert!(plans[5].chunks.iter().any(|c| c.end - c.first > 512));
     for (li, specs) in layouts.iter().enumerate() {
         for kind in [OptimizerKind::ALL[li % 7], OptimizerKind::ALL[(li + 3) % 7]] {
             run(
@@ -751,6 +764,91 @@ fn the_check_pass_finds_each_nonfinite_value_in_its_four_loads() {
             dt.name()
         );
     }
+}
+
+/// Segments shorter than four vector items per thread (most segments when
+/// many tensors share chunks) still take the check pass's four-load path:
+/// items past the segment's last vector item load that item again. One
+/// non-finite value anywhere (any of the four loads, the last vector item,
+/// the scalar tail, a misaligned tensor, the second tensor of a shared
+/// chunk) must be seen; all-finite gradients must count nothing.
+#[test]
+fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
+    let m = module();
+    let nt = abi::BLOCK as usize;
+    let h = hyper(OptimizerKind::Sgd, false);
+    let args = StepArgs {
+        hyper: &h,
+        lr: 1e-2,
+        rule: abi::NO_RULE,
+        found_inf: false,
+    };
+    let mut launches = 0;
+    for dt in [DType::F32, DType::F16, DType::Bf16] {
+        let one = match dt {
+            DType::F32 => 1f32.to_le_bytes().to_vec(),
+            DType::F16 => f16::ONE.to_le_bytes().to_vec(),
+            DType::Bf16 => bf16::ONE.to_le_bytes().to_vec(),
+        };
+        let nan = match dt {
+            DType::F32 => f32::NAN.to_le_bytes().to_vec(),
+            DType::F16 => f16::NAN.to_le_bytes().to_vec(),
+            DType::Bf16 => bf16::NAN.to_le_bytes().to_vec(),
+        };
+        // (leading tensor, checked tensor, misaligned): the checked one
+        // starts a chunk, or shares the first chunk with a 1000-element one
+        for (lead, len, misalign) in [
+            (0, 4, false),
+            (0, 7, false),
+            (0, 4 * (nt + 3) + 2, false),
+            (0, 4 * (3 * nt + 5) + 3, false),
+            (0, 4 * (4 * nt) - 1, false),
+            (1000, 2000, false),
+            (0, 4 * (2 * nt) + 1, true),
+        ] {
+            let nvec = len / 4;
+            let mut at: Vec<usize> = vec![0, len - 1, 4 * nvec.max(1) - 1, 4 * nvec.max(1) - 4];
+            // the j-th load of threads 0, 3 and the last, lane j
+            for j in 1..4 {
+                for tx in [0, 3, nt - 1] {
+                    at.push(4 * (tx + j * nt) + j);
+                }
+            }
+            at.retain(|&p| p < len);
+            at.sort_unstable();
+            at.dedup();
+            for bad in std::iter::once(None).chain(at.into_iter().map(Some)) {
+                let mut specs = vec![Spec {
+                    dtype: dt,
+                    numel: len,
+                    misalign,
+                }];
+                let mut grads = vec![one.repeat(len)];
+                if let Some(p) = bad {
+                    let w = dt.size();
+                    grads[0][p * w..(p + 1) * w].copy_from_slice(&nan);
+                }
+                if lead > 0 {
+                    specs.insert(0, spec(dt, lead));
+                    grads.insert(0, one.repeat(lead));
+                }
+                let mut gpu = Gpu::new(&m, OptimizerKind::Sgd, &specs, None);
+                gpu.write_grads(&grads);
+                let n = gpu.plan.chunks.len() as u32;
+                gpu.launch(abi::mode::CHECK, &args, n, n)
+                    .unwrap_or_else(|e| panic!("{}: check pass: {e}", dt.name()));
+                launches += 1;
+                let seen = gpu.control().nonfinite;
+                assert_eq!(
+                    seen != 0,
+                    bad.is_some(),
+                    "{}: {len} elements after {lead} (misaligned: {misalign}), NaN at {bad:?}: nonfinite count {seen}",
+                    dt.name()
+                );
+            }
+        }
+    }
+    assert!(launches > 100, "only {launches} launches");
 }
 
 /// kernels/README.md lists the kernel's opcodes (the interpreter's subset);

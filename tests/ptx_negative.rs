@@ -113,24 +113,28 @@ fn the_unedited_kernel_passes_the_same_case() {
 
 #[test]
 fn removing_any_barrier_is_reported() {
-    // #0: warp 0 reads the per-warp sums before the other warps wrote
-    // them; #1: the next chunk overwrites them while warp 0 reads; #3:
-    // threads read the last-block flag before thread 0 wrote it. These show
-    // in every schedule. #2: a block counts itself out (fence + atomic)
+    // #0: threads stage the next chunk's rows while others still read the
+    // last ones (in the check pass: no block reduction in between); the
+    // barrier also keeps the next chunk's reduction from overwriting the
+    // per-warp sums while warp 0 reads them; #1: threads read staged rows
+    // before they were written; #2: warp 0 reads the per-warp sums before
+    // the other warps wrote them; #4: threads read the last-block flag
+    // before thread 0 wrote it. These show in every schedule. #3: a block
+    // counts itself out (fence + atomic)
     // before all its threads raised the non-finite flag; that shows only
     // in schedules where a late raise comes after the last block read the
     // flag, so interleaved schedules are searched for one (long quanta,
     // which let thread 0 run far ahead of its block, find it soonest).
     let n = abi::PTX.matches("bar.sync 0;").count();
     assert_eq!(
-        n, 4,
+        n, 5,
         "kernels/lra.ptx changed its barriers: revisit this test"
     );
     let steps = steps();
     for nth in 0..n {
         let m = load(&edit("bar.sync 0;", "", nth));
         let schedules = std::iter::once(Schedule::InOrder).chain((0..16).flat_map(|seed| {
-            [1, 4, 50, 400].map(|q| Schedule::Random {
+            [1, 4, 50, 400, 2000].map(|q| Schedule::Random {
                 seed,
                 resident: 2,
                 max_quantum: q,
@@ -192,11 +196,13 @@ fn a_wrong_shuffle_mask_is_reported() {
 
 #[test]
 fn an_off_by_one_index_is_out_of_bounds() {
-    // the scalar tail runs one element past the segment: into the next
-    // chunk (a race with the block that owns it, when another block does)
-    // and, at the end of each tensor, out of bounds; one block runs every
-    // chunk, so the bound is what is reported
-    let src = edit("setp.ge.u32 %p, %i, %len;", "setp.gt.u32 %p, %i, %len;", 0);
+    // a tensor's last unit takes one element more than it has: past the
+    // tensor's end, out of bounds (each buffer ends where its tensor ends)
+    let src = edit(
+        "sub.u32 %n, %len, %e;",
+        "sub.u32 %n, %len, %e;\n\tadd.u32 %n, %n, 1;",
+        0,
+    );
     let steps = steps();
     let e = try_run(
         &load(&src),
@@ -226,7 +232,11 @@ fn an_early_return_before_a_barrier_is_reported() {
 fn returning_instead_of_finishing_the_chunks_is_caught() {
     // every thread leaves after its first chunk's segments: no barrier is
     // ever reached, but the later chunks are never updated
-    let e = interp_error(&edit("@%p bra CHUNK_END;", "@%p ret;", 0));
+    let e = interp_error(&edit(
+        "@%p bra STAGE;\n\tbra CHUNK_END;",
+        "@%p bra STAGE;\n\tret;",
+        0,
+    ));
     assert!(e.contains("parameters differ"), "{e}");
 }
 

@@ -170,6 +170,71 @@ fn min_u32_is_unsigned() {
     assert_eq!(got, [5, 3, 0x7fff_ffff]);
 }
 
+/// `min.u64` compares all 64 bits unsigned (9.7.1.10): the check pass
+/// clamps a load address to the segment's last vector item with it.
+#[test]
+fn min_u64_is_unsigned_over_all_64_bits() {
+    let cases = [
+        [u64::MAX, 5],
+        [1 << 63, 1],
+        [3, 1 << 40],
+        [0x1_0000_0000, 0xffff_ffff],
+    ];
+    let out = cases_ok(
+        "    ld.global.u64 %rd0, [%a];
+    ld.global.u64 %rd1, [%a+8];
+    min.u64 %rd2, %rd0, %rd1;
+    st.global.u64 [%o], %rd2;",
+        &cases,
+    );
+    let got: Vec<u64> = out.iter().map(|o| o[0]).collect();
+    assert_eq!(got, [5, 1, 3, 0xffff_ffff]);
+}
+
+/// `rem.u32` is the unsigned remainder (9.7.1.7); a zero divisor is
+/// undefined behaviour, which the interpreter reports. The check pass takes
+/// a unit index modulo the block size with it.
+#[test]
+fn rem_u32_is_unsigned_and_a_zero_divisor_is_reported() {
+    let body = "    ld.global.u32 %r0, [%a];
+    ld.global.u32 %r1, [%a+4];
+    rem.u32 %r2, %r0, %r1;
+    st.global.u32 [%o], %r2;";
+    let cases = [
+        [0xffff_ffff | 10 << 32, 0],
+        [7 | 256 << 32, 0],
+        [1000 | 256 << 32, 0],
+        [0x8000_0001 | 0x8000_0000 << 32, 0],
+    ];
+    let got: Vec<u32> = cases_ok(body, &cases).iter().map(|o| lo32(o[0])).collect();
+    assert_eq!(got, [5, 7, 232, 1]);
+    let e = run_cases(body, &[[5, 0]]).expect_err("rem by zero ran");
+    assert_eq!(e.kind, ErrorKind::Undefined, "{e}");
+}
+
+/// 64-bit shared accesses keep all 64 bits and must be 8-aligned (the
+/// kernel stages segment pointers in shared memory as `.u64`).
+#[test]
+fn shared_u64_round_trips_and_must_be_aligned() {
+    let body = |off: usize| {
+        format!(
+            "    .shared .align 8 .u64 sh_w[2];
+    ld.global.u64 %rd0, [%a];
+    mov.u64 %rd1, sh_w;
+    mul.wide.u32 %rd2, %r7, 0;
+    add.s64 %rd1, %rd1, %rd2;
+    st.shared.u64 [%rd1+{off}], %rd0;
+    ld.shared.u64 %rd3, [%rd1+{off}];
+    st.global.u64 [%o], %rd3;"
+        )
+    };
+    let v = 0x0123_4567_89ab_cdef_u64;
+    let out = cases_ok(&body(8), &[[v, 0]]);
+    assert_eq!(out[0][0], v);
+    let e = run_cases(&body(4), &[[v, 0]]).expect_err("misaligned shared u64 ran");
+    assert_eq!(e.kind, ErrorKind::Misaligned, "{e}");
+}
+
 // ---------------------------------------------------------------- setp
 
 /// PTX ISA 9.3.1.2: ordered comparisons (`eq ne lt le gt ge`) are false when
@@ -1471,13 +1536,15 @@ cvt.rn.f32.f64 cvt.u16.u32 cvt.u32.u16 cvt.u64.u32 div.rn.f32 div.rn.f64
 ld.global.b16 ld.global.f32 ld.global.f64 ld.global.u32 ld.global.u64
 ld.global.v2.b32 ld.global.v4.b16 ld.global.v4.b32 ld.global.v4.f32
 ld.param.f32 ld.param.f64 ld.param.u32 ld.param.u64 ld.shared.f64
-ld.shared.u32 max.f64 membar.gl min.f64 min.u32 mov.b16 mov.b32 mov.b64
+ld.shared.u32 ld.shared.u64 max.f64 membar.gl min.f64 min.u32 min.u64
+mov.b16 mov.b32 mov.b64
 mov.f32 mov.f64 mov.u32 mov.u64 mul.rn.f32 mul.rn.f64 mul.wide.u32 or.b32
-ret selp.b32 selp.u32 setp.eq.u32 setp.ge.u32 setp.gt.f64 setp.gt.u32
+rem.u32 ret selp.b32 selp.u32 setp.eq.u32 setp.ge.u32 setp.gt.f64 setp.gt.u32
 setp.le.f64 setp.lt.u32 setp.nan.f64 setp.ne.u32 setp.ne.u64 setp.neu.f32
 shfl.sync.bfly.b32 shl.b32 shl.b64 shr.u32 sqrt.rn.f32 sqrt.rn.f64
 st.global.b16 st.global.f32 st.global.f64 st.global.u32 st.global.u64
-st.global.v4.b16 st.global.v4.f32 st.shared.f64 st.shared.u32 sub.rn.f32
+st.global.v4.b16 st.global.v4.f32 st.shared.f64 st.shared.u32 st.shared.u64
+sub.rn.f32
 sub.rn.f64 sub.u32
 ";
 

@@ -10,7 +10,7 @@ use lra::backend::cuda::abi::{self, ChunkEntry, ChunkPlan, Control, SegmentEntry
 use lra::backend::{Backend, BackendState, StepRequest, TensorDesc};
 use lra::controller::{ScaleRule, SkipReason, StepOutcome};
 use lra::optim::{self, BiasPowers, DType, Hyper, OptimizerKind, StepScalars};
-use ptx_interp::{Arg, Device, LaunchConfig, Module, Schedule};
+use ptx_interp::{Arg, Device, LaunchConfig, LaunchReport, Module, Schedule};
 
 /// Deterministic generator (splitmix64).
 pub struct Rng(pub u64);
@@ -333,6 +333,8 @@ pub struct Gpu<'m> {
     pub schedule: Schedule,
     pub table: Vec<TensorEntry>,
     pub plan: ChunkPlan,
+    /// What each launch so far did (instructions, bytes, latency rounds).
+    pub reports: Vec<LaunchReport>,
 }
 
 impl<'m> Gpu<'m> {
@@ -391,6 +393,7 @@ impl<'m> Gpu<'m> {
             schedule: Schedule::InOrder,
             table,
             plan,
+            reports: Vec::new(),
         }
     }
 
@@ -569,9 +572,9 @@ impl<'m> Gpu<'m> {
         .map(Arg::Bytes)
         .collect();
         let cfg = LaunchConfig::linear(grid, abi::BLOCK).with_schedule(self.schedule.clone());
-        self.dev
-            .launch(self.module, abi::ENTRY, &cfg, &args)
-            .map(|_| ())
+        let report = self.dev.launch(self.module, abi::ENTRY, &cfg, &args)?;
+        self.reports.push(report);
+        Ok(())
     }
 
     /// The launches of one step, as `CudaBackend::run_step` makes them.
@@ -846,18 +849,12 @@ fn block_sum(acc: &[f64], offsets: &[usize]) -> f64 {
 
 /// φ in the kernel's reduction order (kernels/README.md, "Reduction order
 /// of φ"), bit for bit, from the per-element terms.
-pub fn phi_reference(terms: &[Vec<f64>], table: &[TensorEntry], plan: &ChunkPlan, lr: f64) -> f64 {
-    phi_reference_with(terms, table, plan, lr, &BFLY)
+pub fn phi_reference(terms: &[Vec<f64>], plan: &ChunkPlan, lr: f64) -> f64 {
+    phi_reference_with(terms, plan, lr, &BFLY)
 }
 
 /// [`phi_reference`] with other butterfly offsets (for the negative tests).
-pub fn phi_reference_with(
-    terms: &[Vec<f64>],
-    table: &[TensorEntry],
-    plan: &ChunkPlan,
-    lr: f64,
-    offsets: &[usize],
-) -> f64 {
+pub fn phi_reference_with(terms: &[Vec<f64>], plan: &ChunkPlan, lr: f64, offsets: &[usize]) -> f64 {
     let t_n = abi::BLOCK as usize;
     let partials: Vec<f64> = plan
         .chunks
@@ -866,26 +863,22 @@ pub fn phi_reference_with(
             let segments = &plan.segments[c.first as usize..c.end as usize];
             let acc: Vec<f64> = (0..t_n)
                 .map(|t| {
-                    // thread t's sum runs on across the chunk's segments
-                    let mut a = 0.0f64;
+                    // thread t's sum runs on across the chunk's segments,
+                    // whose units (4 elements, fewer at a tensor's end) are
+                    // dealt out in turn from thread 0
+                    let (mut a, mut rot) = (0.0f64, 0);
                     for s in segments {
                         let (start, l) = (s.start as usize, s.len as usize);
                         let x = &terms[s.tensor as usize][start..start + l];
-                        let v = table[s.tensor as usize].vec != 0;
-                        if v {
-                            let mut q = t;
-                            while q < l / 4 {
-                                for k in 0..4 {
-                                    a += x[4 * q + k];
-                                }
-                                q += t_n;
+                        let units = l.div_ceil(4);
+                        let mut u = (t + t_n - rot) % t_n;
+                        while u < units {
+                            for v in &x[4 * u..(4 * u + 4).min(l)] {
+                                a += v;
                             }
+                            u += t_n;
                         }
-                        let mut i = if v { 4 * (l / 4) } else { 0 } + t;
-                        while i < l {
-                            a += x[i];
-                            i += t_n;
-                        }
+                        rot = (rot + units) % t_n;
                     }
                     a
                 })
@@ -1218,7 +1211,7 @@ pub fn try_run_window(
             let shape = st.pass.shape();
             // two-pass sharded steps report the sum over the ranks (the
             // host's one f64 addition); fused ones the local φ
-            let local = phi_reference(&terms, &gpu.table, &gpu.plan, st.lr);
+            let local = phi_reference(&terms, &gpu.plan, st.lr);
             let (want, peer_phi) = match shape.peers {
                 Some(p) if shape.rule.is_some() => (local + p[2], p[2]),
                 _ => (local, 0.0),
