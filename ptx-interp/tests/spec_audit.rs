@@ -149,45 +149,58 @@ fn min_max_f64_nan_operand_yields_the_other_and_signed_zeros_order() {
     assert_eq!((out[7][0], out[7][1]), (0, 1), "subnormal kept");
 }
 
-/// `min.u32` compares unsigned (9.7.1.10): the final stage computes
-/// `nchunks - 1` with `nchunks = 0` allowed (0xffffffff) and clamps indices
-/// with `min.u32`.
-#[test]
-fn min_u32_is_unsigned() {
-    let cases = [
-        [0xffff_ffff | 5 << 32, 0],
-        [3 | 0xffff_ffff << 32, 0],
-        [0x8000_0000 | 0x7fff_ffff << 32, 0],
-    ];
-    let out = cases_ok(
-        "    ld.global.u32 %r0, [%a];
-    ld.global.u32 %r1, [%a+4];
-    min.u32 %r2, %r0, %r1;
-    st.global.u32 [%o], %r2;",
-        &cases,
+/// Runs the unsigned binary integer instruction `op` (`min.u32`,
+/// `rem.u64`, ...) on each pair of operands; returns the results.
+fn unsigned_op(op: &str, pairs: &[(u64, u64)]) -> ptx_interp::Result<Vec<u64>> {
+    let wide = op.ends_with("64");
+    let (r, ld, b) = if wide {
+        ("%rd", "u64", 8)
+    } else {
+        ("%r", "u32", 4)
+    };
+    let body = format!(
+        "    ld.global.{ld} {r}0, [%a];
+    ld.global.{ld} {r}1, [%a+{b}];
+    {op} {r}2, {r}0, {r}1;
+    st.global.{ld} [%o], {r}2;"
     );
-    let got: Vec<u32> = out.iter().map(|o| lo32(o[0])).collect();
-    assert_eq!(got, [5, 3, 0x7fff_ffff]);
+    let cases: Vec<[u64; 2]> = pairs
+        .iter()
+        .map(|&(x, y)| if wide { [x, y] } else { [x | y << 32, 0] })
+        .collect();
+    let out = run_cases(&body, &cases)?;
+    Ok(out
+        .iter()
+        .map(|o| if wide { o[0] } else { lo32(o[0]) as u64 })
+        .collect())
 }
 
-/// `min.u64` compares all 64 bits unsigned (9.7.1.10): the check pass
-/// clamps a load address to the segment's last vector item with it.
+/// `min.u32` and `min.u64` compare unsigned over their whole width
+/// (9.7.1.10): the final stage computes `nchunks - 1` with `nchunks = 0`
+/// allowed (0xffffffff) and clamps indices with `min.u32`; the check pass
+/// clamps a load address to the segment's last vector item with `min.u64`.
 #[test]
-fn min_u64_is_unsigned_over_all_64_bits() {
-    let cases = [
-        [u64::MAX, 5],
-        [1 << 63, 1],
-        [3, 1 << 40],
-        [0x1_0000_0000, 0xffff_ffff],
-    ];
-    let out = cases_ok(
-        "    ld.global.u64 %rd0, [%a];
-    ld.global.u64 %rd1, [%a+8];
-    min.u64 %rd2, %rd0, %rd1;
-    st.global.u64 [%o], %rd2;",
-        &cases,
-    );
-    let got: Vec<u64> = out.iter().map(|o| o[0]).collect();
+fn min_u32_and_min_u64_are_unsigned() {
+    let got = unsigned_op(
+        "min.u32",
+        &[
+            (0xffff_ffff, 5),
+            (3, 0xffff_ffff),
+            (0x8000_0000, 0x7fff_ffff),
+        ],
+    )
+    .unwrap();
+    assert_eq!(got, [5, 3, 0x7fff_ffff]);
+    let got = unsigned_op(
+        "min.u64",
+        &[
+            (u64::MAX, 5),
+            (1 << 63, 1),
+            (3, 1 << 40),
+            (0x1_0000_0000, 0xffff_ffff),
+        ],
+    )
+    .unwrap();
     assert_eq!(got, [5, 1, 3, 0xffff_ffff]);
 }
 
@@ -196,19 +209,18 @@ fn min_u64_is_unsigned_over_all_64_bits() {
 /// a unit index modulo the block size with it.
 #[test]
 fn rem_u32_is_unsigned_and_a_zero_divisor_is_reported() {
-    let body = "    ld.global.u32 %r0, [%a];
-    ld.global.u32 %r1, [%a+4];
-    rem.u32 %r2, %r0, %r1;
-    st.global.u32 [%o], %r2;";
-    let cases = [
-        [0xffff_ffff | 10 << 32, 0],
-        [7 | 256 << 32, 0],
-        [1000 | 256 << 32, 0],
-        [0x8000_0001 | 0x8000_0000 << 32, 0],
-    ];
-    let got: Vec<u32> = cases_ok(body, &cases).iter().map(|o| lo32(o[0])).collect();
+    let got = unsigned_op(
+        "rem.u32",
+        &[
+            (0xffff_ffff, 10),
+            (7, 256),
+            (1000, 256),
+            (0x8000_0001, 0x8000_0000),
+        ],
+    )
+    .unwrap();
     assert_eq!(got, [5, 7, 232, 1]);
-    let e = run_cases(body, &[[5, 0]]).expect_err("rem by zero ran");
+    let e = unsigned_op("rem.u32", &[(5, 0)]).expect_err("rem by zero ran");
     assert_eq!(e.kind, ErrorKind::Undefined, "{e}");
 }
 
