@@ -767,11 +767,13 @@ fn the_check_pass_finds_each_nonfinite_value_in_its_four_loads() {
 }
 
 /// Segments shorter than four vector items per thread (most segments when
-/// many tensors share chunks) still take the check pass's four-load path:
-/// items past the segment's last vector item load that item again. One
+/// many tensors share chunks): the check pass fills a thread's group of
+/// four loads across segments, testing it early at a change of dtype or
+/// before a partial or misaligned unit. One
 /// non-finite value anywhere (any of the four loads, the last vector item,
-/// the scalar tail, a misaligned tensor, the second tensor of a shared
-/// chunk) must be seen; all-finite gradients must count nothing.
+/// the scalar tail, a misaligned tensor, either tensor of a shared chunk,
+/// of one dtype or two) must be seen; all-finite gradients must count
+/// nothing.
 #[test]
 fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
     let m = module();
@@ -783,28 +785,33 @@ fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
         rule: abi::NO_RULE,
         found_inf: false,
     };
+    let one = |dt: DType| match dt {
+        DType::F32 => 1f32.to_le_bytes().to_vec(),
+        DType::F16 => f16::ONE.to_le_bytes().to_vec(),
+        DType::Bf16 => bf16::ONE.to_le_bytes().to_vec(),
+    };
+    let nan = |dt: DType| match dt {
+        DType::F32 => f32::NAN.to_le_bytes().to_vec(),
+        DType::F16 => f16::NAN.to_le_bytes().to_vec(),
+        DType::Bf16 => bf16::NAN.to_le_bytes().to_vec(),
+    };
+    let dtypes = [DType::F32, DType::F16, DType::Bf16];
     let mut launches = 0;
-    for dt in [DType::F32, DType::F16, DType::Bf16] {
-        let one = match dt {
-            DType::F32 => 1f32.to_le_bytes().to_vec(),
-            DType::F16 => f16::ONE.to_le_bytes().to_vec(),
-            DType::Bf16 => bf16::ONE.to_le_bytes().to_vec(),
-        };
-        let nan = match dt {
-            DType::F32 => f32::NAN.to_le_bytes().to_vec(),
-            DType::F16 => f16::NAN.to_le_bytes().to_vec(),
-            DType::Bf16 => bf16::NAN.to_le_bytes().to_vec(),
-        };
-        // (leading tensor, checked tensor, misaligned): the checked one
-        // starts a chunk, or shares the first chunk with a 1000-element one
-        for (lead, len, misalign) in [
-            (0, 4, false),
-            (0, 7, false),
-            (0, 4 * (nt + 3) + 2, false),
-            (0, 4 * (3 * nt + 5) + 3, false),
-            (0, 4 * (4 * nt) - 1, false),
-            (1000, 2000, false),
-            (0, 4 * (2 * nt) + 1, true),
+    for (di, &dt) in dtypes.iter().enumerate() {
+        // (leading tensor and its dtype, checked tensor, misaligned): the
+        // checked one starts a chunk, or shares the first chunk with a
+        // 1000-element one of its own or of another dtype (a thread's group
+        // of loads runs on across the two segments, or is tested between)
+        let other = dtypes[(di + 1) % 3];
+        for (lead, lead_dt, len, misalign) in [
+            (0, dt, 4, false),
+            (0, dt, 7, false),
+            (0, dt, 4 * (nt + 3) + 2, false),
+            (0, dt, 4 * (3 * nt + 5) + 3, false),
+            (0, dt, 4 * (4 * nt) - 1, false),
+            (1000, dt, 2000, false),
+            (1000, other, 2000, false),
+            (0, dt, 4 * (2 * nt) + 1, true),
         ] {
             let nvec = len / 4;
             let mut at: Vec<usize> = vec![0, len - 1, 4 * nvec.max(1) - 1, 4 * nvec.max(1) - 4];
@@ -817,20 +824,26 @@ fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
             at.retain(|&p| p < len);
             at.sort_unstable();
             at.dedup();
-            for bad in std::iter::once(None).chain(at.into_iter().map(Some)) {
-                let mut specs = vec![Spec {
-                    dtype: dt,
-                    numel: len,
-                    misalign,
-                }];
-                let mut grads = vec![one.repeat(len)];
-                if let Some(p) = bad {
-                    let w = dt.size();
-                    grads[0][p * w..(p + 1) * w].copy_from_slice(&nan);
-                }
-                if lead > 0 {
-                    specs.insert(0, spec(dt, lead));
-                    grads.insert(0, one.repeat(lead));
+            // (tensor, element): none, each place in the checked tensor,
+            // and the leading tensor's first, last and a middle element
+            let mut places: Vec<Option<(usize, usize)>> = vec![None];
+            places.extend(at.into_iter().map(|p| Some((1, p))));
+            if lead > 0 {
+                places.extend([0, lead / 2 + 1, lead - 1].map(|p| Some((0, p))));
+            }
+            for bad in places {
+                let specs = [
+                    spec(lead_dt, lead),
+                    Spec {
+                        dtype: dt,
+                        numel: len,
+                        misalign,
+                    },
+                ];
+                let mut grads = vec![one(lead_dt).repeat(lead), one(dt).repeat(len)];
+                if let Some((t, p)) = bad {
+                    let w = specs[t].dtype.size();
+                    grads[t][p * w..(p + 1) * w].copy_from_slice(&nan(specs[t].dtype));
                 }
                 let mut gpu = Gpu::new(&m, OptimizerKind::Sgd, &specs, None);
                 gpu.write_grads(&grads);
@@ -842,8 +855,9 @@ fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
                 assert_eq!(
                     seen != 0,
                     bad.is_some(),
-                    "{}: {len} elements after {lead} (misaligned: {misalign}), NaN at {bad:?}: nonfinite count {seen}",
-                    dt.name()
+                    "{}: {len} elements after {lead} {} (misaligned: {misalign}), NaN at {bad:?}: nonfinite count {seen}",
+                    dt.name(),
+                    lead_dt.name()
                 );
             }
         }

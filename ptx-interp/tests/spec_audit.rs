@@ -149,79 +149,25 @@ fn min_max_f64_nan_operand_yields_the_other_and_signed_zeros_order() {
     assert_eq!((out[7][0], out[7][1]), (0, 1), "subnormal kept");
 }
 
-/// Runs the unsigned binary integer instruction `op` (`min.u32`,
-/// `rem.u64`, ...) on each pair of operands; returns the results.
-fn unsigned_op(op: &str, pairs: &[(u64, u64)]) -> ptx_interp::Result<Vec<u64>> {
-    let wide = op.ends_with("64");
-    let (r, ld, b) = if wide {
-        ("%rd", "u64", 8)
-    } else {
-        ("%r", "u32", 4)
-    };
-    let body = format!(
-        "    ld.global.{ld} {r}0, [%a];
-    ld.global.{ld} {r}1, [%a+{b}];
-    {op} {r}2, {r}0, {r}1;
-    st.global.{ld} [%o], {r}2;"
+/// `min.u32` compares unsigned (9.7.1.10): the final stage computes
+/// `nchunks - 1` with `nchunks = 0` allowed (0xffffffff) and clamps indices
+/// with `min.u32`.
+#[test]
+fn min_u32_is_unsigned() {
+    let cases = [
+        [0xffff_ffff | 5 << 32, 0],
+        [3 | 0xffff_ffff << 32, 0],
+        [0x8000_0000 | 0x7fff_ffff << 32, 0],
+    ];
+    let out = cases_ok(
+        "    ld.global.u32 %r0, [%a];
+    ld.global.u32 %r1, [%a+4];
+    min.u32 %r2, %r0, %r1;
+    st.global.u32 [%o], %r2;",
+        &cases,
     );
-    let cases: Vec<[u64; 2]> = pairs
-        .iter()
-        .map(|&(x, y)| if wide { [x, y] } else { [x | y << 32, 0] })
-        .collect();
-    let out = run_cases(&body, &cases)?;
-    Ok(out
-        .iter()
-        .map(|o| if wide { o[0] } else { lo32(o[0]) as u64 })
-        .collect())
-}
-
-/// `min.u32` and `min.u64` compare unsigned over their whole width
-/// (9.7.1.10): the final stage computes `nchunks - 1` with `nchunks = 0`
-/// allowed (0xffffffff) and clamps indices with `min.u32`; the check pass
-/// clamps a load address to the segment's last vector item with `min.u64`.
-#[test]
-fn min_u32_and_min_u64_are_unsigned() {
-    let got = unsigned_op(
-        "min.u32",
-        &[
-            (0xffff_ffff, 5),
-            (3, 0xffff_ffff),
-            (0x8000_0000, 0x7fff_ffff),
-        ],
-    )
-    .unwrap();
+    let got: Vec<u32> = out.iter().map(|o| lo32(o[0])).collect();
     assert_eq!(got, [5, 3, 0x7fff_ffff]);
-    let got = unsigned_op(
-        "min.u64",
-        &[
-            (u64::MAX, 5),
-            (1 << 63, 1),
-            (3, 1 << 40),
-            (0x1_0000_0000, 0xffff_ffff),
-        ],
-    )
-    .unwrap();
-    assert_eq!(got, [5, 1, 3, 0xffff_ffff]);
-}
-
-/// `rem.u32` is the unsigned remainder (9.7.1.7); a zero divisor is
-/// undefined behaviour, which the interpreter reports. The check pass takes
-/// a unit index modulo the block size with it.
-#[test]
-fn rem_u32_is_unsigned_and_a_zero_divisor_is_reported() {
-    let got = unsigned_op(
-        "rem.u32",
-        &[
-            (0xffff_ffff, 10),
-            (7, 256),
-            (1000, 256),
-            (0x8000_0001, 0x8000_0000),
-        ],
-    )
-    .unwrap();
-    assert_eq!(got, [5, 7, 232, 1]);
-    let e = unsigned_op("rem.u32", &[(5, 0)]).expect_err("rem by zero ran");
-    assert_eq!(e.kind, ErrorKind::Undefined, "{e}");
 }
 
 /// 64-bit shared accesses keep all 64 bits and must be 8-aligned (the
@@ -1548,10 +1494,10 @@ cvt.rn.f32.f64 cvt.u16.u32 cvt.u32.u16 cvt.u64.u32 div.rn.f32 div.rn.f64
 ld.global.b16 ld.global.f32 ld.global.f64 ld.global.u32 ld.global.u64
 ld.global.v2.b32 ld.global.v4.b16 ld.global.v4.b32 ld.global.v4.f32
 ld.param.f32 ld.param.f64 ld.param.u32 ld.param.u64 ld.shared.f64
-ld.shared.u32 ld.shared.u64 max.f64 membar.gl min.f64 min.u32 min.u64
+ld.shared.u32 ld.shared.u64 max.f64 membar.gl min.f64 min.u32
 mov.b16 mov.b32 mov.b64
 mov.f32 mov.f64 mov.u32 mov.u64 mul.rn.f32 mul.rn.f64 mul.wide.u32 or.b32
-rem.u32 ret selp.b32 selp.u32 setp.eq.u32 setp.ge.u32 setp.gt.f64 setp.gt.u32
+ret selp.b32 selp.u32 setp.eq.u32 setp.ge.u32 setp.gt.f64 setp.gt.u32
 setp.le.f64 setp.lt.u32 setp.nan.f64 setp.ne.u32 setp.ne.u64 setp.neu.f32
 shfl.sync.bfly.b32 shl.b32 shl.b64 shr.u32 sqrt.rn.f32 sqrt.rn.f64
 st.global.b16 st.global.f32 st.global.f64 st.global.u32 st.global.u64
