@@ -241,11 +241,13 @@ fn returning_instead_of_finishing_the_chunks_is_caught() {
 }
 
 #[test]
-fn ending_a_chunk_after_its_first_segment_is_caught() {
-    // the last chunk's second segment (the whole bf16 tensor) is skipped
+fn a_deal_that_does_not_go_on_into_the_next_segment_is_caught() {
+    // a lane moving to the next segment keeps its unit index instead of
+    // continuing the deal there: the last chunk's second segment (the
+    // whole bf16 tensor) is dealt from the wrong units
     let e = interp_error(&edit(
-        "add.u32 %seg, %seg, 1;\n\tbra SEG_LOOP;",
-        "bra CHUNK_END;",
+        "sub.u32 %q4, %q4, %x;\n\tadd.u32 %seg, %seg, 1;",
+        "add.u32 %seg, %seg, 1;",
         0,
     ));
     assert!(e.contains("parameters differ"), "{e}");

@@ -172,6 +172,19 @@ pub struct KernelArgs {
 impl KernelArgs {
     /// Each parameter's bytes, in declaration order.
     pub fn params(&self) -> Vec<Vec<u8>> {
+        // Without M_THETA the chunk work is the guard's gradient check (or
+        // there is none): the kernel runs that check for any chunk work and
+        // writes no partials (kernels/README.md, "mode bits").
+        debug_assert!(
+            self.mode & mode::THETA != 0 || self.mode & mode::CHECK != 0 || self.nchunks == 0,
+            "lra_pass mode {:#x}: chunk work without M_THETA must be M_CHECK",
+            self.mode
+        );
+        debug_assert!(
+            self.mode & mode::THETA != 0 || self.mode & mode::DOT == 0 || self.nchunks == 0,
+            "lra_pass mode {:#x}: M_DOT needs M_THETA",
+            self.mode
+        );
         let sc = self.sc;
         let sc_bytes = [
             sc.b1,
