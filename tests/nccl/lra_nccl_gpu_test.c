@@ -171,6 +171,19 @@ static void start(float *theta)
         theta[k] = (float)(0.1 * k);
 }
 
+/* A sharded host handle on the adapter after two good steps (the failure
+   checks then break the communicator under it). */
+static lra_handle *sharded_after_two_steps(lra_nccl_reduction *red, float *theta, float *grad)
+{
+    lra_handle *h = make_handle(LRA_DEVICE_HOST, LRA_SHARDING_SHARDED, 1, 1,
+                                lra_nccl_allreduce_sum, red);
+    start(theta);
+    lra_reeval_info info;
+    for (int s = 0; s < 2; s++)
+        host_step(h, theta, grad, &info);
+    return h;
+}
+
 /* Part 2: host handles through the adapter against one without reduction. */
 static void host_training(lra_nccl_reduction *red, const char *what)
 {
@@ -399,13 +412,8 @@ static void failure_after_abort(ncclComm_t comm, cudaStream_t stream)
 {
     lra_nccl_reduction red;
     CHECK(lra_nccl_init(&red, comm, stream) == 0, "lra_nccl_init for the failure check");
-    lra_handle *h = make_handle(LRA_DEVICE_HOST, LRA_SHARDING_SHARDED, 1, 1,
-                                lra_nccl_allreduce_sum, &red);
     float theta[N], grad[N];
-    start(theta);
-    lra_reeval_info info;
-    for (int s = 0; s < 2; s++)
-        host_step(h, theta, grad, &info);
+    lra_handle *h = sharded_after_two_steps(&red, theta, grad);
     NCCL_OK(ncclCommAbort(comm));
     /* ncclCommAbort frees the communicator: a trainer's reduction must not
        use it any more (passing the stale pointer would be a use after free),
@@ -445,13 +453,8 @@ static void failure_after_revoke(cudaStream_t stream)
     NCCL_OK(ncclCommInitRank(&comm, 1, id, 0));
     lra_nccl_reduction red;
     CHECK(lra_nccl_init(&red, comm, stream) == 0, "lra_nccl_init for the revoke check");
-    lra_handle *h = make_handle(LRA_DEVICE_HOST, LRA_SHARDING_SHARDED, 1, 1,
-                                lra_nccl_allreduce_sum, &red);
     float theta[N], grad[N];
-    start(theta);
-    lra_reeval_info info;
-    for (int s = 0; s < 2; s++)
-        host_step(h, theta, grad, &info);
+    lra_handle *h = sharded_after_two_steps(&red, theta, grad);
     const ncclResult_t revoked = revoke(comm, 0 /* NCCL_REVOKE_DEFAULT */);
     int polls = 0;
     const ncclResult_t state = revoked == ncclSuccess ? settle(comm, &polls) : ncclSuccess;
