@@ -86,6 +86,7 @@ fn fused_matrix(dt: DType) {
                     nonfinite_init: nonfinite,
                     seed: 1000 * ki as u64 + li as u64 + 17 * dt as u64 + 7919 * nonfinite as u64,
                     grid: None,
+                    block: abi::BLOCK,
                     schedule: Schedule::InOrder,
                 };
                 let finite = run(&m, &c).1;
@@ -257,6 +258,7 @@ fn results_and_phi_are_identical_under_every_schedule_and_grid() {
             nonfinite_init: false,
             seed: 5,
             grid,
+            block: abi::BLOCK,
             schedule,
         };
         let (base, stats) = run(&m, &case(Some(2), Schedule::InOrder));
@@ -304,6 +306,104 @@ fn results_and_phi_are_identical_under_every_schedule_and_grid() {
             );
         }
     }
+}
+
+/// The library launches 256 threads per block; kernels/README.md says the
+/// kernel works for any multiple of 32 up to 1024 (one warp to a full
+/// block, and 96: warps that do not fill the reduction's 32 slots). At
+/// each, every pass on a layout with scalar tails, a misaligned tensor,
+/// mixed dtypes and a chunk of more segments than one staging batch (256,
+/// or fewer threads) equals the CPU bit for bit, and φ equals the reduction
+/// order written for that many threads; the final stage too, over three to
+/// four partials per thread.
+#[test]
+fn every_allowed_block_size_equals_cpu_in_every_pass() {
+    let m = module();
+    let mut specs = vec![
+        spec(DType::F32, 2 * 4096 + 1001),
+        Spec {
+            dtype: DType::F16,
+            numel: 4097,
+            misalign: true,
+        },
+        spec(DType::Bf16, 31),
+    ];
+    // 600 tensors of 0 to 12 elements: a chunk of 385 segments
+    specs.extend((0..600).map(|i| Spec {
+        dtype: [DType::F32, DType::F16, DType::Bf16][i % 3],
+        numel: i % 13,
+        misalign: i % 11 == 4,
+    }));
+    let chunks = abi::chunk_table(&specs.iter().map(|s| s.numel).collect::<Vec<_>>());
+    assert!(chunks.chunks.iter().any(|c| c.end - c.first > 256));
+    // non-finite gradients only where they cannot poison later steps: the
+    // guard skips the third step; the last one writes NaNs
+    let steps = [
+        finite(Pass::Fused, 1e-2),
+        finite(Pass::Guarded, 1e-2),
+        plan(Pass::Guarded, 1e-2),
+        finite(
+            Pass::Scaled {
+                f_star: 0.25,
+                obs_var: 0.1,
+            },
+            2e-2,
+        ),
+        finite(
+            Pass::Sharded {
+                f_star: f64::NAN,
+                obs_var: 0.1,
+            },
+            1e-2,
+        ),
+        StepPlan {
+            found_inf: Some(1.0),
+            ..finite(Pass::Guarded, 1e-2)
+        },
+        finite(Pass::Fused, 3e-2),
+        plan(Pass::Fused, 1e-2),
+    ];
+    let mut rng = Rng(9);
+    let mut final_order_shows = false;
+    // the block size shapes the deal, the staging and the reductions, not
+    // the per-element math: one optimizer without state, one with
+    for block in [32, 96, 1024] {
+        let mut stats = PhiStats::default();
+        for kind in [OptimizerKind::Sgd, OptimizerKind::Nesterov] {
+            let c = Case {
+                block,
+                ..Case::plain(
+                    format!("{}/{block} threads", kind.name()),
+                    kind,
+                    &specs,
+                    hyper(kind, true),
+                    &steps,
+                    31 + block as u64,
+                )
+            };
+            stats.add(run(&m, &c).1);
+        }
+        stats.assert_meaningful(&format!("{block} threads"));
+        assert!(
+            stats.block_order_shows > 0,
+            "{block} threads: no φ whose bits tell this order from 256 threads' ({stats:?})"
+        );
+        let parts: Vec<f64> = (0..3 * block as usize + 17)
+            .map(|_| rng.value() as f64 * (1.0 + rng.value() as f64))
+            .collect();
+        let want = final_sum(&parts, 0.01, &BFLY, block as usize);
+        let got = final_stage_phi(&m, &parts, 0.01, (3, block), Schedule::InOrder).unwrap();
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "final stage at {block} threads: {got:e} vs {want:e}"
+        );
+        final_order_shows |= want.to_bits() != final_sum(&parts, 0.01, &BFLY, 256).to_bits();
+    }
+    assert!(
+        final_order_shows,
+        "the partials do not tell block sizes apart"
+    );
 }
 
 /// A small mixed layout (vector and scalar paths, two chunks) for the
@@ -613,6 +713,7 @@ fn chunking_edges_in_every_pass_equal_cpu() {
                     nonfinite_init: false,
                     seed: 80 + li as u64,
                     grid: None,
+                    block: abi::BLOCK,
                     schedule: Schedule::InOrder,
                 },
             );
@@ -682,8 +783,8 @@ fn phi_over_thousands_of_partials_is_in_the_fixed_order() {
             .map(|_| rng.value() as f64 * (1.0 + rng.value() as f64))
             .collect();
         let lr = 0.01;
-        let want = final_sum(&parts, lr, &BFLY);
-        let got = final_stage_phi(&m, &parts, lr, grid, schedule).unwrap();
+        let want = final_sum(&parts, lr, &BFLY, abi::BLOCK as usize);
+        let got = final_stage_phi(&m, &parts, lr, (grid, abi::BLOCK), schedule).unwrap();
         assert_eq!(
             got.to_bits(),
             want.to_bits(),
@@ -700,11 +801,18 @@ fn phi_over_thousands_of_partials_is_in_the_fixed_order() {
 /// that saw a non-finite value: exactly one per chunk where one was put,
 /// at every lane of every one of the four loads (both halves of a word for
 /// f16/bf16), among finite neighbours that sit at the edges of the finite
-/// range (±max, subnormals, −0), which must not count.
+/// range (±max, subnormals, −0), which must not count. At the library's
+/// block size and at the others the kernel allows (a 4096-element chunk
+/// gives each of 1024 threads one load).
 #[test]
 fn the_check_pass_finds_each_nonfinite_value_in_its_four_loads() {
+    for block in [abi::BLOCK, 32, 96, 1024] {
+        check_pass_finds_each_nonfinite_value(block as usize);
+    }
+}
+
+fn check_pass_finds_each_nonfinite_value(block: usize) {
     let m = module();
-    let block = abi::BLOCK as usize;
     for dt in [DType::F32, DType::F16, DType::Bf16] {
         let specials = special_bits(dt);
         let is_finite = |bits: u32| match dt {
@@ -724,18 +832,22 @@ fn the_check_pass_finds_each_nonfinite_value_in_its_four_loads() {
             _ => [0x7c01 | ((dt == DType::Bf16) as u32 * 0x0380), 0xffff],
         });
         assert!(bad.iter().all(|&b| !is_finite(b)) && finite.len() >= 6);
-        // chunk k: load j = k % 4, lane (k / 4) % 4, thread [0, 131, 255][k / 16];
-        // chunk 48 has no non-finite value
-        let threads = [0, 131, block - 1];
-        let nchunks = 16 * threads.len() + 1;
+        // one chunk per (load j of the thread's first group, lane, thread);
+        // a last chunk with no non-finite value
+        let loads = (abi::CHUNK / (4 * block)).min(4);
+        let mut places = Vec::new();
+        for tx in [0, block / 2 + 3, block - 1] {
+            for lane in 0..4 {
+                for j in 0..loads {
+                    places.push(4 * (tx + block * j) + lane);
+                }
+            }
+        }
+        let nchunks = places.len() + 1;
         let numel = nchunks * abi::CHUNK;
         let mut words: Vec<u32> = (0..numel).map(|i| finite[i % finite.len()]).collect();
-        let mut planted = 0;
-        for k in 0..nchunks - 1 {
-            let (j, lane, tx) = (k % 4, (k / 4) % 4, threads[k / 16]);
-            let at = k * abi::CHUNK + 4 * (tx + block * j) + lane;
-            words[at] = bad[k % bad.len()];
-            planted += 1;
+        for (k, at) in places.iter().enumerate() {
+            words[k * abi::CHUNK + at] = bad[k % bad.len()];
         }
         let grads: Vec<u8> = match dt {
             DType::F32 => words.iter().flat_map(|w| w.to_le_bytes()).collect(),
@@ -748,6 +860,7 @@ fn the_check_pass_finds_each_nonfinite_value_in_its_four_loads() {
         let kind = OptimizerKind::Sgd;
         let h = hyper(kind, false);
         let mut gpu = Gpu::new(&m, kind, &specs, Some(nchunks as u32));
+        gpu.block = block as u32;
         gpu.write_grads(&[grads]);
         let args = StepArgs {
             hyper: &h,
@@ -755,13 +868,13 @@ fn the_check_pass_finds_each_nonfinite_value_in_its_four_loads() {
             rule: abi::NO_RULE,
             found_inf: false,
         };
+        let what = format!("{} at {block} threads", dt.name());
         gpu.launch(abi::mode::CHECK, &args, nchunks as u32, nchunks as u32)
-            .unwrap_or_else(|e| panic!("{}: check pass: {e}", dt.name()));
+            .unwrap_or_else(|e| panic!("{what}: check pass: {e}"));
         assert_eq!(
             gpu.control().nonfinite,
-            planted,
-            "{}: threads that saw a non-finite gradient",
-            dt.name()
+            places.len() as u32,
+            "{what}: threads that saw a non-finite gradient"
         );
     }
 }

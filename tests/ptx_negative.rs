@@ -38,6 +38,7 @@ fn case<'a>(specs: &'a [Spec], steps: &'a [StepPlan]) -> Case<'a> {
         nonfinite_init: false,
         seed: 3,
         grid: Some(2),
+        block: abi::BLOCK,
         schedule: Schedule::InOrder,
     }
 }
@@ -364,8 +365,8 @@ fn adding_a_wrong_partial_in_the_final_sum_is_caught() {
     let mut rng = Rng(5);
     let sum = |n: usize, rng: &mut Rng| {
         let parts: Vec<f64> = (0..n).map(|_| rng.value() as f64).collect();
-        let got = final_stage_phi(&m, &parts, 1.0, 2, Schedule::InOrder).unwrap();
-        got.to_bits() == final_sum(&parts, 1.0, &BFLY).to_bits()
+        let got = final_stage_phi(&m, &parts, 1.0, (2, abi::BLOCK), Schedule::InOrder).unwrap();
+        got.to_bits() == final_sum(&parts, 1.0, &BFLY, abi::BLOCK as usize).to_bits()
     };
     assert!(sum(257, &mut rng), "few partials do not show the edit");
     assert!(!sum(4097, &mut rng), "the edited final sum passed");

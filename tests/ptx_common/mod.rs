@@ -330,6 +330,8 @@ pub struct Gpu<'m> {
     partials: u64,
     found_inf: u64,
     pub grid: u32,
+    /// Threads per block (`abi::BLOCK` unless a test sets another).
+    pub block: u32,
     pub schedule: Schedule,
     pub table: Vec<TensorEntry>,
     pub plan: ChunkPlan,
@@ -390,6 +392,7 @@ impl<'m> Gpu<'m> {
             partials,
             found_inf,
             grid,
+            block: abi::BLOCK,
             schedule: Schedule::InOrder,
             table,
             plan,
@@ -571,7 +574,7 @@ impl<'m> Gpu<'m> {
         .into_iter()
         .map(Arg::Bytes)
         .collect();
-        let cfg = LaunchConfig::linear(grid, abi::BLOCK).with_schedule(self.schedule.clone());
+        let cfg = LaunchConfig::linear(grid, self.block).with_schedule(self.schedule.clone());
         let report = self.dev.launch(self.module, abi::ENTRY, &cfg, &args)?;
         self.reports.push(report);
         Ok(())
@@ -848,14 +851,9 @@ fn block_sum(acc: &[f64], offsets: &[usize]) -> f64 {
 }
 
 /// φ in the kernel's reduction order (kernels/README.md, "Reduction order
-/// of φ"), bit for bit, from the per-element terms.
-pub fn phi_reference(terms: &[Vec<f64>], plan: &ChunkPlan, lr: f64) -> f64 {
-    phi_reference_with(terms, plan, lr, &BFLY)
-}
-
-/// [`phi_reference`] with other butterfly offsets (for the negative tests).
-pub fn phi_reference_with(terms: &[Vec<f64>], plan: &ChunkPlan, lr: f64, offsets: &[usize]) -> f64 {
-    let t_n = abi::BLOCK as usize;
+/// of φ") for blocks of `t_n` threads, bit for bit, from the per-element
+/// terms.
+pub fn phi_reference(terms: &[Vec<f64>], plan: &ChunkPlan, lr: f64, t_n: usize) -> f64 {
     let partials: Vec<f64> = plan
         .chunks
         .iter()
@@ -883,16 +881,15 @@ pub fn phi_reference_with(terms: &[Vec<f64>], plan: &ChunkPlan, lr: f64, offsets
                     a
                 })
                 .collect();
-            block_sum(&acc, offsets)
+            block_sum(&acc, &BFLY)
         })
         .collect();
-    final_sum(&partials, lr, offsets)
+    final_sum(&partials, lr, &BFLY, t_n)
 }
 
 /// The final stage (kernels/README.md, reduction order step 4): φ of the
-/// chunk partials.
-pub fn final_sum(partials: &[f64], lr: f64, offsets: &[usize]) -> f64 {
-    let t_n = abi::BLOCK as usize;
+/// chunk partials, in blocks of `t_n` threads.
+pub fn final_sum(partials: &[f64], lr: f64, offsets: &[usize], t_n: usize) -> f64 {
     let acc: Vec<f64> = (0..t_n)
         .map(|t| partials.iter().skip(t).step_by(t_n).fold(0.0, |a, p| a + p))
         .collect();
@@ -901,12 +898,12 @@ pub fn final_sum(partials: &[f64], lr: f64, offsets: &[usize]) -> f64 {
 
 /// Runs only the final stage (`F_SUM`) of `lra_pass` over `partials`
 /// written by the host (chunks without segments, so no block writes one)
-/// with `grid` blocks; returns φ from the control block.
+/// with `grid` blocks of `block` threads; returns φ from the control block.
 pub fn final_stage_phi(
     m: &Module,
     partials: &[f64],
     lr: f64,
-    grid: u32,
+    (grid, block): (u32, u32),
     schedule: Schedule,
 ) -> ptx_interp::Result<f64> {
     let mut dev = Device::new();
@@ -938,7 +935,7 @@ pub fn final_stage_phi(
     .into_iter()
     .map(Arg::Bytes)
     .collect();
-    let cfg = LaunchConfig::linear(grid, abi::BLOCK).with_schedule(schedule);
+    let cfg = LaunchConfig::linear(grid, block).with_schedule(schedule);
     dev.launch(m, abi::ENTRY, &cfg, &args)?;
     let b = dev.read(control + abi::CONTROL_PHI, 8)?;
     Ok(f64::from_le_bytes(b.try_into().unwrap()))
@@ -1002,6 +999,8 @@ pub struct Case<'a> {
     pub nonfinite_init: bool,
     pub seed: u64,
     pub grid: Option<u32>,
+    /// Threads per block.
+    pub block: u32,
     pub schedule: Schedule,
 }
 
@@ -1024,6 +1023,7 @@ impl<'a> Case<'a> {
             nonfinite_init: false,
             seed,
             grid: None,
+            block: abi::BLOCK,
             schedule: Schedule::InOrder,
         }
     }
@@ -1043,12 +1043,17 @@ pub struct DeviceResult {
 pub struct PhiStats {
     pub phi_checks: usize,
     pub finite_phi: usize,
+    /// Cases at another block size than `abi::BLOCK`: comparisons whose
+    /// expected bits differ from `abi::BLOCK` threads' order (so they tell
+    /// the block sizes' orders apart).
+    pub block_order_shows: usize,
 }
 
 impl PhiStats {
     pub fn add(&mut self, o: PhiStats) {
         self.phi_checks += o.phi_checks;
         self.finite_phi += o.finite_phi;
+        self.block_order_shows += o.block_order_shows;
     }
     /// Most φ comparisons must be between real numbers.
     pub fn assert_meaningful(&self, what: &str) {
@@ -1109,6 +1114,7 @@ pub fn try_run_window(
         None => Gpu::new(m, c.kind, c.specs, c.grid),
     };
     gpu.schedule = c.schedule.clone();
+    gpu.block = c.block;
     gpu.write_params(&params);
     gpu.set_state(&state);
     let mut host = Host::new(c.kind, c.specs, &params, &state);
@@ -1211,7 +1217,7 @@ pub fn try_run_window(
             let shape = st.pass.shape();
             // two-pass sharded steps report the sum over the ranks (the
             // host's one f64 addition); fused ones the local φ
-            let local = phi_reference(&terms, &gpu.plan, st.lr);
+            let local = phi_reference(&terms, &gpu.plan, st.lr, c.block as usize);
             let (want, peer_phi) = match shape.peers {
                 Some(p) if shape.rule.is_some() => (local + p[2], p[2]),
                 _ => (local, 0.0),
@@ -1225,6 +1231,14 @@ pub fn try_run_window(
             );
             if want.is_finite() && want != 0.0 {
                 stats.finite_phi += 1;
+            }
+            if c.block != abi::BLOCK
+                && !same_f64(
+                    local,
+                    phi_reference(&terms, &gpu.plan, st.lr, abi::BLOCK as usize),
+                )
+            {
+                stats.block_order_shows += 1;
             }
             stats.phi_checks += 1;
             // the CPU backend sums in another order: close, not equal
