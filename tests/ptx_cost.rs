@@ -147,14 +147,12 @@ fn compare(m: &Module, split_into: usize) -> Vec<(&'static str, Cost, Cost)> {
 /// over 1 tensor"). With a chunk's descriptors staged together and its
 /// 4-element units dealt out across segments as if it held one tensor, a
 /// chunk shared by two tensors waits for its tables as often as a chunk
-/// of one and every thread has the same number of units: the fused and
-/// the two-pass steps wait exactly as long. What is left is in the
-/// guard's check pass: its groups of four loads run on across segments,
-/// but a tensor's partial last unit (this split's 5242-element tensors
-/// end 2 elements into one) is tested on its own, after the thread's open
-/// group: up to two rounds more for the thread that has one.
+/// of one and every thread has the same number of units; the guard's
+/// check pass fills each thread's group of four loads across segments,
+/// an f32 tensor's partial last unit (this split's 5242-element tensors
+/// end 2 elements into one) included: every step waits exactly as long.
 #[test]
-fn two_hundred_tensors_wait_as_long_as_one_tensor_outside_the_check_pass() {
+fn two_hundred_tensors_wait_as_long_as_one_tensor() {
     let m = Module::load(abi::PTX).unwrap();
     for (name, one, many) in compare(&m, 200) {
         // the same elements and state are moved: tables are the difference
@@ -176,46 +174,52 @@ fn two_hundred_tensors_wait_as_long_as_one_tensor_outside_the_check_pass() {
             many.instructions,
             one.instructions
         );
-        let extra = if name.contains("guard on") { 2 } else { 0 };
-        assert!(
-            many.rounds <= one.rounds + extra,
-            "{name}: latency rounds {} vs {}",
-            many.rounds,
-            one.rounds
-        );
+        assert_eq!(many.rounds, one.rounds, "{name}: latency rounds");
     }
 }
 
-/// Most tensors of real models hold a multiple of 4 elements (weights,
-/// biases, norms): 200 such tensors of 1M parameters in all wait exactly as
-/// long as 1 tensor in the guarded step too (the check pass fills each
-/// thread's group of four loads across segments).
+/// Half-precision gradients in the guarded step: 200 bf16 tensors of whole
+/// vectors (multiples of 4 elements, as weights, biases and norms usually
+/// are) wait exactly as long as 1 tensor. A half tensor's partial last
+/// unit is the one case the check pass still tests on its own, after the
+/// thread's open group (its 1-3 halves do not fill a 32-bit slot word;
+/// packing them would cost sm_70 a spill at its 64-register cap): up to
+/// two rounds more for a thread that owns one, and no more.
 #[test]
-fn two_hundred_whole_vector_tensors_wait_as_long_as_one_in_the_guarded_step() {
+fn two_hundred_half_tensors_in_the_guarded_step() {
     let m = Module::load(abi::PTX).unwrap();
     let n = 1 << 20;
     let each = n / 200 / 4 * 4;
-    let mut specs: Vec<Spec> = (0..199).map(|_| spec(DType::F32, each)).collect();
-    specs.push(spec(DType::F32, n - 199 * each));
-    assert!(specs.iter().all(|s| s.numel % 4 == 0));
+    let mut whole: Vec<Spec> = (0..199).map(|_| spec(DType::Bf16, each)).collect();
+    whole.push(spec(DType::Bf16, n - 199 * each));
+    assert!(whole.iter().all(|s| s.numel % 4 == 0));
+    let odd = split(DType::Bf16, n, 200);
+    assert!(odd.iter().all(|s| s.numel % 4 != 0));
     let one = step_cost(
         &m,
         OptimizerKind::Adam,
-        &split(DType::F32, n, 1),
+        &split(DType::Bf16, n, 1),
         Pass::Guarded,
     );
-    let many = step_cost(&m, OptimizerKind::Adam, &specs, Pass::Guarded);
-    println!(
-        "fused, guard on, 200 tensors of {each} elements: latency rounds {} vs {}, instructions {:.4}",
-        many.rounds,
-        one.rounds,
-        ratio(many.instructions, one.instructions)
-    );
-    assert_eq!(many.rounds, one.rounds, "latency rounds");
-    assert!(
-        ratio(many.instructions, one.instructions) < 1.03,
-        "instructions {} vs {}",
-        many.instructions,
-        one.instructions
-    );
+    for (what, specs, extra) in [("whole vectors", &whole, 0), ("odd sizes", &odd, 2)] {
+        let many = step_cost(&m, OptimizerKind::Adam, specs, Pass::Guarded);
+        println!(
+            "fused, guard on, bf16, 200 tensors ({what}): latency rounds {} vs {}, instructions {:.4}",
+            many.rounds,
+            one.rounds,
+            ratio(many.instructions, one.instructions)
+        );
+        assert!(
+            many.rounds <= one.rounds + extra,
+            "{what}: latency rounds {} vs {}",
+            many.rounds,
+            one.rounds
+        );
+        assert!(
+            ratio(many.instructions, one.instructions) < 1.03,
+            "{what}: instructions {} vs {}",
+            many.instructions,
+            one.instructions
+        );
+    }
 }

@@ -925,13 +925,20 @@ fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
             (1000, dt, 2000, false),
             (1000, other, 2000, false),
             (0, dt, 4 * (2 * nt) + 1, true),
+            (0, dt, 4 * (4 * nt) + 3, true),
         ] {
             let nvec = len / 4;
             let mut at: Vec<usize> = vec![0, len - 1, 4 * nvec.max(1) - 1, 4 * nvec.max(1) - 4];
-            // the j-th load of threads 0, 3 and the last, lane j
+            // the j-th load of threads 0, 3 and the last, lane j; every
+            // lane of every load of thread 3
             for j in 1..4 {
                 for tx in [0, 3, nt - 1] {
                     at.push(4 * (tx + j * nt) + j);
+                }
+            }
+            for j in 0..4 {
+                for lane in 0..4 {
+                    at.push(4 * (3 + j * nt) + lane);
                 }
             }
             at.retain(|&p| p < len);
