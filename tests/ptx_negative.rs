@@ -56,6 +56,13 @@ const SPECS: [Spec; 2] = [
     },
 ];
 
+/// One chunk of work: with `grid: Some(2)`, block 1 has none.
+const ONE_CHUNK: [Spec; 1] = [Spec {
+    dtype: DType::F32,
+    numel: abi::CHUNK - 5,
+    misalign: false,
+}];
+
 fn steps() -> [StepPlan; 3] {
     let p = StepPlan {
         nonfinite_grads: false,
@@ -108,8 +115,24 @@ fn the_unedited_kernel_passes_the_same_case() {
     let plan = abi::chunk_table(&SPECS.map(|s| s.numel));
     assert_eq!(plan.chunks.len(), 4);
     assert_eq!(plan.chunks[3].end - plan.chunks[3].first, 2);
+    assert_eq!(
+        abi::chunk_table(&ONE_CHUNK.map(|s| s.numel)).chunks.len(),
+        1
+    );
     let steps = steps();
-    try_run(&load(abi::PTX), &case(&SPECS, &steps)).unwrap();
+    let m = load(abi::PTX);
+    for specs in [&SPECS[..], &ONE_CHUNK[..]] {
+        for schedule in [Schedule::InOrder, Schedule::Reversed] {
+            try_run(
+                &m,
+                &Case {
+                    schedule,
+                    ..case(specs, &steps)
+                },
+            )
+            .unwrap();
+        }
+    }
 }
 
 #[test]
@@ -120,12 +143,13 @@ fn removing_any_barrier_is_reported() {
     // per-warp sums while warp 0 reads them; #1: threads read staged rows
     // before they were written; #2: warp 0 reads the per-warp sums before
     // the other warps wrote them; #4: threads read the last-block flag
-    // before thread 0 wrote it. These show in every schedule. #3: a block
-    // counts itself out (fence + atomic)
-    // before all its threads raised the non-finite flag; that shows only
-    // in schedules where a late raise comes after the last block read the
-    // flag, so interleaved schedules are searched for one (long quanta,
-    // which let thread 0 run far ahead of its block, find it soonest).
+    // before thread 0 wrote it. #3: a block counts itself out (fence +
+    // atomic) before all its threads raised the non-finite flag. That shows
+    // when such a late raise is the flag's last write before the last
+    // block reads it: with one chunk, block 1 has no work and raises
+    // nothing, and in order block 0's threads raise after its thread 0
+    // counted out. (SPECS in random schedules found it only in about one
+    // in ten, and a kernel edit moved the first one past the search.)
     let n = abi::PTX.matches("bar.sync 0;").count();
     assert_eq!(
         n, 5,
@@ -134,25 +158,16 @@ fn removing_any_barrier_is_reported() {
     let steps = steps();
     for nth in 0..n {
         let m = load(&edit("bar.sync 0;", "", nth));
-        let schedules = std::iter::once(Schedule::InOrder).chain((0..16).flat_map(|seed| {
-            [1, 4, 50, 400, 2000].map(|q| Schedule::Random {
-                seed,
-                resident: 2,
-                max_quantum: q,
+        let found = [&SPECS[..], &ONE_CHUNK[..]]
+            .into_iter()
+            .flat_map(|specs| {
+                [Schedule::InOrder, Schedule::Reversed].map(|schedule| Case {
+                    schedule,
+                    ..case(specs, &steps)
+                })
             })
-        }));
-        let found = schedules
-            .map(|sched| {
-                try_run(
-                    &m,
-                    &Case {
-                        schedule: sched,
-                        ..case(&SPECS, &steps)
-                    },
-                )
-            })
-            .find_map(|r| r.err());
-        let e = found.unwrap_or_else(|| panic!("bar.sync #{nth} removed: no schedule reported it"));
+            .find_map(|c| try_run(&m, &c).err());
+        let e = found.unwrap_or_else(|| panic!("bar.sync #{nth} removed: no case reported it"));
         // a race, or a read of shared memory no thread has written yet
         assert!(
             matches!(kind_of(&e), Some(ErrorKind::Race | ErrorKind::Undefined)),
