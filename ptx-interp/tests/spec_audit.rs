@@ -860,6 +860,33 @@ fn b32_instructions_on_f32_registers_keep_bits() {
     }
 }
 
+/// A load of a bit-size type into a wider register zero-extends, whatever
+/// the register held (PTX ISA, "Operand Size Exceeding Instruction-Type
+/// Size": for `ld`, a `.bN` value in a wider destination is zero-extended;
+/// ptxas takes `.f32` registers there too). The check pass loads a half
+/// that is not part of a vector with `ld.global.b16` into a `.f32` slot
+/// word and tests the word's bits 15 and 31 for non-finite values.
+#[test]
+fn a_b16_load_into_a_32_bit_register_zero_extends() {
+    let words: [u32; 4] = [0x7c00_ffff, 0xffff_7f80, 0x0001_8000, 0];
+    let cases: Vec<[u64; 2]> = words.iter().map(|&w| [w as u64, 0]).collect();
+    let out = cases_ok(
+        "    mov.u32 %r0, -1;
+    mov.b32 %f0, %r0;
+    ld.global.b16 %f0, [%a];
+    mov.b32 %r1, %f0;
+    st.global.u32 [%o], %r1;
+    mov.u32 %r2, -1;
+    ld.global.b16 %r2, [%a+2];
+    st.global.u32 [%o+4], %r2;",
+        &cases,
+    );
+    for (w, o) in words.iter().zip(&out) {
+        assert_eq!(o[0] as u32, w & 0xffff, "low half of {w:#010x}");
+        assert_eq!((o[0] >> 32) as u32, w >> 16, "high half of {w:#010x}");
+    }
+}
+
 /// `mov.b64 {lo, hi}, d` puts the low 32 bits in the first element and
 /// `mov.b64 d, {lo, hi}` reassembles them (9.7.9.1 `mov`, vector form): the
 /// kernel shuffles f64 partial sums as two halves.
