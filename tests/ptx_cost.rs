@@ -184,13 +184,11 @@ fn two_hundred_tensors_wait_as_long_as_one_tensor() {
     }
 }
 
-/// Half-precision gradients in the guarded step: 200 bf16 tensors of whole
-/// vectors (multiples of 4 elements, as weights, biases and norms usually
-/// are) wait exactly as long as 1 tensor. A half tensor's partial last
-/// unit is the one case the check pass still tests on its own, after the
-/// thread's open group (its 1-3 halves do not fill a 32-bit slot word;
-/// packing them would cost sm_70 a spill at its 64-register cap): up to
-/// two rounds more for a thread that owns one, and no more.
+/// Half-precision gradients in the guarded step: 200 bf16 tensors wait
+/// exactly as long as 1 tensor, whether they are whole vectors (multiples
+/// of 4 elements, as weights, biases and norms usually are) or end in a
+/// partial unit of 1-3 halves (the check pass loads those half by half
+/// into a slot of the thread's open group, as it does an f32 tail).
 #[test]
 fn two_hundred_half_tensors_in_the_guarded_step() {
     let m = Module::load(abi::PTX).unwrap();
@@ -207,7 +205,7 @@ fn two_hundred_half_tensors_in_the_guarded_step() {
         &split(DType::Bf16, n, 1),
         Pass::Guarded,
     );
-    for (what, specs, extra) in [("whole vectors", &whole, 0), ("odd sizes", &odd, 2)] {
+    for (what, specs) in [("whole vectors", &whole), ("odd sizes", &odd)] {
         let many = step_cost(&m, OptimizerKind::Adam, specs, Pass::Guarded);
         println!(
             "fused, guard on, bf16, 200 tensors ({what}): latency rounds {} vs {}, instructions {:.4}",
@@ -215,12 +213,7 @@ fn two_hundred_half_tensors_in_the_guarded_step() {
             one.rounds,
             ratio(many.instructions, one.instructions)
         );
-        assert!(
-            many.rounds <= one.rounds + extra,
-            "{what}: latency rounds {} vs {}",
-            many.rounds,
-            one.rounds
-        );
+        assert_eq!(many.rounds, one.rounds, "{what}: latency rounds");
         assert_few_more_instructions(what, &many, &one);
     }
 }
