@@ -63,6 +63,19 @@ const ONE_CHUNK: [Spec; 1] = [Spec {
     misalign: false,
 }];
 
+/// SPECS and ONE_CHUNK, each in order and reversed: the cases the barrier
+/// test searches, which the unedited kernel must pass.
+fn layouts_in_order_and_reversed(steps: &[StepPlan]) -> impl Iterator<Item = Case<'_>> {
+    [&SPECS[..], &ONE_CHUNK[..]]
+        .into_iter()
+        .flat_map(move |specs| {
+            [Schedule::InOrder, Schedule::Reversed].map(|schedule| Case {
+                schedule,
+                ..case(specs, steps)
+            })
+        })
+}
+
 fn steps() -> [StepPlan; 3] {
     let p = StepPlan {
         nonfinite_grads: false,
@@ -121,17 +134,8 @@ fn the_unedited_kernel_passes_the_same_case() {
     );
     let steps = steps();
     let m = load(abi::PTX);
-    for specs in [&SPECS[..], &ONE_CHUNK[..]] {
-        for schedule in [Schedule::InOrder, Schedule::Reversed] {
-            try_run(
-                &m,
-                &Case {
-                    schedule,
-                    ..case(specs, &steps)
-                },
-            )
-            .unwrap();
-        }
+    for c in layouts_in_order_and_reversed(&steps) {
+        try_run(&m, &c).unwrap();
     }
 }
 
@@ -158,15 +162,7 @@ fn removing_any_barrier_is_reported() {
     let steps = steps();
     for nth in 0..n {
         let m = load(&edit("bar.sync 0;", "", nth));
-        let found = [&SPECS[..], &ONE_CHUNK[..]]
-            .into_iter()
-            .flat_map(|specs| {
-                [Schedule::InOrder, Schedule::Reversed].map(|schedule| Case {
-                    schedule,
-                    ..case(specs, &steps)
-                })
-            })
-            .find_map(|c| try_run(&m, &c).err());
+        let found = layouts_in_order_and_reversed(&steps).find_map(|c| try_run(&m, &c).err());
         let e = found.unwrap_or_else(|| panic!("bar.sync #{nth} removed: no case reported it"));
         // a race, or a read of shared memory no thread has written yet
         assert!(
