@@ -97,6 +97,12 @@ pub trait Elem: Copy + Send + Sync + 'static {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// The bits of +∞ in this format.
+    const INF_BITS: u32;
+    /// The storage bits without the sign: the value is finite iff they are
+    /// below [`Elem::INF_BITS`]. Cheaper than a conversion, so the guard's
+    /// read-only check runs at memory speed for every dtype.
+    fn magnitude_bits(self) -> u32;
 }
 
 impl Elem for f32 {
@@ -109,6 +115,11 @@ impl Elem for f32 {
     fn from_f32(v: f32) -> Self {
         v
     }
+    const INF_BITS: u32 = 0x7f80_0000;
+    #[inline(always)]
+    fn magnitude_bits(self) -> u32 {
+        self.to_bits() & 0x7fff_ffff
+    }
 }
 
 impl Elem for f16 {
@@ -120,6 +131,11 @@ impl Elem for f16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
+    }
+    const INF_BITS: u32 = 0x7c00;
+    #[inline(always)]
+    fn magnitude_bits(self) -> u32 {
+        self.to_bits() as u32 & 0x7fff
     }
 }
 
@@ -146,6 +162,11 @@ impl Elem for bf16 {
         } else {
             rounded
         } as u16)
+    }
+    const INF_BITS: u32 = 0x7f80;
+    #[inline(always)]
+    fn magnitude_bits(self) -> u32 {
+        self.to_bits() as u32 & 0x7fff
     }
 }
 
@@ -444,6 +465,25 @@ mod tests {
                     "{:#010x}",
                     x.to_bits()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn magnitude_bits_tell_finite_from_not() {
+        fn agrees<P: Elem>(x: P) {
+            let bits = x.magnitude_bits();
+            assert_eq!(bits < P::INF_BITS, x.to_f32().is_finite(), "{bits:#x}");
+        }
+        for b in 0..=u16::MAX {
+            agrees(f16::from_bits(b));
+            agrees(bf16::from_bits(b));
+        }
+        // f32: both signs of every exponent with low, middle and high
+        // mantissas, which covers ±0, ±max, ±inf and NaNs of each kind.
+        for hi in 0..=0x1ffu32 {
+            for m in [0, 1, 0x40_0000, 0x3f_ffff, 0x7f_ffff] {
+                agrees(f32::from_bits(hi << 23 | m));
             }
         }
     }

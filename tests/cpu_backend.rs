@@ -264,3 +264,101 @@ fn a_list_that_passed_once_does_not_let_a_bad_one_through() {
     // SAFETY: created above.
     unsafe { lra_destroy(h) };
 }
+
+/// The guard tests storage bits (`Elem::magnitude_bits`), not converted
+/// values: every kind of non-finite gradient, in every dtype, anywhere
+/// around the sub-block and chunk boundaries, skips the step and writes
+/// nothing; the largest finite values do not.
+#[test]
+fn the_guard_finds_every_nonfinite_gradient_in_every_dtype() {
+    // (dtype, element size, +inf bits, sign bit, quiet-NaN bit)
+    let formats = [
+        (
+            LRA_DTYPE_F32,
+            4,
+            0x7f80_0000u32,
+            0x8000_0000u32,
+            0x0040_0000u32,
+        ),
+        (LRA_DTYPE_F16, 2, 0x7c00, 0x8000, 0x0200),
+        (LRA_DTYPE_BF16, 2, 0x7f80, 0x8000, 0x0040),
+    ];
+    let sizes = [CHUNK + 70, 5];
+    // (tensor, element)
+    let places = [
+        (0, 0),
+        (0, 63),
+        (0, 64),
+        (0, 65),
+        (0, CHUNK - 1),
+        (0, CHUNK),
+        (0, CHUNK + 69),
+        (1, 4),
+    ];
+    for (dtype, esz, inf, sign, quiet) in formats {
+        // A handle keeps its tensor layout, dtypes included.
+        let h = handle(1);
+        let max = inf - 1;
+        let cases = [
+            (inf, true),
+            (inf | sign, true),
+            (inf | quiet, true),
+            (inf | 1, true),
+            ((sign - 1) | sign, true),
+            (max, false),
+            (max | sign, false),
+        ];
+        // Small finite values: 1/8 in every format, so the step applies.
+        let eighth = match dtype {
+            LRA_DTYPE_F32 => 0x3e00_0000u32,
+            LRA_DTYPE_F16 => 0x3000,
+            _ => 0x3e00,
+        };
+        let bytes = |n: usize, bits: u32| -> Vec<u8> {
+            (0..n)
+                .flat_map(|_| bits.to_le_bytes()[..esz].to_vec())
+                .collect()
+        };
+        for (bits, nonfinite) in cases {
+            for (t, i) in places {
+                let mut params: Vec<Vec<u8>> = sizes.iter().map(|&n| bytes(n, eighth)).collect();
+                let mut grads = params.clone();
+                grads[t][i * esz..(i + 1) * esz].copy_from_slice(&bits.to_le_bytes()[..esz]);
+                let before = params.clone();
+                let tensors: Vec<lra_tensor> = params
+                    .iter_mut()
+                    .zip(&grads)
+                    .zip(sizes)
+                    .map(|((p, g), n)| lra_tensor {
+                        param: p.as_mut_ptr().cast(),
+                        grad: g.as_ptr().cast(),
+                        numel: n as u64,
+                        dtype,
+                    })
+                    .collect();
+                let mut info = std::mem::MaybeUninit::<lra_reeval_info>::uninit();
+                // SAFETY: the tensors point at live buffers of the stated sizes.
+                let info = unsafe {
+                    assert_eq!(
+                        lra_step(h, tensors.as_ptr(), tensors.len(), 1.0, 0.0, null_mut()),
+                        LRA_OK
+                    );
+                    assert_eq!(lra_report_reeval(h, 0.5, info.as_mut_ptr()), LRA_OK);
+                    info.assume_init()
+                };
+                let what = format!("dtype {dtype}, bits {bits:#x} at tensor {t} element {i}");
+                if nonfinite {
+                    assert_eq!(info.skip_reason, LRA_SKIP_NONFINITE_GRAD, "{what}");
+                    assert!(params == before, "{what}: parameters written");
+                } else {
+                    // f32's largest values square to +inf in the dot
+                    // product: the step is written, then φ may skip η's test.
+                    assert_ne!(info.skip_reason, LRA_SKIP_NONFINITE_GRAD, "{what}");
+                    assert!(params != before, "{what}: step not applied");
+                }
+            }
+        }
+        // SAFETY: created above.
+        unsafe { lra_destroy(h) };
+    }
+}

@@ -227,35 +227,40 @@ const SUB: usize = 64;
 /// prefetch 5–20% slower).
 const PREFETCH_AHEAD: usize = 512;
 
-/// Prefetches the cache lines of one sub-block starting at element `at` of
-/// the item (parameters, gradients and the used state slots). The address
-/// may lie past the item, even past the tensor: a prefetch never faults,
-/// and past a chunk's end it is usually the next chunk's data.
+/// Asks for the cache lines of `bytes` bytes from `start`. The address
+/// may lie past the caller's data, even past the tensor: a prefetch never
+/// faults, and past a chunk's end it is usually the next chunk's data.
 #[inline(always)]
-fn prefetch_ahead<P: Elem>(it: &Item, slots: usize, at: usize) {
+fn prefetch_lines(start: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         const LINE: usize = 64;
-        let esz = std::mem::size_of::<P>();
-        let f32s = std::mem::size_of::<f32>();
-        let streams = [
-            (it.param.0, esz),
-            (it.grad.0, esz),
-            (it.s0.0, f32s),
-            (it.s1.0, f32s),
-        ];
-        for &(ptr, size) in &streams[..2 + slots] {
-            let start = ptr.wrapping_add(at * size);
-            for off in (0..SUB * size).step_by(LINE) {
-                // SAFETY: a prefetch is a hint; it reads nothing the program
-                // sees and never faults, whatever the address.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off) as *const i8) };
-            }
+        for off in (0..bytes).step_by(LINE) {
+            // SAFETY: a prefetch is a hint; it reads nothing the program
+            // sees and never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off) as *const i8) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (it, slots, at);
+    let _ = (start, bytes);
+}
+
+/// Prefetches one sub-block starting at element `at` of the item
+/// (parameters, gradients and the used state slots).
+#[inline(always)]
+fn prefetch_ahead<P: Elem>(it: &Item, slots: usize, at: usize) {
+    let esz = std::mem::size_of::<P>();
+    let f32s = std::mem::size_of::<f32>();
+    let streams = [
+        (it.param.0, esz),
+        (it.grad.0, esz),
+        (it.s0.0, f32s),
+        (it.s1.0, f32s),
+    ];
+    for &(ptr, size) in &streams[..2 + slots] {
+        prefetch_lines(ptr.wrapping_add(at * size), SUB * size);
+    }
 }
 
 /// One chunk's pass (see the `PASS_*` modes). Returns Σ g·d over the chunk
@@ -476,13 +481,21 @@ fn chunk_dispatch<const K: u32, const MODE: u8>(
 fn grads_finite<P: Elem>(it: &Item) -> bool {
     // SAFETY: as in `chunk_pass`.
     let g = unsafe { std::slice::from_raw_parts(it.grad.0 as *const P, it.len) };
+    let esz = std::mem::size_of::<P>();
     // The largest magnitude's bits, branch-free (a u32 max vectorises; an
-    // early exit would not): finite iff below the bits of +inf.
-    let mut max_abs = 0u32;
-    for x in g {
-        max_abs = max_abs.max(x.to_f32().to_bits() & 0x7fff_ffff);
+    // early exit would not), prefetched like the step's passes (a single
+    // read stream reaches 0.85 of its bandwidth without).
+    let mut max_bits = 0u32;
+    for (k, block) in g.chunks(SUB).enumerate() {
+        prefetch_lines(
+            it.grad.0.wrapping_add((k * SUB + PREFETCH_AHEAD) * esz),
+            SUB * esz,
+        );
+        for &x in block {
+            max_bits = max_bits.max(x.magnitude_bits());
+        }
     }
-    max_abs < f32::INFINITY.to_bits()
+    max_bits < P::INF_BITS
 }
 
 #[inline(always)]
