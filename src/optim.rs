@@ -492,15 +492,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bf16_conversions_match_half() {
+    fn every_half_widens_like_half() {
         for b in 0..=u16::MAX {
-            let v = bf16::from_bits(b);
-            assert_eq!(
-                Elem::to_f32(v).to_bits(),
-                bf16::to_f32(v).to_bits(),
-                "{b:#06x}"
-            );
+            let (h, bh) = (f16::from_bits(b), bf16::from_bits(b));
+            let ours = (Elem::to_f32(h).to_bits(), Elem::to_f32(bh).to_bits());
+            let theirs = (f16::to_f32(h).to_bits(), bf16::to_f32(bh).to_bits());
+            assert_eq!(ours, theirs, "{b:#06x}");
         }
+    }
+
+    /// Our narrowing of `x` has the bits of `half`'s.
+    fn narrows_like_half<P: Elem>(x: f32, reference: fn(f32) -> P, bits: fn(P) -> u16) {
+        let ours: P = Elem::from_f32(x);
+        assert_eq!(bits(ours), bits(reference(x)), "{:#010x}", x.to_bits());
+    }
+
+    #[test]
+    fn bf16_narrowing_matches_half() {
         // Every bf16 value as the high half, with low halves on and around
         // each rounding boundary (and a spread of others).
         let lows = [
@@ -510,27 +518,13 @@ mod tests {
         for hi in 0..=u16::MAX as u32 {
             for lo in lows {
                 let x = f32::from_bits(hi << 16 | lo);
-                let ours: bf16 = Elem::from_f32(x);
-                assert_eq!(
-                    ours.to_bits(),
-                    bf16::from_f32(x).to_bits(),
-                    "{:#010x}",
-                    x.to_bits()
-                );
+                narrows_like_half(x, bf16::from_f32, bf16::to_bits);
             }
         }
     }
 
     #[test]
-    fn f16_conversions_match_half() {
-        for b in 0..=u16::MAX {
-            let v = f16::from_bits(b);
-            assert_eq!(
-                Elem::to_f32(v).to_bits(),
-                f16::to_f32(v).to_bits(),
-                "{b:#06x}"
-            );
-        }
+    fn f16_narrowing_matches_half() {
         // Every sign and exponent, with mantissas on and around the rounding
         // boundary of every number of dropped bits (13 for normal results,
         // up to 24 and beyond for subnormal ones), kept bits odd and even.
@@ -542,13 +536,7 @@ mod tests {
                     for kept in [0u32, 1, 2, 3, 0x155, u32::MAX] {
                         let man = ((kept << drop) | low) & 0x007f_ffff;
                         let x = f32::from_bits(sign_exp << 23 | man);
-                        let ours: f16 = Elem::from_f32(x);
-                        assert_eq!(
-                            ours.to_bits(),
-                            f16::from_f32(x).to_bits(),
-                            "{:#010x}",
-                            x.to_bits()
-                        );
+                        narrows_like_half(x, f16::from_f32, f16::to_bits);
                     }
                 }
             }
