@@ -165,6 +165,7 @@ const SMALL: &[usize] = &[1, 7, 8, 9, 63, 64, 65, 0, 511, 513];
 fn small_tensors_match_the_reference() {
     all_kinds::<f32>(SMALL, 1, true, 0.0);
     all_kinds::<bf16>(SMALL, 1, false, 0.0);
+    all_kinds::<half::f16>(SMALL, 1, true, 1e-3);
     all_kinds::<f32>(SMALL, 1, false, 1e-3);
 }
 
