@@ -13,7 +13,7 @@
 //! element math of `optim`, then the lane sums); on x86-64 both are also
 //! compiled with AVX2 (f16 converted by F16C) and picked at run time. The
 //! order of every f32 and f64 operation is the same in both builds, so are
-//! the bits.
+//! the bits, NaN payloads aside (`tests::the_avx2_build_has_the_baseline_bits`).
 
 use super::{Backend, BackendState, StepRequest, TensorDesc, ValidatedTensors};
 use crate::controller::{SkipReason, StepOutcome};
@@ -843,6 +843,155 @@ mod tests {
         for (x, h) in floats.iter().zip(&narrow) {
             let ours: f16 = Elem::from_f32(*x);
             assert_eq!(h.to_bits(), ours.to_bits(), "{:#010x}", x.to_bits());
+        }
+    }
+
+    /// One chunk pass of either build.
+    #[cfg(target_arch = "x86_64")]
+    fn build<const K: u32, const MODE: u8>(
+        avx2: bool,
+        sc: &StepScalars,
+        lr: f32,
+        it: &Item,
+    ) -> (f64, bool) {
+        if avx2 {
+            // SAFETY: the callers checked `use_avx2`.
+            unsafe { chunk_avx2::<K, MODE>(sc, lr, it) }
+        } else {
+            chunk_any::<K, MODE>(sc, lr, it)
+        }
+    }
+
+    /// The module's promise: the AVX2 build (with F16C for f16) computes
+    /// the baseline build's bits, for every optimizer, dtype and pass, with
+    /// and without weight decay, over lengths around the vector, sub-block
+    /// and F16C block boundaries, on values that include ±0, subnormals,
+    /// huge values, infinities and NaNs.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_avx2_build_has_the_baseline_bits() {
+        if !use_avx2() {
+            println!("SKIPPED the_avx2_build_has_the_baseline_bits: this CPU has no AVX2/F16C");
+            return;
+        }
+        let specials = [
+            0.0,
+            -0.0,
+            1e-40,
+            -3e-39,
+            6e-8,
+            3e38,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut value = |i: usize, scale: f32| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            if i % 23 == 7 {
+                specials[(seed >> 60) as usize % specials.len()]
+            } else {
+                scale * (((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5)
+            }
+        };
+        for kind in OptimizerKind::ALL {
+            for weight_decay in [0.0, 1e-2] {
+                let mut hyper = Hyper::defaults(kind);
+                hyper.weight_decay = weight_decay;
+                let bias = BiasPowers::default().advanced(&hyper).advanced(&hyper);
+                let sc = StepScalars::new(kind, &hyper, bias);
+                for dtype in [DType::F32, DType::F16, DType::Bf16] {
+                    for len in [1, 7, 8, 9, 63, 64, 65, 200, 1000] {
+                        let esz = dtype.size();
+                        let mut theta = vec![0u8; len * esz];
+                        let mut grad = vec![0u8; len * esz];
+                        for i in 0..len {
+                            let (t, g) = (value(i, 4.0), value(i + 11, 1.0));
+                            let at = i * esz..(i + 1) * esz;
+                            match dtype {
+                                DType::F32 => {
+                                    theta[at.clone()].copy_from_slice(&t.to_le_bytes());
+                                    grad[at].copy_from_slice(&g.to_le_bytes());
+                                }
+                                DType::F16 => {
+                                    let (t, g): (f16, f16) = (Elem::from_f32(t), Elem::from_f32(g));
+                                    theta[at.clone()].copy_from_slice(&t.to_le_bytes());
+                                    grad[at].copy_from_slice(&g.to_le_bytes());
+                                }
+                                DType::Bf16 => {
+                                    let (t, g): (bf16, bf16) =
+                                        (Elem::from_f32(t), Elem::from_f32(g));
+                                    theta[at.clone()].copy_from_slice(&t.to_le_bytes());
+                                    grad[at].copy_from_slice(&g.to_le_bytes());
+                                }
+                            }
+                        }
+                        let s0: Vec<f32> = (0..len).map(|i| value(i, 0.1).abs()).collect();
+                        let s1: Vec<f32> = (0..len).map(|i| value(i + 5, 0.01).abs()).collect();
+                        for mode in [PASS_DOT, PASS_FUSED, PASS_PLAIN] {
+                            let run = |avx2: bool| {
+                                let (mut th, mut a, mut b) =
+                                    (theta.clone(), s0.clone(), s1.clone());
+                                let it = Item {
+                                    param: SendPtr(th.as_mut_ptr()),
+                                    grad: SendPtr(grad.as_ptr() as *mut u8),
+                                    s0: SendPtr(a.as_mut_ptr() as *mut u8),
+                                    s1: SendPtr(b.as_mut_ptr() as *mut u8),
+                                    len,
+                                    dtype,
+                                };
+                                let (phi, bad) = match mode {
+                                    PASS_DOT => dispatch_kind!(
+                                        kind,
+                                        build::<PASS_DOT>(avx2, &sc, 0.01, &it)
+                                    ),
+                                    PASS_FUSED => dispatch_kind!(
+                                        kind,
+                                        build::<PASS_FUSED>(avx2, &sc, 0.01, &it)
+                                    ),
+                                    _ => dispatch_kind!(
+                                        kind,
+                                        build::<PASS_PLAIN>(avx2, &sc, 0.01, &it)
+                                    ),
+                                };
+                                // NaN payloads and signs are not part of
+                                // the promise: which NaN an operation returns
+                                // depends on its operands' order, which the
+                                // two builds need not share.
+                                let bits = |v: &mut dyn Iterator<Item = f32>| {
+                                    v.map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                                        .collect::<Vec<_>>()
+                                };
+                                let theta = th.chunks(esz).map(|e| match dtype {
+                                    DType::F32 => f32::from_le_bytes(e.try_into().unwrap()),
+                                    DType::F16 => {
+                                        Elem::to_f32(f16::from_le_bytes(e.try_into().unwrap()))
+                                    }
+                                    DType::Bf16 => {
+                                        Elem::to_f32(bf16::from_le_bytes(e.try_into().unwrap()))
+                                    }
+                                });
+                                let phi = if phi.is_nan() {
+                                    u64::MAX
+                                } else {
+                                    phi.to_bits()
+                                };
+                                let (a, b) = (a.into_iter(), b.into_iter());
+                                (
+                                    bits(&mut { theta }),
+                                    bits(&mut { a }),
+                                    bits(&mut { b }),
+                                    phi,
+                                    bad,
+                                )
+                            };
+                            let what = format!(
+                                "{kind:?} {dtype:?} len {len} mode {mode} wd {weight_decay}"
+                            );
+                            assert!(run(false) == run(true), "{what}");
+                        }
+                    }
+                }
+            }
         }
     }
 }
