@@ -487,6 +487,11 @@ fn torch_times(o: &Options) -> Option<Vec<TorchRow>> {
         Ok(out) if out.status.success() => {
             let text = String::from_utf8_lossy(&out.stdout);
             let mut v = Vec::new();
+            // What torch cannot run (e.g. CPU Adam in f16; a configuration
+            // has a row if either implementation ran): say why.
+            for line in text.lines().filter_map(|l| l.strip_prefix("# ")) {
+                println!("torch.optim could not run {line}");
+            }
             for line in text.lines().filter(|l| l.starts_with("torch ")) {
                 let f: Vec<&str> = line.split_whitespace().collect();
                 // torch <opt> <dtype> <n> <tensors> <threads> <ns/param>
