@@ -183,12 +183,18 @@ fn large_steps_match_the_reference_on_every_thread_count() {
 // ---- tensor-list validation -------------------------------------------
 
 fn handle(threads: u32) -> *mut lra_handle {
+    handle_with(threads, |_| {})
+}
+
+/// An SGD handle on `threads` threads, its configuration changed by `tweak`.
+fn handle_with(threads: u32, tweak: impl FnOnce(&mut lra_config)) -> *mut lra_handle {
     let mut cfg = std::mem::MaybeUninit::<lra_config>::uninit();
     // SAFETY: lra_config_init fills the struct; valid pointers.
     unsafe {
         lra_config_init(cfg.as_mut_ptr(), LRA_OPTIMIZER_SGD);
         let mut cfg = cfg.assume_init();
         cfg.num_threads = threads;
+        tweak(&mut cfg);
         let mut h = null_mut();
         assert_eq!(lra_create(&cfg, &mut h), LRA_OK);
         h
@@ -269,7 +275,10 @@ fn a_list_that_passed_once_does_not_let_a_bad_one_through() {
 /// The guard tests storage bits (`Elem::magnitude_bits`), not converted
 /// values: every kind of non-finite gradient, in every dtype, anywhere
 /// around the sub-block and chunk boundaries, skips the step and writes
-/// nothing; the largest finite values do not.
+/// nothing; the largest finite values do not. Both in the fused step (a
+/// check pass first) and with f* known (the read-only dot pass finds it);
+/// a signalling NaN among the parameters shows any write of a pass that
+/// must not write (a write would quieten it).
 #[test]
 fn the_guard_finds_every_nonfinite_gradient_in_every_dtype() {
     // (dtype, element size, +inf bits, sign bit, quiet-NaN bit)
@@ -296,9 +305,16 @@ fn the_guard_finds_every_nonfinite_gradient_in_every_dtype() {
         (0, CHUNK + 69),
         (1, 4),
     ];
-    for (dtype, esz, inf, sign, quiet) in formats {
+    for ((dtype, esz, inf, sign, quiet), f_star) in formats
+        .into_iter()
+        .flat_map(|f| [(f, None), (f, Some(0.0))])
+    {
         // A handle keeps its tensor layout, dtypes included.
-        let h = handle(1);
+        let h = handle_with(1, |cfg| {
+            if let Some(f) = f_star {
+                cfg.f_star = f;
+            }
+        });
         let max = inf - 1;
         let cases = [
             (inf, true),
@@ -324,6 +340,7 @@ fn the_guard_finds_every_nonfinite_gradient_in_every_dtype() {
             for (t, i) in places {
                 let mut params: Vec<Vec<u8>> = sizes.iter().map(|&n| bytes(n, eighth)).collect();
                 let mut grads = params.clone();
+                params[0][esz..2 * esz].copy_from_slice(&(inf | 1).to_le_bytes()[..esz]);
                 grads[t][i * esz..(i + 1) * esz].copy_from_slice(&bits.to_le_bytes()[..esz]);
                 let before = params.clone();
                 let tensors: Vec<lra_tensor> = params
@@ -347,7 +364,9 @@ fn the_guard_finds_every_nonfinite_gradient_in_every_dtype() {
                     assert_eq!(lra_report_reeval(h, 0.5, info.as_mut_ptr()), LRA_OK);
                     info.assume_init()
                 };
-                let what = format!("dtype {dtype}, bits {bits:#x} at tensor {t} element {i}");
+                let what = format!(
+                    "dtype {dtype}, f* {f_star:?}, bits {bits:#x} at tensor {t} element {i}"
+                );
                 if nonfinite {
                     assert_eq!(info.skip_reason, LRA_SKIP_NONFINITE_GRAD, "{what}");
                     assert!(params == before, "{what}: parameters written");

@@ -274,8 +274,12 @@ fn prefetch_ahead<P: Elem>(it: &Item, slots: usize, at: usize) {
 /// element `j` of the chunk into lane `j % LANES`, in element order. `SUB`
 /// is a multiple of `LANES`, so lanes and order of additions are those of
 /// one plain pass over the chunk.
+///
+/// # Safety
+///
+/// The CPU has the features `L` needs ([`ElementLoop`]).
 #[inline(always)]
-fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
+unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
     sc: &StepScalars,
     lr: f32,
     it: &Item,
@@ -320,10 +324,13 @@ fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
         };
         let (th, gs) = (&mut theta[base..end], &g[base..end]);
         prefetch_ahead::<P>(it, slots, base + PREFETCH_AHEAD);
-        bad |= if sc.weight_decay == 0.0 {
-            L::run::<K, MODE>(&no_decay, lr, th, gs, s0, s1, t)
-        } else {
-            L::run::<K, MODE>(sc, lr, th, gs, s0, s1, t)
+        // SAFETY: this function's contract.
+        bad |= unsafe {
+            if sc.weight_decay == 0.0 {
+                L::run::<K, MODE>(&no_decay, lr, th, gs, s0, s1, t)
+            } else {
+                L::run::<K, MODE>(sc, lr, th, gs, s0, s1, t)
+            }
         };
         if MODE != PASS_PLAIN {
             accumulate(&mut acc, t);
@@ -336,8 +343,13 @@ fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
 /// The element loop of a sub-block as [`chunk_pass`] runs it: [`Plain`]
 /// (the compiler's vectorisation of [`elementwise`]) for every dtype, or
 /// [`F16c`] for f16 where the CPU has F16C.
+///
+/// # Safety
+///
+/// `run` may use CPU features beyond the baseline ([`F16c`]: AVX2 and
+/// F16C); the caller must have checked that the CPU has them.
 trait ElementLoop<P: Elem> {
-    fn run<const K: u32, const MODE: u8>(
+    unsafe fn run<const K: u32, const MODE: u8>(
         sc: &StepScalars,
         lr: f32,
         theta: &mut [P],
@@ -353,7 +365,7 @@ struct Plain;
 
 impl<P: Elem> ElementLoop<P> for Plain {
     #[inline(always)]
-    fn run<const K: u32, const MODE: u8>(
+    unsafe fn run<const K: u32, const MODE: u8>(
         sc: &StepScalars,
         lr: f32,
         theta: &mut [P],
@@ -366,15 +378,14 @@ impl<P: Elem> ElementLoop<P> for Plain {
     }
 }
 
-/// [`elementwise_f16c`]: only in [`chunk_avx2`], which runs where the CPU
-/// has AVX2 and F16C.
+/// [`elementwise_f16c`]: needs AVX2 and F16C.
 #[cfg(target_arch = "x86_64")]
 struct F16c;
 
 #[cfg(target_arch = "x86_64")]
 impl ElementLoop<f16> for F16c {
     #[inline(always)]
-    fn run<const K: u32, const MODE: u8>(
+    unsafe fn run<const K: u32, const MODE: u8>(
         sc: &StepScalars,
         lr: f32,
         theta: &mut [f16],
@@ -383,7 +394,7 @@ impl ElementLoop<f16> for F16c {
         s1: &mut [f32],
         terms: &mut [f32],
     ) -> bool {
-        // SAFETY: used only by `chunk_avx2`, whose caller checked F16C.
+        // SAFETY: the caller checked AVX2 and F16C (the trait's contract).
         unsafe { elementwise_f16c::<K, MODE>(sc, lr, theta, g, s0, s1, terms) }
     }
 }
@@ -555,10 +566,13 @@ unsafe fn accumulate_avx2(acc: &mut [f64; LANES], terms: &[f32]) {
 /// `chunk_pass` for the item's dtype, compiled for the baseline ISA.
 #[inline(always)]
 fn chunk_any<const K: u32, const MODE: u8>(sc: &StepScalars, lr: f32, it: &Item) -> (f64, bool) {
-    match it.dtype {
-        DType::F32 => chunk_pass::<K, f32, MODE, Plain>(sc, lr, it),
-        DType::F16 => chunk_pass::<K, f16, MODE, Plain>(sc, lr, it),
-        DType::Bf16 => chunk_pass::<K, bf16, MODE, Plain>(sc, lr, it),
+    // SAFETY: `Plain` needs no feature beyond the baseline.
+    unsafe {
+        match it.dtype {
+            DType::F32 => chunk_pass::<K, f32, MODE, Plain>(sc, lr, it),
+            DType::F16 => chunk_pass::<K, f16, MODE, Plain>(sc, lr, it),
+            DType::Bf16 => chunk_pass::<K, bf16, MODE, Plain>(sc, lr, it),
+        }
     }
 }
 
@@ -574,6 +588,7 @@ unsafe fn chunk_avx2<const K: u32, const MODE: u8>(
     it: &Item,
 ) -> (f64, bool) {
     if it.dtype == DType::F16 {
+        // SAFETY: this function's callers checked AVX2 and F16C.
         return chunk_pass::<K, f16, MODE, F16c>(sc, lr, it);
     }
     chunk_any::<K, MODE>(sc, lr, it)
@@ -828,13 +843,8 @@ mod tests {
                 h.to_bits()
             );
         }
-        // Every f32 of 16 high bits with low halves on and around the
-        // rounding boundaries of normal results (bit 12) and others.
-        let lows = [
-            0u32, 1, 0x0fff, 0x1000, 0x1001, 0x1fff, 0x2000, 0x3000, 0x7fff, 0x8000, 0xffff,
-        ];
-        let floats: Vec<f32> = (0..=u16::MAX as u32)
-            .flat_map(|hi| lows.map(|lo| f32::from_bits(hi << 16 | lo)))
+        // The inputs around every rounding boundary, and 3 more for a tail.
+        let floats: Vec<f32> = optim::f16_narrowing_cases()
             .chain([1.0, 2.0, 3.0])
             .collect();
         let mut narrow = vec![f16::ZERO; floats.len()];
