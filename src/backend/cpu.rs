@@ -468,15 +468,24 @@ unsafe fn elementwise_f16c<const K: u32, const MODE: u8>(
     terms: &mut [f32],
 ) -> bool {
     let m = theta.len();
-    let (mut th32, mut g32) = ([0f32; SUB], [0f32; SUB]);
-    widen_f16c(theta, &mut th32[..m]);
-    widen_f16c(&g[..m], &mut g32[..m]);
-    let bad = elementwise::<K, f32, MODE>(sc, lr, &mut th32[..m], &g32[..m], s0, s1, terms);
+    let (mut th32, mut g32) = (LineAligned([0f32; SUB]), LineAligned([0f32; SUB]));
+    let (th32, g32) = (&mut th32.0[..m], &mut g32.0[..m]);
+    widen_f16c(theta, th32);
+    widen_f16c(&g[..m], g32);
+    let bad = elementwise::<K, f32, MODE>(sc, lr, th32, g32, s0, s1, terms);
     if MODE != PASS_DOT {
-        narrow_f16c(&th32[..m], theta);
+        narrow_f16c(th32, theta);
     }
     bad
 }
+
+/// A cache-line-aligned value. The F16C loop's stack buffers need it: the
+/// main thread's stack moves with the size of the environment, and
+/// buffers whose 32-byte vectors straddle cache lines made f16 steps on
+/// one thread up to 2.4 times slower in some environments
+/// (`kernel_cost` with environment padding of 0 to 56 bytes).
+#[repr(align(64))]
+struct LineAligned<T>(T);
 
 /// `dst[i] = src[i]` widened, 8 at a time with F16C (the caller checked
 /// that the CPU has it).
