@@ -322,14 +322,20 @@ unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
         } else {
             &mut []
         };
-        let (th, gs) = (&mut theta[base..end], &g[base..end]);
+        let block = SubBlock {
+            theta: &mut theta[base..end],
+            g: &g[base..end],
+            s0,
+            s1,
+            terms: &mut *t,
+        };
         prefetch_ahead::<P>(it, slots, base + PREFETCH_AHEAD);
         // SAFETY: this function's contract.
         bad |= unsafe {
             if sc.weight_decay == 0.0 {
-                L::run::<K, MODE>(&no_decay, lr, th, gs, s0, s1, t)
+                L::run::<K, MODE>(&no_decay, lr, block)
             } else {
-                L::run::<K, MODE>(sc, lr, th, gs, s0, s1, t)
+                L::run::<K, MODE>(sc, lr, block)
             }
         };
         if MODE != PASS_PLAIN {
@@ -349,15 +355,16 @@ unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
 /// `run` may use CPU features beyond the baseline ([`F16c`]: AVX2 and
 /// F16C); the caller must have checked that the CPU has them.
 trait ElementLoop<P: Elem> {
-    unsafe fn run<const K: u32, const MODE: u8>(
-        sc: &StepScalars,
-        lr: f32,
-        theta: &mut [P],
-        g: &[P],
-        s0: &mut [f32],
-        s1: &mut [f32],
-        terms: &mut [f32],
-    ) -> bool;
+    unsafe fn run<const K: u32, const MODE: u8>(sc: &StepScalars, lr: f32, b: SubBlock<P>) -> bool;
+}
+
+/// One sub-block's slices, as [`elementwise`] takes them.
+struct SubBlock<'a, P> {
+    theta: &'a mut [P],
+    g: &'a [P],
+    s0: &'a mut [f32],
+    s1: &'a mut [f32],
+    terms: &'a mut [f32],
 }
 
 /// [`elementwise`] itself.
@@ -365,16 +372,8 @@ struct Plain;
 
 impl<P: Elem> ElementLoop<P> for Plain {
     #[inline(always)]
-    unsafe fn run<const K: u32, const MODE: u8>(
-        sc: &StepScalars,
-        lr: f32,
-        theta: &mut [P],
-        g: &[P],
-        s0: &mut [f32],
-        s1: &mut [f32],
-        terms: &mut [f32],
-    ) -> bool {
-        elementwise::<K, P, MODE>(sc, lr, theta, g, s0, s1, terms)
+    unsafe fn run<const K: u32, const MODE: u8>(sc: &StepScalars, lr: f32, b: SubBlock<P>) -> bool {
+        elementwise::<K, P, MODE>(sc, lr, b.theta, b.g, b.s0, b.s1, b.terms)
     }
 }
 
@@ -388,14 +387,10 @@ impl ElementLoop<f16> for F16c {
     unsafe fn run<const K: u32, const MODE: u8>(
         sc: &StepScalars,
         lr: f32,
-        theta: &mut [f16],
-        g: &[f16],
-        s0: &mut [f32],
-        s1: &mut [f32],
-        terms: &mut [f32],
+        b: SubBlock<f16>,
     ) -> bool {
         // SAFETY: the caller checked AVX2 and F16C (the trait's contract).
-        unsafe { elementwise_f16c::<K, MODE>(sc, lr, theta, g, s0, s1, terms) }
+        unsafe { elementwise_f16c::<K, MODE>(sc, lr, b) }
     }
 }
 
@@ -461,20 +456,16 @@ fn elementwise<const K: u32, P: Elem, const MODE: u8>(
 unsafe fn elementwise_f16c<const K: u32, const MODE: u8>(
     sc: &StepScalars,
     lr: f32,
-    theta: &mut [f16],
-    g: &[f16],
-    s0: &mut [f32],
-    s1: &mut [f32],
-    terms: &mut [f32],
+    b: SubBlock<f16>,
 ) -> bool {
-    let m = theta.len();
+    let m = b.theta.len();
     let (mut th32, mut g32) = (LineAligned([0f32; SUB]), LineAligned([0f32; SUB]));
     let (th32, g32) = (&mut th32.0[..m], &mut g32.0[..m]);
-    widen_f16c(theta, th32);
-    widen_f16c(&g[..m], g32);
-    let bad = elementwise::<K, f32, MODE>(sc, lr, th32, g32, s0, s1, terms);
+    widen_f16c(b.theta, th32);
+    widen_f16c(&b.g[..m], g32);
+    let bad = elementwise::<K, f32, MODE>(sc, lr, th32, g32, b.s0, b.s1, b.terms);
     if MODE != PASS_DOT {
-        narrow_f16c(th32, theta);
+        narrow_f16c(th32, b.theta);
     }
     bad
 }
@@ -487,40 +478,55 @@ unsafe fn elementwise_f16c<const K: u32, const MODE: u8>(
 #[repr(align(64))]
 struct LineAligned<T>(T);
 
-/// `dst[i] = src[i]` widened, 8 at a time with F16C (the caller checked
-/// that the CPU has it).
+/// `dst[i] = one(src[i])` for every `i`: 8 elements at a time by `eight`,
+/// the tail by `one`.
+#[inline(always)]
+fn convert_by_eight<S: Copy, D>(
+    src: &[S],
+    dst: &mut [D],
+    eight: impl Fn(&[S; 8], &mut [D; 8]),
+    one: impl Fn(S) -> D,
+) {
+    assert_eq!(src.len(), dst.len());
+    let mut dst_blocks = dst.chunks_exact_mut(8);
+    let mut src_blocks = src.chunks_exact(8);
+    for (s, d) in (&mut src_blocks).zip(&mut dst_blocks) {
+        eight(s.try_into().expect("8"), d.try_into().expect("8"));
+    }
+    let tail = dst_blocks.into_remainder();
+    for (d, s) in tail.iter_mut().zip(src_blocks.remainder()) {
+        *d = one(*s);
+    }
+}
+
+/// `dst[i] = src[i]` widened with F16C (the caller checked that the CPU
+/// has it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert_eq!(src.len(), dst.len());
-    let whole = src.len() / 8 * 8;
-    for i in (0..whole).step_by(8) {
-        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-    }
-    for i in whole..src.len() {
-        dst[i] = Elem::to_f32(src[i]);
-    }
+    // SAFETY (both closures): 16- and 32-byte unaligned accesses to arrays
+    // of exactly that size.
+    let eight = |s: &[f16; 8], d: &mut [f32; 8]| unsafe {
+        let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+        _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h))
+    };
+    convert_by_eight(src, dst, eight, Elem::to_f32);
 }
 
-/// `dst[i] = src[i]` narrowed to nearest even, 8 at a time with F16C
-/// (the caller checked that the CPU has it).
+/// `dst[i] = src[i]` narrowed to nearest even with F16C (the caller
+/// checked that the CPU has it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn narrow_f16c(src: &[f32], dst: &mut [f16]) {
     use std::arch::x86_64::*;
-    assert_eq!(src.len(), dst.len());
-    let whole = src.len() / 8 * 8;
-    for i in (0..whole).step_by(8) {
-        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(i)));
-        _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
-    }
-    for i in whole..src.len() {
-        dst[i] = Elem::from_f32(src[i]);
-    }
+    let eight = |s: &[f32; 8], d: &mut [f16; 8]| unsafe {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
+        _mm_storeu_si128(d.as_mut_ptr() as *mut __m128i, h)
+    };
+    convert_by_eight(src, dst, eight, Elem::from_f32);
 }
 
 /// Adds one sub-block's dot terms to the lanes: term `j` into lane
@@ -829,14 +835,21 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
 
+    /// Whether the AVX2 build can run here; prints why `test` skips if not.
+    fn avx2_or_say_why(test: &str) -> bool {
+        if !use_avx2() {
+            println!("SKIPPED {test}: this CPU has no AVX2/F16C");
+        }
+        use_avx2()
+    }
+
     /// F16C's conversions, as the AVX2 build's f16 loop calls them (8 at a
     /// time, then a tail), have the bits of `Elem for f16`, which has
     /// `half`'s (`optim`'s tests).
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn f16c_conversions_match_elem() {
-        if !use_avx2() {
-            println!("SKIPPED f16c_conversions_match_elem: this CPU has no AVX2/F16C");
+        if !avx2_or_say_why("f16c_conversions_match_elem") {
             return;
         }
         // Every f16, and 3 more for a tail.
@@ -889,8 +902,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn the_avx2_build_has_the_baseline_bits() {
-        if !use_avx2() {
-            println!("SKIPPED the_avx2_build_has_the_baseline_bits: this CPU has no AVX2/F16C");
+        if !avx2_or_say_why("the_avx2_build_has_the_baseline_bits") {
             return;
         }
         let specials = [
