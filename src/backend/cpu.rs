@@ -11,7 +11,8 @@
 //! Speed (measured with `benches/kernel_cost.rs`): each chunk is walked in
 //! sub-blocks of `SUB` elements as two loops the compiler vectorises (the
 //! element math of `optim`, then the lane sums); on x86-64 both are also
-//! compiled with AVX2 (f16 converted by F16C) and picked at run time. The
+//! compiled with AVX2 (f16 and bf16 widened into f32 buffers by
+//! hand-vectorised conversions) and picked at run time. The
 //! order of every f32 and f64 operation is the same in both builds, so are
 //! the bits, NaN payloads aside (`tests::the_avx2_build_has_the_baseline_bits`).
 
@@ -348,11 +349,11 @@ unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
 
 /// The element loop of a sub-block as [`chunk_pass`] runs it: [`Plain`]
 /// (the compiler's vectorisation of [`elementwise`]) for every dtype, or
-/// [`F16c`] for f16 where the CPU has F16C.
+/// [`Staged`] for f16 and bf16 where the CPU has AVX2 and F16C.
 ///
 /// # Safety
 ///
-/// `run` may use CPU features beyond the baseline ([`F16c`]: AVX2 and
+/// `run` may use CPU features beyond the baseline ([`Staged`]: AVX2 and
 /// F16C); the caller must have checked that the CPU has them.
 trait ElementLoop<P: Elem> {
     unsafe fn run<const K: u32, const MODE: u8>(sc: &StepScalars, lr: f32, b: SubBlock<P>) -> bool;
@@ -377,20 +378,77 @@ impl<P: Elem> ElementLoop<P> for Plain {
     }
 }
 
-/// [`elementwise_f16c`]: needs AVX2 and F16C.
+/// [`elementwise_staged`] with the conversions of `C`: needs AVX2 and F16C.
 #[cfg(target_arch = "x86_64")]
-struct F16c;
+struct Staged<C>(std::marker::PhantomData<C>);
 
 #[cfg(target_arch = "x86_64")]
-impl ElementLoop<f16> for F16c {
+impl<C: Conversions> ElementLoop<C::Half> for Staged<C> {
     #[inline(always)]
     unsafe fn run<const K: u32, const MODE: u8>(
         sc: &StepScalars,
         lr: f32,
-        b: SubBlock<f16>,
+        b: SubBlock<C::Half>,
     ) -> bool {
         // SAFETY: the caller checked AVX2 and F16C (the trait's contract).
-        unsafe { elementwise_f16c::<K, MODE>(sc, lr, b) }
+        unsafe { elementwise_staged::<K, MODE, C>(sc, lr, b) }
+    }
+}
+
+/// A half type's conversions for [`Staged`], vectorised by hand: the same
+/// bits as its `Elem` conversions.
+///
+/// # Safety
+///
+/// Both functions may use AVX2 and F16C; the caller must have checked that
+/// the CPU has them.
+#[cfg(target_arch = "x86_64")]
+trait Conversions {
+    type Half: Elem;
+    /// `dst[i] = src[i].to_f32()` for every `i` (equal lengths).
+    unsafe fn widen(src: &[Self::Half], dst: &mut [f32]);
+    /// `dst[i] = Half::from_f32(src[i])` for every `i` (equal lengths).
+    unsafe fn narrow(src: &[f32], dst: &mut [Self::Half]);
+}
+
+/// f16 by F16C: `vcvtph2ps`, and `vcvtps2ph` rounding to nearest even.
+#[cfg(target_arch = "x86_64")]
+struct F16c;
+
+#[cfg(target_arch = "x86_64")]
+impl Conversions for F16c {
+    type Half = f16;
+    #[inline(always)]
+    unsafe fn widen(src: &[f16], dst: &mut [f32]) {
+        // SAFETY: the trait's contract.
+        unsafe { widen_f16c(src, dst) }
+    }
+    #[inline(always)]
+    unsafe fn narrow(src: &[f32], dst: &mut [f16]) {
+        // SAFETY: the trait's contract.
+        unsafe { narrow_f16c(src, dst) }
+    }
+}
+
+/// bf16 by AVX2 integer operations, for values that are not NaN: a shift
+/// to widen, round to nearest even by an add and a shift to narrow. A
+/// slice holding a NaN is converted again by `Elem` (which quietens NaNs),
+/// so the NaN test is one compare per 8 values instead of a select.
+#[cfg(target_arch = "x86_64")]
+struct Bf16Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Conversions for Bf16Avx2 {
+    type Half = bf16;
+    #[inline(always)]
+    unsafe fn widen(src: &[bf16], dst: &mut [f32]) {
+        // SAFETY: the trait's contract.
+        unsafe { widen_bf16_avx2(src, dst) }
+    }
+    #[inline(always)]
+    unsafe fn narrow(src: &[f32], dst: &mut [bf16]) {
+        // SAFETY: the trait's contract.
+        unsafe { narrow_bf16_avx2(src, dst) }
     }
 }
 
@@ -442,30 +500,31 @@ fn elementwise<const K: u32, P: Elem, const MODE: u8>(
     bad
 }
 
-/// [`elementwise`] for f16 on x86-64 with F16C: the sub-block's θ and g
-/// are widened into f32 buffers 8 at a time (`vcvtph2ps`), the f32 loop
-/// runs on them, and θ is narrowed back (`vcvtps2ph`, round to nearest
-/// even). F16C's conversions have the bits of `Elem for f16`
-/// (`tests::f16c_conversions_match_elem`), which as vectorised selects take
-/// several times the instructions (f16 Adam steps 2.9 → 0.9 ns per
-/// parameter, `benches/kernel_cost.rs`). Tails of fewer than 8 elements use
-/// `Elem`.
+/// [`elementwise`] for a half type on x86-64 with AVX2: the sub-block's
+/// θ and g are widened into f32 buffers by `C`, the f32 loop runs on them,
+/// and θ is narrowed back by `C`. `C`'s conversions have the bits of
+/// `Elem`'s (`tests::staged_conversions_match_elem`), which as the
+/// compiler's vectorised selects take several times the instructions (f16
+/// Adam steps 2.9 → 0.9 ns per parameter, `benches/kernel_cost.rs`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-unsafe fn elementwise_f16c<const K: u32, const MODE: u8>(
+unsafe fn elementwise_staged<const K: u32, const MODE: u8, C: Conversions>(
     sc: &StepScalars,
     lr: f32,
-    b: SubBlock<f16>,
+    b: SubBlock<C::Half>,
 ) -> bool {
     let m = b.theta.len();
     let (mut th32, mut g32) = (LineAligned([0f32; SUB]), LineAligned([0f32; SUB]));
     let (th32, g32) = (&mut th32.0[..m], &mut g32.0[..m]);
-    widen_f16c(b.theta, th32);
-    widen_f16c(&b.g[..m], g32);
+    // SAFETY (all three): the caller checked AVX2 and F16C.
+    unsafe {
+        C::widen(b.theta, th32);
+        C::widen(&b.g[..m], g32);
+    }
     let bad = elementwise::<K, f32, MODE>(sc, lr, th32, g32, b.s0, b.s1, b.terms);
     if MODE != PASS_DOT {
-        narrow_f16c(th32, b.theta);
+        unsafe { C::narrow(th32, b.theta) };
     }
     bad
 }
@@ -478,20 +537,20 @@ unsafe fn elementwise_f16c<const K: u32, const MODE: u8>(
 #[repr(align(64))]
 struct LineAligned<T>(T);
 
-/// `dst[i] = one(src[i])` for every `i`: 8 elements at a time by `eight`,
-/// the tail by `one`.
+/// `dst[i] = one(src[i])` for every `i`: `N` elements at a time by
+/// `block`, the tail by `one`.
 #[inline(always)]
-fn convert_by_eight<S: Copy, D>(
+fn convert_blocks<const N: usize, S: Copy, D>(
     src: &[S],
     dst: &mut [D],
-    eight: impl Fn(&[S; 8], &mut [D; 8]),
+    mut block: impl FnMut(&[S; N], &mut [D; N]),
     one: impl Fn(S) -> D,
 ) {
     assert_eq!(src.len(), dst.len());
-    let mut dst_blocks = dst.chunks_exact_mut(8);
-    let mut src_blocks = src.chunks_exact(8);
+    let mut dst_blocks = dst.chunks_exact_mut(N);
+    let mut src_blocks = src.chunks_exact(N);
     for (s, d) in (&mut src_blocks).zip(&mut dst_blocks) {
-        eight(s.try_into().expect("8"), d.try_into().expect("8"));
+        block(s.try_into().expect("N"), d.try_into().expect("N"));
     }
     let tail = dst_blocks.into_remainder();
     for (d, s) in tail.iter_mut().zip(src_blocks.remainder()) {
@@ -512,7 +571,7 @@ unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
         let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
         _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h))
     };
-    convert_by_eight(src, dst, eight, Elem::to_f32);
+    convert_blocks(src, dst, eight, Elem::to_f32);
 }
 
 /// `dst[i] = src[i]` narrowed to nearest even with F16C (the caller
@@ -526,7 +585,68 @@ unsafe fn narrow_f16c(src: &[f32], dst: &mut [f16]) {
         let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
         _mm_storeu_si128(d.as_mut_ptr() as *mut __m128i, h)
     };
-    convert_by_eight(src, dst, eight, Elem::from_f32);
+    convert_blocks(src, dst, eight, Elem::from_f32);
+}
+
+/// `dst[i] = src[i]` widened by a shift, or by `Elem` if `src` holds a
+/// NaN (the caller checked that the CPU has AVX2).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn widen_bf16_avx2(src: &[bf16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut nan = _mm256_setzero_ps();
+    // (`half::bf16`: the glob brings in `std::arch`'s own `bf16`.)
+    // SAFETY: 16- and 32-byte unaligned accesses to arrays of exactly that
+    // size.
+    let eight = |s: &[half::bf16; 8], d: &mut [f32; 8]| unsafe {
+        let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+        let w = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(w, w));
+        _mm256_storeu_ps(d.as_mut_ptr(), w)
+    };
+    convert_blocks(src, dst, eight, Elem::to_f32);
+    if _mm256_movemask_ps(nan) != 0 {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+}
+
+/// `dst[i] = src[i]` narrowed to nearest even by integer operations, or by
+/// `Elem` if `src` holds a NaN (the caller checked that the CPU has AVX2).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn narrow_bf16_avx2(src: &[f32], dst: &mut [bf16]) {
+    use std::arch::x86_64::*;
+    let mut nan = _mm256_setzero_ps();
+    // `Elem for bf16`'s rounding, x + 0x7fff + (bit 16 of x), high half.
+    let high = |x: __m256| {
+        let x = _mm256_castps_si256(x);
+        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+        let sum = _mm256_add_epi32(x, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+        _mm256_srli_epi32::<16>(sum)
+    };
+    // 16 at a time: one pack of two vectors (every value fits 16 bits, so
+    // the saturating pack is a plain one), its 64-bit quarters reordered.
+    // SAFETY: 32-byte unaligned accesses to arrays of at least that size.
+    let sixteen = |s: &[f32; 16], d: &mut [half::bf16; 16]| unsafe {
+        let (x0, x1) = (
+            _mm256_loadu_ps(s.as_ptr()),
+            _mm256_loadu_ps(s.as_ptr().add(8)),
+        );
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x0, x1));
+        let packed = _mm256_packus_epi32(high(x0), high(x1));
+        let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+        _mm256_storeu_si256(d.as_mut_ptr() as *mut __m256i, ordered)
+    };
+    convert_blocks(src, dst, sixteen, Elem::from_f32);
+    if _mm256_movemask_ps(nan) != 0 {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Elem::from_f32(*s);
+        }
+    }
 }
 
 /// Adds one sub-block's dot terms to the lanes: term `j` into lane
@@ -592,7 +712,7 @@ fn chunk_any<const K: u32, const MODE: u8>(sc: &StepScalars, lr: f32, it: &Item)
 }
 
 /// `chunk_any` compiled with AVX2 and F16C enabled (8 f32 lanes per
-/// instruction), f16 through [`elementwise_f16c`].
+/// instruction), f16 and bf16 through [`elementwise_staged`].
 /// The same IEEE operations in the same order (Rust never contracts into
 /// FMA), so the same bits as the baseline build.
 #[cfg(target_arch = "x86_64")]
@@ -602,11 +722,14 @@ unsafe fn chunk_avx2<const K: u32, const MODE: u8>(
     lr: f32,
     it: &Item,
 ) -> (f64, bool) {
-    if it.dtype == DType::F16 {
-        // SAFETY: this function's callers checked AVX2 and F16C.
-        return chunk_pass::<K, f16, MODE, F16c>(sc, lr, it);
+    // SAFETY: this function's callers checked AVX2 and F16C.
+    unsafe {
+        match it.dtype {
+            DType::F32 => chunk_pass::<K, f32, MODE, Plain>(sc, lr, it),
+            DType::F16 => chunk_pass::<K, f16, MODE, Staged<F16c>>(sc, lr, it),
+            DType::Bf16 => chunk_pass::<K, bf16, MODE, Staged<Bf16Avx2>>(sc, lr, it),
+        }
     }
-    chunk_any::<K, MODE>(sc, lr, it)
 }
 
 /// Whether this CPU runs the AVX2 builds: AVX2 and F16C (checked once).
@@ -843,39 +966,59 @@ mod tests {
         use_avx2()
     }
 
-    /// F16C's conversions, as the AVX2 build's f16 loop calls them (8 at a
-    /// time, then a tail), have the bits of `Elem for f16`, which has
-    /// `half`'s (`optim`'s tests).
+    /// `C`'s conversions have the bits of `Elem`'s (which are `half`'s,
+    /// `optim`'s tests) when called as the staged loop calls them: on
+    /// sub-blocks of `SUB` elements (most of them free of NaNs, so that
+    /// bf16's fast path runs), 8 at a time and then a tail.
+    #[cfg(target_arch = "x86_64")]
+    fn conversions_match_elem<C: Conversions>(
+        halves: impl Iterator<Item = u16>,
+        floats: impl Iterator<Item = f32>,
+        from_bits: fn(u16) -> C::Half,
+        to_bits: fn(C::Half) -> u16,
+    ) {
+        // 3 more values for a tail.
+        let halves: Vec<C::Half> = halves.chain(0..3).map(from_bits).collect();
+        let mut wide = vec![0f32; halves.len()];
+        for (src, dst) in halves.chunks(SUB).zip(wide.chunks_mut(SUB)) {
+            // SAFETY: the callers checked AVX2 and F16C.
+            unsafe { C::widen(src, dst) };
+        }
+        for (h, w) in halves.iter().zip(&wide) {
+            let ours = Elem::to_f32(*h).to_bits();
+            assert_eq!(w.to_bits(), ours, "{:#06x}", to_bits(*h));
+        }
+        let floats: Vec<f32> = floats.chain([1.0, 2.0, 3.0]).collect();
+        let mut narrow = vec![from_bits(0); floats.len()];
+        for (src, dst) in floats.chunks(SUB).zip(narrow.chunks_mut(SUB)) {
+            // SAFETY: as above.
+            unsafe { C::narrow(src, dst) };
+        }
+        for (x, h) in floats.iter().zip(&narrow) {
+            let ours: C::Half = Elem::from_f32(*x);
+            assert_eq!(to_bits(*h), to_bits(ours), "{:#010x}", x.to_bits());
+        }
+    }
+
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn f16c_conversions_match_elem() {
-        if !avx2_or_say_why("f16c_conversions_match_elem") {
+    fn staged_conversions_match_elem() {
+        if !avx2_or_say_why("staged_conversions_match_elem") {
             return;
         }
-        // Every f16, and 3 more for a tail.
-        let halves: Vec<f16> = (0..=u16::MAX).chain(0..3).map(f16::from_bits).collect();
-        let mut wide = vec![0f32; halves.len()];
-        // SAFETY: the CPU has F16C (checked above).
-        unsafe { widen_f16c(&halves, &mut wide) };
-        for (h, w) in halves.iter().zip(&wide) {
-            assert_eq!(
-                w.to_bits(),
-                Elem::to_f32(*h).to_bits(),
-                "{:#06x}",
-                h.to_bits()
-            );
-        }
-        // The inputs around every rounding boundary, and 3 more for a tail.
-        let floats: Vec<f32> = optim::f16_narrowing_cases()
-            .chain([1.0, 2.0, 3.0])
-            .collect();
-        let mut narrow = vec![f16::ZERO; floats.len()];
-        // SAFETY: as above.
-        unsafe { narrow_f16c(&floats, &mut narrow) };
-        for (x, h) in floats.iter().zip(&narrow) {
-            let ours: f16 = Elem::from_f32(*x);
-            assert_eq!(h.to_bits(), ours.to_bits(), "{:#010x}", x.to_bits());
-        }
+        // Every half, and the inputs around every rounding boundary.
+        conversions_match_elem::<F16c>(
+            0..=u16::MAX,
+            optim::f16_narrowing_cases(),
+            f16::from_bits,
+            f16::to_bits,
+        );
+        conversions_match_elem::<Bf16Avx2>(
+            0..=u16::MAX,
+            optim::bf16_narrowing_cases(),
+            bf16::from_bits,
+            bf16::to_bits,
+        );
     }
 
     /// One chunk pass of either build.
@@ -894,10 +1037,10 @@ mod tests {
         }
     }
 
-    /// The module's promise: the AVX2 build (with F16C for f16) computes
+    /// The module's promise: the AVX2 build (with staged halves) computes
     /// the baseline build's bits, for every optimizer, dtype and pass, with
     /// and without weight decay, over lengths around the vector, sub-block
-    /// and F16C block boundaries, on values that include ±0, subnormals,
+    /// and conversion block boundaries, on values that include ±0, subnormals,
     /// huge values, infinities and NaNs.
     #[test]
     #[cfg(target_arch = "x86_64")]
