@@ -418,15 +418,29 @@ struct F16c;
 #[cfg(target_arch = "x86_64")]
 impl Conversions for F16c {
     type Half = f16;
-    #[inline(always)]
+    /// `vcvtph2ps`, 8 at a time.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
     unsafe fn widen(src: &[f16], dst: &mut [f32]) {
-        // SAFETY: the trait's contract.
-        unsafe { widen_f16c(src, dst) }
+        use std::arch::x86_64::*;
+        // SAFETY (both closures): 16- and 32-byte unaligned accesses to arrays
+        // of exactly that size.
+        let eight = |s: &[f16; 8], d: &mut [f32; 8]| unsafe {
+            let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h))
+        };
+        convert_blocks(src, dst, eight, Elem::to_f32);
     }
-    #[inline(always)]
+    /// `vcvtps2ph` to nearest even, 8 at a time.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
     unsafe fn narrow(src: &[f32], dst: &mut [f16]) {
-        // SAFETY: the trait's contract.
-        unsafe { narrow_f16c(src, dst) }
+        use std::arch::x86_64::*;
+        let eight = |s: &[f32; 8], d: &mut [f16; 8]| unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
+            _mm_storeu_si128(d.as_mut_ptr() as *mut __m128i, h)
+        };
+        convert_blocks(src, dst, eight, Elem::from_f32);
     }
 }
 
@@ -440,15 +454,61 @@ struct Bf16Avx2;
 #[cfg(target_arch = "x86_64")]
 impl Conversions for Bf16Avx2 {
     type Half = bf16;
-    #[inline(always)]
+    /// A shift, 8 at a time; `Elem` again if `src` holds a NaN.
+    #[target_feature(enable = "avx2")]
+    #[inline]
     unsafe fn widen(src: &[bf16], dst: &mut [f32]) {
-        // SAFETY: the trait's contract.
-        unsafe { widen_bf16_avx2(src, dst) }
+        use std::arch::x86_64::*;
+        let mut nan = _mm256_setzero_ps();
+        // (`half::bf16`: the glob brings in `std::arch`'s own `bf16`.)
+        // SAFETY: 16- and 32-byte unaligned accesses to arrays of exactly that
+        // size.
+        let eight = |s: &[half::bf16; 8], d: &mut [f32; 8]| unsafe {
+            let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+            let w = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(w, w));
+            _mm256_storeu_ps(d.as_mut_ptr(), w)
+        };
+        convert_blocks(src, dst, eight, Elem::to_f32);
+        if _mm256_movemask_ps(nan) != 0 {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.to_f32();
+            }
+        }
     }
-    #[inline(always)]
+    /// An add and a shift, 16 at a time; `Elem` again if `src` holds a
+    /// NaN.
+    #[target_feature(enable = "avx2")]
+    #[inline]
     unsafe fn narrow(src: &[f32], dst: &mut [bf16]) {
-        // SAFETY: the trait's contract.
-        unsafe { narrow_bf16_avx2(src, dst) }
+        use std::arch::x86_64::*;
+        let mut nan = _mm256_setzero_ps();
+        // `Elem for bf16`'s rounding, x + 0x7fff + (bit 16 of x), high half.
+        let high = |x: __m256| {
+            let x = _mm256_castps_si256(x);
+            let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+            let sum = _mm256_add_epi32(x, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+            _mm256_srli_epi32::<16>(sum)
+        };
+        // 16 at a time: one pack of two vectors (every value fits 16 bits, so
+        // the saturating pack is a plain one), its 64-bit quarters reordered.
+        // SAFETY: 32-byte unaligned accesses to arrays of at least that size.
+        let sixteen = |s: &[f32; 16], d: &mut [half::bf16; 16]| unsafe {
+            let (x0, x1) = (
+                _mm256_loadu_ps(s.as_ptr()),
+                _mm256_loadu_ps(s.as_ptr().add(8)),
+            );
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x0, x1));
+            let packed = _mm256_packus_epi32(high(x0), high(x1));
+            let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+            _mm256_storeu_si256(d.as_mut_ptr() as *mut __m256i, ordered)
+        };
+        convert_blocks(src, dst, sixteen, Elem::from_f32);
+        if _mm256_movemask_ps(nan) != 0 {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = Elem::from_f32(*s);
+            }
+        }
     }
 }
 
@@ -555,97 +615,6 @@ fn convert_blocks<const N: usize, S: Copy, D>(
     let tail = dst_blocks.into_remainder();
     for (d, s) in tail.iter_mut().zip(src_blocks.remainder()) {
         *d = one(*s);
-    }
-}
-
-/// `dst[i] = src[i]` widened with F16C (the caller checked that the CPU
-/// has it).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-#[inline]
-unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    // SAFETY (both closures): 16- and 32-byte unaligned accesses to arrays
-    // of exactly that size.
-    let eight = |s: &[f16; 8], d: &mut [f32; 8]| unsafe {
-        let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
-        _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h))
-    };
-    convert_blocks(src, dst, eight, Elem::to_f32);
-}
-
-/// `dst[i] = src[i]` narrowed to nearest even with F16C (the caller
-/// checked that the CPU has it).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-#[inline]
-unsafe fn narrow_f16c(src: &[f32], dst: &mut [f16]) {
-    use std::arch::x86_64::*;
-    let eight = |s: &[f32; 8], d: &mut [f16; 8]| unsafe {
-        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
-        _mm_storeu_si128(d.as_mut_ptr() as *mut __m128i, h)
-    };
-    convert_blocks(src, dst, eight, Elem::from_f32);
-}
-
-/// `dst[i] = src[i]` widened by a shift, or by `Elem` if `src` holds a
-/// NaN (the caller checked that the CPU has AVX2).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn widen_bf16_avx2(src: &[bf16], dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let mut nan = _mm256_setzero_ps();
-    // (`half::bf16`: the glob brings in `std::arch`'s own `bf16`.)
-    // SAFETY: 16- and 32-byte unaligned accesses to arrays of exactly that
-    // size.
-    let eight = |s: &[half::bf16; 8], d: &mut [f32; 8]| unsafe {
-        let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
-        let w = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(w, w));
-        _mm256_storeu_ps(d.as_mut_ptr(), w)
-    };
-    convert_blocks(src, dst, eight, Elem::to_f32);
-    if _mm256_movemask_ps(nan) != 0 {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.to_f32();
-        }
-    }
-}
-
-/// `dst[i] = src[i]` narrowed to nearest even by integer operations, or by
-/// `Elem` if `src` holds a NaN (the caller checked that the CPU has AVX2).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn narrow_bf16_avx2(src: &[f32], dst: &mut [bf16]) {
-    use std::arch::x86_64::*;
-    let mut nan = _mm256_setzero_ps();
-    // `Elem for bf16`'s rounding, x + 0x7fff + (bit 16 of x), high half.
-    let high = |x: __m256| {
-        let x = _mm256_castps_si256(x);
-        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
-        let sum = _mm256_add_epi32(x, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
-        _mm256_srli_epi32::<16>(sum)
-    };
-    // 16 at a time: one pack of two vectors (every value fits 16 bits, so
-    // the saturating pack is a plain one), its 64-bit quarters reordered.
-    // SAFETY: 32-byte unaligned accesses to arrays of at least that size.
-    let sixteen = |s: &[f32; 16], d: &mut [half::bf16; 16]| unsafe {
-        let (x0, x1) = (
-            _mm256_loadu_ps(s.as_ptr()),
-            _mm256_loadu_ps(s.as_ptr().add(8)),
-        );
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x0, x1));
-        let packed = _mm256_packus_epi32(high(x0), high(x1));
-        let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
-        _mm256_storeu_si256(d.as_mut_ptr() as *mut __m256i, ordered)
-    };
-    convert_blocks(src, dst, sixteen, Elem::from_f32);
-    if _mm256_movemask_ps(nan) != 0 {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = Elem::from_f32(*s);
-        }
     }
 }
 
