@@ -274,7 +274,8 @@ fn a_list_that_passed_once_does_not_let_a_bad_one_through() {
 
 /// The guard tests storage bits (`Elem::magnitude_bits`), not converted
 /// values: every kind of non-finite gradient, in every dtype, anywhere
-/// around the sub-block and chunk boundaries, skips the step and writes
+/// around the sub-block and chunk boundaries and in every eighth of a
+/// chunk, skips the step and writes
 /// nothing; the largest finite values do not. Both in the fused step (a
 /// check pass first) and with f* known (the read-only dot pass finds it);
 /// a signalling NaN among the parameters shows any write of a pass that
@@ -294,7 +295,8 @@ fn the_guard_finds_every_nonfinite_gradient_in_every_dtype() {
         (LRA_DTYPE_BF16, 2, 0x7f80, 0x8000, 0x0040),
     ];
     let sizes = [CHUNK + 70, 5];
-    // (tensor, element)
+    // (tensor, element): around the boundaries, and in every eighth of
+    // the chunk (the check may read a chunk's parts side by side).
     let places = [
         (0, 0),
         (0, 63),
@@ -304,7 +306,10 @@ fn the_guard_finds_every_nonfinite_gradient_in_every_dtype() {
         (0, CHUNK),
         (0, CHUNK + 69),
         (1, 4),
-    ];
+    ]
+    .into_iter()
+    .chain((1..8).map(|k| (0, k * CHUNK / 8 + 3)))
+    .collect::<Vec<_>>();
     for ((dtype, esz, inf, sign, quiet), f_star) in formats
         .into_iter()
         .flat_map(|f| [(f, None), (f, Some(0.0))])
@@ -337,7 +342,7 @@ fn the_guard_finds_every_nonfinite_gradient_in_every_dtype() {
                 .collect()
         };
         for (bits, nonfinite) in cases {
-            for (t, i) in places {
+            for &(t, i) in &places {
                 let mut params: Vec<Vec<u8>> = sizes.iter().map(|&n| bytes(n, eighth)).collect();
                 let mut grads = params.clone();
                 params[0][esz..2 * esz].copy_from_slice(&(inf | 1).to_le_bytes()[..esz]);
