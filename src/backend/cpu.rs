@@ -466,18 +466,22 @@ impl Conversions for Bf16Avx2 {
     #[inline]
     unsafe fn widen(src: &[bf16], dst: &mut [f32]) {
         use std::arch::x86_64::*;
-        let mut nan = _mm256_setzero_ps();
+        // NaNs found by an integer compare of the halves' magnitude bits,
+        // not a float compare, which would raise the invalid flag for a
+        // signalling NaN (`Elem` raises none).
+        let mut nan = _mm_setzero_si128();
+        let (magnitude, inf) = (_mm_set1_epi16(0x7fff), _mm_set1_epi16(0x7f80));
         // (`half::bf16`: the glob brings in `std::arch`'s own `bf16`.)
         // SAFETY: 16- and 32-byte unaligned accesses to arrays of exactly that
         // size.
         let eight = |s: &[half::bf16; 8], d: &mut [f32; 8]| unsafe {
             let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
-            let w = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
-            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(w, w));
-            _mm256_storeu_ps(d.as_mut_ptr(), w)
+            nan = _mm_or_si128(nan, _mm_cmpgt_epi16(_mm_and_si128(h, magnitude), inf));
+            let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_castsi256_ps(w))
         };
         convert_blocks(src, dst, eight, Elem::to_f32);
-        if _mm256_movemask_ps(nan) != 0 {
+        if _mm_testz_si128(nan, nan) == 0 {
             for (d, s) in dst.iter_mut().zip(src) {
                 *d = s.to_f32();
             }
@@ -490,6 +494,8 @@ impl Conversions for Bf16Avx2 {
     unsafe fn narrow(src: &[f32], dst: &mut [bf16]) {
         use std::arch::x86_64::*;
         let mut nan = _mm256_setzero_ps();
+        // (A float compare finds the NaNs: the step's results are quiet
+        // NaNs, for which it raises no flag.)
         // `Elem for bf16`'s rounding, x + 0x7fff + (bit 16 of x), high half.
         let high = |x: __m256| {
             let x = _mm256_castps_si256(x);
@@ -981,6 +987,48 @@ mod tests {
             let ours: C::Half = Elem::from_f32(*x);
             assert_eq!(to_bits(*h), to_bits(ours), "{:#010x}", x.to_bits());
         }
+        // A lone NaN (signalling or quiet, either sign, payloads that an
+        // add would carry into the exponent) at every place of slices that
+        // end in a whole block, a tail or both: the NaN test must see every
+        // lane of every block.
+        let half_nans: Vec<C::Half> = [0x7c01u16, 0x7e00, 0x7f81, 0x7fc0, 0x7fff, 0xfc01, 0xffff]
+            .into_iter()
+            .map(from_bits)
+            .filter(|h| h.to_f32().is_nan())
+            .collect();
+        let float_nans = [
+            0x7f80_0001u32,
+            0x7fc0_0000,
+            0x7fff_ffff,
+            0xff80_0001,
+            0xffff_ffff,
+        ];
+        for len in [8, 9, 15, 16, 17, 24, 31, 32, 63, 64] {
+            for pos in 0..len {
+                for &nan in &half_nans {
+                    let mut halves = vec![from_bits(0x3c00); len];
+                    halves[pos] = nan;
+                    let mut wide = vec![0f32; len];
+                    // SAFETY: as above.
+                    unsafe { C::widen(&halves, &mut wide) };
+                    for (h, w) in halves.iter().zip(&wide) {
+                        let ours = Elem::to_f32(*h).to_bits();
+                        assert_eq!(w.to_bits(), ours, "len {len}, NaN at {pos}");
+                    }
+                }
+                for nan in float_nans {
+                    let mut floats = vec![1.5f32; len];
+                    floats[pos] = f32::from_bits(nan);
+                    let mut narrow = vec![from_bits(0); len];
+                    // SAFETY: as above.
+                    unsafe { C::narrow(&floats, &mut narrow) };
+                    for (x, h) in floats.iter().zip(&narrow) {
+                        let ours: C::Half = Elem::from_f32(*x);
+                        assert_eq!(to_bits(*h), to_bits(ours), "len {len}, {nan:#x} at {pos}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -1002,6 +1050,61 @@ mod tests {
             bf16::from_bits,
             bf16::to_bits,
         );
+    }
+
+    /// The guard's check finds a lone non-finite gradient at every place of
+    /// items of every length up to a few sub-blocks per part, and of whole
+    /// chunks (every 61st place), in both builds and every dtype; a clean
+    /// item passes.
+    #[test]
+    fn the_check_finds_a_lone_nonfinite_gradient_anywhere() {
+        // (dtype, bits of 1.0, bits of +inf)
+        let formats = [
+            (DType::F32, 0x3f80_0000u32, 0x7f80_0000u32),
+            (DType::F16, 0x3c00, 0x7c00),
+            (DType::Bf16, 0x3f80, 0x7f80),
+        ];
+        let lens = (0..=300).chain([511, 512, 513, 1023, 1024, 1025, CHUNK - 1, CHUNK]);
+        for len in lens {
+            let places: Vec<usize> = if len <= 1025 {
+                (0..len).collect()
+            } else {
+                (0..len).step_by(61).chain([len - 1]).collect()
+            };
+            for (dtype, one, inf) in formats {
+                let esz = dtype.size();
+                let put = |g: &mut [u8], i: usize, bits: u32| {
+                    g[i * esz..(i + 1) * esz].copy_from_slice(&bits.to_le_bytes()[..esz])
+                };
+                let mut grad = vec![0u8; len * esz];
+                for i in 0..len {
+                    put(&mut grad, i, one);
+                }
+                let check = |grad: &[u8]| {
+                    let it = Item {
+                        param: SendPtr(std::ptr::null_mut()),
+                        grad: SendPtr(grad.as_ptr() as *mut u8),
+                        s0: SendPtr(std::ptr::null_mut()),
+                        s1: SendPtr(std::ptr::null_mut()),
+                        len,
+                        dtype,
+                    };
+                    let finite = finite_any(&it);
+                    assert_eq!(
+                        chunk_finite(&it),
+                        finite,
+                        "{dtype:?} len {len}: builds differ"
+                    );
+                    finite
+                };
+                assert!(check(&grad), "{dtype:?} len {len}: clean item refused");
+                for &i in &places {
+                    put(&mut grad, i, inf);
+                    assert!(!check(&grad), "{dtype:?} len {len}: inf at {i} missed");
+                    put(&mut grad, i, one);
+                }
+            }
+        }
     }
 
     /// One chunk pass of either build.
