@@ -607,11 +607,13 @@ unsafe fn elementwise_staged<const K: u32, const MODE: u8, C: Conversions>(
 /// buffers whose 32-byte vectors straddle cache lines made f16 steps on
 /// one thread up to 2.4 times slower in some environments
 /// (`kernel_cost` with environment padding of 0 to 56 bytes).
+#[cfg(target_arch = "x86_64")]
 #[repr(align(64))]
 struct LineAligned<T>(T);
 
 /// `dst[i] = one(src[i])` for every `i`: `N` elements at a time by
 /// `block`, the tail by `one`.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn convert_blocks<const N: usize, S: Copy, D>(
     src: &[S],
@@ -948,6 +950,7 @@ mod tests {
     use super::*;
 
     /// Whether the AVX2 build can run here; prints why `test` skips if not.
+    #[cfg(target_arch = "x86_64")]
     fn avx2_or_say_why(test: &str) -> bool {
         if !use_avx2() {
             println!("SKIPPED {test}: this CPU has no AVX2/F16C");
