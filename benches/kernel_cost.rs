@@ -105,7 +105,7 @@ fn options() -> Options {
         layouts: vec![1, 200],
         threads: vec![1, 2],
         kinds: vec![Sgd, Momentum, Adagrad, Rmsprop, Adam],
-        dtypes: vec![DType::F32, DType::Bf16],
+        dtypes: vec![DType::F32, DType::F16, DType::Bf16],
         budget: 0.2,
         min_reps: 3,
         torch: true,
@@ -148,7 +148,7 @@ fn options() -> Options {
             "-h" | "--help" => {
                 println!(
                     "options: --sizes 10k,1M,64M (k = 1e3, m = 1e6, M = 2^20) --tensors 1,200 --threads 1,2 \
-                     --opt sgd,momentum,adagrad,rmsprop,adam --dtype f32,bf16 \
+                     --opt sgd,momentum,adagrad,rmsprop,adam --dtype f32,f16,bf16 \
                      --budget SECONDS --reps N --clock wall|cpu --no-torch --quick"
                 );
                 std::process::exit(0);
