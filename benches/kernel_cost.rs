@@ -44,6 +44,28 @@ struct Options {
     min_reps: usize,
     torch: bool,
     clock: Clock,
+    stat: Stat,
+}
+
+/// Which of a variant's repetitions a row reports.
+#[derive(Clone, Copy, PartialEq)]
+enum Stat {
+    /// The fastest: what the code can do, with the machine's noise left
+    /// out (the default).
+    Min,
+    /// The middle one: what a step typically costs, including costs that
+    /// vary from call to call, such as starting threads (a minimum hides
+    /// most of those).
+    Median,
+}
+
+impl Stat {
+    fn name(self) -> &'static str {
+        match self {
+            Stat::Min => "min",
+            Stat::Median => "median",
+        }
+    }
 }
 
 /// What a repetition's time is.
@@ -110,6 +132,7 @@ fn options() -> Options {
         min_reps: 3,
         torch: true,
         clock: Clock::Wall,
+        stat: Stat::Min,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -137,6 +160,13 @@ fn options() -> Options {
                     c => panic!("--clock {c}: wall or cpu"),
                 }
             }
+            "--stat" => {
+                o.stat = match val().as_str() {
+                    "min" => Stat::Min,
+                    "median" => Stat::Median,
+                    v => panic!("--stat {v}: min or median"),
+                }
+            }
             "--quick" => {
                 o.sizes = vec![10_000, 1_000_000];
                 o.kinds = vec![Sgd, Adam];
@@ -149,7 +179,7 @@ fn options() -> Options {
                 println!(
                     "options: --sizes 10k,1M,64M (k = 1e3, m = 1e6, M = 2^20) --tensors 1,200 --threads 1,2 \
                      --opt sgd,momentum,adagrad,rmsprop,adam --dtype f32,f16,bf16 \
-                     --budget SECONDS --reps N --clock wall|cpu --no-torch --quick"
+                     --budget SECONDS --reps N --clock wall|cpu --stat min|median --no-torch --quick"
                 );
                 std::process::exit(0);
             }
@@ -352,15 +382,15 @@ fn time_one(clock: Clock, threads: usize, f: &mut dyn FnMut()) -> f64 {
     }
 }
 
-/// Minimum seconds per call of each closure, measured round-robin (the
-/// starting closure rotating) until
-/// the budget is spent and every closure ran at least `min_reps` times.
+/// Seconds per call of each closure (`o.stat` of its calls), measured
+/// round-robin (the starting closure rotating) until the budget is spent
+/// and every closure ran at least `min_reps` times.
 fn race(o: &Options, threads: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
     let (budget, min_reps) = (o.budget, o.min_reps);
     for f in fs.iter_mut() {
         f(); // warm-up: page faults, state allocation
     }
-    let mut best = vec![f64::INFINITY; fs.len()];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); fs.len()];
     let start = Instant::now();
     let mut reps = 0;
     while reps < min_reps || start.elapsed().as_secs_f64() < budget * fs.len() as f64 {
@@ -368,14 +398,23 @@ fn race(o: &Options, threads: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
         let k = fs.len();
         for j in 0..k {
             let i = (j + reps) % k;
-            best[i] = best[i].min(time_one(o.clock, threads, fs[i]));
+            times[i].push(time_one(o.clock, threads, fs[i]));
         }
         reps += 1;
         if reps >= 1000 {
             break;
         }
     }
-    best
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            match o.stat {
+                Stat::Min => t[0],
+                Stat::Median => t[t.len() / 2],
+            }
+        })
+        .collect()
 }
 
 /// One measured configuration.
@@ -482,6 +521,7 @@ fn torch_times(o: &Options) -> Option<Vec<TorchRow>> {
                 Clock::Cpu => "cpu",
             },
         ])
+        .args(["--stat", o.stat.name()])
         .output();
     match out {
         Ok(out) if out.status.success() => {
@@ -538,8 +578,12 @@ fn size_name(n: usize) -> String {
 fn main() {
     let o = options();
     println!(
-        "lra kernel-cost benchmark (CPU backend): ns per parameter, minimum over repetitions; \
+        "lra kernel-cost benchmark (CPU backend): ns per parameter, {} over repetitions; \
          {} logical CPUs",
+        match o.stat {
+            Stat::Min => "minimum",
+            Stat::Median => "median",
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(

@@ -7,7 +7,8 @@ prints one line per configuration:
 
     torch <optimizer> <dtype> <numel> <tensors> <threads> <ns per parameter>
 
-the minimum over repetitions of the faster of torch's single-tensor
+the minimum (or, with --stat median, the median) over repetitions of the
+faster of torch's single-tensor
 (foreach=False) and multi-tensor (foreach=True) implementations. Hyper-
 parameters match lra's defaults (Momentum beta 0.5, Adam beta1 0.5). Note
 that torch keeps optimizer state in the parameter dtype (bf16 state for
@@ -52,23 +53,23 @@ def make(kind, params, foreach):
     raise SystemExit(f"unknown optimizer {kind}")
 
 
-def time_step(opt, budget, reps, clock, threads):
-    """Minimum seconds per step; clock "cpu" = process CPU time / threads
-    (what the Rust side's --clock cpu measures)."""
+def time_step(opt, budget, reps, clock, threads, stat):
+    """Minimum (stat "min") or median seconds per step; clock "cpu" =
+    process CPU time / threads (what the Rust side's --clock cpu
+    measures)."""
     now = time.perf_counter if clock == "wall" else time.process_time
     scale = 1.0 if clock == "wall" else 1.0 / threads
     opt.step()  # warm-up: allocates the state
-    best = float("inf")
+    times = []
     start = time.perf_counter()
-    k = 0
-    while k < reps or time.perf_counter() - start < budget:
+    while len(times) < reps or time.perf_counter() - start < budget:
         t = now()
         opt.step()
-        best = min(best, (now() - t) * scale)
-        k += 1
-        if k >= 1000:
+        times.append((now() - t) * scale)
+        if len(times) >= 1000:
             break
-    return best
+    times.sort()
+    return times[0] if stat == "min" else times[len(times) // 2]
 
 
 def main():
@@ -81,6 +82,7 @@ def main():
     ap.add_argument("--budget", type=float, default=0.4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--stat", choices=("min", "median"), default="min")
     a = ap.parse_args()
     dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
     torch.manual_seed(0)
@@ -99,7 +101,7 @@ def main():
                         for foreach in (False, True):
                             try:
                                 opt = make(kind, params, foreach)
-                                best = min(best, time_step(opt, a.budget, a.reps, a.clock, threads))
+                                best = min(best, time_step(opt, a.budget, a.reps, a.clock, threads, a.stat))
                             except (RuntimeError, TypeError) as e:
                                 print(f"# {kind} {dname} foreach={foreach}: {e}", flush=True)
                             del opt
