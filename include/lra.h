@@ -55,7 +55,8 @@ typedef struct lra_config {
   double denom_eps;
   // 1 = check gradients for NaN/inf before writing (default), 0 = off.
   uint32_t check_finite;
-  // CPU worker threads; 0 = one per core (default).
+  // CPU worker threads; 0 = one per core (default). A step uses at most
+  // one thread per 256 Ki elements.
   uint32_t num_threads;
   // An `lra_reeval_schedule` (default `LRA_REEVAL_ALWAYS`).
   uint32_t reeval_schedule;

@@ -170,7 +170,8 @@ pub struct lra_config {
     pub denom_eps: f64,
     /// 1 = check gradients for NaN/inf before writing (default), 0 = off.
     pub check_finite: u32,
-    /// CPU worker threads; 0 = one per core (default).
+    /// CPU worker threads; 0 = one per core (default). A step uses at most
+    /// one thread per 256 Ki elements.
     pub num_threads: u32,
     /// An `lra_reeval_schedule` (default `LRA_REEVAL_ALWAYS`).
     pub reeval_schedule: u32,

@@ -171,8 +171,10 @@ fn small_tensors_match_the_reference() {
 
 #[test]
 fn large_steps_match_the_reference_on_every_thread_count() {
-    // Over the backend's single-thread threshold, with chunk-boundary sizes.
-    let sizes = [CHUNK - 1, 3 * CHUNK + 5, 17, 2 * CHUNK, CHUNK + 1];
+    // Enough elements for 3 threads (the backend gives each thread at
+    // least 256 Ki elements), with chunk-boundary sizes.
+    let sizes = [CHUNK - 1, 48 * CHUNK + 5, 17, 2 * CHUNK, CHUNK + 1];
+    assert!(sizes.iter().sum::<usize>() >= 3 << 18);
     for threads in [1, 2, 3] {
         all_kinds::<f32>(&sizes, threads, threads != 2, 0.0);
     }

@@ -28,10 +28,22 @@ use half::{bf16, f16};
 pub const CHUNK: usize = 1 << 14;
 /// Interleaved f64 accumulators per chunk.
 pub const LANES: usize = 8;
-/// Below this many elements in a step, one thread does everything: under
-/// about 256Ki elements starting a second thread costs about what it saves
-/// (measured with `benches/kernel_cost.rs` on a 2-core machine).
-const PARALLEL_MIN: usize = 1 << 18;
+/// The least work a step gives each of its threads, in elements: a step of
+/// n elements runs on n / `ELEMENTS_PER_THREAD` threads (at least 1, at
+/// most `num_threads` and the number of chunks). Starting a thread costs
+/// 15–60 µs on the README's 2-core VM (spawns happen one after another, so
+/// 64 threads cost about a millisecond), and 256 Ki elements are 80–300 µs
+/// of work: a step with less per thread was slower on two threads than on
+/// one in the typical (median) step there (`kernel_cost --stat median`),
+/// and on a many-core machine a thread per core for a small step would
+/// cost more in starting threads than the step itself.
+const ELEMENTS_PER_THREAD: usize = 1 << 18;
+
+/// Threads for a step of `total` elements in `items` work items, with
+/// `configured` threads allowed ([`ELEMENTS_PER_THREAD`]).
+fn threads_for(total: usize, configured: usize, items: usize) -> usize {
+    (total / ELEMENTS_PER_THREAD).clamp(1, configured.min(items).max(1))
+}
 
 pub struct CpuBackend {
     kind: OptimizerKind,
@@ -163,11 +175,7 @@ impl CpuBackend {
         f: &(dyn Fn(&Item) -> R + Sync),
     ) -> Vec<R> {
         let mut out = vec![R::default(); items.len()];
-        let threads = if total < PARALLEL_MIN {
-            1
-        } else {
-            self.threads.min(items.len()).max(1)
-        };
+        let threads = threads_for(total, self.threads, items.len());
         if threads == 1 {
             for (o, it) in out.iter_mut().zip(items) {
                 *o = f(it);
@@ -948,6 +956,30 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_thread_gets_at_least_its_share_of_elements() {
+        const E: usize = ELEMENTS_PER_THREAD;
+        // (total elements, configured threads, items) -> threads
+        let cases = [
+            ((0, 8, 0), 1),
+            ((E - 1, 8, 16), 1),
+            ((2 * E - 1, 8, 32), 1),
+            ((2 * E, 8, 32), 2),
+            ((64 * E, 64, 1024), 64),
+            ((64 * E - 1, 64, 1024), 63),
+            ((1000 * E, 8, 16_000), 8),
+            ((1000 * E, 8, 3), 3),
+            ((1000 * E, 1, 16_000), 1),
+        ];
+        for ((total, configured, items), want) in cases {
+            assert_eq!(
+                threads_for(total, configured, items),
+                want,
+                "{total} {configured} {items}"
+            );
+        }
+    }
 
     /// Whether the AVX2 build can run here; prints why `test` skips if not.
     #[cfg(target_arch = "x86_64")]
