@@ -14,7 +14,9 @@
 //! compiled with AVX2 (f16 and bf16 widened into f32 buffers by
 //! hand-vectorised conversions) and picked at run time. The
 //! order of every f32 and f64 operation is the same in both builds, so are
-//! the bits, NaN payloads aside (`tests::the_avx2_build_has_the_baseline_bits`).
+//! the bits, NaN payloads aside (`tests::the_avx2_build_has_the_baseline_bits`),
+//! in the default floating-point environment (README, "Behaviour choices":
+//! under a directed rounding mode the builds may differ by an ulp).
 
 use super::{Backend, BackendState, StepRequest, TensorDesc, ValidatedTensors};
 use crate::controller::{SkipReason, StepOutcome};
