@@ -53,9 +53,9 @@ enum Stat {
     /// The fastest: what the code can do, with the machine's noise left
     /// out (the default).
     Min,
-    /// The middle one: what a step typically costs, including costs that
-    /// vary from call to call, such as starting threads (a minimum hides
-    /// most of those).
+    /// The middle one (of an even count, the slower middle one): what a
+    /// step typically costs, including costs that vary from call to call,
+    /// such as starting threads (a minimum hides most of those).
     Median,
 }
 
@@ -295,10 +295,9 @@ impl Model {
 }
 
 /// The memory-bandwidth bound: copies `src` into `dst` on `threads`
-/// threads, each a contiguous share (what `memcpy` does per thread); on one
-/// thread below 4 MiB, where starting threads costs more than it saves.
+/// threads, each a contiguous share (what `memcpy` does per thread).
 fn copy_split(dst: &mut [u8], src: &[u8], threads: usize) {
-    if threads <= 1 || src.len() < 4 << 20 {
+    if threads <= 1 {
         dst.copy_from_slice(src);
         return;
     }
@@ -393,7 +392,8 @@ fn race(o: &Options, threads: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); fs.len()];
     let start = Instant::now();
     let mut reps = 0;
-    while reps < min_reps || start.elapsed().as_secs_f64() < budget * fs.len() as f64 {
+    // At least one repetition, so that every variant has a time.
+    while reps < min_reps.max(1) || start.elapsed().as_secs_f64() < budget * fs.len() as f64 {
         // Rotate who goes first, so no variant always follows the same one.
         let k = fs.len();
         for j in 0..k {
@@ -446,14 +446,17 @@ fn measure(
     let src = vec![1u8; copy_bytes];
     let mut dst = vec![0u8; copy_bytes];
     let mut plain = CpuBackend::new(kind, threads);
+    // The threads the step starts (fewer than allowed for small steps):
+    // the copy gets as many, and CPU time is divided by them.
+    let used = plain.threads_for_step(&descs);
     let hyper = Hyper::defaults(kind);
     let mut lra = LraHandle::new(kind, threads, false);
     let mut lra_guard = LraHandle::new(kind, threads, true);
     let t = race(
         o,
-        threads,
+        used,
         &mut [
-            &mut || copy_split(&mut dst, &src, threads),
+            &mut || copy_split(&mut dst, &src, used),
             &mut || plain.step_plain(&descs, &hyper, 1e-4),
             &mut || lra.iterate(&c_tensors, 1.0),
             &mut || lra_guard.iterate(&c_tensors, 1.0),
@@ -596,6 +599,10 @@ fn main() {
     println!(
         "copy = a plain copy of the fused step's bytes (memory bound); plain = same optimizer, \
          adaptation off; lra = lra_step+lra_report_reeval, guard off; lra+g = guard on"
+    );
+    println!(
+        "thr = threads allowed; a step starts at most one per 256 Ki elements, and the copy \
+         as many as the step"
     );
     let mut rows = Vec::new();
     println!(

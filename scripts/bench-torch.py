@@ -54,7 +54,8 @@ def make(kind, params, foreach):
 
 
 def time_step(opt, budget, reps, clock, threads, stat):
-    """Minimum (stat "min") or median seconds per step; clock "cpu" =
+    """Minimum (stat "min") or median (of an even count, the slower middle
+    one, as on the Rust side) seconds per step; clock "cpu" =
     process CPU time / threads (what the Rust side's --clock cpu
     measures)."""
     now = time.perf_counter if clock == "wall" else time.process_time
@@ -62,7 +63,7 @@ def time_step(opt, budget, reps, clock, threads, stat):
     opt.step()  # warm-up: allocates the state
     times = []
     start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < budget:
+    while len(times) < max(reps, 1) or time.perf_counter() - start < budget:
         t = now()
         opt.step()
         times.append((now() - t) * scale)

@@ -30,15 +30,17 @@ use half::{bf16, f16};
 pub const CHUNK: usize = 1 << 14;
 /// Interleaved f64 accumulators per chunk.
 pub const LANES: usize = 8;
-/// The least work a step gives each of its threads, in elements: a step of
-/// n elements runs on n / `ELEMENTS_PER_THREAD` threads (at least 1, at
-/// most `num_threads` and the number of chunks). Starting a thread costs
-/// 15–60 µs on the README's 2-core VM (spawns happen one after another, so
-/// 64 threads cost about a millisecond), and 256 Ki elements are 80–300 µs
-/// of work: a step with less per thread was slower on two threads than on
-/// one in the typical (median) step there (`kernel_cost --stat median`),
-/// and on a many-core machine a thread per core for a small step would
-/// cost more in starting threads than the step itself.
+/// Elements of a step per thread it may start: a step of n elements runs
+/// on n / `ELEMENTS_PER_THREAD` threads (at least 1, at most `num_threads`
+/// and the number of work items; threads then share the items evenly by
+/// count, so a thread gets about that many elements when the step's
+/// tensors are large). Starting threads costs 25–85 µs for 2 and 1–3 ms
+/// for 64 on the README's 2-core VM (spawns happen one after another), and
+/// 256 Ki elements are 80–300 µs of work: with less per thread, two
+/// threads were slower than one in the typical (median) step there
+/// (`kernel_cost --stat median`), and on a many-core machine a thread per
+/// core for a small step would cost more in starting threads than the
+/// step itself.
 const ELEMENTS_PER_THREAD: usize = 1 << 18;
 
 /// Threads for a step of `total` elements in `items` work items, with
@@ -836,6 +838,15 @@ fn ordered_sum(parts: &[(f64, bool)]) -> (f64, bool) {
 }
 
 impl CpuBackend {
+    /// The threads a step over `tensors` runs on ([`ELEMENTS_PER_THREAD`]);
+    /// the kernel-cost benchmark splits its copy and its CPU time the same
+    /// way.
+    pub fn threads_for_step(&self, tensors: &[TensorDesc]) -> usize {
+        let total = tensors.iter().map(|t| t.numel).sum();
+        let items = tensors.iter().map(|t| t.numel.div_ceil(CHUNK)).sum();
+        threads_for(total, self.threads, items)
+    }
+
     /// The wrapped optimizer's step alone, adaptation off: the same chunks,
     /// threads and element math as the fused pass, without the dot product
     /// and without the non-finite guard. Advances the state like a step.
@@ -960,7 +971,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_thread_gets_at_least_its_share_of_elements() {
+    fn a_step_starts_at_most_one_thread_per_share_of_elements() {
         const E: usize = ELEMENTS_PER_THREAD;
         // (total elements, configured threads, items) -> threads
         let cases = [
