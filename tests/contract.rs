@@ -922,7 +922,7 @@ fn config_init_fills_the_contract_defaults() {
 /// against CUDA in `tests/cuda.rs`.)
 #[test]
 fn decisions_have_the_same_bits_whatever_the_thread_count() {
-    // Enough for 5 threads (the CPU backend gives each at least 256 Ki
+    // Enough for 5 threads (the CPU backend starts at most one thread per 256 Ki
     // elements).
     let n = 1_400_000;
     for (f_star, obs_var) in [(f64::NAN, 0.0), (0.0, 0.0), (f64::NAN, 1e-3)] {

@@ -171,8 +171,8 @@ fn small_tensors_match_the_reference() {
 
 #[test]
 fn large_steps_match_the_reference_on_every_thread_count() {
-    // Enough elements for 3 threads (the backend gives each thread at
-    // least 256 Ki elements), with chunk-boundary sizes.
+    // Enough elements for 3 threads (the backend starts at most one
+    // thread per 256 Ki elements), with chunk-boundary sizes.
     let sizes = [CHUNK - 1, 48 * CHUNK + 5, 17, 2 * CHUNK, CHUNK + 1];
     assert!(sizes.iter().sum::<usize>() >= 3 << 18);
     for threads in [1, 2, 3] {

@@ -285,7 +285,7 @@ fn foreign_or_corrupt_checkpoints_are_rejected_without_change() {
 
 #[test]
 fn phi_has_the_same_bits_whatever_the_thread_count() {
-    // Enough for 8 threads (the CPU backend gives each at least 256 Ki
+    // Enough for 8 threads (the CPU backend starts at most one thread per 256 Ki
     // elements).
     let sizes = [2_000_000, 3, 170_001];
     let mut phis = Vec::new();

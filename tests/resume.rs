@@ -530,7 +530,7 @@ fn a_run_resumed_at_any_position_continues_bit_exactly() {
 
 /// README: φ has the same bits whatever the thread count, so a checkpoint
 /// moves between thread counts: tensors big enough to be split over 3
-/// threads (the backend gives each thread at least 256 Ki elements), saved
+/// threads (the backend starts at most one thread per 256 Ki elements), saved
 /// by one thread, resumed by 2 and 3.
 #[test]
 fn a_checkpoint_resumes_bit_exactly_with_another_thread_count() {
