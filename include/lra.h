@@ -171,11 +171,17 @@ typedef uint32_t lra_sharding;
 // A panic was caught inside lra; the handle refuses further calls.
 #define LRA_PANIC 10
 
-// Not supported by this build or backend.
+// Not supported by this build or backend (reserved: no call of this
+// release returns it).
 #define LRA_UNSUPPORTED 11
 
 // The registered cross-rank reduction returned non-zero.
 #define LRA_REDUCTION_FAILED 12
+
+// Memory for lra's own buffers (the optimizer state: host memory, or
+// device memory for a CUDA handle) could not be allocated; nothing
+// changed, and the call may be retried once memory is freed.
+#define LRA_OUT_OF_MEMORY 13
 
 #define LRA_OPTIMIZER_SGD 0
 

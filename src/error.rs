@@ -20,10 +20,11 @@ pub enum Status {
     Panic = 10,
     Unsupported = 11,
     ReductionFailed = 12,
+    OutOfMemory = 13,
 }
 
 impl Status {
-    pub const ALL: [Status; 13] = [
+    pub const ALL: [Status; 14] = [
         Status::Ok,
         Status::NullPointer,
         Status::InvalidArgument,
@@ -37,6 +38,7 @@ impl Status {
         Status::Panic,
         Status::Unsupported,
         Status::ReductionFailed,
+        Status::OutOfMemory,
     ];
 
     pub fn from_u32(v: u32) -> Option<Status> {
@@ -59,6 +61,7 @@ impl Status {
             Status::Panic => "internal error (a panic was caught)\0",
             Status::Unsupported => "not supported by this build or backend\0",
             Status::ReductionFailed => "the registered cross-rank reduction reported failure\0",
+            Status::OutOfMemory => "out of memory for lra's own buffers (the optimizer state)\0",
         }
     }
 }

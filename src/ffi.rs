@@ -44,10 +44,15 @@ pub const LRA_BAD_CHECKPOINT: lra_status = 8;
 pub const LRA_BUFFER_TOO_SMALL: lra_status = 9;
 /// A panic was caught inside lra; the handle refuses further calls.
 pub const LRA_PANIC: lra_status = 10;
-/// Not supported by this build or backend.
+/// Not supported by this build or backend (reserved: no call of this
+/// release returns it).
 pub const LRA_UNSUPPORTED: lra_status = 11;
 /// The registered cross-rank reduction returned non-zero.
 pub const LRA_REDUCTION_FAILED: lra_status = 12;
+/// Memory for lra's own buffers (the optimizer state: host memory, or
+/// device memory for a CUDA handle) could not be allocated; nothing
+/// changed, and the call may be retried once memory is freed.
+pub const LRA_OUT_OF_MEMORY: lra_status = 13;
 
 /// Wrapped optimizer (`lra_config.optimizer`).
 pub type lra_optimizer = u32;
@@ -996,6 +1001,7 @@ mod tests {
             (LRA_PANIC, Status::Panic),
             (LRA_UNSUPPORTED, Status::Unsupported),
             (LRA_REDUCTION_FAILED, Status::ReductionFailed),
+            (LRA_OUT_OF_MEMORY, Status::OutOfMemory),
         ];
         assert_eq!(pairs.len(), Status::ALL.len());
         for (c, s) in pairs {

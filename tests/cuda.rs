@@ -132,6 +132,13 @@ fn ok(r: sys::CUresult) {
 struct DevBuf(u64);
 
 impl DevBuf {
+    /// `len` bytes, none written.
+    fn uninit(len: usize) -> DevBuf {
+        let mut p = 0;
+        // SAFETY: out-parameter.
+        unsafe { ok(sys::cuMemAlloc_v2(&mut p, len)) };
+        DevBuf(p)
+    }
     fn new(bytes: &[u8]) -> DevBuf {
         let mut p = 0;
         // SAFETY: out-parameter.
@@ -2031,4 +2038,61 @@ fn abi_cuda_bad_arguments_change_nothing() {
         );
     });
     assert_eq!(refusals, 2);
+}
+
+/// A layout whose optimizer state the device cannot hold: `lra_step` is
+/// LRA_OUT_OF_MEMORY (not LRA_CUDA_ERROR: the one failure a caller can act
+/// on), with the driver's error named, and changes nothing; the handle's
+/// next first step may bring another layout.
+#[test]
+fn abi_cuda_state_out_of_memory_changes_nothing() {
+    if !gpu("abi_cuda_state_out_of_memory_changes_nothing") {
+        return;
+    }
+    let mut total = 0usize;
+    // SAFETY: out-parameter; device 0 is the one `gpu` made current.
+    unsafe { ok(sys::cuDeviceTotalMem_v2(&mut total, 0)) };
+    // f16 parameters and gradients of 3/10 of the device each: Adam's state
+    // (two f32 per element, 12/10 of the device) cannot fit in what is
+    // left. Only their first bytes are written (the fake driver maps the
+    // rest on demand).
+    let numel = total * 3 / 10 / 2;
+    let (param, grad) = (DevBuf::uninit(2 * numel), DevBuf::uninit(2 * numel));
+    let head: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    param.write(0, &head);
+    grad.write(0, &head);
+    let mut run = AbiRun::new(&MODE_FUSED, true, std::ptr::null_mut());
+    let h = &run.h;
+    let huge = [lra_tensor {
+        param: param.0 as *mut c_void,
+        grad: grad.0 as *const c_void,
+        numel: numel as u64,
+        dtype: LRA_DTYPE_F16,
+    }];
+    let before = (h.checkpoint(), counter_array(&h.counters()));
+    // SAFETY: device memory of `numel` f16 each.
+    let st = unsafe { lra_step(h.0, huge.as_ptr(), 1, 1.0, 0.0, std::ptr::null_mut()) };
+    let msg = h.error();
+    assert_eq!(st, LRA_OUT_OF_MEMORY, "{msg}");
+    assert!(msg.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{msg}");
+    println!("{numel} f16 parameters on a device of {total} bytes: {msg}");
+    assert!(before.0 == h.checkpoint(), "the checkpoint changed");
+    assert_eq!(before.1, counter_array(&h.counters()), "counters");
+    assert!(param.read(0, head.len()) == head, "the parameters changed");
+    drop((param, grad));
+
+    let tensors = run.tensors();
+    // SAFETY: the run's device tensors.
+    let st = unsafe {
+        lra_step(
+            run.h.0,
+            tensors.as_ptr(),
+            tensors.len(),
+            1.0,
+            0.0,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(st, LRA_OK, "{}", run.h.error());
+    assert_eq!(run.h.counters().steps, 1);
 }

@@ -437,8 +437,9 @@ fn an_empty_layout_survives_a_checkpoint() {
 }
 
 /// A tensor list the optimizer state cannot be allocated for (sizes that
-/// fit the address space, but not memory) is an error, not an abort of the
-/// caller's process; the handle then takes a normal first step.
+/// fit the address space, but not memory) is LRA_OUT_OF_MEMORY, not an
+/// abort of the caller's process; the handle then takes a normal first
+/// step.
 #[test]
 fn an_unallocatable_optimizer_state_is_an_error() {
     let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
@@ -451,7 +452,7 @@ fn an_unallocatable_optimizer_state_is_an_error() {
         numel,
         dtype: LRA_DTYPE_F16,
     }];
-    h.expect(h.step(&huge, 1.0), LRA_INVALID_ARGUMENT, "out of memory");
+    h.expect(h.step(&huge, 1.0), LRA_OUT_OF_MEMORY, "out of memory");
     let (mut p, g) = (vec![1.0f32; 8], vec![0.5f32; 8]);
     assert_eq!(
         h.step(&[f32_tensor(&mut p, &g)], 1.0),

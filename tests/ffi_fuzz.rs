@@ -777,7 +777,7 @@ impl Fuzz {
         self.ensure(st != LRA_PANIC, || {
             format!("{name} caught a panic: {}", thread_error())
         });
-        self.ensure(st <= LRA_REDUCTION_FAILED, || {
+        self.ensure(st <= LRA_OUT_OF_MEMORY, || {
             format!("{name} returned unknown status {st}")
         });
         for s in &self.slots {
@@ -2068,7 +2068,7 @@ impl Fuzz {
                     self.ensure(!s.is_empty(), || {
                         format!("status string of {status} is empty")
                     });
-                    let known = status <= LRA_REDUCTION_FAILED;
+                    let known = status <= LRA_OUT_OF_MEMORY;
                     self.ensure(known != (s == "unknown status"), || {
                         format!("status {status}: '{s}'")
                     });

@@ -40,6 +40,7 @@ enum class Status : lra_status {
   Panic = 10,
   Unsupported = 11,
   ReductionFailed = 12,
+  OutOfMemory = 13,
 };
 
 // Where lra.h carries the status macros, they must agree with the enum.
@@ -48,7 +49,7 @@ static_assert(LRA_OK == 0 && LRA_NULL_POINTER == 1 && LRA_INVALID_ARGUMENT == 2 
                   LRA_INVALID_CONFIG == 3 && LRA_CALL_ORDER == 4 && LRA_SIZE_MISMATCH == 5 &&
                   LRA_NO_CUDA == 6 && LRA_CUDA_ERROR == 7 && LRA_BAD_CHECKPOINT == 8 &&
                   LRA_BUFFER_TOO_SMALL == 9 && LRA_PANIC == 10 && LRA_UNSUPPORTED == 11 &&
-                  LRA_REDUCTION_FAILED == 12,
+                  LRA_REDUCTION_FAILED == 12 && LRA_OUT_OF_MEMORY == 13,
               "lra.hpp's Status differs from lra.h");
 #endif
 

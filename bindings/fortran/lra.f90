@@ -109,6 +109,7 @@ module lra
   integer(c_int32_t), parameter :: LRA_PANIC = 10
   integer(c_int32_t), parameter :: LRA_UNSUPPORTED = 11
   integer(c_int32_t), parameter :: LRA_REDUCTION_FAILED = 12
+  integer(c_int32_t), parameter :: LRA_OUT_OF_MEMORY = 13
   ! lra_optimizer
   integer(c_int32_t), parameter :: LRA_OPTIMIZER_SGD = 0
   integer(c_int32_t), parameter :: LRA_OPTIMIZER_MOMENTUM = 1

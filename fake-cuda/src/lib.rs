@@ -54,6 +54,11 @@ use sys::CUresult as R;
 const SM_COUNT: c_int = 2;
 /// Resident blocks per SM reported by the occupancy query.
 const BLOCKS_PER_SM: c_int = 1;
+/// Device memory reported, and what `cuMemAlloc` hands out before it
+/// fails with `CUDA_ERROR_OUT_OF_MEMORY` as a full device does. Buffers
+/// are host memory zeroed on demand, so a test may allocate most of it
+/// without touching it.
+const DEVICE_MEMORY: usize = 4 << 30;
 /// Alignment of pinned host allocations (a page, like the driver's).
 const PINNED_ALIGN: usize = 4096;
 /// How long a synchronising call waits before it reports a hang.
@@ -740,6 +745,14 @@ pub unsafe extern "C" fn cuDeviceGet(device: *mut sys::CUdevice, ordinal: c_int)
 }
 
 #[no_mangle]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: sys::CUdevice) -> R {
+    with("cuDeviceTotalMem", |_| {
+        device_ordinal("cuDeviceTotalMem", dev)?;
+        put(bytes, DEVICE_MEMORY)
+    })
+}
+
+#[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetAttribute(
     pi: *mut c_int,
     attrib: sys::CUdevice_attribute,
@@ -1204,6 +1217,16 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut sys::CUdeviceptr, bytesize: us
         need_ctx("cuMemAlloc")?;
         if bytesize == 0 || dptr.is_null() {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        let used: usize = d.allocs.values().sum();
+        if bytesize > DEVICE_MEMORY - used {
+            if trace() {
+                note(
+                    "cuMemAlloc",
+                    format!("{bytesize} bytes: out of memory ({used} of {DEVICE_MEMORY} in use)"),
+                );
+            }
+            return Err(R::CUDA_ERROR_OUT_OF_MEMORY);
         }
         // Uninitialised, like cudaMalloc: a kernel reading a byte nothing
         // wrote is an interpreter error.

@@ -120,7 +120,7 @@ impl CpuBackend {
                 let mut v = Vec::new();
                 if v.try_reserve_exact(n).is_err() {
                     fail!(
-                        InvalidArgument,
+                        OutOfMemory,
                         "tensors[{i}]: cannot allocate the optimizer state ({slots} x {} f32 values): out of memory",
                         t.numel
                     );

@@ -137,6 +137,7 @@ const LRA_BUFFER_TOO_SMALL = UInt32(9)
 const LRA_PANIC = UInt32(10)
 const LRA_UNSUPPORTED = UInt32(11)
 const LRA_REDUCTION_FAILED = UInt32(12)
+const LRA_OUT_OF_MEMORY = UInt32(13)
 
 const OPTIMIZERS = Dict(:sgd => LRA_OPTIMIZER_SGD, :momentum => LRA_OPTIMIZER_MOMENTUM,
                         :nesterov => LRA_OPTIMIZER_NESTEROV, :adagrad => LRA_OPTIMIZER_ADAGRAD,

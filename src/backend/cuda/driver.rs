@@ -28,7 +28,14 @@ pub fn check(r: sys::CUresult, what: &str) -> Result<()> {
     } else {
         format!("{r:?}")
     };
-    Err(Error::new(Status::Cuda, format!("{what} failed: {name}")))
+    // Out of memory is the one failure a caller can act on (free memory and
+    // retry), so it gets its own status, as frameworks give it its own error.
+    let status = if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Status::OutOfMemory
+    } else {
+        Status::Cuda
+    };
+    Err(Error::new(status, format!("{what} failed: {name}")))
 }
 
 /// Loads libcuda and runs `cuInit` once per process. `NoCuda` when the
