@@ -18,7 +18,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 say "cargo tests (unit, integration, header drift, PTX interpreter)"
 cargo build --release --lib
-cargo test --workspace --release
+# The `checked` profile (Cargo.toml): optimised, with debug assertions and
+# overflow checks, so the standard library's checks of unsafe preconditions
+# and lra's own debug assertions run; the stages below test the release
+# library as it ships.
+cargo test --workspace --profile checked
 
 # Stage scripts: each proves one layer and prints why it skips a part.
 for stage in scripts/stages/*.sh; do

@@ -36,7 +36,7 @@ export FAKE_CUDA_SCHEDULE=${FAKE_CUDA_SCHEDULE:-random:1}
 echo "fake driver: $driver_dir/libcuda.so, schedule $FAKE_CUDA_SCHEDULE"
 start=$SECONDS
 LD_LIBRARY_PATH="$driver_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LRA_FAKE_CUDA=1 \
-  cargo test --release --test cuda 2>&1 | tee "$log"
+  cargo test --profile checked --test cuda 2>&1 | tee "$log"
 elapsed=$((SECONDS - start))
 
 # Test names after a prefix, wherever the prefix is on a line.

@@ -970,6 +970,39 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
 
+    /// Zeroed bytes aligned for every dtype, as the caller's tensors are
+    /// (checked at the C boundary). A `Vec<u8>` promises alignment 1 only:
+    /// an empty one's pointer is not a valid `*const f32`.
+    #[derive(Clone)]
+    struct AlignedBytes {
+        words: Vec<u32>,
+        len: usize,
+    }
+
+    impl AlignedBytes {
+        fn zeroed(len: usize) -> AlignedBytes {
+            AlignedBytes {
+                words: vec![0; len.div_ceil(4)],
+                len,
+            }
+        }
+    }
+
+    impl std::ops::Deref for AlignedBytes {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            // SAFETY: `words` holds at least `len` initialised bytes.
+            unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len) }
+        }
+    }
+
+    impl std::ops::DerefMut for AlignedBytes {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            // SAFETY: as in `deref`, borrowed uniquely.
+            unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), self.len) }
+        }
+    }
+
     #[test]
     fn a_step_starts_at_most_one_thread_per_share_of_elements() {
         const E: usize = ELEMENTS_PER_THREAD;
@@ -1124,7 +1157,7 @@ mod tests {
                 let put = |g: &mut [u8], i: usize, bits: u32| {
                     g[i * esz..(i + 1) * esz].copy_from_slice(&bits.to_le_bytes()[..esz])
                 };
-                let mut grad = vec![0u8; len * esz];
+                let mut grad = AlignedBytes::zeroed(len * esz);
                 for i in 0..len {
                     put(&mut grad, i, one);
                 }
@@ -1211,7 +1244,7 @@ mod tests {
                     for len in [1, 7, 8, 9, 63, 64, 65, 200, 1000] {
                         let esz = dtype.size();
                         let mut theta = vec![0u8; len * esz];
-                        let mut grad = vec![0u8; len * esz];
+                        let mut grad = AlignedBytes::zeroed(len * esz);
                         for i in 0..len {
                             let (t, g) = (value(i, 4.0), value(i + 11, 1.0));
                             let at = i * esz..(i + 1) * esz;

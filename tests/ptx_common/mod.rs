@@ -924,7 +924,9 @@ pub fn final_stage_phi(
         partials: parts,
         found_inf: 0,
         kind,
-        mode: abi::mode::F_SUM,
+        // chunk work without M_THETA is the guard's check (over no
+        // segments here), which must say so (kernels/README.md)
+        mode: abi::mode::CHECK | abi::mode::F_SUM,
         lr,
         beta1: hyper.beta1,
         beta2: hyper.beta2,
