@@ -49,6 +49,11 @@ struct ScheduleState {
     gap: f64,
 }
 
+impl ScheduleState {
+    /// A run's start: due at once, gap 1.
+    const FRESH: ScheduleState = ScheduleState { next: 0, gap: 1.0 };
+}
+
 /// More steps than any run takes (292 years at one step per ns): a
 /// checkpoint claiming as many is forged.
 const STEPS_LIMIT: u64 = 1 << 63;
@@ -94,7 +99,7 @@ impl Engine {
             counters: Counters::default(),
             loss_skips: 0,
             last: None,
-            schedule: ScheduleState { next: 0, gap: 1.0 },
+            schedule: ScheduleState::FRESH,
             reducer: None,
         })
     }
@@ -699,7 +704,14 @@ impl Engine {
         self.counters = counters;
         self.loss_skips = loss_skips;
         self.lr = lr;
-        self.schedule = schedule;
+        // Only the geometric schedule reads the position; another keeps the
+        // fresh one, so that its own checkpoints start a geometric handle
+        // afresh (the README's rule) even after it loaded a geometric one.
+        self.schedule = if matches!(self.cfg.schedule, ReevalSchedule::Geometric(_)) {
+            schedule
+        } else {
+            ScheduleState::FRESH
+        };
         self.last = last;
         // A pending step whose outcome was only on the device is restored
         // with the outcome read at save time.
