@@ -403,7 +403,7 @@ def check_python(header, statuses, path=PYTHON):
     for key, value in mod.SHARDINGS.items():
         if header.defines.get("LRA_SHARDING_" + key.upper()) != value:
             errors.append(f"lra.py: sharding {key} = {value} differs from C")
-    for py, c in (("OK", "LRA_OK"), ("CALL_ORDER", "LRA_CALL_ORDER")):
+    for py, c in (("OK", "LRA_OK"), ("CALL_ORDER", "LRA_CALL_ORDER"), ("REDUCTION_FAILED", "LRA_REDUCTION_FAILED")):
         if getattr(mod, py) != statuses.get(c, header.defines.get(c)):
             errors.append(f"lra.py: {py} differs from C {c}")
     # Completeness: a value C adds must reach the Python tables too.

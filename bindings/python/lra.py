@@ -29,7 +29,10 @@ off or with the same mask, BatchNorm not updating running statistics, i.e.
 import ctypes
 import ctypes.util
 import math
+import operator
 import os
+import signal
+import threading
 
 # The release of lra this module was written for (Cargo.toml's version; the
 # tests check it against both Cargo.toml and the loaded library).
@@ -82,6 +85,7 @@ SHARDINGS = {"replicated": 0, "sharded": 1}
 # lra_status values (src/error.rs `Status`).
 OK = 0
 CALL_ORDER = 4
+REDUCTION_FAILED = 12
 
 # --- C structs --------------------------------------------------------------
 
@@ -312,24 +316,180 @@ def _decode(p):
 
 
 _DEVICE_NAMES = {"host": DEVICE_HOST, "cpu": DEVICE_HOST, "cuda": DEVICE_CUDA}
+_NAMED_FIELDS = {"device": _DEVICE_NAMES, "reeval_schedule": REEVAL_SCHEDULES, "sharding": SHARDINGS}
 
 
-def _config_value(key, value):
-    """The ``lra_config`` value for keyword ``key`` (names of enums accepted)."""
-    if key not in dict(Config._fields_) or key == "struct_size":
-        raise TypeError(f"unknown lra_config field {key!r}")
-    if key == "device" and isinstance(value, str):
-        return _DEVICE_NAMES[value]
-    if key == "reeval_schedule" and isinstance(value, str):
-        return REEVAL_SCHEDULES[value]
-    if key == "sharding" and isinstance(value, str):
-        return SHARDINGS[value]
-    if key in ("check_finite", "loss_is_rank_local"):
-        return int(bool(value))
+def _named_value(field, names, value):
+    if value not in names:
+        raise ValueError(f"{field}: unknown name {value!r}; valid names: {', '.join(names)}")
+    return names[value]
+
+
+def _int_value(field, ctype, value):
+    """``value`` as an int that ``ctype`` holds unchanged.
+
+    ctypes stores integers modulo 2**bits without complaint: -1 threads
+    would become 4294967295, which lra accepts.
+    """
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{field} must be an integer, not {type(value).__name__}") from None
+    bits = 8 * ctypes.sizeof(ctype)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if ctype(-1).value < 0 else (0, (1 << bits) - 1)
+    if not lo <= value <= hi:
+        raise ValueError(f"{field} = {value} is outside the range of its C type [{lo}, {hi}]")
     return value
 
 
+def _config_value(key, value):
+    """The ``lra_config`` value for keyword ``key`` (names of enums accepted).
+
+    Unknown fields raise ``TypeError``, unknown names and integers their C
+    field cannot hold ``ValueError``; lra_create checks the rest.
+    """
+    ctype = dict(Config._fields_).get(key)
+    if ctype is None or key == "struct_size":
+        raise TypeError(f"unknown lra_config field {key!r}")
+    if key in _NAMED_FIELDS and isinstance(value, str):
+        return _named_value(key, _NAMED_FIELDS[key], value)
+    if key in ("check_finite", "loss_is_rank_local"):
+        return int(bool(value))
+    if ctype is ctypes.c_double:
+        return value
+    return _int_value(key, ctype, value)
+
+
 # --- the handle -------------------------------------------------------------
+
+
+class _InterruptDeferral:
+    """Keeps Ctrl-C from landing where ctypes would swallow it.
+
+    Python raises ``KeyboardInterrupt`` at the next bytecode after SIGINT.
+    While lra computes (the GIL released), that is the first line of the
+    reduction trampoline, before its ``try``: ctypes would print the
+    exception and hand lra an undefined status (0 reads as "reduced", and
+    ranks diverge). So during a call that may run the trampoline (main
+    thread, a Python SIGINT handler installed) the handler is swapped for
+    one that holds the signal back except where raising is safe: inside
+    the trampoline's ``try`` (the call then fails and changes nothing) or
+    after the C call returned. Only the main thread touches this state.
+    """
+
+    def __init__(self):
+        self.prev = None  # the Python handler replaced while depth > 0
+        self.depth = 0  # guarded calls in flight on the main thread
+        self.safe = True  # whether a KeyboardInterrupt may be raised now
+        self.held = None  # (signum, frame) of a signal held back
+        self.handler = self._handle  # one bound method, to recognize it
+
+    def _handle(self, signum, frame):
+        if self.safe:
+            self.prev(signum, frame)
+        else:
+            self.held = (signum, frame)
+
+    def deliver(self):
+        """Runs the replaced handler for a held signal (it raises, usually)."""
+        held, self.held = self.held, None
+        if held is not None:
+            self.prev(*held)
+
+    def enter(self):
+        """Before a C call that may run the trampoline; returns the token for :meth:`leave`."""
+        if threading.get_ident() != _MAIN_THREAD:
+            return None  # Python runs signal handlers on the main thread only
+        if self.depth == 0:
+            prev = signal.getsignal(signal.SIGINT)
+            if not callable(prev):
+                return None  # SIG_IGN, SIG_DFL or a C handler: nothing raises in Python
+            self.prev = prev  # before the swap: a signal may be handled right after it
+            try:
+                signal.signal(signal.SIGINT, self.handler)  # a pending signal raises here, unswapped
+            except ValueError:
+                return None  # not the main interpreter
+        self.depth += 1
+        saved, self.safe = self.safe, False
+        return saved
+
+    def leave(self, token):
+        """After the C call returned: restores the handler, then delivers what was held."""
+        if token is None:
+            return
+        self.depth -= 1
+        try:
+            if self.depth == 0 and signal.getsignal(signal.SIGINT) == self.handler:
+                # Still unsafe: a signal handled during the swap is held, not raised mid-way.
+                signal.signal(signal.SIGINT, self.prev)
+        finally:
+            self.safe = token
+        if token:
+            self.deliver()
+
+    def open(self):
+        """In the trampoline's ``try``: makes raising safe, delivers what was held.
+
+        Returns the token that the trampoline's ``finally`` writes back to
+        ``safe`` inline (a call would first run pending signal handlers,
+        raising outside the ``try``); None: nothing to write back.
+        """
+        if not self.depth or threading.get_ident() != _MAIN_THREAD:
+            return None
+        saved, self.safe = self.safe, True
+        try:
+            self.deliver()
+        except BaseException:
+            self.safe = saved
+            raise
+        return saved
+
+
+_MAIN_THREAD = threading.main_thread().ident
+_INTERRUPTS = _InterruptDeferral()
+
+
+class _InFlight:
+    """``with opt._call() as h``: the live handle, counted as in use until the block ends.
+
+    :meth:`Optimizer.close` refuses while the count is not zero, so no
+    thread passes a freed handle to C, and a refused ``lra_destroy``
+    (silent in C) cannot leak the handle. The lock guards the count only,
+    never the C call: calls release the GIL and may overlap (lra refuses
+    the second with ``LRA_CALL_ORDER``).
+    """
+
+    __slots__ = ("opt", "callback", "token")
+
+    def __init__(self, opt, callback):
+        self.opt = opt
+        self.callback = callback  # whether the call may run the reduction trampoline
+        self.token = None
+
+    def __enter__(self):
+        opt = self.opt
+        with opt._lock:
+            h = opt._h
+            if not h:
+                raise LraError(1, "the lra handle was closed")
+            opt._in_flight += 1
+        try:
+            if self.callback and opt._reducer is not None:
+                self.token = _INTERRUPTS.enter()
+        except BaseException:
+            with opt._lock:
+                opt._in_flight -= 1
+            raise
+        opt._pending.exc = None
+        return h
+
+    def __exit__(self, *exc):
+        opt = self.opt
+        try:
+            _INTERRUPTS.leave(self.token)
+        finally:
+            with opt._lock:
+                opt._in_flight -= 1
 
 
 class Optimizer:
@@ -338,13 +498,22 @@ class Optimizer:
     ``optimizer`` is a name from :data:`OPTIMIZERS` or its number; every
     other keyword sets the ``lra_config`` field of that name after the
     defaults are filled in (``lr``, ``beta1``, ``device``, ``reeval_schedule``
-    (name or number), ``sharding`` (name or number), ...).
+    (name or number), ``sharding`` (name or number), ...). An unknown
+    field raises ``TypeError``; an unknown name, or an integer the field's
+    C type cannot hold (``num_threads=-1``), ``ValueError``.
+
+    One object may be used from several threads: calls release the GIL,
+    and lra refuses overlapping calls on one handle (``LRA_CALL_ORDER``).
     """
 
     def __init__(self, optimizer="adam", **config):
-        self._lib = load_library()
+        # First: close() (and so __del__) reads these even when __init__ fails.
+        self._lock = threading.Lock()
+        self._in_flight = 0  # calls passing the handle to C now (see _InFlight)
         self._h = _HANDLE()
         self._reducer = None
+        self._pending = threading.local()  # .exc: what the reducer raised, per calling thread
+        self._lib = load_library()
         cfg = self.default_config(optimizer)
         for key, value in config.items():
             setattr(cfg, key, _config_value(key, value))
@@ -356,20 +525,42 @@ class Optimizer:
     @staticmethod
     def default_config(optimizer="adam"):
         """An ``lra_config`` filled by ``lra_config_init`` for ``optimizer``."""
-        code = OPTIMIZERS[optimizer.lower()] if isinstance(optimizer, str) else int(optimizer)
+        if isinstance(optimizer, str):
+            code = _named_value("optimizer", OPTIMIZERS, optimizer.lower())
+        else:
+            code = _int_value("optimizer", ctypes.c_uint32, optimizer)
         cfg = Config()
         load_library().lra_config_init(ctypes.byref(cfg), code)
         return cfg
 
     # lifetime
     def close(self):
-        """Destroys the handle (idempotent); later calls raise."""
+        """Destroys the handle (idempotent); later calls raise.
+
+        Refused with ``LraError`` (``CALL_ORDER``) while a call on this
+        object runs (another thread's, or the one whose reducer calls
+        close()); the handle then stays usable.
+        """
         # Only attributes of self: at interpreter shutdown __del__ may run
-        # after this module's globals were cleared to None.
-        h = getattr(self, "_h", None)
-        if h:
+        # after this module's globals were cleared to None. (The refusal
+        # below needs globals, but no call is in flight on an object the
+        # garbage collector finalizes.)
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            h = self._h
+            if not h:
+                return
+            if self._in_flight:
+                raise LraError(
+                    CALL_ORDER,
+                    "close() in the middle of another call on this handle "
+                    "(another thread's, or from inside its reduction callback); the handle stays open",
+                )
             self._h = type(h)()
-            self._lib.lra_destroy(h)
+        self._lib.lra_destroy(h)
+        self._reducer = None  # lra no longer calls it
 
     def __del__(self):
         self.close()
@@ -380,18 +571,28 @@ class Optimizer:
     def __exit__(self, *exc):
         self.close()
 
-    def _check(self, status):
-        if status != OK:
-            # The calling thread's message, not lra_last_error(h): a call
-            # refused because another one runs on the handle (another
-            # thread, or the reduction callback) leaves its reason only
-            # there, and the handle's message belongs to the running call.
-            raise LraError(status, _decode(self._lib.lra_thread_last_error()))
+    def _call(self, callback=False):
+        return _InFlight(self, callback)
 
-    def _live(self):
-        if not self._h:
-            raise LraError(1, "the lra handle was closed")
-        return self._h
+    def _check(self, status):
+        exc = getattr(self._pending, "exc", None)
+        self._pending.exc = None
+        if status == OK:
+            return
+        # The calling thread's message, not lra_last_error(h): a call
+        # refused because another one runs on the handle (another
+        # thread, or the reduction callback) leaves its reason only
+        # there, and the handle's message belongs to the running call.
+        err = LraError(status, _decode(self._lib.lra_thread_last_error()))
+        if exc is None:
+            raise err
+        if isinstance(exc, Exception):
+            raise err from exc
+        # KeyboardInterrupt, SystemExit, ...: stop the program as asked,
+        # now that lra has refused the call.
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(f"lra: the call failed and changed nothing ({err})")
+        raise exc
 
     # the iteration
     @staticmethod
@@ -410,101 +611,128 @@ class Optimizer:
         of one f32 flag (host or device memory, like the tensors) or None.
         """
         arr = self._tensor_array(tensors)
-        h = self._live()
-        if found_inf is None:
-            self._check(
-                self._lib.lra_step(h, arr, len(arr), float(loss), float(obs_var), stream)
-            )
-        else:
-            self._check(
-                self._lib.lra_step_ex(
-                    h, arr, len(arr), float(loss), float(obs_var), found_inf, stream
-                )
-            )
+        loss, obs_var = float(loss), float(obs_var)
+        with self._call(callback=True) as h:
+            if found_inf is None:
+                status = self._lib.lra_step(h, arr, len(arr), loss, obs_var, stream)
+            else:
+                status = self._lib.lra_step_ex(h, arr, len(arr), loss, obs_var, found_inf, stream)
+            self._check(status)
 
     def report_reeval(self, loss_after):
         """``lra_report_reeval``: f+ on the SAME batch after the step; returns :class:`ReevalInfo`."""
         info = ReevalInfo()
-        self._check(self._lib.lra_report_reeval(self._live(), float(loss_after), ctypes.byref(info)))
+        loss_after = float(loss_after)
+        with self._call(callback=True) as h:
+            self._check(self._lib.lra_report_reeval(h, loss_after, ctypes.byref(info)))
         return info
 
     def should_reeval(self):
         """Whether the schedule wants the pending step re-evaluated."""
         out = ctypes.c_uint32()
-        self._check(self._lib.lra_should_reeval(self._live(), ctypes.byref(out)))
+        with self._call() as h:
+            self._check(self._lib.lra_should_reeval(h, ctypes.byref(out)))
         return bool(out.value)
 
     # getters / setters
     @property
     def lr(self):
         out = ctypes.c_double()
-        self._check(self._lib.lra_get_lr(self._live(), ctypes.byref(out)))
+        with self._call() as h:
+            self._check(self._lib.lra_get_lr(h, ctypes.byref(out)))
         return out.value
 
     @lr.setter
     def lr(self, value):
-        self._check(self._lib.lra_set_lr(self._live(), float(value)))
+        value = float(value)
+        with self._call() as h:
+            self._check(self._lib.lra_set_lr(h, value))
 
     @property
     def last_phi(self):
         out = ctypes.c_double()
-        self._check(self._lib.lra_get_last_phi(self._live(), ctypes.byref(out)))
+        with self._call() as h:
+            self._check(self._lib.lra_get_last_phi(h, ctypes.byref(out)))
         return out.value
 
     @property
     def last_reeval(self):
         info = ReevalInfo()
-        self._check(self._lib.lra_get_last_reeval(self._live(), ctypes.byref(info)))
+        with self._call() as h:
+            self._check(self._lib.lra_get_last_reeval(h, ctypes.byref(info)))
         return info
 
     @property
     def counters(self):
         out = Counters()
-        self._check(self._lib.lra_get_counters(self._live(), ctypes.byref(out)))
+        with self._call() as h:
+            self._check(self._lib.lra_get_counters(h, ctypes.byref(out)))
         return out
 
     # checkpoints
     def save_state(self):
         """A versioned checkpoint as ``bytes``."""
         size = ctypes.c_size_t()
-        self._check(self._lib.lra_state_size(self._live(), ctypes.byref(size)))
-        buf = ctypes.create_string_buffer(max(size.value, 1))
         written = ctypes.c_size_t()
-        self._check(
-            self._lib.lra_save_state(self._h, buf, size.value, ctypes.byref(written))
-        )
+        with self._call() as h:
+            self._check(self._lib.lra_state_size(h, ctypes.byref(size)))
+            buf = ctypes.create_string_buffer(max(size.value, 1))
+            self._check(self._lib.lra_save_state(h, buf, size.value, ctypes.byref(written)))
         return buf.raw[: written.value]
 
     def load_state(self, data):
         """Restores a checkpoint from :meth:`save_state` (same config and layout)."""
         data = bytes(data)
         buf = ctypes.create_string_buffer(data, max(len(data), 1))
-        self._check(self._lib.lra_load_state(self._live(), buf, len(data)))
+        with self._call() as h:
+            self._check(self._lib.lra_load_state(h, buf, len(data)))
 
     # distributed
     def set_reduction(self, reduce):
         """Registers ``reduce(values: list[float]) -> list[float]`` (the cross-rank sums), or None.
 
-        An exception inside ``reduce`` is reported to lra as a failure.
+        ``reduce`` runs inside :meth:`step` and :meth:`report_reeval`. If it
+        raises, or returns the wrong number of values, lra is told the
+        reduction failed: the call changes nothing and raises
+        ``LraError`` (status ``REDUCTION_FAILED``) whose ``__cause__`` is
+        the reducer's exception, except for ``KeyboardInterrupt``,
+        ``SystemExit`` and other non-``Exception`` exceptions, which are
+        re-raised as they are (stopping the program, as asked). A Ctrl-C
+        that arrives while lra computes is delivered the same way, at the
+        next reduction or once the call returns. Not callable: ``TypeError``.
         """
         if reduce is None:
-            self._check(self._lib.lra_set_reduction(self._live(), REDUCE_FN(), None))
+            with self._call() as h:
+                self._check(self._lib.lra_set_reduction(h, REDUCE_FN(), None))
             self._reducer = None
             return
+        if not callable(reduce):
+            raise TypeError(f"the reduction must be callable or None, not {type(reduce).__name__}")
+        pending = self._pending  # not self: a cycle through the C callback would delay __del__
 
         def trampoline(values, count, _user):
+            # Nothing may unwind through C: ctypes would print the exception
+            # and give lra an undefined status (0 reads as success).
             try:
-                sums = reduce([values[i] for i in range(count)])
-                if len(sums) != count:
-                    return 2
+                token = _INTERRUPTS.open()
+                try:
+                    sums = reduce([values[i] for i in range(count)])
+                    if len(sums) != count:
+                        raise ValueError(f"the reduction returned {len(sums)} values for {count}")
+                    sums = [float(v) for v in sums]
+                finally:
+                    if token is not None:
+                        _INTERRUPTS.safe = token  # inline: see _InterruptDeferral.open
                 for i, v in enumerate(sums):
-                    values[i] = float(v)
+                    values[i] = v
                 return 0
-            except Exception:  # noqa: BLE001 -- must not unwind through C
+            except BaseException as exc:  # noqa: BLE001 -- re-raised by _check after the C call
+                pending.exc = exc
                 return 1
 
         fn = REDUCE_FN(trampoline)
-        self._check(self._lib.lra_set_reduction(self._live(), fn, None))
+        with self._call() as h:
+            self._check(self._lib.lra_set_reduction(h, fn, None))
         self._reducer = fn  # keep the C callback alive as long as the handle
 
 

@@ -252,6 +252,289 @@ class HandleLifetimeAndMessageTests(unittest.TestCase):
         with self.assertRaises(lra.LraError):
             opt.lr  # closed
 
+    def test_close_from_inside_the_reducer_is_refused_and_the_handle_lives(self):
+        # lra_destroy refuses (silently: it returns void) while a call runs
+        # on the handle; close() must not then claim the handle is gone.
+        refusals = []
+        opt, t, param, grad = sharded_sgd()
+
+        def reduce(values):
+            try:
+                opt.close()
+            except lra.LraError as e:
+                refusals.append((e.status, e.message))
+            return values
+
+        opt.set_reduction(reduce)
+        opt.step(t, 1.0)
+        self.assertEqual(refusals[0][0], lra.CALL_ORDER)
+        self.assertIn("close()", refusals[0][1])
+        self.assertAlmostEqual(param[0], 0.9, places=6)
+        self.assertEqual(opt.counters.steps, 1)  # still open
+        opt.close()
+        opt.close()  # idempotent
+        with self.assertRaisesRegex(lra.LraError, "closed"):
+            opt.step(t, 1.0)
+
+    def test_close_while_another_thread_is_in_a_call_is_refused(self):
+        import threading
+
+        inside, release, errors = threading.Event(), threading.Event(), []
+        opt, t, param, grad = sharded_sgd()
+
+        def reduce(values):
+            inside.set()
+            release.wait(10)
+            return values
+
+        def run():
+            try:
+                opt.step(t, 1.0)
+            except BaseException as e:  # noqa: BLE001 -- reported below
+                errors.append(e)
+
+        opt.set_reduction(reduce)
+        worker = threading.Thread(target=run)
+        worker.start()
+        try:
+            self.assertTrue(inside.wait(10))
+            with self.assertRaises(lra.LraError) as ctx:
+                opt.close()
+            self.assertEqual(ctx.exception.status, lra.CALL_ORDER)
+        finally:
+            release.set()
+            worker.join()
+        self.assertEqual(errors, [])
+        self.assertAlmostEqual(param[0], 0.9, places=6)
+        opt.close()
+        with self.assertRaisesRegex(lra.LraError, "closed"):
+            opt.lr
+
+
+class ConfigValueTests(unittest.TestCase):
+    """Keyword values are checked in Python: ctypes would wrap integers silently."""
+
+    def test_unknown_names_are_value_errors_listing_the_valid_ones(self):
+        cases = [
+            (("adamx",), {}, "optimizer", "adamw"),
+            (("sgd",), {"device": "gpu"}, "device", "cuda"),
+            (("sgd",), {"reeval_schedule": "Every"}, "reeval_schedule", "geometric"),
+            (("sgd",), {"sharding": "shard"}, "sharding", "replicated"),
+        ]
+        for args, kwargs, field, valid in cases:
+            with self.subTest(field=field):
+                with self.assertRaises(ValueError) as ctx:
+                    lra.Optimizer(*args, **kwargs)
+                self.assertIn(field, str(ctx.exception))
+                self.assertIn(valid, str(ctx.exception))
+        # Names as before: optimizer case-insensitive, the others exact.
+        with lra.Optimizer("AdamW", device="cpu", reeval_schedule="every", sharding="replicated") as opt:
+            self.assertEqual(opt.config.optimizer, lra.OPTIMIZERS["adamw"])
+            self.assertEqual(opt.config.reeval_schedule, lra.REEVAL_SCHEDULES["every"])
+
+    def test_integers_outside_the_c_type_are_value_errors(self):
+        cases = [
+            ("num_threads", -1, "4294967295"),
+            ("num_threads", 2**32, "4294967295"),
+            ("reeval_every", -5, "4294967295"),
+            ("device_ordinal", 2**32, "2147483647"),
+            ("device_ordinal", -(2**31) - 1, "-2147483648"),
+            ("device", 2**32 + 1, "4294967295"),
+        ]
+        for field, value, bound in cases:
+            with self.subTest(field=field, value=value):
+                with self.assertRaises(ValueError) as ctx:
+                    lra.Optimizer("sgd", **{field: value})
+                self.assertIn(field, str(ctx.exception))
+                self.assertIn(bound, str(ctx.exception))
+        with self.assertRaisesRegex(ValueError, "optimizer"):
+            lra.Optimizer(2**32 + lra.OPTIMIZERS["adam"])  # would wrap to Adam
+        with self.assertRaisesRegex(ValueError, "optimizer"):
+            lra.Optimizer.default_config(-1)
+        # The edges of the range reach lra, which judges the value itself.
+        self.assertEqual(lra.Optimizer.default_config(lra.OPTIMIZERS["adam"]).optimizer, 5)
+        with self.assertRaises(lra.LraError):
+            lra.Optimizer("sgd", num_threads=2**32 - 1, reeval_schedule=2**32 - 1)
+
+    def test_non_integers_for_integer_fields_are_type_errors_naming_the_field(self):
+        with self.assertRaisesRegex(TypeError, "num_threads"):
+            lra.Optimizer("sgd", num_threads=1.5)
+        with self.assertRaisesRegex(TypeError, "optimizer"):
+            lra.Optimizer(None)
+
+    def test_flag_fields_take_bools_and_a_failed_init_finalizes_quietly(self):
+        from unittest import mock
+
+        with lra.Optimizer("sgd", check_finite=False, loss_is_rank_local=False) as opt:
+            self.assertEqual((opt.config.check_finite, opt.config.loss_is_rank_local), (0, 0))
+        with lra.Optimizer("sgd", check_finite=True, num_threads=True) as opt:
+            self.assertEqual((opt.config.check_finite, opt.config.num_threads), (1, 1))
+        unraisable = []
+        with mock.patch.object(sys, "unraisablehook", unraisable.append):
+            with self.assertRaises(ValueError):
+                lra.Optimizer("sgd", num_threads=-1)
+            import gc
+
+            gc.collect()
+        self.assertEqual(unraisable, [])
+
+
+def sharded_sgd(**config):
+    """A sharded SGD handle (it reduces at every step), its tensors, and the
+    parameter and gradient buffers (keep them: the tensors point into them)."""
+    import ctypes
+
+    param, grad = f32_buffer([1.0]), f32_buffer([1.0])
+    opt = lra.Optimizer("sgd", lr=0.1, sharding="sharded", num_threads=1, **config)
+    return opt, [(ctypes.addressof(param), ctypes.addressof(grad), 1, lra.DTYPE_F32)], param, grad
+
+
+class ReductionFailureTests(unittest.TestCase):
+    """What a reducer raises reaches the caller; lra is told it failed and changes nothing."""
+
+    def setUp(self):
+        import signal
+        from unittest import mock
+
+        # Python's own SIGINT handler, even under a shell that ignores SIGINT.
+        self.addCleanup(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # ctypes reports an exception escaping a callback here, and goes on.
+        self.unraisable = []
+        patcher = mock.patch.object(sys, "unraisablehook", self.unraisable.append)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def assert_nothing_escaped_into_c(self):
+        import signal
+
+        self.assertEqual([u.exc_value for u in self.unraisable], [])
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
+    def test_reduction_failed_is_the_status_lra_names(self):
+        lib = lra.load_library()
+        self.assertIn(b"reduction", lib.lra_status_string(lra.REDUCTION_FAILED))
+
+    def test_an_exception_in_the_reducer_is_the_cause_of_the_lra_error(self):
+        boom = RuntimeError("collective failed")
+
+        def reduce(values):
+            raise boom
+
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(reduce)
+        with self.assertRaises(lra.LraError) as ctx:
+            opt.step(t, 1.0)
+        self.assertEqual(ctx.exception.status, lra.REDUCTION_FAILED)
+        self.assertIs(ctx.exception.__cause__, boom)
+        self.assertEqual((param[0], opt.counters.steps), (1.0, 0))
+        opt.set_reduction(lambda values: values)
+        opt.step(t, 1.0)
+        self.assertEqual(opt.counters.steps, 1)
+        self.assert_nothing_escaped_into_c()
+
+    def test_wrong_number_of_sums_is_a_value_error_cause(self):
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(lambda values: values[:-1])
+        with self.assertRaises(lra.LraError) as ctx:
+            opt.step(t, 1.0)
+        self.assertEqual(ctx.exception.status, lra.REDUCTION_FAILED)
+        self.assertIsInstance(ctx.exception.__cause__, ValueError)
+        self.assertIn("returned 2 values for 3", str(ctx.exception.__cause__))
+        self.assertEqual(param[0], 1.0)
+
+    def test_keyboard_interrupt_in_the_reducer_propagates_and_changes_nothing(self):
+        raise_in = set()
+
+        def reduce(values):
+            if len(values) in raise_in:
+                raise KeyboardInterrupt
+            return values
+
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(reduce)
+        raise_in.add(3)  # the step's pre-write reduction
+        with self.assertRaises(KeyboardInterrupt):
+            opt.step(t, 1.0)
+        self.assertEqual((param[0], opt.counters.steps), (1.0, 0))
+        raise_in.clear()
+        opt.step(t, 1.0)
+        self.assertAlmostEqual(param[0], 0.9, places=6)
+        raise_in.add(1)  # the re-evaluation's φ
+        with self.assertRaises(KeyboardInterrupt):
+            opt.report_reeval(0.5)
+        self.assertEqual(opt.counters.reevals, 0)
+        raise_in.clear()
+        self.assertEqual(opt.report_reeval(0.5).decision_name, "raised")  # still pending
+        self.assert_nothing_escaped_into_c()
+
+    def test_system_exit_in_the_reducer_propagates(self):
+        def reduce(values):
+            raise SystemExit(3)
+
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(reduce)
+        with self.assertRaises(SystemExit) as ctx:
+            opt.step(t, 1.0)
+        self.assertEqual(ctx.exception.code, 3)
+        self.assertEqual((param[0], opt.counters.steps), (1.0, 0))
+        self.assert_nothing_escaped_into_c()
+
+    def test_ctrl_c_while_lra_computes_is_not_swallowed(self):
+        # SIGINT arriving while lra scans the gradients (GIL released) makes
+        # Python raise KeyboardInterrupt on the first line of the next
+        # reduction's trampoline, outside its try: ctypes printed it and
+        # gave lra an undefined status. Here the first reduction (the
+        # rank-local loss) lets a thread interrupt the main thread as soon
+        # as the GIL is free, i.e. during the scan before the second one.
+        import _thread
+        import ctypes
+        import threading
+        import time
+
+        n = 1 << 20
+        param, grad = (ctypes.c_float * n)(), (ctypes.c_float * n)()
+        t = [(ctypes.addressof(param), ctypes.addressof(grad), n, lra.DTYPE_F32)]
+        calls, go = [], threading.Event()
+
+        def reduce(values):
+            calls.append(len(values))
+            if len(calls) == 1:
+                go.set()
+            return values
+
+        opt = lra.Optimizer("sgd", sharding="sharded", loss_is_rank_local=True, num_threads=1)
+        opt.set_reduction(reduce)
+        for trial in range(5):
+            calls.clear()
+            go.clear()
+            steps = opt.counters.steps
+            interrupter = threading.Thread(target=lambda: (go.wait(), _thread.interrupt_main()))
+            interrupter.start()
+            raised = None
+            try:
+                try:
+                    opt.step(t, 1.0)
+                except KeyboardInterrupt:
+                    raised = "step"
+                interrupter.join()
+                time.sleep(0.05)  # a later interrupt lands here
+            except KeyboardInterrupt:
+                raised = raised or "after"
+            with self.subTest(trial=trial, calls=calls):
+                self.assertIsNotNone(raised, "the interrupt was swallowed")
+                if calls == [2]:  # interrupted before the pre-write reduction ran
+                    self.assertEqual((raised, opt.counters.steps), ("step", steps))
+                self.assert_nothing_escaped_into_c()
+
+    def test_set_reduction_checks_callable_at_registration(self):
+        opt, t, _, _ = sharded_sgd()
+        with self.assertRaisesRegex(TypeError, "callable"):
+            opt.set_reduction(42)
+        with self.assertRaises(lra.LraError) as ctx:  # nothing was registered
+            opt.step(t, 1.0)
+        self.assertEqual(ctx.exception.status, lra.CALL_ORDER)
+
 
 @unittest.skipIf(torch is None, "torch is not importable by this python")
 class TorchAdapterAuditTests(unittest.TestCase):
@@ -321,6 +604,8 @@ class TorchAdapterAuditTests(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "contradicts the parameters' device"):
             lra.TorchOptimizer([p], optimizer="sgd", device="cuda")
         lra.TorchOptimizer([p], optimizer="sgd", device="cpu").close()
+        with self.assertRaisesRegex(ValueError, "device: unknown name 'gpu'"):
+            lra.TorchOptimizer([p], optimizer="sgd", device="gpu")
 
     def test_params_argument_mistakes_fail_at_construction(self):
         p = torch.nn.Parameter(torch.ones(4))
