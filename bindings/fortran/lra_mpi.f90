@@ -41,11 +41,11 @@
 ! examples/fortran/mpi_data_parallel.f90 uses it (data parallel and sharded).
 module lra_mpi
   use, intrinsic :: iso_c_binding, only: c_ptr, c_size_t, c_double, c_int, c_int32_t, c_int64_t, &
-                                         c_f_pointer, c_loc, c_funloc
+                                         c_f_pointer, c_loc, c_funloc, c_associated
   use mpi_f08, only: MPI_Comm, MPI_Allreduce, MPI_IN_PLACE, MPI_DOUBLE_PRECISION, MPI_SUM, MPI_MAX, &
                      MPI_SUCCESS
   use lra, only: lra_reduce_fn, lra_set_reduction, lra_counters, lra_get_lr, lra_get_counters, &
-                 lra_should_reeval, LRA_OK, LRA_CALL_ORDER
+                 lra_should_reeval, LRA_OK, LRA_CALL_ORDER, LRA_NULL_POINTER
   implicit none
   private
   public :: lra_mpi_allreduce_sum, lra_mpi_set_reduction, lra_mpi_check_agreement
@@ -57,6 +57,9 @@ module lra_mpi
   integer(c_int32_t), parameter, public :: LRA_MPI_DISAGREE = -1
   ! an lra query failed on at least one rank (see lra_last_error there)
   integer(c_int32_t), parameter, public :: LRA_MPI_QUERY_FAILED = -2
+  ! lra_mpi_allreduce_sum's answer for a null `user` (no communicator): the
+  ! collective is not entered
+  integer(c_int32_t), parameter, public :: LRA_MPI_ERR_NO_COMM = -3
 
 contains
 
@@ -64,7 +67,11 @@ contains
   ! Replaces values(1:count) by their sums over all ranks of that
   ! communicator, MPI_Allreduce(MPI_IN_PLACE, ..., MPI_DOUBLE_PRECISION,
   ! MPI_SUM), and returns 0, or the (non-zero) MPI error code, which lra
-  ! reports as LRA_REDUCTION_FAILED. (MPI_DOUBLE_PRECISION is Fortran's name
+  ! reports as LRA_REDUCTION_FAILED; a null `user` (registered through
+  ! lra_set_reduction directly: lra_mpi_set_reduction refuses it) returns
+  ! LRA_MPI_ERR_NO_COMM without calling MPI (ranks that did register a
+  ! communicator then wait in the collective alone: treat it as fatal).
+  ! (MPI_DOUBLE_PRECISION is Fortran's name
   ! for the IEEE binary64 that real(c_double) is with every compiler that
   ! has mpi_f08: the sums are those of lra_mpi.h's MPI_DOUBLE.)
   !
@@ -85,6 +92,10 @@ contains
       rc = -1
       return
     end if
+    if (.not. c_associated(user)) then
+      rc = LRA_MPI_ERR_NO_COMM
+      return
+    end if
     call c_f_pointer(user, comm)
     ! values(1:count), not values: a contiguous section (no copy) that also
     ! binds to an assumed-rank choice buffer.
@@ -101,7 +112,8 @@ contains
   ! `comm` is a pointer dummy, so the compiler accepts only a TARGET (or
   ! POINTER) variable: lra keeps its address, never that of a temporary
   ! copy. It must stay valid (not go out of scope, not be freed) as long as
-  ! the handle.
+  ! the handle. A disassociated `comm` is refused with LRA_NULL_POINTER
+  ! without calling lra (whatever was registered stays).
   function lra_mpi_set_reduction(h, comm) result(status)
     type(c_ptr), intent(in) :: h
     type(MPI_Comm), pointer, intent(in) :: comm
@@ -111,6 +123,10 @@ contains
     ! bindings/fortran/check_interfaces.py proves against include/lra.h.
     procedure(lra_reduce_fn), pointer :: reduce
 
+    if (.not. associated(comm)) then
+      status = LRA_NULL_POINTER
+      return
+    end if
     reduce => lra_mpi_allreduce_sum
     status = lra_set_reduction(h, c_funloc(reduce), c_loc(comm))
   end function lra_mpi_set_reduction

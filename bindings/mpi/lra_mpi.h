@@ -34,10 +34,19 @@
 
 #include "lra.h"
 
+/* lra_mpi_allreduce_sum's answer when `user` is NULL (no communicator):
+ * the collective is not entered. Distinct from MPI error codes (positive)
+ * and from lra_mpi_check_agreement's answers below. */
+#define LRA_MPI_ERR_NO_COMM (-3)
+
 /* The lra_reduce_fn: `user` points at the MPI_Comm to sum over. Replaces
  * values[0..count] by their sums over all ranks of that communicator with
  * MPI_Allreduce(MPI_IN_PLACE, ..., MPI_DOUBLE, MPI_SUM) and returns 0, or
  * the (non-zero) MPI error code, which lra reports as LRA_REDUCTION_FAILED.
+ * A NULL `user` (lra_set_reduction(h, lra_mpi_allreduce_sum, NULL); the
+ * wrapper below refuses it) returns LRA_MPI_ERR_NO_COMM without calling MPI
+ * (ranks that did register a communicator then wait in the collective
+ * alone): treat it as fatal like any other failure.
  *
  * Every rank receives the same sum, bit for bit: the MPI standard requires
  * that all processes taking part in an all-reduce receive identical
@@ -52,6 +61,8 @@
  * as fatal (MPI_Abort). */
 static inline int32_t lra_mpi_allreduce_sum(double *values, size_t count, void *user)
 {
+    if (user == NULL)
+        return LRA_MPI_ERR_NO_COMM;
     const MPI_Comm comm = *(const MPI_Comm *)user;
     /* lra passes at most a handful of values, the same count on every rank,
        so this refusal (which skips the collective) would happen on all. */
@@ -63,9 +74,15 @@ static inline int32_t lra_mpi_allreduce_sum(double *values, size_t count, void *
 
 /* Registers lra_mpi_allreduce_sum for `comm` on handle `h`. `comm` must
  * stay valid as long as the handle (a variable, not a temporary). Call it
- * on every rank of the communicator. Returns lra_set_reduction's status. */
+ * on every rank of the communicator. Returns lra_set_reduction's status,
+ * or LRA_NULL_POINTER for a NULL `comm`, which is refused without calling
+ * lra (whatever was registered stays, and lra_last_error does not describe
+ * this refusal). To remove the reduction, call lra_set_reduction(h, NULL,
+ * NULL). */
 static inline lra_status lra_mpi_set_reduction(lra_handle *h, MPI_Comm *comm)
 {
+    if (comm == NULL)
+        return LRA_NULL_POINTER;
     return lra_set_reduction(h, lra_mpi_allreduce_sum, (void *)comm);
 }
 

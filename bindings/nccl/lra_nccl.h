@@ -7,13 +7,15 @@
  * fetched) on machines WITHOUT a GPU or CUDA driver: there lra_nccl_init
  * returns LRA_NCCL_ERR_CUDA + cudaErrorInsufficientDriver (1035) and leaves
  * the struct safe to free, the callback's failing CUDA copy reaches
- * lra_step and lra_report_reeval as LRA_REDUCTION_FAILED naming the code,
- * and its wait maps real NCCL and CUDA errors to the documented codes
- * (tests/nccl/lra_nccl_real_test.c). The rest of its logic (staging, the
- * device check, non-blocking communicators, busy stream, failed peer) runs
- * on one simulated rank against stub declarations that are checked against
- * the real headers (tests/nccl/stub). The collective itself, ncclAllReduce
- * on GPUs, has NEVER been run. The MPI binding (bindings/mpi/lra_mpi.h) is
+ * lra_step and lra_report_reeval as LRA_REDUCTION_FAILED naming the code
+ * (so does a callback registered despite the failed init, with
+ * LRA_NCCL_ERR_INIT), and its wait maps real NCCL and CUDA errors to the
+ * documented codes (tests/nccl/lra_nccl_real_test.c). The rest of its
+ * logic (staging, the device check, non-blocking communicators, busy
+ * stream, failed peer, unusable `user`) runs on one simulated rank against
+ * stub declarations that are checked against the real headers
+ * (tests/nccl/stub). The collective itself, ncclAllReduce on GPUs, has
+ * NEVER been run. The MPI binding (bindings/mpi/lra_mpi.h) is
  * the tested one.
  *
  * lra sums a few doubles (at most 3) per step across ranks: the rank-local
@@ -27,7 +29,7 @@
  *
  *     // with the communicator's device current:
  *     lra_nccl_reduction red;                  // must outlive the handle
- *     if (lra_nccl_init(&red, comm, stream) != 0) { ... }
+ *     if (lra_nccl_init(&red, comm, stream) != 0) { ... }   // do not register it then
  *     lra_set_reduction(handle, lra_nccl_allreduce_sum, &red);
  *     ...
  *     lra_destroy(handle);
@@ -80,6 +82,12 @@
 #define LRA_NCCL_ERR_COUNT 1
 /* lra_nccl_init: the current device is not the communicator's */
 #define LRA_NCCL_ERR_DEVICE 2
+/* the callback's `user` is NULL, or its staging buffers are (lra_nccl_init
+   failed, lra_nccl_free ran, or a zeroed struct was never initialised).
+   Nothing is staged and no collective is entered, so this rank does not
+   join the other ranks' collective: treat it as fatal, like any other
+   error. */
+#define LRA_NCCL_ERR_INIT 3
 /* LRA_NCCL_ERR_CUDA + cudaError_t of a failing CUDA runtime call */
 #define LRA_NCCL_ERR_CUDA 1000
 /* LRA_NCCL_ERR_NCCL + ncclResult_t of a failing ncclAllReduce, or the
@@ -173,10 +181,16 @@ static inline int32_t lra_nccl_wait_(const lra_nccl_reduction *r)
 }
 
 /* The lra_reduce_fn: `user` points at an initialised lra_nccl_reduction.
- * Replaces values[0..count] by their sums over the communicator's ranks. */
+ * Replaces values[0..count] by their sums over the communicator's ranks.
+ * A NULL `user`, or one whose buffers are NULL (registered after a failed
+ * lra_nccl_init, or after lra_nccl_free), fails with LRA_NCCL_ERR_INIT
+ * (lra: LRA_REDUCTION_FAILED) before touching anything; an uninitialised
+ * struct that was not zeroed holds garbage, which cannot be told apart. */
 static inline int32_t lra_nccl_allreduce_sum(double *values, size_t count, void *user)
 {
     lra_nccl_reduction *r = (lra_nccl_reduction *)user;
+    if (r == NULL || r->device == NULL || r->host == NULL)
+        return LRA_NCCL_ERR_INIT;
     if (count > LRA_NCCL_MAX_VALUES)
         return LRA_NCCL_ERR_COUNT;
     const size_t bytes = count * sizeof(double);

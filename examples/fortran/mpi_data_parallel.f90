@@ -277,6 +277,7 @@ program mpi_data_parallel
   call generate_data()
 
   call check_mpi_error()
+  call check_no_communicator()
   do k = 1, size(RUNS)
     call run(RUNS(k))
   end do
@@ -453,6 +454,52 @@ contains
     if (rank == 0) print '(a)', "MPI error (MPI_Allreduce on MPI_COMM_NULL, MPI_ERRORS_RETURN): " // &
       "LRA_REDUCTION_FAILED, parameters unchanged: " // message
   end subroutine check_mpi_error
+
+  ! No communicator: lra_mpi_set_reduction refuses a disassociated one with
+  ! LRA_NULL_POINTER (registering nothing: the step is then LRA_CALL_ORDER),
+  ! and lra_mpi_allreduce_sum registered with a null `user` returns
+  ! LRA_MPI_ERR_NO_COMM without calling MPI: LRA_REDUCTION_FAILED naming
+  ! it, parameters unchanged. The same on every rank, so no rank is left
+  ! alone in a collective.
+  subroutine check_no_communicator()
+    type(MPI_Comm), pointer :: none => null()
+    procedure(lra_reduce_fn), pointer :: reduce
+    type(lra_config) :: cfg
+    type(c_ptr) :: h
+    type(lra_tensor) :: t(1)
+    real(c_float), target :: x(4), g(4)
+    integer(c_int32_t) :: status
+    character(len=:), allocatable :: message
+    character(len=16) :: code
+
+    call lra_config_init(cfg, LRA_OPTIMIZER_ADAM)
+    cfg%num_threads = 1
+    cfg%loss_is_rank_local = 1
+    call ok(lra_create(cfg, h), c_null_ptr, "lra_create")
+    status = lra_mpi_set_reduction(h, none)
+    if (status /= LRA_NULL_POINTER) call fail("lra_mpi_set_reduction(no communicator) returned " // &
+      lra_string(lra_status_string(status)) // ", not LRA_NULL_POINTER")
+    x = [1, 2, 3, 4]
+    g = [0.5, -0.5, 0.25, 1.0]
+    t(1) = lra_tensor_f32(x, g)
+    status = lra_step(h, t, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr)
+    if (status /= LRA_CALL_ORDER) call fail("lra_step after a refused lra_mpi_set_reduction returned " // &
+      lra_string(lra_status_string(status)) // ", not LRA_CALL_ORDER (nothing registered)")
+    reduce => lra_mpi_allreduce_sum
+    call ok(lra_set_reduction(h, c_funloc(reduce), c_null_ptr), h, "lra_set_reduction(user = null)")
+    status = lra_step(h, t, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr)
+    if (status /= LRA_REDUCTION_FAILED) call fail("lra_step with a null communicator returned " // &
+      lra_string(lra_status_string(status)) // ", not LRA_REDUCTION_FAILED")
+    message = lra_string(lra_last_error(h))
+    write (code, '(i0)') LRA_MPI_ERR_NO_COMM
+    if (index(message, "returned " // trim(code)) == 0) &
+      call fail("the last error should name LRA_MPI_ERR_NO_COMM (" // trim(code) // "): " // message)
+    if (any(transfer(x, [0_int32]) /= transfer([1.0_c_float, 2.0_c_float, 3.0_c_float, 4.0_c_float], [0_int32]))) &
+      call fail("parameters changed although there was no communicator")
+    call lra_destroy(h)
+    if (rank == 0) print '(a)', "no communicator: lra_mpi_set_reduction -> LRA_NULL_POINTER; " // &
+      "null user -> LRA_REDUCTION_FAILED, parameters unchanged: " // message
+  end subroutine check_no_communicator
 
   ! ---- training ------------------------------------------------------------
 

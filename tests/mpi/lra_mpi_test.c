@@ -29,7 +29,9 @@
  *             LRA_REDUCTION_FAILED on every rank and change nothing, and the
  *             retried run must still match REF. Also a real MPI error under
  *             MPI_ERRORS_RETURN must come back as LRA_REDUCTION_FAILED with
- *             the MPI error code.
+ *             the MPI error code, lra_mpi_set_reduction(h, NULL) must be
+ *             refused, and the callback with a NULL user must fail
+ *             (LRA_MPI_ERR_NO_COMM), not crash.
  *   polyakfail as polyak with rank-local losses, failing as fail does: the
  *             failed pre-write sum of the two-pass step must change nothing.
  *   poison    (2+ ranks only, REF unused) sharded fused mode with the
@@ -692,6 +694,44 @@ static void check_mpi_error_path(const run_t *r)
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
 }
 
+/* No communicator: lra_mpi_set_reduction(h, NULL) is refused with
+ * LRA_NULL_POINTER and registers nothing, and the callback registered by
+ * hand with a NULL user answers LRA_MPI_ERR_NO_COMM without calling MPI
+ * (it dereferenced NULL before): lra_step returns LRA_REDUCTION_FAILED
+ * naming it and changes nothing. Every rank does the same, so no rank is
+ * left in a collective. */
+static void check_null_comm(const run_t *r)
+{
+    lra_handle *h = NULL;
+    if (lra_create(&r->cfg, &h) != LRA_OK)
+        FAIL("lra_create: %s", lra_thread_last_error());
+    lra_status st = lra_mpi_set_reduction(h, NULL);
+    if (st != LRA_NULL_POINTER)
+        FAIL("lra_mpi_set_reduction(h, NULL) -> %u (%s), want LRA_NULL_POINTER", st,
+             lra_status_string(st));
+    float theta[4] = {1, 2, 3, 4}, grad[4] = {0.5f, -0.5f, 0.25f, 1};
+    lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32};
+    /* Nothing registered: this sharded handle refuses to step. */
+    st = lra_step(h, &t, 1, 1.0, 0.0, NULL);
+    if (st != LRA_CALL_ORDER)
+        FAIL("lra_step after lra_mpi_set_reduction(h, NULL) was refused -> %u (%s), want "
+             "LRA_CALL_ORDER (no reduction registered)",
+             st, lra_status_string(st));
+    CHECK_LRA(h, lra_set_reduction(h, lra_mpi_allreduce_sum, NULL));
+    st = lra_step(h, &t, 1, 1.0, 0.0, NULL);
+    char want[48];
+    snprintf(want, sizeof want, "callback returned %d", LRA_MPI_ERR_NO_COMM);
+    if (st != LRA_REDUCTION_FAILED || !strstr(lra_last_error(h), want))
+        FAIL("lra_step with lra_mpi_allreduce_sum and a NULL user -> %u (%s): \"%s\", want "
+             "LRA_REDUCTION_FAILED naming LRA_MPI_ERR_NO_COMM",
+             st, lra_status_string(st), lra_last_error(h));
+    struct lra_counters c;
+    CHECK_LRA(h, lra_get_counters(h, &c));
+    if (c.steps != 0 || theta[0] != 1 || theta[3] != 4)
+        FAIL("the step whose reduction was refused changed the counters or the parameters");
+    lra_destroy(h);
+}
+
 /* lra_mpi_check_agreement must notice one rank alone changing η. */
 static void check_disagreement_is_seen(lra_handle *h)
 {
@@ -723,8 +763,10 @@ int main(int argc, char **argv)
     model_t m;
     model_init(&m, &r);
 
-    if (r.fail)
+    if (r.fail) {
         check_mpi_error_path(&r);
+        check_null_comm(&r);
+    }
     reduce_ctx ctx = {MPI_COMM_WORLD, 0, -1};
     lra_handle *h = create_handle(&r, &ctx);
 

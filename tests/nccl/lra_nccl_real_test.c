@@ -6,7 +6,8 @@
  * - lra_nccl_init returns LRA_NCCL_ERR_CUDA + the cudaError_t that
  *   cudaGetDevice answers (cudaErrorInsufficientDriver, 35, when there is no
  *   driver at all) and leaves the struct safe to lra_nccl_free, also when it
- *   held garbage before;
+ *   held garbage before; the callback registered on it anyway makes
+ *   lra_step fail with LRA_REDUCTION_FAILED (LRA_NCCL_ERR_INIT), no crash;
  * - ncclGetUniqueId works (its bootstrap needs a network interface, no GPU;
  *   without one that part is skipped, loudly), and blocking and non-blocking
  *   ncclCommInitRank fail with ncclUnhandledCudaError, naming the CUDA
@@ -85,6 +86,30 @@ int main(void)
     printf("  lra_nccl_init -> %d (LRA_NCCL_ERR_CUDA + %s), buffers NULL, lra_nccl_free safe\n",
            (int)rc, cudaGetErrorName(no_device));
 
+    /* The callback registered anyway, on the struct the failed init left:
+       it must refuse (LRA_NCCL_ERR_INIT) instead of writing through the NULL
+       staging pointer, and lra_step must fail with it and change nothing. */
+    {
+        float theta[N], grad[N], before[N];
+        for (int k = 0; k < N; k++)
+            theta[k] = before[k] = (float)(0.1 * k);
+        lra_tensor t = {theta, grad, N, LRA_DTYPE_F32};
+        lra_handle *h = make_handle(LRA_DEVICE_HOST, LRA_SHARDING_SHARDED, 1, 1,
+                                    lra_nccl_allreduce_sum, &red);
+        const lra_status st = lra_step(h, &t, 1, loss_and_grad(theta, grad), 0.0, NULL);
+        expect_reduction_failed(h, st, "lra_step after a failed lra_nccl_init",
+                                LRA_NCCL_ERR_INIT);
+        char want[48];
+        snprintf(want, sizeof want, "callback returned %d", LRA_NCCL_ERR_INIT);
+        CHECK(strstr(lra_last_error(h), want) != NULL,
+              "the message should name LRA_NCCL_ERR_INIT: \"%s\"", lra_last_error(h));
+        lra_counters c;
+        CHECK(lra_get_counters(h, &c) == LRA_OK && c.steps == 0 &&
+                  memcmp(theta, before, sizeof theta) == 0,
+              "the refused step changed the counters or the parameters");
+        lra_destroy(h);
+    }
+
     /* ---- creating a communicator without a device ---- */
     ncclUniqueId id;
     ncclResult_t n = ncclGetUniqueId(&id);
@@ -124,6 +149,10 @@ int main(void)
     double *staging = malloc(LRA_NCCL_MAX_VALUES * sizeof(double));
     CHECK(staging != NULL, "out of memory");
     red.host = staging;
+    /* A non-NULL stand-in for the device buffer (the callback refuses NULL
+       ones); never dereferenced: the first CUDA call fails. */
+    static double device_stand_in[LRA_NCCL_MAX_VALUES];
+    red.device = device_stand_in;
     /* Waiting on the stream, and the communicator's state polled meanwhile. */
     const int32_t wait_rc = lra_nccl_wait_(&red);
     CHECK(wait_rc == cuda_code(), "waiting on the stream (cudaStreamQuery) -> %d, want %d",
@@ -182,6 +211,7 @@ int main(void)
 
     free(staging);
     red.host = NULL;
+    red.device = NULL;
     lra_nccl_free(&red);
     printf("nccl adapter against real NCCL %d.%d.%d and CUDA runtime %d without a device: "
            "init -> %d, callback -> %d, lra_step and lra_report_reeval -> "

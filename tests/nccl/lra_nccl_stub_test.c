@@ -6,7 +6,9 @@
  * losses driven through it on one rank takes exactly the steps of a handle
  * without any reduction, also on a non-blocking communicator and a busy
  * stream. A failed peer (an asynchronous NCCL error while the collective
- * can never finish) must end the call with an error, not hang it. Real NCCL
+ * can never finish) must end the call with an error, not hang it. The
+ * callback registered on the struct a failed lra_nccl_init left, or with
+ * NULL, must fail (LRA_NCCL_ERR_INIT), not crash. Real NCCL
  * and CUDA are exercised, without a GPU, by lra_nccl_real_test.c. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -128,13 +130,60 @@ int main(void)
               stub_nccl_calls == calls,
           "an oversized call must fail with LRA_NCCL_ERR_COUNT without calling NCCL");
 
+    /* An unusable `user`: the struct a failed lra_nccl_init left (buffers
+       NULL), and NULL itself. The callback must refuse with
+       LRA_NCCL_ERR_INIT before any CUDA or NCCL call (it wrote through the
+       NULL staging pointer before), and lra_step must return
+       LRA_REDUCTION_FAILED naming it and change nothing. */
+    lra_nccl_reduction failed;
+    stub_current_device = 0; /* the communicator is on device 1 */
+    CHECK(lra_nccl_init(&failed, stub_comm, stub_stream) == LRA_NCCL_ERR_DEVICE &&
+              failed.device == NULL && failed.host == NULL,
+          "lra_nccl_init on the wrong device must fail and leave the buffers NULL");
+    stub_current_device = 1;
+    double two[2] = {1.5, -2.0};
+    calls = stub_nccl_calls;
+    const int outstanding = stub_cuda_outstanding;
+    CHECK(lra_nccl_allreduce_sum(two, 2, &failed) == LRA_NCCL_ERR_INIT &&
+              lra_nccl_allreduce_sum(two, 2, NULL) == LRA_NCCL_ERR_INIT &&
+              lra_nccl_allreduce_sum(many, LRA_NCCL_MAX_VALUES + 1, NULL) == LRA_NCCL_ERR_INIT,
+          "the callback on a failed init's struct or NULL must return LRA_NCCL_ERR_INIT");
+    CHECK(two[0] == 1.5 && two[1] == -2.0 && stub_nccl_calls == calls &&
+              stub_cuda_outstanding == outstanding,
+          "a refused callback changed its values or called CUDA/NCCL");
+    void *const unusable[2] = {&failed, NULL};
+    for (int u = 0; u < 2; u++) {
+        lra_handle *orphan = make(1);
+        CHECK(lra_set_reduction(orphan, lra_nccl_allreduce_sum, unusable[u]) == LRA_OK, "%s",
+              lra_last_error(orphan));
+        float c[N], gc[N];
+        memcpy(c, a, sizeof c);
+        lra_tensor tc = {c, gc, N, LRA_DTYPE_F32};
+        st = lra_step(orphan, &tc, 1, loss_and_grad(c, gc), 0.0, NULL);
+        char want[48];
+        snprintf(want, sizeof want, "callback returned %d", LRA_NCCL_ERR_INIT);
+        CHECK(st == LRA_REDUCTION_FAILED && strstr(lra_last_error(orphan), want) != NULL,
+              "lra_step with the callback's user = %s -> %u (%s): \"%s\", want "
+              "LRA_REDUCTION_FAILED naming LRA_NCCL_ERR_INIT (%d)",
+              u == 0 ? "a failed init's struct" : "NULL", st, lra_status_string(st),
+              lra_last_error(orphan), LRA_NCCL_ERR_INIT);
+        lra_counters oc;
+        CHECK(lra_get_counters(orphan, &oc) == LRA_OK && oc.steps == 0 &&
+                  memcmp(c, a, sizeof c) == 0,
+              "a step whose reduction was refused changed the parameters or the counters");
+        lra_destroy(orphan);
+    }
+    lra_nccl_free(&failed);
+
     lra_destroy(with);
     lra_destroy(without);
     lra_nccl_free(&red);
     CHECK(stub_cuda_outstanding == 0, "lra_nccl_free left %d buffers", stub_cuda_outstanding);
     printf("nccl callback (stub CUDA/NCCL, one rank): %d steps identical to a handle without "
            "reduction (half on a non-blocking communicator and a busy stream), %d ncclAllReduce "
-           "calls, failed call and failed peer -> LRA_REDUCTION_FAILED, wrong device refused\n",
+           "calls, failed call and failed peer -> LRA_REDUCTION_FAILED, wrong device refused, "
+           "callback after a failed init or with NULL -> LRA_NCCL_ERR_INIT, "
+           "LRA_REDUCTION_FAILED\n",
            STEPS, 3 * STEPS);
     return 0;
 }

@@ -1,5 +1,6 @@
-# CuArray support for LRA: device pointers, the current stream, and
-# Optimizer(params::Vector{<:CuArray}) creating a CUDA handle on their device.
+# CuArray support for LRA: device pointers, the current stream, where an array
+# lives, and Optimizer(params::Vector{<:CuArray}) creating a CUDA handle on
+# their device.
 module LRACUDAExt
 
 using CUDA
@@ -7,17 +8,29 @@ using LRA
 
 LRA.device_pointer(a::CuArray) = reinterpret(Ptr{Cvoid}, pointer(a))
 LRA.stream_of(::CuArray) = reinterpret(Ptr{Cvoid}, CUDA.stream().handle)
+LRA.placement(a::CuArray) = (LRA.LRA_DEVICE_CUDA, CUDA.deviceid(CUDA.device(a)))
 
 """
     LRA.Optimizer(optimizer, params::AbstractVector{<:CuArray}; fields...)
 
 A CUDA handle on the device holding `params` (CUDA.jl's primary context,
-which lra shares).
+which lra shares). The handle's `device` and `device_ordinal` follow the
+parameters: a `device` or `device_ordinal` keyword that contradicts them
+throws `ArgumentError` (a host handle given device pointers, or a handle on
+another device, would dereference foreign memory).
 """
 function LRA.Optimizer(optimizer::Symbol, params::AbstractVector{<:CuArray}; fields...)
     isempty(params) && throw(ArgumentError("no parameters"))
     dev = CUDA.device(first(params))
-    LRA.Optimizer(optimizer; device = :cuda, device_ordinal = CUDA.deviceid(dev), fields...)
+    ordinal = CUDA.deviceid(dev)
+    for (key, want) in ((:device, LRA.LRA_DEVICE_CUDA), (:device_ordinal, ordinal))
+        haskey(fields, key) || continue
+        given = key == :device ? LRA.device_code(fields[key]) : fields[key]
+        given == want || throw(ArgumentError(
+            "$key = $(repr(fields[key])) contradicts the parameters' device (CUDA device " *
+            "$ordinal): the handle's device follows the parameters; leave it out"))
+    end
+    LRA.Optimizer(optimizer; fields..., device = LRA.LRA_DEVICE_CUDA, device_ordinal = ordinal)
 end
 
 end # module

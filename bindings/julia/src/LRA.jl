@@ -152,7 +152,11 @@ const DECISION_NAMES = Dict(LRA_DECISION_KEPT => :kept, LRA_DECISION_RAISED => :
 
 const LIBRARY = Ref{Ptr{Cvoid}}(C_NULL)
 const SYMBOLS = Dict{Symbol,Ptr{Cvoid}}()
-const SYMBOLS_LOCK = ReentrantLock()
+# A spin lock, not a ReentrantLock: waiting for it never switches tasks. So
+# `check` reads `lra_thread_last_error` on the thread that made the failing
+# call (a task switch could resume the task on another thread), and the
+# finalizer, where task switches are not allowed, can look symbols up.
+const SYMBOLS_LOCK = Threads.SpinLock()
 const REDUCE_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
 
 library_path() = get(ENV, "LRA_LIBRARY", "liblra")
@@ -181,6 +185,7 @@ end
 Base.showerror(io::IO, e::LRAError) = print(io, "LRAError(status ", e.status, "): ", e.message)
 
 status_string(s::Integer) = unsafe_string(ccall(sym(:lra_status_string), Cstring, (UInt32,), s))
+"The calling thread's last lra failure message (from any call)."
 thread_last_error() = unsafe_string(ccall(sym(:lra_thread_last_error), Cstring, ()))
 
 "Library version as a `VersionNumber`."
@@ -211,9 +216,8 @@ function config(optimizer::Symbol = :adam; fields...)
     values = map(names) do name
         haskey(fields, name) || return getfield(c, name)
         v = fields[name]
-        if name == :device && v isa Symbol
-            v = v == :cuda ? LRA_DEVICE_CUDA : v in (:host, :cpu) ? LRA_DEVICE_HOST :
-                throw(ArgumentError("device must be :host or :cuda"))
+        if name == :device
+            v = device_code(v)
         elseif name == :reeval_schedule && v isa Symbol
             v = Dict(:always => LRA_REEVAL_ALWAYS, :every => LRA_REEVAL_EVERY,
                      :geometric => LRA_REEVAL_GEOMETRIC)[v]
@@ -227,6 +231,11 @@ function config(optimizer::Symbol = :adam; fields...)
     Config(values...)
 end
 
+"The `lra_device` of a `device` keyword: `:host` (or `:cpu`), `:cuda`, or the number."
+device_code(v::Symbol) = v == :cuda ? LRA_DEVICE_CUDA : v in (:host, :cpu) ? LRA_DEVICE_HOST :
+    throw(ArgumentError("device must be :host or :cuda"))
+device_code(v) = convert(UInt32, v)
+
 # ---------------------------------------------------------------------------
 # The handle
 
@@ -236,24 +245,53 @@ end
 
 One lra handle (the wrapped optimizer and its η adaptation), destroyed by a
 finalizer or by `close`. Failing calls throw [`LRAError`](@ref).
+
+One handle serves one call at a time: a call made while another runs on it
+(from another task, or from inside the reduction callback) throws
+`LRAError` with status `LRA_CALL_ORDER`, and so does `close` (the handle
+then stays open and usable).
 """
 mutable struct Optimizer
     ptr::Ptr{OpaqueHandle}
     reducer::Any
+    device::UInt32          # the handle's lra_device and CUDA ordinal, which step!
+    device_ordinal::Int32   # checks the arrays against
+    lock::ReentrantLock     # guards ptr and calls
+    calls::Int              # calls of this binding running on the handle (see `guarded`)
     function Optimizer(cfg::Config)
         out = Ref{Ptr{OpaqueHandle}}(C_NULL)
         st = ccall(sym(:lra_create), lra_status, (Ref{Config}, Ref{Ptr{OpaqueHandle}}), cfg, out)
         st == LRA_OK || throw(LRAError(st, thread_last_error()))
-        finalizer(destroy!, new(out[], nothing))
+        o = new(out[], nothing, cfg.device, cfg.device_ordinal, ReentrantLock(), 0)
+        finalizer(destroy!, o)
     end
 end
 Optimizer(optimizer::Symbol = :adam; fields...) = Optimizer(config(optimizer; fields...))
 
 function destroy!(o::Optimizer)
-    p, o.ptr = o.ptr, Ptr{OpaqueHandle}(C_NULL)
-    p == C_NULL || ccall(sym(:lra_destroy), Cvoid, (Ptr{OpaqueHandle},), p)
-    return nothing
+    # Under o.lock with no call counted, no call of this binding runs on the
+    # handle or can start before it is gone: lra_destroy is not refused.
+    # (A finalizer only runs when nothing else can reach `o`: the lock is free.)
+    lock(o.lock) do
+        o.ptr == C_NULL && return nothing
+        o.calls == 0 || throw(LRAError(LRA_CALL_ORDER,
+            "close: the handle is in the middle of another call (from inside its reduction " *
+            "callback, or another task's); it stays open"))
+        ccall(sym(:lra_destroy), Cvoid, (Ptr{OpaqueHandle},), o.ptr)
+        o.ptr = Ptr{OpaqueHandle}(C_NULL)
+        o.reducer = nothing  # lra no longer calls it
+        return nothing
+    end
 end
+
+"""
+    close(opt::LRA.Optimizer)
+
+Destroys the handle (again: a no-op; the finalizer does it too). Throws
+`LRAError` with `LRA_CALL_ORDER` while another call runs on the handle
+(e.g. from inside its reduction callback), which lra would refuse: the
+handle then stays open and usable.
+"""
 Base.close(o::Optimizer) = destroy!(o)
 
 function live(o::Optimizer)
@@ -261,15 +299,47 @@ function live(o::Optimizer)
     o.ptr
 end
 
+# Runs `f()` (lra calls on `o`'s handle, through `live(o)`) counted as in
+# progress: `destroy!` refuses meanwhile instead of freeing the handle under
+# them. Throws as `live` does when the handle is closed.
+function guarded(f, o::Optimizer)
+    lock(o.lock) do
+        live(o)
+        o.calls += 1
+    end
+    try
+        return f()
+    finally
+        lock(o.lock) do
+            o.calls -= 1
+        end
+    end
+end
+
 function check(o::Optimizer, st::lra_status)
     st == LRA_OK && return nothing
-    msg = unsafe_string(ccall(sym(:lra_last_error), Cstring, (Ptr{OpaqueHandle},), o.ptr))
-    throw(LRAError(st, msg))
+    # The calling thread's message, not lra_last_error(h): a call refused at
+    # entry (another call runs on the handle: another task's, or this
+    # handle's reduction callback) leaves its reason only there, and the
+    # handle's message belongs to the running call. Nothing between the
+    # failing ccall and this one can switch tasks (see SYMBOLS_LOCK).
+    throw(LRAError(st, thread_last_error()))
+end
+
+"""
+    LRA.last_error(opt) -> String
+
+The message of the handle's last failed call (`""` if none). The `LRAError`
+of a failing call already carries its message; this is the handle's own
+record (`lra_last_error`).
+"""
+last_error(o::Optimizer) = guarded(o) do
+    unsafe_string(ccall(sym(:lra_last_error), Cstring, (Ptr{OpaqueHandle},), live(o)))
 end
 
 # ---------------------------------------------------------------------------
-# Tensors. The CUDA extension adds methods of `device_pointer` and `stream_of`
-# for CuArrays; everything else is shared.
+# Tensors. The CUDA extension adds methods of `device_pointer`, `stream_of`
+# and `placement` for CuArrays; everything else is shared.
 
 dtype_code(::Type{Float32}) = LRA_DTYPE_F32
 dtype_code(::Type{Float16}) = LRA_DTYPE_F16
@@ -284,6 +354,23 @@ device_pointer(a::AbstractArray) =
 
 "The CUstream to run on for these buffers (`C_NULL` for host arrays)."
 stream_of(::AbstractArray) = C_NULL
+
+"Where a buffer lives: `(lra_device, CUDA device ordinal)`; host arrays `(LRA_DEVICE_HOST, 0)`."
+placement(::AbstractArray) = (LRA_DEVICE_HOST, 0)
+
+placement_name(device, ordinal) = device == LRA_DEVICE_CUDA ? "CUDA device $ordinal" : "host memory"
+
+# A buffer elsewhere than the handle works would make lra dereference
+# foreign memory (a host handle given device pointers, or the reverse).
+function check_placement(o::Optimizer, a, what, i = 0)
+    device, ordinal = placement(a)
+    device == o.device && (device != LRA_DEVICE_CUDA || ordinal == o.device_ordinal) &&
+        return nothing
+    throw(ArgumentError(string(what, i > 0 ? " $i" : "", " is in ", placement_name(device, ordinal),
+        ", but this Optimizer's handle works on ", placement_name(o.device, o.device_ordinal),
+        " (host Arrays need a host handle; CuArrays a CUDA handle on their device: ",
+        "LRA.Optimizer(optimizer, params; ...) with `using CUDA`)")))
+end
 
 "`lra_tensor` of one parameter buffer and its gradient (same element type and length)."
 function Tensor(param::AbstractArray{T}, grad::AbstractArray{T}) where {T}
@@ -302,6 +389,9 @@ array (host or device, like the buffers); non-zero skips the step. The
 stream defaults to CUDA.jl's current stream for CuArrays. Empty typed
 vectors (`Vector{Float32}[]`) are allowed: with sharded parameters a rank
 whose shard is empty still takes every step (the collectives must match).
+Every array must be where the handle works (host Arrays for a host handle,
+CuArrays on its device for a CUDA handle): others throw `ArgumentError`
+before lra is called.
 """
 function step!(o::Optimizer, params::AbstractVector{<:AbstractArray},
                grads::AbstractVector{<:AbstractArray}, loss::Real;
@@ -309,6 +399,15 @@ function step!(o::Optimizer, params::AbstractVector{<:AbstractArray},
     length(params) == length(grads) ||
         throw(DimensionMismatch("$(length(params)) parameters, $(length(grads)) gradients"))
     tensors = Tensor[Tensor(p, g) for (p, g) in zip(params, grads)]
+    for (i, (p, g)) in enumerate(zip(params, grads))
+        check_placement(o, p, "parameter", i)
+        check_placement(o, g, "gradient", i)
+    end
+    if found_inf !== nothing
+        length(found_inf) == 1 && eltype(found_inf) == Float32 ||
+            throw(ArgumentError("found_inf must hold one Float32"))
+        check_placement(o, found_inf, "found_inf")
+    end
     # An empty shard has no arrays to take a stream from: NULL (the legacy
     # default stream) unless the caller passes one.
     s = if stream !== nothing
@@ -319,21 +418,21 @@ function step!(o::Optimizer, params::AbstractVector{<:AbstractArray},
         stream_of(first(params))
     end
     # The tensors hold raw pointers into params/grads: keep those alive.
-    st = GC.@preserve params grads found_inf begin
-        if found_inf === nothing
-            ccall(sym(:lra_step), lra_status,
-                  (Ptr{OpaqueHandle}, Ptr{Tensor}, Csize_t, Float64, Float64, Ptr{Cvoid}),
-                  live(o), tensors, length(tensors), loss, obs_var, s)
-        else
-            length(found_inf) == 1 && eltype(found_inf) == Float32 ||
-                throw(ArgumentError("found_inf must hold one Float32"))
-            ccall(sym(:lra_step_ex), lra_status,
-                  (Ptr{OpaqueHandle}, Ptr{Tensor}, Csize_t, Float64, Float64, Ptr{Float32}, Ptr{Cvoid}),
-                  live(o), tensors, length(tensors), loss, obs_var,
-                  Ptr{Float32}(device_pointer(found_inf)), s)
+    guarded(o) do
+        st = GC.@preserve params grads found_inf begin
+            if found_inf === nothing
+                ccall(sym(:lra_step), lra_status,
+                      (Ptr{OpaqueHandle}, Ptr{Tensor}, Csize_t, Float64, Float64, Ptr{Cvoid}),
+                      live(o), tensors, length(tensors), loss, obs_var, s)
+            else
+                ccall(sym(:lra_step_ex), lra_status,
+                      (Ptr{OpaqueHandle}, Ptr{Tensor}, Csize_t, Float64, Float64, Ptr{Float32}, Ptr{Cvoid}),
+                      live(o), tensors, length(tensors), loss, obs_var,
+                      Ptr{Float32}(device_pointer(found_inf)), s)
+            end
         end
+        check(o, st)
     end
-    check(o, st)
 end
 step!(o::Optimizer, param::AbstractArray{<:AbstractFloat}, grad::AbstractArray{<:AbstractFloat},
       loss::Real; kw...) = step!(o, [param], [grad], loss; kw...)
@@ -346,8 +445,10 @@ model: no fresh dropout mask, no BatchNorm statistics update); adapts η.
 """
 function report_reeval!(o::Optimizer, loss_after::Real)
     info = Ref{ReevalInfo}()
-    check(o, ccall(sym(:lra_report_reeval), lra_status, (Ptr{OpaqueHandle}, Float64, Ref{ReevalInfo}),
-                   live(o), loss_after, info))
+    guarded(o) do
+        check(o, ccall(sym(:lra_report_reeval), lra_status, (Ptr{OpaqueHandle}, Float64, Ref{ReevalInfo}),
+                       live(o), loss_after, info))
+    end
     info[]
 end
 
@@ -364,14 +465,18 @@ end
 
 function should_reeval(o::Optimizer)
     out = Ref{UInt32}(0)
-    check(o, ccall(sym(:lra_should_reeval), lra_status, (Ptr{OpaqueHandle}, Ref{UInt32}), live(o), out))
+    guarded(o) do
+        check(o, ccall(sym(:lra_should_reeval), lra_status, (Ptr{OpaqueHandle}, Ref{UInt32}), live(o), out))
+    end
     out[] != 0
 end
 
 function last_reeval(o::Optimizer)
     info = Ref{ReevalInfo}()
-    check(o, ccall(sym(:lra_get_last_reeval), lra_status, (Ptr{OpaqueHandle}, Ref{ReevalInfo}),
-                   live(o), info))
+    guarded(o) do
+        check(o, ccall(sym(:lra_get_last_reeval), lra_status, (Ptr{OpaqueHandle}, Ref{ReevalInfo}),
+                       live(o), info))
+    end
     info[]
 end
 
@@ -380,42 +485,53 @@ decision_name(info::ReevalInfo) = get(DECISION_NAMES, info.decision, :unknown)
 "Current η."
 function lr(o::Optimizer)
     out = Ref{Float64}(0)
-    check(o, ccall(sym(:lra_get_lr), lra_status, (Ptr{OpaqueHandle}, Ref{Float64}), live(o), out))
+    guarded(o) do
+        check(o, ccall(sym(:lra_get_lr), lra_status, (Ptr{OpaqueHandle}, Ref{Float64}), live(o), out))
+    end
     out[]
 end
 
 "Sets η (applies from the next step)."
-set_lr!(o::Optimizer, value::Real) =
+set_lr!(o::Optimizer, value::Real) = guarded(o) do
     check(o, ccall(sym(:lra_set_lr), lra_status, (Ptr{OpaqueHandle}, Float64), live(o), value))
+end
 
 "φ of the most recent step (NaN before the first or when it was skipped)."
 function last_phi(o::Optimizer)
     out = Ref{Float64}(0)
-    check(o, ccall(sym(:lra_get_last_phi), lra_status, (Ptr{OpaqueHandle}, Ref{Float64}), live(o), out))
+    guarded(o) do
+        check(o, ccall(sym(:lra_get_last_phi), lra_status, (Ptr{OpaqueHandle}, Ref{Float64}), live(o), out))
+    end
     out[]
 end
 
 function counters(o::Optimizer)
     out = Ref{Counters}()
-    check(o, ccall(sym(:lra_get_counters), lra_status, (Ptr{OpaqueHandle}, Ref{Counters}), live(o), out))
+    guarded(o) do
+        check(o, ccall(sym(:lra_get_counters), lra_status, (Ptr{OpaqueHandle}, Ref{Counters}), live(o), out))
+    end
     out[]
 end
 
 "A versioned checkpoint (η, counters, optimizer state) as bytes."
 function save_state(o::Optimizer)
-    size = Ref{Csize_t}(0)
-    check(o, ccall(sym(:lra_state_size), lra_status, (Ptr{OpaqueHandle}, Ref{Csize_t}), live(o), size))
-    buf = Vector{UInt8}(undef, max(size[], 1))
-    written = Ref{Csize_t}(0)
-    check(o, ccall(sym(:lra_save_state), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Csize_t, Ref{Csize_t}),
-                   live(o), buf, length(buf), written))
-    resize!(buf, written[])
+    guarded(o) do
+        size = Ref{Csize_t}(0)
+        check(o, ccall(sym(:lra_state_size), lra_status, (Ptr{OpaqueHandle}, Ref{Csize_t}), live(o), size))
+        buf = Vector{UInt8}(undef, max(size[], 1))
+        written = Ref{Csize_t}(0)
+        check(o, ccall(sym(:lra_save_state), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Csize_t, Ref{Csize_t}),
+                       live(o), buf, length(buf), written))
+        resize!(buf, written[])
+    end
 end
 
 "Restores a checkpoint from [`save_state`](@ref) (same configuration and tensor layout)."
 function load_state!(o::Optimizer, buf::Vector{UInt8})
-    check(o, ccall(sym(:lra_load_state), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Csize_t),
-                   live(o), buf, length(buf)))
+    guarded(o) do
+        check(o, ccall(sym(:lra_load_state), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Csize_t),
+                       live(o), buf, length(buf)))
+    end
 end
 
 # Cross-rank reduction: the C callback receives the Optimizer as `user`.
@@ -434,18 +550,29 @@ end
 
 Registers `f(values::Vector{Float64})`, which must replace `values` in place
 by their sums over all ranks (e.g. `v -> MPI.Allreduce!(v, +, comm)`);
-`nothing` removes it.
+`nothing` removes it. `f` runs inside `step!` and `report_reeval!`: calls on
+the same `opt` from inside it (and `close(opt)`) throw `LRAError` with
+`LRA_CALL_ORDER`, and an exception escaping `f` fails the outer call with
+`LRA_REDUCTION_FAILED`.
 """
 function set_reduction!(o::Optimizer, f)
-    if f === nothing
-        check(o, ccall(sym(:lra_set_reduction), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Ptr{Cvoid}),
-                       live(o), C_NULL, C_NULL))
-        o.reducer = nothing
-    else
-        o.reducer = f
-        # `o` is mutable and owns the handle, so it outlives every callback.
-        check(o, ccall(sym(:lra_set_reduction), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Ptr{Cvoid}),
-                       live(o), REDUCE_TRAMPOLINE[], pointer_from_objref(o)))
+    guarded(o) do
+        if f === nothing
+            check(o, ccall(sym(:lra_set_reduction), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Ptr{Cvoid}),
+                           live(o), C_NULL, C_NULL))
+            o.reducer = nothing
+        else
+            old = o.reducer
+            o.reducer = f
+            # `o` is mutable and owns the handle, so it outlives every callback.
+            try
+                check(o, ccall(sym(:lra_set_reduction), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Ptr{Cvoid}),
+                               live(o), REDUCE_TRAMPOLINE[], pointer_from_objref(o)))
+            catch
+                o.reducer = old  # refused: the registered reduction stays as it was
+                rethrow()
+            end
+        end
     end
     return nothing
 end

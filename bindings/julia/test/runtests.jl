@@ -4,6 +4,16 @@
 using LRA
 using Test
 
+# The exception `f()` throws, or `nothing`.
+function caught(f)
+    try
+        f()
+        nothing
+    catch e
+        e
+    end
+end
+
 @testset "LRA" begin
     @test LRA.version() >= v"0.1.0"
 
@@ -26,7 +36,10 @@ using Test
     info = report_reeval!(opt, 2.0 - 0.15)
     @test decision_name(info) == :raised
     @test lr(opt) ≈ 0.12
-    @test_throws LRAError report_reeval!(opt, 1.0)   # no pending step
+    err = caught(() -> report_reeval!(opt, 1.0))    # no pending step
+    @test err isa LRAError && err.status == LRA.LRA_CALL_ORDER
+    @test occursin("without a pending step", err.message)
+    @test LRA.last_error(opt) == err.message         # the handle's record of the same failure
 
     # Flat buffer training: least squares, from a tiny learning rate.
     a = randn(Float32, 64, 8)
@@ -59,6 +72,45 @@ using Test
     @test info.skip_reason == LRA.LRA_SKIP_NONPOSITIVE_PHI
     @test sizes == [3, 1]
     close(empty_rank)
+
+    # Calls on a handle from inside its reduction callback are refused with
+    # LRA_CALL_ORDER and the refusal's own message (the calling thread's:
+    # the handle's belongs to the running step); close is refused too, and
+    # the handle stays open and usable. (The same lra calls through the
+    # Python binding: "lra_get_lr: the handle is in the middle of another
+    # call ...", and the step succeeds.)
+    inside = Any[]
+    busy = LRA.Optimizer(:sgd; sharding = :sharded, num_threads = 1)
+    function refusing(v)
+        if isempty(inside)
+            push!(inside, caught(() -> lr(busy)))
+            push!(inside, caught(() -> close(busy)))
+        end
+        return nothing
+    end
+    set_reduction!(busy, refusing)
+    step!(busy, Float32[1, -2, 3], Float32[0.5, 0.5, -1], 2.0)
+    @test length(inside) == 2
+    @test all(e -> e isa LRAError && e.status == LRA.LRA_CALL_ORDER, inside)
+    @test occursin("lra_get_lr: the handle is in the middle of another call", inside[1].message)
+    @test counters(busy).steps == 1
+    close(busy)
+    @test_throws LRAError lr(busy)
+
+    # A CUDA handle refuses host arrays before lra is called (where one can
+    # be created: elsewhere lra_create fails with LRA_NO_CUDA).
+    gpu = try
+        LRA.Optimizer(:sgd; device = :cuda, num_threads = 1)
+    catch e
+        (e isa LRAError && e.status == LRA.LRA_NO_CUDA) || rethrow()
+        nothing
+    end
+    if gpu !== nothing
+        err = caught(() -> step!(gpu, Float32[1, 2], Float32[0, 0], 1.0))
+        @test err isa ArgumentError && occursin("host memory", err.msg)
+        @test counters(gpu).steps == 0
+        close(gpu)
+    end
 
     # Checkpoints round-trip.
     blob = save_state(opt)
