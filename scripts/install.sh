@@ -20,6 +20,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$1"
 prefix="$(cd "$1" && pwd)"
 target="${CARGO_TARGET_DIR:-$root/target}"
+# cargo, run in $root below, takes a relative CARGO_TARGET_DIR from there.
+case "$target" in /*) ;; *) target="$root/$target" ;; esac
 
 if [ "${LRA_SKIP_BUILD:-0}" != 1 ]; then
   (cd "$root" && cargo build --release --lib)
