@@ -49,11 +49,6 @@ struct ScheduleState {
     gap: f64,
 }
 
-impl ScheduleState {
-    /// A run's start: due at once, gap 1.
-    const FRESH: ScheduleState = ScheduleState { next: 0, gap: 1.0 };
-}
-
 /// More steps than any run takes (292 years at one step per ns): a
 /// checkpoint claiming as many is forged.
 const STEPS_LIMIT: u64 = 1 << 63;
@@ -99,7 +94,7 @@ impl Engine {
             counters: Counters::default(),
             loss_skips: 0,
             last: None,
-            schedule: ScheduleState::FRESH,
+            schedule: ScheduleState { next: 0, gap: 1.0 },
             reducer: None,
         })
     }
@@ -704,14 +699,7 @@ impl Engine {
         self.counters = counters;
         self.loss_skips = loss_skips;
         self.lr = lr;
-        // Only the geometric schedule reads the position; another keeps the
-        // fresh one, so that its own checkpoints start a geometric handle
-        // afresh (the README's rule) even after it loaded a geometric one.
-        self.schedule = if matches!(self.cfg.schedule, ReevalSchedule::Geometric(_)) {
-            schedule
-        } else {
-            ScheduleState::FRESH
-        };
+        self.schedule = schedule;
         self.last = last;
         // A pending step whose outcome was only on the device is restored
         // with the outcome read at save time.
