@@ -1050,8 +1050,9 @@ fn a_run_whose_first_steps_were_skipped_resumes_bit_exactly() {
 /// kind and parameters come from the handle, its position from the
 /// checkpoint. The restored pending step keeps the answer it was given;
 /// EVERY k counts the whole run's steps; GEOMETRIC continues from the
-/// saved gap, which a handle of another kind never advanced (so from a
-/// non-geometric checkpoint it starts afresh: due now, G = 1).
+/// saved gap, which a handle of another kind never advances but carries
+/// along from a checkpoint it loaded (so from a checkpoint that never
+/// passed through a geometric handle it starts afresh: due now, G = 1).
 #[test]
 fn the_schedule_comes_from_the_handle_and_its_position_from_the_checkpoint() {
     let run = |cfg: &lra_config, from: &lra_config, saved_after: u64| -> Vec<u64> {
@@ -1084,4 +1085,32 @@ fn the_schedule_comes_from_the_handle_and_its_position_from_the_checkpoint() {
     // GEOMETRIC 3 after 8 steps of GEOMETRIC 2 (due 0, 1, 3, 7; next at
     // 15 with G = 16): 15, then gaps 16, 48.
     assert_eq!(run(&geo3, &geo2, 8), [15, 31]);
+    // A handle of another kind carries a loaded position along unread, so
+    // that load-then-save gives back the same bytes: EVERY 4 that loaded
+    // GEOMETRIC 2's position (next due 15, G = 16) passes it on, and
+    // GEOMETRIC 2 after it continues from there, not afresh.
+    let mut p = Problem::new(&[5], 6);
+    let a = Handle::new(&geo2);
+    for i in 0..8 {
+        plain_step(&a, &mut p, i);
+    }
+    let b = Handle::new(&every4);
+    assert_eq!(b.load(&a.checkpoint()), LRA_OK, "{}", thread_error());
+    assert!(
+        b.checkpoint() == a.checkpoint(),
+        "load then save changed the bytes"
+    );
+    for i in 8..10 {
+        plain_step(&b, &mut p, i);
+    }
+    let c = Handle::new(&geo2);
+    assert_eq!(c.load(&b.checkpoint()), LRA_OK, "{}", thread_error());
+    let mut due = Vec::new();
+    for i in 10..40 {
+        plain_step(&c, &mut p, i);
+        if c.due().1 == 1 {
+            due.push(i);
+        }
+    }
+    assert_eq!(due, [15, 31]);
 }
