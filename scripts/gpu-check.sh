@@ -160,7 +160,9 @@ if [ "${1:-}" = "--prepare" ]; then
     baseline=${3:?--baseline needs a git revision}
   fi
   cargo build --release --lib
-  exe=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
+  # The GPU tests as the suite runs them: the `checked` profile (release
+  # optimisation with debug assertions and overflow checks).
+  exe=$(cargo test --profile checked --test cuda --no-run --message-format=json 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
   [ -x "$exe" ] || { echo "could not find the tests/cuda.rs binary"; exit 1; }
   lib="${CARGO_TARGET_DIR:-target}/release/liblra.so"
