@@ -16,7 +16,9 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <initializer_list>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -151,6 +153,36 @@ lra_tensor tensor(T* param, const T* grad, std::uint64_t numel) {
 
 inline std::uint32_t version() { return lra_version(); }
 
+namespace detail {
+// A reduction registered through Handle::set_reduction. lra calls it through
+// reduce_trampoline, which catches every C++ exception: one unwinding through
+// lra's frames would abort the process ("Rust cannot catch foreign
+// exceptions"). The exception waits in reduction_error() (the reduction runs
+// on the thread of the call on the handle) until Handle rethrows it, nested
+// in the lra::Error of the failed call.
+struct Reduction {
+  lra_reduce_fn fn;
+  void* user;
+};
+
+inline std::exception_ptr& reduction_error() noexcept {
+  static thread_local std::exception_ptr error;
+  return error;
+}
+
+inline std::int32_t reduce_trampoline(double* values, std::size_t count, void* user) noexcept {
+  // A copy: the callback may destroy the Handle that owns *user.
+  const Reduction r = *static_cast<const Reduction*>(user);
+  reduction_error() = nullptr;
+  try {
+    return r.fn(values, count, r.user);
+  } catch (...) {
+    reduction_error() = std::current_exception();
+    return -1;
+  }
+}
+}  // namespace detail
+
 // One lra handle: the wrapped optimizer and its η adaptation. Move-only.
 class Handle {
  public:
@@ -162,11 +194,13 @@ class Handle {
   ~Handle() { lra_destroy(h_); }
   Handle(const Handle&) = delete;
   Handle& operator=(const Handle&) = delete;
-  Handle(Handle&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Handle(Handle&& o) noexcept
+      : h_(std::exchange(o.h_, nullptr)), reduction_(std::move(o.reduction_)) {}
   Handle& operator=(Handle&& o) noexcept {
     if (this != &o) {
       lra_destroy(h_);
       h_ = std::exchange(o.h_, nullptr);
+      reduction_ = std::move(o.reduction_);
     }
     return *this;
   }
@@ -237,8 +271,19 @@ class Handle {
   void load_state(const std::vector<unsigned char>& buf) { load_state(buf.data(), buf.size()); }
 
   // Cross-rank sum for sharded parameters / rank-local losses (nullptr removes it).
+  // `reduce` returns 0 on success. It may throw: the exception is caught
+  // before it reaches lra, the call fails with ReductionFailed, and the
+  // lra::Error thrown carries it nested (std::rethrow_if_nested(e) rethrows
+  // it). The handle stays usable.
   void set_reduction(lra_reduce_fn reduce, void* user) {
-    check(lra_set_reduction(h_, reduce, user));
+    if (reduce == nullptr) {
+      check(lra_set_reduction(h_, nullptr, nullptr));
+      reduction_.reset();
+      return;
+    }
+    auto r = std::make_unique<detail::Reduction>(detail::Reduction{reduce, user});
+    check(lra_set_reduction(h_, &detail::reduce_trampoline, r.get()));
+    reduction_ = std::move(r);  // lra no longer calls the previous one
   }
 
  private:
@@ -248,9 +293,24 @@ class Handle {
   // handle's reduction callback) leaves its reason only there, and the
   // handle's message belongs to the running call.
   static void check(lra_status s) {
-    if (s != LRA_OK_VALUE) throw Error(s, lra_thread_last_error());
+    if (s == LRA_OK_VALUE) return;
+    std::string message = lra_thread_last_error();
+    if (s == static_cast<lra_status>(Status::ReductionFailed)) {
+      if (std::exception_ptr thrown = std::exchange(detail::reduction_error(), nullptr)) {
+        try {
+          std::rethrow_exception(thrown);
+        } catch (const std::exception& e) {
+          std::throw_with_nested(Error(s, message + " (it threw: " + e.what() + ")"));
+        } catch (...) {
+          std::throw_with_nested(Error(s, message + " (it threw an exception)"));
+        }
+      }
+    }
+    throw Error(s, message);
   }
   lra_handle* h_ = nullptr;
+  // What lra calls for the reduction (heap: its address survives moves).
+  std::unique_ptr<detail::Reduction> reduction_;
 };
 
 }  // namespace lra

@@ -22,12 +22,16 @@
 // mode switches (model->eval()/train()) are the caller's, inside the closure.
 //
 // Tensors: float32/float16/bfloat16 (mixed per parameter), one device, each
-// parameter a leaf that covers its memory densely (contiguous or a permuted
-// dense layout such as channels_last; the layout of the first step is kept:
-// the optimizer state follows memory order). Gradients must be dense and of
-// the parameter's dtype, device and shape; one of another layout (transposed,
-// expanded) is copied into the parameter's layout for the step. Parameters
-// are never copied (an update of a copy would be lost).
+// parameter a strided (not sparse) leaf that covers its memory densely
+// (contiguous or a permuted dense layout such as channels_last; the layout of
+// the first step is kept: the optimizer state follows memory order), without
+// a lazy negation bit (_neg_view). Gradients must be strided and of the
+// parameter's dtype, device and shape; one of another layout (transposed,
+// expanded), a lazily negated one or a ZeroTensor is copied into the
+// parameter's layout for the step. Parameters are never copied (an update of
+// a copy would be lost). Messages name parameters by their position in the
+// list given to the constructor (tensors[k] of lra's own messages: the k-th
+// parameter kept).
 //
 // CUDA: parameters on a CUDA device get a CUDA handle on that device, and every
 // step runs on LibTorch's current CUDA stream. That needs the CUDA parts of
@@ -103,9 +107,7 @@ class TorchOptimizer {
   // fixes the tensor layout). `cfg.device` and `cfg.device_ordinal` are set
   // from the parameters' device.
   TorchOptimizer(std::vector<::torch::Tensor> params, lra_config cfg)
-      : params_(select(std::move(params))), handle_(prepare(params_, cfg)) {
-    list_.resize(params_.size());
-  }
+      : TorchOptimizer(select(std::move(params)), cfg) {}
 
   // The optimizer step with the current η: `loss` is f_i on this batch.
   // Gathers the data pointers of the parameters and of their CURRENT
@@ -162,31 +164,66 @@ class TorchOptimizer {
   static Error invalid(const std::string& what) {
     return Error(static_cast<lra_status>(Status::InvalidArgument), what);
   }
-  static std::string name(std::size_t i) { return "parameter " + std::to_string(i); }
+  static std::string name_at(std::size_t position) {
+    return "parameter " + std::to_string(position);
+  }
+  // Parameter i of params_, named by its position in the constructor's list.
+  std::string name(std::size_t i) const { return name_at(index_[i]); }
 
-  static std::vector<::torch::Tensor> select(std::vector<::torch::Tensor> params) {
-    std::vector<::torch::Tensor> out;
-    for (auto& p : params)
-      if (p.requires_grad()) out.push_back(std::move(p));
-    if (out.empty()) throw invalid("no parameters that require gradients");
-    for (std::size_t i = 0; i < out.size(); ++i) {
-      if (!out[i].is_leaf())
-        throw invalid(name(i) +
+  struct Selected {
+    std::vector<::torch::Tensor> params;
+    std::vector<std::size_t> index;  // positions in the caller's list
+  };
+
+  TorchOptimizer(Selected s, lra_config cfg)
+      : params_(std::move(s.params)), index_(std::move(s.index)), handle_(prepare(params_, cfg)) {
+    list_.resize(params_.size());
+  }
+
+  static Selected select(std::vector<::torch::Tensor> params) {
+    Selected out;
+    for (std::size_t k = 0; k < params.size(); ++k) {
+      if (!params[k].requires_grad()) continue;
+      out.params.push_back(std::move(params[k]));
+      out.index.push_back(k);
+    }
+    if (out.params.empty()) throw invalid("no parameters that require gradients");
+    for (std::size_t i = 0; i < out.params.size(); ++i) {
+      const std::string name = name_at(out.index[i]);
+      if (!out.params[i].is_leaf())
+        throw invalid(name +
                       " is not a leaf tensor (it is the result of an operation): autograd "
                       "never fills its grad; pass the leaf it was computed from");
       for (std::size_t j = 0; j < i; ++j)
-        if (out[i].is_same(out[j])) throw invalid(name(i) + " is " + name(j) + " again");
+        if (out.params[i].is_same(out.params[j]))
+          throw invalid(name + " is " + name_at(out.index[j]) +
+                        " again (a tied weight? pass each tensor once)");
     }
     return out;
+  }
+
+  // What makes a parameter impossible to update in place through its data
+  // pointer, or "" if nothing.
+  static std::string unsupported(const ::torch::Tensor& p) {
+    if (p.layout() != ::torch::kStrided)
+      return std::string(" has layout ") + std::string(c10::toString(p.layout())) +
+             ": lra updates dense (strided) tensors only";
+    if (p.is_neg() || p.is_conj())
+      return " is a lazily negated or conjugated view (_neg_view): its memory holds other "
+             "values than the tensor; resolve it (resolve_neg()) before making the optimizer";
+    if (p._is_zerotensor()) return " is a ZeroTensor, which has no memory to update";
+    return "";
   }
 
   lra_config prepare(const std::vector<::torch::Tensor>& params, lra_config cfg) {
     device_ = params.front().device();
     for (std::size_t i = 0; i < params.size(); ++i) {
       if (params[i].device() != device_)
-        throw invalid(name(i) + " is on " + params[i].device().str() + ", parameter 0 on " +
+        throw invalid(name(i) + " is on " + params[i].device().str() + ", " + name(0) + " on " +
                       device_.str() + ": one TorchOptimizer per device");
       dtype_of(params[i]);
+      const std::string why = unsupported(params[i]);
+      if (!why.empty()) throw invalid(name(i) + why);
     }
     if (device_.is_cuda()) {
 #ifdef LRA_TORCH_CUDA
@@ -217,8 +254,15 @@ class TorchOptimizer {
       if (p.device() != device_)
         throw invalid(name(i) + " is now on " + p.device().str() + ", this optimizer's handle on " +
                       device_.str() + ": make the TorchOptimizer after moving the model");
+      const std::string why = unsupported(p);
+      if (!why.empty()) throw invalid(name(i) + why);
       const auto& g = p.grad();
-      if (!g.defined()) throw invalid(name(i) + " has no gradient (was backward() called?)");
+      if (!g.defined())
+        throw invalid(name(i) + (p.requires_grad()
+                                     ? " has no gradient (was backward() called?)"
+                                     : " has no gradient: it no longer requires grad (frozen "
+                                       "after the optimizer was made; the parameter list is "
+                                       "fixed: make a new TorchOptimizer without it)"));
       if (g.layout() != ::torch::kStrided)
         throw invalid(name(i) + " has a non-dense (e.g. sparse) gradient");
       if (g.scalar_type() != p.scalar_type() || g.device() != p.device() ||
@@ -236,7 +280,10 @@ class TorchOptimizer {
           throw invalid(name(i) +
                         " changed its memory layout (strides) since the first step; lra's "
                         "optimizer state follows the memory order");
-        if (detail::memory_order(g) != orders[i]) {
+        // A lazily negated gradient's memory holds -g, a ZeroTensor has none:
+        // both are materialised by the copy.
+        if (detail::memory_order(g) != orders[i] || g.is_neg() || g.is_conj() ||
+            g._is_zerotensor()) {
           ::torch::NoGradGuard no_grad;  // a create_graph gradient needs no graph here
           grad_copies_.push_back(
               ::torch::empty_strided(p.sizes(), p.strides(), p.options()).copy_(g));
@@ -255,6 +302,12 @@ class TorchOptimizer {
     // copies were made: freeing them once the call returns is stream-ordered.
     try {
       handle_.step_ex(list_, loss, obs_var, found_inf, stream());
+    } catch (const Error& e) {
+      grad_copies_.clear();
+      const auto s = e.code();
+      if (s != Status::InvalidArgument && s != Status::SizeMismatch && s != Status::NullPointer)
+        throw;
+      throw Error(e.status(), with_positions(e.what()));
     } catch (...) {
       grad_copies_.clear();
       throw;
@@ -271,9 +324,37 @@ class TorchOptimizer {
     return nullptr;
   }
 
-  static double value(const ::torch::Tensor& loss) { return loss.detach().item<double>(); }
+  // lra's message with "tensors[k]" followed by the position of that
+  // parameter in the constructor's list (frozen ones were left out).
+  std::string with_positions(const std::string& what) const {
+    static const std::string prefix = "lra: ", key = "tensors[";
+    std::string in = what.compare(0, prefix.size(), prefix) == 0 ? what.substr(prefix.size()) : what;
+    std::string out;
+    std::size_t pos = 0;
+    for (std::size_t at; (at = in.find(key, pos)) != std::string::npos;) {
+      const std::size_t close = in.find(']', at);
+      if (close == std::string::npos) break;
+      out.append(in, pos, close + 1 - pos);
+      pos = close + 1;
+      const std::string digits = in.substr(at + key.size(), close - at - key.size());
+      if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+      const std::size_t k = std::stoul(digits);
+      if (k < index_.size()) out += " (" + name(k) + ")";
+    }
+    out.append(in, pos, std::string::npos);
+    return out;
+  }
+
+  static double value(const ::torch::Tensor& loss) {
+    if (!loss.defined()) throw invalid("the loss tensor is undefined");
+    if (loss.numel() != 1)
+      throw invalid("the loss must be one element (reduce it, e.g. with .mean()), not a tensor "
+                    "of shape " + c10::str(loss.sizes()));
+    return loss.detach().item<double>();
+  }
 
   std::vector<::torch::Tensor> params_;
+  std::vector<std::size_t> index_;  // params_[i] is parameter index_[i] of the caller's list
   ::torch::Device device_{::torch::kCPU};
   Handle handle_;
   std::vector<lra_tensor> list_;

@@ -1,6 +1,7 @@
 // Tests of lra.hpp (no LibTorch): RAII and moves, exceptions with status and
 // message, tensor lists from vectors / arrays / initializer lists,
-// checkpoints. Exits non-zero on the first failed check.
+// checkpoints, exceptions thrown by a reduction callback. Exits non-zero on
+// the first failed check.
 #include <lra.hpp>
 
 #include <array>
@@ -8,6 +9,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -136,6 +139,101 @@ int main() {
     s.step(list, 1.0);
     EXPECT(probe.status == lra::Status::CallOrder);
     EXPECT(probe.message.find("in the middle of another call") != std::string::npos);
+  }
+
+  // A reduction callback that throws: the exception must not unwind through
+  // lra (the process would abort: "Rust cannot catch foreign exceptions").
+  // The call fails with ReductionFailed, the lra::Error carries the
+  // exception nested, nothing was written, and the handle stays usable.
+  {
+    struct Flaky {
+      int calls = 0;
+      int mode = 1;  // 0 ok, 1 std::runtime_error, 2 a non-std exception
+    } flaky;
+    lra_config sharded = lra::config(lra::Optimizer::SGD, 0.1);
+    sharded.num_threads = 1;
+    sharded.sharding = LRA_SHARDING_SHARDED;
+    lra::Handle r(sharded);
+    r.set_reduction(
+        [](double*, std::size_t, void* user) -> std::int32_t {
+          auto* f = static_cast<Flaky*>(user);
+          ++f->calls;
+          if (f->mode == 1) throw std::runtime_error("allreduce timed out");
+          if (f->mode == 2) throw 42;
+          return 0;
+        },
+        &flaky);
+    std::vector<float> rw = {1.0f, 2.0f}, rg = {1.0f, 1.0f};
+    const std::vector<lra_tensor> rl = {lra::tensor(rw.data(), rg.data(), rw.size())};
+    bool nested = false;
+    try {
+      r.step(rl, 1.0);
+      EXPECT(false);
+    } catch (const lra::Error& e) {
+      EXPECT(e.code() == lra::Status::ReductionFailed);
+      EXPECT(std::string(e.what()).find("allreduce timed out") != std::string::npos);
+      try {
+        std::rethrow_if_nested(e);
+      } catch (const std::runtime_error& inner) {
+        nested = std::string(inner.what()) == "allreduce timed out";
+      }
+    }
+    EXPECT(nested);
+    EXPECT(flaky.calls == 1);
+    EXPECT(rw[0] == 1.0f && rw[1] == 2.0f);
+    flaky.mode = 2;
+    nested = false;
+    try {
+      r.step(rl, 1.0);
+      EXPECT(false);
+    } catch (const lra::Error& e) {
+      EXPECT(e.code() == lra::Status::ReductionFailed);
+      try {
+        std::rethrow_if_nested(e);
+      } catch (int v) {
+        nested = v == 42;
+      }
+    }
+    EXPECT(nested);
+    // Usable afterwards, also after a move (the callback follows the handle).
+    flaky.mode = 0;
+    lra::Handle moved = std::move(r);
+    moved.step(rl, 1.0);
+    EXPECT(std::fabs(rw[0] - 0.9f) < 1e-6f);
+    EXPECT(flaky.calls >= 3);
+    // A callback returning non-zero still fails without a nested exception.
+    lra::Handle rc(sharded);
+    rc.set_reduction([](double*, std::size_t, void*) -> std::int32_t { return 7; }, nullptr);
+    try {
+      rc.step(rl, 1.0);
+      EXPECT(false);
+    } catch (const lra::Error& e) {
+      EXPECT(e.code() == lra::Status::ReductionFailed);
+      EXPECT(std::string(e.what()).find("threw") == std::string::npos);
+    }
+  }
+
+  // A Handle destroyed from inside its own reduction callback: lra refuses to
+  // free the running handle (it is leaked), and the binding must not touch
+  // what it freed; the call completes.
+  {
+    struct Owner {
+      std::unique_ptr<lra::Handle> handle;
+    } owner;
+    lra_config sharded = lra::config(lra::Optimizer::SGD, 0.1);
+    sharded.num_threads = 1;
+    sharded.sharding = LRA_SHARDING_SHARDED;
+    owner.handle = std::make_unique<lra::Handle>(sharded);
+    owner.handle->set_reduction(
+        [](double*, std::size_t, void* user) -> std::int32_t {
+          static_cast<Owner*>(user)->handle.reset();
+          return 0;
+        },
+        &owner);
+    std::vector<float> ow = {1.0f}, og = {1.0f};
+    lra::Handle* raw = owner.handle.get();
+    raw->step({lra::tensor(ow.data(), og.data(), 1)}, 1.0);
+    EXPECT(!owner.handle);
   }
 
   std::puts("test_lra_hpp: all checks passed");

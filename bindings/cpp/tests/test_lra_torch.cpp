@@ -1,6 +1,10 @@
 // Tests of lra_torch.hpp's checks and gathering: parameters without
 // gradients, unsupported dtypes, non-contiguous tensors, gradients that
-// LibTorch reallocates between steps, the closure form under no-grad.
+// LibTorch reallocates between steps, the closure form under no-grad,
+// misuse that must end in a clear lra::Error (sparse or lazily negated
+// parameters, losses that are not one element) or be handled (lazily
+// negated or ZeroTensor gradients), and messages that name parameters by
+// their position in the caller's list.
 #include <lra_torch.hpp>
 #include <torch/torch.h>
 
@@ -152,6 +156,70 @@ int main() {
     opt_a.zero_grad();
     a->forward(x.contiguous()).square().mean().backward();
     EXPECT(error_of([&] { opt_a.step(1.0); }).find("memory layout") != std::string::npos);
+  }
+
+  // Sparse parameters are refused at construction (an lra::Error, not a
+  // c10::Error from data_ptr() at the first step).
+  EXPECT(error_of([&] {
+          lra::TorchOptimizer o({torch::zeros({3}).to_sparse().requires_grad_()}, cfg);
+        }).find("strided") != std::string::npos);
+
+  // A lazily negated parameter (memory holds -p) cannot be updated in place;
+  // a lazily negated gradient (memory holds -g) is materialised, so SGD moves
+  // against the gradient's value, not its memory's.
+  EXPECT(error_of([&] {
+          lra::TorchOptimizer o({at::_neg_view(torch::zeros({3})).detach().requires_grad_()},
+                                cfg);
+        }).find("negated") != std::string::npos);
+  {
+    auto p = torch::zeros({4}).requires_grad_();
+    lra::TorchOptimizer o({p}, cfg);
+    p.mutable_grad() = at::_neg_view(torch::ones({4}));  // value -1
+    o.step(1.0);
+    EXPECT(torch::allclose(p.detach(), torch::full({4}, 0.1)));
+    // A ZeroTensor gradient (no memory) is a zero gradient.
+    p.mutable_grad() = at::_efficientzerotensor({4});
+    o.step(1.0);
+    EXPECT(torch::allclose(p.detach(), torch::full({4}, 0.1)));
+  }
+
+  // A loss that is not one element is an lra::Error that says so (not a
+  // c10::Error from item()); also from a re-evaluation closure.
+  {
+    auto p = torch::ones({4}).requires_grad_();
+    lra::TorchOptimizer o({p}, cfg);
+    p.mutable_grad() = torch::ones({4});
+    EXPECT(error_of([&] { o.step(torch::ones({4})); }).find("one element") != std::string::npos);
+    EXPECT(error_of([&] { o.step(torch::Tensor()); }).find("undefined") != std::string::npos);
+    o.step(torch::tensor(1.0));
+    EXPECT(error_of([&] { o.reeval([] { return torch::ones({2}); }, true); })
+               .find("one element") != std::string::npos);
+    o.report_reeval(torch::tensor(0.5));
+  }
+
+  // Messages name parameters by their position in the caller's list, where
+  // frozen tensors (left out) shift the positions; lra's own "tensors[k]"
+  // messages get the position too.
+  {
+    auto frozen = torch::ones({2});
+    auto base = torch::ones({4});
+    auto a = base.narrow(0, 0, 3).detach().requires_grad_();
+    auto b = base.narrow(0, 1, 3).detach().requires_grad_();  // overlaps a
+    lra::TorchOptimizer o({frozen, a, b}, cfg);
+    EXPECT(error_of([&] { o.step(1.0); }).find("parameter 1 has no gradient") !=
+           std::string::npos);
+    a.mutable_grad() = torch::ones({3});
+    b.mutable_grad() = torch::ones({3});
+    const std::string overlap = error_of([&] { o.step(1.0); });
+    EXPECT(overlap.find("tensors[0] (parameter 1)") != std::string::npos);
+    EXPECT(overlap.find("tensors[1] (parameter 2)") != std::string::npos);
+    EXPECT(torch::equal(base, torch::ones({4})));
+    EXPECT(error_of([&] { lra::TorchOptimizer t({frozen, a, a}, cfg); })
+               .find("parameter 2 is parameter 1 again") != std::string::npos);
+    // Frozen after construction: the message says so.
+    b.requires_grad_(false);
+    b.mutable_grad() = torch::Tensor();
+    EXPECT(error_of([&] { o.step(1.0); }).find("no longer requires grad") != std::string::npos);
   }
 
   // zero_grad like torch::optim.
