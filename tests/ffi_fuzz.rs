@@ -35,6 +35,7 @@ use std::collections::BTreeMap;
 use std::ffi::{c_void, CStr};
 use std::mem::MaybeUninit;
 use std::ptr::{null, null_mut};
+use std::rc::Rc;
 
 // ---- deterministic randomness ----------------------------------------------
 
@@ -281,6 +282,8 @@ impl Mode {
 }
 
 /// What the callback does; lives at a fixed address for the handle's life.
+/// Shared through an `Rc`: lra keeps a raw pointer to it, which moving a
+/// `Box` would invalidate (a `Box` asserts unique access when moved).
 struct ReduceCtl {
     mode: Cell<Mode>,
     calls: Cell<u64>,
@@ -292,8 +295,8 @@ struct ReduceCtl {
 }
 
 impl ReduceCtl {
-    fn new(mode: Mode, seed: u64) -> Box<ReduceCtl> {
-        Box::new(ReduceCtl {
+    fn new(mode: Mode, seed: u64) -> Rc<ReduceCtl> {
+        Rc::new(ReduceCtl {
             mode: Cell::new(mode),
             calls: Cell::new(0),
             me: Cell::new(null_mut()),
@@ -715,7 +718,7 @@ struct Slot {
     model: Model,
     tensors: Tensors,
     /// Registered reduction (None: none registered).
-    ctl: Option<Box<ReduceCtl>>,
+    ctl: Option<Rc<ReduceCtl>>,
 }
 
 impl Slot {
@@ -1279,9 +1282,9 @@ impl Fuzz {
                     1
                 };
                 if rng.chance(0.5) {
-                    list[t].param = unsafe { list[t].param.cast::<u8>().add(off).cast() };
+                    list[t].param = list[t].param.cast::<u8>().wrapping_add(off).cast();
                 } else {
-                    list[t].grad = unsafe { list[t].grad.cast::<u8>().add(off).cast() };
+                    list[t].grad = list[t].grad.cast::<u8>().wrapping_add(off).cast();
                 }
                 ("misaligned", LRA_INVALID_ARGUMENT)
             }
@@ -1300,7 +1303,7 @@ impl Fuzz {
                             list[u].grad
                         };
                         let at = rng.index(list[u].numel as usize) * size;
-                        let p = unsafe { base.cast::<u8>().add(at) };
+                        let p = base.cast::<u8>().wrapping_add(at);
                         if (p as usize).is_multiple_of(dtype_size(list[t].dtype))
                             && (t != u || base != list[t].param.cast_const())
                         {
@@ -1353,7 +1356,11 @@ impl Fuzz {
                 ("stream on a host handle", LRA_INVALID_ARGUMENT)
             }
             10 => {
-                flag = unsafe { flag_words.as_ptr().cast::<u8>().add(rng.pick(&[1, 2, 3])) }.cast();
+                flag = flag_words
+                    .as_ptr()
+                    .cast::<u8>()
+                    .wrapping_add(rng.pick(&[1, 2, 3]))
+                    .cast();
                 ("found_inf misaligned", LRA_INVALID_ARGUMENT)
             }
             11 => {
@@ -1365,11 +1372,11 @@ impl Fuzz {
                 ("handle not live", LRA_INVALID_ARGUMENT)
             }
             13 => {
-                h = unsafe { s.h.cast::<u8>().add(4) }.cast();
+                h = s.h.cast::<u8>().wrapping_add(4).cast();
                 ("handle misaligned", LRA_INVALID_ARGUMENT)
             }
             _ => {
-                tptr = unsafe { list.as_ptr().cast::<u8>().add(4) }.cast();
+                tptr = list.as_ptr().cast::<u8>().wrapping_add(4).cast();
                 count = count.max(1);
                 ("tensors misaligned", LRA_INVALID_ARGUMENT)
             }
@@ -1417,7 +1424,7 @@ impl Fuzz {
         let sentinel = out;
         let out_ptr: *mut lra_reeval_info = match out_kind {
             0 => null_mut(),
-            1 => unsafe { out.as_mut_ptr().cast::<u8>().add(4) }.cast(),
+            1 => out.as_mut_ptr().cast::<u8>().wrapping_add(4).cast(),
             _ => out.as_mut_ptr().cast(),
         };
         let mut phi_before = f64::NAN;
@@ -1579,7 +1586,7 @@ impl Fuzz {
         let sentinel = words;
         let p: *mut u8 = match kind {
             0 => null_mut(),
-            1 => unsafe { words.as_mut_ptr().cast::<u8>().add(1) },
+            1 => words.as_mut_ptr().cast::<u8>().wrapping_add(1),
             _ => words.as_mut_ptr().cast(),
         };
         let (name, st) = unsafe {
@@ -1728,7 +1735,10 @@ impl Fuzz {
             3 => null_mut(),
             // Inside the buffer: refused whatever its alignment.
             4 => unsafe { buf.as_mut_ptr().add(rng.index(len)) }.cast(),
-            5 => unsafe { (&mut written as *mut usize).cast::<u8>().add(3) }.cast(),
+            5 => (&mut written as *mut usize)
+                .cast::<u8>()
+                .wrapping_add(3)
+                .cast(),
             _ => &mut written,
         };
         let call_len = if kind == 6 {
@@ -2080,7 +2090,11 @@ impl Fuzz {
                 3 => {
                     lra_config_init(null_mut(), 0);
                     let mut words = [0u64; 40];
-                    let p = words.as_mut_ptr().cast::<u8>().add(4).cast::<lra_config>();
+                    let p = words
+                        .as_mut_ptr()
+                        .cast::<u8>()
+                        .wrapping_add(4)
+                        .cast::<lra_config>();
                     lra_config_init(p, 0);
                     self.ensure(words.iter().all(|&w| w == 0), || {
                         "lra_config_init wrote through a misaligned pointer".into()

@@ -212,7 +212,8 @@ fn eta_only_moves_on_reevaluated_steps() {
         }
     }
     assert_eq!(moved, vec![0, 3, 6, 9, 12]);
-    assert_eq!(lr(&h), 0.1 * 0.5f64.powi(5));
+    // Five exact halvings (powi promises no exactness: Miri perturbs it).
+    assert_eq!(lr(&h), 0.1 / 32.0);
 }
 
 #[test]
