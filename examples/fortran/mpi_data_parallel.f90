@@ -415,7 +415,6 @@ contains
   ! naming the MPI_ERR_COMM code, and change nothing.
   subroutine check_mpi_error()
     type(MPI_Comm), target :: broken
-    type(lra_config) :: cfg
     type(c_ptr) :: h
     type(lra_tensor) :: t(1)
     real(c_float), target :: x(4), g(4)
@@ -425,14 +424,8 @@ contains
 
     call MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN)
     broken = MPI_COMM_NULL
-    call lra_config_init(cfg, LRA_OPTIMIZER_ADAM)
-    cfg%num_threads = 1
-    cfg%loss_is_rank_local = 1
-    call ok(lra_create(cfg, h), c_null_ptr, "lra_create")
+    call reducing_handle(h, x, g, t)
     call ok(lra_mpi_set_reduction(h, broken), h, "lra_mpi_set_reduction(MPI_COMM_NULL)")
-    x = [1, 2, 3, 4]
-    g = [0.5, -0.5, 0.25, 1.0]
-    t(1) = lra_tensor_f32(x, g)
     status = lra_step(h, t, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr)
     if (status /= LRA_REDUCTION_FAILED) call fail("lra_step with an MPI error returned " // &
       lra_string(lra_status_string(status)) // ", not LRA_REDUCTION_FAILED")
@@ -443,8 +436,7 @@ contains
     class = -1
     if (code > 0) call MPI_Error_class(code, class, ierr)
     if (code <= 0 .or. class /= MPI_ERR_COMM) call fail("the last error should name an MPI_ERR_COMM code: " // message)
-    if (any(transfer(x, [0_int32]) /= transfer([1.0_c_float, 2.0_c_float, 3.0_c_float, 4.0_c_float], [0_int32]))) &
-      call fail("parameters changed although the reduction failed")
+    if (.not. unchanged(x)) call fail("parameters changed although the reduction failed")
     status = lra_mpi_check_agreement(h, broken) ! lra_mpi_check_agreement passes MPI's code on
     class = -1
     if (status > 0) call MPI_Error_class(status, class, ierr)
@@ -464,7 +456,6 @@ contains
   subroutine check_no_communicator()
     type(MPI_Comm), pointer :: none => null()
     procedure(lra_reduce_fn), pointer :: reduce
-    type(lra_config) :: cfg
     type(c_ptr) :: h
     type(lra_tensor) :: t(1)
     real(c_float), target :: x(4), g(4)
@@ -472,16 +463,10 @@ contains
     character(len=:), allocatable :: message
     character(len=16) :: code
 
-    call lra_config_init(cfg, LRA_OPTIMIZER_ADAM)
-    cfg%num_threads = 1
-    cfg%loss_is_rank_local = 1
-    call ok(lra_create(cfg, h), c_null_ptr, "lra_create")
+    call reducing_handle(h, x, g, t)
     status = lra_mpi_set_reduction(h, none)
     if (status /= LRA_NULL_POINTER) call fail("lra_mpi_set_reduction(no communicator) returned " // &
       lra_string(lra_status_string(status)) // ", not LRA_NULL_POINTER")
-    x = [1, 2, 3, 4]
-    g = [0.5, -0.5, 0.25, 1.0]
-    t(1) = lra_tensor_f32(x, g)
     status = lra_step(h, t, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr)
     if (status /= LRA_CALL_ORDER) call fail("lra_step after a refused lra_mpi_set_reduction returned " // &
       lra_string(lra_status_string(status)) // ", not LRA_CALL_ORDER (nothing registered)")
@@ -494,12 +479,36 @@ contains
     write (code, '(i0)') LRA_MPI_ERR_NO_COMM
     if (index(message, "returned " // trim(code)) == 0) &
       call fail("the last error should name LRA_MPI_ERR_NO_COMM (" // trim(code) // "): " // message)
-    if (any(transfer(x, [0_int32]) /= transfer([1.0_c_float, 2.0_c_float, 3.0_c_float, 4.0_c_float], [0_int32]))) &
-      call fail("parameters changed although there was no communicator")
+    if (.not. unchanged(x)) call fail("parameters changed although there was no communicator")
     call lra_destroy(h)
     if (rank == 0) print '(a)', "no communicator: lra_mpi_set_reduction -> LRA_NULL_POINTER; " // &
       "null user -> LRA_REDUCTION_FAILED, parameters unchanged: " // message
   end subroutine check_no_communicator
+
+  ! What the failure checks step: a one-tensor Adam handle whose losses are
+  ! rank-local (so every step reduces), over x = [1, 2, 3, 4] and
+  ! g = [0.5, -0.5, 0.25, 1] (the caller's TARGETs: t points into them).
+  subroutine reducing_handle(h, x, g, t)
+    type(c_ptr), intent(out) :: h
+    real(c_float), target, intent(inout) :: x(4), g(4)
+    type(lra_tensor), intent(out) :: t(1)
+    type(lra_config) :: cfg
+
+    call lra_config_init(cfg, LRA_OPTIMIZER_ADAM)
+    cfg%num_threads = 1
+    cfg%loss_is_rank_local = 1
+    call ok(lra_create(cfg, h), c_null_ptr, "lra_create")
+    x = [1, 2, 3, 4]
+    g = [0.5, -0.5, 0.25, 1.0]
+    t(1) = lra_tensor_f32(x, g)
+  end subroutine reducing_handle
+
+  ! Whether x still holds reducing_handle's values, bit for bit.
+  logical function unchanged(x)
+    real(c_float), intent(in) :: x(4)
+    unchanged = all(transfer(x, [0_int32]) == &
+                    transfer([1.0_c_float, 2.0_c_float, 3.0_c_float, 4.0_c_float], [0_int32]))
+  end function unchanged
 
   ! ---- training ------------------------------------------------------------
 
