@@ -4,7 +4,8 @@
 # Rust interpreter that checks every pointer use, alignment, aliasing rule,
 # uninitialised read and data race). Miri runs the portable CPU build (it
 # reports no AVX2) on these small tests only: the larger ones, and one
-# iteration of the randomized fuzzer, take minutes each in it.
+# iteration of the randomized fuzzer (over half an hour), take minutes each
+# in it.
 #
 # Needs a nightly toolchain with the miri and rust-src components: installed
 # with rustup when the nightly toolchain is there, otherwise this stage
