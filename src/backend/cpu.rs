@@ -1243,7 +1243,7 @@ mod tests {
                 for dtype in [DType::F32, DType::F16, DType::Bf16] {
                     for len in [1, 7, 8, 9, 63, 64, 65, 200, 1000] {
                         let esz = dtype.size();
-                        let mut theta = vec![0u8; len * esz];
+                        let mut theta = AlignedBytes::zeroed(len * esz);
                         let mut grad = AlignedBytes::zeroed(len * esz);
                         for i in 0..len {
                             let (t, g) = (value(i, 4.0), value(i + 11, 1.0));
