@@ -140,10 +140,7 @@ impl DevBuf {
         DevBuf(p)
     }
     fn new(bytes: &[u8]) -> DevBuf {
-        let mut p = 0;
-        // SAFETY: out-parameter.
-        unsafe { ok(sys::cuMemAlloc_v2(&mut p, bytes.len().max(16) + 16)) };
-        let b = DevBuf(p);
+        let b = DevBuf::uninit(bytes.len().max(16) + 16);
         b.write(0, bytes);
         b
     }
