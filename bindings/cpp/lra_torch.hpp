@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <utility>
@@ -97,6 +98,59 @@ inline bool covers_memory_densely(const ::torch::Tensor& t) {
     expected *= size;
   }
   return true;
+}
+
+// TorchOptimizer checkpoints wrap the handle's: "LRATORCH", then (every
+// integer little-endian) u32 format version, u32 flags (bit 0: memory orders
+// recorded, i.e. a step had fixed the layout), u64 parameter count, per
+// parameter u32 dimensions and that many (i64 size, i64 memory-order
+// stride) pairs, u64 length of the handle's checkpoint, its bytes.
+constexpr unsigned char kTorchStateMagic[8] = {'L', 'R', 'A', 'T', 'O', 'R', 'C', 'H'};
+constexpr std::uint32_t kTorchStateVersion = 1;
+constexpr std::uint32_t kTorchStateHasOrders = 1;
+constexpr std::uint32_t kTorchStateMaxDims = 64;  // beyond any tensor LibTorch makes
+
+inline void put_le(std::vector<unsigned char>& out, std::uint64_t v, std::size_t bytes) {
+  for (std::size_t k = 0; k < bytes; ++k) out.push_back(static_cast<unsigned char>(v >> (8 * k)));
+}
+
+// Reads a TorchOptimizer checkpoint; every read is bounds-checked, and a
+// short buffer throws BadCheckpoint.
+class StateReader {
+ public:
+  StateReader(const unsigned char* data, std::size_t len) : data_(data), len_(len) {}
+  std::uint64_t le(std::size_t bytes) {
+    need(bytes);
+    std::uint64_t v = 0;
+    for (std::size_t k = 0; k < bytes; ++k)
+      v |= static_cast<std::uint64_t>(data_[pos_ + k]) << (8 * k);
+    pos_ += bytes;
+    return v;
+  }
+  std::int64_t i64() { return static_cast<std::int64_t>(le(8)); }
+  bool magic() {
+    if (len_ - pos_ < sizeof kTorchStateMagic) return false;
+    if (!std::equal(std::begin(kTorchStateMagic), std::end(kTorchStateMagic), data_ + pos_))
+      return false;
+    pos_ += sizeof kTorchStateMagic;
+    return true;
+  }
+  void need(std::uint64_t bytes) const {
+    if (bytes > len_ - pos_)
+      throw Error(static_cast<lra_status>(Status::BadCheckpoint),
+                  "the TorchOptimizer checkpoint is truncated");
+  }
+  const unsigned char* here() const { return data_ + pos_; }
+  std::size_t left() const { return len_ - pos_; }
+
+ private:
+  const unsigned char* data_;
+  std::size_t len_;
+  std::size_t pos_ = 0;
+};
+
+inline std::string dims_str(const std::vector<std::int64_t>& v) {
+  return c10::str(c10::IntArrayRef(v));
 }
 }  // namespace detail
 
@@ -160,9 +214,99 @@ class TorchOptimizer {
   Handle& handle() noexcept { return handle_; }
   const std::vector<::torch::Tensor>& parameters() const noexcept { return params_; }
 
+  // Checkpoints that know the parameters: the handle's checkpoint with each
+  // parameter's shape and, once a step has fixed it, its memory order (the
+  // optimizer state follows memory order). load_state refuses, with
+  // BadCheckpoint and nothing changed, a checkpoint of other shapes or of
+  // another memory layout (one saved contiguous and loaded into a
+  // channels_last model would give each element another element's state),
+  // and then keeps the saved layout as if the saved steps had been taken
+  // here. A checkpoint saved before any step records no layout and loads
+  // into any. handle().save_state()/load_state() are the bare checkpoint,
+  // which checks element counts and dtypes only.
+  std::vector<unsigned char> save_state() {
+    const bool has_orders = !memory_orders_.empty();
+    std::vector<unsigned char> out(std::begin(detail::kTorchStateMagic),
+                                   std::end(detail::kTorchStateMagic));
+    detail::put_le(out, detail::kTorchStateVersion, 4);
+    detail::put_le(out, has_orders ? detail::kTorchStateHasOrders : 0, 4);
+    detail::put_le(out, params_.size(), 8);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      const auto& p = params_[i];
+      const auto dims = static_cast<std::size_t>(p.dim());
+      if (has_orders && memory_orders_[i].size() != dims)
+        throw invalid(name(i) + " changed its number of dimensions since the last step");
+      detail::put_le(out, dims, 4);
+      for (std::size_t d = 0; d < dims; ++d) {
+        detail::put_le(out, static_cast<std::uint64_t>(p.size(static_cast<std::int64_t>(d))), 8);
+        detail::put_le(out, has_orders ? static_cast<std::uint64_t>(memory_orders_[i][d]) : 0, 8);
+      }
+    }
+    const std::vector<unsigned char> inner = handle_.save_state();
+    detail::put_le(out, inner.size(), 8);
+    out.insert(out.end(), inner.begin(), inner.end());
+    return out;
+  }
+  void load_state(const void* data, std::size_t len) {
+    if (data == nullptr && len != 0)
+      throw Error(static_cast<lra_status>(Status::NullPointer), "data is NULL");
+    detail::StateReader in(static_cast<const unsigned char*>(data), len);
+    if (!in.magic())
+      throw bad_checkpoint("not a TorchOptimizer checkpoint (a bare Handle checkpoint loads "
+                           "through handle().load_state(), which cannot check shapes or "
+                           "memory layout)");
+    const auto version = in.le(4);
+    if (version != detail::kTorchStateVersion)
+      throw bad_checkpoint("TorchOptimizer checkpoint format " + std::to_string(version) +
+                           ", this lra_torch.hpp reads format " +
+                           std::to_string(detail::kTorchStateVersion));
+    const auto flags = in.le(4);
+    if ((flags & ~std::uint64_t{detail::kTorchStateHasOrders}) != 0)
+      throw bad_checkpoint("the TorchOptimizer checkpoint has unknown flags");
+    const bool has_orders = (flags & detail::kTorchStateHasOrders) != 0;
+    const auto count = in.le(8);
+    if (count != params_.size())
+      throw bad_checkpoint("the checkpoint was saved for " + std::to_string(count) +
+                           " parameters, this optimizer has " + std::to_string(params_.size()));
+    std::vector<std::vector<std::int64_t>> orders(params_.size());
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      const auto& p = params_[i];
+      const auto dims = in.le(4);
+      if (dims > detail::kTorchStateMaxDims)
+        throw bad_checkpoint("the TorchOptimizer checkpoint is corrupt (" + std::to_string(dims) +
+                             " dimensions)");
+      in.need(dims * 16);
+      std::vector<std::int64_t> sizes(dims);
+      orders[i].resize(dims);
+      for (std::size_t d = 0; d < dims; ++d) {
+        sizes[d] = in.i64();
+        orders[i][d] = in.i64();
+      }
+      if (sizes != p.sizes().vec())
+        throw bad_checkpoint(name(i) + " was saved with shape " + detail::dims_str(sizes) +
+                             ", it has shape " + c10::str(p.sizes()) + " now");
+      if (has_orders && p.numel() > 0 && orders[i] != detail::memory_order(p))
+        throw bad_checkpoint(
+            name(i) + " was saved in another memory layout (strides " +
+            detail::dims_str(orders[i]) + ", 0 for dimensions of size 1) than it has now " +
+            "(strides " + c10::str(p.strides()) +
+            "): lra's optimizer state follows memory order; give the model its saved layout "
+            "(e.g. contiguous() or channels_last) before loading");
+    }
+    const auto inner = in.le(8);
+    if (inner != in.left())
+      throw bad_checkpoint("the TorchOptimizer checkpoint is truncated or has trailing bytes");
+    handle_.load_state(in.here(), in.left());
+    if (has_orders) memory_orders_ = std::move(orders);
+  }
+  void load_state(const std::vector<unsigned char>& buf) { load_state(buf.data(), buf.size()); }
+
  private:
   static Error invalid(const std::string& what) {
     return Error(static_cast<lra_status>(Status::InvalidArgument), what);
+  }
+  static Error bad_checkpoint(const std::string& what) {
+    return Error(static_cast<lra_status>(Status::BadCheckpoint), what);
   }
   static std::string name_at(std::size_t position) {
     return "parameter " + std::to_string(position);

@@ -964,14 +964,25 @@ class TorchOptimizer:
         self.lra.lr = value
 
     def state_dict(self):
-        """The handle's checkpoint and the parameter shapes it was saved for."""
+        """The handle's checkpoint, the parameter shapes and, once a step has
+        fixed it, the parameters' memory layout (``None`` before any step)."""
         return {
             "lra_state": self.lra.save_state(),
             "shapes": [tuple(p.shape) for p in self.params],
+            "memory_orders": (None if self._memory_orders is None
+                              else [list(order) for order in self._memory_orders]),
         }
 
     def load_state_dict(self, state):
-        """Restores :meth:`state_dict` output; refuses one saved for other parameters."""
+        """Restores :meth:`state_dict` output; refuses one saved for other
+        parameter shapes or another memory layout, and changes nothing then.
+
+        The optimizer state follows memory order, so a checkpoint of a
+        contiguous model loaded into a ``channels_last`` one (or the reverse)
+        would give each element another element's state: convert the model
+        to the saved layout first. After loading, that layout is fixed as if
+        this optimizer had taken the saved steps.
+        """
         if not isinstance(state, dict) or "lra_state" not in state:
             raise ValueError("not a state_dict of lra.TorchOptimizer (no 'lra_state' entry)")
         shapes = [tuple(p.shape) for p in self.params]
@@ -980,7 +991,26 @@ class TorchOptimizer:
                 f"the state_dict was saved for parameter shapes {state['shapes']}, "
                 f"this optimizer has {shapes}"
             )
+        saved_orders = state.get("memory_orders")
+        if saved_orders is not None:
+            if len(saved_orders) != len(self.params):
+                raise ValueError(
+                    f"the state_dict holds memory layouts of {len(saved_orders)} parameters, "
+                    f"this optimizer has {len(self.params)}"
+                )
+            saved_orders = [tuple(order) for order in saved_orders]
+            for i, (p, order) in enumerate(zip(self.params, saved_orders)):
+                if p.numel() > 0 and _memory_order(p) != order:
+                    raise ValueError(
+                        f"parameter {i} {tuple(p.shape)} was saved in another memory layout "
+                        f"(strides {order}, None for dimensions of size 1) than it has now "
+                        f"(strides {p.stride()}): lra's optimizer state follows memory order; "
+                        "give the model its saved layout (e.g. "
+                        "model.to(memory_format=torch.channels_last)) before loading"
+                    )
         self.lra.load_state(state["lra_state"])
+        if saved_orders is not None:
+            self._memory_orders = saved_orders
 
     def close(self):
         self.lra.close()

@@ -671,5 +671,63 @@ class TorchAdapterAuditTests(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "not a state_dict of lra"):
             c.load_state_dict(torch.optim.Adam([r]).state_dict())
 
+    def test_state_dict_refuses_another_memory_layout_and_keeps_the_saved_one(self):
+        def conv(memory_format):
+            torch.manual_seed(2)
+            return torch.nn.Conv2d(3, 4, 3).to(memory_format=memory_format)
+
+        def train(model, opt, x, steps):
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step(loss)
+                opt.reeval(lambda: model(x).square().mean())
+
+        x = torch.randn(2, 3, 6, 6)
+        a = conv(torch.contiguous_format)
+        opt_a = lra.TorchOptimizer(a.parameters(), optimizer="adam", lr=0.01)
+        train(a, opt_a, x, 2)
+        saved = opt_a.state_dict()
+        weights = {k: v.clone() for k, v in a.state_dict().items()}
+
+        # The same shapes in channels_last: each element would get another
+        # element's Adam state. Refused, and the fresh optimizer is untouched.
+        b = conv(torch.channels_last)
+        b.load_state_dict(weights)
+        opt_b = lra.TorchOptimizer(b.parameters(), optimizer="adam", lr=0.01)
+        fresh = opt_b.lra.save_state()
+        with self.assertRaisesRegex(ValueError, "parameter 0 .* another memory layout"):
+            opt_b.load_state_dict(saved)
+        self.assertEqual(opt_b.lra.save_state(), fresh)
+
+        # Converted back to the saved layout, it resumes bit for bit.
+        b.to(memory_format=torch.contiguous_format)
+        opt_b.load_state_dict(saved)
+        train(a, opt_a, x, 2)
+        train(b, opt_b, x, 2)
+        for k, v in a.state_dict().items():
+            self.assertTrue(torch.equal(v, b.state_dict()[k]), k)
+
+        # The loaded layout is fixed as if opt_b had taken the saved steps.
+        c = conv(torch.contiguous_format)
+        opt_c = lra.TorchOptimizer(c.parameters(), optimizer="adam", lr=0.01)
+        opt_c.load_state_dict(saved)
+        c.to(memory_format=torch.channels_last)
+        opt_c.zero_grad()
+        c(x).square().mean().backward()
+        with self.assertRaisesRegex(ValueError, "memory layout"):
+            opt_c.step(1.0)
+
+        # A state_dict saved before any step has no layout yet: it loads into
+        # either layout.
+        d = conv(torch.channels_last)
+        opt_d = lra.TorchOptimizer(d.parameters(), optimizer="adam", lr=0.01)
+        before_any_step = lra.TorchOptimizer(conv(torch.contiguous_format).parameters(),
+                                             optimizer="adam", lr=0.01).state_dict()
+        self.assertIsNone(before_any_step["memory_orders"])
+        opt_d.load_state_dict(before_any_step)
+        train(d, opt_d, x, 1)
+
 if __name__ == "__main__":
     unittest.main()

@@ -3,8 +3,9 @@
 // LibTorch reallocates between steps, the closure form under no-grad,
 // misuse that must end in a clear lra::Error (sparse or lazily negated
 // parameters, losses that are not one element) or be handled (lazily
-// negated or ZeroTensor gradients), and messages that name parameters by
-// their position in the caller's list.
+// negated or ZeroTensor gradients), messages that name parameters by their
+// position in the caller's list, and checkpoints that check shapes and
+// memory layout.
 #include <lra_torch.hpp>
 #include <torch/torch.h>
 
@@ -156,6 +157,101 @@ int main() {
     opt_a.zero_grad();
     a->forward(x.contiguous()).square().mean().backward();
     EXPECT(error_of([&] { opt_a.step(1.0); }).find("memory layout") != std::string::npos);
+  }
+
+  // TorchOptimizer checkpoints record shapes and memory layout: a checkpoint
+  // of a contiguous model is refused by a channels_last one (each element
+  // would get another's state) and changes nothing; converted back, the run
+  // resumes bit for bit; the loaded layout is then fixed.
+  {
+    auto make = [](at::MemoryFormat format) {
+      torch::manual_seed(2);
+      torch::nn::Conv2d conv(torch::nn::Conv2dOptions(3, 4, 3));
+      for (auto& p : conv->parameters())
+        p.set_data(p.data().contiguous(p.dim() == 4 ? format : at::MemoryFormat::Contiguous));
+      return conv;
+    };
+    const auto x = torch::randn({2, 3, 6, 6});
+    auto acfg = lra::config(lra::Optimizer::Adam, 0.01);
+    acfg.num_threads = 1;
+    auto train = [&](torch::nn::Conv2d& m, lra::TorchOptimizer& o, int steps) {
+      for (int i = 0; i < steps; ++i) {
+        o.zero_grad();
+        auto loss = m->forward(x).square().mean();
+        loss.backward();
+        o.step(loss);
+        o.reeval([&] { return m->forward(x).square().mean(); });
+      }
+    };
+    auto status_of = [](auto&& f) {
+      try {
+        f();
+      } catch (const lra::Error& e) {
+        return e.code();
+      }
+      return lra::Status::Ok;
+    };
+    auto a = make(at::MemoryFormat::Contiguous);
+    lra::TorchOptimizer opt_a(a->parameters(), acfg);
+    const auto before_any_step = opt_a.save_state();
+    train(a, opt_a, 2);
+    const auto saved = opt_a.save_state();
+
+    auto b = make(at::MemoryFormat::ChannelsLast);
+    {
+      torch::NoGradGuard no_grad;
+      for (std::size_t k = 0; k < a->parameters().size(); ++k)
+        b->parameters()[k].copy_(a->parameters()[k]);
+    }
+    lra::TorchOptimizer opt_b(b->parameters(), acfg);
+    const auto fresh = opt_b.handle().save_state();
+    const std::string layout = error_of([&] { opt_b.load_state(saved); });
+    EXPECT(layout.find("parameter 0 was saved in another memory layout") != std::string::npos);
+    EXPECT(status_of([&] { opt_b.load_state(saved); }) == lra::Status::BadCheckpoint);
+    EXPECT(opt_b.handle().save_state() == fresh);
+    // Malformed checkpoints: refused, nothing changed.
+    EXPECT(error_of([&] { opt_b.load_state(opt_a.handle().save_state()); })
+               .find("not a TorchOptimizer checkpoint") != std::string::npos);
+    for (std::size_t cut : {std::size_t{0}, std::size_t{12}, std::size_t{40}, saved.size() - 1}) {
+      std::vector<unsigned char> part(saved.begin(), saved.begin() + static_cast<long>(cut));
+      EXPECT(status_of([&] { opt_b.load_state(part); }) == lra::Status::BadCheckpoint);
+    }
+    auto longer = saved;
+    longer.push_back(0);
+    EXPECT(status_of([&] { opt_b.load_state(longer); }) == lra::Status::BadCheckpoint);
+    EXPECT(opt_b.handle().save_state() == fresh);
+
+    for (auto& p : b->parameters()) p.set_data(p.data().contiguous());
+    opt_b.load_state(saved);
+    train(a, opt_a, 2);
+    train(b, opt_b, 2);
+    for (std::size_t k = 0; k < a->parameters().size(); ++k)
+      EXPECT(torch::equal(a->parameters()[k], b->parameters()[k]));
+
+    // The loaded layout is fixed as if the saved steps had been taken here.
+    auto c = make(at::MemoryFormat::Contiguous);
+    lra::TorchOptimizer opt_c(c->parameters(), acfg);
+    opt_c.load_state(saved);
+    c->weight.set_data(c->weight.data().contiguous(at::MemoryFormat::ChannelsLast));
+    opt_c.zero_grad();
+    c->forward(x).square().mean().backward();
+    EXPECT(error_of([&] { opt_c.step(1.0); }).find("memory layout") != std::string::npos);
+
+    // Other shapes with the same element counts: refused.
+    auto r = torch::ones({3, 2}).requires_grad_();
+    auto q = torch::ones({2, 3}).requires_grad_();
+    lra::TorchOptimizer opt_q({q}, cfg), opt_r({r}, cfg);
+    q.mutable_grad() = torch::ones({2, 3});
+    opt_q.step(1.0);
+    EXPECT(error_of([&] { opt_r.load_state(opt_q.save_state()); })
+               .find("parameter 0 was saved with shape [2, 3], it has shape [3, 2] now") !=
+           std::string::npos);
+
+    // Saved before any step: no layout recorded, loads into either.
+    auto d = make(at::MemoryFormat::ChannelsLast);
+    lra::TorchOptimizer opt_d(d->parameters(), acfg);
+    opt_d.load_state(before_any_step);
+    train(d, opt_d, 1);
   }
 
   // Sparse parameters are refused at construction (an lra::Error, not a
