@@ -97,6 +97,29 @@ end
     close(busy)
     @test_throws LRAError lr(busy)
 
+    # A reducer that waits cannot move the task to another thread in the
+    # middle of an lra call: the call keeps the task sticky (on its thread)
+    # and restores the flag afterwards, also in a `Threads.@spawn` task.
+    sticky_inside = Bool[]
+    moved = Bool[]
+    waiting = LRA.Optimizer(:sgd; sharding = :sharded, num_threads = 1)
+    set_reduction!(waiting, function (v)
+        tid = Threads.threadid()
+        push!(sticky_inside, current_task().sticky)
+        sleep(0.001)  # a task switch
+        push!(moved, Threads.threadid() != tid)
+        return nothing
+    end)
+    sticky_after = fetch(Threads.@spawn begin
+        step!(waiting, Float32[1, 2], Float32[0.5, -0.5], 1.0)
+        current_task().sticky
+    end)
+    @test !isempty(sticky_inside) && all(sticky_inside)
+    @test !any(moved)
+    @test sticky_after == false
+    @test counters(waiting).steps == 1
+    close(waiting)
+
     # A CUDA handle refuses host arrays before lra is called (where one can
     # be created: elsewhere lra_create fails with LRA_NO_CUDA).
     gpu = try
