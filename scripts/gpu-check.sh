@@ -30,10 +30,12 @@
 #    and a created stream, host and CUDA handles identical to runs without
 #    NCCL, a non-blocking communicator, ncclCommAbort -> LRA_REDUCTION_FAILED)
 #    against this machine's own libnccl.so.2 (python3's nvidia.* packages,
-#    torch/lib, ldconfig, /usr/local/cuda*), under a 60 s timeout. It runs
-#    last, so its failure cannot stop steps 1-3; the summary at the end says
-#    PASS, FAIL or SKIPPED (no libnccl.so.2 here, or no test binary), and a
-#    FAIL makes the exit status 1.
+#    torch/lib, ldconfig, /usr/local/cuda*), under a 60 s timeout; the
+#    summary at the end says PASS, FAIL or SKIPPED (no libnccl.so.2 here, or
+#    no test binary).
+# Steps 1 and 2 run under 300 s limits each. No step's failure or hang stops
+# the next; the summary lists how each ended, and any failure makes the exit
+# status 1.
 #
 # `bash scripts/gpu-check.sh --nccl` runs step 4 alone; it keeps the
 # caller's LRA_REQUIRE_GPU (unset: a machine without a device skips, which is
@@ -206,8 +208,26 @@ export LRA_REQUIRE_GPU=1
 echo "==== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
+# Each step runs under a time limit and a failure does not stop the next
+# one: a GPU machine is lent for minutes, and one run should bring back
+# every result (a kernel that hangs or a failed test still leaves the
+# benchmark figures, and the reverse). The summary says how each ended.
+summary=()
+failed=0
+# run_step NAME SECONDS COMMAND...: records "NAME: passed|FAILED|TIMED OUT".
+run_step() {
+  local name=$1 limit=$2 rc=0
+  shift 2
+  timeout "$limit" "$@" || rc=$?
+  case $rc in
+    0) summary+=("$name: passed") ;;
+    124 | 137) summary+=("$name: TIMED OUT after $limit s (a hang?)"); failed=1 ;;
+    *) summary+=("$name: FAILED (exit $rc; see above)"); failed=1 ;;
+  esac
+}
+
 echo "==== tests/cuda.rs (kernels vs the CPU backend)"
-"$out/cuda-tests" --test-threads=1
+run_step "tests/cuda.rs" 300 "$out/cuda-tests" --test-threads=1
 
 echo "==== PyTorch: stream, tensors, benchmarks"
 py=
@@ -216,24 +236,24 @@ for cand in python3 /usr/bin/python3; do
 done
 if [ -z "$py" ]; then
   echo "!!!! SKIPPED: gpu_check.py: no python3 with torch"
+  summary+=("gpu_check.py: SKIPPED (no python3 with torch)")
 else
   base=()
   if [ -e "$out/baseline/liblra.so" ]; then
     echo "baseline library: $(cat "$out/baseline/REVISION" 2>/dev/null)"
     base=(--baseline-lib "$out/baseline/liblra.so")
   fi
-  "$py" scripts/gpu_check.py --lib "$out/liblra.so" ${base[@]+"${base[@]}"}
+  run_step "gpu_check.py" 300 "$py" scripts/gpu_check.py --lib "$out/liblra.so" ${base[@]+"${base[@]}"}
 fi
 
-# Last: a failure here must not cost the CUDA backend's results above.
 echo "==== NCCL adapter on one rank (tests/nccl/lra_nccl_gpu_test.c)"
 run_nccl
 
 echo "==== summary"
-echo "tests/cuda.rs: passed"
-echo "gpu_check.py: $([ -n "$py" ] && echo passed || echo 'SKIPPED (no python3 with torch)')"
-if ! report_nccl; then
-  echo "==== gpu-check FAILED (the NCCL adapter) in $(( $(date +%s) - start )) s"
+printf '%s\n' "${summary[@]}"
+report_nccl || failed=1
+if [ $failed -ne 0 ]; then
+  echo "==== gpu-check FAILED in $(( $(date +%s) - start )) s"
   exit 1
 fi
 echo "==== gpu-check passed in $(( $(date +%s) - start )) s"
