@@ -33,9 +33,17 @@
 #    torch/lib, ldconfig, /usr/local/cuda*), under a 60 s timeout; the
 #    summary at the end says PASS, FAIL or SKIPPED (no libnccl.so.2 here, or
 #    no test binary).
-# Steps 1 and 2 run under 300 s limits each. No step's failure or hang stops
-# the next; the summary lists how each ended, and any failure makes the exit
-# status 1.
+# 5. compute-sanitizer, when there is one (PATH, /usr/local/cuda*, or the
+#    copy --prepare brings along from PyPI's nvidia-cuda-sanitizer-api-cu12
+#    wheel, 25 MB): memcheck over every test of step 1, racecheck and
+#    synccheck over the kernel-vs-CPU test. Their logs go to
+#    $LRA_GPU_CHECK_LOGS (default $out/logs); the output shows each one's
+#    error summary.
+# Steps 1 and 2 run under 300 s limits each, the sanitizer steps under 240 s
+# (memcheck) and 120 s, and the whole run within LRA_GPU_CHECK_BUDGET
+# seconds (default 540: a step that would start with less than 20 s left is
+# skipped, and says so). No step's failure or hang stops the next; the
+# summary lists how each ended, and any failure makes the exit status 1.
 #
 # `bash scripts/gpu-check.sh --nccl` runs step 4 alone; it keeps the
 # caller's LRA_REQUIRE_GPU (unset: a machine without a device skips, which is
@@ -63,6 +71,31 @@ prepare_nccl() {
     -L "$nccl/lib" -l:libnccl.so.2 -L "$cudart/lib" -l:libcudart.so.12 -L "$out" -l:liblra.so \
     -o "$out/nccl/lra_nccl_gpu_test" || return 1
   cp "$cudart/lib/libcudart.so.12" "$out/nccl/libcudart.so.12"
+}
+
+# Copies compute-sanitizer from PyPI's nvidia-cuda-sanitizer-api-cu12 wheel
+# into $out/sanitizer/, the binary beside its injection libraries (from the
+# wheel's bin/ and lib/: the binary does not look in ../lib). Returns 2 when
+# the wheel cannot be downloaded here.
+prepare_sanitizer() {
+  local tmp wheel rc=0
+  rm -rf "$out/sanitizer"
+  tmp=$(mktemp -d)
+  if python3 -m pip download --no-deps --quiet -d "$tmp" nvidia-cuda-sanitizer-api-cu12 \
+    >"$tmp/pip.log" 2>&1; then
+    wheel=$(ls "$tmp"/*.whl)
+    python3 -m zipfile -e "$wheel" "$tmp/x"
+    mkdir -p "$out/sanitizer"
+    cp "$tmp"/x/nvidia/cuda_sanitizer_api/bin/compute-sanitizer \
+      "$tmp"/x/nvidia/cuda_sanitizer_api/lib/*.so "$out/sanitizer/"
+    chmod +x "$out/sanitizer/compute-sanitizer"
+    "$out/sanitizer/compute-sanitizer" --version | tail -n 1
+  else
+    cat "$tmp/pip.log"
+    rc=2
+  fi
+  rm -rf "$tmp"
+  return $rc
 }
 
 # Directories that may hold a CUDA library on this machine, most specific
@@ -182,6 +215,13 @@ if [ "${1:-}" = "--prepare" ]; then
     *) echo "!!!! NOT BUILT: $out/nccl/lra_nccl_gpu_test failed to compile (see above);" \
       "the GPU run will skip it !!!!" ;;
   esac
+  rc=0
+  prepare_sanitizer || rc=$?
+  case $rc in
+    0) echo "copied compute-sanitizer into $out/sanitizer/" ;;
+    *) echo "!!!! NOT COPIED: compute-sanitizer (nvidia-cuda-sanitizer-api-cu12 could not be" \
+      "downloaded); the GPU run uses the GPU machine's own, if any !!!!" ;;
+  esac
   rm -rf "$out/baseline"
   if [ -n "$baseline" ]; then
     src=target/gpu-check-baseline-src
@@ -214,10 +254,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 # benchmark figures, and the reverse). The summary says how each ended.
 summary=()
 failed=0
-# run_step NAME SECONDS COMMAND...: records "NAME: passed|FAILED|TIMED OUT".
+deadline=$((start + ${LRA_GPU_CHECK_BUDGET:-540}))
+logs=${LRA_GPU_CHECK_LOGS:-$out/logs}
+mkdir -p "$logs"
+# run_step NAME SECONDS COMMAND...: records "NAME: passed|FAILED|TIMED OUT",
+# or "SKIPPED" when the run's time budget leaves less than 20 s.
 run_step() {
-  local name=$1 limit=$2 rc=0
+  local name=$1 limit=$2 rc=0 left
   shift 2
+  left=$((deadline - $(date +%s)))
+  if [ "$left" -lt 20 ]; then
+    echo "!!!! SKIPPED: $name: the run's time budget (LRA_GPU_CHECK_BUDGET) is spent !!!!"
+    summary+=("$name: SKIPPED (time budget spent)")
+    return
+  fi
+  [ "$left" -ge "$limit" ] || limit=$left
   timeout "$limit" "$@" || rc=$?
   case $rc in
     0) summary+=("$name: passed") ;;
@@ -248,6 +299,36 @@ fi
 
 echo "==== NCCL adapter on one rank (tests/nccl/lra_nccl_gpu_test.c)"
 run_nccl
+
+# compute-sanitizer NAME TOOL SECONDS [TEST FILTER]: one tool over the test
+# binary, its log in $logs/NAME.log; prints the log's error summary.
+sanitize() {
+  local name=$1 tool=$2 limit=$3
+  shift 3
+  run_step "compute-sanitizer $name" "$limit" bash -c '
+    log=$1; shift
+    "$@" >"$log" 2>&1; rc=$?
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$log" || tail -n 20 "$log"
+    exit $rc' _ "$logs/$name.log" \
+    "$sanitizer" --tool "$tool" --error-exitcode 1 "$out/cuda-tests" --test-threads=1 "$@"
+}
+
+echo "==== compute-sanitizer"
+sanitizer=
+for cand in compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer "$out/sanitizer/compute-sanitizer"; do
+  if command -v "$cand" >/dev/null 2>&1 && "$cand" --version >/dev/null 2>&1; then
+    sanitizer=$(command -v "$cand"); break
+  fi
+done
+if [ -z "$sanitizer" ]; then
+  echo "!!!! SKIPPED: compute-sanitizer: none here, and none brought along (see --prepare) !!!!"
+  summary+=("compute-sanitizer: SKIPPED (none found)")
+else
+  echo "$sanitizer: $("$sanitizer" --version | tail -n 1); logs in $logs/"
+  sanitize memcheck memcheck 240
+  sanitize racecheck racecheck 120 every_kernel_matches_the_cpu_backend
+  sanitize synccheck synccheck 120 every_kernel_matches_the_cpu_backend
+fi
 
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
