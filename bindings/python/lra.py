@@ -993,6 +993,12 @@ class TorchOptimizer:
             )
         saved_orders = state.get("memory_orders")
         if saved_orders is not None:
+            if not (isinstance(saved_orders, (list, tuple))
+                    and all(isinstance(o, (list, tuple)) for o in saved_orders)):
+                raise ValueError(
+                    "the state_dict's 'memory_orders' is not a list of stride lists "
+                    f"({type(saved_orders).__name__})"
+                )
             if len(saved_orders) != len(self.params):
                 raise ValueError(
                     f"the state_dict holds memory layouts of {len(saved_orders)} parameters, "

@@ -700,6 +700,10 @@ class TorchAdapterAuditTests(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "parameter 0 .* another memory layout"):
             opt_b.load_state_dict(saved)
         self.assertEqual(opt_b.lra.save_state(), fresh)
+        for bad in (5, [5], saved["memory_orders"][:1]):
+            with self.assertRaisesRegex(ValueError, "memory_orders|memory layouts of 1"):
+                opt_b.load_state_dict(dict(saved, memory_orders=bad))
+        self.assertEqual(opt_b.lra.save_state(), fresh)
 
         # Converted back to the saved layout, it resumes bit for bit.
         b.to(memory_format=torch.contiguous_format)
