@@ -102,13 +102,20 @@ inline bool covers_memory_densely(const ::torch::Tensor& t) {
 
 // TorchOptimizer checkpoints wrap the handle's: "LRATORCH", then (every
 // integer little-endian) u32 format version, u32 flags (bit 0: memory orders
-// recorded, i.e. a step had fixed the layout), u64 parameter count, per
+// recorded, i.e. the handle held optimizer state), u64 parameter count, per
 // parameter u32 dimensions and that many (i64 size, i64 memory-order
-// stride) pairs, u64 length of the handle's checkpoint, its bytes.
+// stride) pairs (strides 0 when not recorded), u64 length of the handle's
+// checkpoint, u64 FNV-1a hash of every byte before it, then the handle's
+// checkpoint (which carries its own checksum).
 constexpr unsigned char kTorchStateMagic[8] = {'L', 'R', 'A', 'T', 'O', 'R', 'C', 'H'};
 constexpr std::uint32_t kTorchStateVersion = 1;
 constexpr std::uint32_t kTorchStateHasOrders = 1;
-constexpr std::uint32_t kTorchStateMaxDims = 64;  // beyond any tensor LibTorch makes
+
+inline std::uint64_t fnv1a(const unsigned char* data, std::size_t len) {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  for (std::size_t k = 0; k < len; ++k) h = (h ^ data[k]) * 0x100000001b3ULL;
+  return h;
+}
 
 inline void put_le(std::vector<unsigned char>& out, std::uint64_t v, std::size_t bytes) {
   for (std::size_t k = 0; k < bytes; ++k) out.push_back(static_cast<unsigned char>(v >> (8 * k)));
@@ -142,6 +149,7 @@ class StateReader {
   }
   const unsigned char* here() const { return data_ + pos_; }
   std::size_t left() const { return len_ - pos_; }
+  std::size_t read() const { return pos_; }
 
  private:
   const unsigned char* data_;
@@ -215,17 +223,22 @@ class TorchOptimizer {
   const std::vector<::torch::Tensor>& parameters() const noexcept { return params_; }
 
   // Checkpoints that know the parameters: the handle's checkpoint with each
-  // parameter's shape and, once a step has fixed it, its memory order (the
-  // optimizer state follows memory order). load_state refuses, with
+  // parameter's shape and, when the handle holds optimizer state, its memory
+  // order (the state follows memory order). load_state refuses, with
   // BadCheckpoint and nothing changed, a checkpoint of other shapes or of
   // another memory layout (one saved contiguous and loaded into a
   // channels_last model would give each element another element's state),
   // and then keeps the saved layout as if the saved steps had been taken
   // here. A checkpoint saved before any step records no layout and loads
   // into any. handle().save_state()/load_state() are the bare checkpoint,
-  // which checks element counts and dtypes only.
+  // which checks element counts and dtypes only; after a bare load, this
+  // save_state records the layout the parameters have now (the one the next
+  // step would fix).
   std::vector<unsigned char> save_state() {
-    const bool has_orders = !memory_orders_.empty();
+    std::vector<std::vector<std::int64_t>> orders = memory_orders_;
+    if (orders.empty() && handle_.counters().steps > 0)
+      for (const auto& p : params_) orders.push_back(detail::memory_order(p));
+    const bool has_orders = !orders.empty();
     std::vector<unsigned char> out(std::begin(detail::kTorchStateMagic),
                                    std::end(detail::kTorchStateMagic));
     detail::put_le(out, detail::kTorchStateVersion, 4);
@@ -234,16 +247,17 @@ class TorchOptimizer {
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const auto& p = params_[i];
       const auto dims = static_cast<std::size_t>(p.dim());
-      if (has_orders && memory_orders_[i].size() != dims)
+      if (has_orders && orders[i].size() != dims)
         throw invalid(name(i) + " changed its number of dimensions since the last step");
       detail::put_le(out, dims, 4);
       for (std::size_t d = 0; d < dims; ++d) {
         detail::put_le(out, static_cast<std::uint64_t>(p.size(static_cast<std::int64_t>(d))), 8);
-        detail::put_le(out, has_orders ? static_cast<std::uint64_t>(memory_orders_[i][d]) : 0, 8);
+        detail::put_le(out, has_orders ? static_cast<std::uint64_t>(orders[i][d]) : 0, 8);
       }
     }
     const std::vector<unsigned char> inner = handle_.save_state();
     detail::put_le(out, inner.size(), 8);
+    detail::put_le(out, detail::fnv1a(out.data(), out.size()), 8);
     out.insert(out.end(), inner.begin(), inner.end());
     return out;
   }
@@ -261,29 +275,34 @@ class TorchOptimizer {
                            ", this lra_torch.hpp reads format " +
                            std::to_string(detail::kTorchStateVersion));
     const auto flags = in.le(4);
-    if ((flags & ~std::uint64_t{detail::kTorchStateHasOrders}) != 0)
-      throw bad_checkpoint("the TorchOptimizer checkpoint has unknown flags");
     const bool has_orders = (flags & detail::kTorchStateHasOrders) != 0;
     const auto count = in.le(8);
+    // Sizes and strides are compared only once the hash says they are what
+    // was saved: a corrupted file gets "corrupt", not a misleading mismatch.
+    std::vector<std::vector<std::int64_t>> sizes, orders;
+    for (std::uint64_t i = 0; i < count; ++i) {
+      const auto dims = in.le(4);
+      in.need(dims * 16);  // before allocating: dims is at most 2^32 - 1
+      sizes.emplace_back(dims);
+      orders.emplace_back(dims);
+      for (std::size_t d = 0; d < dims; ++d) {
+        sizes.back()[d] = in.i64();
+        orders.back()[d] = in.i64();
+      }
+    }
+    const auto inner = in.le(8);
+    const auto header_hash = detail::fnv1a(static_cast<const unsigned char*>(data), in.read());
+    if (in.le(8) != header_hash || flags != (flags & detail::kTorchStateHasOrders))
+      throw bad_checkpoint("the TorchOptimizer checkpoint is corrupt (its header hash differs)");
+    if (inner != in.left())
+      throw bad_checkpoint("the TorchOptimizer checkpoint is truncated or has trailing bytes");
     if (count != params_.size())
       throw bad_checkpoint("the checkpoint was saved for " + std::to_string(count) +
                            " parameters, this optimizer has " + std::to_string(params_.size()));
-    std::vector<std::vector<std::int64_t>> orders(params_.size());
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const auto& p = params_[i];
-      const auto dims = in.le(4);
-      if (dims > detail::kTorchStateMaxDims)
-        throw bad_checkpoint("the TorchOptimizer checkpoint is corrupt (" + std::to_string(dims) +
-                             " dimensions)");
-      in.need(dims * 16);
-      std::vector<std::int64_t> sizes(dims);
-      orders[i].resize(dims);
-      for (std::size_t d = 0; d < dims; ++d) {
-        sizes[d] = in.i64();
-        orders[i][d] = in.i64();
-      }
-      if (sizes != p.sizes().vec())
-        throw bad_checkpoint(name(i) + " was saved with shape " + detail::dims_str(sizes) +
+      if (sizes[i] != p.sizes().vec())
+        throw bad_checkpoint(name(i) + " was saved with shape " + detail::dims_str(sizes[i]) +
                              ", it has shape " + c10::str(p.sizes()) + " now");
       if (has_orders && p.numel() > 0 && orders[i] != detail::memory_order(p))
         throw bad_checkpoint(
@@ -293,9 +312,6 @@ class TorchOptimizer {
             "): lra's optimizer state follows memory order; give the model its saved layout "
             "(e.g. contiguous() or channels_last) before loading");
     }
-    const auto inner = in.le(8);
-    if (inner != in.left())
-      throw bad_checkpoint("the TorchOptimizer checkpoint is truncated or has trailing bytes");
     handle_.load_state(in.here(), in.left());
     if (has_orders) memory_orders_ = std::move(orders);
   }

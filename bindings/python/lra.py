@@ -964,13 +964,19 @@ class TorchOptimizer:
         self.lra.lr = value
 
     def state_dict(self):
-        """The handle's checkpoint, the parameter shapes and, once a step has
-        fixed it, the parameters' memory layout (``None`` before any step)."""
+        """The handle's checkpoint, the parameter shapes and, when the handle
+        holds optimizer state, the parameters' memory layout (``None`` before
+        any step). After a load that could not check the layout (a bare
+        ``self.lra.load_state``, a dict without ``"memory_orders"``) the
+        layout recorded is the parameters' current one, which the next step
+        would fix."""
+        orders = self._memory_orders
+        if orders is None and self.lra.counters.steps > 0:
+            orders = [_memory_order(p) for p in self.params]
         return {
             "lra_state": self.lra.save_state(),
             "shapes": [tuple(p.shape) for p in self.params],
-            "memory_orders": (None if self._memory_orders is None
-                              else [list(order) for order in self._memory_orders]),
+            "memory_orders": None if orders is None else [list(order) for order in orders],
         }
 
     def load_state_dict(self, state):
@@ -1015,6 +1021,11 @@ class TorchOptimizer:
                         "model.to(memory_format=torch.channels_last)) before loading"
                     )
         self.lra.load_state(state["lra_state"])
+        if saved_orders is None and self.lra.counters.steps > 0:
+            # Optimizer state of an unrecorded layout (a dict of an earlier
+            # version): the parameters' current layout is the one it is
+            # applied in from now on, as if the first step here fixed it.
+            saved_orders = [_memory_order(p) for p in self.params]
         if saved_orders is not None:
             self._memory_orders = saved_orders
 

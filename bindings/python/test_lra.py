@@ -723,6 +723,26 @@ class TorchAdapterAuditTests(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "memory layout"):
             opt_c.step(1.0)
 
+        # Optimizer state loaded without a layout check (a dict of an earlier
+        # version, without "memory_orders") takes the parameters' current
+        # layout, as a first step here would: it is fixed from then on and
+        # recorded by the next state_dict, which never loads unchecked.
+        e = conv(torch.contiguous_format)
+        opt_e = lra.TorchOptimizer(e.parameters(), optimizer="adam", lr=0.01)
+        opt_e.load_state_dict({k: v for k, v in saved.items() if k != "memory_orders"})
+        resaved = opt_e.state_dict()
+        self.assertEqual(resaved["memory_orders"], saved["memory_orders"])
+        f = conv(torch.channels_last)
+        opt_f = lra.TorchOptimizer(f.parameters(), optimizer="adam", lr=0.01)
+        with self.assertRaisesRegex(ValueError, "another memory layout"):
+            opt_f.load_state_dict(resaved)
+        self.assertEqual(opt_f.lra.counters.steps, 0)
+        e.to(memory_format=torch.channels_last)
+        opt_e.zero_grad()
+        e(x).square().mean().backward()
+        with self.assertRaisesRegex(ValueError, "memory layout"):
+            opt_e.step(1.0)
+
         # A state_dict saved before any step has no layout yet: it loads into
         # either layout.
         d = conv(torch.channels_last)
