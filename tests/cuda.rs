@@ -128,6 +128,14 @@ fn ok(r: sys::CUresult) {
     assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
 }
 
+/// The calling thread's current context (null: none).
+fn current_context() -> sys::CUcontext {
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: out-parameter.
+    ok(unsafe { sys::cuCtxGetCurrent(&mut ctx) });
+    ctx
+}
+
 /// A device allocation holding a copy of some host bytes.
 struct DevBuf(u64);
 
@@ -328,6 +336,9 @@ struct Case {
     /// φ as the last sharded step's cross-rank sum returned it, per backend
     /// (CPU, CUDA).
     summed_phi: [Option<f64>; 2],
+    /// The calling thread's current context inside each of the last
+    /// sharded step's CUDA cross-rank sums.
+    sum_contexts: Vec<sys::CUcontext>,
 }
 
 impl Case {
@@ -359,6 +370,7 @@ impl Case {
             stream,
             sharded: false,
             summed_phi: [None; 2],
+            sum_contexts: Vec::new(),
         }
     }
 
@@ -517,8 +529,12 @@ impl Case {
             v[2] *= 2.0;
             Ok(())
         };
+        let mut contexts = Vec::new();
         let mut rc = |v: &mut [f64]| sum(&mut seen_cpu, v);
-        let mut rg = |v: &mut [f64]| sum(&mut seen_gpu, v);
+        let mut rg = |v: &mut [f64]| {
+            contexts.push(current_context());
+            sum(&mut seen_gpu, v)
+        };
         let (rc, rg): (Option<lra::backend::Reducer>, Option<lra::backend::Reducer>) =
             if self.sharded {
                 (Some(&mut rc), Some(&mut rg))
@@ -532,6 +548,7 @@ impl Case {
         let gpu = self
             .gpu
             .step(self.request(mode, lr, &tg, df, self.stream, rg));
+        self.sum_contexts = contexts;
         assert_eq!(seen_cpu.len(), seen_gpu.len(), "reduction calls");
         self.summed_phi = [&seen_cpu, &seen_gpu].map(|seen| seen.last().map(|v| 2.0 * v[2]));
         // [non-finite count, found-inf flag, η·Σg·d]: counts differ in
@@ -1013,6 +1030,49 @@ fn a_failed_cross_rank_sum_changes_nothing() {
         assert_phi_close(c.phi, g.phi, &format!("{what}, next step"));
         case.assert_params_same(&format!("{what}, next step"));
         case.assert_state_same(&format!("{what}, next step"));
+    }
+}
+
+/// The cross-rank sum is the caller's code, so it runs with the calling
+/// thread's own context stack: the step pops the context it pushed before
+/// calling it and pushes it again after. Whatever runs on the thread while
+/// the sum waits (another task of a cooperative scheduler, such as Julia's)
+/// then finds no lra context there, and cannot replace it under lra's
+/// launches. Here the thread has no current context at all.
+#[test]
+fn the_cross_rank_sum_runs_outside_lras_context() {
+    if !gpu("the_cross_rank_sum_runs_outside_lras_context") {
+        return;
+    }
+    for mode in [Mode::Fused { guard: true }, Mode::Capped] {
+        let mut case = Case::new(
+            OptimizerKind::Adam,
+            &shape(DType::F32),
+            std::ptr::null_mut(),
+        );
+        case.sharded = true;
+        case.set_grads(1, None);
+        let primary = current_context();
+        // SAFETY: unbinds the thread's context (rebound below).
+        ok(unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) });
+        let (c, g) = case.step_with(mode, 0.02, None, false);
+        let after = current_context();
+        // SAFETY: the context `gpu` made current.
+        ok(unsafe { sys::cuCtxSetCurrent(primary) });
+        let what = format!("{mode:?}");
+        c.unwrap();
+        g.unwrap();
+        assert!(!case.sum_contexts.is_empty(), "{what}: no cross-rank sum");
+        assert!(
+            case.sum_contexts.iter().all(|c| c.is_null()),
+            "{what}: the sum ran with a context current: {:?}",
+            case.sum_contexts
+        );
+        assert!(after.is_null(), "{what}: the step left a context current");
+        let (c, g) = (case.cpu.outcome().unwrap(), case.gpu.outcome().unwrap());
+        case.assert_step_matches(mode, &c, &g, &what);
+        case.assert_params_same(&what);
+        case.assert_state_same(&what);
     }
 }
 

@@ -912,6 +912,17 @@ pub unsafe extern "C" fn cuCtxSetCurrent(ctx: sys::CUcontext) -> R {
 }
 
 #[no_mangle]
+pub unsafe extern "C" fn cuCtxGetCurrent(pctx: *mut sys::CUcontext) -> R {
+    with("cuCtxGetCurrent", |_| {
+        let top = CTX_STACK.with(|s| s.borrow().last().copied());
+        put(
+            pctx,
+            top.map_or(std::ptr::null_mut(), |h| h as sys::CUcontext),
+        )
+    })
+}
+
+#[no_mangle]
 pub unsafe extern "C" fn cuCtxSynchronize() -> R {
     with_wait("cuCtxSynchronize", |d| {
         let cur = need_ctx("cuCtxSynchronize")?;

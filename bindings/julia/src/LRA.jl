@@ -299,36 +299,29 @@ function live(o::Optimizer)
     o.ptr
 end
 
-# Runs `f()` with the current task kept on its thread. lra's frames hold
+# Keeps the current task on its thread from now on. lra's frames hold
 # thread-bound state for the length of a call (the calling thread's error
-# message; on CUDA the context pushed on that thread), so the task must not
-# move to another thread in the middle of one. Only the reducer can make it
-# move: one that waits (a Julia-level collective, `CUDA.synchronize()`) lets
-# the scheduler resume a non-sticky task (`Threads.@spawn`) on any thread. A
-# sticky task stays on its thread (Base makes tasks sticky the same way when
-# they `@async`); the flag is restored afterwards.
-function on_this_thread(f)
-    t = current_task()
-    t.sticky && return f()
-    t.sticky = true
-    try
-        return f()
-    finally
-        t.sticky = false
-    end
-end
+# message), so the task must not move to another thread in the middle of
+# one. Only a reducer can make it move: one that waits (a Julia-level
+# collective, `CUDA.synchronize()`) lets the scheduler resume a non-sticky
+# task (`Threads.@spawn`) on any thread. A sticky task stays on its thread.
+# Like Base, which makes a task sticky when it `@async`s (and relies on that
+# afterwards), this never unsets the flag.
+stay_on_this_thread() = (current_task().sticky = true; nothing)
 
 # Runs `f()` (lra calls on `o`'s handle, through `live(o)`) counted as in
-# progress, on this thread (`on_this_thread`): `destroy!` refuses meanwhile
-# instead of freeing the handle under them. Throws as `live` does when the
-# handle is closed.
+# progress: `destroy!` refuses meanwhile instead of freeing the handle under
+# them. With a reducer registered the task first stays on its thread for
+# good (`stay_on_this_thread`). Throws as `live` does when the handle is
+# closed.
 function guarded(f, o::Optimizer)
     lock(o.lock) do
         live(o)
         o.calls += 1
     end
     try
-        return on_this_thread(f)
+        o.reducer === nothing || stay_on_this_thread()
+        return f()
     finally
         lock(o.lock) do
             o.calls -= 1

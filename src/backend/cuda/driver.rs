@@ -89,13 +89,19 @@ pub struct Device {
 unsafe impl Send for Device {}
 unsafe impl Sync for Device {}
 
-/// Pops the context pushed by [`Device::enter`].
-pub struct Entered;
+/// Pops the context pushed by [`Device::enter`] (unless
+/// [`Device::outside`] left it popped).
+pub struct Entered {
+    pushed: bool,
+}
 
 impl Drop for Entered {
     fn drop(&mut self) {
+        if !self.pushed {
+            return;
+        }
         let mut old: sys::CUcontext = std::ptr::null_mut();
-        // SAFETY: balances the push in `enter`.
+        // SAFETY: balances the push in `enter` (or `outside`).
         unsafe { sys::cuCtxPopCurrent_v2(&mut old) };
     }
 }
@@ -147,7 +153,7 @@ impl Device {
         // SAFETY (whole body): out-parameters; `ctx` is retained and pushed.
         unsafe {
             check(sys::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")?;
-            let _pop = Entered;
+            let _pop = Entered { pushed: true };
             let mut sms = 0;
             check(
                 sys::cuDeviceGetAttribute(
@@ -237,7 +243,32 @@ impl Device {
             unsafe { sys::cuCtxPushCurrent_v2(self.ctx) },
             "cuCtxPushCurrent",
         )?;
-        Ok(Entered)
+        Ok(Entered { pushed: true })
+    }
+
+    /// Runs `f`, the caller's code (the cross-rank sum), with the context
+    /// `entered` pushed popped again, then pushes it back. `f` sees the
+    /// thread's context stack as the caller left it, and so does whatever
+    /// runs on the thread while `f` waits (another task of a cooperative
+    /// scheduler, such as Julia's): no lra context for it to find, or to
+    /// replace under lra's launches.
+    pub fn outside<T>(&self, entered: &mut Entered, f: impl FnOnce() -> T) -> Result<T> {
+        let mut top: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: pops the push `entered` holds; out-parameter.
+        check(
+            unsafe { sys::cuCtxPopCurrent_v2(&mut top) },
+            "cuCtxPopCurrent",
+        )?;
+        debug_assert_eq!(top, self.ctx, "lra's context was on top of the stack");
+        entered.pushed = false;
+        let r = f();
+        // SAFETY: a retained context; popped by `entered`.
+        check(
+            unsafe { sys::cuCtxPushCurrent_v2(self.ctx) },
+            "cuCtxPushCurrent",
+        )?;
+        entered.pushed = true;
+        Ok(r)
     }
 
     /// Launches `lra_pass` with `grid` blocks on `stream`.

@@ -263,7 +263,14 @@ impl CudaBackend {
     }
 
     /// Runs the step's launches; on success the last one has been enqueued.
-    fn run_step(&mut self, req: StepRequest<'_>, stream: CUstream) -> Result<()> {
+    /// One step's launches on `stream`, with the context `ctx` pushed
+    /// (popped around the caller's cross-rank sum).
+    fn run_step(
+        &mut self,
+        req: StepRequest<'_>,
+        stream: CUstream,
+        ctx: &mut driver::Entered,
+    ) -> Result<()> {
         // Checked here too, not only by the engine: a first step that failed
         // after allocating left a layout the engine did not fix.
         let same_sizes = self.layout.as_ref().is_some_and(|l| {
@@ -317,6 +324,7 @@ impl CudaBackend {
                 // and nothing else changed.
                 let backup = self.control.ptr + CONTROL_BYTES as u64;
                 driver::copy_device(backup, self.control.ptr, CONTROL_BYTES, stream)?;
+                let dev = self.dev.clone();
                 let summed = self
                     .read_only_passes(&mut args, grid, before, req.found_inf, stream)
                     .and_then(|(c, found_inf)| {
@@ -326,7 +334,7 @@ impl CudaBackend {
                         // no work: no partial φ.
                         let phi = if two_pass && !found_inf { c.phi } else { 0.0 };
                         let mut v = [c.nonfinite as f64, found_inf as u32 as f64, phi];
-                        reduce(&mut v)?;
+                        dev.outside(ctx, || reduce(&mut v))??;
                         Ok(v)
                     });
                 let v = match summed {
@@ -465,14 +473,14 @@ impl Backend for CudaBackend {
             self.check_step(req.found_inf, req.stream)?;
             self.step_checked = None;
         }
-        let _ctx = self.dev.enter()?;
+        let mut ctx = self.dev.enter()?;
         let stream = req.stream as CUstream;
         // Our buffers are ordered after the previous step whatever stream
         // it ran on (frameworks switch streams): a device-side wait only.
         driver::wait_event(stream, &self.done)?;
         self.partial = false;
         // The step's own error first: a failed record only follows from it.
-        let r = self.run_step(req, stream);
+        let r = self.run_step(req, stream, &mut ctx);
         let r = r.and_then(|()| self.done.record(stream));
         if let (Err(e), true) = (&r, self.partial) {
             // Launches ran (or may run) that the engine will not count, or
