@@ -41,8 +41,9 @@
 #    listed as skipped, not failed.
 # Steps 1 and 2 run under 300 s limits each, the sanitizer steps under 240 s
 # (memcheck) and 120 s, and the whole run within LRA_GPU_CHECK_BUDGET
-# seconds (default 540: a step that would start with less than 20 s left is
-# skipped, and says so). No step's failure or hang stops the next; the
+# seconds (default 500, which leaves the device tool's 600 s per command a
+# margin: a step that would start with less than 20 s left is skipped, one
+# the budget cuts short is listed as stopped). No step's failure or hang stops the next; the
 # summary lists how each ended, and any failure makes the exit status 1.
 #
 # `bash scripts/gpu-check.sh --nccl` runs step 4 alone; it keeps the
@@ -109,10 +110,11 @@ find_library() {
   return 1
 }
 
-# Step 4: sets nccl_result to "PASS ...", "FAIL: ..." or "SKIPPED: ...".
+# Step 4 (run_nccl [SECONDS], default 60): sets nccl_result to "PASS ...",
+# "FAIL: ..." or "SKIPPED: ...".
 nccl_result=
 run_nccl() {
-  local dir test nccl_dir cudart_dir links rc=0
+  local dir test nccl_dir cudart_dir links rc=0 limit=${1:-60}
   dir=$(cd "$out" && pwd)
   test="$dir/nccl/lra_nccl_gpu_test"
   if [ ! -x "$test" ]; then
@@ -134,12 +136,12 @@ run_nccl() {
   ln -s "$dir/liblra.so" "$links/liblra.so.0.1" # the soname the test was linked with
   NCCL_DEBUG=${NCCL_DEBUG:-WARN} \
     LD_LIBRARY_PATH="$links:$nccl_dir:$cudart_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    timeout 60 "$test" || rc=$?
+    timeout -k 10 "$limit" "$test" || rc=$?
   rm -rf "$links"
   case $rc in
     0) nccl_result="PASS (libnccl.so.2 from $nccl_dir, libcudart.so.12 from $cudart_dir)" ;;
     77) nccl_result="SKIPPED: no usable CUDA device (see above)" ;;
-    124 | 137) nccl_result="FAIL: lra_nccl_gpu_test timed out after 60 s (a hang)" ;;
+    124 | 137) nccl_result="FAIL: lra_nccl_gpu_test timed out after $limit s (a hang?)" ;;
     *) nccl_result="FAIL: lra_nccl_gpu_test exited with $rc (see above)" ;;
   esac
 }
@@ -214,7 +216,7 @@ start=$(date +%s)
 # Here a test that cannot find the GPU fails instead of skipping.
 export LRA_REQUIRE_GPU=1
 echo "==== device"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+timeout -k 5 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
 # Each step runs under a time limit and a failure does not stop the next
 # one: a GPU machine is lent for minutes, and one run should bring back
@@ -222,26 +224,36 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 # benchmark figures, and the reverse). The summary says how each ended.
 summary=()
 failed=0
-deadline=$((start + ${LRA_GPU_CHECK_BUDGET:-540}))
+deadline=$((start + ${LRA_GPU_CHECK_BUDGET:-500}))
 logs=${LRA_GPU_CHECK_LOGS:-$out/logs}
 mkdir -p "$logs"
+# Seconds left of the run's time budget.
+budget_left() { echo $((deadline - $(date +%s))); }
 # run_step NAME SECONDS COMMAND...: records "NAME: passed|FAILED|TIMED OUT",
-# or "SKIPPED" when the run's time budget leaves less than 20 s.
+# "STOPPED" when the budget cut it short, or "SKIPPED" when the budget
+# leaves less than 20 s to start it. A command that ignores SIGTERM is
+# killed 10 s later.
 run_step() {
-  local name=$1 limit=$2 rc=0 left
+  local name=$1 limit=$2 rc=0 left shortened=0
   shift 2
-  left=$((deadline - $(date +%s)))
+  left=$(budget_left)
   if [ "$left" -lt 20 ]; then
     echo "!!!! SKIPPED: $name: the run's time budget (LRA_GPU_CHECK_BUDGET) is spent !!!!"
     summary+=("$name: SKIPPED (time budget spent)")
     return
   fi
-  [ "$left" -ge "$limit" ] || limit=$left
-  timeout "$limit" "$@" || rc=$?
+  [ "$left" -ge "$limit" ] || { limit=$left; shortened=1; }
+  timeout -k 10 "$limit" "$@" || rc=$?
   case $rc in
     0) summary+=("$name: passed") ;;
     77) summary+=("$name: SKIPPED (see above)") ;;
-    124 | 137) summary+=("$name: TIMED OUT after $limit s (a hang?)"); failed=1 ;;
+    124 | 137)
+      if [ $shortened = 1 ]; then
+        summary+=("$name: STOPPED after $limit s: the run's time budget ran out")
+      else
+        summary+=("$name: TIMED OUT after $limit s (a hang?)")
+      fi
+      failed=1 ;;
     *) summary+=("$name: FAILED (exit $rc; see above)"); failed=1 ;;
   esac
 }
@@ -267,7 +279,12 @@ else
 fi
 
 echo "==== NCCL adapter on one rank (tests/nccl/lra_nccl_gpu_test.c)"
-run_nccl
+left=$(budget_left)
+if [ "$left" -lt 20 ]; then
+  nccl_result="SKIPPED: the run's time budget (LRA_GPU_CHECK_BUDGET) is spent"
+else
+  run_nccl $((left < 60 ? left : 60))
+fi
 
 # compute-sanitizer NAME TOOL SECONDS [TEST FILTER]: one tool over the test
 # binary, its log in $logs/NAME.log; prints the log's error summary.
