@@ -263,8 +263,8 @@ impl CudaBackend {
     }
 
     /// Runs the step's launches; on success the last one has been enqueued.
-    /// One step's launches on `stream`, with the context `ctx` pushed
-    /// (popped around the caller's cross-rank sum).
+    /// `ctx` is the step's pushed context, popped around the caller's
+    /// cross-rank sum.
     fn run_step(
         &mut self,
         req: StepRequest<'_>,
