@@ -19,9 +19,12 @@ pub struct ScaleRule {
 impl ScaleRule {
     /// s_i = 2Δf / (φ + R), Δf = f_i − f* (f* known) or φ/2; 0 when f* is
     /// known and f_i ≤ f* (at or below the bound: no step, whatever φ);
-    /// else falls back to 1 when φ + R is not a positive finite number
-    /// (never a reversed step); clamped to [0, scale_max]. The CUDA kernels
-    /// compute this same expression in f64, operation for operation.
+    /// else falls back to 1 when φ + R ≤ 0 or NaN (never a reversed step);
+    /// clamped to [0, scale_max]. φ = +inf (an f32 product g·d overflowed)
+    /// takes the formula's limit: 0 with f* known (an exploding step gets
+    /// no step), 1 without (φ/(φ + R) → 1, inf/inf falls back to 1). The
+    /// CUDA kernels compute this same expression in f64, operation for
+    /// operation.
     pub fn scale(&self, phi: f64) -> f64 {
         let denom = phi + self.obs_var;
         let f_star_known = !self.f_star.is_nan();
@@ -32,7 +35,7 @@ impl ScaleRule {
         };
         let s = if f_star_known && delta_f <= 0.0 {
             0.0
-        } else if denom > 0.0 && denom <= f64::MAX {
+        } else if denom > 0.0 {
             (2.0 * delta_f) / denom
         } else {
             1.0
@@ -378,11 +381,13 @@ mod tests {
             ..polyak
         };
         assert_eq!(capped.scale(4.0), 1.5);
-        // φ + R ≤ 0 or not finite: fall back to 1.
+        // φ + R ≤ 0 or NaN: fall back to 1.
         assert_eq!(polyak.scale(0.0), 1.0);
         assert_eq!(polyak.scale(-2.0), 1.0);
         assert_eq!(polyak.scale(f64::NAN), 1.0);
-        assert_eq!(polyak.scale(f64::INFINITY), 1.0);
+        // φ = +inf: the formula's limit, no step with f* known, 1 without.
+        assert_eq!(polyak.scale(f64::INFINITY), 0.0);
+        assert_eq!(noisy.scale(f64::INFINITY), 1.0);
         // φ < 0 but φ + R > 0: Δf = φ/2 < 0 gives s < 0, clamped to 0.
         assert_eq!(noisy.scale(-0.5), 0.0);
     }

@@ -1232,7 +1232,7 @@ impl Fuzz {
         // at or below a known f*: no step, whatever φ is
         let scale = if !c.f_star.is_nan() && delta <= 0.0 {
             0.0
-        } else if denom > 0.0 && denom <= f64::MAX {
+        } else if denom > 0.0 {
             2.0 * delta / denom
         } else {
             1.0

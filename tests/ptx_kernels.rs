@@ -492,7 +492,14 @@ fn other_ranks_flags_and_phi_decide_sharded_steps() {
     let specs = small_mixed();
     let mut steps = Vec::new();
     for rule in [None, Some((0.25, 0.0)), Some((f64::NAN, 0.1))] {
-        for peers in [[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3e-3], [0.0; 3]] {
+        // (φ = +inf from the sum: the scale rule's limit, 0 with f* known)
+        for peers in [
+            [0.0, 1.0, 0.0],
+            [2.0, 0.0, 0.0],
+            [0.0, 0.0, 3e-3],
+            [0.0, 0.0, f64::INFINITY],
+            [0.0; 3],
+        ] {
             steps.push(finite(Pass::ShardedPeers { rule, peers }, 1e-2));
         }
         // this rank's own non-finite gradient, and its own found_inf
