@@ -108,7 +108,7 @@ inline bool covers_memory_densely(const ::torch::Tensor& t) {
 // checkpoint, u64 FNV-1a hash of every byte before it, then the handle's
 // checkpoint (which carries its own checksum).
 constexpr unsigned char kTorchStateMagic[8] = {'L', 'R', 'A', 'T', 'O', 'R', 'C', 'H'};
-constexpr std::uint32_t kTorchStateVersion = 1;
+constexpr std::uint32_t kTorchStateVersion = 2;  // 1 (unreleased) had no hash
 constexpr std::uint32_t kTorchStateHasOrders = 1;
 
 inline std::uint64_t fnv1a(const unsigned char* data, std::size_t len) {
@@ -150,6 +150,11 @@ class StateReader {
   const unsigned char* here() const { return data_ + pos_; }
   std::size_t left() const { return len_ - pos_; }
   std::size_t read() const { return pos_; }
+  void skip(std::uint64_t bytes) {
+    need(bytes);
+    pos_ += static_cast<std::size_t>(bytes);
+  }
+  void seek(std::size_t pos) { pos_ = pos; }  // back to a position read before
 
  private:
   const unsigned char* data_;
@@ -277,32 +282,39 @@ class TorchOptimizer {
     const auto flags = in.le(4);
     const bool has_orders = (flags & detail::kTorchStateHasOrders) != 0;
     const auto count = in.le(8);
-    // Sizes and strides are compared only once the hash says they are what
-    // was saved: a corrupted file gets "corrupt", not a misleading mismatch.
-    std::vector<std::vector<std::int64_t>> sizes, orders;
+    // The parameter records are walked once to find the hash, which is
+    // checked before anything is compared (a corrupted file gets "corrupt",
+    // not a misleading mismatch) and before anything is allocated.
+    const std::size_t records = in.read();
     for (std::uint64_t i = 0; i < count; ++i) {
-      const auto dims = in.le(4);
-      in.need(dims * 16);  // before allocating: dims is at most 2^32 - 1
-      sizes.emplace_back(dims);
-      orders.emplace_back(dims);
-      for (std::size_t d = 0; d < dims; ++d) {
-        sizes.back()[d] = in.i64();
-        orders.back()[d] = in.i64();
-      }
+      in.skip(in.le(4) * 16);  // dims is at most 2^32 - 1: no overflow
     }
     const auto inner = in.le(8);
     const auto header_hash = detail::fnv1a(static_cast<const unsigned char*>(data), in.read());
-    if (in.le(8) != header_hash || flags != (flags & detail::kTorchStateHasOrders))
+    if (in.le(8) != header_hash)
       throw bad_checkpoint("the TorchOptimizer checkpoint is corrupt (its header hash differs)");
+    if (flags != (flags & detail::kTorchStateHasOrders))
+      throw bad_checkpoint("the TorchOptimizer checkpoint has flags this lra_torch.hpp does not "
+                           "know (" + std::to_string(flags) + ")");
     if (inner != in.left())
       throw bad_checkpoint("the TorchOptimizer checkpoint is truncated or has trailing bytes");
     if (count != params_.size())
       throw bad_checkpoint("the checkpoint was saved for " + std::to_string(count) +
                            " parameters, this optimizer has " + std::to_string(params_.size()));
+    const std::size_t inner_at = in.read();
+    in.seek(records);
+    std::vector<std::vector<std::int64_t>> orders(params_.size());
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const auto& p = params_[i];
-      if (sizes[i] != p.sizes().vec())
-        throw bad_checkpoint(name(i) + " was saved with shape " + detail::dims_str(sizes[i]) +
+      const auto dims = in.le(4);
+      std::vector<std::int64_t> sizes(dims);
+      orders[i].resize(dims);
+      for (std::size_t d = 0; d < dims; ++d) {
+        sizes[d] = in.i64();
+        orders[i][d] = in.i64();
+      }
+      if (sizes != p.sizes().vec())
+        throw bad_checkpoint(name(i) + " was saved with shape " + detail::dims_str(sizes) +
                              ", it has shape " + c10::str(p.sizes()) + " now");
       if (has_orders && p.numel() > 0 && orders[i] != detail::memory_order(p))
         throw bad_checkpoint(
@@ -312,6 +324,7 @@ class TorchOptimizer {
             "): lra's optimizer state follows memory order; give the model its saved layout "
             "(e.g. contiguous() or channels_last) before loading");
     }
+    in.seek(inner_at);
     handle_.load_state(in.here(), in.left());
     if (has_orders) memory_orders_ = std::move(orders);
   }

@@ -95,6 +95,14 @@ pub struct Entered {
     pushed: bool,
 }
 
+impl Entered {
+    /// Whether the context is pushed (false after [`Device::outside`]
+    /// failed to push it again).
+    pub fn is_pushed(&self) -> bool {
+        self.pushed
+    }
+}
+
 impl Drop for Entered {
     fn drop(&mut self) {
         if !self.pushed {
@@ -259,8 +267,8 @@ impl Device {
             unsafe { sys::cuCtxPopCurrent_v2(&mut top) },
             "cuCtxPopCurrent",
         )?;
-        debug_assert_eq!(top, self.ctx, "lra's context was on top of the stack");
         entered.pushed = false;
+        debug_assert_eq!(top, self.ctx, "lra's context was on top of the stack");
         let r = f();
         // SAFETY: a retained context; popped by `entered`.
         check(

@@ -340,9 +340,13 @@ impl CudaBackend {
                 let v = match summed {
                     Ok(v) => v,
                     Err(e) => {
-                        let restored =
-                            driver::copy_device(self.control.ptr, backup, CONTROL_BYTES, stream);
-                        if restored.is_ok() {
+                        // Without lra's context (pushing it again after the
+                        // sum failed) the restore cannot run: the step then
+                        // counts as partial, and the handle as broken.
+                        if ctx.is_pushed()
+                            && driver::copy_device(self.control.ptr, backup, CONTROL_BYTES, stream)
+                                .is_ok()
+                        {
                             self.partial = false;
                         }
                         return Err(e);
