@@ -299,28 +299,15 @@ function live(o::Optimizer)
     o.ptr
 end
 
-# Keeps the current task on its thread from now on. lra's frames hold
-# thread-bound state for the length of a call (the calling thread's error
-# message), so the task must not move to another thread in the middle of
-# one. Only a reducer can make it move: one that waits (a Julia-level
-# collective, `CUDA.synchronize()`) lets the scheduler resume a non-sticky
-# task (`Threads.@spawn`) on any thread. A sticky task stays on its thread.
-# Like Base, which makes a task sticky when it `@async`s (and relies on that
-# afterwards), this never unsets the flag.
-stay_on_this_thread() = (current_task().sticky = true; nothing)
-
 # Runs `f()` (lra calls on `o`'s handle, through `live(o)`) counted as in
 # progress: `destroy!` refuses meanwhile instead of freeing the handle under
-# them. With a reducer registered the task first stays on its thread for
-# good (`stay_on_this_thread`). Throws as `live` does when the handle is
-# closed.
+# them. Throws as `live` does when the handle is closed.
 function guarded(f, o::Optimizer)
     lock(o.lock) do
         live(o)
         o.calls += 1
     end
     try
-        o.reducer === nothing || stay_on_this_thread()
         return f()
     finally
         lock(o.lock) do
@@ -548,7 +535,15 @@ function load_state!(o::Optimizer, buf::Vector{UInt8})
 end
 
 # Cross-rank reduction: the C callback receives the Optimizer as `user`.
+# It first keeps the task on its thread for good: lra's frames below it hold
+# thread-bound state for the length of the call (the calling thread's error
+# message), and a reducer that waits (a Julia-level collective,
+# `CUDA.synchronize()`) would let the scheduler resume a non-sticky task
+# (`Threads.@spawn`) on another thread. A sticky task stays on its thread;
+# like Base, which makes a task sticky when it `@async`s (and relies on that
+# afterwards), this never unsets the flag.
 function reduce_trampoline(values::Ptr{Float64}, count::Csize_t, user::Ptr{Cvoid})::Int32
+    current_task().sticky = true
     try
         o = unsafe_pointer_to_objref(user)::Optimizer
         o.reducer(unsafe_wrap(Array, values, count))

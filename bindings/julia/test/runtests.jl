@@ -98,8 +98,8 @@ end
     @test_throws LRAError lr(busy)
 
     # A reducer that waits cannot move the task to another thread in the
-    # middle of an lra call: a call on a handle with a reducer makes the task
-    # sticky (on its thread) for good, also a `Threads.@spawn` task.
+    # middle of an lra call: the reducer's task is sticky (on its thread)
+    # from its first call on, for good, also a `Threads.@spawn` task.
     sticky_inside = Bool[]
     moved = Bool[]
     waiting = LRA.Optimizer(:sgd; sharding = :sharded, num_threads = 1)
