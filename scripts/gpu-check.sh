@@ -110,11 +110,11 @@ find_library() {
   return 1
 }
 
-# Step 4 (run_nccl [SECONDS], default 60): sets nccl_result to "PASS ...",
-# "FAIL: ..." or "SKIPPED: ...".
+# Step 4 (run_nccl [SECONDS [shortened]], default 60 s): sets nccl_result to
+# "PASS ...", "FAIL: ..." or "SKIPPED: ...".
 nccl_result=
 run_nccl() {
-  local dir test nccl_dir cudart_dir links rc=0 limit=${1:-60}
+  local dir test nccl_dir cudart_dir links rc=0 limit=${1:-60} shortened=${2:-}
   dir=$(cd "$out" && pwd)
   test="$dir/nccl/lra_nccl_gpu_test"
   if [ ! -x "$test" ]; then
@@ -141,7 +141,12 @@ run_nccl() {
   case $rc in
     0) nccl_result="PASS (libnccl.so.2 from $nccl_dir, libcudart.so.12 from $cudart_dir)" ;;
     77) nccl_result="SKIPPED: no usable CUDA device (see above)" ;;
-    124 | 137) nccl_result="FAIL: lra_nccl_gpu_test timed out after $limit s (a hang?)" ;;
+    124 | 137)
+      if [ -n "$shortened" ]; then
+        nccl_result="FAIL: lra_nccl_gpu_test STOPPED after $limit s: the run's time budget ran out"
+      else
+        nccl_result="FAIL: lra_nccl_gpu_test timed out after $limit s (a hang?)"
+      fi ;;
     *) nccl_result="FAIL: lra_nccl_gpu_test exited with $rc (see above)" ;;
   esac
 }
@@ -224,6 +229,7 @@ timeout -k 5 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format
 # benchmark figures, and the reverse). The summary says how each ended.
 summary=()
 failed=0
+incomplete=0
 deadline=$((start + ${LRA_GPU_CHECK_BUDGET:-500}))
 logs=${LRA_GPU_CHECK_LOGS:-$out/logs}
 mkdir -p "$logs"
@@ -240,6 +246,7 @@ run_step() {
   if [ "$left" -lt 20 ]; then
     echo "!!!! SKIPPED: $name: the run's time budget (LRA_GPU_CHECK_BUDGET) is spent !!!!"
     summary+=("$name: SKIPPED (time budget spent)")
+    incomplete=1
     return
   fi
   [ "$left" -ge "$limit" ] || { limit=$left; shortened=1; }
@@ -282,8 +289,11 @@ echo "==== NCCL adapter on one rank (tests/nccl/lra_nccl_gpu_test.c)"
 left=$(budget_left)
 if [ "$left" -lt 20 ]; then
   nccl_result="SKIPPED: the run's time budget (LRA_GPU_CHECK_BUDGET) is spent"
+  incomplete=1
+elif [ "$left" -lt 60 ]; then
+  run_nccl "$left" shortened
 else
-  run_nccl $((left < 60 ? left : 60))
+  run_nccl 60
 fi
 
 # compute-sanitizer NAME TOOL SECONDS [TEST FILTER]: one tool over the test
@@ -326,6 +336,10 @@ printf '%s\n' "${summary[@]}"
 report_nccl || failed=1
 if [ $failed -ne 0 ]; then
   echo "==== gpu-check FAILED in $(( $(date +%s) - start )) s"
+  exit 1
+fi
+if [ $incomplete -ne 0 ]; then
+  echo "==== gpu-check INCOMPLETE in $(( $(date +%s) - start )) s: the time budget skipped steps"
   exit 1
 fi
 echo "==== gpu-check passed in $(( $(date +%s) - start )) s"
