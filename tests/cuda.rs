@@ -978,6 +978,14 @@ fn foreign_and_capturing_streams_are_refused() {
     case.assert_params_same("after refused streams");
 }
 
+/// A sharded Adam case on the legacy stream, gradients set.
+fn sharded_adam_case(dt: DType) -> Case {
+    let mut case = Case::new(OptimizerKind::Adam, &shape(dt), std::ptr::null_mut());
+    case.sharded = true;
+    case.set_grads(1, None);
+    case
+}
+
 /// A sharded step whose cross-rank sum fails (an MPI error) changes
 /// nothing: the last step's outcome, parameters and state stay, as on the
 /// CPU backend, and the next step matches it again.
@@ -987,13 +995,7 @@ fn a_failed_cross_rank_sum_changes_nothing() {
         return;
     }
     for mode in [Mode::Fused { guard: true }, Mode::Capped] {
-        let mut case = Case::new(
-            OptimizerKind::Adam,
-            &shape(DType::F16),
-            std::ptr::null_mut(),
-        );
-        case.sharded = true;
-        case.set_grads(1, None);
+        let mut case = sharded_adam_case(DType::F16);
         let (c1, g1) = case.step(mode, 0.02, None);
         // A non-finite gradient: the guard's flag is set before the sum.
         case.set_grads(2, Some(f32::NAN));
@@ -1045,13 +1047,7 @@ fn the_cross_rank_sum_runs_outside_lras_context() {
         return;
     }
     for mode in [Mode::Fused { guard: true }, Mode::Capped] {
-        let mut case = Case::new(
-            OptimizerKind::Adam,
-            &shape(DType::F32),
-            std::ptr::null_mut(),
-        );
-        case.sharded = true;
-        case.set_grads(1, None);
+        let mut case = sharded_adam_case(DType::F32);
         let primary = current_context();
         // SAFETY: unbinds the thread's context (rebound below).
         ok(unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) });

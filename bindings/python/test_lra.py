@@ -684,6 +684,13 @@ class TorchAdapterAuditTests(unittest.TestCase):
                 opt.step(loss)
                 opt.reeval(lambda: model(x).square().mean())
 
+        def assert_channels_last_is_refused(model, opt):
+            model.to(memory_format=torch.channels_last)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            with self.assertRaisesRegex(ValueError, "memory layout"):
+                opt.step(1.0)
+
         x = torch.randn(2, 3, 6, 6)
         a = conv(torch.contiguous_format)
         opt_a = lra.TorchOptimizer(a.parameters(), optimizer="adam", lr=0.01)
@@ -717,11 +724,7 @@ class TorchAdapterAuditTests(unittest.TestCase):
         c = conv(torch.contiguous_format)
         opt_c = lra.TorchOptimizer(c.parameters(), optimizer="adam", lr=0.01)
         opt_c.load_state_dict(saved)
-        c.to(memory_format=torch.channels_last)
-        opt_c.zero_grad()
-        c(x).square().mean().backward()
-        with self.assertRaisesRegex(ValueError, "memory layout"):
-            opt_c.step(1.0)
+        assert_channels_last_is_refused(c, opt_c)
 
         # Optimizer state loaded without a layout check (a dict of an earlier
         # version, without "memory_orders") takes the parameters' current
@@ -737,11 +740,7 @@ class TorchAdapterAuditTests(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "another memory layout"):
             opt_f.load_state_dict(resaved)
         self.assertEqual(opt_f.lra.counters.steps, 0)
-        e.to(memory_format=torch.channels_last)
-        opt_e.zero_grad()
-        e(x).square().mean().backward()
-        with self.assertRaisesRegex(ValueError, "memory layout"):
-            opt_e.step(1.0)
+        assert_channels_last_is_refused(e, opt_e)
 
         # A state_dict saved before any step has no layout yet: it loads into
         # either layout.
