@@ -41,10 +41,11 @@
 #    listed as skipped, not failed.
 # Steps 1 and 2 run under 300 s limits each, the sanitizer steps under 240 s
 # (memcheck) and 120 s, and the whole run within LRA_GPU_CHECK_BUDGET
-# seconds (default 500, which leaves the device tool's 600 s per command a
-# margin: a step that would start with less than 20 s left is skipped, one
-# the budget cuts short is listed as stopped). No step's failure or hang stops the next; the
-# summary lists how each ended, and any failure makes the exit status 1.
+# seconds (default 500, so that a run fits a 10-minute slot): a step that
+# would start with less than 20 s left is skipped, one the budget cuts short
+# is listed as stopped. No step's failure or hang stops the next; the
+# summary lists how each ended, and a failure or a step the budget skipped
+# makes the exit status 1.
 #
 # `bash scripts/gpu-check.sh --nccl` runs step 4 alone; it keeps the
 # caller's LRA_REQUIRE_GPU (unset: a machine without a device skips, which is
