@@ -213,13 +213,16 @@ class Julia:
             for m in re.finditer(r"^const\s+(LRA_\w+)\s*=\s*(?:U?Int\d+\()?(-?\d+)\)?\s*$", code, flags=re.M)
         }
         self.structs = {}
-        for m in re.finditer(r"^(?:mutable\s+)?struct\s+(\w+)\s*\n(.*?)^end", code, flags=re.S | re.M):
+        self.mutable = set()  # structs declared `mutable struct`
+        for m in re.finditer(r"^(mutable\s+)?struct\s+(\w+)\s*\n(.*?)^end", code, flags=re.S | re.M):
+            if m.group(1):
+                self.mutable.add(m.group(2))
             fields = []
-            for line in m.group(2).splitlines():
+            for line in m.group(3).splitlines():
                 fm = re.match(r"\s*(\w+)::(\S+)\s*$", line)
                 if fm:
                     fields.append((fm.group(1), fm.group(2)))
-            self.structs[m.group(1)] = fields
+            self.structs[m.group(2)] = fields
         self.ccalls = []  # (symbol, ret, [args], line number)
         for m in re.finditer(r"\bccall\(", code):
             args = split_top(balanced_call(code, m.end() - 1))
@@ -300,6 +303,10 @@ def check_julia(header, text, statuses):
         if jname not in jl.structs:
             errors.append(f"LRA.jl: struct {jname} (C {cname}) is missing")
             continue
+        if jname in jl.mutable:
+            # A mutable struct is stored by reference: Vector{Tensor} would
+            # hand lra an array of object pointers instead of lra_tensors.
+            errors.append(f"LRA.jl: struct {jname} (C {cname}) must be an immutable `struct`, not `mutable struct`")
         cf = header.structs[cname]
         jf = [(n, jl.canon(t)) for n, t in jl.structs[jname]]
         if cf != jf:
@@ -433,6 +440,7 @@ def self_test(header, julia_text, python_text, statuses):
         "unwrapped function": ("ccall(sym(:lra_version), UInt32, ())", "UInt32(0)"),
         "wrong symbol": ("sym(:lra_set_lr)", "sym(:lra_set_learning_rate)"),
         "struct drift": ("    denom_eps::Float64\n", ""),
+        "mutable mirror struct": ("\nstruct Tensor\n", "\nmutable struct Tensor\n"),
         "constant drift": ("const LRA_DTYPE_BF16 = UInt32(2)", "const LRA_DTYPE_BF16 = UInt32(3)"),
         "argument count": ("(Ptr{OpaqueHandle}, Float64), live(o), value))",
                            "(Ptr{OpaqueHandle}, Float64, Float64), live(o), value, 0.0))"),

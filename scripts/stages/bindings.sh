@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage "bindings": proves each language binding with a real program.
 #  1. static ABI check of the Julia and Python bindings against include/lra.h
-#     (with a self-test that injected drift is caught);
+#     (with a self-test that injected drift is caught), and a syntax check of
+#     the Julia files (tree-sitter-julia; Julia itself cannot be installed here);
 #  2. scripts/install.sh into a temporary PREFIX (lib, headers, CMake config, lra.pc);
 #  3. plain C flat-buffer example built through pkg-config (shared and static), run;
 #  4. C++ binding tests built through find_package(lra) (+ the LibTorch adapter test);
@@ -30,6 +31,14 @@ if have python3; then
   python3 bindings/check_abi.py --self-test
 else
   skip "python3 not found: the Julia/Python ABI check did not run"
+fi
+
+say "Julia syntax (tree-sitter-julia: the binding cannot run here)"
+rc=0; if have python3; then python3 bindings/julia/check_syntax.py || rc=$?; else rc=2; fi
+if [ "$rc" = 2 ]; then
+  skip "python3 lacks tree_sitter / tree_sitter_julia (pip install tree-sitter tree-sitter-julia): the Julia syntax check did not run"
+elif [ "$rc" != 0 ]; then
+  exit 1
 fi
 
 say "install into a temporary prefix"

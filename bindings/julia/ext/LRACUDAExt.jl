@@ -7,8 +7,11 @@ using CUDA
 using LRA
 
 LRA.device_pointer(a::CuArray) = reinterpret(Ptr{Cvoid}, pointer(a))
-LRA.stream_of(::CuArray) = reinterpret(Ptr{Cvoid}, CUDA.stream().handle)
+LRA.stream_of(::CuArray) = LRA.stream_handle(CUDA.stream())
+LRA.stream_handle(s::CuStream) = reinterpret(Ptr{Cvoid}, s.handle)
 LRA.placement(a::CuArray) = (LRA.LRA_DEVICE_CUDA, CUDA.deviceid(CUDA.device(a)))
+# `pointer` and `stream()` use the task's current device; the array's, here.
+LRA.with_device_of(f, a::CuArray) = CUDA.device!(f, CUDA.device(a))
 
 """
     LRA.Optimizer(optimizer, params::AbstractVector{<:CuArray}; fields...)

@@ -177,12 +177,24 @@ function __init__()
     return nothing
 end
 
-"A failed lra call: its `lra_status` and the library's message."
+"""
+A failed lra call: its `lra_status`, the library's message and, for
+`LRA_REDUCTION_FAILED`, what the reducer threw (`cause`, a
+`CapturedException`; `nothing` otherwise).
+"""
 struct LRAError <: Exception
     status::UInt32
     message::String
+    cause::Any
 end
-Base.showerror(io::IO, e::LRAError) = print(io, "LRAError(status ", e.status, "): ", e.message)
+LRAError(status::Integer, message::AbstractString) = LRAError(status, message, nothing)
+function Base.showerror(io::IO, e::LRAError)
+    print(io, "LRAError(status ", e.status, "): ", e.message)
+    if e.cause !== nothing
+        print(io, "\ncaused by: ")
+        showerror(io, e.cause)
+    end
+end
 
 status_string(s::Integer) = unsafe_string(ccall(sym(:lra_status_string), Cstring, (UInt32,), s))
 "The calling thread's last lra failure message (from any call)."
@@ -239,6 +251,14 @@ device_code(v) = convert(UInt32, v)
 # ---------------------------------------------------------------------------
 # The handle
 
+# The registered reducer and what it threw in its last failed call. lra
+# gets this box as the callback's `user` pointer, so a callback always
+# finds the reducer it was registered with.
+mutable struct Reduction
+    f::Any
+    error::Any
+end
+
 """
     Optimizer(optimizer = :adam; fields...)
     Optimizer(cfg::Config)
@@ -253,7 +273,7 @@ then stays open and usable).
 """
 mutable struct Optimizer
     ptr::Ptr{OpaqueHandle}
-    reducer::Any
+    reducer::Union{Nothing,Reduction}  # roots the box lra holds a pointer to
     device::UInt32          # the handle's lra_device and CUDA ordinal, which step!
     device_ordinal::Int32   # checks the arrays against
     lock::ReentrantLock     # guards ptr and calls
@@ -263,25 +283,46 @@ mutable struct Optimizer
         st = ccall(sym(:lra_create), lra_status, (Ref{Config}, Ref{Ptr{OpaqueHandle}}), cfg, out)
         st == LRA_OK || throw(LRAError(st, thread_last_error()))
         o = new(out[], nothing, cfg.device, cfg.device_ordinal, ReentrantLock(), 0)
-        finalizer(destroy!, o)
+        finalizer(finalize_handle, o)
     end
 end
 Optimizer(optimizer::Symbol = :adam; fields...) = Optimizer(config(optimizer; fields...))
 
+# Frees the handle. The caller holds o.lock and saw no call counted, so no
+# call of this binding runs on the handle or can start before it is gone:
+# lra_destroy is not refused.
+function destroy_locked!(o::Optimizer)
+    o.ptr == C_NULL && return nothing
+    ccall(sym(:lra_destroy), Cvoid, (Ptr{OpaqueHandle},), o.ptr)
+    o.ptr = Ptr{OpaqueHandle}(C_NULL)
+    o.reducer = nothing  # lra no longer calls it
+    return nothing
+end
+
 function destroy!(o::Optimizer)
-    # Under o.lock with no call counted, no call of this binding runs on the
-    # handle or can start before it is gone: lra_destroy is not refused.
-    # (A finalizer only runs when nothing else can reach `o`: the lock is free.)
     lock(o.lock) do
-        o.ptr == C_NULL && return nothing
         o.calls == 0 || throw(LRAError(LRA_CALL_ORDER,
             "close: the handle is in the middle of another call (from inside its reduction " *
             "callback, or another task's); it stays open"))
-        ccall(sym(:lra_destroy), Cvoid, (Ptr{OpaqueHandle},), o.ptr)
-        o.ptr = Ptr{OpaqueHandle}(C_NULL)
-        o.reducer = nothing  # lra no longer calls it
+        destroy_locked!(o)
+    end
+end
+
+# The finalizer must not wait for o.lock (a task switch inside a finalizer
+# is an error): the last call's task can still be inside `unlock` after `o`
+# became unreachable. Then try again at a later collection (the pattern of
+# the Julia manual, "Safe use of Finalizers").
+function finalize_handle(o::Optimizer)
+    if !trylock(o.lock)
+        finalizer(finalize_handle, o)
         return nothing
     end
+    try
+        o.calls == 0 && destroy_locked!(o)
+    finally
+        unlock(o.lock)
+    end
+    return nothing
 end
 
 """
@@ -323,7 +364,16 @@ function check(o::Optimizer, st::lra_status)
     # handle's reduction callback) leaves its reason only there, and the
     # handle's message belongs to the running call. Nothing between the
     # failing ccall and this one can switch tasks (see SYMBOLS_LOCK).
-    throw(LRAError(st, thread_last_error()))
+    message = thread_last_error()
+    cause = nothing
+    r = o.reducer
+    if st == LRA_REDUCTION_FAILED && r !== nothing
+        cause = r.error
+        r.error = nothing
+    end
+    # Ctrl-C inside the reducer stops the program, now that lra refused the call.
+    cause isa CapturedException && cause.ex isa InterruptException && throw(cause.ex)
+    throw(LRAError(st, message, cause))
 end
 
 """
@@ -333,7 +383,12 @@ The message of the handle's last failed call (`""` if none). The `LRAError`
 of a failing call already carries its message; this is the handle's own
 record (`lra_last_error`).
 """
-last_error(o::Optimizer) = guarded(o) do
+last_error(o::Optimizer) = lock(o.lock) do
+    # lra_last_error does not claim the handle: a call running meanwhile
+    # (another task's) would replace, and free, the string being copied.
+    # Under o.lock with no call counted, none runs or can start.
+    o.calls == 0 || throw(LRAError(LRA_CALL_ORDER,
+        "last_error: another call runs on the handle (its message is not settled yet)"))
     unsafe_string(ccall(sym(:lra_last_error), Cstring, (Ptr{OpaqueHandle},), live(o)))
 end
 
@@ -358,6 +413,12 @@ stream_of(::AbstractArray) = C_NULL
 "Where a buffer lives: `(lra_device, CUDA device ordinal)`; host arrays `(LRA_DEVICE_HOST, 0)`."
 placement(::AbstractArray) = (LRA_DEVICE_HOST, 0)
 
+"The `stream` keyword as a `CUstream` (a `Ptr`; the extension adds `CuStream`)."
+stream_handle(s) = Ptr{Cvoid}(s)
+
+"Runs `f()` with the device of `a` current (CuArrays: the extension); others: `f()`."
+with_device_of(f, a) = f()
+
 placement_name(device, ordinal) = device == LRA_DEVICE_CUDA ? "CUDA device $ordinal" : "host memory"
 
 # A buffer elsewhere than the handle works would make lra dereference
@@ -374,8 +435,10 @@ end
 
 "`lra_tensor` of one parameter buffer and its gradient (same element type and length)."
 function Tensor(param::AbstractArray{T}, grad::AbstractArray{T}) where {T}
-    length(param) == length(grad) ||
-        throw(DimensionMismatch("parameter has $(length(param)) elements, gradient $(length(grad))"))
+    # Same shape, not only length: a transposed copy of the gradient would
+    # pair elements wrongly without any error (pass `vec(g)` to mean it).
+    size(param) == size(grad) ||
+        throw(DimensionMismatch("parameter has size $(size(param)), gradient $(size(grad))"))
     Tensor(device_pointer(param), device_pointer(grad), UInt64(length(param)), dtype_code(T))
 end
 
@@ -398,7 +461,8 @@ function step!(o::Optimizer, params::AbstractVector{<:AbstractArray},
                obs_var::Real = 0.0, found_inf = nothing, stream = nothing)
     length(params) == length(grads) ||
         throw(DimensionMismatch("$(length(params)) parameters, $(length(grads)) gradients"))
-    tensors = Tensor[Tensor(p, g) for (p, g) in zip(params, grads)]
+    # Before any pointer is taken: CUDA.jl's `pointer` of a CuArray on
+    # another device enables peer access or throws its own error.
     for (i, (p, g)) in enumerate(zip(params, grads))
         check_placement(o, p, "parameter", i)
         check_placement(o, g, "gradient", i)
@@ -408,16 +472,25 @@ function step!(o::Optimizer, params::AbstractVector{<:AbstractArray},
             throw(ArgumentError("found_inf must hold one Float32"))
         check_placement(o, found_inf, "found_inf")
     end
-    # An empty shard has no arrays to take a stream from: NULL (the legacy
-    # default stream) unless the caller passes one.
-    s = if stream !== nothing
-        Ptr{Cvoid}(stream)
-    elseif isempty(params)
-        C_NULL
-    else
-        stream_of(first(params))
+    # CUDA.jl's `pointer` and `stream()` belong to the task's current device:
+    # make it the parameters' (a handle on device 1 refuses device 0's stream).
+    with_device_of(isempty(params) ? nothing : first(params)) do
+        tensors = Tensor[Tensor(p, g) for (p, g) in zip(params, grads)]
+        # An empty shard has no arrays to take a stream from: NULL (the legacy
+        # default stream) unless the caller passes one.
+        s = if stream !== nothing
+            stream_handle(stream)
+        elseif isempty(params)
+            C_NULL
+        else
+            stream_of(first(params))
+        end
+        run_step(o, tensors, params, grads, loss, obs_var, found_inf, s)
     end
-    # The tensors hold raw pointers into params/grads: keep those alive.
+end
+
+# The tensors hold raw pointers into params/grads: keep those alive.
+function run_step(o::Optimizer, tensors, params, grads, loss, obs_var, found_inf, s)
     guarded(o) do
         st = GC.@preserve params grads found_inf begin
             if found_inf === nothing
@@ -542,13 +615,21 @@ end
 # (`Threads.@spawn`) on another thread. A sticky task stays on its thread;
 # like Base, which makes a task sticky when it `@async`s (and relies on that
 # afterwards), this never unsets the flag.
+# Nothing may unwind through lra's frames: what the reducer throws is kept
+# in the box and thrown by `check` (as the `cause` of the LRAError, or
+# itself for an InterruptException) once lra has returned.
 function reduce_trampoline(values::Ptr{Float64}, count::Csize_t, user::Ptr{Cvoid})::Int32
     current_task().sticky = true
+    r = nothing
     try
-        o = unsafe_pointer_to_objref(user)::Optimizer
-        o.reducer(unsafe_wrap(Array, values, count))
+        r = unsafe_pointer_to_objref(user)::Reduction
+        r.f(unsafe_wrap(Array, values, count))
         return Int32(0)
-    catch
+    catch e
+        try
+            r isa Reduction && (r.error = CapturedException(e, catch_backtrace()))
+        catch
+        end
         return Int32(1)
     end
 end
@@ -570,16 +651,15 @@ function set_reduction!(o::Optimizer, f)
                            live(o), C_NULL, C_NULL))
             o.reducer = nothing
         else
-            old = o.reducer
-            o.reducer = f
-            # `o` is mutable and owns the handle, so it outlives every callback.
-            try
+            # A new box per registration: a refused registration leaves the
+            # running call's reducer untouched, and a call that starts right
+            # after this one finds the box it was registered with.
+            box = Reduction(f, nothing)
+            GC.@preserve box begin
                 check(o, ccall(sym(:lra_set_reduction), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Ptr{Cvoid}),
-                               live(o), REDUCE_TRAMPOLINE[], pointer_from_objref(o)))
-            catch
-                o.reducer = old  # refused: the registered reduction stays as it was
-                rethrow()
+                               live(o), REDUCE_TRAMPOLINE[], pointer_from_objref(box)))
             end
+            o.reducer = box  # roots it as long as lra may call it
         end
     end
     return nothing

@@ -40,6 +40,9 @@ end
     @test err isa LRAError && err.status == LRA.LRA_CALL_ORDER
     @test occursin("without a pending step", err.message)
     @test LRA.last_error(opt) == err.message         # the handle's record of the same failure
+    # Same length, other shape: refused before lra is called.
+    @test_throws DimensionMismatch step!(opt, zeros(Float32, 2, 3), zeros(Float32, 3, 2), 1.0)
+    @test counters(opt).steps == 1
 
     # Flat buffer training: least squares, from a tiny learning rate.
     a = randn(Float32, 64, 8)
@@ -97,9 +100,22 @@ end
     close(busy)
     @test_throws LRAError lr(busy)
 
+    # An exception escaping the reducer fails the call with
+    # LRA_REDUCTION_FAILED (nothing changes) and is the LRAError's cause.
+    failing = LRA.Optimizer(:sgd; sharding = :sharded, num_threads = 1)
+    set_reduction!(failing, v -> error("collective broke"))
+    err = caught(() -> step!(failing, Float32[1, 2], Float32[0.5, -0.5], 1.0))
+    @test err isa LRAError && err.status == LRA.LRA_REDUCTION_FAILED
+    @test err.cause isa CapturedException && err.cause.ex isa ErrorException &&
+          err.cause.ex.msg == "collective broke"
+    @test counters(failing).steps == 0
+    close(failing)
+
     # A reducer that waits cannot move the task to another thread in the
     # middle of an lra call: the reducer's task is sticky (on its thread)
     # from its first call on, for good, also a `Threads.@spawn` task.
+    Threads.nthreads() > 1 || @warn "only one thread: the task-migration test below " *
+        "cannot fail; run the tests with `julia --threads=4`"
     sticky_inside = Bool[]
     moved = Bool[]
     waiting = LRA.Optimizer(:sgd; sharding = :sharded, num_threads = 1)
