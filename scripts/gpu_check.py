@@ -23,6 +23,7 @@ import importlib.util
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -78,6 +79,10 @@ def training_on_a_torch_stream(lra, device):
     hdev = lra.create(CUDA if device == "cuda" else HOST, lr=1e-2)
     hcpu = lra.create(HOST, lr=1e-2, num_threads=1)
     stream = torch.cuda.Stream() if device == "cuda" else None
+    if stream is not None:
+        # x, y (and the model) were written on the current stream; the side
+        # stream is non-blocking, so it must wait for them explicitly.
+        stream.wait_stream(torch.cuda.current_stream())
     first = last = None
     lrs = []
     with (torch.cuda.stream(stream) if stream is not None else _null()):
@@ -171,6 +176,12 @@ def timed(fn, iters, reps=5):
     dev, host = [], []
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # One untimed call first: the device works on it while the host
+        # prepares the first timed one, so `device` leaves out the host's
+        # time to the first launch (torch's Adam over 200 tensors takes
+        # ~0.55 ms of host time a step, docs/gpu-check-h200-final.log at
+        # 16M; spread over 5 iterations at 256M, ~0.1 ms a step).
+        fn()
         s.record()
         h0 = time.perf_counter()
         for _ in range(iters):
@@ -197,8 +208,10 @@ def benchmark(lra, sizes, counts):
     rows = {}
     fcopy = {}
     print()
-    print("| parameters | tensors | lra fused (guard off) | copy same bytes | lra vs copy | lra (guard on) "
-          "| torch Adam fused | torch / lra | lra host enqueue (guard off) |")
+    print("Times: median per step between CUDA events on the stream; host: the Python caller's own time per call "
+          "(binding included); where host >= device the row is host-bound. GB/s: 28 B per parameter / time.")
+    print("| parameters | tensors | lra fused (guard off) | copy, same bytes | lra / copy bandwidth | lra (guard on) "
+          "| torch Adam fused | torch time / lra time | host per call: lra (guard off), torch |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         iters = max(5, min(200, (200 << 20) // n))
@@ -221,15 +234,16 @@ def benchmark(lra, sizes, counts):
             dst = torch.empty_like(src)
             t_copy = timed(lambda: dst.copy_(src), iters).device
             del src, dst
-            # Placement control: the memory system's own cost of the caller's
-            # k allocations, with no lra in it: one multi-tensor launch that
-            # copies every gradient into a fresh tensor of the same shape.
-            t_fcopy = foreach_copy_time(grads, iters)
+            # Placement control, first side: copies every gradient into a
+            # fresh tensor of the same shape (the other side, in
+            # contiguous_views, copies 200 views of one buffer).
+            t_fcopy = foreach_copy_time(grads, iters) if k > 1 else None
             tp = [p.clone().requires_grad_(True) for p in params]
             for p, gr in zip(tp, grads):
                 p.grad = gr.clone()
             opt = torch.optim.Adam(tp, lr=1e-6, betas=(0.5, 0.999), fused=True)
-            t_torch = timed(opt.step, iters).device
+            torch_timing = timed(opt.step, iters)
+            t_torch = torch_timing.device
             del opt, tp, params, grads, arr
             torch.cuda.empty_cache()
             bw = 28 * n / t[0] / 1e9
@@ -237,7 +251,8 @@ def benchmark(lra, sizes, counts):
             fcopy[(n, k)] = t_fcopy
             print(f"| {n >> 20}M | {k} | {t[0] * 1e6:.1f} us ({bw:.0f} GB/s) | {t_copy * 1e6:.1f} us "
                   f"({28 * n / t_copy / 1e9:.0f} GB/s) | {t_copy / t[0]:.3f} | {t[1] * 1e6:.1f} us "
-                  f"| {t_torch * 1e6:.1f} us | {t_torch / t[0]:.3f} | {host * 1e6:.1f} us |", flush=True)
+                  f"| {t_torch * 1e6:.1f} us | {t_torch / t[0]:.3f} | {host * 1e6:.1f} us, "
+                  f"{torch_timing.host * 1e6:.1f} us |", flush=True)
     print()
     for n in sizes:
         if (n, 1) in rows and (n, 200) in rows:
@@ -246,23 +261,28 @@ def benchmark(lra, sizes, counts):
             # The same 200 tensors as views into one contiguous buffer per
             # array: separates lra's per-tensor cost from the spread of the
             # caller's separate allocations.
-            views = contiguous_views(lra, n, 200, stream)
+            views, views_fcopy = contiguous_views(lra, n, 200, stream)
             print(f"{n >> 20}M parameters: 200 views of one buffer / 1 tensor (fused, guard off) = "
                   f"{views / rows[(n, 1)][0]:.3f}")
-            if fcopy[(n, 1)] and fcopy[(n, 200)]:
-                print(f"{n >> 20}M parameters: torch._foreach_copy_ of the gradients, 200 tensors / 1 tensor "
-                      f"(the allocations' own cost, no lra) = {fcopy[(n, 200)] / fcopy[(n, 1)]:.3f}")
+            if fcopy[(n, 200)] and views_fcopy:
+                # Same tensor count and sizes on both sides, so the same
+                # grid: only where the 200 gradients lie differs. (Torch's
+                # multi-tensor apply gives each tensor its own 65536-element
+                # chunks, one block each: 1 tensor of 1M makes 16 blocks,
+                # 200 tensors 200, so 200 against 1 compares grids.)
+                print(f"{n >> 20}M parameters: placement control, torch._foreach_copy_ of 200 separate "
+                      f"allocations / of 200 views of one buffer (no lra) = {fcopy[(n, 200)] / views_fcopy:.3f}")
     return rows
 
 
-def foreach_copy_time(tensors, iters):
-    """Seconds per `torch._foreach_copy_` of `tensors` into fresh tensors
-    of the same shapes (torch's multi-tensor apply: a few launches whatever
-    the count), or None where this torch lacks it."""
+def foreach_copy_time(tensors, iters, dst=None):
+    """Seconds per `torch._foreach_copy_` of `tensors` into `dst` (default:
+    fresh tensors of the same shapes), or None where this torch lacks it."""
     if not hasattr(torch, "_foreach_copy_"):
         print("note: this torch has no _foreach_copy_; placement control skipped")
         return None
-    dst = [torch.empty_like(t) for t in tensors]
+    if dst is None:
+        dst = [torch.empty_like(t) for t in tensors]
     t = timed(lambda: torch._foreach_copy_(dst, tensors), iters).device
     del dst
     return t
@@ -279,13 +299,18 @@ def contiguous_views(lra, n, k, stream):
     sizes.append(n - sum(sizes))
     params = list(torch.split(flat_p, sizes))
     grads = list(torch.split(flat_g, sizes))
+    iters = max(5, min(200, (200 << 20) // n))
     h = lra.create(CUDA, lr=1e-6, check_finite=0)
     arr = lra.tensors(params, grads)
-    t = timed(lambda: lra.step(h, arr, 1.0, stream), max(5, min(200, (200 << 20) // n))).device
+    t = timed(lambda: lra.step(h, arr, 1.0, stream), iters).device
     lra.destroy(h)
-    del flat_p, flat_g, params, grads, arr
+    # The placement control's other side: the same copy with source and
+    # destination each 200 views of one buffer.
+    flat_d = torch.empty_like(flat_g)
+    t_fcopy = foreach_copy_time(grads, iters, list(torch.split(flat_d, sizes)))
+    del flat_p, flat_g, flat_d, params, grads, arr
     torch.cuda.empty_cache()
-    return t
+    return t, t_fcopy
 
 
 def compare_libraries(lra, base, sizes, counts):
@@ -295,7 +320,8 @@ def compare_libraries(lra, base, sizes, counts):
     stream = torch.cuda.current_stream().cuda_stream
     print()
     print("A/B against the baseline library (fused Adam; medians of alternating rounds)")
-    print("| parameters | tensors | guard | this lra | baseline | this / baseline | host enqueue: this, baseline |")
+    print("| parameters | tensors | guard | this lra | baseline | time this / baseline (< 1: this faster) "
+          "| host per call: this, baseline |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     per = {}
     for n in sizes:
@@ -346,15 +372,29 @@ def main():
     if not torch.cuda.is_available():
         print("!!!! SKIPPED: gpu_check.py: torch sees no CUDA device")
         sys.exit(1 if os.environ.get("LRA_REQUIRE_GPU") else 0)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda})")
     t0 = time.time()
-    training_on_a_torch_stream(lra, "cuda")
-    torch_adapter(lra, "cuda")
+    failed = []
+
+    def part(name, fn, *args):
+        # One lent GPU run must bring back every figure: a failed check
+        # does not stop the benchmarks after it (the exit status says it).
+        try:
+            fn(*args)
+        except Exception:
+            traceback.print_exc()
+            print(f"!!!! FAILED: {name} (the parts after it still run) !!!!", flush=True)
+            failed.append(name)
+
+    part("torch-stream training", training_on_a_torch_stream, lra, "cuda")
+    part("TorchOptimizer on CUDA", torch_adapter, lra, "cuda")
     sizes = [1 << 20, 16 << 20] + ([] if a.quick else [256 << 20])
-    benchmark(lra, sizes, [1, 200])
+    part("benchmark", benchmark, lra, sizes, [1, 200])
     if a.baseline_lib:
-        compare_libraries(lra, Lra(a.baseline_lib, "lra_baseline"), sizes, [1, 200])
-    print(f"\ngpu_check.py finished in {time.time() - t0:.0f} s")
+        part("A/B against the baseline", lambda: compare_libraries(lra, Lra(a.baseline_lib, "lra_baseline"),
+                                                                 sizes, [1, 200]))
+    print(f"\ngpu_check.py finished in {time.time() - t0:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

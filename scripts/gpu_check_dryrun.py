@@ -78,7 +78,7 @@ def main():
     assert len(table_rows) == 6, "expected 2 benchmark rows and 4 A/B rows (guard off and on)"
     assert all(t > 0 for r in rows.values() for t in r.values()), rows
     for needle in ("200 tensors / 1 tensor (fused, guard off)", "200 views of one buffer",
-                   "torch._foreach_copy_ of the gradients", "guard off: 200 tensors / 1 tensor: this lra",
+                   "placement control, torch._foreach_copy_", "guard off: 200 tensors / 1 tensor: this lra",
                    "guard on: 200 tensors / 1 tensor: this lra"):
         assert needle in text, needle
     print("gpu_check.py dry run on the CPU: every benchmark path ran (figures meaningless here)")
