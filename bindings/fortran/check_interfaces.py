@@ -22,12 +22,12 @@ bindings/check_abi.py's Header, the parser that checks Julia and Python):
 * every LRA_* constant of lra.h is a parameter with the same value, and no
   other LRA_* parameter exists.
 
-Known blind spot: gfortran 12 prints a type(c_ptr) argument as `void *`
-whether or not it has the VALUE attribute, so "handle by value" versus
-"handle out-pointer" is not seen here. examples/fortran/flat_buffer.f90
-calls every function with a live handle and checks each status (a handle
-passed by reference by mistake makes those calls fail); this check fails
-when the example stops calling one of them.
+* type(c_ptr) by value versus by reference: gfortran prints a type(c_ptr)
+  argument as `void *` with or without VALUE, so this is read from the
+  Fortran source instead (c_ptr_dummies): a type(c_ptr) standing for a C
+  pointer must have VALUE; only one standing for a pointer to a pointer
+  (lra_create's `lra_handle **out`) must not. examples/fortran/flat_buffer.f90
+  calls every function as well; this check fails when it stops calling one.
 
     python3 bindings/fortran/check_interfaces.py [--self-test]   (FC= picks the compiler)
     python3 bindings/fortran/check_interfaces.py --mpi MODDIR [--self-test]
@@ -147,9 +147,49 @@ def compare_signature(header, errors, what, c_ret, c_args, f_ret, f_args, const_
                           "but C may write through it")
 
 
+def c_ptr_dummies(fortran_source):
+    """For each bind(C) procedure or interface (by its C name; an abstract
+    interface by its Fortran name): [(dummy, is type(c_ptr), has VALUE)]
+    in argument order, read from the source (-fc-prototypes cannot tell)."""
+    code = re.sub(r"!.*", "", fortran_source)
+    code = re.sub(r"&[ \t]*\n[ \t]*", " ", code)  # join continued lines
+    found = {}
+    for m in re.finditer(r"^[ \t]*(?:function|subroutine)[ \t]+(\w+)[ \t]*\(([^)]*)\)([^\n]*)\n(.*?)"
+                         r"^[ \t]*end[ \t]+(?:function|subroutine)[ \t]+\1\b", code, flags=re.M | re.S | re.I):
+        if not re.search(r"\bbind[ \t]*\(", m.group(3), flags=re.I):
+            continue
+        label = re.search(r'name[ \t]*=[ \t]*"(\w+)"', m.group(3))
+        by_value = {}
+        for decl in re.finditer(r"^[ \t]*type[ \t]*\([ \t]*c_ptr[ \t]*\)([^:\n]*)::([^\n]+)$", m.group(4),
+                                flags=re.M | re.I):
+            for name in decl.group(2).split(","):
+                by_value[name.strip().lower()] = bool(re.search(r"\bvalue\b", decl.group(1), flags=re.I))
+        dummies = [d.strip().lower() for d in m.group(2).split(",") if d.strip()]
+        found[label.group(1) if label else m.group(1).lower()] = [
+            (d, d in by_value, by_value.get(d, False)) for d in dummies]
+    return found
+
+
+def check_c_ptr_passing(errors, what, c_args, dummies):
+    """A type(c_ptr) dummy for C pointer `T *` needs VALUE; for `T **` it must not have it.
+    dummies is None when c_ptr_dummies did not find the procedure in the source."""
+    if dummies is None or len(dummies) != len(c_args):
+        errors.append(f"{what}: its dummy arguments could not be read from the source "
+                      "(c_ptr_dummies expects `function|subroutine NAME(args) bind(C...)` ... `end function|subroutine NAME`)")
+        return
+    for i, (c, (dummy, is_c_ptr, has_value)) in enumerate(zip(c_args, dummies)):
+        if not is_c_ptr:
+            continue
+        want_value = not c.startswith("ptr(ptr(")
+        if has_value != want_value:
+            errors.append(f"{what} argument {i + 1} ({dummy}) is {c} in C: its type(c_ptr) "
+                          + ("needs VALUE" if want_value else "must not have VALUE (C writes the pointer)"))
+
+
 def check(header, header_text, fortran_source):
     errors = []
     structs, functions = parse_prototypes(prototypes(fortran_source))
+    passing = c_ptr_dummies(fortran_source)
     callbacks = {n: functions.pop(n) for n in list(functions) if n in header.callbacks}
     lra_functions = {n: f for n, f in functions.items() if n.startswith("lra_")}
 
@@ -162,6 +202,7 @@ def check(header, header_text, fortran_source):
             continue
         f_ret, f_args = lra_functions[name]
         compare(f"lra.f90: {name}", c_ret, c_args, f_ret, f_args, header_const_flags(header_text, name))
+        check_c_ptr_passing(errors, f"lra.f90: {name}", c_args, passing.get(name))
     for name in sorted(set(lra_functions) - set(header.functions)):
         errors.append(f"lra.f90: interface {name} binds a function lra.h does not declare")
     for name, (c_ret, c_args) in sorted(header.callbacks.items()):
@@ -170,6 +211,7 @@ def check(header, header_text, fortran_source):
             continue
         f_ret, f_args = callbacks[name]
         compare(f"lra.f90: callback {name}", c_ret, c_args, f_ret, f_args, [True] * len(c_args))
+        check_c_ptr_passing(errors, f"lra.f90: callback {name}", c_args, passing.get(name))
     for cname, cfields in sorted(header.structs.items()):
         ffields = structs.get(cname)
         if ffields is None:
@@ -211,6 +253,16 @@ MUTATIONS = {
     "struct field kind": ("    integer(c_int64_t) :: numel\n", "    integer(c_int32_t) :: numel\n"),
     "constant value": ("LRA_DTYPE_BF16 = 2", "LRA_DTYPE_BF16 = 3"),
     "constant missing": ("  integer(c_int32_t), parameter :: LRA_SKIP_ZERO_SCALE = 6\n", ""),
+    "handle by reference (const in C)": ("function lra_last_error(h) bind(C, name=\"lra_last_error\") result(message)\n"
+                                         "      import :: c_ptr\n      type(c_ptr), value :: h\n",
+                                         "function lra_last_error(h) bind(C, name=\"lra_last_error\") result(message)\n"
+                                         "      import :: c_ptr\n      type(c_ptr) :: h\n"),
+    "nullable pointer by reference": ("type(c_ptr), value :: found_inf\n", "type(c_ptr) :: found_inf\n"),
+    "out-pointer by value": ("type(c_ptr), intent(out) :: out\n", "type(c_ptr), value :: out\n"),
+    "callback user by reference": ("real(c_double), intent(inout) :: values(*)\n      integer(c_size_t), value :: count\n"
+                                   "      type(c_ptr), value :: user\n",
+                                   "real(c_double), intent(inout) :: values(*)\n      integer(c_size_t), value :: count\n"
+                                   "      type(c_ptr) :: user\n"),
     "callback signature": ("import :: c_double, c_size_t, c_ptr, c_int32_t\n      real(c_double), intent(inout) :: values(*)",
                            "import :: c_float, c_size_t, c_ptr, c_int32_t\n      real(c_float), intent(inout) :: values(*)"),
 }
@@ -241,6 +293,8 @@ def check_mpi(header, mpi_source, fc, module_dirs):
         f_ret, f_args = functions[name]
         compare_signature(header, errors, f"lra_mpi.f90: {name} as {c_name}", c_ret, c_args, f_ret, f_args,
                           [False] * len(c_args))  # lra_reduce_fn has no const argument
+        check_c_ptr_passing(errors, f"lra_mpi.f90: {name} as {c_name}", c_args,
+                            c_ptr_dummies(mpi_source).get(name))
     return errors
 
 

@@ -3,10 +3,13 @@
 ! Everything below mirrors include/lra.h one to one: the four structs as
 ! bind(C) derived types (same fields, same order, same layout), every
 ! constant as a named parameter, every function as a bind(C) interface with
-! the C name. Two small helpers are added: lra_string (a C string from
-! lra_last_error & co. as a Fortran string) and lra_tensor_f32 (an
-! lra_tensor over two contiguous real(c_float) arrays). Nothing hides a
-! status: every function that returns one in C returns it here.
+! the C name. A few small helpers are added: lra_string (a C string from
+! lra_last_error & co. as a Fortran string), lra_tensor_f32 and
+! lra_tensor_16 (an lra_tensor over two contiguous real(c_float), or
+! integer(c_int16_t) F16/BF16 bit-pattern, arrays) and
+! lra_set_reduction_proc (lra_set_reduction with the callback's interface
+! checked by the compiler). Nothing hides a status: every function that
+! returns one in C returns it here.
 !
 ! Type mapping (Fortran has no unsigned integers):
 !   uint32_t, int32_t, lra_status, the enums  -> integer(c_int32_t)
@@ -23,15 +26,15 @@
 ! (gfortran -fc-prototypes), bindings/fortran/layout.{c,f90} compare the
 ! struct layouts, and examples/fortran/flat_buffer.f90 calls every function.
 module lra
-  use, intrinsic :: iso_c_binding, only: c_ptr, c_funptr, c_null_ptr, c_char, c_int8_t, &
+  use, intrinsic :: iso_c_binding, only: c_ptr, c_funptr, c_null_ptr, c_char, c_int8_t, c_int16_t, &
                                          c_int32_t, c_int64_t, c_size_t, c_double, c_float, &
-                                         c_associated, c_f_pointer, c_loc
+                                         c_associated, c_f_pointer, c_loc, c_funloc
   implicit none
   ! The ISO_C_BINDING names are not re-exported: `use, intrinsic ::
   ! iso_c_binding` next to `use lra` (gfortran 12 mistypes c_loc reached
   ! through another module: c_associated(c_loc(x)) is refused).
-  private :: c_ptr, c_funptr, c_null_ptr, c_char, c_int8_t, c_int32_t, c_int64_t, c_size_t, c_double, &
-             c_float, c_associated, c_f_pointer, c_loc, c_strlen
+  private :: c_ptr, c_funptr, c_null_ptr, c_char, c_int8_t, c_int16_t, c_int32_t, c_int64_t, c_size_t, &
+             c_double, c_float, c_associated, c_f_pointer, c_loc, c_funloc, c_strlen
 
   ! Configuration. Fill it with lra_config_init first, then change fields.
   type, bind(C) :: lra_config
@@ -119,7 +122,7 @@ module lra
   integer(c_int32_t), parameter :: LRA_OPTIMIZER_ADAM = 5
   integer(c_int32_t), parameter :: LRA_OPTIMIZER_ADAMW = 6
   ! lra_dtype (there is no f64: real(c_double) parameters cannot be stepped;
-  ! F16/BF16 tensors can be built by hand over integer(c_int16_t) bit patterns)
+  ! F16/BF16 tensors: lra_tensor_16 over integer(c_int16_t) bit patterns)
   integer(c_int32_t), parameter :: LRA_DTYPE_F32 = 0
   integer(c_int32_t), parameter :: LRA_DTYPE_F16 = 1
   integer(c_int32_t), parameter :: LRA_DTYPE_BF16 = 2
@@ -193,6 +196,8 @@ module lra
     end function lra_step
 
     ! found_inf: c_loc of one real(c_float) (device memory on CUDA), or c_null_ptr.
+    ! It must be real(c_float): lra reads 4 bytes as an f32 (a real(c_double) 1.0
+    ! reads as 0.0, and the flagged step is taken).
     function lra_step_ex(h, tensors, count, loss, obs_var, found_inf, stream) &
         bind(C, name="lra_step_ex") result(status)
       import :: lra_tensor, c_ptr, c_size_t, c_double, c_int32_t
@@ -351,7 +356,13 @@ contains
   ! stored are those of the caller's arrays, never of a temporary copy.
   ! They must stay where they are (not deallocated or reallocated) while the
   ! tensor is used. Multi-dimensional arrays: pass a rank-1 pointer declared
-  ! CONTIGUOUS and remapped onto them, p(1:size(a)) => a. An empty tensor
+  ! CONTIGUOUS and remapped onto them, p(1:size(a, kind=c_int64_t)) => a
+  ! (a plain size(a) is a default integer: it wraps above 2**31 - 1
+  ! elements and leaves p empty). The guarantee holds one call deep: a
+  ! dummy argument of yours declared CONTIGUOUS, TARGET may itself be a
+  ! copy-in temporary of a strided actual argument (the tensor then points
+  ! at freed memory); declare such dummies POINTER, CONTIGUOUS, INTENT(IN)
+  ! like these, so that the compiler refuses strided actuals there too. An empty tensor
   ! gets NULL addresses (lra accepts them for numel = 0). Differing sizes are
   ! a programming error:
   ! error stop (lra could not detect a short gradient itself).
@@ -360,7 +371,8 @@ contains
     real(c_float), pointer, contiguous, intent(in) :: grad(:)
     type(lra_tensor) :: t
 
-    if (size(grad) /= size(param)) error stop "lra_tensor_f32: param and grad differ in size"
+    if (size(grad, kind=c_int64_t) /= size(param, kind=c_int64_t)) &
+      error stop "lra_tensor_f32: param and grad differ in size"
     t%numel = size(param, kind=c_int64_t)
     t%dtype = LRA_DTYPE_F32
     if (t%numel == 0) then
@@ -371,5 +383,46 @@ contains
       t%grad = c_loc(grad)
     end if
   end function lra_tensor_f32
+
+  ! An LRA_DTYPE_F16 or LRA_DTYPE_BF16 tensor over param and grad, which hold
+  ! the 16-bit patterns (standard Fortran has no 16-bit real). Same rules
+  ! and the same compile-time contiguity guarantee as lra_tensor_f32;
+  ! building the tensor by hand with c_loc instead loses a strided actual
+  ! argument's stride without a diagnostic (lra then updates the wrong
+  ! elements). Another dtype, or differing sizes: error stop.
+  function lra_tensor_16(param, grad, dtype) result(t)
+    integer(c_int16_t), pointer, contiguous, intent(in) :: param(:)
+    integer(c_int16_t), pointer, contiguous, intent(in) :: grad(:)
+    integer(c_int32_t), intent(in) :: dtype
+    type(lra_tensor) :: t
+
+    if (dtype /= LRA_DTYPE_F16 .and. dtype /= LRA_DTYPE_BF16) &
+      error stop "lra_tensor_16: dtype must be LRA_DTYPE_F16 or LRA_DTYPE_BF16"
+    if (size(grad, kind=c_int64_t) /= size(param, kind=c_int64_t)) &
+      error stop "lra_tensor_16: param and grad differ in size"
+    t%numel = size(param, kind=c_int64_t)
+    t%dtype = dtype
+    if (t%numel == 0) then
+      t%param = c_null_ptr
+      t%grad = c_null_ptr
+    else
+      t%param = c_loc(param)
+      t%grad = c_loc(grad)
+    end if
+  end function lra_tensor_16
+
+  ! lra_set_reduction(h, c_funloc(reduce), user), with reduce's interface
+  ! checked against lra_reduce_fn by the compiler (kinds, VALUE, an
+  ! assumed-size values(*)): c_funloc alone accepts any procedure outside
+  ! -std=f2008. (The compiler does not check that reduce has BIND(C):
+  ! declare it so.) To remove the reduction, call lra_set_reduction(h,
+  ! c_null_funptr, c_null_ptr).
+  function lra_set_reduction_proc(h, reduce, user) result(status)
+    type(c_ptr), intent(in) :: h
+    procedure(lra_reduce_fn) :: reduce
+    type(c_ptr), intent(in) :: user
+    integer(c_int32_t) :: status
+    status = lra_set_reduction(h, c_funloc(reduce), user)
+  end function lra_set_reduction_proc
 
 end module lra

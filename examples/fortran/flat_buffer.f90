@@ -212,6 +212,7 @@ contains
     type(reduction_log), target :: log
     type(c_ptr) :: handle
     real(c_float), target :: x(4), g(4), overflow
+    integer(c_int16_t), target :: xb(3), gb(3)
     real(c_float) :: x_before(4)
     real(c_double) :: value
     integer(c_int32_t) :: status, version, flag
@@ -264,6 +265,12 @@ contains
     handle = create(LRA_OPTIMIZER_ADAM, 1.0e-3_c_double)
     status = lra_set_lr(handle, -1.0_c_double)
     call expect(status, LRA_INVALID_ARGUMENT, lra_string(lra_last_error(handle)), "lra_set_lr(h, -1)")
+    ! The handle's own message, not the thread's (lra_last_error falls back
+    ! to the thread's message for anything that is not a live handle, e.g.
+    ! a handle passed by reference by mistake): fail another call first.
+    status = lra_get_lr(c_null_ptr, value)
+    call require(index(lra_string(lra_last_error(handle)), "lra_set_lr") > 0, &
+                 "lra_last_error(h) keeps this handle's lra_set_lr failure after another thread-level failure")
     call ok(lra_get_lr(handle, value), handle, "lra_get_lr")
     call require(same(value, 1.0e-3_c_double), "a refused lra_set_lr leaves eta unchanged")
     status = lra_report_reeval(handle, 1.0_c_double, c_null_ptr)
@@ -288,6 +295,14 @@ contains
     call ok(lra_report_reeval(handle, 1.0_c_double, c_loc(info)), handle, "lra_report_reeval")
     call require(info%decision == LRA_DECISION_SKIPPED .and. info%skip_reason == LRA_SKIP_FOUND_INF, &
                  "the flagged step is reported SKIPPED / FOUND_INF")
+    ! ... and a clear flag does not skip (found_inf passed by reference by
+    ! mistake would read the pointer's own bits as the flag: never zero).
+    overflow = 0
+    call ok(lra_step_ex(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_loc(overflow), c_null_ptr), &
+            handle, "lra_step_ex(found_inf = 0)")
+    call require(.not. same_f32(x, x_before), "a step with found_inf = 0 moves the parameters")
+    call ok(lra_report_reeval(handle, 0.5_c_double, c_loc(info)), handle, "lra_report_reeval")
+    call require(info%decision /= LRA_DECISION_SKIPPED, "the unflagged step is not reported SKIPPED")
     status = lra_step(handle, flat, 1_c_size_t, 1.0_c_double, -1.0_c_double, c_null_ptr)
     call expect(status, LRA_INVALID_ARGUMENT, lra_string(lra_last_error(handle)), "lra_step(obs_var = -1)")
     flat(1) = lra_tensor_f32(x(1:3), g(1:3))
@@ -311,7 +326,7 @@ contains
     flat(1) = lra_tensor_f32(x, g)
     status = lra_step(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr)
     call expect(status, LRA_CALL_ORDER, lra_string(lra_last_error(handle)), "lra_step(rank-local, no reduction)")
-    call ok(lra_set_reduction(handle, c_funloc(sum_over_one_rank), c_loc(log)), handle, "lra_set_reduction")
+    call ok(lra_set_reduction_proc(handle, sum_over_one_rank, c_loc(log)), handle, "lra_set_reduction_proc")
     call ok(lra_step(handle, flat, 1_c_size_t, 0.5_c_double, 0.0_c_double, c_null_ptr), handle, "lra_step")
     call ok(lra_report_reeval(handle, 0.25_c_double, c_null_ptr), handle, "lra_report_reeval")
     call require(log%calls == 2 .and. log%count == 2 &
@@ -324,6 +339,19 @@ contains
     call lra_destroy(handle)
     print '(a, i0, a)', "reduction callback (Fortran, bind(C)): called ", log%calls, &
       " times, with (loss, 1) and (loss_after, 1)"
+
+    ! lra_tensor_16: one SGD step on BF16 bit patterns, 1.0 - 0.5 * 1.0 = 0.5.
+    call lra_config_init(cfg, LRA_OPTIMIZER_SGD)
+    cfg%lr = 0.5_c_double
+    cfg%num_threads = 1
+    call ok(lra_create(cfg, handle), c_null_ptr, "lra_create(SGD)")
+    xb = int(z'3F80', c_int16_t)
+    gb = int(z'3F80', c_int16_t)
+    flat(1) = lra_tensor_16(xb, gb, LRA_DTYPE_BF16)
+    call ok(lra_step(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr), handle, "lra_step(BF16)")
+    call require(all(xb == int(z'3F00', c_int16_t)), "lra_tensor_16: a BF16 SGD step gives 1.0 - 0.5 * 1.0 = 0.5")
+    call lra_destroy(handle)
+    print '(a)', "lra_tensor_16: a BF16 SGD step gives the expected bits"
   end subroutine check_binding
 
   ! ---- training ------------------------------------------------------------

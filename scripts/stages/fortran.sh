@@ -55,7 +55,8 @@ say "module lra (bindings/fortran/lra.f90)"
 say "struct layout: gfortran bind(C) types vs the C compiler's lra.h structs"
 if have cc; then
   cc -std=c11 -Wall -Wextra -Werror -pedantic -Iinclude bindings/fortran/layout.c -o "$work/layout_c"
-  "$fc" "${fflags[@]}" -I"$work" bindings/fortran/layout.f90 "$work/lra.o" -o "$work/layout_f"
+  # lra.o's helpers call into liblra (lra_set_reduction_proc): link it.
+  "$fc" "${fflags[@]}" -I"$work" bindings/fortran/layout.f90 "$work/lra.o" "${link[@]}" -o "$work/layout_f"
   "$work/layout_c" >"$work/layout_c.txt"
   "$work/layout_f" >"$work/layout_f.txt"
   if ! diff -u "$work/layout_c.txt" "$work/layout_f.txt"; then
