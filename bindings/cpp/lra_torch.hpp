@@ -487,6 +487,10 @@ class TorchOptimizer {
     }
     grad_copies_.clear();
     memory_orders_ = std::move(orders);
+    // lra wrote the parameters through raw pointers: tell autograd, as an
+    // in-place update does, so that a graph that saved a parameter refuses
+    // backward() instead of using the new values (as after torch::optim).
+    for (const auto& p : params_) ::torch::autograd::impl::bump_version(p);
   }
 
   void* stream() const {

@@ -306,9 +306,14 @@ class LraError(RuntimeError):
     """A failed lra call: ``status`` (an ``lra_status``) and the library's message."""
 
     def __init__(self, status, message):
+        # Both in args: pickling rebuilds the error as cls(*args), which is
+        # how it crosses a process boundary (multiprocessing, concurrent.futures).
+        super().__init__(status, message)
         self.status = status
         self.message = message
-        super().__init__(f"lra status {status}: {message}")
+
+    def __str__(self):
+        return f"lra status {self.status}: {self.message}"
 
 
 def _decode(p):
@@ -360,6 +365,22 @@ def _config_value(key, value):
     return _int_value(key, ctype, value)
 
 
+def _tensor_from_tuple(i, t):
+    """A :class:`Tensor` from ``(param_ptr, grad_ptr, numel, dtype)``; ctypes
+    would store ``numel = 2**64 + 3`` as 3 and ``dtype = 2**32`` as f32."""
+    param, grad, numel, dtype = t
+
+    def pointer(what, p):  # None, ctypes pointers and the like: ctypes checks those
+        return _int_value(f"tensors[{i}].{what}", ctypes.c_size_t, p) if isinstance(p, int) else p
+
+    return Tensor(
+        pointer("param", param),
+        pointer("grad", grad),
+        _int_value(f"tensors[{i}].numel", ctypes.c_uint64, numel),
+        _int_value(f"tensors[{i}].dtype", ctypes.c_uint32, dtype),
+    )
+
+
 # --- the handle -------------------------------------------------------------
 
 
@@ -400,17 +421,30 @@ class _InterruptDeferral:
         """Before a C call that may run the trampoline; returns the token for :meth:`leave`."""
         if threading.get_ident() != _MAIN_THREAD:
             return None  # Python runs signal handlers on the main thread only
+        saved = self.safe
         if self.depth == 0:
             prev = signal.getsignal(signal.SIGINT)
+            if prev == self.handler:
+                # Left installed by someone who saved and restored it around
+                # a call: calling it as "the previous handler" would recurse.
+                prev = self.prev
             if not callable(prev):
                 return None  # SIG_IGN, SIG_DFL or a C handler: nothing raises in Python
             self.prev = prev  # before the swap: a signal may be handled right after it
+            # Unsafe before the swap: a signal handled right after it (the
+            # kernel delivers a pending one as the sigaction call returns)
+            # must be held, not raised out of here with the handler swapped
+            # and depth still 0.
+            self.safe = False
             try:
                 signal.signal(signal.SIGINT, self.handler)  # a pending signal raises here, unswapped
-            except ValueError:
-                return None  # not the main interpreter
+            except BaseException as exc:
+                self.safe = saved
+                if isinstance(exc, ValueError):
+                    return None  # not the main interpreter
+                raise
         self.depth += 1
-        saved, self.safe = self.safe, False
+        self.safe = False
         return saved
 
     def leave(self, token):
@@ -449,49 +483,6 @@ _MAIN_THREAD = threading.main_thread().ident
 _INTERRUPTS = _InterruptDeferral()
 
 
-class _InFlight:
-    """``with opt._call() as h``: the live handle, counted as in use until the block ends.
-
-    :meth:`Optimizer.close` refuses while the count is not zero, so no
-    thread passes a freed handle to C, and a refused ``lra_destroy``
-    (silent in C) cannot leak the handle. The lock guards the count only,
-    never the C call: calls release the GIL and may overlap (lra refuses
-    the second with ``LRA_CALL_ORDER``).
-    """
-
-    __slots__ = ("opt", "callback", "token")
-
-    def __init__(self, opt, callback):
-        self.opt = opt
-        self.callback = callback  # whether the call may run the reduction trampoline
-        self.token = None
-
-    def __enter__(self):
-        opt = self.opt
-        with opt._lock:
-            h = opt._h
-            if not h:
-                raise LraError(1, "the lra handle was closed")
-            opt._in_flight += 1
-        try:
-            if self.callback and opt._reducer is not None:
-                self.token = _INTERRUPTS.enter()
-        except BaseException:
-            with opt._lock:
-                opt._in_flight -= 1
-            raise
-        opt._pending.exc = None
-        return h
-
-    def __exit__(self, *exc):
-        opt = self.opt
-        try:
-            _INTERRUPTS.leave(self.token)
-        finally:
-            with opt._lock:
-                opt._in_flight -= 1
-
-
 class Optimizer:
     """One lra handle: the wrapped optimizer plus its learning-rate adaptation.
 
@@ -509,14 +500,19 @@ class Optimizer:
     def __init__(self, optimizer="adam", **config):
         # First: close() (and so __del__) reads these even when __init__ fails.
         self._lock = threading.Lock()
-        self._in_flight = 0  # calls passing the handle to C now (see _InFlight)
+        self._in_flight = 0  # calls passing the handle to C now (see _call)
         self._h = _HANDLE()
-        self._reducer = None
+        self._reducer = None  # the registered reduction (its C callback), None if none
+        self._callbacks = []  # every C callback lra may hold: freed only when it cannot
         self._pending = threading.local()  # .exc: what the reducer raised, per calling thread
         self._lib = load_library()
         cfg = self.default_config(optimizer)
         for key, value in config.items():
-            setattr(cfg, key, _config_value(key, value))
+            value = _config_value(key, value)
+            try:
+                setattr(cfg, key, value)
+            except TypeError as exc:  # ctypes' message names no field
+                raise TypeError(f"{key}: {exc}") from None
         self.config = cfg
         status = self._lib.lra_create(ctypes.byref(cfg), ctypes.byref(self._h))
         if status != OK:
@@ -558,12 +554,25 @@ class Optimizer:
                     "close() in the middle of another call on this handle "
                     "(another thread's, or from inside its reduction callback); the handle stays open",
                 )
-            self._h = type(h)()
-        self._lib.lra_destroy(h)
+            closed = type(h)()
+            # No call between forgetting the handle and destroying it: a
+            # Ctrl-C is raised as a call returns, and one raised here
+            # would leak the handle.
+            self._h = closed
+            self._lib.lra_destroy(h)
         self._reducer = None  # lra no longer calls it
+        self._callbacks = []
 
     def __del__(self):
         self.close()
+
+    def __reduce__(self):
+        # copy.copy would share the raw handle: closing one copy frees it
+        # under the other (use after free, double lra_destroy).
+        raise TypeError(
+            "an lra.Optimizer owns a C handle and cannot be copied or pickled; "
+            "use save_state()/load_state() (TorchOptimizer: state_dict()/load_state_dict())"
+        )
 
     def __enter__(self):
         return self
@@ -571,8 +580,45 @@ class Optimizer:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, callback=False):
-        return _InFlight(self, callback)
+    def _call(self, fn, *args, callback=False):
+        """Runs the lra function ``fn(handle, *args)`` and raises what it failed with.
+
+        The call is counted as in flight meanwhile: :meth:`close` refuses
+        while the count is not zero, so no thread passes a freed handle to
+        C, and a refused ``lra_destroy`` (silent in C) cannot leak the
+        handle. The lock guards the count only, never the C call: calls
+        release the GIL and may overlap (lra refuses the second with
+        ``LRA_CALL_ORDER``). ``callback``: the call may run the reduction
+        trampoline (see :class:`_InterruptDeferral`).
+
+        Python raises a ``KeyboardInterrupt`` as a call returns or a
+        function is entered. The count is therefore taken and given back
+        inline, inside one ``try``, with no call between the ``finally``
+        and the decrement (a context manager's ``__exit__`` is a function
+        entry: a Ctrl-C raised there left the count up, and close()
+        refused, for good).
+        """
+        counted = False
+        token = None
+        try:
+            try:
+                with self._lock:
+                    h = self._h
+                    if not h:
+                        raise LraError(1, "the lra handle was closed")
+                    self._in_flight += 1
+                    counted = True
+                if callback and self._reducer is not None:
+                    token = _INTERRUPTS.enter()
+                self._pending.exc = None
+                status = fn(h, *args)
+            finally:
+                if counted:
+                    with self._lock:
+                        self._in_flight -= 1
+            self._check(status)
+        finally:
+            _INTERRUPTS.leave(token)
 
     def _check(self, status):
         exc = getattr(self._pending, "exc", None)
@@ -599,7 +645,7 @@ class Optimizer:
     def _tensor_array(tensors):
         if isinstance(tensors, ctypes.Array) and tensors._type_ is Tensor:
             return tensors
-        items = [t if isinstance(t, Tensor) else Tensor(*t) for t in tensors]
+        items = [t if isinstance(t, Tensor) else _tensor_from_tuple(i, t) for i, t in enumerate(tensors)]
         return (Tensor * len(items))(*items)
 
     def step(self, tensors, loss, obs_var=0.0, stream=None, found_inf=None):
@@ -612,61 +658,54 @@ class Optimizer:
         """
         arr = self._tensor_array(tensors)
         loss, obs_var = float(loss), float(obs_var)
-        with self._call(callback=True) as h:
-            if found_inf is None:
-                status = self._lib.lra_step(h, arr, len(arr), loss, obs_var, stream)
-            else:
-                status = self._lib.lra_step_ex(h, arr, len(arr), loss, obs_var, found_inf, stream)
-            self._check(status)
+        if found_inf is None:
+            self._call(self._lib.lra_step, arr, len(arr), loss, obs_var, stream, callback=True)
+        else:
+            self._call(
+                self._lib.lra_step_ex, arr, len(arr), loss, obs_var, found_inf, stream, callback=True
+            )
 
     def report_reeval(self, loss_after):
         """``lra_report_reeval``: f+ on the SAME batch after the step; returns :class:`ReevalInfo`."""
         info = ReevalInfo()
         loss_after = float(loss_after)
-        with self._call(callback=True) as h:
-            self._check(self._lib.lra_report_reeval(h, loss_after, ctypes.byref(info)))
+        self._call(self._lib.lra_report_reeval, loss_after, ctypes.byref(info), callback=True)
         return info
 
     def should_reeval(self):
         """Whether the schedule wants the pending step re-evaluated."""
         out = ctypes.c_uint32()
-        with self._call() as h:
-            self._check(self._lib.lra_should_reeval(h, ctypes.byref(out)))
+        self._call(self._lib.lra_should_reeval, ctypes.byref(out))
         return bool(out.value)
 
     # getters / setters
     @property
     def lr(self):
         out = ctypes.c_double()
-        with self._call() as h:
-            self._check(self._lib.lra_get_lr(h, ctypes.byref(out)))
+        self._call(self._lib.lra_get_lr, ctypes.byref(out))
         return out.value
 
     @lr.setter
     def lr(self, value):
         value = float(value)
-        with self._call() as h:
-            self._check(self._lib.lra_set_lr(h, value))
+        self._call(self._lib.lra_set_lr, value)
 
     @property
     def last_phi(self):
         out = ctypes.c_double()
-        with self._call() as h:
-            self._check(self._lib.lra_get_last_phi(h, ctypes.byref(out)))
+        self._call(self._lib.lra_get_last_phi, ctypes.byref(out))
         return out.value
 
     @property
     def last_reeval(self):
         info = ReevalInfo()
-        with self._call() as h:
-            self._check(self._lib.lra_get_last_reeval(h, ctypes.byref(info)))
+        self._call(self._lib.lra_get_last_reeval, ctypes.byref(info))
         return info
 
     @property
     def counters(self):
         out = Counters()
-        with self._call() as h:
-            self._check(self._lib.lra_get_counters(h, ctypes.byref(out)))
+        self._call(self._lib.lra_get_counters, ctypes.byref(out))
         return out
 
     # checkpoints
@@ -674,18 +713,16 @@ class Optimizer:
         """A versioned checkpoint as ``bytes``."""
         size = ctypes.c_size_t()
         written = ctypes.c_size_t()
-        with self._call() as h:
-            self._check(self._lib.lra_state_size(h, ctypes.byref(size)))
-            buf = ctypes.create_string_buffer(max(size.value, 1))
-            self._check(self._lib.lra_save_state(h, buf, size.value, ctypes.byref(written)))
+        self._call(self._lib.lra_state_size, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(max(size.value, 1))
+        self._call(self._lib.lra_save_state, buf, size.value, ctypes.byref(written))
         return buf.raw[: written.value]
 
     def load_state(self, data):
         """Restores a checkpoint from :meth:`save_state` (same config and layout)."""
         data = bytes(data)
         buf = ctypes.create_string_buffer(data, max(len(data), 1))
-        with self._call() as h:
-            self._check(self._lib.lra_load_state(h, buf, len(data)))
+        self._call(self._lib.lra_load_state, buf, len(data))
 
     # distributed
     def set_reduction(self, reduce):
@@ -702,9 +739,9 @@ class Optimizer:
         next reduction or once the call returns. Not callable: ``TypeError``.
         """
         if reduce is None:
-            with self._call() as h:
-                self._check(self._lib.lra_set_reduction(h, REDUCE_FN(), None))
+            self._call(self._lib.lra_set_reduction, REDUCE_FN(), None)
             self._reducer = None
+            self._callbacks = []
             return
         if not callable(reduce):
             raise TypeError(f"the reduction must be callable or None, not {type(reduce).__name__}")
@@ -731,9 +768,16 @@ class Optimizer:
                 return 1
 
         fn = REDUCE_FN(trampoline)
-        with self._call() as h:
-            self._check(self._lib.lra_set_reduction(h, fn, None))
-        self._reducer = fn  # keep the C callback alive as long as the handle
+        # Alive before lra may hold it: a Ctrl-C raised as the C call
+        # returns would otherwise free the callback that lra then calls.
+        self._callbacks.append(fn)
+        try:
+            self._call(self._lib.lra_set_reduction, fn, None)
+        except LraError:
+            self._callbacks.remove(fn)  # refused: lra kept what it had
+            raise
+        self._reducer = fn
+        self._callbacks = [fn]
 
 
 # --- torch adapter ----------------------------------------------------------
@@ -805,12 +849,15 @@ class TorchOptimizer:
                 )
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"parameter {i} is a {type(p).__name__}, not a torch.Tensor")
-        self.params = [p for p in params if p.requires_grad]
+        # Messages name a parameter by its position in `params`, frozen
+        # ones included (the position the caller can look up).
+        self._positions = [i for i, p in enumerate(params) if p.requires_grad]
+        self.params = [params[i] for i in self._positions]
         if not self.params:
             raise ValueError("no parameters that require gradients")
         self.device = self.params[0].device
         first_index = {}
-        for i, p in enumerate(self.params):
+        for i, p in zip(self._positions, self.params):
             if not p.is_leaf:
                 raise ValueError(
                     f"parameter {i} is not a leaf tensor (it is the result of an operation): "
@@ -821,8 +868,8 @@ class TorchOptimizer:
             first_index[id(p)] = i
             if p.device != self.device:
                 raise ValueError(
-                    f"parameter {i} is on {p.device}, parameter 0 on {self.device}: "
-                    "one TorchOptimizer per device"
+                    f"parameter {i} is on {p.device}, parameter {self._positions[0]} on "
+                    f"{self.device}: one TorchOptimizer per device"
                 )
             _torch_dtype_code(torch, p.dtype)
         if self.device.type == "cuda":
@@ -871,7 +918,7 @@ class TorchOptimizer:
         keep = []
         orders = []
         for i, p in enumerate(self.params):
-            name = f"parameter {i} {tuple(p.shape)}"
+            name = f"parameter {self._positions[i]} {tuple(p.shape)}"
             if p.device != self.device:
                 raise ValueError(
                     f"{name} is now on {p.device}, this optimizer's handle on {self.device}: "
@@ -938,6 +985,20 @@ class TorchOptimizer:
         self.lra.step(arr, loss, obs_var, self._stream(), flag)
         del keep  # the C call has returned (on CUDA: queued on torch's current stream)
         self._memory_orders = orders
+        self._mark_params_modified()
+
+    def _mark_params_modified(self):
+        """Tells autograd that the parameters changed in place, as torch.optim's
+        in-place updates do: lra wrote through raw pointers, so a graph that
+        saved a parameter would otherwise backpropagate through the new values
+        without the "modified by an inplace operation" error."""
+        torch = self._torch
+        increment = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
+        for p in self.params:
+            if increment is not None:
+                increment(p)
+            else:  # torch < 2.1: an in-place op on an empty view bumps the shared counter
+                p.detach().unsqueeze(0)[:0].zero_()
 
     def report_reeval(self, loss_after):
         """f+ = the loss on the SAME batch after :meth:`step`; adapts lr; returns :class:`ReevalInfo`."""
@@ -1014,7 +1075,7 @@ class TorchOptimizer:
             for i, (p, order) in enumerate(zip(self.params, saved_orders)):
                 if p.numel() > 0 and _memory_order(p) != order:
                     raise ValueError(
-                        f"parameter {i} {tuple(p.shape)} was saved in another memory layout "
+                        f"parameter {self._positions[i]} {tuple(p.shape)} was saved in another memory layout "
                         f"(strides {order}, None for dimensions of size 1) than it has now "
                         f"(strides {p.stride()}): lra's optimizer state follows memory order; "
                         "give the model its saved layout (e.g. "
@@ -1031,3 +1092,9 @@ class TorchOptimizer:
 
     def close(self):
         self.lra.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

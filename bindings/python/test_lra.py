@@ -219,6 +219,56 @@ class TorchTests(unittest.TestCase):
 
 
 class HandleLifetimeAndMessageTests(unittest.TestCase):
+    def test_a_handle_cannot_be_copied_or_pickled(self):
+        # A shallow copy shared the raw pointer: closing one freed the handle
+        # under the other, which then steered whatever lra allocated there.
+        import copy
+        import pickle
+
+        opt = lra.Optimizer("sgd")
+        for dup in (copy.copy, copy.deepcopy, pickle.dumps):
+            with self.subTest(dup=dup.__name__):
+                with self.assertRaisesRegex(TypeError, "cannot be copied or pickled"):
+                    dup(opt)
+        self.assertAlmostEqual(opt.lr, 1e-3)
+        opt.close()
+
+    def test_lra_error_survives_pickling(self):
+        # multiprocessing and concurrent.futures pickle a worker's exception;
+        # one that does not unpickle breaks the pool instead of reaching the caller.
+        import pickle
+
+        with lra.Optimizer("sgd") as opt:
+            with self.assertRaises(lra.LraError) as ctx:
+                opt.report_reeval(1.0)
+        err = pickle.loads(pickle.dumps(ctx.exception))
+        self.assertEqual((err.status, err.message), (ctx.exception.status, ctx.exception.message))
+        self.assertEqual(str(err), str(ctx.exception))
+        self.assertTrue(str(err).startswith("lra status 4: "), str(err))
+        self.assertIn("lra_report_reeval", str(err))
+
+    def test_tensor_tuple_integers_the_c_fields_cannot_hold_are_refused(self):
+        # ctypes stores integers modulo 2**bits: numel 2**64 + 3 became 3 and
+        # dtype 2**32 became f32, and the step ran.
+        import ctypes
+
+        param, grad = f32_buffer([1.0, 1.0, 1.0]), f32_buffer([1.0, 1.0, 1.0])
+        p, g = ctypes.addressof(param), ctypes.addressof(grad)
+        with lra.Optimizer("sgd", lr=0.5, num_threads=1) as opt:
+            for t, field in (((p, g, 2**64 + 3, 0), "numel"), ((p, g, 3, 2**32), "dtype"),
+                             ((p + 2**64, g, 3, 0), "param")):
+                with self.subTest(field=field):
+                    with self.assertRaisesRegex(ValueError, rf"tensors\[0\]\.{field}"):
+                        opt.step([t], 1.0)
+            self.assertEqual(list(param), [1.0, 1.0, 1.0])
+            self.assertEqual(opt.counters.steps, 0)
+            opt.step([(ctypes.c_void_p(p), g, 3, lra.DTYPE_F32)], 1.0)  # ctypes pointers still pass
+            self.assertEqual(list(param), [0.5, 0.5, 0.5])
+
+    def test_a_wrong_type_for_a_double_field_names_the_field(self):
+        with self.assertRaisesRegex(TypeError, "^lr: "):
+            lra.Optimizer("sgd", lr="0.1")
+
     def test_refused_reentrant_call_reports_its_own_reason(self):
         # A call refused because another call runs on the handle leaves its
         # reason on the calling thread; the handle's message belongs to the
@@ -527,6 +577,104 @@ class ReductionFailureTests(unittest.TestCase):
                     self.assertEqual((raised, opt.counters.steps), ("step", steps))
                 self.assert_nothing_escaped_into_c()
 
+    def test_a_ctrl_c_at_any_point_of_a_call_leaves_the_object_usable(self):
+        # Python raises KeyboardInterrupt for a SIGINT at a function entry or
+        # as a builtin call returns. One real SIGINT at each such point of a
+        # call (found with sys.setprofile, one point per run) must leave no
+        # call counted in flight (close() refused for good: a Ctrl-C at
+        # _InFlight.__exit__'s entry or after its lock's release) and
+        # Python's SIGINT handler in place (a Ctrl-C inside signal.signal's
+        # swap left the swapped handler installed; the next guarded call
+        # took it for the previous one and every later Ctrl-C recursed).
+        import signal
+
+        def inject(k, call):
+            seen, hit = [0], [False]
+
+            def hook(frame, event, arg):
+                if event in ("call", "c_return"):
+                    if seen[0] == k:
+                        sys.setprofile(None)
+                        hit[0] = True
+                        signal.raise_signal(signal.SIGINT)
+                    seen[0] += 1
+
+            sys.setprofile(hook)
+            try:
+                try:
+                    call()
+                finally:
+                    sys.setprofile(None)
+            except (KeyboardInterrupt, lra.LraError):
+                pass
+            return hit[0]
+
+        calls = {
+            "lr": lambda opt, t: opt.lr,
+            "should_reeval": lambda opt, t: opt.should_reeval(),
+            "step": lambda opt, t: opt.step(t, 1.0),
+            "report_reeval": lambda opt, t: opt.report_reeval(0.5),
+        }
+        for name, call in calls.items():
+            for k in range(1000):
+                opt, t, param, grad = sharded_sgd()
+                opt.set_reduction(lambda values: values)
+                opt.step(t, 1.0)  # a pending step
+                if not inject(k, lambda: call(opt, t)):
+                    break  # every point was tried
+                with self.subTest(call=name, point=k):
+                    self.assertEqual(opt._in_flight, 0)
+                    self.assertEqual(lra._INTERRUPTS.depth, 0)
+                    self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+                    opt.close()
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                opt._in_flight = 0
+                opt.close()
+            self.assertGreater(k, 5, name)
+        self.assert_nothing_escaped_into_c()
+
+    def test_a_ctrl_c_as_set_reduction_returns_keeps_the_callback_alive(self):
+        # lra_set_reduction succeeded, then a Ctrl-C raised as it returned
+        # unwound set_reduction before it kept the ctypes callback: lra held
+        # the address of a freed callback (the next step called whichever
+        # callback reused that memory).
+        import gc
+        import signal
+        import weakref
+
+        class Reduce:
+            def __call__(self, values):
+                return values
+
+        class CtrlCAfterSetReduction:
+            def __init__(self, lib):
+                self.lib = lib
+
+            def __getattr__(self, name):
+                fn = getattr(self.lib, name)
+                if name != "lra_set_reduction":
+                    return fn
+
+                def call(*args):
+                    status = fn(*args)
+                    signal.raise_signal(signal.SIGINT)  # handled as the C call returns
+                    return status
+
+                return call
+
+        opt, t, param, grad = sharded_sgd()
+        reduce = Reduce()
+        alive = weakref.ref(reduce)
+        lib, opt._lib = opt._lib, CtrlCAfterSetReduction(opt._lib)
+        with self.assertRaises(KeyboardInterrupt):
+            opt.set_reduction(reduce)
+        opt._lib = lib
+        del reduce
+        gc.collect()
+        self.assertIsNotNone(alive(), "lra holds a callback the binding let go")
+        opt.step(t, 1.0)
+        self.assertAlmostEqual(param[0], 0.9, places=6)
+
     def test_set_reduction_checks_callable_at_registration(self):
         opt, t, _, _ = sharded_sgd()
         with self.assertRaisesRegex(TypeError, "callable"):
@@ -627,6 +775,38 @@ class TorchAdapterAuditTests(unittest.TestCase):
         opt.step(1.0)
         for p in ps:
             self.assertTrue(torch.equal(p.detach(), torch.full((8,), 0.875, dtype=p.dtype)), p)
+
+    def test_step_tells_autograd_the_parameters_changed(self):
+        # lra writes through raw pointers: without a version bump a graph
+        # that saved the parameter silently backpropagated through the new
+        # values, where torch.optim raises.
+        p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.1)
+        loss = (p * p).sum()  # saves p for backward
+        loss.backward(retain_graph=True)
+        version = p._version
+        opt.step(loss)
+        self.assertGreater(p._version, version)
+        with self.assertRaisesRegex(RuntimeError, "modified by an inplace operation"):
+            loss.backward()
+
+    def test_with_closes_the_handle(self):
+        p = torch.nn.Parameter(torch.ones(2))
+        with lra.TorchOptimizer([p], optimizer="sgd") as opt:
+            self.assertAlmostEqual(opt.lr, 1e-3)
+        with self.assertRaisesRegex(lra.LraError, "closed"):
+            opt.lr
+
+    def test_messages_name_parameters_by_their_position_in_the_given_list(self):
+        # Frozen parameters are left out; a message naming a parameter by its
+        # index among the trainable ones pointed at the wrong tensor.
+        frozen = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+        q = torch.nn.Parameter(torch.zeros(3))
+        opt = lra.TorchOptimizer([frozen, q], optimizer="sgd")
+        with self.assertRaisesRegex(ValueError, r"^parameter 1 \(3,\) has no gradient"):
+            opt.step(1.0)
+        with self.assertRaisesRegex(ValueError, r"^parameter 2 is not a leaf"):
+            lra.TorchOptimizer([frozen, q, q * 2])
 
     def test_zero_grad_like_torch_optim(self):
         p = torch.nn.Parameter(torch.ones(3))

@@ -368,6 +368,23 @@ int main() {
     EXPECT(!w.grad().defined());
   }
 
+  // A graph that saved a parameter refuses backward() after a step, as
+  // after torch::optim's in-place update (lra writes through raw pointers).
+  {
+    auto p = torch::ones({4}).requires_grad_();
+    lra::TorchOptimizer o({p}, cfg);
+    p.mutable_grad() = torch::ones({4});
+    auto saved = (p * p).sum();  // mul saves p
+    o.step(1.0);
+    std::string message;
+    try {
+      saved.backward();
+    } catch (const c10::Error& e) {
+      message = e.what();
+    }
+    EXPECT(message.find("modified by an inplace operation") != std::string::npos);
+  }
+
   // CUDA parameters: rejected with a clear message when this build has no
   // CUDA support in lra_torch.hpp (CPU-only LibTorch cannot make them).
 #ifndef LRA_TORCH_CUDA
