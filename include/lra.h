@@ -268,7 +268,10 @@ lra_status lra_create(const struct lra_config *cfg, struct lra_handle **out);
 
 // Destroys a handle and its optimizer state. NULL is a no-op. Refused
 // (the handle lives on; `lra_thread_last_error()` says why) while another
-// call runs on the handle, e.g. from inside its reduction callback.
+// call runs on the handle, e.g. from inside its reduction callback. Once
+// it returns, `h` is freed memory: passing it again to any lra function
+// (a second `lra_destroy` included) is undefined behaviour, as is a call
+// on `h` that another thread may start while `lra_destroy` runs.
 void lra_destroy(struct lra_handle *h);
 
 // One iteration: the wrapped optimizer's step with the current η.
@@ -330,8 +333,8 @@ lra_status lra_load_state(struct lra_handle *h, const void *buf, size_t len);
 // losses (`reduce` NULL removes it, except on a sharded or rank-local-loss
 // handle, which needs one: `LRA_INVALID_ARGUMENT`). It must be registered on every rank
 // and is then called on every rank in the same order. It runs inside
-// calls on this handle: calls on the handle from inside it fail with
-// `LRA_CALL_ORDER`.
+// calls on this handle, on the thread making the call: calls on the
+// handle from inside it fail with `LRA_CALL_ORDER`.
 lra_status lra_set_reduction(struct lra_handle *h, lra_reduce_fn reduce, void *user);
 
 // A static description of a status value ("unknown status" for others).
@@ -339,6 +342,9 @@ const char *lra_status_string(lra_status status);
 
 // The message of the handle's last failed call ("" if none; NULL handle:
 // the calling thread's last message). Valid until the next call on it.
+// While another call runs on the handle (from another thread, or the
+// call whose reduction callback asks) its message is not settled: a
+// static note saying so is returned instead.
 const char *lra_last_error(const struct lra_handle *h);
 
 // The calling thread's last failure message, from any call (the only

@@ -393,12 +393,22 @@ impl Engine {
     /// Serialises η, counters, schedule, the pending step and the optimizer
     /// state into `out` (which must hold `state_size()` bytes).
     pub fn save_state(&mut self, out: &mut [u8]) -> Result<usize> {
+        let w = self.checkpoint(out.len())?;
+        out[..w.len()].copy_from_slice(&w);
+        Ok(w.len())
+    }
+
+    /// The checkpoint `save_state` writes, as `state_size()` bytes of its
+    /// own; `BufferTooSmall`, before any work, when a buffer of `capacity`
+    /// bytes cannot hold it. (The C ABI copies these bytes into the
+    /// caller's buffer without forming a `&mut [u8]` over it: that memory
+    /// may be uninitialised, e.g. fresh from `malloc`.)
+    pub fn checkpoint(&mut self, capacity: usize) -> Result<Vec<u8>> {
         let need = self.state_size();
-        if out.len() < need {
+        if capacity < need {
             fail!(
                 BufferTooSmall,
-                "buffer holds {} bytes, the checkpoint needs {need}",
-                out.len()
+                "buffer holds {capacity} bytes, the checkpoint needs {need}"
             );
         }
         let pending_outcome = match self.pending {
@@ -497,8 +507,7 @@ impl Engine {
         let sum = fnv1a(&w);
         put_u64(&mut w, sum);
         assert_eq!(w.len(), need, "checkpoint size accounting");
-        out[..need].copy_from_slice(&w);
-        Ok(need)
+        Ok(w)
     }
 
     /// Restores a checkpoint written by `save_state` with the same optimizer,

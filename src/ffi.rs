@@ -253,7 +253,11 @@ fn c_message(e: &Error) -> CString {
 }
 
 fn set_thread_error(e: &Error) {
-    THREAD_ERROR.with(|t| *t.borrow_mut() = c_message(e));
+    // `try_with`: a call from a thread-local destructor that runs after
+    // this one's (a C++ `thread_local` owning a handle) must not panic:
+    // the panic would cross the C boundary and abort the process. The
+    // message is then lost; the status still says what happened.
+    let _ = THREAD_ERROR.try_with(|t| *t.borrow_mut() = c_message(e));
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -292,6 +296,13 @@ fn null_error(name: &str, what: &str) -> lra_status {
 
 /// Claims a live handle for one call (see `lra_handle::busy`); on failure
 /// records why on the calling thread and returns the status.
+///
+/// The magic number catches a stray pointer into readable memory at least
+/// as large as a handle (NULL and misalignment are checked exactly). It cannot make a destroyed handle
+/// safe to pass: `lra_destroy` frees the handle, and reading its magic
+/// afterwards is a use after free (so is any call that may start while
+/// `lra_destroy` runs on another thread). The C contract therefore says
+/// a destroyed handle must not be passed again.
 unsafe fn claim(h: *mut lra_handle, name: &str) -> std::result::Result<(), lra_status> {
     if h.is_null() {
         return Err(null_error(name, "handle"));
@@ -582,7 +593,10 @@ pub unsafe extern "C" fn lra_create(
 
 /// Destroys a handle and its optimizer state. NULL is a no-op. Refused
 /// (the handle lives on; `lra_thread_last_error()` says why) while another
-/// call runs on the handle, e.g. from inside its reduction callback.
+/// call runs on the handle, e.g. from inside its reduction callback. Once
+/// it returns, `h` is freed memory: passing it again to any lra function
+/// (a second `lra_destroy` included) is undefined behaviour, as is a call
+/// on `h` that another thread may start while `lra_destroy` runs.
 #[no_mangle]
 pub unsafe extern "C" fn lra_destroy(h: *mut lra_handle) {
     if h.is_null() || claim(h, "lra_destroy").is_err() {
@@ -870,10 +884,16 @@ pub unsafe extern "C" fn lra_save_state(
                 );
             }
         }
-        let out = std::slice::from_raw_parts_mut(buf as *mut u8, len);
-        let n = e.save_state(out)?;
+        // Copied, not written through a `&mut [u8]` over `buf`: a C
+        // caller's buffer is often fresh from malloc, and a reference to
+        // uninitialised bytes is undefined behaviour.
+        let bytes = e.checkpoint(len)?;
+        // SAFETY: `buf` is valid for `len >= bytes.len()` bytes of writes
+        // (the caller's contract; NULL, alignment and extent checked above),
+        // and lra's own `bytes` cannot overlap it.
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, bytes.len());
         if !written.is_null() {
-            written.write(n);
+            written.write(bytes.len());
         }
         Ok(())
     })
@@ -900,8 +920,8 @@ pub unsafe extern "C" fn lra_load_state(
 /// losses (`reduce` NULL removes it, except on a sharded or rank-local-loss
 /// handle, which needs one: `LRA_INVALID_ARGUMENT`). It must be registered on every rank
 /// and is then called on every rank in the same order. It runs inside
-/// calls on this handle: calls on the handle from inside it fail with
-/// `LRA_CALL_ORDER`.
+/// calls on this handle, on the thread making the call: calls on the
+/// handle from inside it fail with `LRA_CALL_ORDER`.
 #[no_mangle]
 pub unsafe extern "C" fn lra_set_reduction(
     h: *mut lra_handle,
@@ -938,8 +958,11 @@ pub unsafe extern "C" fn lra_set_reduction(
 }
 
 struct SendUser(*mut c_void);
-// SAFETY: the user pointer is only handed back to the caller's callback,
-// which the caller calls from the thread that drives the handle.
+// SAFETY: lra never dereferences `user`; it only hands it back to the
+// caller's callback, on the thread of the call running on the handle
+// (never from a worker thread). A handle may move between threads, so the
+// callback must accept being called on whichever thread calls lra: part of
+// the `lra_set_reduction` contract.
 unsafe impl Send for SendUser {}
 
 /// A static description of a status value ("unknown status" for others).
@@ -953,6 +976,9 @@ pub extern "C" fn lra_status_string(status: lra_status) -> *const c_char {
 
 /// The message of the handle's last failed call ("" if none; NULL handle:
 /// the calling thread's last message). Valid until the next call on it.
+/// While another call runs on the handle (from another thread, or the
+/// call whose reduction callback asks) its message is not settled: a
+/// static note saying so is returned instead.
 #[no_mangle]
 pub unsafe extern "C" fn lra_last_error(h: *const lra_handle) -> *const c_char {
     if h.is_null()
@@ -961,7 +987,19 @@ pub unsafe extern "C" fn lra_last_error(h: *const lra_handle) -> *const c_char {
     {
         return lra_thread_last_error();
     }
-    (*h).last_error.as_ptr()
+    // Claimed like any call (but without recording a refusal, which would
+    // replace the thread's message): a call running on another thread
+    // replaces, and frees, `last_error` while it runs.
+    let busy = &*std::ptr::addr_of!((*h).busy);
+    if busy
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        return c"the handle is in the middle of another call; its message is settled when that call returns".as_ptr();
+    }
+    let message = (*h).last_error.as_ptr();
+    busy.store(false, Ordering::Release);
+    message
 }
 
 /// The calling thread's last failure message, from any call (the only
@@ -969,7 +1007,9 @@ pub unsafe extern "C" fn lra_last_error(h: *const lra_handle) -> *const c_char {
 /// failing call on this thread.
 #[no_mangle]
 pub extern "C" fn lra_thread_last_error() -> *const c_char {
-    THREAD_ERROR.with(|t| t.borrow().as_ptr())
+    THREAD_ERROR
+        .try_with(|t| t.borrow().as_ptr())
+        .unwrap_or(c"this thread's message is gone (called during thread exit)".as_ptr())
 }
 
 /// Library version: (major << 16) | (minor << 8) | patch.

@@ -530,3 +530,119 @@ fn forged_schedule_gaps_and_bias_powers_are_refused() {
     assert_eq!(fresh.load(&good), LRA_OK);
     assert_eq!(fresh.checkpoint(), good);
 }
+
+/// `lra_last_error` claims the handle like any call: while another call
+/// runs on it (here: the call whose reduction callback asks, and a failing
+/// call on another thread) the running call's message is not read, since
+/// that call replaces and frees it. Under Miri (stage `miri`) the second
+/// half is a data race without the claim.
+#[test]
+fn the_handle_message_is_never_read_while_another_call_writes_it() {
+    const BUSY: &str = "in the middle of another call";
+    unsafe extern "C" fn ask(_v: *mut f64, _n: usize, user: *mut c_void) -> i32 {
+        let r = &mut *(user as *mut (*mut lra_handle, String));
+        r.1 = std::ffi::CStr::from_ptr(lra_last_error(r.0))
+            .to_string_lossy()
+            .into_owned();
+        0
+    }
+    let mut cfg = config(LRA_OPTIMIZER_SGD, 0.1);
+    cfg.loss_is_rank_local = 1;
+    let h = Handle::create(&cfg);
+    let mut r = (h.0, String::new());
+    let st = unsafe {
+        lra_set_reduction(
+            h.0,
+            Some(ask),
+            (&mut r as *mut (*mut lra_handle, String)).cast(),
+        )
+    };
+    assert_eq!(st, LRA_OK);
+    let mut p = ramp(8, 1.0);
+    let g = ramp(8, 1.0);
+    assert_eq!(h.step(&[f32_tensor(&mut p, &g)], 1.0), LRA_OK);
+    assert!(r.1.contains(BUSY), "from inside the callback: '{}'", r.1);
+
+    struct Shared(*mut lra_handle);
+    // SAFETY: the handle may be used from any thread (the ABI's promise).
+    unsafe impl Sync for Shared {}
+    let shared = Shared(h.0);
+    let shared = &shared;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for _ in 0..10 {
+                let st = unsafe { lra_set_lr(shared.0, -1.0) };
+                assert_eq!(st, LRA_INVALID_ARGUMENT);
+            }
+        });
+        s.spawn(move || {
+            for _ in 0..10 {
+                let m = unsafe { std::ffi::CStr::from_ptr(lra_last_error(shared.0)) };
+                let m = m.to_string_lossy();
+                assert!(m.contains("lra_set_lr") || m.contains(BUSY), "'{m}'");
+            }
+        });
+    });
+}
+
+/// A C caller's checkpoint buffer fresh from `malloc` is uninitialised;
+/// `lra_save_state` writes it without forming a `&mut [u8]` over it (the
+/// stage `miri` runs this test with `-Zmiri-recursive-validation`, which
+/// checks what references point at).
+#[test]
+fn a_checkpoint_goes_into_an_uninitialised_buffer() {
+    let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-3));
+    let mut p = ramp(8, 1.0);
+    let g = ramp(8, 0.5);
+    assert_eq!(h.step(&[f32_tensor(&mut p, &g)], 1.0), LRA_OK);
+    let mut size = 0usize;
+    assert_eq!(unsafe { lra_state_size(h.0, &mut size) }, LRA_OK);
+    let mut buf: Vec<u8> = Vec::with_capacity(size); // uninitialised, like malloc
+    let mut written = 0usize;
+    let st = unsafe { lra_save_state(h.0, buf.as_mut_ptr().cast(), size, &mut written) };
+    assert_eq!(st, LRA_OK, "{}", h.error());
+    assert_eq!(written, size);
+    // SAFETY: lra_save_state initialised `written` bytes.
+    unsafe { buf.set_len(written) };
+    assert_eq!(
+        buf,
+        h.checkpoint(),
+        "the same bytes as into an initialised buffer"
+    );
+}
+
+/// A failing call from a thread-local destructor that runs after lra's own
+/// thread-local message was destroyed (a C++ `thread_local` that owns a
+/// handle) returns its status; it used to panic inside the `extern "C"`
+/// function, which aborts the process.
+#[test]
+fn a_failing_call_during_thread_exit_returns_its_status() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static STATUS: AtomicU32 = AtomicU32::new(u32::MAX);
+    struct Late;
+    impl Drop for Late {
+        fn drop(&mut self) {
+            let mut h = null_mut();
+            STATUS.store(
+                unsafe { lra_create(std::ptr::null(), &mut h) },
+                Ordering::SeqCst,
+            );
+            let m = unsafe { std::ffi::CStr::from_ptr(lra_thread_last_error()) };
+            assert!(!m.to_bytes().is_empty());
+        }
+    }
+    thread_local! { static LATE: Late = const { Late }; }
+    std::thread::spawn(|| {
+        // Destructors run in the reverse order of first use: LATE's after
+        // lra's thread-local message, which the failing call creates.
+        LATE.with(|_| {});
+        let mut h = null_mut();
+        assert_eq!(
+            unsafe { lra_create(std::ptr::null(), &mut h) },
+            LRA_NULL_POINTER
+        );
+    })
+    .join()
+    .unwrap();
+    assert_eq!(STATUS.load(Ordering::SeqCst), LRA_NULL_POINTER);
+}

@@ -60,14 +60,24 @@ pub struct CpuBackend {
     validated: ValidatedTensors,
 }
 
-/// A raw pointer that may cross to a worker thread: the engine has checked
-/// that no two tensors overlap, so threads touch disjoint memory.
+/// A raw pointer that may cross to a worker thread. The items of one step
+/// that different threads run write disjoint memory: chunks of one tensor
+/// are disjoint, state slices are per chunk, and no parameter overlaps
+/// another parameter or any gradient (`check_alignment_and_aliasing`, which
+/// the engine runs before every step). Gradients may overlap each other:
+/// they are only read.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut u8);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// One work item: a chunk of one tensor.
+/// One work item: a chunk of one tensor. Invariant (what every pass relies
+/// on): `param` and `grad` are valid for `len` elements of `dtype` (`param`
+/// for writes, with no other live reference to it), and `s0`/`s1` for `len`
+/// f32 values each of the slots in use. `items` makes them so from the
+/// step's `TensorDesc`s, whose validity is the C caller's promise
+/// (`lra_step`; extent checked at the boundary, alignment and overlap by
+/// the engine).
 #[derive(Clone, Copy)]
 struct Item {
     param: SendPtr,
@@ -297,7 +307,8 @@ fn prefetch_ahead<P: Elem>(it: &Item, slots: usize, at: usize) {
 ///
 /// # Safety
 ///
-/// The CPU has the features `L` needs ([`ElementLoop`]).
+/// The CPU has the features `L` needs ([`ElementLoop`]). (The item's
+/// pointers are valid by [`Item`]'s invariant.)
 #[inline(always)]
 unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
     sc: &StepScalars,
@@ -308,7 +319,7 @@ unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
     let n = it.len;
     let slots = OptimizerKind::from_u32(K).map_or(0, |k| k.state_slots());
     // SAFETY: the item's pointers cover `n` elements of the right type
-    // (validated by the engine); slices of unused slots are empty.
+    // ([`Item`]'s invariant); slices of unused slots are empty.
     let (theta, g, s0, s1) = unsafe {
         (
             std::slice::from_raw_parts_mut(it.param.0 as *mut P, n),
@@ -758,7 +769,7 @@ fn chunk_dispatch<const K: u32, const MODE: u8>(
 
 #[inline(always)]
 fn grads_finite<P: Elem>(it: &Item) -> bool {
-    // SAFETY: as in `chunk_pass`.
+    // SAFETY: `grad` is valid for `len` reads ([`Item`]'s invariant).
     let g = unsafe { std::slice::from_raw_parts(it.grad.0 as *const P, it.len) };
     // The largest magnitude's bits, branch-free (a u32 max vectorises; an
     // early exit would not). The item is read as `CHECK_STREAMS` parts

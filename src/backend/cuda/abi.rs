@@ -119,14 +119,25 @@ impl Control {
 
 /// Rows of the device tables, as the kernel reads them (little-endian
 /// `repr(C)`; every target of lra is little-endian).
-pub trait Row: Copy {}
-impl Row for TensorEntry {}
-impl Row for ChunkEntry {}
-impl Row for SegmentEntry {}
-impl Row for Control {}
+///
+/// # Safety
+///
+/// Implementors are `repr(C)` plain data without padding bytes (every byte
+/// of a value is initialised): [`rows_bytes`] hands their bytes out as
+/// `u8`s. An unsafe trait, because this module is public: a safe one would
+/// let safe code implement it for a type with padding.
+pub unsafe trait Row: Copy {}
+// SAFETY (all four): integer and float fields only, no padding (the sizes
+// are asserted above: 40 = 4×8 + 2×4, 8 = 2×4, 16 = 8 + 2×4, 64 = the sum
+// of Control's fields).
+unsafe impl Row for TensorEntry {}
+unsafe impl Row for ChunkEntry {}
+unsafe impl Row for SegmentEntry {}
+unsafe impl Row for Control {}
 
 pub fn rows_bytes<T: Row>(rows: &[T]) -> &[u8] {
-    // SAFETY: `Row` types are repr(C) plain data without padding bytes.
+    // SAFETY: `Row` types are repr(C) plain data without padding bytes
+    // (the trait's contract).
     unsafe { std::slice::from_raw_parts(rows.as_ptr() as *const u8, std::mem::size_of_val(rows)) }
 }
 
