@@ -25,6 +25,7 @@ use crate::error::Result;
 use crate::fail;
 use crate::optim::{self, BiasPowers, DType, Elem, Hyper, OptimizerKind, StepScalars};
 use half::{bf16, f16};
+use std::sync::{Arc, Mutex};
 
 /// Elements per work item.
 pub const CHUNK: usize = 1 << 14;
@@ -47,6 +48,24 @@ const ELEMENTS_PER_THREAD: usize = 1 << 18;
 /// `configured` threads allowed ([`ELEMENTS_PER_THREAD`]).
 fn threads_for(total: usize, configured: usize, items: usize) -> usize {
     (total / ELEMENTS_PER_THREAD).clamp(1, configured.min(items).max(1))
+}
+
+/// What a slot of `run` holds, taken out once (by the worker, or by the
+/// calling thread when the worker was refused).
+fn take_share<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Starts a worker of `run`, or says that the OS refused it.
+fn spawn_share<'scope, F>(s: &'scope std::thread::Scope<'scope, '_>, work: F) -> std::io::Result<()>
+where
+    F: FnOnce() + Send + 'scope,
+{
+    #[cfg(test)]
+    if tests::REFUSED_SPAWNS.with(|r| r.replace(r.get().saturating_sub(1))) > 0 {
+        return Err(std::io::Error::other("refused by the test"));
+    }
+    std::thread::Builder::new().spawn_scoped(s, work).map(drop)
 }
 
 pub struct CpuBackend {
@@ -190,20 +209,34 @@ impl CpuBackend {
     ) -> Vec<R> {
         let mut out = vec![R::default(); items.len()];
         let threads = threads_for(total, self.threads, items.len());
-        if threads == 1 {
-            for (o, it) in out.iter_mut().zip(items) {
+        let run_share = |outs: &mut [R], its: &[Item]| {
+            for (o, it) in outs.iter_mut().zip(its) {
                 *o = f(it);
             }
+        };
+        if threads == 1 {
+            run_share(&mut out, items);
             return out;
         }
         let per = items.len().div_ceil(threads);
         std::thread::scope(|s| {
             for (outs, its) in out.chunks_mut(per).zip(items.chunks(per)) {
-                s.spawn(move || {
-                    for (o, it) in outs.iter_mut().zip(its) {
-                        *o = f(it);
+                // A thread the OS refuses (a process or memory limit) runs
+                // its share here instead: `Scope::spawn` would panic with
+                // part of the step applied. On a refusal the closure is
+                // dropped unrun, so the share is still in the slot.
+                let share = Arc::new(Mutex::new(Some((outs, its))));
+                let theirs = Arc::clone(&share);
+                let spawned = spawn_share(s, move || {
+                    if let Some((outs, its)) = take_share(&theirs) {
+                        run_share(outs, its);
                     }
                 });
+                if spawned.is_err() {
+                    if let Some((outs, its)) = take_share(&share) {
+                        run_share(outs, its);
+                    }
+                }
             }
         });
         out
@@ -980,6 +1013,31 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// How many of this thread's next worker spawns `spawn_share` refuses.
+        pub(super) static REFUSED_SPAWNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    #[test]
+    fn a_worker_the_os_refuses_runs_its_share_on_the_calling_thread() {
+        let n = 4 * ELEMENTS_PER_THREAD + 13;
+        let grad: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.01 - 0.5).collect();
+        let run = |refused: usize| {
+            let mut param: Vec<f32> = (0..n).map(|i| (i % 31) as f32 * 0.1).collect();
+            let mut b = CpuBackend::new(OptimizerKind::Adam, 4);
+            let t = [TensorDesc::host_f32(&mut param, &grad)];
+            assert_eq!(b.threads_for_step(&t), 4);
+            REFUSED_SPAWNS.with(|r| r.set(refused));
+            b.step_plain(&t, &Hyper::defaults(OptimizerKind::Adam), 1e-3);
+            assert_eq!(REFUSED_SPAWNS.with(|r| r.get()), 0, "every refusal was met");
+            param.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        };
+        let all_threads = run(0);
+        assert_ne!(all_threads[0], (0.0f32).to_bits(), "the step moved θ");
+        assert_eq!(run(3), all_threads, "3 of 4 workers refused: the same bits");
+        assert_eq!(run(4), all_threads, "every worker refused: the same bits");
+    }
 
     /// Zeroed bytes aligned for every dtype, as the caller's tensors are
     /// (checked at the C boundary). A `Vec<u8>` promises alignment 1 only:
