@@ -24,6 +24,12 @@
 //! cargo bench --bench kernel_cost -- --sizes 64M --opt adam --dtype f32 --threads 1,2
 //! ```
 
+// `unsafe` blocks in this file call `Engine::step`, `Backend::step` or
+// `CpuBackend::step_plain`, which take raw pointers: every call passes
+// descriptors of buffers the benchmark owns and keeps alive across the call
+// (host slices, or its own device buffers), and null or its own flags
+// and streams.
+
 use lra::backend::cpu::CpuBackend;
 use lra::backend::TensorDesc;
 use lra::ffi::*;
@@ -457,7 +463,7 @@ fn measure(
         used,
         &mut [
             &mut || copy_split(&mut dst, &src, used),
-            &mut || plain.step_plain(&descs, &hyper, 1e-4),
+            &mut || unsafe { plain.step_plain(&descs, &hyper, 1e-4) },
             &mut || lra.iterate(&c_tensors, 1.0),
             &mut || lra_guard.iterate(&c_tensors, 1.0),
         ],

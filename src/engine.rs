@@ -179,7 +179,19 @@ impl Engine {
 
     /// One iteration: the optimizer step with the current η (scaled by s_i
     /// when f* is known or R > 0). Validates everything before any write.
-    pub fn step(
+    ///
+    /// # Safety
+    ///
+    /// What `lra_step_ex` asks of a C caller, which lra cannot check: each
+    /// tensor's `param` is valid for reads and writes and its `grad` for
+    /// reads of `numel` elements of its dtype, in the memory this handle
+    /// works on (host memory for a host handle; device memory of the
+    /// handle's device for a CUDA handle), for the whole call (on a CUDA
+    /// handle: until the step's work on `stream` is done); `found_inf` is
+    /// null or valid for one f32 there; `stream` is null or a live
+    /// `CUstream` (null on a host handle). What lra can check (alignment,
+    /// overlap, memory kind, extents that wrap) it does, before any write.
+    pub unsafe fn step(
         &mut self,
         tensors: &[TensorDesc],
         loss: f64,
@@ -245,7 +257,9 @@ impl Engine {
                     _ => None,
                 },
             };
-            let res = self.backend.step(req);
+            // SAFETY: the pointers are valid (this function's contract),
+            // and validate and check_step accepted them above.
+            let res = unsafe { self.backend.step(req) };
             self.reducer = reducer;
             res?;
             None

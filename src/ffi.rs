@@ -734,7 +734,10 @@ unsafe fn step_impl(
                 "stream must be NULL for a host (device = 0) handle"
             );
         }
-        e.step(&list, loss, obs_var, found_inf, stream)
+        // SAFETY: the buffers, flag and stream are what the C caller
+        // promises of lra_step_ex (NULL, extents and alignment are checked;
+        // memory kind and overlap the backend checks before any write).
+        unsafe { e.step(&list, loss, obs_var, found_inf, stream) }
     })
 }
 

@@ -2,6 +2,12 @@
 //! adaptation idle (no re-evaluation) match torch.optim (Debian's
 //! python3-torch) on the same random tensors within 1e-6 relative in f32.
 
+// `unsafe` blocks in this file call `Engine::step`, `Backend::step` or
+// `CpuBackend::step_plain`, which take raw pointers: every call passes
+// descriptors of buffers the test owns and keeps alive across the call
+// (host slices, or its own device buffers), and null or test-owned flags
+// and streams.
+
 use lra::backend::TensorDesc;
 use lra::config::Config;
 use lra::optim::{DType, OptimizerKind};
@@ -99,7 +105,7 @@ fn twenty_steps_match_torch_optim() {
                 numel: n,
                 dtype: DType::F32,
             }];
-            e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap();
+            unsafe { e.step(&t, 1.0, 0.0, null(), null_mut()) }.unwrap();
             // Relative error in the max norm, per step: ‖lra − torch‖∞ / ‖torch‖∞.
             // (Element-wise it would blow up where a parameter passes through
             // zero: one rounding of lr·d, which torch may fuse into an FMA,

@@ -8,6 +8,12 @@
 //! (`lra::ffi`) except where the optimizer state itself is compared, which
 //! uses `Engine::optimizer_state`.
 
+// `unsafe` blocks in this file call `Engine::step`, `Backend::step` or
+// `CpuBackend::step_plain`, which take raw pointers: every call passes
+// descriptors of buffers the test owns and keeps alive across the call
+// (host slices, or its own device buffers), and null or test-owned flags
+// and streams.
+
 use lra::backend::TensorDesc;
 use lra::config::Config;
 use lra::controller::SkipReason;
@@ -325,11 +331,9 @@ fn the_state_advances_as_the_plain_optimizer_whatever_the_scale() {
                     values(2, 60 + k as u64, 0.1, 1.0),
                 ];
                 let before = (ps.clone(), pp.clone());
-                scaled
-                    .step(&descs(&mut ps, &grads), loss, r, null(), null_mut())
+                unsafe { scaled.step(&descs(&mut ps, &grads), loss, r, null(), null_mut()) }
                     .unwrap();
-                plain
-                    .step(&descs(&mut pp, &grads), loss, 0.0, null(), null_mut())
+                unsafe { plain.step(&descs(&mut pp, &grads), loss, 0.0, null(), null_mut()) }
                     .unwrap();
                 let what = format!("{kind:?} f* {f_star} step {k}");
                 let a = scaled.optimizer_state().unwrap();
@@ -746,15 +750,16 @@ fn a_skipped_step_changes_nothing_not_even_t() {
                             Skip::InfGrad => bad[1][2] = f32::NEG_INFINITY,
                             Skip::Flag => flag = 1.0,
                         }
-                        with_skip
-                            .step(
+                        unsafe {
+                            with_skip.step(
                                 &descs(&mut pa, &bad),
                                 loss,
                                 0.0,
                                 (&flag as *const f32).cast(),
                                 null_mut(),
                             )
-                            .unwrap();
+                        }
+                        .unwrap();
                         assert_eq!(pa, before.0, "{what}: θ written");
                         assert_eq!(
                             with_skip.optimizer_state().unwrap(),
@@ -767,7 +772,7 @@ fn a_skipped_step_changes_nothing_not_even_t() {
                     }
                     let g = grads(k);
                     for (e, p) in [(&mut with_skip, &mut pa), (&mut without, &mut pb)] {
-                        e.step(&descs(p, &g), 0.5, 0.0, null(), null_mut()).unwrap();
+                        unsafe { e.step(&descs(p, &g), 0.5, 0.0, null(), null_mut()) }.unwrap();
                         // No report: η stays, the trajectories stay comparable.
                     }
                     assert_eq!(pa, pb, "{what}: step {k}");

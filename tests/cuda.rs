@@ -7,6 +7,12 @@
 //! interpreter), with `LRA_FAKE_CUDA` set: a test too large for the
 //! interpreter prints why it skips there.
 
+// `unsafe` blocks in this file call `Engine::step`, `Backend::step` or
+// `CpuBackend::step_plain`, which take raw pointers: every call passes
+// descriptors of buffers the test owns and keeps alive across the call
+// (host slices, or its own device buffers), and null or test-owned flags
+// and streams.
+
 use cudarc::driver::sys;
 use lra::backend::{cpu::CpuBackend, cuda, Backend, BackendState, StepRequest, TensorDesc};
 use lra::controller::{ScaleRule, SkipReason, StepOutcome};
@@ -541,13 +547,15 @@ impl Case {
             } else {
                 (None, None)
             };
-        let cpu = self
-            .cpu
-            .step(self.request(mode, lr, &tc, hf, std::ptr::null_mut(), rc));
+        let cpu = unsafe {
+            self.cpu
+                .step(self.request(mode, lr, &tc, hf, std::ptr::null_mut(), rc))
+        };
         let df = found_inf.map_or(std::ptr::null(), |b| b.0 as *const c_void);
-        let gpu = self
-            .gpu
-            .step(self.request(mode, lr, &tg, df, self.stream, rg));
+        let gpu = unsafe {
+            self.gpu
+                .step(self.request(mode, lr, &tg, df, self.stream, rg))
+        };
         self.sum_contexts = contexts;
         assert_eq!(seen_cpu.len(), seen_gpu.len(), "reduction calls");
         self.summed_phi = [&seen_cpu, &seen_gpu].map(|seen| seen.last().map(|v| 2.0 * v[2]));
@@ -944,11 +952,12 @@ fn foreign_and_capturing_streams_are_refused() {
     let (_, tg) = case.descs();
     let mode = Mode::Fused { guard: false };
     let refused = |case: &mut Case, stream: *mut c_void, what: &str| {
-        let e = case
-            .gpu
-            .step(case.request(mode, 0.01, &tg, std::ptr::null(), stream, None))
-            .err()
-            .unwrap_or_else(|| panic!("{what}: step accepted"));
+        let e = unsafe {
+            case.gpu
+                .step(case.request(mode, 0.01, &tg, std::ptr::null(), stream, None))
+        }
+        .err()
+        .unwrap_or_else(|| panic!("{what}: step accepted"));
         assert_eq!(e.status, Status::InvalidArgument, "{what}: {e}");
         println!("{what}: {e}");
     };
@@ -1244,7 +1253,7 @@ fn steps_on_two_streams_are_ordered_on_the_device() {
         std::ptr::null_mut(),
         None,
     );
-    case.cpu.step(req).unwrap();
+    unsafe { case.cpu.step(req) }.unwrap();
     let mut old_grads = Vec::new();
     for (i, p) in case.pairs.iter_mut().enumerate() {
         p.hgrad = encode(&values(p.n, 300 + i as u64), p.dt);
@@ -1261,14 +1270,14 @@ fn steps_on_two_streams_are_ordered_on_the_device() {
         std::ptr::null_mut(),
         None,
     );
-    case.cpu.step(req).unwrap();
+    unsafe { case.cpu.step(req) }.unwrap();
     case.gpu.validate(&tg2).unwrap();
 
     let gate = Gate::hold(a);
     let req = case.request(mode, 0.01, &tg1, std::ptr::null(), a as *mut c_void, None);
-    case.gpu.step(req).unwrap();
+    unsafe { case.gpu.step(req) }.unwrap();
     let req = case.request(mode, 0.01, &tg2, std::ptr::null(), b as *mut c_void, None);
-    case.gpu.step(req).unwrap();
+    unsafe { case.gpu.step(req) }.unwrap();
     assert!(
         !gate.timed_out.load(SeqCst),
         "lra_step waited for a held stream"
@@ -1318,7 +1327,7 @@ fn destroy_waits_for_a_step_still_queued() {
     let (_, tg) = case.descs();
     let gate = Gate::hold(a);
     let req = case.request(mode, 0.01, &tg, std::ptr::null(), a as *mut c_void, None);
-    case.gpu.step(req).unwrap();
+    unsafe { case.gpu.step(req) }.unwrap();
     let opener = gate.open_soon();
     drop(case.gpu);
     assert!(

@@ -2,6 +2,12 @@
 //! checkpoints (bit-exact resume), φ determinism across thread counts,
 //! mixed dtypes and the scaled (two-pass) modes.
 
+// `unsafe` blocks in this file call `Engine::step`, `Backend::step` or
+// `CpuBackend::step_plain`, which take raw pointers: every call passes
+// descriptors of buffers the test owns and keeps alive across the call
+// (host slices, or its own device buffers), and null or test-owned flags
+// and streams.
+
 use half::{bf16, f16};
 use lra::backend::TensorDesc;
 use lra::config::Config;
@@ -70,11 +76,11 @@ fn checkpoint(e: &mut Engine) -> Vec<u8> {
 fn nonfinite_loss_skips_and_changes_nothing() {
     let mut e = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
     let mut m = Model::new(&[10, 3], 1);
-    e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+    unsafe { e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
     e.report_reeval(0.9).unwrap();
     let before = (m.params.clone(), checkpoint(&mut e));
     for bad in [f64::NAN, f64::INFINITY] {
-        e.step(&m.tensors(), bad, 0.0, null(), null_mut()).unwrap();
+        unsafe { e.step(&m.tensors(), bad, 0.0, null(), null_mut()) }.unwrap();
         assert_eq!(m.params, before.0);
         let r = e.report_reeval(0.5).unwrap();
         assert_eq!(
@@ -95,10 +101,10 @@ fn nonfinite_gradient_is_caught_before_any_write() {
         }
         let mut e = Engine::new(cfg).unwrap();
         let mut m = Model::new(&[40_000, 7], 2);
-        e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+        unsafe { e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
         let before = (m.params.clone(), e.optimizer_state().unwrap());
         m.grads[1][3] = f32::NAN;
-        e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+        unsafe { e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
         assert_eq!(m.params, before.0, "two_pass={two_pass}");
         assert_eq!(e.optimizer_state().unwrap(), before.1);
         let r = e.report_reeval(0.5).unwrap();
@@ -114,7 +120,7 @@ fn guard_off_lets_nan_through_and_reports_nonfinite_phi() {
     let mut e = Engine::new(cfg).unwrap();
     let mut m = Model::new(&[5], 3);
     m.grads[0][0] = f32::INFINITY;
-    e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+    unsafe { e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
     assert!(!m.params[0][0].is_finite());
     let r = e.report_reeval(0.5).unwrap();
     assert_eq!(
@@ -130,24 +136,28 @@ fn found_inf_flag_skips() {
     let mut m = Model::new(&[5], 4);
     let p0 = m.params.clone();
     let flag = 1.0f32;
-    e.step(
-        &m.tensors(),
-        1.0,
-        0.0,
-        (&flag as *const f32).cast(),
-        null_mut(),
-    )
+    unsafe {
+        e.step(
+            &m.tensors(),
+            1.0,
+            0.0,
+            (&flag as *const f32).cast(),
+            null_mut(),
+        )
+    }
     .unwrap();
     assert_eq!(m.params, p0);
     assert_eq!(e.report_reeval(0.5).unwrap().skip, SkipReason::FoundInf);
     let zero = 0.0f32;
-    e.step(
-        &m.tensors(),
-        1.0,
-        0.0,
-        (&zero as *const f32).cast(),
-        null_mut(),
-    )
+    unsafe {
+        e.step(
+            &m.tensors(),
+            1.0,
+            0.0,
+            (&zero as *const f32).cast(),
+            null_mut(),
+        )
+    }
     .unwrap();
     assert_ne!(m.params, p0);
 }
@@ -158,7 +168,7 @@ fn call_order_and_layout_errors_change_nothing() {
     assert_eq!(e.report_reeval(1.0).unwrap_err().status, Status::CallOrder);
     assert_eq!(e.should_reeval().unwrap_err().status, Status::CallOrder);
     let mut m = Model::new(&[4, 4], 5);
-    e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+    unsafe { e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
     e.report_reeval(0.9).unwrap();
     assert_eq!(
         e.report_reeval(0.9).unwrap_err().status,
@@ -167,34 +177,32 @@ fn call_order_and_layout_errors_change_nothing() {
     );
     let p = m.params.clone();
     let mut other = Model::new(&[4, 5], 6);
-    let err = e
-        .step(&other.tensors(), 1.0, 0.0, null(), null_mut())
-        .unwrap_err();
+    let err = unsafe { e.step(&other.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap_err();
     assert_eq!(err.status, Status::SizeMismatch);
     assert!(err.message.contains("tensors[1]"), "{}", err.message);
     let mut fewer = Model::new(&[4], 6);
     assert_eq!(
-        e.step(&fewer.tensors(), 1.0, 0.0, null(), null_mut())
+        unsafe { e.step(&fewer.tensors(), 1.0, 0.0, null(), null_mut()) }
             .unwrap_err()
             .status,
         Status::SizeMismatch
     );
-    let err = e
-        .step(&m.tensors(), 1.0, -1.0, null(), null_mut())
-        .unwrap_err();
+    let err = unsafe { e.step(&m.tensors(), 1.0, -1.0, null(), null_mut()) }.unwrap_err();
     assert_eq!(err.status, Status::InvalidArgument);
     assert!(err.message.contains("obs_var"));
     // Aliasing: a parameter that overlaps a gradient.
     let mut t = m.tensors();
     t[1].grad = t[0].param.cast_const();
     assert_eq!(
-        e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap_err().status,
+        unsafe { e.step(&t, 1.0, 0.0, null(), null_mut()) }
+            .unwrap_err()
+            .status,
         Status::InvalidArgument
     );
     // Misaligned.
     let mut t = m.tensors();
     t[0].param = unsafe { t[0].param.cast::<u8>().add(1).cast() };
-    let err = e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap_err();
+    let err = unsafe { e.step(&t, 1.0, 0.0, null(), null_mut()) }.unwrap_err();
     assert!(err.message.contains("aligned"), "{}", err.message);
     assert_eq!(m.params, p);
     assert_eq!(e.counters().unwrap().steps, 1);
@@ -206,7 +214,7 @@ fn run(e: &mut Engine, m: &mut Model, from: u64, steps: u64) {
     for k in from..from + steps {
         m.regrad(k);
         let loss = 1.0 + 1.0 / (k + 1) as f64;
-        e.step(&m.tensors(), loss, 0.0, null(), null_mut()).unwrap();
+        unsafe { e.step(&m.tensors(), loss, 0.0, null(), null_mut()) }.unwrap();
         let after = loss - (e.last_phi().unwrap() * if k % 3 == 0 { 1.0 } else { 0.2 });
         e.report_reeval(after).unwrap();
     }
@@ -295,7 +303,7 @@ fn phi_has_the_same_bits_whatever_the_thread_count() {
         cfg.threads = threads;
         let mut e = Engine::new(cfg).unwrap();
         let mut m = Model::new(&sizes, 11);
-        e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()).unwrap();
+        unsafe { e.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
         phis.push(e.last_phi().unwrap().to_bits());
         outs.push(m.params);
     }
@@ -338,7 +346,7 @@ fn mixed_dtypes_follow_the_element_math() {
             dtype: DType::Bf16,
         },
     ];
-    e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap();
+    unsafe { e.step(&t, 1.0, 0.0, null(), null_mut()) }.unwrap();
     let h = Hyper::defaults(kind);
     let sc = StepScalars::new(kind, &h, BiasPowers::default().advanced(&h));
     let reference = |th: f32, g: f32| {
@@ -379,7 +387,7 @@ fn obs_var_and_f_star_scale_the_step() {
             numel: 3,
             dtype: DType::F32,
         }];
-        e.step(&t, 4.5, obs_var, null(), null_mut()).unwrap();
+        unsafe { e.step(&t, 4.5, obs_var, null(), null_mut()) }.unwrap();
         let r = e.report_reeval(4.0).unwrap();
         assert!(
             (r.scale - expect_scale).abs() < 1e-12,
@@ -398,7 +406,7 @@ fn obs_var_and_f_star_scale_the_step() {
 #[test]
 fn empty_and_zero_sized_tensor_lists_work() {
     let mut e = Engine::new(config(OptimizerKind::Adam, 0.1)).unwrap();
-    e.step(&[], 1.0, 0.0, null(), null_mut()).unwrap();
+    unsafe { e.step(&[], 1.0, 0.0, null(), null_mut()) }.unwrap();
     let r = e.report_reeval(0.5).unwrap();
     assert_eq!(
         r.skip,
@@ -412,15 +420,14 @@ fn empty_and_zero_sized_tensor_lists_work() {
         numel: 0,
         dtype: DType::F16,
     }];
-    e.step(&t, 1.0, 0.0, null(), null_mut()).unwrap();
+    unsafe { e.step(&t, 1.0, 0.0, null(), null_mut()) }.unwrap();
 }
 
 #[test]
 fn checkpoint_after_a_skipped_first_step() {
     let mut e = Engine::new(config(OptimizerKind::Adam, 0.1)).unwrap();
     let mut m = Model::new(&[6], 1);
-    e.step(&m.tensors(), f64::NAN, 0.0, null(), null_mut())
-        .unwrap();
+    unsafe { e.step(&m.tensors(), f64::NAN, 0.0, null(), null_mut()) }.unwrap();
     let ckpt = checkpoint(&mut e);
     let mut f = Engine::new(config(OptimizerKind::Adam, 0.1)).unwrap();
     f.load_state(&ckpt).unwrap();

@@ -6,6 +6,12 @@
 //! reductions. The MPI stage (scripts/stages/mpi.sh) runs the same
 //! properties through the C ABI and `mpirun`; this test needs neither.
 
+// `unsafe` blocks in this file call `Engine::step`, `Backend::step` or
+// `CpuBackend::step_plain`, which take raw pointers: every call passes
+// descriptors of buffers the test owns and keeps alive across the call
+// (host slices, or its own device buffers), and null or test-owned flags
+// and streams.
+
 use lra::backend::TensorDesc;
 use lra::config::Config;
 use lra::controller::{Decision, SkipReason};
@@ -240,8 +246,7 @@ fn rank_main(
             f = f64::NAN;
         }
         let t = shard.tensors();
-        e.step(&t, f, 0.0, (&flag as *const f32).cast(), null_mut())
-            .unwrap();
+        unsafe { e.step(&t, f, 0.0, (&flag as *const f32).cast(), null_mut()) }.unwrap();
         let part = shard.loss(k, false);
         let r = e.report_reeval(report(part, full(part))).unwrap();
         steps.push((r.lr, r.decision, r.skip));
@@ -431,12 +436,12 @@ fn failing_reduction_fails_every_rank_and_changes_nothing() {
                     // Per step: [f, 1] and [non-finite, found-inf, 0] in
                     // `step`, [φ, f+, 1] in `report_reeval`.
                     if k == 2 {
-                        expect_failure!(0, e.step(&t, f, 0.0, null(), null_mut()), k);
+                        expect_failure!(0, unsafe { e.step(&t, f, 0.0, null(), null_mut()) }, k);
                     }
                     if k == 3 {
-                        expect_failure!(1, e.step(&t, f, 0.0, null(), null_mut()), k);
+                        expect_failure!(1, unsafe { e.step(&t, f, 0.0, null(), null_mut()) }, k);
                     }
-                    e.step(&t, f, 0.0, null(), null_mut()).unwrap();
+                    unsafe { e.step(&t, f, 0.0, null(), null_mut()) }.unwrap();
                     let after = shard.loss(k, false);
                     if k == 4 {
                         expect_failure!(0, e.report_reeval(after), k);

@@ -6,6 +6,12 @@
 //! MPI; `tests/ranks.rs` runs several ranks against each other, this file
 //! pins what a single rank sends.
 
+// `unsafe` blocks in this file call `Engine::step`, `Backend::step` or
+// `CpuBackend::step_plain`, which take raw pointers: every call passes
+// descriptors of buffers the test owns and keeps alive across the call
+// (host slices, or its own device buffers), and null or test-owned flags
+// and streams.
+
 use lra::backend::TensorDesc;
 use lra::config::Config;
 use lra::controller::Decision;
@@ -98,8 +104,7 @@ fn step_and_reeval(
     found_inf: f32,
 ) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     let t = shard.tensors();
-    e.step(&t, loss, 0.0, (&found_inf as *const f32).cast(), null_mut())
-        .unwrap();
+    unsafe { e.step(&t, loss, 0.0, (&found_inf as *const f32).cast(), null_mut()) }.unwrap();
     let in_step = log.take();
     e.report_reeval(F_PLUS).unwrap();
     (in_step, log.take())
@@ -311,23 +316,23 @@ fn refused_calls_never_enter_the_collective() {
 
         let t = shard.tensors();
         for bad in [f64::NAN, -1.0, f64::INFINITY] {
-            let err = e.step(&t, F, bad, null(), null_mut()).unwrap_err();
+            let err = unsafe { e.step(&t, F, bad, null(), null_mut()) }.unwrap_err();
             assert_eq!(err.status, Status::InvalidArgument, "{what}: obs_var {bad}");
         }
         let misaligned = 2usize as *const c_void;
-        let err = e.step(&t, F, 0.0, misaligned, null_mut()).unwrap_err();
+        let err = unsafe { e.step(&t, F, 0.0, misaligned, null_mut()) }.unwrap_err();
         assert_eq!(err.status, Status::InvalidArgument, "{what}: found_inf");
         assert_calls(&log.take(), &[], &format!("{what}: refused first calls"));
 
         // The first step fixes the layout; then a different one is refused.
-        e.step(&t, F, 0.0, null(), null_mut()).unwrap();
+        unsafe { e.step(&t, F, 0.0, null(), null_mut()) }.unwrap();
         assert!(!log.take().is_empty(), "{what}: a valid step reduces");
         let mut more = vec![0.0f32; 5];
         let g5 = vec![1.0f32; 5];
         let wrong_count = vec![t[0], TensorDesc::host_f32(&mut more, &g5)];
         let wrong_size = vec![TensorDesc::host_f32(&mut more, &g5)];
         for (name, tensors) in [("count", &wrong_count), ("size", &wrong_size)] {
-            let err = e.step(tensors, F, 0.0, null(), null_mut()).unwrap_err();
+            let err = unsafe { e.step(tensors, F, 0.0, null(), null_mut()) }.unwrap_err();
             assert_eq!(err.status, Status::SizeMismatch, "{what}: tensor {name}");
         }
 
@@ -371,7 +376,7 @@ fn a_distributed_configuration_without_a_reduction_is_refused() {
         let mut e = Engine::new(cfg).unwrap();
         let mut shard = Shard::new();
         let t = shard.tensors();
-        let err = e.step(&t, F, 0.0, null(), null_mut()).unwrap_err();
+        let err = unsafe { e.step(&t, F, 0.0, null(), null_mut()) }.unwrap_err();
         assert_eq!(
             err.status,
             Status::CallOrder,
@@ -388,7 +393,7 @@ fn a_restored_pending_step_saves_the_same_checkpoint() {
     let (mut e, log) = engine(true, true, true, f64::NAN);
     let mut shard = Shard::new();
     let t = shard.tensors();
-    e.step(&t, F, 0.0, null(), null_mut()).unwrap();
+    unsafe { e.step(&t, F, 0.0, null(), null_mut()) }.unwrap();
     let mut a = vec![0u8; e.state_size()];
     e.save_state(&mut a).unwrap();
     let (mut f, _) = engine(true, true, true, f64::NAN);

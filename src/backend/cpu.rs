@@ -896,7 +896,13 @@ impl CpuBackend {
     /// and without the non-finite guard. Advances the state like a step.
     /// This is the "adaptation off" baseline of the kernel-cost benchmark
     /// (`benches/kernel_cost.rs`); the engine never calls it.
-    pub fn step_plain(&mut self, tensors: &[TensorDesc], hyper: &Hyper, lr: f64) {
+    ///
+    /// # Safety
+    ///
+    /// Every tensor's pointers are valid host memory for its `numel`
+    /// elements (parameters writable, not overlapping anything), as for
+    /// [`Engine::step`](crate::engine::Engine::step).
+    pub unsafe fn step_plain(&mut self, tensors: &[TensorDesc], hyper: &Hyper, lr: f64) {
         self.ensure_state(tensors)
             .expect("benchmark tensors fit in memory");
         let items = self.items(tensors);
@@ -919,7 +925,7 @@ impl Backend for CpuBackend {
             .check_once(tensors, || super::check_alignment_and_aliasing(tensors))
     }
 
-    fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
+    unsafe fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
         // SAFETY: the engine checked the pointer is aligned; the caller
         // promises it points at one f32 on the host.
         let found_inf =
@@ -1029,7 +1035,8 @@ mod tests {
             let t = [TensorDesc::host_f32(&mut param, &grad)];
             assert_eq!(b.threads_for_step(&t), 4);
             REFUSED_SPAWNS.with(|r| r.set(refused));
-            b.step_plain(&t, &Hyper::defaults(OptimizerKind::Adam), 1e-3);
+            // SAFETY: `t` describes `param` and `grad`, alive here.
+            unsafe { b.step_plain(&t, &Hyper::defaults(OptimizerKind::Adam), 1e-3) };
             assert_eq!(REFUSED_SPAWNS.with(|r| r.get()), 0, "every refusal was met");
             param.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
         };

@@ -172,7 +172,13 @@ pub trait Backend: Send {
         Ok(())
     }
     /// Runs one step. Never waits for a device.
-    fn step(&mut self, req: StepRequest<'_>) -> Result<()>;
+    ///
+    /// # Safety
+    ///
+    /// As [`Engine::step`](crate::engine::Engine::step): the request's
+    /// tensors, found_inf and stream are valid for this backend, and
+    /// `validate` and `check_step` accepted them.
+    unsafe fn step(&mut self, req: StepRequest<'_>) -> Result<()>;
     /// Outcome of the last step: skip reason, the LOCAL partial Σg·d times
     /// η (the engine reduces it across ranks), the scale used. May wait.
     fn outcome(&mut self) -> Result<StepOutcome>;

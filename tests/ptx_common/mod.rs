@@ -4,6 +4,12 @@
 //! with `ptx-interp`, next to the CPU backend on the same inputs.
 #![allow(dead_code)]
 
+// `unsafe` blocks in this file call `Engine::step`, `Backend::step` or
+// `CpuBackend::step_plain`, which take raw pointers: every call passes
+// descriptors of buffers the test owns and keeps alive across the call
+// (host slices, or its own device buffers), and null or test-owned flags
+// and streams.
+
 use half::{bf16, f16};
 use lra::backend::cpu::CpuBackend;
 use lra::backend::cuda::abi::{self, ChunkEntry, ChunkPlan, Control, SegmentEntry, TensorEntry};
@@ -769,7 +775,7 @@ impl Host {
             stream: std::ptr::null_mut(),
             reduce: if sharded { Some(&mut add_peers) } else { None },
         };
-        self.cpu.step(req).unwrap();
+        unsafe { self.cpu.step(req) }.unwrap();
         self.cpu.outcome().unwrap()
     }
 

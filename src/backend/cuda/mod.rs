@@ -470,7 +470,7 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
+    unsafe fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
         // The engine has just checked these; callers of the backend that
         // skip the engine (tests) get the check here.
         if self.step_checked.take() != Some((req.found_inf as u64, req.stream)) {
