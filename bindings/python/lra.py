@@ -7,7 +7,8 @@ the repository's ``target/release``, then the system loader (``ctypes.util``).
 Two layers:
 
 * :class:`Optimizer` owns one ``lra_handle`` and takes raw tensor lists
-  (``(param_ptr, grad_ptr, numel, dtype)`` tuples or :class:`Tensor` structs).
+  (``(param_ptr, grad_ptr, numel, dtype)`` tuples or :class:`Tensor` structs;
+  :func:`numpy_tensor` makes a checked one from two numpy arrays).
 * :class:`TorchOptimizer` takes a list of ``torch`` parameters and gathers the
   pointers of the parameters and of their CURRENT gradients at every step.
 
@@ -46,6 +47,7 @@ __all__ = [
     "Counters",
     "Optimizer",
     "TorchOptimizer",
+    "numpy_tensor",
     "load_library",
     "version",
     "OPTIMIZERS",
@@ -368,7 +370,13 @@ def _config_value(key, value):
 def _tensor_from_tuple(i, t):
     """A :class:`Tensor` from ``(param_ptr, grad_ptr, numel, dtype)``; ctypes
     would store ``numel = 2**64 + 3`` as 3 and ``dtype = 2**32`` as f32."""
-    param, grad, numel, dtype = t
+    try:
+        param, grad, numel, dtype = t
+    except ValueError:  # e.g. (param_array, grad_array)
+        raise ValueError(
+            f"tensors[{i}] is not a (param_ptr, grad_ptr, numel, dtype) tuple; "
+            "for numpy arrays pass lra.numpy_tensor(param, grad)"
+        ) from None
 
     def pointer(what, p):  # None, ctypes pointers and the like: ctypes checks those
         return _int_value(f"tensors[{i}].{what}", ctypes.c_size_t, p) if isinstance(p, int) else p
@@ -651,10 +659,11 @@ class Optimizer:
     def step(self, tensors, loss, obs_var=0.0, stream=None, found_inf=None):
         """``lra_step`` / ``lra_step_ex``: the optimizer step with the current lr.
 
-        ``tensors``: :class:`Tensor` structs or ``(param_ptr, grad_ptr, numel,
-        dtype)`` tuples, the same layout at every step. ``stream``: a
-        ``CUstream`` as an int (CUDA handles only). ``found_inf``: address
-        of one f32 flag (host or device memory, like the tensors) or None.
+        ``tensors``: :class:`Tensor` structs (such as :func:`numpy_tensor`'s)
+        or ``(param_ptr, grad_ptr, numel, dtype)`` tuples, the same layout at
+        every step. ``stream``: a ``CUstream`` as an int (CUDA handles only).
+        ``found_inf``: address of one f32 flag (host or device memory, like
+        the tensors) or None.
         """
         arr = self._tensor_array(tensors)
         loss, obs_var = float(loss), float(obs_var)
@@ -780,6 +789,140 @@ class Optimizer:
         self._callbacks = [fn]
 
 
+# --- dense layouts (the numpy helper and the torch adapter) -----------------
+
+
+def _memory_order(shape, strides):
+    """The strides of the dimensions longer than 1 (None for the others).
+
+    Two arrays of one shape and element size with the same memory order put
+    every element at the same offset from their data pointers: what lra
+    needs of a parameter and its gradient, which it pairs by offset.
+    """
+    return tuple(st if sz != 1 else None for sz, st in zip(shape, strides))
+
+
+def _covers_memory_densely(shape, strides, unit=1):
+    """Whether the elements fill consecutive slots, each once.
+
+    ``unit`` is one element's size in the strides' unit: 1 for torch's
+    element strides, the item size for numpy's byte strides. True for
+    contiguous arrays and for permuted dense layouts (Fortran order,
+    ``channels_last``): an elementwise update may then walk the memory in
+    order. False for views that skip or repeat memory (slices, expand,
+    broadcasts) or run backwards (negative strides).
+    """
+    expected = unit
+    for stride, size in sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+# --- numpy arrays -----------------------------------------------------------
+
+
+def _numpy_dtype_code(np, what, dtype):
+    if dtype == np.float32:
+        return DTYPE_F32
+    if dtype == np.float16:
+        return DTYPE_F16
+    # numpy has no bfloat16. ml_dtypes adds one as a custom dtype; its name
+    # and size are all that mark it (the bits are the upper half of an f32).
+    if dtype.name == "bfloat16" and dtype.itemsize == 2 and dtype.isnative:
+        return DTYPE_BF16
+    if dtype.kind == "f" and not dtype.isnative:
+        raise TypeError(
+            f"{what} has dtype {dtype.str} ({dtype.name} in non-native byte order); lra reads "
+            "native-order floats: convert it once, a.astype(a.dtype.newbyteorder('='))"
+        )
+    raise TypeError(
+        f"{what} has dtype {dtype}; lra supports float32, float16 and bfloat16 (numpy has no "
+        "bfloat16 of its own: ml_dtypes.bfloat16 arrays are accepted)"
+    )
+
+
+def numpy_tensor(param, grad):
+    """A :class:`Tensor` for the numpy array ``param`` and its gradient ``grad``.
+
+    The Tensor points into the two arrays themselves (no copy) and holds
+    references to them, so their memory lives at least as long as the
+    Tensor does: pass the Tensor objects (in a list) to
+    :meth:`Optimizer.step`. Rewrite the gradient in place
+    (``np.matmul(..., out=grad)``, ``grad[...] = ...``) and one Tensor
+    serves every step; a new gradient array needs a new Tensor. A ctypes
+    array of Tensors built by hand copies the structs but not the
+    references: keep the Tensors (or the arrays) alive while it is used.
+
+    Checked here, before lra sees anything (numpy is imported only now):
+
+    * ``TypeError``: either is not a ``numpy.ndarray`` (or is a masked
+      array), or has a dtype other than native-order float32, float16 or
+      bfloat16 (``ml_dtypes.bfloat16``: numpy has none).
+    * ``ValueError``: ``grad``'s dtype or shape differs from ``param``'s;
+      ``param`` is read-only, or an element of either is misaligned;
+      ``param`` is a view that does not cover its memory densely (``a[::2]``,
+      negative strides; C, Fortran and other permuted dense orders are
+      fine); ``grad`` is laid out in another memory order than ``param``
+      (lra pairs elements by memory offset; copy it into ``param``'s layout
+      first: ``g = np.empty_like(param); g[...] = grad``); the two share
+      memory.
+
+    Zero-size arrays are accepted (lra reads no memory for them). Whether
+    Tensors of one step overlap each other, and whether the handle is a
+    host handle, lra checks at the step (``LraError``, nothing changed).
+    """
+    import numpy as np
+
+    for what, a in (("param", param), ("grad", grad)):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{what} must be a numpy.ndarray, not {type(a).__name__}")
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(
+                f"{what} is a masked array: lra would read and write the masked elements "
+                "too; pass its .data"
+            )
+    code = _numpy_dtype_code(np, "param", param.dtype)
+    _numpy_dtype_code(np, "grad", grad.dtype)
+    if grad.dtype != param.dtype:
+        raise ValueError(f"grad has dtype {grad.dtype}, param {param.dtype}: they must be the same")
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"grad has shape {grad.shape}, param {param.shape}: they must be the same "
+            "(not only the same size)"
+        )
+    if not param.flags.writeable:
+        raise ValueError("param is read-only (flags.writeable is False); lra updates parameters in place")
+    for what, a in (("param", param), ("grad", grad)):
+        if not a.flags.aligned:
+            raise ValueError(
+                f"{what} is not aligned for {a.dtype} (data at {a.ctypes.data:#x}, strides "
+                f"{a.strides}); lra reads and writes whole aligned elements"
+            )
+    if param.size > 0:
+        if not _covers_memory_densely(param.shape, param.strides, param.itemsize):
+            raise ValueError(
+                f"param is a view with strides {param.strides} (bytes) that does not cover its "
+                "memory densely; lra updates parameters in place, so it cannot work on a "
+                "contiguous copy: pass the array that owns the memory"
+            )
+        if _memory_order(grad.shape, grad.strides) != _memory_order(param.shape, param.strides):
+            raise ValueError(
+                f"grad has strides {grad.strides}, param {param.strides} (bytes): lra pairs "
+                "elements by memory offset, so grad must be laid out like param; copy it into "
+                "param's layout first (g = np.empty_like(param); g[...] = grad)"
+            )
+        # Both dense now, so sharing their bounds means sharing elements.
+        if np.may_share_memory(param, grad):
+            raise ValueError(
+                "param and grad share memory; lra would overwrite the gradient while reading it"
+            )
+    tensor = Tensor(param.ctypes.data, grad.ctypes.data, param.size, code)
+    tensor._arrays = (param, grad)  # what the pointers point into: alive while the Tensor is
+    return tensor
+
+
 # --- torch adapter ----------------------------------------------------------
 
 
@@ -788,30 +931,6 @@ def _torch_dtype_code(torch, dtype):
     if dtype not in codes:
         raise TypeError(f"lra supports float32, float16 and bfloat16 parameters, not {dtype}")
     return codes[dtype]
-
-
-def _memory_order(t):
-    """The strides of ``t``'s dimensions longer than 1 (None for the others).
-
-    Two tensors of one shape with the same memory order put every element
-    at the same offset from their data pointers.
-    """
-    return tuple(st if sz != 1 else None for sz, st in zip(t.shape, t.stride()))
-
-
-def _covers_memory_densely(t):
-    """Whether ``t``'s elements fill ``t.numel()`` consecutive slots, each once.
-
-    True for contiguous tensors and for permuted dense layouts such as
-    ``channels_last``: an elementwise update may then walk the memory in
-    order. False for views that skip or repeat memory (slices, expand).
-    """
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 class TorchOptimizer:
@@ -935,10 +1054,10 @@ class TorchOptimizer:
                     f"{name}: gradient {g.dtype}/{g.device}/{tuple(g.shape)} differs "
                     f"from the parameter {p.dtype}/{p.device}/{tuple(p.shape)}"
                 )
-            order = _memory_order(p)
+            order = _memory_order(p.shape, p.stride())
             orders.append(order)
             if p.numel() > 0:
-                if not _covers_memory_densely(p):
+                if not _covers_memory_densely(p.shape, p.stride()):
                     raise ValueError(
                         f"{name} is a view with strides {p.stride()} that does not cover its "
                         "memory densely; lra updates parameters in place, so it cannot work on "
@@ -949,7 +1068,7 @@ class TorchOptimizer:
                         f"{name} changed its memory layout (strides now {p.stride()}) since "
                         "the first step; lra's optimizer state follows the memory order"
                     )
-                if _memory_order(g) != order:
+                if _memory_order(g.shape, g.stride()) != order:
                     with torch.no_grad():  # a create_graph=True gradient needs no graph here
                         g = torch.empty_strided(
                             p.shape, p.stride(), dtype=p.dtype, device=p.device
@@ -1033,7 +1152,7 @@ class TorchOptimizer:
         would fix."""
         orders = self._memory_orders
         if orders is None and self.lra.counters.steps > 0:
-            orders = [_memory_order(p) for p in self.params]
+            orders = [_memory_order(p.shape, p.stride()) for p in self.params]
         return {
             "lra_state": self.lra.save_state(),
             "shapes": [tuple(p.shape) for p in self.params],
@@ -1073,7 +1192,7 @@ class TorchOptimizer:
                 )
             saved_orders = [tuple(order) for order in saved_orders]
             for i, (p, order) in enumerate(zip(self.params, saved_orders)):
-                if p.numel() > 0 and _memory_order(p) != order:
+                if p.numel() > 0 and _memory_order(p.shape, p.stride()) != order:
                     raise ValueError(
                         f"parameter {self._positions[i]} {tuple(p.shape)} was saved in another memory layout "
                         f"(strides {order}, None for dimensions of size 1) than it has now "
@@ -1086,7 +1205,7 @@ class TorchOptimizer:
             # Optimizer state of an unrecorded layout (a dict of an earlier
             # version): the parameters' current layout is the one it is
             # applied in from now on, as if the first step here fixed it.
-            saved_orders = [_memory_order(p) for p in self.params]
+            saved_orders = [_memory_order(p.shape, p.stride()) for p in self.params]
         if saved_orders is not None:
             self._memory_orders = saved_orders
 

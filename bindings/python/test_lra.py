@@ -19,6 +19,11 @@ try:
 except ImportError:  # pragma: no cover - the stage script needs torch
     torch = None
 
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - Debian's python3-torch depends on numpy
+    np = None
+
 
 def f32_buffer(values):
     import ctypes
@@ -129,6 +134,197 @@ class RawHandleTests(unittest.TestCase):
             self.assertEqual((info.decision_name, info.skip_reason_name), ("skipped", "nonpositive_phi"))
             # pre-write [non-finite, found-inf, 0] (guard on), then this rank's φ
             self.assertEqual(sizes, [3, 1])
+
+
+@unittest.skipIf(np is None, "numpy is not importable by this python")
+class NumpyTensorTests(unittest.TestCase):
+    def test_least_squares_fit_trained_through_numpy_tensors(self):
+        rng = np.random.default_rng(0)
+        n, d, k = 256, 8, 3
+        a = rng.standard_normal((n, d)).astype(np.float32)
+        y = a @ rng.standard_normal((d, k)).astype(np.float32) + rng.standard_normal(k).astype(np.float32)
+        w = np.zeros((d, k), np.float32, order="F")  # any dense layout: Fortran order here
+        gw = np.zeros_like(w)  # zeros_like keeps the Fortran order
+        b, gb = np.zeros(k, np.float32), np.zeros(k, np.float32)
+        empty, gempty = np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32)
+
+        def loss(with_grads=False):
+            r = a @ w + b - y
+            if with_grads:  # in place: the Tensors point into gw and gb
+                np.matmul(a.T, r, out=gw)
+                gw[...] /= n
+                np.sum(r, axis=0, out=gb)
+                gb[...] /= n
+            return 0.5 * float(np.sum(r.astype(np.float64) ** 2)) / n
+
+        # Made once: the gradients are rewritten in place at every step.
+        tensors = [lra.numpy_tensor(w, gw), lra.numpy_tensor(b, gb), lra.numpy_tensor(empty, gempty)]
+        self.assertEqual([t.numel for t in tensors], [d * k, k, 0])
+        with lra.Optimizer("sgd", lr=1e-4, num_threads=1) as opt:
+            first = loss()
+            decisions, lrs = set(), []
+            # 60 steps: η climbs ×1.2 a step to about 1 (the stable range
+            # here) and the fit converges. (Run on past float32's resolution
+            # of the loss, ρ turns to noise and η is lowered step after step.)
+            for _ in range(60):
+                opt.step(tensors, loss(with_grads=True))
+                decisions.add(opt.report_reeval(loss()).decision_name)
+                lrs.append(opt.lr)
+            last = loss()
+            print(f"\n  numpy least squares, sgd lr0=1e-4: loss {first:.3g} -> {last:.3g}, "
+                  f"lr max {max(lrs):.3g}, last {lrs[-1]:.3g}")
+            self.assertLess(last, 1e-3 * first)
+            self.assertGreater(max(lrs), 1e-1, "the adaptation never raised the tiny initial lr")
+            self.assertGreater(lrs[-1], 1e-2)
+            self.assertIn("raised", decisions)
+            self.assertEqual(opt.counters.steps, 60)
+
+    def assert_refused(self, exc, pattern, param, grad, watched=()):
+        """numpy_tensor(param, grad) raises ``exc`` matching ``pattern``; the
+        handle and the memory of ``param`` and of the ``watched`` arrays are
+        unchanged, and a valid first step still works afterwards."""
+        watched = [x for x in (param, *watched) if isinstance(x, np.ndarray)]
+        before = [x.tobytes() for x in watched]
+        with lra.Optimizer("sgd", lr=0.1, num_threads=1) as opt:
+            counters = opt.counters.as_dict()
+            with self.assertRaisesRegex(exc, pattern):
+                opt.step([lra.numpy_tensor(param, grad)], 1.0)
+            self.assertEqual(opt.lr, 0.1)
+            self.assertEqual(opt.counters.as_dict(), counters)
+            self.assertEqual([x.tobytes() for x in watched], before)
+            p, g = np.ones(3, np.float32), np.full(3, 2.0, np.float32)
+            opt.step([lra.numpy_tensor(p, g)], 1.0)  # the refusal fixed no layout
+            np.testing.assert_allclose(p, 0.8, rtol=1e-6)
+            self.assertEqual(opt.counters.steps, 1)
+
+    def test_read_only_param_is_refused(self):
+        p = np.ones(4, np.float32)
+        p.flags.writeable = False
+        self.assert_refused(ValueError, "param is read-only", p, np.ones(4, np.float32))
+
+    def test_unsupported_dtypes_are_type_errors_that_mention_bfloat16(self):
+        f64 = np.ones(4)
+        self.assert_refused(TypeError, r"param has dtype float64; .*numpy has no bfloat16", f64, np.ones(4))
+        self.assert_refused(TypeError, "grad has dtype float64", np.ones(4, np.float32), f64)
+        big_endian = np.ones(4, ">f4" if sys.byteorder == "little" else "<f4")
+        self.assert_refused(TypeError, "non-native byte order", big_endian, big_endian.copy())
+        self.assert_refused(TypeError, "param has dtype int32", np.ones(4, np.int32), np.ones(4, np.int32))
+
+    def test_mixed_dtypes_are_refused(self):
+        self.assert_refused(ValueError, "grad has dtype float16, param float32",
+                            np.ones(4, np.float32), np.ones(4, np.float16))
+
+    def test_shape_mismatch_is_refused_even_with_the_same_size(self):
+        self.assert_refused(ValueError, r"grad has shape \(3, 2\), param \(2, 3\)",
+                            np.ones((2, 3), np.float32), np.ones((3, 2), np.float32))
+
+    def test_views_that_do_not_cover_their_memory_densely_are_refused(self):
+        base = np.arange(8, dtype=np.float32)
+        for name, view in (("a[::2]", base[::2]), ("a[::-1]", base[::-1][:4]),
+                           ("column", base.reshape(4, 2)[:, 0])):
+            with self.subTest(view=name):
+                self.assert_refused(ValueError, "does not cover its memory densely", view,
+                                    np.ones(view.shape, np.float32), watched=[base])
+
+    def test_overlapping_param_and_grad_are_refused(self):
+        buf = np.arange(6, dtype=np.float32)
+        self.assert_refused(ValueError, "share memory", buf[:4], buf[2:], watched=[buf])
+        self.assert_refused(ValueError, "share memory", buf, buf)
+
+    def test_misaligned_arrays_are_refused(self):
+        odd = np.frombuffer(bytearray(4 * 4 + 1), np.float32, count=4, offset=1)
+        self.assertTrue(odd.flags.writeable)
+        self.assert_refused(ValueError, "param is not aligned", odd, np.ones(4, np.float32))
+        self.assert_refused(ValueError, "grad is not aligned", np.ones(4, np.float32), odd)
+
+    def test_non_arrays_and_masked_arrays_are_type_errors(self):
+        self.assert_refused(TypeError, "param must be a numpy.ndarray, not list", [1.0, 2.0],
+                            np.ones(2, np.float32))
+        self.assert_refused(TypeError, "grad must be a numpy.ndarray, not memoryview",
+                            np.ones(2, np.float32), memoryview(np.ones(2, np.float32)))
+        masked = np.ma.masked_array(np.ones(2, np.float32), mask=[True, False])
+        self.assert_refused(TypeError, "param is a masked array", masked, np.ones(2, np.float32))
+
+    def test_grad_in_another_memory_order_is_refused_and_the_suggested_copy_works(self):
+        param = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+        grad = np.arange(6, dtype=np.float32).reshape(2, 3) / 10  # C order
+        self.assert_refused(ValueError, "grad must be laid out like param", param, grad)
+        g = np.empty_like(param)  # the message's recipe
+        g[...] = grad
+        expected = param - np.float32(0.5) * grad
+        with lra.Optimizer("sgd", lr=0.5, num_threads=1) as opt:
+            opt.step([lra.numpy_tensor(param, g)], 1.0)
+        np.testing.assert_allclose(param, expected, rtol=1e-6)
+
+    def test_permuted_dense_layouts_update_elementwise(self):
+        base = np.arange(24, dtype=np.float32)
+        param = base.reshape(2, 3, 4).transpose(1, 0, 2)  # dense, neither C nor F order
+        self.assertFalse(param.flags.c_contiguous or param.flags.f_contiguous)
+        grad = np.empty_like(param)
+        grad[...] = np.linspace(-1, 1, 24, dtype=np.float32).reshape(param.shape)
+        expected = param - np.float32(0.25) * grad
+        with lra.Optimizer("sgd", lr=0.25, num_threads=1) as opt:
+            opt.step([lra.numpy_tensor(param, grad)], 1.0)
+        np.testing.assert_allclose(param, expected, rtol=1e-6)
+
+    def test_float16_parameters(self):
+        p, g = np.array([1.0, -2.0], np.float16), np.array([0.5, 0.5], np.float16)
+        g.flags.writeable = False  # fine for a gradient: lra only reads it
+        t = lra.numpy_tensor(p, g)
+        self.assertEqual(t.dtype, lra.DTYPE_F16)
+        with lra.Optimizer("sgd", lr=0.5, num_threads=1) as opt:
+            opt.step([t], 1.0)
+        self.assertEqual(p.tolist(), [0.75, -2.25])
+
+    def test_ml_dtypes_bfloat16_parameters(self):
+        try:
+            import ml_dtypes
+        except ImportError:
+            self.skipTest("ml_dtypes is not importable (numpy has no bfloat16 of its own)")
+        p = np.array([1.0, -2.0], ml_dtypes.bfloat16)
+        g = np.array([0.5, 0.5], ml_dtypes.bfloat16)
+        t = lra.numpy_tensor(p, g)
+        self.assertEqual(t.dtype, lra.DTYPE_BF16)
+        with lra.Optimizer("sgd", lr=0.5, num_threads=1) as opt:
+            opt.step([t], 1.0)
+        self.assertEqual(p.astype(np.float32).tolist(), [0.75, -2.25])
+
+    def test_the_tensor_keeps_its_arrays_alive(self):
+        import gc
+        import weakref
+
+        p, g = np.ones(4, np.float32), np.full(4, 2.0, np.float32)
+        p_ref, g_ref = weakref.ref(p), weakref.ref(g)
+        t = lra.numpy_tensor(p, g)
+        del p, g
+        gc.collect()
+        self.assertIsNotNone(p_ref())
+        self.assertIsNotNone(g_ref())
+        with lra.Optimizer("sgd", lr=0.25, num_threads=1) as opt:
+            opt.step([t], 1.0)
+        self.assertEqual(p_ref().tolist(), [0.5] * 4)
+        del t
+        gc.collect()
+        self.assertIsNone(p_ref())
+
+    def test_a_pair_of_arrays_in_step_points_at_numpy_tensor(self):
+        p, g = np.ones(2, np.float32), np.ones(2, np.float32)
+        with lra.Optimizer("sgd", num_threads=1) as opt:
+            with self.assertRaisesRegex(ValueError, r"tensors\[0\] is not a .*lra\.numpy_tensor"):
+                opt.step([(p, g)], 1.0)
+            self.assertEqual(opt.counters.steps, 0)
+        self.assertEqual(p.tolist(), [1.0, 1.0])
+
+    def test_the_module_imports_without_numpy(self):
+        import subprocess
+
+        code = (
+            "import sys; sys.modules['numpy'] = None; sys.path.insert(0, sys.argv[1]); import lra\n"
+            "try:\n    lra.numpy_tensor(None, None)\nexcept ImportError:\n    print('no numpy')\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+                             capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out.strip(), "no numpy")
 
 
 @unittest.skipIf(torch is None, "torch is not importable by this python")
