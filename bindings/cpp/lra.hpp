@@ -159,7 +159,11 @@ namespace detail {
 // lra's frames would abort the process ("Rust cannot catch foreign
 // exceptions"). The exception waits in reduction_error() (the reduction runs
 // on the thread of the call on the handle) until Handle rethrows it, nested
-// in the lra::Error of the failed call.
+// in the lra::Error of the failed call. Handle takes it through the
+// take_reduction_error registered with the trampoline: a shared library
+// built with hidden visibility has its own copy of these inline functions
+// and of their thread_local, and the program calling Handle::step may not be
+// the library that called Handle::set_reduction.
 struct Reduction {
   lra_reduce_fn fn;
   void* user;
@@ -170,8 +174,13 @@ inline std::exception_ptr& reduction_error() noexcept {
   return error;
 }
 
+inline std::exception_ptr take_reduction_error() noexcept {
+  return std::exchange(reduction_error(), nullptr);
+}
+
 inline std::int32_t reduce_trampoline(double* values, std::size_t count, void* user) noexcept {
-  // A copy: the callback may destroy the Handle that owns *user.
+  // A copy: the callback may destroy the Handle that owns *user (which then
+  // leaks *user, since lra keeps the running handle and may call it again).
   const Reduction r = *static_cast<const Reduction*>(user);
   reduction_error() = nullptr;
   try {
@@ -191,16 +200,19 @@ class Handle {
     if (s != LRA_OK_VALUE) throw Error(s, lra_thread_last_error());
   }
   explicit Handle(Optimizer opt, double lr = 1e-3) : Handle(config(opt, lr)) {}
-  ~Handle() { lra_destroy(h_); }
+  ~Handle() { destroy(); }
   Handle(const Handle&) = delete;
   Handle& operator=(const Handle&) = delete;
   Handle(Handle&& o) noexcept
-      : h_(std::exchange(o.h_, nullptr)), reduction_(std::move(o.reduction_)) {}
+      : h_(std::exchange(o.h_, nullptr)),
+        reduction_(std::move(o.reduction_)),
+        take_thrown_(std::exchange(o.take_thrown_, nullptr)) {}
   Handle& operator=(Handle&& o) noexcept {
     if (this != &o) {
-      lra_destroy(h_);
+      destroy();
       h_ = std::exchange(o.h_, nullptr);
       reduction_ = std::move(o.reduction_);
+      take_thrown_ = std::exchange(o.take_thrown_, nullptr);
     }
     return *this;
   }
@@ -212,7 +224,8 @@ class Handle {
   // The wrapped optimizer's step with the current η. `loss` = f_i on this
   // batch; `stream` a CUstream for CUDA handles (nullptr = legacy default).
   void step(TensorList tensors, double loss, double obs_var = 0.0, void* stream = nullptr) {
-    check(lra_step(h_, tensors.data(), tensors.size(), loss, obs_var, stream));
+    const TakeThrown take = take_thrown_;  // before the call, which may destroy *this
+    check(lra_step(h_, tensors.data(), tensors.size(), loss, obs_var, stream), take);
   }
   void step(std::initializer_list<lra_tensor> tensors, double loss, double obs_var = 0.0,
             void* stream = nullptr) {
@@ -222,12 +235,14 @@ class Handle {
   // tensors): non-zero makes the step a no-op.
   void step_ex(TensorList tensors, double loss, double obs_var, const float* found_inf,
                void* stream = nullptr) {
-    check(lra_step_ex(h_, tensors.data(), tensors.size(), loss, obs_var, found_inf, stream));
+    const TakeThrown take = take_thrown_;  // before the call, which may destroy *this
+    check(lra_step_ex(h_, tensors.data(), tensors.size(), loss, obs_var, found_inf, stream), take);
   }
   // f+ = the loss on the SAME batch after the step; adapts η.
   lra_reeval_info report_reeval(double loss_after) {
     lra_reeval_info info{};
-    check(lra_report_reeval(h_, loss_after, &info));
+    const TakeThrown take = take_thrown_;  // before the call, which may destroy *this
+    check(lra_report_reeval(h_, loss_after, &info), take);
     return info;
   }
   lra_reeval_info last_reeval() const {
@@ -279,24 +294,29 @@ class Handle {
     if (reduce == nullptr) {
       check(lra_set_reduction(h_, nullptr, nullptr));
       reduction_.reset();
+      take_thrown_ = nullptr;
       return;
     }
     auto r = std::make_unique<detail::Reduction>(detail::Reduction{reduce, user});
     check(lra_set_reduction(h_, &detail::reduce_trampoline, r.get()));
     reduction_ = std::move(r);  // lra no longer calls the previous one
+    take_thrown_ = &detail::take_reduction_error;  // this trampoline's copy
   }
 
  private:
   static constexpr lra_status LRA_OK_VALUE = static_cast<lra_status>(Status::Ok);
+  using TakeThrown = std::exception_ptr (*)() noexcept;
   // The calling thread's message, not lra_last_error(h_): a call refused
   // because another one runs on the handle (another thread, or this
   // handle's reduction callback) leaves its reason only there, and the
   // handle's message belongs to the running call.
-  static void check(lra_status s) {
+  // `take_thrown`: for the calls that reduce, what the registered
+  // reduction threw.
+  static void check(lra_status s, TakeThrown take_thrown = nullptr) {
     if (s == LRA_OK_VALUE) return;
     std::string message = lra_thread_last_error();
-    if (s == static_cast<lra_status>(Status::ReductionFailed)) {
-      if (std::exception_ptr thrown = std::exchange(detail::reduction_error(), nullptr)) {
+    if (s == static_cast<lra_status>(Status::ReductionFailed) && take_thrown != nullptr) {
+      if (std::exception_ptr thrown = take_thrown()) {
         try {
           std::rethrow_exception(thrown);
         } catch (const std::exception& e) {
@@ -308,9 +328,26 @@ class Handle {
     }
     throw Error(s, message);
   }
+  // lra_destroy, and the reduction freed with the handle. lra refuses to
+  // destroy a handle while a call runs on it (from inside its reduction
+  // callback, or on another thread): that handle lives on, and the running
+  // call may call the reduction again (lra_step does twice when losses are
+  // rank-local and parameters sharded), so its detail::Reduction must live
+  // on with it (leaked, as the handle is). A call that runs makes lra_get_lr
+  // fail with LRA_CALL_ORDER; one that starts while lra_destroy runs is
+  // undefined behaviour in lra.h already.
+  void destroy() noexcept {
+    double lr = 0;
+    if (reduction_ && lra_get_lr(h_, &lr) == LRA_CALL_ORDER) (void)reduction_.release();
+    lra_destroy(h_);
+    h_ = nullptr;
+    reduction_.reset();
+  }
   lra_handle* h_ = nullptr;
   // What lra calls for the reduction (heap: its address survives moves).
   std::unique_ptr<detail::Reduction> reduction_;
+  // detail::take_reduction_error of the trampoline registered with lra.
+  TakeThrown take_thrown_ = nullptr;
 };
 
 }  // namespace lra

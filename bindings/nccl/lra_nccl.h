@@ -55,7 +55,10 @@
  * other ranks fail too: they may wait in the collective, and copies of this
  * call may still be queued on the stream. Treat the error as fatal: call
  * ncclCommAbort on every rank (as NCCL's documentation advises), then
- * lra_destroy and lra_nccl_free.
+ * lra_destroy and lra_nccl_free. Do not call lra between ncclGroupStart and
+ * ncclGroupEnd: inside a group, ncclAllReduce may return before it has
+ * enqueued the collective (NCCL's "Group Calls"), so the callback would copy
+ * back this rank's own values, return 0, and the ranks would decide η apart.
  *
  * Threads: the callback runs on the thread that calls lra. One
  * lra_nccl_reduction serves one handle (its staging buffers are not shared

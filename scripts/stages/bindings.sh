@@ -109,6 +109,7 @@ if have cmake && have c++; then
   cmake --build "$work/cpp-tests" -j "$jobs"
   "$work/cpp-tests/test_lra_hpp"
   "$work/cpp-tests/test_lra_hpp_static"
+  "$work/cpp-tests/test_lra_hpp_dso"
   if [ -x "$work/cpp-tests/test_lra_torch" ]; then
     "$work/cpp-tests/test_lra_torch"
   else

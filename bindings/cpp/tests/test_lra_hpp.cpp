@@ -236,6 +236,45 @@ int main() {
     EXPECT(!owner.handle);
   }
 
+  // The same where lra_step calls the reduction twice (sharded parameters and
+  // rank-local losses): lra keeps the handle it refused to destroy and calls
+  // the reduction again, so what that call reads must outlive the Handle
+  // (it was freed with it: a use after free). Once by destruction, once by
+  // a move assignment over the running Handle.
+  for (int replace = 0; replace < 2; ++replace) {
+    struct Owner {
+      std::unique_ptr<lra::Handle> handle;
+      lra_config cfg;
+      int replace;
+      int calls = 0;
+    } owner;
+    owner.cfg = lra::config(lra::Optimizer::SGD, 0.1);
+    owner.cfg.num_threads = 1;
+    owner.cfg.sharding = LRA_SHARDING_SHARDED;
+    owner.cfg.loss_is_rank_local = 1;
+    owner.replace = replace;
+    owner.handle = std::make_unique<lra::Handle>(owner.cfg);
+    owner.handle->set_reduction(
+        [](double*, std::size_t, void* user) -> std::int32_t {
+          auto* o = static_cast<Owner*>(user);
+          if (++o->calls == 1) {
+            if (o->replace != 0) {
+              *o->handle = lra::Handle(o->cfg);
+            } else {
+              o->handle.reset();
+            }
+          }
+          return 0;  // one rank: the values are their own sums
+        },
+        &owner);
+    std::vector<float> ow = {1.0f}, og = {1.0f};
+    lra::Handle* raw = owner.handle.get();
+    raw->step({lra::tensor(ow.data(), og.data(), 1)}, 1.0);
+    EXPECT(owner.calls == 2);  // [f_i, 1], then the pre-write values
+    EXPECT(std::fabs(ow[0] - 0.9f) < 1e-6f);
+    EXPECT(replace == 0 ? !owner.handle : static_cast<bool>(*owner.handle));
+  }
+
   std::puts("test_lra_hpp: all checks passed");
   return 0;
 }
