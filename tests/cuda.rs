@@ -2158,3 +2158,121 @@ fn abi_cuda_state_out_of_memory_changes_nothing() {
     assert_eq!(st, LRA_OK, "{}", run.h.error());
     assert_eq!(run.h.counters().steps, 1);
 }
+
+/// A negative `device_ordinal` is "no such device" (`LRA_NO_CUDA`, as an
+/// ordinal past the device count), refused before any driver call with
+/// it: not a `cuDeviceGet` failure (`LRA_CUDA_ERROR`).
+#[test]
+fn a_negative_device_ordinal_is_no_cuda() {
+    if !gpu("a_negative_device_ordinal_is_no_cuda") {
+        return;
+    }
+    for ordinal in [-1, i32::MIN] {
+        let e = cuda::create(OptimizerKind::Adam, ordinal)
+            .err()
+            .expect("a negative device ordinal was accepted");
+        assert_eq!(e.status, Status::NoCuda, "ordinal {ordinal}: {e}");
+        assert!(
+            e.message.contains(&format!("device_ordinal = {ordinal}")),
+            "ordinal {ordinal}: {e}"
+        );
+    }
+}
+
+/// Memory mapped through the virtual memory management API (an address
+/// range reserved with `cuMemAddressReserve`, physical segments mapped into
+/// it with `cuMemCreate` + `cuMemMap`: PyTorch's expandable segments) as
+/// lra's extent check sees it. A review found that
+/// `CU_POINTER_ATTRIBUTE_RANGE_SIZE` may describe the whole reservation
+/// (a tensor running past the mapped part would then pass the check and
+/// fault on the device) or one physical segment (a valid tensor across two
+/// segments would then be refused); this prints what the driver reports
+/// and asserts what lra promises either way. Not yet run on a GPU.
+#[test]
+fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
+    let name = "memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent";
+    if !gpu(name)
+        || fake_driver_cannot(name, "the fake driver has no virtual memory management API")
+    {
+        return;
+    }
+    let lra_gpu = cuda::create(OptimizerKind::Sgd, 0).unwrap();
+    let location = sys::CUmemLocation {
+        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+        id: 0,
+    };
+    // SAFETY: plain data; every field is set or zero is its meaning.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location = location;
+    let mut segment = 0usize;
+    // SAFETY: out-parameters and handles of this test, released below.
+    let (base, handles) = unsafe {
+        ok(sys::cuMemGetAllocationGranularity(
+            &mut segment,
+            &prop,
+            sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        ));
+        // Four segments reserved, the first two mapped.
+        let mut base = 0;
+        ok(sys::cuMemAddressReserve(&mut base, 4 * segment, 0, 0, 0));
+        let mut handles = [0; 2];
+        for (i, h) in handles.iter_mut().enumerate() {
+            ok(sys::cuMemCreate(h, segment, &prop, 0));
+            ok(sys::cuMemMap(
+                base + (i * segment) as u64,
+                segment,
+                0,
+                *h,
+                0,
+            ));
+        }
+        let access = sys::CUmemAccessDesc {
+            location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        ok(sys::cuMemSetAccess(base, 2 * segment, &access, 1));
+        (base, handles)
+    };
+    // What the driver says of a pointer near the end of the first segment.
+    let probe = base + segment as u64 - 64;
+    let attribute = |a: sys::CUpointer_attribute| {
+        let mut v = 0u64;
+        // SAFETY: both attributes are one CUdeviceptr / size_t (8 bytes).
+        let r = unsafe { sys::cuPointerGetAttribute((&mut v as *mut u64).cast(), a, probe) };
+        (r, v)
+    };
+    use sys::CUpointer_attribute::*;
+    let (r_start, start) = attribute(CU_POINTER_ATTRIBUTE_RANGE_START_ADDR);
+    let (r_size, size) = attribute(CU_POINTER_ATTRIBUTE_RANGE_SIZE);
+    println!(
+        "vmm: segment {segment} bytes, reservation {base:#x} + {}, mapped {base:#x} + {}; \
+         at {probe:#x}: RANGE_START_ADDR {start:#x} ({r_start:?}), RANGE_SIZE {size} ({r_size:?})",
+        4 * segment,
+        2 * segment
+    );
+    let grad = DevBuf::uninit(segment + 64);
+    let f32s = |p: u64, n: usize| TensorDesc {
+        param: p as *mut c_void,
+        grad: grad.0 as *const c_void,
+        numel: n,
+        dtype: DType::F32,
+    };
+    let n = segment / 4;
+    let across = lra_gpu.validate(&[f32s(probe, 32)]);
+    let to_the_end = lra_gpu.validate(&[f32s(base + segment as u64, n)]);
+    let past_the_end = lra_gpu.validate(&[f32s(base + segment as u64, n + 1)]);
+    // SAFETY: what this test mapped and reserved, no longer used.
+    unsafe {
+        ok(sys::cuCtxSynchronize());
+        ok(sys::cuMemUnmap(base, 2 * segment));
+        for h in handles {
+            ok(sys::cuMemRelease(h));
+        }
+        ok(sys::cuMemAddressFree(base, 4 * segment));
+    }
+    across.expect("a tensor across two mapped segments was refused");
+    to_the_end.expect("a tensor ending where the mapping ends was refused");
+    let e = past_the_end.expect_err("a tensor running 4 bytes past the mapped memory was accepted");
+    assert_eq!(e.status, Status::InvalidArgument, "{e}");
+}

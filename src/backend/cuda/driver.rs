@@ -120,7 +120,9 @@ impl Device {
     pub fn get(ordinal: i32) -> Result<Arc<Device>> {
         static DEVICES: Mutex<Vec<Arc<Device>>> = Mutex::new(Vec::new());
         let count = device_count()?;
-        if ordinal >= count {
+        // Negative too: cuDeviceGet would fail with INVALID_DEVICE, a
+        // driver error (LRA_CUDA_ERROR) for what is "no such device".
+        if ordinal < 0 || ordinal >= count {
             return Err(Error::new(
                 Status::NoCuda,
                 format!(
@@ -514,8 +516,11 @@ impl Staging {
         let i = match free {
             Some(i) => i,
             None => {
-                let have = self.slots.len();
-                self.reserve(have + 1, src.len())?;
+                // One more slot that fits: slots too small for `src` do
+                // not count (counting them would allocate one new slot for
+                // each of them too).
+                let fitting = self.slots.iter().filter(|s| s.1 >= src.len()).count();
+                self.reserve(fitting + 1, src.len())?;
                 self.slots.len() - 1
             }
         };
@@ -546,13 +551,16 @@ impl Staging {
     pub fn reserve(&mut self, count: usize, bytes: usize) -> Result<()> {
         let cap = bytes.next_power_of_two().max(4096);
         while self.slots.iter().filter(|s| s.1 >= bytes).count() < count {
+            // The event first: a failed cuEventCreate then leaks no pinned
+            // buffer.
+            let done = Event::new()?;
             let mut p = std::ptr::null_mut();
             // SAFETY: out-parameter.
             check(
                 unsafe { sys::cuMemAllocHost_v2(&mut p, cap) },
                 "cuMemAllocHost",
             )?;
-            self.slots.push((p as *mut u8, cap, Event::new()?));
+            self.slots.push((p as *mut u8, cap, done));
         }
         Ok(())
     }
@@ -619,4 +627,39 @@ pub fn pointer_info(ptr: u64) -> Option<PointerInfo> {
         range_start: start,
         range_size: size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upload larger than every staging slot adds one slot, not one
+    /// for each existing slot as well. Needs a driver (a GPU, or the fake
+    /// of `fake-cuda/` on the library path); says why it skips without.
+    #[test]
+    fn an_upload_larger_than_every_slot_adds_one_slot() {
+        let dev = match Device::get(0) {
+            Ok(dev) => dev,
+            Err(e) => {
+                // Past libtest's capture, as tests/cuda.rs prints its skips.
+                use std::io::Write;
+                let line =
+                    format!("!!!! SKIPPED: an_upload_larger_than_every_slot_adds_one_slot: {e}\n");
+                let _ = std::io::stderr().write_all(line.as_bytes());
+                return;
+            }
+        };
+        let _ctx = dev.enter().unwrap();
+        let dst = DeviceBuffer::new(1 << 16).unwrap();
+        let stream = Stream::new().unwrap();
+        let mut staging = Staging::default();
+        // As a first step's layout: four slots for tensor tables, then
+        // chunk and segment tables larger than them.
+        staging.reserve(4, 40).unwrap();
+        staging.upload(dst.ptr, &[1u8; 1 << 15], stream.0).unwrap();
+        assert_eq!(staging.slots.len(), 5, "slots after a 32 KiB upload");
+        staging.upload(dst.ptr, &[2u8; 1 << 16], stream.0).unwrap();
+        assert_eq!(staging.slots.len(), 6, "slots after a 64 KiB upload");
+        sync_stream(stream.0);
+    }
 }
