@@ -587,8 +587,10 @@ pub struct PointerInfo {
 }
 
 /// Asks the driver about `ptr`; `None` when the driver does not know it
-/// (a plain host pointer).
-pub fn pointer_info(ptr: u64) -> Option<PointerInfo> {
+/// (a plain host pointer). The query succeeds for pointers the driver does
+/// not know (their attributes read as zero), so a failure is the driver's
+/// own (`LRA_CUDA_ERROR`), not a verdict on the pointer.
+pub fn pointer_info(ptr: u64) -> Result<Option<PointerInfo>> {
     use sys::CUpointer_attribute as A;
     let mut mem_type: u32 = 0;
     let mut managed: u32 = 0;
@@ -618,15 +620,16 @@ pub fn pointer_info(ptr: u64) -> Option<PointerInfo> {
             ptr,
         )
     };
-    if r != sys::CUresult::CUDA_SUCCESS || mem_type == 0 {
-        return None;
+    check(r, "cuPointerGetAttributes")?;
+    if mem_type == 0 {
+        return Ok(None);
     }
-    Some(PointerInfo {
+    Ok(Some(PointerInfo {
         device_memory: mem_type == 2 || managed != 0,
         ordinal,
         range_start: start,
         range_size: size,
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ impl CudaBackend {
         bytes: usize,
     ) -> Result<()> {
         let ordinal = self.dev.ordinal;
-        let Some(info) = driver::pointer_info(p) else {
+        let Some(info) = driver::pointer_info(p)? else {
             fail!(
                 InvalidArgument,
                 "{what} = {p:#x} is not CUDA memory (a host pointer?); a device = 1 handle takes device pointers of device {ordinal}"
