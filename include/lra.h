@@ -344,7 +344,9 @@ const char *lra_status_string(lra_status status);
 // the calling thread's last message). Valid until the next call on it.
 // While another call runs on the handle (from another thread, or the
 // call whose reduction callback asks) its message is not settled: a
-// static note saying so is returned instead.
+// static note saying so is returned instead. The read counts as a call
+// for the one-thread-at-a-time rule: a call on another thread that
+// overlaps it gets `LRA_CALL_ORDER`.
 const char *lra_last_error(const struct lra_handle *h);
 
 // The calling thread's last failure message, from any call (the only

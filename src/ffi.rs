@@ -981,7 +981,9 @@ pub extern "C" fn lra_status_string(status: lra_status) -> *const c_char {
 /// the calling thread's last message). Valid until the next call on it.
 /// While another call runs on the handle (from another thread, or the
 /// call whose reduction callback asks) its message is not settled: a
-/// static note saying so is returned instead.
+/// static note saying so is returned instead. The read counts as a call
+/// for the one-thread-at-a-time rule: a call on another thread that
+/// overlaps it gets `LRA_CALL_ORDER`.
 #[no_mangle]
 pub unsafe extern "C" fn lra_last_error(h: *const lra_handle) -> *const c_char {
     if h.is_null()

@@ -367,6 +367,12 @@ class TorchOptimizer {
         throw invalid(name +
                       " is not a leaf tensor (it is the result of an operation): autograd "
                       "never fills its grad; pass the leaf it was computed from");
+      // After a step lra bumps the version counter, which an inference
+      // tensor has not: refused here, before anything is updated.
+      if (out.params[i].is_inference())
+        throw invalid(name +
+                      " is an inference tensor (made under InferenceMode): it cannot be "
+                      "updated in place outside InferenceMode; create the model outside it");
       for (std::size_t j = 0; j < i; ++j)
         if (out.params[i].is_same(out.params[j]))
           throw invalid(name + " is " + name_at(out.index[j]) +

@@ -982,6 +982,14 @@ class TorchOptimizer:
                     f"parameter {i} is not a leaf tensor (it is the result of an operation): "
                     "autograd never fills its .grad; pass the leaf it was computed from"
                 )
+            # After a step lra bumps the version counter, which an inference
+            # tensor has not: refused here, before anything is updated.
+            if p.is_inference():
+                raise ValueError(
+                    f"parameter {i} is an inference tensor (made under torch.inference_mode()): "
+                    "it cannot be updated in place outside inference mode; create the model "
+                    "outside it"
+                )
             if id(p) in first_index:
                 raise ValueError(f"parameter {i} is parameter {first_index[id(p)]} again")
             first_index[id(p)] = i

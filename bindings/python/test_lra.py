@@ -959,6 +959,11 @@ class TorchAdapterAuditTests(unittest.TestCase):
             lra.TorchOptimizer([{"params": [p], "lr": 1e-3}])
         with self.assertRaisesRegex(ValueError, "not a leaf"):
             lra.TorchOptimizer([p * 2])
+        # Its version counter cannot be bumped after a step: refused up front.
+        with torch.inference_mode():
+            inference = torch.ones(3, requires_grad=True)
+        with self.assertRaisesRegex(ValueError, "parameter 1 is an inference tensor"):
+            lra.TorchOptimizer([p, inference])
         with self.assertRaisesRegex(ValueError, "parameter 1 is parameter 0 again"):
             lra.TorchOptimizer([p, p])
 

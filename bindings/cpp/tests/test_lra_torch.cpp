@@ -108,6 +108,16 @@ int main() {
 
   // Parameter-list mistakes fail at construction: a non-leaf tensor (its
   // grad is never filled), the same tensor twice.
+  {
+    // Its version counter cannot be bumped after a step: refused up front.
+    torch::Tensor inference;
+    {
+      c10::InferenceMode guard;
+      inference = torch::ones({3}).requires_grad_();
+    }
+    EXPECT(error_of([&] { lra::TorchOptimizer o({w, inference}, cfg); })
+               .find("parameter 1 is an inference tensor") != std::string::npos);
+  }
   EXPECT(error_of([&] { lra::TorchOptimizer o({w * 2}, cfg); }).find("not a leaf") !=
          std::string::npos);
   EXPECT(error_of([&] { lra::TorchOptimizer o({w, w}, cfg); }).find("parameter 1 is parameter 0") !=

@@ -384,9 +384,9 @@ of a failing call already carries its message; this is the handle's own
 record (`lra_last_error`).
 """
 last_error(o::Optimizer) = lock(o.lock) do
-    # lra_last_error does not claim the handle: a call running meanwhile
-    # (another task's) would replace, and free, the string being copied.
-    # Under o.lock with no call counted, none runs or can start.
+    # lra_last_error returns a placeholder while a call runs, and a call
+    # starting during the read would be refused: under o.lock with no call
+    # counted, none runs or can start, so the message read is the handle's.
     o.calls == 0 || throw(LRAError(LRA_CALL_ORDER,
         "last_error: another call runs on the handle (its message is not settled yet)"))
     unsafe_string(ccall(sym(:lra_last_error), Cstring, (Ptr{OpaqueHandle},), live(o)))
