@@ -25,7 +25,7 @@ use crate::error::Result;
 use crate::fail;
 use crate::optim::{self, BiasPowers, DType, Elem, Hyper, OptimizerKind, StepScalars};
 use half::{bf16, f16};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// Elements per work item.
 pub const CHUNK: usize = 1 << 14;
@@ -219,26 +219,30 @@ impl CpuBackend {
             return out;
         }
         let per = items.len().div_ceil(threads);
+        // One slot per worker's share: a thread the OS refuses (a process
+        // or memory limit) has its share run here instead (`Scope::spawn`
+        // would panic with part of the step applied). On a refusal the
+        // closure is dropped unrun, so the share is still in its slot.
+        let slots: Vec<_> = out
+            .chunks_mut(per)
+            .zip(items.chunks(per))
+            .map(|share| Mutex::new(Some(share)))
+            .collect();
         std::thread::scope(|s| {
-            for (outs, its) in out.chunks_mut(per).zip(items.chunks(per)) {
-                // A thread the OS refuses (a process or memory limit) runs
-                // its share here instead: `Scope::spawn` would panic with
-                // part of the step applied. On a refusal the closure is
-                // dropped unrun, so the share is still in the slot.
-                let share = Arc::new(Mutex::new(Some((outs, its))));
-                let theirs = Arc::clone(&share);
+            for slot in &slots {
                 let spawned = spawn_share(s, move || {
-                    if let Some((outs, its)) = take_share(&theirs) {
+                    if let Some((outs, its)) = take_share(slot) {
                         run_share(outs, its);
                     }
                 });
                 if spawned.is_err() {
-                    if let Some((outs, its)) = take_share(&share) {
+                    if let Some((outs, its)) = take_share(slot) {
                         run_share(outs, its);
                     }
                 }
             }
         });
+        drop(slots);
         out
     }
 }
