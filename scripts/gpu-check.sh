@@ -276,7 +276,9 @@ run_step() {
 }
 
 echo "==== tests/cuda.rs (kernels vs the CPU backend)"
-run_step "tests/cuda.rs" 300 "$out/cuda-tests" --test-threads=1
+# --show-output: what passing tests print too (the VMM and pool tests print
+# the driver's pointer attributes, which no machine without a GPU can tell).
+run_step "tests/cuda.rs" 300 "$out/cuda-tests" --test-threads=1 --show-output
 
 echo "==== PyTorch: stream, tensors, benchmarks"
 py=

@@ -16,14 +16,17 @@
 //! device, as the driver's do. A kernel fault is a sticky error of its
 //! context, returned by every later launch, copy and wait there, and printed with the interpreter's explanation.
 //! Device memory lives in one `ptx_interp::Device`; pinned host memory is
-//! real host memory. What the fake does not model (recording work into a
+//! real host memory. The virtual memory management API is modelled with
+//! one interpreter buffer per reserved range and one mapping per physical
+//! allocation; kernels may touch its unmapped bytes without a fault. What the fake does not model (recording work into a
 //! graph, the per-thread default stream, most attributes) fails with
 //! `CUDA_ERROR_NOT_SUPPORTED` and a note on stderr, never silently.
 //!
 //! Environment: `FAKE_CUDA_SCHEDULE` picks the interpreter's block and
 //! thread order (see `fn schedule`); `FAKE_CUDA_TRACE` prints every
 //! allocation and launch (instructions executed), and a failed launch's
-//! arguments.
+//! arguments; `FAKE_CUDA_VMM_RANGE` picks what the pointer attributes'
+//! ranges describe for mapped memory (see `fn vmm_range_is_reservation`).
 //!
 //! # Safety
 //!
@@ -63,6 +66,28 @@ const DEVICE_MEMORY: usize = 4 << 30;
 const PINNED_ALIGN: usize = 4096;
 /// How long a synchronising call waits before it reports a hang.
 const WAIT_LIMIT: Duration = Duration::from_secs(300);
+/// Granularity of the virtual memory management API (a GPU's 2 MiB page).
+const VMM_GRANULARITY: usize = 2 << 20;
+
+/// What `CU_POINTER_ATTRIBUTE_RANGE_START_ADDR`/`RANGE_SIZE` describe for
+/// memory of the virtual memory management API, from `FAKE_CUDA_VMM_RANGE`
+/// (public reports disagree on what the driver does): `mapping` (the
+/// default) the one physical mapping around the pointer, an unmapped
+/// address being unknown to the driver; `reservation` the whole reserved
+/// address range, mapped or not (`CU_POINTER_ATTRIBUTE_MAPPED` tells).
+fn vmm_range_is_reservation() -> bool {
+    static CHOSEN: OnceLock<bool> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        match std::env::var("FAKE_CUDA_VMM_RANGE")
+            .unwrap_or_default()
+            .as_str()
+        {
+            "" | "mapping" => false,
+            "reservation" => true,
+            v => panic!("FAKE_CUDA_VMM_RANGE={v}: expected mapping or reservation"),
+        }
+    })
+}
 
 /// The interpreter's block and thread order, from `FAKE_CUDA_SCHEDULE`:
 /// `in-order` (the default), `reversed`, or `random:SEED` (blocks all
@@ -211,6 +236,22 @@ struct Context {
     sticky: Option<R>,
 }
 
+struct Reservation {
+    size: usize,
+    /// Mapped parts: address → (bytes, physical handle).
+    mappings: BTreeMap<u64, (usize, usize)>,
+}
+
+struct Physical {
+    size: usize,
+    /// `cuMemCreate` and each `cuMemRetainAllocationHandle`, less each
+    /// `cuMemRelease`: freed at zero once unmapped.
+    refs: u32,
+    /// Where it is mapped (the fake maps physical memory once: the bytes
+    /// are the reservation's, so two mappings could not share them).
+    mapped_at: Option<u64>,
+}
+
 struct Driver {
     initialised: bool,
     next_handle: usize,
@@ -219,6 +260,11 @@ struct Driver {
     allocs: BTreeMap<u64, usize>,
     /// Pinned host allocations: address → bytes.
     pinned: BTreeMap<usize, usize>,
+    /// Address ranges of `cuMemAddressReserve`: base → reservation. Each is
+    /// one interpreter buffer, so that kernels run across its mappings.
+    reservations: BTreeMap<u64, Reservation>,
+    /// Physical memory of `cuMemCreate`: handle → allocation.
+    physical: HashMap<usize, Physical>,
     contexts: HashMap<usize, Context>,
     primary: usize,
     primary_refs: u32,
@@ -262,6 +308,8 @@ fn driver() -> MutexGuard<'static, Driver> {
                 dev: ptx_interp::Device::new(),
                 allocs: BTreeMap::new(),
                 pinned: BTreeMap::new(),
+                reservations: BTreeMap::new(),
+                physical: HashMap::new(),
                 contexts: HashMap::from([(primary, ctx)]),
                 primary,
                 primary_refs: 0,
@@ -353,8 +401,27 @@ fn need_ctx(what: &str) -> Result<usize, R> {
 
 /// Where a pointer points.
 enum Place {
-    Device { base: u64, size: usize },
-    Pinned { base: u64, size: usize },
+    Device {
+        base: u64,
+        size: usize,
+    },
+    Pinned {
+        base: u64,
+        size: usize,
+    },
+    /// Mapped memory of a reservation: the mapping, its physical handle.
+    Mapped {
+        base: u64,
+        size: usize,
+        handle: usize,
+        reservation: u64,
+        reserved: usize,
+    },
+    /// A reserved address that is not mapped.
+    Reserved {
+        reservation: u64,
+        reserved: usize,
+    },
     Unknown,
 }
 
@@ -400,12 +467,36 @@ fn worker(h: usize) {
 }
 
 impl Driver {
+    /// What cuMemAlloc and cuMemCreate have handed out.
+    fn device_memory_used(&self) -> usize {
+        self.allocs.values().sum::<usize>() + self.physical.values().map(|p| p.size).sum::<usize>()
+    }
+
     fn handle(&mut self) -> usize {
         self.next_handle += 0x10;
         self.next_handle
     }
 
     fn place(&self, ptr: u64) -> Place {
+        if let Some((&reservation, r)) = self.reservations.range(..=ptr).next_back() {
+            if ptr < reservation + r.size as u64 {
+                if let Some((&base, &(size, handle))) = r.mappings.range(..=ptr).next_back() {
+                    if ptr < base + size as u64 {
+                        return Place::Mapped {
+                            base,
+                            size,
+                            handle,
+                            reservation,
+                            reserved: r.size,
+                        };
+                    }
+                }
+                return Place::Reserved {
+                    reservation,
+                    reserved: r.size,
+                };
+            }
+        }
         if let Some((&base, &size)) = self.allocs.range(..=ptr).next_back() {
             if ptr < base + size as u64 {
                 return Place::Device { base, size };
@@ -422,9 +513,29 @@ impl Driver {
         Place::Unknown
     }
 
-    /// `len` bytes at `ptr` inside one device allocation.
+    /// Whether `len` bytes at `ptr` are all mapped (through one mapping
+    /// or several, one after another).
+    fn mapped_through(&self, mut ptr: u64, len: usize) -> bool {
+        let end = ptr + len as u64;
+        while ptr < end {
+            match self.place(ptr) {
+                Place::Mapped { base, size, .. } => ptr = base + size as u64,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// `len` bytes at `ptr` inside one device allocation, or mapped.
     fn device_range(&self, what: &str, ptr: u64, len: usize) -> Res {
         match self.place(ptr) {
+            Place::Mapped { .. } | Place::Reserved { .. } if self.mapped_through(ptr, len) => {
+                Ok(())
+            }
+            Place::Mapped { .. } | Place::Reserved { .. } => {
+                note(what, format!("{len} bytes at {ptr:#x} are not all mapped"));
+                Err(R::CUDA_ERROR_INVALID_VALUE)
+            }
             Place::Device { base, size } if ptr - base + len as u64 <= size as u64 => Ok(()),
             Place::Device { base, size } => {
                 note(
@@ -451,7 +562,7 @@ impl Driver {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
         match self.place(ptr as u64) {
-            Place::Device { .. } => {
+            Place::Device { .. } | Place::Mapped { .. } | Place::Reserved { .. } => {
                 note(what, format!("host pointer {ptr:?} is device memory"));
                 Err(R::CUDA_ERROR_INVALID_VALUE)
             }
@@ -1229,7 +1340,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut sys::CUdeviceptr, bytesize: us
         if bytesize == 0 || dptr.is_null() {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
-        let used: usize = d.allocs.values().sum();
+        let used = d.device_memory_used();
         if bytesize > DEVICE_MEMORY - used {
             if trace() {
                 note(
@@ -1479,9 +1590,117 @@ pub unsafe extern "C" fn cuMemsetD32Async(
     })
 }
 
-/// Like the driver: device memory and pinned host memory are described;
-/// any other pointer gets NULL (zero) values and success (the documented
-/// behaviour of cuPointerGetAttributes, unlike cuPointerGetAttribute).
+/// What the fake's pointer attributes say of an address.
+struct Described {
+    /// 0 unknown, 1 host (pinned), 2 device.
+    mem_type: u32,
+    start: u64,
+    size: usize,
+    /// Allocated in the primary context (cuMemAlloc, cuMemAllocHost);
+    /// memory of the virtual memory management API has no context.
+    in_context: bool,
+    mapped: bool,
+}
+
+impl Driver {
+    fn describe(&self, ptr: u64) -> Described {
+        let unknown = Described {
+            mem_type: 0,
+            start: 0,
+            size: 0,
+            in_context: false,
+            mapped: false,
+        };
+        let reservation_range = vmm_range_is_reservation();
+        match self.place(ptr) {
+            Place::Device { base, size } => Described {
+                mem_type: 2,
+                start: base,
+                size,
+                in_context: true,
+                mapped: true,
+            },
+            Place::Pinned { base, size } => Described {
+                mem_type: 1,
+                start: base,
+                size,
+                in_context: true,
+                mapped: true,
+            },
+            Place::Mapped {
+                base,
+                size,
+                reservation,
+                reserved,
+                ..
+            } => {
+                let (start, size) = if reservation_range {
+                    (reservation, reserved)
+                } else {
+                    (base, size)
+                };
+                Described {
+                    mem_type: 2,
+                    start,
+                    size,
+                    in_context: false,
+                    mapped: true,
+                }
+            }
+            Place::Reserved {
+                reservation,
+                reserved,
+            } if reservation_range => Described {
+                mem_type: 2,
+                start: reservation,
+                size: reserved,
+                in_context: false,
+                mapped: false,
+            },
+            Place::Reserved { .. } | Place::Unknown => unknown,
+        }
+    }
+
+    /// Writes attribute `a` (the raw enum value) of `ptr` to `out`.
+    unsafe fn write_attribute(&self, what: &str, a: u32, ptr: u64, out: *mut c_void) -> Res {
+        use sys::CUpointer_attribute as A;
+        if out.is_null() {
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        let d = self.describe(ptr);
+        let known = d.mem_type != 0;
+        if a == A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE as u32 {
+            (out as *mut u32).write(d.mem_type);
+        } else if a == A::CU_POINTER_ATTRIBUTE_IS_MANAGED as u32 {
+            (out as *mut u32).write(0);
+        } else if a == A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL as u32 {
+            (out as *mut c_int).write(if known { 0 } else { -2 });
+        } else if a == A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR as u32 {
+            (out as *mut u64).write(d.start);
+        } else if a == A::CU_POINTER_ATTRIBUTE_RANGE_SIZE as u32 {
+            (out as *mut usize).write(d.size);
+        } else if a == A::CU_POINTER_ATTRIBUTE_CONTEXT as u32 {
+            let ctx = if d.in_context { self.primary } else { 0 };
+            (out as *mut sys::CUcontext).write(ctx as sys::CUcontext);
+        } else if a == A::CU_POINTER_ATTRIBUTE_MAPPED as u32 {
+            (out as *mut u32).write(d.mapped as u32);
+        } else if a == A::CU_POINTER_ATTRIBUTE_DEVICE_POINTER as u32 {
+            (out as *mut u64).write(if known { ptr } else { 0 });
+        } else if a == A::CU_POINTER_ATTRIBUTE_HOST_POINTER as u32 {
+            let host = if d.mem_type == 1 { ptr } else { 0 };
+            (out as *mut usize).write(host as usize);
+        } else {
+            note(what, format!("attribute {a} is not modelled"));
+            return Err(R::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        Ok(())
+    }
+}
+
+/// Like the driver: device memory, mapped memory and pinned host memory are
+/// described; any other pointer gets NULL (zero) values and success (the
+/// documented behaviour of cuPointerGetAttributes, unlike
+/// cuPointerGetAttribute).
 #[no_mangle]
 pub unsafe extern "C" fn cuPointerGetAttributes(
     numAttributes: c_uint,
@@ -1489,50 +1708,312 @@ pub unsafe extern "C" fn cuPointerGetAttributes(
     data: *mut *mut c_void,
     ptr: sys::CUdeviceptr,
 ) -> R {
-    use sys::CUpointer_attribute as A;
-    with("cuPointerGetAttributes", |d| {
+    let what = "cuPointerGetAttributes";
+    with(what, |d| {
         if numAttributes > 0 && (attributes.is_null() || data.is_null()) {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
-        let place = d.place(ptr);
-        let (mem_type, base, size, known) = match place {
-            Place::Device { base, size } => (2u32, base, size, true),
-            Place::Pinned { base, size } => (1u32, base, size, true),
-            Place::Unknown => (0, 0, 0, false),
-        };
         for i in 0..numAttributes as usize {
             // Read as the raw enum value: a caller's unknown value is an
             // error here, not undefined behaviour.
             let a = (attributes as *const u32).add(i).read();
-            let out = *data.add(i);
-            if out.is_null() {
+            d.write_attribute(what, a, ptr, *data.add(i))?;
+        }
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------ virtual memory management
+
+/// The one allocation kind the fake models: pinned memory of device 0.
+unsafe fn device_allocation_prop(what: &str, prop: *const sys::CUmemAllocationProp) -> Res {
+    if prop.is_null() {
+        return Err(R::CUDA_ERROR_INVALID_VALUE);
+    }
+    let prop = &*prop;
+    if prop.type_ != sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED
+        || prop.location.type_ != sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE
+    {
+        note(what, "only pinned device memory is modelled");
+        return Err(R::CUDA_ERROR_NOT_SUPPORTED);
+    }
+    device_ordinal(what, prop.location.id)
+}
+
+/// `bytes` must be a non-zero multiple of the granularity.
+fn granular(what: &str, bytes: u64) -> Res {
+    if bytes == 0 || !bytes.is_multiple_of(VMM_GRANULARITY as u64) {
+        note(
+            what,
+            format!("{bytes:#x} is not a multiple of the granularity {VMM_GRANULARITY:#x}"),
+        );
+        return Err(R::CUDA_ERROR_INVALID_VALUE);
+    }
+    Ok(())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(
+    granularity: *mut usize,
+    prop: *const sys::CUmemAllocationProp,
+    _option: sys::CUmemAllocationGranularity_flags,
+) -> R {
+    let what = "cuMemGetAllocationGranularity";
+    with(what, |_| {
+        device_allocation_prop(what, prop)?;
+        put(granularity, VMM_GRANULARITY)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressReserve(
+    ptr: *mut sys::CUdeviceptr,
+    size: usize,
+    alignment: usize,
+    addr: sys::CUdeviceptr,
+    flags: u64,
+) -> R {
+    let what = "cuMemAddressReserve";
+    with(what, |d| {
+        granular(what, size as u64)?;
+        if addr != 0 || flags != 0 || (alignment != 0 && alignment > VMM_GRANULARITY) {
+            note(
+                what,
+                "a fixed address, flags or an alignment above the granularity are not modelled",
+            );
+            return Err(R::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        // Address space only: it does not count as device memory in use.
+        let base = d.dev.alloc_aligned(size, VMM_GRANULARITY as u64);
+        d.reservations.insert(
+            base,
+            Reservation {
+                size,
+                mappings: BTreeMap::new(),
+            },
+        );
+        put(ptr, base)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressFree(ptr: sys::CUdeviceptr, size: usize) -> R {
+    let what = "cuMemAddressFree";
+    free_after_device(what, |d| {
+        match d.reservations.get(&ptr) {
+            Some(r) if r.size == size && r.mappings.is_empty() => {}
+            Some(r) if r.size == size => {
+                note(what, format!("{ptr:#x} is still mapped"));
                 return Err(R::CUDA_ERROR_INVALID_VALUE);
             }
-            if a == A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE as u32 {
-                (out as *mut u32).write(mem_type);
-            } else if a == A::CU_POINTER_ATTRIBUTE_IS_MANAGED as u32 {
-                (out as *mut u32).write(0);
-            } else if a == A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL as u32 {
-                (out as *mut c_int).write(if known { 0 } else { -2 });
-            } else if a == A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR as u32 {
-                (out as *mut u64).write(base);
-            } else if a == A::CU_POINTER_ATTRIBUTE_RANGE_SIZE as u32 {
-                (out as *mut usize).write(size);
-            } else if a == A::CU_POINTER_ATTRIBUTE_CONTEXT as u32 {
-                let ctx = if known { d.primary } else { 0 };
-                (out as *mut sys::CUcontext).write(ctx as sys::CUcontext);
-            } else if a == A::CU_POINTER_ATTRIBUTE_DEVICE_POINTER as u32 {
-                (out as *mut u64).write(if known { ptr } else { 0 });
-            } else if a == A::CU_POINTER_ATTRIBUTE_HOST_POINTER as u32 {
-                let host = if mem_type == 1 { ptr } else { 0 };
-                (out as *mut usize).write(host as usize);
-            } else {
+            _ => {
+                note(what, format!("{ptr:#x} + {size:#x} is not a reservation"));
+                return Err(R::CUDA_ERROR_INVALID_VALUE);
+            }
+        }
+        d.reservations.remove(&ptr);
+        d.dev.free(ptr).map_err(|e| {
+            note(what, e);
+            R::CUDA_ERROR_INVALID_VALUE
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut sys::CUmemGenericAllocationHandle,
+    size: usize,
+    prop: *const sys::CUmemAllocationProp,
+    flags: u64,
+) -> R {
+    let what = "cuMemCreate";
+    with(what, |d| {
+        device_allocation_prop(what, prop)?;
+        granular(what, size as u64)?;
+        if flags != 0 {
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        if size > DEVICE_MEMORY - d.device_memory_used() {
+            return Err(R::CUDA_ERROR_OUT_OF_MEMORY);
+        }
+        let h = d.handle();
+        d.physical.insert(
+            h,
+            Physical {
+                size,
+                refs: 1,
+                mapped_at: None,
+            },
+        );
+        put(handle, h as sys::CUmemGenericAllocationHandle)
+    })
+}
+
+impl Driver {
+    /// Drops one reference to physical memory `h`: freed at zero refs
+    /// once unmapped.
+    fn release_physical(&mut self, h: usize) {
+        let p = self.physical.get_mut(&h).expect("a live handle");
+        p.refs -= 1;
+        if p.refs == 0 && p.mapped_at.is_none() {
+            self.physical.remove(&h);
+        }
+    }
+
+    fn live_physical(&self, what: &str, h: sys::CUmemGenericAllocationHandle) -> Result<usize, R> {
+        let h = h as usize;
+        match self.physical.get(&h) {
+            Some(p) if p.refs > 0 => Ok(h),
+            _ => {
+                note(what, format!("{h:#x} is not a live allocation handle"));
+                Err(R::CUDA_ERROR_INVALID_VALUE)
+            }
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemRelease(handle: sys::CUmemGenericAllocationHandle) -> R {
+    let what = "cuMemRelease";
+    with(what, |d| {
+        let h = d.live_physical(what, handle)?;
+        d.release_physical(h);
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemRetainAllocationHandle(
+    handle: *mut sys::CUmemGenericAllocationHandle,
+    addr: *mut c_void,
+) -> R {
+    let what = "cuMemRetainAllocationHandle";
+    with(what, |d| match d.place(addr as u64) {
+        Place::Mapped { handle: h, .. } => {
+            put(handle, h as sys::CUmemGenericAllocationHandle)?;
+            d.physical.get_mut(&h).expect("mapped memory is live").refs += 1;
+            Ok(())
+        }
+        _ => {
+            note(what, format!("{addr:?} is not mapped"));
+            Err(R::CUDA_ERROR_INVALID_VALUE)
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemMap(
+    ptr: sys::CUdeviceptr,
+    size: usize,
+    offset: usize,
+    handle: sys::CUmemGenericAllocationHandle,
+    flags: u64,
+) -> R {
+    let what = "cuMemMap";
+    with(what, |d| {
+        let h = d.live_physical(what, handle)?;
+        let physical = &d.physical[&h];
+        if offset != 0 || size != physical.size || flags != 0 {
+            note(what, "only whole allocations at offset 0 are modelled");
+            return Err(R::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        if let Some(at) = physical.mapped_at {
+            note(
+                what,
+                format!(
+                    "handle {h:#x} is mapped at {at:#x} already (one mapping each is modelled)"
+                ),
+            );
+            return Err(R::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        granular(what, ptr)?;
+        let reservation = match d.place(ptr) {
+            Place::Reserved {
+                reservation,
+                reserved,
+            } if ptr + size as u64 <= reservation + reserved as u64 => reservation,
+            _ => {
                 note(
-                    "cuPointerGetAttributes",
-                    format!("attribute {a} is not modelled"),
+                    what,
+                    format!("{ptr:#x} + {size:#x} is not unmapped reserved address space"),
                 );
+                return Err(R::CUDA_ERROR_INVALID_VALUE);
+            }
+        };
+        let r = d.reservations.get_mut(&reservation).expect("just found");
+        if r.mappings.range(ptr..ptr + size as u64).next().is_some() {
+            note(what, format!("{ptr:#x} + {size:#x} overlaps a mapping"));
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        r.mappings.insert(ptr, (size, h));
+        d.physical.get_mut(&h).expect("live").mapped_at = Some(ptr);
+        Ok(())
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemUnmap(ptr: sys::CUdeviceptr, size: usize) -> R {
+    let what = "cuMemUnmap";
+    // Like a free: once the device has run what was queued before.
+    free_after_device(what, |d| {
+        let end = ptr + size as u64;
+        // Whole mappings, one after another from `ptr` to `end`.
+        let reservation = match d.place(ptr) {
+            Place::Mapped {
+                base, reservation, ..
+            } if base == ptr && d.mapped_through(ptr, size) => reservation,
+            _ => {
+                note(what, format!("{ptr:#x} + {size:#x} is not a mapped range"));
+                return Err(R::CUDA_ERROR_INVALID_VALUE);
+            }
+        };
+        let r = d.reservations.get_mut(&reservation).expect("just found");
+        let last = r
+            .mappings
+            .range(ptr..end)
+            .next_back()
+            .map(|(&a, &(n, _))| a + n as u64);
+        if last != Some(end) {
+            note(what, format!("{ptr:#x} + {size:#x} ends inside a mapping"));
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        let unmapped: Vec<usize> = r.mappings.range(ptr..end).map(|(_, &(_, h))| h).collect();
+        r.mappings.retain(|&a, _| a < ptr || a >= end);
+        for h in unmapped {
+            let p = d.physical.get_mut(&h).expect("mapped memory is live");
+            p.mapped_at = None;
+            if p.refs == 0 {
+                d.physical.remove(&h);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Access is checked, not enforced: kernels may touch any mapped byte.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemSetAccess(
+    ptr: sys::CUdeviceptr,
+    size: usize,
+    desc: *const sys::CUmemAccessDesc,
+    count: usize,
+) -> R {
+    let what = "cuMemSetAccess";
+    with(what, |d| {
+        if count == 0 || desc.is_null() {
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        for i in 0..count {
+            let a = &*desc.add(i);
+            if a.location.type_ != sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE {
+                note(what, "only device locations are modelled");
                 return Err(R::CUDA_ERROR_NOT_SUPPORTED);
             }
+            device_ordinal(what, a.location.id)?;
+        }
+        if !d.mapped_through(ptr, size) {
+            note(what, format!("{ptr:#x} + {size:#x} is not all mapped"));
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
         Ok(())
     })

@@ -327,6 +327,15 @@ impl Device {
         self.alloc_init(bytes, true)
     }
 
+    /// An uninitialised buffer at an address that is a multiple of
+    /// `align` (a power of two; an address range reserved for the virtual
+    /// memory management API is aligned to its granularity).
+    pub fn alloc_aligned(&mut self, bytes: usize, align: u64) -> u64 {
+        assert!(align.is_power_of_two(), "alignment {align}");
+        self.next = self.next.div_ceil(align) * align;
+        self.alloc_init(bytes, false)
+    }
+
     fn alloc_init(&mut self, bytes: usize, init: bool) -> u64 {
         let addr = self.next;
         self.next = (addr + bytes as u64 + GUARD).div_ceil(256) * 256;

@@ -579,11 +579,18 @@ impl Drop for Staging {
 }
 
 /// What the driver says about a pointer the caller handed in.
+#[derive(Debug)]
 pub struct PointerInfo {
     pub device_memory: bool,
     pub ordinal: i32,
     pub range_start: u64,
     pub range_size: u64,
+    /// Allocated in a context (`cuMemAlloc`/`cudaMalloc`, whose range is
+    /// exactly the allocation). Memory mapped through the virtual memory
+    /// management API and stream-ordered pool memory have no context.
+    pub in_context: bool,
+    /// `CU_POINTER_ATTRIBUTE_MAPPED`: backed by physical memory.
+    pub mapped: bool,
 }
 
 /// Asks the driver about `ptr`; `None` when the driver does not know it
@@ -597,19 +604,25 @@ pub fn pointer_info(ptr: u64) -> Result<Option<PointerInfo>> {
     let mut ordinal: i32 = -1;
     let mut start: u64 = 0;
     let mut size: u64 = 0;
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    let mut mapped: u32 = 0;
     let mut attrs = [
         A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
         A::CU_POINTER_ATTRIBUTE_IS_MANAGED,
         A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
         A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
         A::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+        A::CU_POINTER_ATTRIBUTE_CONTEXT,
+        A::CU_POINTER_ATTRIBUTE_MAPPED,
     ];
-    let mut data: [*mut c_void; 5] = [
+    let mut data: [*mut c_void; 7] = [
         &mut mem_type as *mut u32 as *mut c_void,
         &mut managed as *mut u32 as *mut c_void,
         &mut ordinal as *mut i32 as *mut c_void,
         &mut start as *mut u64 as *mut c_void,
         &mut size as *mut u64 as *mut c_void,
+        &mut ctx as *mut sys::CUcontext as *mut c_void,
+        &mut mapped as *mut u32 as *mut c_void,
     ];
     // SAFETY: each data pointer matches its attribute's documented type.
     let r = unsafe {
@@ -629,6 +642,8 @@ pub fn pointer_info(ptr: u64) -> Result<Option<PointerInfo>> {
         ordinal,
         range_start: start,
         range_size: size,
+        in_context: !ctx.is_null(),
+        mapped: mapped != 0,
     }))
 }
 

@@ -22,6 +22,16 @@ use std::sync::Arc;
 
 const CONTROL_BYTES: usize = std::mem::size_of::<Control>();
 
+/// What the driver says of `ptr` (memory type, device, range, context,
+/// mapped), for diagnostics: the GPU tests print it.
+pub fn describe_pointer(ptr: u64) -> String {
+    match driver::pointer_info(ptr) {
+        Ok(Some(info)) => format!("{info:?}"),
+        Ok(None) => "not known to the driver".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Creates the backend of a `device = 1` handle. `NoCuda` (with the reason)
 /// when there is no driver, no device, or no such ordinal.
 pub fn create(kind: OptimizerKind, ordinal: i32) -> Result<Box<dyn Backend>> {
@@ -96,6 +106,8 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 
 impl CudaBackend {
+    /// `bytes` (> 0) at `p` must be device memory of this handle's device,
+    /// all of it inside memory the driver has mapped.
     fn check_device_pointer(
         &self,
         what: impl std::fmt::Display,
@@ -122,15 +134,81 @@ impl CudaBackend {
                 info.ordinal
             );
         }
-        if info.range_size != 0 && p + bytes as u64 > info.range_start + info.range_size {
+        let Some(end) = p.checked_add(bytes as u64) else {
             fail!(
                 InvalidArgument,
-                "{what} = {p:#x} + {bytes} bytes runs past the end of its allocation ({:#x} + {} bytes)",
-                info.range_start,
-                info.range_size
+                "{what} = {p:#x} + {bytes} bytes wraps around the address space"
+            );
+        };
+        if info.range_size == 0 {
+            return Ok(());
+        }
+        if info.in_context {
+            // cuMemAlloc memory: the range is the allocation, exactly.
+            if end > info.range_start + info.range_size {
+                fail!(
+                    InvalidArgument,
+                    "{what} = {p:#x} + {bytes} bytes runs past the end of its allocation ({:#x} + {} bytes)",
+                    info.range_start,
+                    info.range_size
+                );
+            }
+            return Ok(());
+        }
+        self.check_mapped_extent(what, p, end, &info)
+    }
+
+    /// Memory without a context: mapped through the virtual memory
+    /// management API (PyTorch's expandable segments) or from a
+    /// stream-ordered pool (CUDA.jl's default). Public reports disagree on
+    /// what range the driver gives for it: the one physical mapping around
+    /// the pointer (a tensor may then go on into the next mapping of the
+    /// same reservation) or the whole reserved address range (whose tail
+    /// may not be mapped). Either way: follow the ranges while one ends
+    /// before the tensor does, each starting where the last ended, then
+    /// require the tensor's last byte to be mapped too. (Under the second
+    /// reading an unmapped hole between both ends goes unseen.)
+    fn check_mapped_extent(
+        &self,
+        what: impl std::fmt::Display,
+        p: u64,
+        end: u64,
+        info: &driver::PointerInfo,
+    ) -> Result<()> {
+        let ordinal = self.dev.ordinal;
+        let bytes = end - p;
+        // Mapped, of this device, and mapped memory of no context (the
+        // next range must not be a cuMemAlloc allocation that happens to
+        // follow).
+        let usable = |i: &driver::PointerInfo| {
+            i.device_memory && i.ordinal == ordinal && i.mapped && !i.in_context
+        };
+        if !usable(info) {
+            fail!(
+                InvalidArgument,
+                "{what} = {p:#x} is not mapped device memory (memory of the virtual memory management API whose physical memory was unmapped, or freed?)"
             );
         }
-        Ok(())
+        let mut covered = info.range_start + info.range_size;
+        while covered < end {
+            match driver::pointer_info(covered)? {
+                Some(next) if usable(&next) && next.range_start == covered && next.range_size > 0 => {
+                    covered += next.range_size;
+                }
+                _ => fail!(
+                    InvalidArgument,
+                    "{what} = {p:#x} + {bytes} bytes runs past its mapped memory: {covered:#x} is not mapped after it"
+                ),
+            }
+        }
+        match driver::pointer_info(end - 1)? {
+            Some(last) if usable(&last) => Ok(()),
+            _ => fail!(
+                InvalidArgument,
+                "{what} = {p:#x} + {bytes} bytes runs past its mapped memory: its last byte, {:#x}, is not mapped",
+                end - 1
+            ),
+        }
     }
 
     fn check_not_broken(&self) -> Result<()> {
