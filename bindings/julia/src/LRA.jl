@@ -251,13 +251,17 @@ device_code(v) = convert(UInt32, v)
 # ---------------------------------------------------------------------------
 # The handle
 
-# The registered reducer and what it threw in its last failed call. lra
-# gets this box as the callback's `user` pointer, so a callback always
-# finds the reducer it was registered with.
+# The registered reducer. lra gets this box as the callback's `user`
+# pointer, so a callback always finds the reducer it was registered with.
 mutable struct Reduction
     f::Any
-    error::Any
 end
+
+# Where the reducer's exception waits for `check`: the calling task's local
+# storage. lra runs the callback inside the failing ccall, on the task that
+# made it, so the task that reads it is the one whose call failed, whatever
+# other tasks or threads register meanwhile.
+const REDUCER_ERROR = :lra_reducer_error
 
 """
     Optimizer(optimizer = :adam; fields...)
@@ -365,12 +369,8 @@ function check(o::Optimizer, st::lra_status)
     # handle's message belongs to the running call. Nothing between the
     # failing ccall and this one can switch tasks (see SYMBOLS_LOCK).
     message = thread_last_error()
-    cause = nothing
-    r = o.reducer
-    if st == LRA_REDUCTION_FAILED && r !== nothing
-        cause = r.error
-        r.error = nothing
-    end
+    cause = pop!(task_local_storage(), REDUCER_ERROR, nothing)
+    st == LRA_REDUCTION_FAILED || (cause = nothing)
     # Ctrl-C inside the reducer stops the program, now that lra refused the call.
     cause isa CapturedException && cause.ex isa InterruptException && throw(cause.ex)
     throw(LRAError(st, message, cause))
@@ -616,18 +616,18 @@ end
 # like Base, which makes a task sticky when it `@async`s (and relies on that
 # afterwards), this never unsets the flag.
 # Nothing may unwind through lra's frames: what the reducer throws is kept
-# in the box and thrown by `check` (as the `cause` of the LRAError, or
-# itself for an InterruptException) once lra has returned.
+# in the task's local storage (`REDUCER_ERROR`) and thrown by `check` (as
+# the `cause` of the LRAError, or itself for an InterruptException) once
+# lra has returned.
 function reduce_trampoline(values::Ptr{Float64}, count::Csize_t, user::Ptr{Cvoid})::Int32
     current_task().sticky = true
-    r = nothing
     try
         r = unsafe_pointer_to_objref(user)::Reduction
         r.f(unsafe_wrap(Array, values, count))
         return Int32(0)
     catch e
         try
-            r isa Reduction && (r.error = CapturedException(e, catch_backtrace()))
+            task_local_storage(REDUCER_ERROR, CapturedException(e, catch_backtrace()))
         catch
         end
         return Int32(1)
@@ -654,7 +654,7 @@ function set_reduction!(o::Optimizer, f)
             # A new box per registration: a refused registration leaves the
             # running call's reducer untouched, and a call that starts right
             # after this one finds the box it was registered with.
-            box = Reduction(f, nothing)
+            box = Reduction(f)
             GC.@preserve box begin
                 check(o, ccall(sym(:lra_set_reduction), lra_status, (Ptr{OpaqueHandle}, Ptr{Cvoid}, Ptr{Cvoid}),
                                live(o), REDUCE_TRAMPOLINE[], pointer_from_objref(box)))
