@@ -89,6 +89,25 @@ fn vmm_range_is_reservation() -> bool {
     })
 }
 
+/// `FAKE_CUDA_POINTER_ATTRIBUTES=11.0`: the pointer attributes of a CUDA
+/// 11.0 driver, without `ACCESS_FLAGS`, `MAPPING_BASE_ADDR` and
+/// `MAPPING_SIZE` (CUDA 11.7): a query naming one fails with
+/// `CUDA_ERROR_INVALID_VALUE`, as that driver's does (no note: it is the
+/// modelled driver's answer, not a gap of the fake). Unset: all of them.
+fn pointer_attributes_of_cuda_11_0() -> bool {
+    static CHOSEN: OnceLock<bool> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        match std::env::var("FAKE_CUDA_POINTER_ATTRIBUTES")
+            .unwrap_or_default()
+            .as_str()
+        {
+            "" => false,
+            "11.0" => true,
+            v => panic!("FAKE_CUDA_POINTER_ATTRIBUTES={v}: expected 11.0 or nothing"),
+        }
+    })
+}
+
 /// The interpreter's block and thread order, from `FAKE_CUDA_SCHEDULE`:
 /// `in-order` (the default), `reversed`, or `random:SEED` (blocks all
 /// resident, threads interleaved in quanta of 1..=7 instructions, the seed
@@ -240,6 +259,9 @@ struct Reservation {
     size: usize,
     /// Mapped parts: address → (bytes, physical handle).
     mappings: BTreeMap<u64, (usize, usize)>,
+    /// Device 0's access flags to each mapping (by its address): none
+    /// until cuMemSetAccess, as the driver documents.
+    access: BTreeMap<u64, u32>,
 }
 
 struct Physical {
@@ -1600,6 +1622,10 @@ struct Described {
     /// memory of the virtual memory management API has no context.
     in_context: bool,
     mapped: bool,
+    /// Device 0's access flags.
+    access: u32,
+    /// The physical mapping (or allocation) around the address.
+    mapping: (u64, usize),
 }
 
 impl Driver {
@@ -1610,6 +1636,8 @@ impl Driver {
             size: 0,
             in_context: false,
             mapped: false,
+            access: 0,
+            mapping: (0, 0),
         };
         let reservation_range = vmm_range_is_reservation();
         match self.place(ptr) {
@@ -1619,6 +1647,8 @@ impl Driver {
                 size,
                 in_context: true,
                 mapped: true,
+                access: 3,
+                mapping: (base, size),
             },
             Place::Pinned { base, size } => Described {
                 mem_type: 1,
@@ -1626,6 +1656,8 @@ impl Driver {
                 size,
                 in_context: true,
                 mapped: true,
+                access: 3,
+                mapping: (base, size),
             },
             Place::Mapped {
                 base,
@@ -1634,7 +1666,7 @@ impl Driver {
                 reserved,
                 ..
             } => {
-                let (start, size) = if reservation_range {
+                let (start, range) = if reservation_range {
                     (reservation, reserved)
                 } else {
                     (base, size)
@@ -1642,9 +1674,15 @@ impl Driver {
                 Described {
                     mem_type: 2,
                     start,
-                    size,
+                    size: range,
                     in_context: false,
                     mapped: true,
+                    access: self.reservations[&reservation]
+                        .access
+                        .get(&base)
+                        .copied()
+                        .unwrap_or(0),
+                    mapping: (base, size),
                 }
             }
             Place::Reserved {
@@ -1656,6 +1694,8 @@ impl Driver {
                 size: reserved,
                 in_context: false,
                 mapped: false,
+                access: 0,
+                mapping: (0, 0),
             },
             Place::Reserved { .. } | Place::Unknown => unknown,
         }
@@ -1684,6 +1724,22 @@ impl Driver {
             (out as *mut sys::CUcontext).write(ctx as sys::CUcontext);
         } else if a == A::CU_POINTER_ATTRIBUTE_MAPPED as u32 {
             (out as *mut u32).write(d.mapped as u32);
+        } else if [
+            A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS,
+            A::CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR,
+            A::CU_POINTER_ATTRIBUTE_MAPPING_SIZE,
+        ]
+        .iter()
+        .any(|&newer| a == newer as u32)
+            && pointer_attributes_of_cuda_11_0()
+        {
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        } else if a == A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS as u32 {
+            (out as *mut u32).write(d.access);
+        } else if a == A::CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR as u32 {
+            (out as *mut u64).write(d.mapping.0);
+        } else if a == A::CU_POINTER_ATTRIBUTE_MAPPING_SIZE as u32 {
+            (out as *mut usize).write(d.mapping.1);
         } else if a == A::CU_POINTER_ATTRIBUTE_DEVICE_POINTER as u32 {
             (out as *mut u64).write(if known { ptr } else { 0 });
         } else if a == A::CU_POINTER_ATTRIBUTE_HOST_POINTER as u32 {
@@ -1790,6 +1846,7 @@ pub unsafe extern "C" fn cuMemAddressReserve(
             Reservation {
                 size,
                 mappings: BTreeMap::new(),
+                access: BTreeMap::new(),
             },
         );
         put(ptr, base)
@@ -1979,6 +2036,8 @@ pub unsafe extern "C" fn cuMemUnmap(ptr: sys::CUdeviceptr, size: usize) -> R {
         }
         let unmapped: Vec<usize> = r.mappings.range(ptr..end).map(|(_, &(_, h))| h).collect();
         r.mappings.retain(|&a, _| a < ptr || a >= end);
+        // A new mapping here starts without access again.
+        r.access.retain(|&a, _| a < ptr || a >= end);
         for h in unmapped {
             let p = d.physical.get_mut(&h).expect("mapped memory is live");
             p.mapped_at = None;
@@ -1990,7 +2049,8 @@ pub unsafe extern "C" fn cuMemUnmap(ptr: sys::CUdeviceptr, size: usize) -> R {
     })
 }
 
-/// Access is checked, not enforced: kernels may touch any mapped byte.
+/// Access is recorded (and reported by `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS`)
+/// for whole mappings, not enforced: kernels may touch any mapped byte.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemSetAccess(
     ptr: sys::CUdeviceptr,
@@ -2014,6 +2074,32 @@ pub unsafe extern "C" fn cuMemSetAccess(
         if !d.mapped_through(ptr, size) {
             note(what, format!("{ptr:#x} + {size:#x} is not all mapped"));
             return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        let Place::Mapped {
+            base, reservation, ..
+        } = d.place(ptr)
+        else {
+            unreachable!("mapped through")
+        };
+        let end = ptr + size as u64;
+        let r = d.reservations.get_mut(&reservation).expect("mapped");
+        let last_end = r
+            .mappings
+            .range(..end)
+            .next_back()
+            .map(|(&a, &(n, _))| a + n as u64);
+        if base != ptr || last_end != Some(end) {
+            note(
+                what,
+                format!("{ptr:#x} + {size:#x}: access to part of a mapping is not modelled"),
+            );
+            return Err(R::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        // The last descriptor for device 0 wins.
+        let flags = (*desc.add(count - 1)).flags as u32;
+        let bases: Vec<u64> = r.mappings.range(ptr..end).map(|(&a, _)| a).collect();
+        for a in bases {
+            r.access.insert(a, flags);
         }
         Ok(())
     })

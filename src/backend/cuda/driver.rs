@@ -82,6 +82,10 @@ pub struct Device {
     func: sys::CUfunction,
     /// Blocks that keep every SM busy: SMs × resident blocks per SM.
     pub max_grid: u32,
+    /// The virtual memory management API's minimum granularity here (2 MiB
+    /// if the driver does not say): every mapping, and its access rights,
+    /// starts and ends on a multiple of it.
+    pub vmm_granule: u64,
 }
 
 // SAFETY: driver handles may be used from any thread once a context is
@@ -226,6 +230,7 @@ impl Device {
                 ctx,
                 func,
                 max_grid: (sms.max(1) * per_sm.max(1)) as u32,
+                vmm_granule: vmm_granularity(ordinal).unwrap_or(2 << 20),
             })
         }
     }
@@ -591,6 +596,15 @@ pub struct PointerInfo {
     pub in_context: bool,
     /// `CU_POINTER_ATTRIBUTE_MAPPED`: backed by physical memory.
     pub mapped: bool,
+    /// `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS`: what the current context's
+    /// device may do there (0 nothing, 1 read, 3 read and write; a new
+    /// mapping starts with nothing). With `mapping`, only from
+    /// [`mapped_memory_info`], and `None` from a driver older than CUDA
+    /// 11.7, which lacks these attributes.
+    pub access: Option<u32>,
+    /// `CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR`/`MAPPING_SIZE`: the one
+    /// physical mapping around the pointer.
+    pub mapping: Option<(u64, u64)>,
 }
 
 /// Asks the driver about `ptr`; `None` when the driver does not know it
@@ -598,15 +612,41 @@ pub struct PointerInfo {
 /// not know (their attributes read as zero), so a failure is the driver's
 /// own (`LRA_CUDA_ERROR`), not a verdict on the pointer.
 pub fn pointer_info(ptr: u64) -> Result<Option<PointerInfo>> {
+    query_pointer(ptr, false)
+}
+
+/// [`pointer_info`] with the access rights and the mapping around `ptr`,
+/// for memory without a context, where they are known.
+pub fn mapped_memory_info(ptr: u64) -> Result<Option<PointerInfo>> {
+    // Whether the driver answered the newer attributes (unknown until asked).
+    static NEWER_ATTRIBUTES: OnceLock<bool> = OnceLock::new();
+    if *NEWER_ATTRIBUTES.get().unwrap_or(&true) {
+        match query_pointer(ptr, true) {
+            Ok(info) => {
+                NEWER_ATTRIBUTES.get_or_init(|| true);
+                return Ok(info);
+            }
+            // An older driver refuses the whole query for an attribute it
+            // does not know; if the plain query succeeds, that was why.
+            Err(e) => {
+                let plain = query_pointer(ptr, false);
+                if plain.is_err() {
+                    return Err(e);
+                }
+                NEWER_ATTRIBUTES.get_or_init(|| false);
+                return plain;
+            }
+        }
+    }
+    query_pointer(ptr, false)
+}
+
+fn query_pointer(ptr: u64, newer: bool) -> Result<Option<PointerInfo>> {
     use sys::CUpointer_attribute as A;
-    let mut mem_type: u32 = 0;
-    let mut managed: u32 = 0;
-    let mut ordinal: i32 = -1;
-    let mut start: u64 = 0;
-    let mut size: u64 = 0;
-    let mut ctx: sys::CUcontext = std::ptr::null_mut();
-    let mut mapped: u32 = 0;
-    let mut attrs = [
+    // Zeroed 8-byte slots: each attribute writes at most 8 bytes, and the
+    // flags and booleans read the same whether the driver writes 1 or 4.
+    let mut v = [0u64; 10];
+    let attrs = [
         A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
         A::CU_POINTER_ATTRIBUTE_IS_MANAGED,
         A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
@@ -614,37 +654,53 @@ pub fn pointer_info(ptr: u64) -> Result<Option<PointerInfo>> {
         A::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
         A::CU_POINTER_ATTRIBUTE_CONTEXT,
         A::CU_POINTER_ATTRIBUTE_MAPPED,
+        // CUDA 11.7 and later:
+        A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS,
+        A::CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR,
+        A::CU_POINTER_ATTRIBUTE_MAPPING_SIZE,
     ];
-    let mut data: [*mut c_void; 7] = [
-        &mut mem_type as *mut u32 as *mut c_void,
-        &mut managed as *mut u32 as *mut c_void,
-        &mut ordinal as *mut i32 as *mut c_void,
-        &mut start as *mut u64 as *mut c_void,
-        &mut size as *mut u64 as *mut c_void,
-        &mut ctx as *mut sys::CUcontext as *mut c_void,
-        &mut mapped as *mut u32 as *mut c_void,
-    ];
-    // SAFETY: each data pointer matches its attribute's documented type.
+    let n = if newer { attrs.len() } else { 7 };
+    let mut attrs = attrs;
+    let mut data: Vec<*mut c_void> = v.iter_mut().map(|x| x as *mut u64 as *mut c_void).collect();
+    // SAFETY: every attribute writes at most 8 bytes into its slot.
     let r = unsafe {
-        sys::cuPointerGetAttributes(
-            attrs.len() as u32,
-            attrs.as_mut_ptr(),
-            data.as_mut_ptr(),
-            ptr,
-        )
+        sys::cuPointerGetAttributes(n as u32, attrs.as_mut_ptr(), data.as_mut_ptr(), ptr)
     };
     check(r, "cuPointerGetAttributes")?;
-    if mem_type == 0 {
+    let [mem_type, managed, ordinal, start, size, ctx, mapped, access, map_base, map_size] = v;
+    if mem_type as u32 == 0 {
         return Ok(None);
     }
     Ok(Some(PointerInfo {
-        device_memory: mem_type == 2 || managed != 0,
-        ordinal,
+        device_memory: mem_type as u32 == 2 || managed as u32 != 0,
+        ordinal: ordinal as u32 as i32,
         range_start: start,
         range_size: size,
-        in_context: !ctx.is_null(),
-        mapped: mapped != 0,
+        in_context: ctx != 0,
+        mapped: mapped as u32 != 0,
+        access: newer.then_some(access as u32),
+        mapping: (newer && map_size != 0).then_some((map_base, map_size)),
     }))
+}
+
+/// The minimum granularity of the virtual memory management API on device
+/// `ordinal`, if the driver gives one (a power of two).
+fn vmm_granularity(ordinal: i32) -> Option<u64> {
+    // SAFETY: plain data; zero is the meaning of every field not set.
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = ordinal;
+    let mut granule = 0usize;
+    // SAFETY: out-parameter and a filled-in property.
+    let r = unsafe {
+        sys::cuMemGetAllocationGranularity(
+            &mut granule,
+            &prop,
+            sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
+    };
+    (r == sys::CUresult::CUDA_SUCCESS && granule.is_power_of_two()).then_some(granule as u64)
 }
 
 #[cfg(test)]

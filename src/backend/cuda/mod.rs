@@ -23,9 +23,9 @@ use std::sync::Arc;
 const CONTROL_BYTES: usize = std::mem::size_of::<Control>();
 
 /// What the driver says of `ptr` (memory type, device, range, context,
-/// mapped), for diagnostics: the GPU tests print it.
+/// mapped, access, mapping), for diagnostics: the GPU tests print it.
 pub fn describe_pointer(ptr: u64) -> String {
-    match driver::pointer_info(ptr) {
+    match driver::mapped_memory_info(ptr) {
         Ok(Some(info)) => format!("{info:?}"),
         Ok(None) => "not known to the driver".into(),
         Err(e) => e.to_string(),
@@ -107,12 +107,15 @@ unsafe impl Send for CudaBackend {}
 
 impl CudaBackend {
     /// `bytes` (> 0) at `p` must be device memory of this handle's device,
-    /// all of it inside memory the driver has mapped.
+    /// all of it inside memory the driver has mapped, and (memory of the
+    /// virtual memory management API) readable there, writable too with
+    /// `write`.
     fn check_device_pointer(
         &self,
         what: impl std::fmt::Display,
         p: u64,
         bytes: usize,
+        write: bool,
     ) -> Result<()> {
         let ordinal = self.dev.ordinal;
         let Some(info) = driver::pointer_info(p)? else {
@@ -140,74 +143,77 @@ impl CudaBackend {
                 "{what} = {p:#x} + {bytes} bytes wraps around the address space"
             );
         };
-        if info.range_size == 0 {
-            return Ok(());
+        if !info.in_context {
+            return self.check_mapped_extent(what, p, end, write);
         }
-        if info.in_context {
-            // cuMemAlloc memory: the range is the allocation, exactly.
-            if end > info.range_start + info.range_size {
-                fail!(
-                    InvalidArgument,
-                    "{what} = {p:#x} + {bytes} bytes runs past the end of its allocation ({:#x} + {} bytes)",
-                    info.range_start,
-                    info.range_size
-                );
-            }
-            return Ok(());
+        // cuMemAlloc memory: the range is the allocation, exactly.
+        if info.range_size != 0 && end > info.range_start.saturating_add(info.range_size) {
+            fail!(
+                InvalidArgument,
+                "{what} = {p:#x} + {bytes} bytes runs past the end of its allocation ({:#x} + {} bytes)",
+                info.range_start,
+                info.range_size
+            );
         }
-        self.check_mapped_extent(what, p, end, &info)
+        Ok(())
     }
 
     /// Memory without a context: mapped through the virtual memory
     /// management API (PyTorch's expandable segments) or from a
-    /// stream-ordered pool (CUDA.jl's default). Public reports disagree on
-    /// what range the driver gives for it: the one physical mapping around
-    /// the pointer (a tensor may then go on into the next mapping of the
-    /// same reservation) or the whole reserved address range (whose tail
-    /// may not be mapped). Either way: follow the ranges while one ends
-    /// before the tensor does, each starting where the last ended, then
-    /// require the tensor's last byte to be mapped too. (Under the second
-    /// reading an unmapped hole between both ends goes unseen.)
+    /// stream-ordered pool (CUDA.jl's default). Its range attributes are
+    /// not used: public reports disagree on whether they give the one
+    /// physical mapping around the pointer or the whole reserved range,
+    /// holes included. Every mapping, and its access rights, starts and
+    /// ends on the device's granularity, so lra asks about each mapping the
+    /// tensor touches (hopping a whole mapping at a time where the driver
+    /// says where it ends, CUDA 11.7 and later; one granule otherwise):
+    /// mapped, of this device, without a context, and accessible to it.
     fn check_mapped_extent(
         &self,
         what: impl std::fmt::Display,
         p: u64,
         end: u64,
-        info: &driver::PointerInfo,
+        write: bool,
     ) -> Result<()> {
+        const READ: u32 = 1;
+        const READ_WRITE: u32 = 3;
         let ordinal = self.dev.ordinal;
         let bytes = end - p;
-        // Mapped, of this device, and mapped memory of no context (the
-        // next range must not be a cuMemAlloc allocation that happens to
-        // follow).
-        let usable = |i: &driver::PointerInfo| {
-            i.device_memory && i.ordinal == ordinal && i.mapped && !i.in_context
-        };
-        if !usable(info) {
-            fail!(
-                InvalidArgument,
-                "{what} = {p:#x} is not mapped device memory (memory of the virtual memory management API whose physical memory was unmapped, or freed?)"
-            );
-        }
-        let mut covered = info.range_start + info.range_size;
-        while covered < end {
-            match driver::pointer_info(covered)? {
-                Some(next) if usable(&next) && next.range_start == covered && next.range_size > 0 => {
-                    covered += next.range_size;
+        let need = if write { READ_WRITE } else { READ };
+        let granule = self.dev.vmm_granule;
+        let mut at = p;
+        loop {
+            let info = driver::mapped_memory_info(at)?;
+            let usable = info.as_ref().is_some_and(|i| {
+                i.device_memory && i.ordinal == ordinal && i.mapped && !i.in_context
+            });
+            if !usable {
+                if at == p {
+                    fail!(
+                        InvalidArgument,
+                        "{what} = {p:#x} is not mapped device memory (memory of the virtual memory management API whose physical memory was unmapped, or freed?)"
+                    );
                 }
-                _ => fail!(
+                fail!(
                     InvalidArgument,
-                    "{what} = {p:#x} + {bytes} bytes runs past its mapped memory: {covered:#x} is not mapped after it"
-                ),
+                    "{what} = {p:#x} + {bytes} bytes runs past its mapped memory: {at:#x} is not mapped device memory of device {ordinal}"
+                );
             }
-        }
-        match driver::pointer_info(end - 1)? {
-            Some(last) if usable(&last) => Ok(()),
-            _ => fail!(
-                InvalidArgument,
-                "{what} = {p:#x} + {bytes} bytes runs past its mapped memory: its last byte, {:#x}, is not mapped",
-                end - 1
-            ),
+            let info = info.expect("usable");
+            if let Some(access) = info.access.filter(|a| a & need != need) {
+                fail!(
+                    InvalidArgument,
+                    "{what} = {p:#x} + {bytes} bytes: device {ordinal} may not {} the mapping at {at:#x} (access flags {access}; cuMemSetAccess grants it)",
+                    if write { "write" } else { "read" }
+                );
+            }
+            at = match info.mapping {
+                Some((base, size)) if base <= at && at - base < size => base + size,
+                _ => (at / granule + 1) * granule,
+            };
+            if at >= end {
+                return Ok(());
+            }
         }
     }
 
@@ -526,8 +532,14 @@ impl Backend for CudaBackend {
                     format_args!("tensors[{i}].param"),
                     t.param as u64,
                     bytes,
+                    true,
                 )?;
-                self.check_device_pointer(format_args!("tensors[{i}].grad"), t.grad as u64, bytes)?;
+                self.check_device_pointer(
+                    format_args!("tensors[{i}].grad"),
+                    t.grad as u64,
+                    bytes,
+                    false,
+                )?;
             }
             Ok(())
         })
@@ -541,7 +553,7 @@ impl Backend for CudaBackend {
         self.check_stream(stream as CUstream)?;
         let flag = found_inf as u64;
         if flag != 0 && flag != self.validated_flag {
-            self.check_device_pointer("found_inf", flag, 4)?;
+            self.check_device_pointer("found_inf", flag, 4, false)?;
             self.validated_flag = flag;
         }
         self.step_checked = Some((flag, stream));
