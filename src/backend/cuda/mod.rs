@@ -207,9 +207,10 @@ impl CudaBackend {
                     if write { "write" } else { "read" }
                 );
             }
+            // Strictly past `at` (saturating: `end` is at most u64::MAX).
             at = match info.mapping {
-                Some((base, size)) if base <= at && at - base < size => base + size,
-                _ => (at / granule + 1) * granule,
+                Some((base, size)) if base <= at && at - base < size => base.saturating_add(size),
+                _ => (at / granule).saturating_add(1).saturating_mul(granule),
             };
             if at >= end {
                 return Ok(());
