@@ -2180,19 +2180,21 @@ fn a_negative_device_ordinal_is_no_cuda() {
 }
 
 /// An address range reserved with `cuMemAddressReserve`, `segments`
-/// granules long, with granule `i` mapped (`cuMemCreate` + `cuMemMap`, a
-/// physical allocation of its own, as PyTorch grows an expandable segment)
-/// for each `(i, flags)`, with that access for device 0 (`None`: no
-/// `cuMemSetAccess`). Unmapped, released and freed on drop.
+/// granules long, with granules `i..i + count` mapped (`cuMemCreate` +
+/// `cuMemMap`, a physical allocation of their own, as PyTorch grows an
+/// expandable segment) for each `(i, count, flags)`, with that access for
+/// device 0 (`None`: no `cuMemSetAccess`). Unmapped, released and freed on
+/// drop.
 struct Vmm {
     base: u64,
     granule: usize,
     segments: usize,
-    mapped: Vec<(u64, sys::CUmemGenericAllocationHandle)>,
+    /// (address, bytes, handle)
+    mapped: Vec<(u64, usize, sys::CUmemGenericAllocationHandle)>,
 }
 
 impl Vmm {
-    fn new(segments: usize, mapped: &[(usize, Option<sys::CUmemAccess_flags>)]) -> Vmm {
+    fn new(segments: usize, mapped: &[(usize, usize, Option<sys::CUmemAccess_flags>)]) -> Vmm {
         let location = sys::CUmemLocation {
             type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
             id: 0,
@@ -2224,17 +2226,17 @@ impl Vmm {
             segments,
             mapped: Vec::new(),
         };
-        for &(i, access) in mapped {
-            let at = vmm.at(i, 0);
+        for &(i, count, access) in mapped {
+            let (at, bytes) = (vmm.at(i, 0), count * granule);
             let mut h = 0;
-            // SAFETY: a granule of the reservation, mapped once.
+            // SAFETY: granules of the reservation, mapped once.
             unsafe {
-                ok(sys::cuMemCreate(&mut h, granule, &prop, 0));
-                ok(sys::cuMemMap(at, granule, 0, h, 0));
-                vmm.mapped.push((at, h));
+                ok(sys::cuMemCreate(&mut h, bytes, &prop, 0));
+                ok(sys::cuMemMap(at, bytes, 0, h, 0));
+                vmm.mapped.push((at, bytes, h));
                 if let Some(flags) = access {
                     let desc = sys::CUmemAccessDesc { location, flags };
-                    ok(sys::cuMemSetAccess(at, granule, &desc, 1));
+                    ok(sys::cuMemSetAccess(at, bytes, &desc, 1));
                 }
             }
         }
@@ -2252,8 +2254,8 @@ impl Drop for Vmm {
         // SAFETY: what `new` mapped and reserved, no longer used.
         unsafe {
             ok(sys::cuCtxSynchronize());
-            for &(at, h) in &self.mapped {
-                ok(sys::cuMemUnmap(at, self.granule));
+            for &(at, bytes, h) in &self.mapped {
+                ok(sys::cuMemUnmap(at, bytes));
                 ok(sys::cuMemRelease(h));
             }
             ok(sys::cuMemAddressFree(
@@ -2301,7 +2303,7 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
     let mut verdicts: Vec<Verdict> = Vec::new();
     {
         // Four granules, the first three mapped.
-        let m = Vmm::new(4, &[(0, rw), (1, rw), (2, rw)]);
+        let m = Vmm::new(4, &[(0, 1, rw), (1, 1, rw), (2, 1, rw)]);
         let n = m.granule / 4;
         let probe = m.at(1, -64);
         println!(
@@ -2332,6 +2334,11 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
                 Some(UNMAPPED),
             ),
             (
+                "from inside a mapping, 64 bytes past the mapped part",
+                f32s(m.at(2, 64), g, n),
+                Some(UNMAPPED),
+            ),
+            (
                 "starting in the unmapped granule",
                 f32s(m.at(3, 0), g, 16),
                 Some(UNMAPPED),
@@ -2346,8 +2353,9 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
         }
     }
     {
-        // All four mapped: up to the reservation's end, not past it.
-        let m = Vmm::new(4, &[(0, rw), (1, rw), (2, rw), (3, rw)]);
+        // All four mapped, the first three by one allocation: up to the
+        // reservation's end, not past it.
+        let m = Vmm::new(4, &[(0, 3, rw), (3, 1, rw)]);
         let n = m.granule / 4;
         let g = grad.0;
         for (what, t, refused) in [
@@ -2370,28 +2378,24 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
     }
     {
         // A hole: granules 0, 1 and 3 mapped, 2 not.
-        let m = Vmm::new(4, &[(0, rw), (1, rw), (3, rw)]);
+        let m = Vmm::new(4, &[(0, 1, rw), (1, 1, rw), (3, 1, rw)]);
         let n = m.granule / 4;
         let across = lra_gpu.validate(&[f32s(m.at(0, 64), grad.0, 4 * n - 32)]);
         verdicts.push(("across the hole", across, Some(UNMAPPED)));
         let flag = lra_gpu.check_step(m.at(2, 64) as *const c_void, std::ptr::null_mut());
         verdicts.push(("found_inf in the hole", flag, Some(UNMAPPED)));
     }
-    // Access rights are known from CUDA 11.7's pointer attributes on;
-    // with an older driver lra cannot check them and accepts.
+    // lra asks for access rights from CUDA 11.2's pointer attributes on
+    // (by the driver's version); with an older driver it accepts.
     let access_known = {
-        let m = Vmm::new(1, &[(0, rw)]);
-        let mut flags = 0u64;
-        let mut attr = [sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS];
-        let mut data = [(&mut flags as *mut u64).cast::<c_void>()];
-        // SAFETY: one attribute (4 bytes) into a zeroed u64.
-        let r =
-            unsafe { sys::cuPointerGetAttributes(1, attr.as_mut_ptr(), data.as_mut_ptr(), m.base) };
-        r == sys::CUresult::CUDA_SUCCESS
+        let mut version = 0;
+        // SAFETY: out-parameter.
+        ok(unsafe { sys::cuDriverGetVersion(&mut version) });
+        version >= 11020
     };
     if !access_known {
         println!(
-            "vmm: the driver does not report access flags: the access cases expect acceptance"
+            "vmm: a driver before CUDA 11.2 does not report access: the access cases expect acceptance"
         );
     }
     let no_access: Option<&[&str]> = if access_known { Some(NO_ACCESS) } else { None };
@@ -2399,7 +2403,11 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
         // Access: read and write, read only, none.
         let m = Vmm::new(
             3,
-            &[(0, rw), (1, Some(CU_MEM_ACCESS_FLAGS_PROT_READ)), (2, None)],
+            &[
+                (0, 1, rw),
+                (1, 1, Some(CU_MEM_ACCESS_FLAGS_PROT_READ)),
+                (2, 1, None),
+            ],
         );
         let n = m.granule / 4;
         for (what, t, refused) in [

@@ -89,23 +89,51 @@ fn vmm_range_is_reservation() -> bool {
     })
 }
 
-/// `FAKE_CUDA_POINTER_ATTRIBUTES=11.0`: the pointer attributes of a CUDA
-/// 11.0 driver, without `ACCESS_FLAGS`, `MAPPING_BASE_ADDR` and
-/// `MAPPING_SIZE` (CUDA 11.7): a query naming one fails with
-/// `CUDA_ERROR_INVALID_VALUE`, as that driver's does (no note: it is the
-/// modelled driver's answer, not a gap of the fake). Unset: all of them.
-fn pointer_attributes_of_cuda_11_0() -> bool {
-    static CHOSEN: OnceLock<bool> = OnceLock::new();
+/// The CUDA version that introduced pointer attribute `a` (the raw enum
+/// value), for those newer than 11.0. A driver older than that refuses a
+/// query naming it with `CUDA_ERROR_INVALID_VALUE` (no note: it is the
+/// modelled driver's answer, not a gap of the fake).
+fn pointer_attribute_since(a: u32) -> c_int {
+    use sys::CUpointer_attribute as A;
+    if a == A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS as u32
+        || a == A::CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE as u32
+    {
+        11020
+    } else if a == A::CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR as u32
+        || a == A::CU_POINTER_ATTRIBUTE_MAPPING_SIZE as u32
+    {
+        11070
+    } else {
+        0
+    }
+}
+
+/// The modelled driver's version (`cuDriverGetVersion`, and which pointer
+/// attributes it knows): 12040, or what `FAKE_CUDA_POINTER_ATTRIBUTES`
+/// names: `11.0` (none of the newer attributes), `11.4` (`ACCESS_FLAGS`
+/// and `MEMPOOL_HANDLE`, not `MAPPING_BASE_ADDR`/`MAPPING_SIZE`).
+fn driver_version() -> c_int {
+    static CHOSEN: OnceLock<c_int> = OnceLock::new();
     *CHOSEN.get_or_init(|| {
         match std::env::var("FAKE_CUDA_POINTER_ATTRIBUTES")
             .unwrap_or_default()
             .as_str()
         {
-            "" => false,
-            "11.0" => true,
-            v => panic!("FAKE_CUDA_POINTER_ATTRIBUTES={v}: expected 11.0 or nothing"),
+            "" => 12040,
+            "11.0" => 11000,
+            "11.4" => 11040,
+            v => panic!("FAKE_CUDA_POINTER_ATTRIBUTES={v}: expected 11.0, 11.4 or nothing"),
         }
     })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> R {
+    if version.is_null() {
+        return R::CUDA_ERROR_INVALID_VALUE;
+    }
+    version.write(driver_version());
+    R::CUDA_SUCCESS
 }
 
 /// The interpreter's block and thread order, from `FAKE_CUDA_SCHEDULE`:
@@ -1724,18 +1752,13 @@ impl Driver {
             (out as *mut sys::CUcontext).write(ctx as sys::CUcontext);
         } else if a == A::CU_POINTER_ATTRIBUTE_MAPPED as u32 {
             (out as *mut u32).write(d.mapped as u32);
-        } else if [
-            A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS,
-            A::CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR,
-            A::CU_POINTER_ATTRIBUTE_MAPPING_SIZE,
-        ]
-        .iter()
-        .any(|&newer| a == newer as u32)
-            && pointer_attributes_of_cuda_11_0()
-        {
+        } else if pointer_attribute_since(a) > driver_version() {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         } else if a == A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS as u32 {
             (out as *mut u32).write(d.access);
+        } else if a == A::CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE as u32 {
+            // No stream-ordered pools in the fake.
+            (out as *mut u64).write(0);
         } else if a == A::CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR as u32 {
             (out as *mut u64).write(d.mapping.0);
         } else if a == A::CU_POINTER_ATTRIBUTE_MAPPING_SIZE as u32 {

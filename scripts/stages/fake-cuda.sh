@@ -39,13 +39,15 @@ LD_LIBRARY_PATH="$driver_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LRA_FAKE_CUDA
   cargo test --profile checked --test cuda 2>&1 | tee "$log"
 # Memory of the virtual memory management API: public reports disagree on
 # what the driver's range attributes give for it (one mapping, the default
-# above, or the whole reservation), and drivers before CUDA 11.7 lack the
-# access and mapping attributes. The VMM test again under each of those
-# (it must pass under all).
+# above, or the whole reservation), and older drivers lack the newer
+# attributes (11.0: access and mappings; 11.4: mappings). The VMM test
+# again under each combination (it must pass under all).
 vmm_test=memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent
 for variant in "FAKE_CUDA_VMM_RANGE=reservation" \
   "FAKE_CUDA_VMM_RANGE=mapping FAKE_CUDA_POINTER_ATTRIBUTES=11.0" \
-  "FAKE_CUDA_VMM_RANGE=reservation FAKE_CUDA_POINTER_ATTRIBUTES=11.0"; do
+  "FAKE_CUDA_VMM_RANGE=reservation FAKE_CUDA_POINTER_ATTRIBUTES=11.0" \
+  "FAKE_CUDA_VMM_RANGE=mapping FAKE_CUDA_POINTER_ATTRIBUTES=11.4" \
+  "FAKE_CUDA_VMM_RANGE=reservation FAKE_CUDA_POINTER_ATTRIBUTES=11.4"; do
   echo "---- $vmm_test with $variant"
   env $variant LD_LIBRARY_PATH="$driver_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LRA_FAKE_CUDA=1 \
     cargo test --profile checked --test cuda -- --exact "$vmm_test" 2>&1 | tee "$driver_dir/vmm.log"

@@ -82,9 +82,9 @@ pub struct Device {
     func: sys::CUfunction,
     /// Blocks that keep every SM busy: SMs × resident blocks per SM.
     pub max_grid: u32,
-    /// The virtual memory management API's minimum granularity here (2 MiB
-    /// if the driver does not say): every mapping, and its access rights,
-    /// starts and ends on a multiple of it.
+    /// The virtual memory management API's minimum granularity here:
+    /// every mapping, and its access rights, starts and ends on a multiple
+    /// of it.
     pub vmm_granule: u64,
 }
 
@@ -230,7 +230,9 @@ impl Device {
                 ctx,
                 func,
                 max_grid: (sms.max(1) * per_sm.max(1)) as u32,
-                vmm_granule: vmm_granularity(ordinal).unwrap_or(2 << 20),
+                // 64 KiB without an answer: smaller than any granularity
+                // seen, so the walk cannot step over a mapping.
+                vmm_granule: vmm_granularity(ordinal).unwrap_or(64 << 10),
             })
         }
     }
@@ -598,12 +600,15 @@ pub struct PointerInfo {
     pub mapped: bool,
     /// `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS`: what the current context's
     /// device may do there (0 nothing, 1 read, 3 read and write; a new
-    /// mapping starts with nothing). With `mapping`, only from
-    /// [`mapped_memory_info`], and `None` from a driver older than CUDA
-    /// 11.7, which lacks these attributes.
+    /// mapping starts with nothing; pool memory: the pool's access,
+    /// `cuMemPoolGetAccess`). Only from [`mapped_memory_info`], and `None`
+    /// from a driver older than CUDA 11.2.
     pub access: Option<u32>,
+    /// `CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE`: the stream-ordered pool the
+    /// memory comes from (0: none, or not asked).
+    pub pool: u64,
     /// `CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR`/`MAPPING_SIZE`: the one
-    /// physical mapping around the pointer.
+    /// physical mapping around the pointer (CUDA 11.7 and later).
     pub mapping: Option<(u64, u64)>,
 }
 
@@ -612,40 +617,69 @@ pub struct PointerInfo {
 /// not know (their attributes read as zero), so a failure is the driver's
 /// own (`LRA_CUDA_ERROR`), not a verdict on the pointer.
 pub fn pointer_info(ptr: u64) -> Result<Option<PointerInfo>> {
-    query_pointer(ptr, false)
+    query_pointer(ptr, 0)
 }
 
-/// [`pointer_info`] with the access rights and the mapping around `ptr`,
-/// for memory without a context, where they are known.
-pub fn mapped_memory_info(ptr: u64) -> Result<Option<PointerInfo>> {
-    // Whether the driver answered the newer attributes (unknown until asked).
-    static NEWER_ATTRIBUTES: OnceLock<bool> = OnceLock::new();
-    if *NEWER_ATTRIBUTES.get().unwrap_or(&true) {
-        match query_pointer(ptr, true) {
-            Ok(info) => {
-                NEWER_ATTRIBUTES.get_or_init(|| true);
-                return Ok(info);
-            }
-            // An older driver refuses the whole query for an attribute it
-            // does not know; if the plain query succeeds, that was why.
-            Err(e) => {
-                let plain = query_pointer(ptr, false);
-                if plain.is_err() {
-                    return Err(e);
-                }
-                NEWER_ATTRIBUTES.get_or_init(|| false);
-                return plain;
-            }
+/// [`pointer_info`] with the access rights of device `ordinal` and the
+/// mapping around `ptr`, for memory without a context, where the driver
+/// knows them. A failure is the driver's, as for [`pointer_info`]: which
+/// attributes to ask for comes from the driver's version, never from one
+/// pointer's answer.
+pub fn mapped_memory_info(ptr: u64, ordinal: i32) -> Result<Option<PointerInfo>> {
+    let newer = newer_attributes();
+    let mut info = match query_pointer(ptr, newer) {
+        Err(e) if newer > 0 => {
+            return match query_pointer(ptr, 0)? {
+                // A driver may refuse the newer attributes where nothing is
+                // mapped: the plain answer refuses such an address anyway.
+                Some(i) if i.mapped => Err(e),
+                unmapped => Ok(unmapped),
+            };
         }
+        r => r?,
+    };
+    // Pool memory: its access is the pool's (documented: accessible from
+    // its own device unless changed), asked as NVIDIA's CCCL asks it,
+    // rather than ACCESS_FLAGS, whose answer for pools nothing documents.
+    if let Some(i) = info.as_mut().filter(|i| i.pool != 0) {
+        let mut location = sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: ordinal,
+        };
+        let mut flags = sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_NONE;
+        // SAFETY: out-parameter; a pool handle the driver just gave.
+        let r = unsafe {
+            sys::cuMemPoolGetAccess(&mut flags, i.pool as sys::CUmemoryPool, &mut location)
+        };
+        check(r, "cuMemPoolGetAccess")?;
+        i.access = Some(flags as u32);
     }
-    query_pointer(ptr, false)
+    Ok(info)
 }
 
-fn query_pointer(ptr: u64, newer: bool) -> Result<Option<PointerInfo>> {
+/// How many of the attributes after `MAPPED` this driver knows:
+/// `ACCESS_FLAGS` and `MEMPOOL_HANDLE` (CUDA 11.2's headers; asked from
+/// 11.2 on), `MAPPING_BASE_ADDR`/`MAPPING_SIZE` (11.7).
+fn newer_attributes() -> usize {
+    static KNOWN: OnceLock<usize> = OnceLock::new();
+    *KNOWN.get_or_init(|| {
+        let mut v = 0;
+        // SAFETY: out-parameter.
+        let ok = unsafe { sys::cuDriverGetVersion(&mut v) } == sys::CUresult::CUDA_SUCCESS;
+        match v {
+            _ if !ok => 0,
+            v if v >= 11070 => 4,
+            v if v >= 11020 => 2,
+            _ => 0,
+        }
+    })
+}
+
+fn query_pointer(ptr: u64, newer: usize) -> Result<Option<PointerInfo>> {
     use sys::CUpointer_attribute as A;
     // Zeroed 8-byte slots: each attribute writes at most 8 bytes, and the
     // flags and booleans read the same whether the driver writes 1 or 4.
-    let mut v = [0u64; 10];
+    let mut v = [0u64; 11];
     let attrs = [
         A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
         A::CU_POINTER_ATTRIBUTE_IS_MANAGED,
@@ -654,12 +688,14 @@ fn query_pointer(ptr: u64, newer: bool) -> Result<Option<PointerInfo>> {
         A::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
         A::CU_POINTER_ATTRIBUTE_CONTEXT,
         A::CU_POINTER_ATTRIBUTE_MAPPED,
-        // CUDA 11.7 and later:
+        // CUDA 11.2 and later:
         A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS,
+        A::CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE,
+        // CUDA 11.7 and later:
         A::CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR,
         A::CU_POINTER_ATTRIBUTE_MAPPING_SIZE,
     ];
-    let n = if newer { attrs.len() } else { 7 };
+    let n = 7 + newer;
     let mut attrs = attrs;
     let mut data: Vec<*mut c_void> = v.iter_mut().map(|x| x as *mut u64 as *mut c_void).collect();
     // SAFETY: every attribute writes at most 8 bytes into its slot.
@@ -667,7 +703,8 @@ fn query_pointer(ptr: u64, newer: bool) -> Result<Option<PointerInfo>> {
         sys::cuPointerGetAttributes(n as u32, attrs.as_mut_ptr(), data.as_mut_ptr(), ptr)
     };
     check(r, "cuPointerGetAttributes")?;
-    let [mem_type, managed, ordinal, start, size, ctx, mapped, access, map_base, map_size] = v;
+    let [mem_type, managed, ordinal, start, size, ctx, mapped, access, pool, map_base, map_size] =
+        v;
     if mem_type as u32 == 0 {
         return Ok(None);
     }
@@ -678,8 +715,9 @@ fn query_pointer(ptr: u64, newer: bool) -> Result<Option<PointerInfo>> {
         range_size: size,
         in_context: ctx != 0,
         mapped: mapped as u32 != 0,
-        access: newer.then_some(access as u32),
-        mapping: (newer && map_size != 0).then_some((map_base, map_size)),
+        access: (newer >= 2).then_some(access as u32),
+        pool,
+        mapping: (newer >= 4 && map_size != 0).then_some((map_base, map_size)),
     }))
 }
 

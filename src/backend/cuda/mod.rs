@@ -25,7 +25,11 @@ const CONTROL_BYTES: usize = std::mem::size_of::<Control>();
 /// What the driver says of `ptr` (memory type, device, range, context,
 /// mapped, access, mapping), for diagnostics: the GPU tests print it.
 pub fn describe_pointer(ptr: u64) -> String {
-    match driver::mapped_memory_info(ptr) {
+    let ordinal = driver::pointer_info(ptr)
+        .ok()
+        .flatten()
+        .map_or(0, |i| i.ordinal);
+    match driver::mapped_memory_info(ptr, ordinal) {
         Ok(Some(info)) => format!("{info:?}"),
         Ok(None) => "not known to the driver".into(),
         Err(e) => e.to_string(),
@@ -183,7 +187,7 @@ impl CudaBackend {
         let granule = self.dev.vmm_granule;
         let mut at = p;
         loop {
-            let info = driver::mapped_memory_info(at)?;
+            let info = driver::mapped_memory_info(at, ordinal)?;
             let usable = info.as_ref().is_some_and(|i| {
                 i.device_memory && i.ordinal == ordinal && i.mapped && !i.in_context
             });
