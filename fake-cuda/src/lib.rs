@@ -18,7 +18,8 @@
 //! Device memory lives in one `ptx_interp::Device`; pinned host memory is
 //! real host memory. The virtual memory management API is modelled with
 //! one interpreter buffer per reserved range and one mapping per physical
-//! allocation; kernels may touch its unmapped bytes without a fault. What the fake does not model (recording work into a
+//! allocation; kernels may touch its unmapped bytes without a fault. One
+//! default stream-ordered pool serves `cuMemAllocAsync`. What the fake does not model (recording work into a
 //! graph, the per-thread default stream, most attributes) fails with
 //! `CUDA_ERROR_NOT_SUPPORTED` and a note on stderr, never silently.
 //!
@@ -44,7 +45,7 @@ use cudarc::driver::sys;
 use ptx_interp::{Arg, ErrorKind, LaunchConfig, Module, Schedule};
 use std::alloc::Layout;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::ThreadId;
@@ -308,6 +309,8 @@ struct Driver {
     dev: ptx_interp::Device,
     /// Device allocations: address → bytes.
     allocs: BTreeMap<u64, usize>,
+    /// Those of `allocs` that came from the default pool (cuMemAllocAsync).
+    pooled: BTreeSet<u64>,
     /// Pinned host allocations: address → bytes.
     pinned: BTreeMap<usize, usize>,
     /// Address ranges of `cuMemAddressReserve`: base → reservation. Each is
@@ -357,6 +360,7 @@ fn driver() -> MutexGuard<'static, Driver> {
                 next_handle: primary + 0x10,
                 dev: ptx_interp::Device::new(),
                 allocs: BTreeMap::new(),
+                pooled: BTreeSet::new(),
                 pinned: BTreeMap::new(),
                 reservations: BTreeMap::new(),
                 physical: HashMap::new(),
@@ -1387,28 +1391,107 @@ pub unsafe extern "C" fn cuEventSynchronize(hEvent: sys::CUevent) -> R {
 pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut sys::CUdeviceptr, bytesize: usize) -> R {
     with("cuMemAlloc", |d| {
         need_ctx("cuMemAlloc")?;
-        if bytesize == 0 || dptr.is_null() {
+        if dptr.is_null() {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
-        let used = d.device_memory_used();
+        put(dptr, d.alloc_device("cuMemAlloc", bytesize)?)
+    })
+}
+
+/// The default pool of device 0, the one pool the fake has.
+const DEFAULT_POOL: usize = 0x900;
+
+/// Stream-ordered allocation from the default pool: allocated at once (a
+/// valid order: before the stream's later work), memory without a context.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync(
+    dptr: *mut sys::CUdeviceptr,
+    bytesize: usize,
+    hStream: sys::CUstream,
+) -> R {
+    let what = "cuMemAllocAsync";
+    with(what, |d| {
+        d.stream(what, hStream)?;
+        if dptr.is_null() {
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        let a = d.alloc_device(what, bytesize)?;
+        d.pooled.insert(a);
+        put(dptr, a)
+    })
+}
+
+/// Frees once the whole device has run what was queued before (later than
+/// the stream's order asks: a valid order).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeAsync(dptr: sys::CUdeviceptr, hStream: sys::CUstream) -> R {
+    let what = "cuMemFreeAsync";
+    if let Err(e) = ready(what).and_then(|mut d| d.stream(what, hStream)) {
+        return e;
+    }
+    free_after_device(what, |d| {
+        if !d.pooled.remove(&dptr) {
+            note(what, format!("{dptr:#x} is not memory of a pool"));
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        d.allocs.remove(&dptr);
+        d.dev.free(dptr).map_err(|e| {
+            note(what, e);
+            R::CUDA_ERROR_INVALID_VALUE
+        })
+    })
+}
+
+/// The default pool's memory is readable and writable from its device.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemPoolGetAccess(
+    flags: *mut sys::CUmemAccess_flags,
+    memPool: sys::CUmemoryPool,
+    location: *mut sys::CUmemLocation,
+) -> R {
+    let what = "cuMemPoolGetAccess";
+    with(what, |_| {
+        if memPool as usize != DEFAULT_POOL || location.is_null() {
+            note(what, format!("{memPool:?} is not a pool of the fake"));
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        let location = &*location;
+        if location.type_ != sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE {
+            note(what, "only device locations are modelled");
+            return Err(R::CUDA_ERROR_NOT_SUPPORTED);
+        }
+        device_ordinal(what, location.id)?;
+        put(
+            flags,
+            sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        )
+    })
+}
+
+impl Driver {
+    /// `bytesize` bytes of device memory, uninitialised like cudaMalloc's
+    /// (a kernel reading a byte nothing wrote is an interpreter error).
+    fn alloc_device(&mut self, what: &str, bytesize: usize) -> Result<u64, R> {
+        if bytesize == 0 {
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        }
+        let used = self.device_memory_used();
         if bytesize > DEVICE_MEMORY - used {
             if trace() {
                 note(
-                    "cuMemAlloc",
+                    what,
                     format!("{bytesize} bytes: out of memory ({used} of {DEVICE_MEMORY} in use)"),
                 );
             }
             return Err(R::CUDA_ERROR_OUT_OF_MEMORY);
         }
-        // Uninitialised, like cudaMalloc: a kernel reading a byte nothing
-        // wrote is an interpreter error.
-        let a = d.dev.alloc(bytesize);
-        d.allocs.insert(a, bytesize);
+        let a = self.dev.alloc(bytesize);
+        self.allocs.insert(a, bytesize);
         if trace() {
-            note("cuMemAlloc", format!("{bytesize} bytes at {a:#x}"));
+            note(what, format!("{bytesize} bytes at {a:#x}"));
         }
-        put(dptr, a)
-    })
+        Ok(a)
+    }
 }
 
 /// Frees what `free` names once the whole device has run what was queued
@@ -1428,6 +1511,7 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: sys::CUdeviceptr) -> R {
             note("cuMemFree", format!("{dptr:#x} is not a device allocation"));
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
+        d.pooled.remove(&dptr);
         d.dev.free(dptr).map_err(|e| {
             note("cuMemFree", e);
             R::CUDA_ERROR_INVALID_VALUE
@@ -1650,8 +1734,10 @@ struct Described {
     /// memory of the virtual memory management API has no context.
     in_context: bool,
     mapped: bool,
-    /// Device 0's access flags.
+    /// Device 0's access flags (`CU_POINTER_ATTRIBUTE_ACCESS_FLAGS`).
     access: u32,
+    /// `CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE`.
+    pool: usize,
     /// The physical mapping (or allocation) around the address.
     mapping: (u64, usize),
 }
@@ -1665,10 +1751,24 @@ impl Driver {
             in_context: false,
             mapped: false,
             access: 0,
+            pool: 0,
             mapping: (0, 0),
         };
         let reservation_range = vmm_range_is_reservation();
         match self.place(ptr) {
+            // Pool memory has no context. What ACCESS_FLAGS says of it is
+            // documented nowhere: the fake answers 0 (no access), the worst
+            // case, so a caller must ask the pool (cuMemPoolGetAccess).
+            Place::Device { base, size } if self.pooled.contains(&base) => Described {
+                mem_type: 2,
+                start: base,
+                size,
+                in_context: false,
+                mapped: true,
+                access: 0,
+                pool: DEFAULT_POOL,
+                mapping: (base, size),
+            },
             Place::Device { base, size } => Described {
                 mem_type: 2,
                 start: base,
@@ -1676,6 +1776,7 @@ impl Driver {
                 in_context: true,
                 mapped: true,
                 access: 3,
+                pool: 0,
                 mapping: (base, size),
             },
             Place::Pinned { base, size } => Described {
@@ -1685,6 +1786,7 @@ impl Driver {
                 in_context: true,
                 mapped: true,
                 access: 3,
+                pool: 0,
                 mapping: (base, size),
             },
             Place::Mapped {
@@ -1710,6 +1812,7 @@ impl Driver {
                         .get(&base)
                         .copied()
                         .unwrap_or(0),
+                    pool: 0,
                     mapping: (base, size),
                 }
             }
@@ -1723,6 +1826,7 @@ impl Driver {
                 in_context: false,
                 mapped: false,
                 access: 0,
+                pool: 0,
                 mapping: (0, 0),
             },
             Place::Reserved { .. } | Place::Unknown => unknown,
@@ -1757,8 +1861,7 @@ impl Driver {
         } else if a == A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS as u32 {
             (out as *mut u32).write(d.access);
         } else if a == A::CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE as u32 {
-            // No stream-ordered pools in the fake.
-            (out as *mut u64).write(0);
+            (out as *mut usize).write(d.pool);
         } else if a == A::CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR as u32 {
             (out as *mut u64).write(d.mapping.0);
         } else if a == A::CU_POINTER_ATTRIBUTE_MAPPING_SIZE as u32 {

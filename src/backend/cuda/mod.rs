@@ -207,7 +207,7 @@ impl CudaBackend {
             if let Some(access) = info.access.filter(|a| a & need != need) {
                 fail!(
                     InvalidArgument,
-                    "{what} = {p:#x} + {bytes} bytes: device {ordinal} may not {} the mapping at {at:#x} (access flags {access}; cuMemSetAccess grants it)",
+                    "{what} = {p:#x} + {bytes} bytes: device {ordinal} may not {} the memory at {at:#x} (access flags {access}; cuMemSetAccess, or cuMemPoolSetAccess for pool memory, grants it)",
                     if write { "write" } else { "read" }
                 );
             }
