@@ -13,14 +13,21 @@
 3. With --baseline-lib (another build of lra, e.g. an earlier commit), times
    both libraries' fused step on the same tensors, alternating, and prints
    their ratios side by side (an A/B of a kernel change).
+4. Under PyTorch's other allocators, each in a process of its own
+   (PYTORCH_CUDA_ALLOC_CONF is read once): expandable segments (memory
+   mapped through the virtual memory management API) and cudaMallocAsync
+   (a stream-ordered pool): tensors larger than one mapping step bit for
+   bit like the host backend, and a pointer whose memory the allocator gave
+   back to the driver is refused, not stepped on.
 
 Usage: gpu_check.py --lib path/to/liblra.so [--baseline-lib other/liblra.so]
-                    [--cpu-selftest] [--quick]
+                    [--cpu-selftest] [--quick] [--allocator-check]
 CI runs these code paths on the CPU: scripts/gpu_check_dryrun.py.
 """
 import argparse
 import importlib.util
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -28,6 +35,8 @@ import traceback
 import torch
 
 ADAM, HOST, CUDA = 5, 0, 1
+INVALID_ARGUMENT = 2  # lra_status (include/lra.h)
+ALLOCATORS = ("expandable_segments:True", "backend:cudaMallocAsync")
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -156,6 +165,75 @@ def torch_adapter(lra, device):
     assert opt.lr > 1e-4, opt.lr
     print(f"bindings/python TorchOptimizer on {device}: loss {first:.4f} -> {final:.4f}, lr 1e-4 -> {opt.lr:.3g}")
     opt.close()
+
+
+def allocator_check(lra, device, n=24 << 20):
+    """Three tensors of `n` parameters from PyTorch's allocator as configured
+    (24M f32: 96 MB each, more than one 20 MiB expandable-segment mapping)
+    take one Adam step bit-identical to a host handle's. On CUDA, a pointer
+    into memory the allocator has given back to the driver (freed, then
+    torch.cuda.empty_cache) must be refused with LRA_INVALID_ARGUMENT."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") or "default"
+    torch.manual_seed(2)
+    params = [torch.randn(n, device=device) for _ in range(3)]
+    grads = [torch.randn(n, device=device) for _ in range(3)]
+    host = [p.detach().cpu().clone() for p in params]
+    hgrads = [g.detach().cpu().clone() for g in grads]
+    hdev = lra.create(CUDA if device == "cuda" else HOST, lr=1e-3)
+    hcpu = lra.create(HOST, lr=1e-3)
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else None
+    lra.step(hdev, lra.tensors(params, grads), 1.0, stream)
+    lra.step(hcpu, lra.tensors(host, hgrads), 1.0)
+    for i, (p, q) in enumerate(zip(params, host)):
+        assert torch.equal(bits(p), bits(q)), f"[{conf}] tensor {i} differs from the host backend"
+    print(f"allocator [{conf}]: one Adam step over 3 x {n >> 20}M parameters, bit-identical to the host backend",
+          flush=True)
+    lra.destroy(hcpu)
+    if device == "cuda":
+        victim = torch.empty(n, device=device)
+        stale = victim.data_ptr()
+        del victim
+        torch.cuda.synchronize()
+        try:
+            reserved = torch.cuda.memory_reserved()
+            torch.cuda.empty_cache()
+            given_back = reserved - torch.cuda.memory_reserved()
+        except RuntimeError as e:  # an allocator backend without these statistics
+            given_back, why = 0, f"memory_reserved: {e}"
+        else:
+            why = f"empty_cache gave back {given_back} bytes, less than the freed tensor's {4 * n}"
+        if given_back < 4 * n:
+            print(f"allocator [{conf}]: stale pointer not checked ({why})")
+        else:
+            # A fresh handle: hdev's layout (3 tensors) would refuse a
+            # 1-tensor list for that reason alone.
+            hstale = lra.create(CUDA, lr=1e-3)
+            arr = (lra.b.Tensor * 1)(lra.b.Tensor(stale, grads[0].data_ptr(), n, 0))
+            try:
+                lra.step(hstale, arr, 1.0, stream)
+            except lra.b.LraError as e:
+                assert e.status == INVALID_ARGUMENT and "tensors[0].param" in e.message, e
+                print(f"allocator [{conf}]: a pointer into memory given back to the driver is refused: {e.message}")
+            else:
+                raise AssertionError(f"[{conf}] lra stepped on memory given back to the driver ({stale:#x})")
+            finally:
+                lra.destroy(hstale)
+    lra.destroy(hdev)
+
+
+def allocators(lib):
+    """allocator_check under each of ALLOCATORS, each in a process of its own."""
+    failed = []
+    for conf in ALLOCATORS:
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=conf)
+        cmd = [sys.executable, "-u", os.path.abspath(__file__), "--lib", lib, "--allocator-check"]
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=120).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout (120 s)"
+        if rc != 0:
+            failed.append(f"{conf}: {rc}")
+    assert not failed, f"allocator checks failed: {failed}"
 
 
 class Timing:
@@ -364,10 +442,15 @@ def main():
     ap.add_argument("--cpu-selftest", action="store_true", help="check the ctypes binding on a host handle")
     ap.add_argument("--quick", action="store_true", help="benchmark 1M and 16M only")
     ap.add_argument("--baseline-lib", help="another liblra.so to compare the fused step with")
+    ap.add_argument("--allocator-check", action="store_true",
+                    help="only the allocator check, under PYTORCH_CUDA_ALLOC_CONF as set (part 4)")
     a = ap.parse_args()
     lra = Lra(a.lib)
     if a.cpu_selftest:
         training_on_a_torch_stream(lra, "cpu")
+        return
+    if a.allocator_check:
+        allocator_check(lra, "cuda")
         return
     if not torch.cuda.is_available():
         print("!!!! SKIPPED: gpu_check.py: torch sees no CUDA device")
@@ -393,6 +476,7 @@ def main():
     if a.baseline_lib:
         part("A/B against the baseline", lambda: compare_libraries(lra, Lra(a.baseline_lib, "lra_baseline"),
                                                                  sizes, [1, 200]))
+    part("PyTorch's allocators", allocators, a.lib)
     print(f"\ngpu_check.py finished in {time.time() - t0:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     sys.exit(1 if failed else 0)
 

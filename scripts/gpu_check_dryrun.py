@@ -4,7 +4,7 @@
 A lent GPU is rare and its time short, so a typo in the GPU script's
 benchmark code must fail CI, not the GPU run. This runs the script's own
 functions (the ctypes binding on a torch stream, the TorchOptimizer
-adapter, the benchmark table, the A/B of two libraries) on the CPU: host (device = 0) handles, CPU tensors,
+adapter, the allocator check's step, the benchmark table, the A/B of two libraries) on the CPU: host (device = 0) handles, CPU tensors,
 CUDA events replaced by perf_counter stamps, tiny sizes. The figures mean
 nothing; the check is that every code path runs and prints its rows.
 
@@ -68,6 +68,7 @@ def main():
     base = gpu_check.Lra(lib, "lra_baseline")
     gpu_check.training_on_a_torch_stream(lra, "cpu")
     gpu_check.torch_adapter(lra, "cpu")
+    gpu_check.allocator_check(lra, "cpu", n=1 << 12)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rows = gpu_check.benchmark(lra, [1 << 12], [1, 200])
