@@ -1435,10 +1435,7 @@ pub unsafe extern "C" fn cuMemFreeAsync(dptr: sys::CUdeviceptr, hStream: sys::CU
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
         d.allocs.remove(&dptr);
-        d.dev.free(dptr).map_err(|e| {
-            note(what, e);
-            R::CUDA_ERROR_INVALID_VALUE
-        })
+        d.free_buffer(what, dptr)
     })
 }
 
@@ -1469,6 +1466,15 @@ pub unsafe extern "C" fn cuMemPoolGetAccess(
 }
 
 impl Driver {
+    /// Frees the interpreter buffer at `addr` (an allocation or reservation
+    /// the caller has just forgotten).
+    fn free_buffer(&mut self, what: &str, addr: u64) -> Res {
+        self.dev.free(addr).map_err(|e| {
+            note(what, e);
+            R::CUDA_ERROR_INVALID_VALUE
+        })
+    }
+
     /// `bytesize` bytes of device memory, uninitialised like cudaMalloc's
     /// (a kernel reading a byte nothing wrote is an interpreter error).
     fn alloc_device(&mut self, what: &str, bytesize: usize) -> Result<u64, R> {
@@ -1512,10 +1518,7 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: sys::CUdeviceptr) -> R {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
         d.pooled.remove(&dptr);
-        d.dev.free(dptr).map_err(|e| {
-            note("cuMemFree", e);
-            R::CUDA_ERROR_INVALID_VALUE
-        })
+        d.free_buffer("cuMemFree", dptr)
     })
 }
 
@@ -1995,10 +1998,7 @@ pub unsafe extern "C" fn cuMemAddressFree(ptr: sys::CUdeviceptr, size: usize) ->
             }
         }
         d.reservations.remove(&ptr);
-        d.dev.free(ptr).map_err(|e| {
-            note(what, e);
-            R::CUDA_ERROR_INVALID_VALUE
-        })
+        d.free_buffer(what, ptr)
     })
 }
 
