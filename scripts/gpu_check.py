@@ -173,7 +173,7 @@ def allocator_check(lra, device, n=24 << 20):
     take one Adam step bit-identical to a host handle's. On CUDA, a pointer
     into memory the allocator has given back to the driver (freed, then
     torch.cuda.empty_cache) must be refused with LRA_INVALID_ARGUMENT."""
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") or "default"
+    conf = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"
     torch.manual_seed(2)
     params = [torch.randn(n, device=device) for _ in range(3)]
     grads = [torch.randn(n, device=device) for _ in range(3)]
@@ -186,38 +186,54 @@ def allocator_check(lra, device, n=24 << 20):
     lra.step(hcpu, lra.tensors(host, hgrads), 1.0)
     for i, (p, q) in enumerate(zip(params, host)):
         assert torch.equal(bits(p), bits(q)), f"[{conf}] tensor {i} differs from the host backend"
-    print(f"allocator [{conf}]: one Adam step over 3 x {n >> 20}M parameters, bit-identical to the host backend",
+    if device == "cuda":
+        # The allocator the label names is the one that served the tensors.
+        backend = torch.cuda.get_allocator_backend()
+        want = "cudaMallocAsync" if "cudaMallocAsync" in conf else "native"
+        assert backend == want, f"[{conf}] allocator backend is {backend}, not {want}"
+        if "expandable_segments:True" in conf:
+            segments = torch.cuda.memory_snapshot()
+            if any("is_expandable" in seg for seg in segments):
+                assert any(seg["is_expandable"] for seg in segments), f"[{conf}] no expandable segment"
+    print(f"allocator [{conf}]: one Adam step over 3 x {n:,} parameters, bit-identical to the host backend",
           flush=True)
     lra.destroy(hcpu)
     if device == "cuda":
+        # Made before the free, so that none of its own allocations can land
+        # in the range given back. A fresh handle: hdev's layout (3 tensors)
+        # would refuse a 1-tensor list for that reason alone.
+        hstale = lra.create(CUDA, lr=1e-3)
         victim = torch.empty(n, device=device)
-        stale = victim.data_ptr()
+        # Its middle: expandable segments map and unmap whole 20 MiB pages,
+        # and the victim's first page is shared with a live tensor (6 x 96
+        # MiB is not a multiple of 20 MiB), so its first byte stays mapped.
+        half = n // 2
+        stale = victim.data_ptr() + 4 * half
         del victim
         torch.cuda.synchronize()
         try:
-            reserved = torch.cuda.memory_reserved()
-            torch.cuda.empty_cache()
-            given_back = reserved - torch.cuda.memory_reserved()
-        except RuntimeError as e:  # an allocator backend without these statistics
-            given_back, why = 0, f"memory_reserved: {e}"
-        else:
-            why = f"empty_cache gave back {given_back} bytes, less than the freed tensor's {4 * n}"
-        if given_back < 4 * n:
-            print(f"allocator [{conf}]: stale pointer not checked ({why})")
-        else:
-            # A fresh handle: hdev's layout (3 tensors) would refuse a
-            # 1-tensor list for that reason alone.
-            hstale = lra.create(CUDA, lr=1e-3)
-            arr = (lra.b.Tensor * 1)(lra.b.Tensor(stale, grads[0].data_ptr(), n, 0))
             try:
-                lra.step(hstale, arr, 1.0, stream)
-            except lra.b.LraError as e:
-                assert e.status == INVALID_ARGUMENT and "tensors[0].param" in e.message, e
-                print(f"allocator [{conf}]: a pointer into memory given back to the driver is refused: {e.message}")
+                reserved = torch.cuda.memory_reserved()
+                torch.cuda.empty_cache()
+                given_back = reserved - torch.cuda.memory_reserved()
+            except RuntimeError as e:  # an allocator backend without these statistics
+                given_back, why = 0, f"memory_reserved: {e}"
             else:
-                raise AssertionError(f"[{conf}] lra stepped on memory given back to the driver ({stale:#x})")
-            finally:
-                lra.destroy(hstale)
+                why = f"empty_cache gave back {given_back} bytes, less than the freed tensor's {4 * n}"
+            if given_back < 4 * n:
+                print(f"allocator [{conf}]: stale pointer not checked ({why})")
+            else:
+                arr = (lra.b.Tensor * 1)(lra.b.Tensor(stale, grads[0].data_ptr(), n - half, 0))
+                try:
+                    lra.step(hstale, arr, 1.0, stream)
+                except lra.b.LraError as e:
+                    assert e.status == INVALID_ARGUMENT and "tensors[0].param" in e.message, e
+                    print(f"allocator [{conf}]: a pointer into memory given back to the driver is refused "
+                          f"(empty_cache gave back {given_back} bytes): {e.message}")
+                else:
+                    raise AssertionError(f"[{conf}] lra stepped on memory given back to the driver ({stale:#x})")
+        finally:
+            lra.destroy(hstale)
     lra.destroy(hdev)
 
 
@@ -225,12 +241,14 @@ def allocators(lib):
     """allocator_check under each of ALLOCATORS, each in a process of its own."""
     failed = []
     for conf in ALLOCATORS:
-        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=conf)
+        # torch >= 2.9 reads PYTORCH_ALLOC_CONF first (PYTORCH_CUDA_ALLOC_CONF
+        # only when it is unset); older torch reads only the latter.
+        env = dict(os.environ, PYTORCH_ALLOC_CONF=conf, PYTORCH_CUDA_ALLOC_CONF=conf)
         cmd = [sys.executable, "-u", os.path.abspath(__file__), "--lib", lib, "--allocator-check"]
         try:
-            rc = subprocess.run(cmd, env=env, timeout=120).returncode
+            rc = subprocess.run(cmd, env=env, timeout=60).returncode
         except subprocess.TimeoutExpired:
-            rc = "timeout (120 s)"
+            rc = "timeout (60 s)"
         if rc != 0:
             failed.append(f"{conf}: {rc}")
     assert not failed, f"allocator checks failed: {failed}"
@@ -450,7 +468,12 @@ def main():
         training_on_a_torch_stream(lra, "cpu")
         return
     if a.allocator_check:
-        allocator_check(lra, "cuda")
+        # Without CUDA (scripts/gpu_check_dryrun.py runs this path): tiny
+        # tensors on the CPU.
+        if torch.cuda.is_available():
+            allocator_check(lra, "cuda")
+        else:
+            allocator_check(lra, "cpu", n=1 << 12)
         return
     if not torch.cuda.is_available():
         print("!!!! SKIPPED: gpu_check.py: torch sees no CUDA device")

@@ -69,6 +69,7 @@ def main():
     gpu_check.training_on_a_torch_stream(lra, "cpu")
     gpu_check.torch_adapter(lra, "cpu")
     gpu_check.allocator_check(lra, "cpu", n=1 << 12)
+    gpu_check.allocators(lib)  # the subprocess path: argv, environment, exit status
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rows = gpu_check.benchmark(lra, [1 << 12], [1, 200])
