@@ -1761,7 +1761,8 @@ impl Driver {
         match self.place(ptr) {
             // Pool memory has no context. What ACCESS_FLAGS says of it is
             // documented nowhere: the fake answers 0 (no access), the worst
-            // case, so a caller must ask the pool (cuMemPoolGetAccess).
+            // case, so a caller must ask the pool (cuMemPoolGetAccess); the
+            // mapping attributes it refuses (write_attribute).
             Place::Device { base, size } if self.pooled.contains(&base) => Described {
                 mem_type: 2,
                 start: base,
@@ -1860,6 +1861,11 @@ impl Driver {
         } else if a == A::CU_POINTER_ATTRIBUTE_MAPPED as u32 {
             (out as *mut u32).write(d.mapped as u32);
         } else if pointer_attribute_since(a) > driver_version() {
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        } else if d.pool != 0 && pointer_attribute_since(a) == 11070 {
+            // Pool memory is not mapped by cuMemMap: what the driver says of
+            // its mapping is documented nowhere. The worst case: a refusal
+            // (no note: the modelled driver's answer).
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         } else if a == A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS as u32 {
             (out as *mut u32).write(d.access);

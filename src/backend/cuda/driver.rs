@@ -627,16 +627,25 @@ pub fn pointer_info(ptr: u64) -> Result<Option<PointerInfo>> {
 /// pointer's answer.
 pub fn mapped_memory_info(ptr: u64, ordinal: i32) -> Result<Option<PointerInfo>> {
     let newer = newer_attributes();
-    let mut info = match query_pointer(ptr, newer) {
+    let answer = match query_pointer(ptr, newer) {
+        // Refused with the mapping attributes (nothing documents them for
+        // pool memory): without them, and the walk goes by granules.
+        Err(_) if newer > 2 => query_pointer(ptr, 2),
+        r => r,
+    };
+    let mut info = match answer {
+        Ok(info) => info,
         Err(e) if newer > 0 => {
             return match query_pointer(ptr, 0)? {
                 // A driver may refuse the newer attributes where nothing is
                 // mapped: the plain answer refuses such an address anyway.
+                // Mapped memory whose access cannot be asked is the
+                // driver's error, never an unchecked pass.
                 Some(i) if i.mapped => Err(e),
                 unmapped => Ok(unmapped),
             };
         }
-        r => r?,
+        Err(e) => return Err(e),
     };
     // Pool memory: its access is the pool's (documented: accessible from
     // its own device unless changed), asked as NVIDIA's CCCL asks it,
