@@ -19,15 +19,18 @@
 //! real host memory. The virtual memory management API is modelled with
 //! one interpreter buffer per reserved range and one mapping per physical
 //! allocation; kernels may touch its unmapped bytes without a fault. One
-//! default stream-ordered pool serves `cuMemAllocAsync`. What the fake does not model (recording work into a
-//! graph, the per-thread default stream, most attributes) fails with
-//! `CUDA_ERROR_NOT_SUPPORTED` and a note on stderr, never silently.
+//! default stream-ordered pool serves `cuMemAllocAsync`. What the fake
+//! does not model (recording work into a graph, the per-thread default
+//! stream, most attributes) fails with `CUDA_ERROR_NOT_SUPPORTED` and a
+//! note on stderr, never silently.
 //!
 //! Environment: `FAKE_CUDA_SCHEDULE` picks the interpreter's block and
 //! thread order (see `fn schedule`); `FAKE_CUDA_TRACE` prints every
 //! allocation and launch (instructions executed), and a failed launch's
 //! arguments; `FAKE_CUDA_VMM_RANGE` picks what the pointer attributes'
-//! ranges describe for mapped memory (see `fn vmm_range_is_reservation`).
+//! ranges describe for mapped memory (see `fn vmm_range_is_reservation`),
+//! `FAKE_CUDA_POINTER_ATTRIBUTES` an older driver's version and attributes
+//! (see `fn driver_version`).
 //!
 //! # Safety
 //!
