@@ -18,10 +18,16 @@
 //! Each variant reports the minimum over its repetitions, in ns per
 //! parameter, and the table prints the ratios.
 //!
+//! Parameters and gradients are two allocations; `--flat` puts them in one,
+//! the gradients right after the parameters (a C code's single buffer), and
+//! `--flat-gap BYTES` leaves that many bytes between them.
+//! Torch always gets its own tensors.
+//!
 //! ```text
 //! cargo bench --bench kernel_cost                      # default matrix
 //! cargo bench --bench kernel_cost -- --quick           # CI-sized smoke run
 //! cargo bench --bench kernel_cost -- --sizes 64M --opt adam --dtype f32 --threads 1,2
+//! cargo bench --bench kernel_cost -- --sizes 64M --opt adam --dtype f32 --tensors 1 --flat
 //! ```
 
 // `unsafe` blocks in this file call `Engine::step`, `Backend::step` or
@@ -49,6 +55,10 @@ struct Options {
     budget: f64,
     min_reps: usize,
     torch: bool,
+    /// Parameters and gradients in one allocation, the gradients this many
+    /// bytes after the parameters' end (`--flat`: 0, `--flat-gap BYTES`);
+    /// `None`: two allocations (the default).
+    flat: Option<usize>,
     clock: Clock,
     stat: Stat,
 }
@@ -137,6 +147,7 @@ fn options() -> Options {
         budget: 0.2,
         min_reps: 3,
         torch: true,
+        flat: None,
         clock: Clock::Wall,
         stat: Stat::Min,
     };
@@ -159,6 +170,8 @@ fn options() -> Options {
             "--budget" => o.budget = val().parse().unwrap(),
             "--reps" => o.min_reps = val().parse().unwrap(),
             "--no-torch" => o.torch = false,
+            "--flat" => o.flat = Some(0),
+            "--flat-gap" => o.flat = Some(val().parse().unwrap()),
             "--clock" => {
                 o.clock = match val().as_str() {
                     "wall" => Clock::Wall,
@@ -185,7 +198,7 @@ fn options() -> Options {
                 println!(
                     "options: --sizes 10k,1M,64M (k = 1e3, m = 1e6, M = 2^20) --tensors 1,200 --threads 1,2 \
                      --opt sgd,momentum,adagrad,rmsprop,adam --dtype f32,f16,bf16 \
-                     --budget SECONDS --reps N --clock wall|cpu --stat min|median --no-torch --quick"
+                     --budget SECONDS --reps N --clock wall|cpu --stat min|median --no-torch --flat --flat-gap BYTES --quick"
                 );
                 std::process::exit(0);
             }
@@ -204,8 +217,12 @@ fn step_bytes(kind: OptimizerKind, dtype: DType) -> usize {
 
 /// Parameter and gradient storage of one configuration, cut into tensors.
 struct Model {
+    /// The parameters' bytes; when `flat` is `Some(gap)`, followed by `gap`
+    /// bytes and the gradients' bytes.
     params: Vec<u8>,
+    /// The gradients' bytes (empty when `flat`).
     grads: Vec<u8>,
+    flat: Option<usize>,
     /// (offset in elements, numel) per tensor.
     spans: Vec<(usize, usize)>,
     dtype: DType,
@@ -233,10 +250,9 @@ fn spans(n: usize, tensors: usize) -> Vec<(usize, usize)> {
 }
 
 impl Model {
-    fn new(n: usize, tensors: usize, dtype: DType) -> Model {
+    fn new(n: usize, tensors: usize, dtype: DType, flat: Option<usize>) -> Model {
         let esz = dtype.size();
-        let mut params = vec![0u8; n * esz];
-        let mut grads = vec![0u8; n * esz];
+        let (mut params, mut grads) = (vec![0u8; n * esz], vec![0u8; n * esz]);
         // Deterministic values of moderate size: θ in [-1, 1), g in [-0.01, 0.01).
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
@@ -264,9 +280,14 @@ impl Model {
                 }
             }
         }
+        if let Some(gap) = flat {
+            params.resize(n * esz + gap, 0);
+            params.append(&mut grads);
+        }
         Model {
             params,
             grads,
+            flat,
             spans: spans(n, tensors),
             dtype,
         }
@@ -274,7 +295,14 @@ impl Model {
 
     fn c_tensors(&mut self) -> Vec<lra_tensor> {
         let esz = self.dtype.size();
-        let (p, g) = (self.params.as_mut_ptr(), self.grads.as_ptr());
+        let p = self.params.as_mut_ptr();
+        let g = if let Some(gap) = self.flat {
+            // SAFETY: a flat buffer holds the gradients after the
+            // parameters and the gap.
+            unsafe { p.add((self.params.len() + gap) / 2) as *const u8 }
+        } else {
+            self.grads.as_ptr()
+        };
         self.spans
             .iter()
             .map(|&(off, len)| lra_tensor {
@@ -445,7 +473,7 @@ fn measure(
     tensors: usize,
     threads: usize,
 ) -> Row {
-    let mut model = Model::new(n, tensors, dtype);
+    let mut model = Model::new(n, tensors, dtype, o.flat);
     let c_tensors = model.c_tensors();
     let descs = model.descs();
     let copy_bytes = step_bytes(kind, dtype) * n / 2;
@@ -610,6 +638,11 @@ fn main() {
         "thr = threads allowed; a step starts at most one per 256 Ki elements, and the copy \
          as many as the step"
     );
+    if let Some(gap) = o.flat {
+        println!(
+            "flat: parameters and gradients in one allocation, the gradients {gap} bytes after the parameters' end"
+        );
+    }
     let mut rows = Vec::new();
     println!(
         "{:<9} {:<5} {:>6} {:>4} {:>3} | {:>7} {:>7} {:>7} {:>7} | {:>8} {:>9} {:>9}",
