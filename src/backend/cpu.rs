@@ -79,67 +79,54 @@ pub struct CpuBackend {
     validated: ValidatedTensors,
 }
 
-/// Slots of this many elements or more are placed in their allocation
-/// ([`TensorState`]); smaller ones are packed (at most a few KiB of padding
-/// per slot would cost more than it saves).
-const PLACED_SLOT_MIN: usize = CHUNK;
-
-/// One tensor's optimizer state: `slots` arrays of `numel` f32 values in
-/// one allocation, slot `s` at `first + s * stride`.
+/// One tensor's optimizer state: `slots` arrays of `numel` f32 values,
+/// interleaved by sub-block: the [`SUB`] values of slot 0 for elements
+/// `[k·SUB, (k+1)·SUB)`, then slot 1's for the same elements, then the next
+/// sub-block's (the last sub-block padded to `SUB`). The buffer starts on a
+/// cache line.
 ///
-/// Large slots start on a cache line, and consecutive slots lie an odd
-/// number of 4 KiB pages apart, so the distance between slot `s` and `s+1`
-/// is at least 4 KiB away from every multiple of 8 KiB, 16 KiB, …, 1 GiB.
-/// Packed end to end, the two slots of Adam over a tensor of 2^k elements
-/// lie exactly 2^(k+2) bytes apart, and the step then streams two arrays
-/// that map onto the same cache sets and memory banks: on a 2-core AMD
-/// EPYC VM that made Adam over one 64 Mi-element tensor about 2.5× slower
-/// (README, "Where the buffers lie"; 2^28 + 64 bytes apart was as slow,
-/// 2^28 + 4 KiB as fast as any other distance tried).
+/// A step then reads its state as one stream. Laid out slot after slot,
+/// Adam's two slots over a tensor of 2^k elements started exactly 2^(k+2)
+/// bytes apart, and the step streamed two arrays that map onto the same
+/// cache sets and memory banks: on a 2-core AMD EPYC VM Adam over one
+/// 64 Mi-element tensor ran about 2.5× slower than over the same elements
+/// in 200 tensors. Spacing the slots an odd number of 4 KiB pages apart
+/// cured 64 Mi but not 32 Mi (memory banks hash address bits together, so
+/// no fixed distance is safe everywhere); interleaved, no distance between
+/// the slots remains (README, "Where the buffers lie").
 struct TensorState {
     buf: Vec<f32>,
+    /// Index of the first value in `buf` (cache-line alignment).
+    first: usize,
     numel: usize,
     slots: usize,
-    first: usize,
-    stride: usize,
 }
 
 impl TensorState {
     /// Zeroed state, or `None` when the memory cannot be had.
     fn zeroed(slots: usize, numel: usize) -> Option<TensorState> {
-        const PAGE: usize = 4096 / std::mem::size_of::<f32>();
         const LINE: usize = 64 / std::mem::size_of::<f32>();
-        let placed = slots > 0 && numel >= PLACED_SLOT_MIN;
-        let stride = if placed && slots > 1 {
-            let pages = numel.checked_next_multiple_of(PAGE)? / PAGE;
-            (pages | 1).checked_mul(PAGE)?
-        } else {
-            numel
-        };
-        let slack = if placed { LINE - 1 } else { 0 };
         let len = match slots {
             0 => 0,
-            _ => stride
-                .checked_mul(slots - 1)?
-                .checked_add(numel)?
-                .checked_add(slack)?,
+            _ => numel
+                .checked_next_multiple_of(SUB)?
+                .checked_mul(slots)?
+                .checked_add(LINE - 1)?,
         };
         let mut buf = Vec::new();
         buf.try_reserve_exact(len).ok()?;
         buf.resize(len, 0.0);
         // The buffer never grows, so its address (and `first`) stays put.
         // (Address arithmetic: `align_offset` may give up, under Miri.)
-        let first = if placed {
-            (64 - buf.as_ptr() as usize % 64) % 64 / std::mem::size_of::<f32>()
-        } else {
-            0
+        let first = match slots {
+            0 => 0,
+            _ => (64 - buf.as_ptr() as usize % 64) % 64 / std::mem::size_of::<f32>(),
         };
         Some(TensorState {
             buf,
+            first,
             numel,
             slots,
-            first,
-            stride,
         })
     }
 
@@ -147,35 +134,31 @@ impl TensorState {
         self.slots == slots && self.numel == numel
     }
 
-    /// The first element of slots 0 and 1; a slot the optimizer does not
-    /// have gets the buffer's start (items never read it). Both come from
-    /// one borrow of the buffer, so writing through one leaves the other
-    /// valid.
-    fn slot_ptrs(&mut self) -> [*mut f32; 2] {
-        let base = self.buf.as_mut_ptr();
-        std::array::from_fn(|s| {
-            if s < self.slots {
-                let at = self.first + s * self.stride;
-                assert!(
-                    at + self.numel <= self.buf.len(),
-                    "slot {s} lies in the buffer"
-                );
-                // SAFETY: in bounds, just checked.
-                unsafe { base.add(at) }
-            } else {
-                base
-            }
-        })
+    /// Where slot `s` of element `i` lives in `buf`.
+    fn index(&self, s: usize, i: usize) -> usize {
+        self.first + (i / SUB) * self.slots * SUB + s * SUB + i % SUB
+    }
+
+    /// The state of the elements from `start` (a multiple of [`SUB`]) on,
+    /// as [`Item::state`] takes it. Taken without borrowing the buffer as a
+    /// slice (`Vec::as_mut_ptr`), so the pointers of a step's items stay
+    /// valid side by side.
+    fn state_at(&mut self, start: usize) -> *mut f32 {
+        let at = self.first + start * self.slots;
+        assert!(
+            start.is_multiple_of(SUB) && at <= self.buf.len(),
+            "state of element {start}"
+        );
+        // SAFETY: in bounds, just checked.
+        unsafe { self.buf.as_mut_ptr().add(at) }
     }
 
     /// The slots end to end (`slots × numel` values, slot-major), as
     /// checkpoints store them.
     fn slot_major(&self) -> Vec<f32> {
         (0..self.slots)
-            .flat_map(|s| {
-                let at = self.first + s * self.stride;
-                self.buf[at..at + self.numel].iter().copied()
-            })
+            .flat_map(|s| (0..self.numel).map(move |i| (s, i)))
+            .map(|(s, i)| self.buf[self.index(s, i)])
             .collect()
     }
 
@@ -183,9 +166,9 @@ impl TensorState {
     /// memory cannot be had.
     fn from_slot_major(slots: usize, numel: usize, values: &[f32]) -> Option<TensorState> {
         let mut st = TensorState::zeroed(slots, numel)?;
-        for (s, part) in values.chunks_exact(numel.max(1)).take(slots).enumerate() {
-            let at = st.first + s * st.stride;
-            st.buf[at..at + numel].copy_from_slice(part);
+        for (k, &v) in values.iter().enumerate().take(slots * numel) {
+            let at = st.index(k / numel, k % numel);
+            st.buf[at] = v;
         }
         Some(st)
     }
@@ -204,8 +187,10 @@ unsafe impl Sync for SendPtr {}
 
 /// One work item: a chunk of one tensor. Invariant (what every pass relies
 /// on): `param` and `grad` are valid for `len` elements of `dtype` (`param`
-/// for writes, with no other live reference to it), and `s0`/`s1` for `len`
-/// f32 values each of the slots in use. `items` makes them so from the
+/// for writes, with no other live reference to it), and `state` for the
+/// `slots × len` f32 values (interleaved by sub-block, [`TensorState`]; the
+/// last sub-block padded to [`SUB`]) of the slots in use, for writes.
+/// `items` makes them so from the
 /// step's `TensorDesc`s, whose validity is the C caller's promise
 /// (`lra_step`; extent checked at the boundary, alignment and overlap by
 /// the engine).
@@ -213,8 +198,7 @@ unsafe impl Sync for SendPtr {}
 struct Item {
     param: SendPtr,
     grad: SendPtr,
-    s0: SendPtr,
-    s1: SendPtr,
+    state: SendPtr,
     len: usize,
     dtype: DType,
 }
@@ -273,23 +257,21 @@ impl CpuBackend {
 
     /// Cuts the step into chunk items (state pointers included).
     fn items(&mut self, tensors: &[TensorDesc]) -> Vec<Item> {
-        let slots = self.kind.state_slots();
         // One allocation per step whatever the tensor count (tests/alloc.rs).
         let mut items = Vec::with_capacity(tensors.iter().map(|t| t.numel.div_ceil(CHUNK)).sum());
         for (t, st) in tensors.iter().zip(self.state.iter_mut()) {
             let esz = t.dtype.size();
-            let [s0, s1] = st.slot_ptrs();
             let mut start = 0;
             while start < t.numel {
                 let len = CHUNK.min(t.numel - start);
+                let state = SendPtr(st.state_at(start) as *mut u8);
                 // SAFETY: offsets stay inside the caller's tensors (numel
-                // checked) and inside each state slot (numel values).
+                // checked).
                 unsafe {
                     items.push(Item {
                         param: SendPtr((t.param as *mut u8).add(start * esz)),
                         grad: SendPtr((t.grad as *mut u8).add(start * esz)),
-                        s0: SendPtr(s0.add(if slots >= 1 { start } else { 0 }) as *mut u8),
-                        s1: SendPtr(s1.add(if slots >= 2 { start } else { 0 }) as *mut u8),
+                        state,
                         len,
                         dtype: t.dtype,
                     });
@@ -416,7 +398,7 @@ fn prefetch_lines(start: *const u8, bytes: usize) {
 }
 
 /// Prefetches one sub-block starting at element `at` of the item
-/// (parameters, gradients and the used state slots).
+/// (parameters, gradients and the state).
 #[inline(always)]
 fn prefetch_ahead<P: Elem>(it: &Item, slots: usize, at: usize) {
     let esz = std::mem::size_of::<P>();
@@ -424,10 +406,9 @@ fn prefetch_ahead<P: Elem>(it: &Item, slots: usize, at: usize) {
     let streams = [
         (it.param.0, esz),
         (it.grad.0, esz),
-        (it.s0.0, f32s),
-        (it.s1.0, f32s),
+        (it.state.0, slots * f32s),
     ];
-    for &(ptr, size) in &streams[..2 + slots] {
+    for &(ptr, size) in &streams[..if slots > 0 { 3 } else { 2 }] {
         prefetch_lines(ptr.wrapping_add(at * size), SUB * size);
     }
 }
@@ -456,14 +437,13 @@ unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
     const { assert!(SUB.is_multiple_of(LANES)) };
     let n = it.len;
     let slots = OptimizerKind::from_u32(K).map_or(0, |k| k.state_slots());
-    // SAFETY: the item's pointers cover `n` elements of the right type
-    // ([`Item`]'s invariant); slices of unused slots are empty.
-    let (theta, g, s0, s1) = unsafe {
+    // SAFETY: the item's pointers cover `n` elements of the right type and
+    // their state ([`Item`]'s invariant).
+    let (theta, g, state) = unsafe {
         (
             std::slice::from_raw_parts_mut(it.param.0 as *mut P, n),
             std::slice::from_raw_parts(it.grad.0 as *const P, n),
-            std::slice::from_raw_parts_mut(it.s0.0 as *mut f32, if slots >= 1 { n } else { 0 }),
-            std::slice::from_raw_parts_mut(it.s1.0 as *mut f32, if slots >= 2 { n } else { 0 }),
+            std::slice::from_raw_parts_mut(it.state.0 as *mut f32, slots * n.next_multiple_of(SUB)),
         )
     };
     // The loop is specialised for the common weight_decay = 0: a copy of
@@ -481,16 +461,10 @@ unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
         let m = SUB.min(n - base);
         let end = base + m;
         let t = &mut terms[..m];
-        let s0 = if slots >= 1 {
-            &mut s0[base..end]
-        } else {
-            &mut []
-        };
-        let s1 = if slots >= 2 {
-            &mut s1[base..end]
-        } else {
-            &mut []
-        };
+        // This sub-block's state: slot 0's SUB values, then slot 1's.
+        let (s0, s1) = state[slots * base..slots * (base + SUB)].split_at_mut(SUB.min(slots * SUB));
+        let s0 = &mut s0[..if slots >= 1 { m } else { 0 }];
+        let s1 = &mut s1[..if slots >= 2 { m } else { 0 }];
         let block = SubBlock {
             theta: &mut theta[base..end],
             g: &g[base..end],
@@ -1165,52 +1139,45 @@ mod tests {
     }
 
     #[test]
-    fn large_state_slots_start_on_a_line_an_odd_number_of_pages_apart() {
-        // (slots, numel): placed sizes, including powers of two (where
-        // packed slots would lie a power of two apart), and packed ones.
-        let cases = [
-            (2, 1 << 16),
-            (2, CHUNK),
-            (2, (1 << 16) + 3),
-            (2, 3 << 20),
-            (1, 1 << 16),
-            (2, CHUNK - 1),
-            (2, 5),
-            (0, 1 << 16),
-        ];
-        for (slots, numel) in cases {
-            let mut st = TensorState::zeroed(slots, numel).expect("small enough");
-            // `slot_ptrs` checks that each slot lies inside the buffer.
-            let at: Vec<usize> = st.slot_ptrs()[..slots]
-                .iter()
-                .map(|&p| p as usize)
-                .collect();
-            let placed = numel >= PLACED_SLOT_MIN;
-            if placed && slots > 0 {
-                assert_eq!(
-                    at[0] % 64,
-                    0,
-                    "{slots} x {numel}: slot 0 starts on a cache line"
-                );
+    fn state_slots_are_interleaved_by_sub_block_from_a_cache_line() {
+        // (slots, numel): whole and partial last sub-blocks.
+        for (slots, numel) in [
+            (2, 3 * SUB + 5),
+            (2, SUB),
+            (2, 1),
+            (1, 2 * SUB + 1),
+            (0, 100),
+        ] {
+            let values: Vec<f32> = (0..slots * numel).map(|k| k as f32).collect();
+            let mut st = TensorState::from_slot_major(slots, numel, &values).unwrap();
+            assert_eq!(st.slot_major(), values, "{slots} x {numel}: round trip");
+            if slots == 0 {
+                continue;
             }
-            for pair in at.windows(2) {
-                let apart = pair[1] - pair[0];
-                assert!(apart >= 4 * numel, "{slots} x {numel}: slots overlap");
-                if placed {
-                    assert_eq!(apart % 4096, 0, "{slots} x {numel}: {apart} bytes apart");
+            let base = st.state_at(0);
+            assert_eq!(
+                base as usize % 64,
+                0,
+                "{slots} x {numel}: starts on a cache line"
+            );
+            for s in 0..slots {
+                for i in 0..numel {
+                    let at = (i / SUB) * slots * SUB + s * SUB + i % SUB;
+                    // SAFETY: inside the buffer (sized to whole sub-blocks).
+                    let v = unsafe { *base.add(at) };
                     assert_eq!(
-                        apart / 4096 % 2,
-                        1,
-                        "{slots} x {numel}: {apart} bytes apart"
-                    );
-                } else {
-                    assert_eq!(
-                        apart,
-                        4 * numel,
-                        "{slots} x {numel}: small slots are packed"
+                        v,
+                        (s * numel + i) as f32,
+                        "{slots} x {numel}: slot {s}, element {i}"
                     );
                 }
             }
+            let last = (numel - 1) / SUB * SUB;
+            assert_eq!(
+                st.state_at(last) as usize - st.state_at(0) as usize,
+                4 * slots * last,
+                "{slots} x {numel}: a sub-block's state starts where the items take it"
+            );
         }
     }
 
@@ -1457,8 +1424,7 @@ mod tests {
                     let it = Item {
                         param: SendPtr(std::ptr::null_mut()),
                         grad: SendPtr(grad.as_ptr() as *mut u8),
-                        s0: SendPtr(std::ptr::null_mut()),
-                        s1: SendPtr(std::ptr::null_mut()),
+                        state: SendPtr(std::ptr::null_mut()),
                         len,
                         dtype,
                     };
@@ -1560,15 +1526,17 @@ mod tests {
                         }
                         let s0: Vec<f32> = (0..len).map(|i| value(i, 0.1).abs()).collect();
                         let s1: Vec<f32> = (0..len).map(|i| value(i + 5, 0.01).abs()).collect();
+                        let slots = kind.state_slots();
+                        let values: Vec<f32> = s0.into_iter().chain(s1).take(slots * len).collect();
                         for mode in [PASS_DOT, PASS_FUSED, PASS_PLAIN] {
                             let run = |avx2: bool| {
-                                let (mut th, mut a, mut b) =
-                                    (theta.clone(), s0.clone(), s1.clone());
+                                let mut th = theta.clone();
+                                let mut st =
+                                    TensorState::from_slot_major(slots, len, &values).unwrap();
                                 let it = Item {
                                     param: SendPtr(th.as_mut_ptr()),
                                     grad: SendPtr(grad.as_ptr() as *mut u8),
-                                    s0: SendPtr(a.as_mut_ptr() as *mut u8),
-                                    s1: SendPtr(b.as_mut_ptr() as *mut u8),
+                                    state: SendPtr(st.state_at(0) as *mut u8),
                                     len,
                                     dtype,
                                 };
@@ -1608,14 +1576,8 @@ mod tests {
                                 } else {
                                     phi.to_bits()
                                 };
-                                let (a, b) = (a.into_iter(), b.into_iter());
-                                (
-                                    bits(&mut { theta }),
-                                    bits(&mut { a }),
-                                    bits(&mut { b }),
-                                    phi,
-                                    bad,
-                                )
+                                let state = st.slot_major().into_iter();
+                                (bits(&mut { theta }), bits(&mut { state }), phi, bad)
                             };
                             let what = format!(
                                 "{kind:?} {dtype:?} len {len} mode {mode} wd {weight_decay}"
