@@ -89,7 +89,7 @@ pub struct CpuBackend {
 /// Adam's two slots over a tensor of 2^k elements started exactly 2^(k+2)
 /// bytes apart, and the step streamed two arrays that map onto the same
 /// cache sets and memory banks: on a 2-core AMD EPYC VM Adam over one
-/// 64 Mi-element tensor ran about 2.5× slower than over the same elements
+/// 64 Mi-element tensor ran about 3× slower than over the same elements
 /// in 200 tensors. Spacing the slots an odd number of 4 KiB pages apart
 /// cured 64 Mi but not 32 Mi (memory banks hash address bits together, so
 /// no fixed distance is safe everywhere); interleaved, no distance between
