@@ -171,7 +171,15 @@ fn options() -> Options {
             "--reps" => o.min_reps = val().parse().unwrap(),
             "--no-torch" => o.torch = false,
             "--flat" => o.flat = Some(0),
-            "--flat-gap" => o.flat = Some(val().parse().unwrap()),
+            "--flat-gap" => {
+                let gap: usize = val().parse().unwrap();
+                // The gradients must stay aligned for every dtype.
+                assert!(
+                    gap.is_multiple_of(4),
+                    "--flat-gap {gap}: a multiple of 4 bytes"
+                );
+                o.flat = Some(gap);
+            }
             "--clock" => {
                 o.clock = match val().as_str() {
                     "wall" => Clock::Wall,
