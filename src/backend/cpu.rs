@@ -190,10 +190,9 @@ unsafe impl Sync for SendPtr {}
 /// for writes, with no other live reference to it), and `state` for the
 /// `slots × len` f32 values (interleaved by sub-block, [`TensorState`]; the
 /// last sub-block padded to [`SUB`]) of the slots in use, for writes.
-/// `items` makes them so from the
-/// step's `TensorDesc`s, whose validity is the C caller's promise
-/// (`lra_step`; extent checked at the boundary, alignment and overlap by
-/// the engine).
+/// `items` makes them so from the step's `TensorDesc`s, whose validity is
+/// the C caller's promise (`lra_step`; extent checked at the boundary,
+/// alignment and overlap by the engine).
 #[derive(Clone, Copy)]
 struct Item {
     param: SendPtr,
