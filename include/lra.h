@@ -259,7 +259,8 @@ extern "C" {
 
 // Fills `cfg` with `struct_size` and every default for `optimizer`
 // (an `lra_optimizer`; an invalid value is kept and rejected by
-// `lra_create`). NULL is a no-op.
+// `lra_create`). NULL or a misaligned `cfg` is a no-op that sets
+// `lra_thread_last_error()`.
 void lra_config_init(struct lra_config *cfg, uint32_t optimizer);
 
 // Creates a handle. On failure `*out` is set to NULL and

@@ -61,6 +61,26 @@ fn in_unit_interval(name: &str, v: f64, closed_low: bool) -> Result<()> {
     Ok(())
 }
 
+/// The update computes in f32 (on both backends): a hyper-parameter whose
+/// f32 value is not the number asked for in kind (0 for a positive value,
+/// inf for a finite one, 1 for one below 1) is refused, like η.
+fn usable_as_f32(name: &str, v: f64, below_one: bool) -> Result<()> {
+    let f = v as f32;
+    if v != 0.0 && !(f.is_finite() && f.abs() >= f32::MIN_POSITIVE) {
+        fail!(
+            InvalidConfig,
+            "{name} = {v} is outside f32's normal range (about 1.2e-38 to 3.4e38): the update computes with it as an f32 ({f})"
+        );
+    }
+    if below_one && f >= 1.0 {
+        fail!(
+            InvalidConfig,
+            "{name} = {v} rounds to 1 as an f32, which the update computes with: it must be below 1 - 2^-25"
+        );
+    }
+    Ok(())
+}
+
 impl Config {
     /// A host configuration with every default `lra_config_init` fills in
     /// (initial η 1e-3, the paper's β/β1 = 0.5, guard on, one thread per
@@ -85,11 +105,17 @@ impl Config {
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         let h = &self.hyper;
-        in_unit_interval("momentum", h.momentum, true)?;
-        in_unit_interval("alpha", h.alpha, true)?;
-        in_unit_interval("beta1", h.beta1, true)?;
-        in_unit_interval("beta2", h.beta2, true)?;
+        for (name, v) in [
+            ("momentum", h.momentum),
+            ("alpha", h.alpha),
+            ("beta1", h.beta1),
+            ("beta2", h.beta2),
+        ] {
+            in_unit_interval(name, v, true)?;
+            usable_as_f32(name, v, true)?;
+        }
         positive_finite("eps", h.eps)?;
+        usable_as_f32("eps", h.eps, false)?;
         if !(h.weight_decay.is_finite() && h.weight_decay >= 0.0) {
             fail!(
                 InvalidConfig,
@@ -97,6 +123,7 @@ impl Config {
                 h.weight_decay
             );
         }
+        usable_as_f32("weight_decay", h.weight_decay, false)?;
         let s = &self.settings;
         if s.f_star.is_infinite() {
             fail!(

@@ -653,15 +653,16 @@ impl Engine {
                 counters.steps
             )));
         }
-        // Counters no run can reach: every re-evaluation consumed a step and
-        // made one decision, and no run takes 2^63 steps (the counters only
-        // grow by one a step, so they cannot overflow after such a load).
+        // Counters no run can reach: every re-evaluation consumed a step
+        // (another one than the step still pending) and made one decision,
+        // and no run takes 2^63 steps (the counters only grow by one a
+        // step, so they cannot overflow after such a load).
         let c = &counters;
         let decided = [c.raised, c.lowered, c.kept, c.reeval_skipped]
             .iter()
             .try_fold(0u64, |a, &x| a.checked_add(x));
         if c.steps >= STEPS_LIMIT
-            || c.reevals > c.steps
+            || c.reevals.saturating_add(pending.is_some() as u64) > c.steps
             || loss_skips > c.steps
             || decided != Some(c.reevals)
         {

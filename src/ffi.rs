@@ -531,13 +531,16 @@ pub fn config_from_c(c: &lra_config) -> Result<Config> {
 
 /// Fills `cfg` with `struct_size` and every default for `optimizer`
 /// (an `lra_optimizer`; an invalid value is kept and rejected by
-/// `lra_create`). NULL is a no-op.
+/// `lra_create`). NULL or a misaligned `cfg` is a no-op that sets
+/// `lra_thread_last_error()`.
 #[no_mangle]
 pub unsafe extern "C" fn lra_config_init(cfg: *mut lra_config, optimizer: u32) {
-    if cfg.is_null() || !(cfg as usize).is_multiple_of(std::mem::align_of::<lra_config>()) {
-        return;
-    }
-    cfg.write(config_defaults(optimizer));
+    // The function returns nothing: the thread's message is the only report.
+    boundary("lra_config_init", || {
+        require(cfg as *const lra_config, "lra_config_init", "cfg")?;
+        cfg.write(config_defaults(optimizer));
+        Ok(())
+    });
 }
 
 /// Creates a handle. On failure `*out` is set to NULL and
@@ -617,6 +620,11 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
     if count > isize::MAX as usize / std::mem::size_of::<lra_tensor>() {
         fail!(InvalidArgument, "count = {count} is too large");
     }
+    require_extent(
+        tensors as usize,
+        count * std::mem::size_of::<lra_tensor>(),
+        "tensors, count",
+    )?;
     let list = std::slice::from_raw_parts(tensors, count);
     let mut out = Vec::with_capacity(count);
     for (i, t) in list.iter().enumerate() {

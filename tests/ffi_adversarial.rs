@@ -260,6 +260,55 @@ fn a_tensor_wrapping_the_address_space_is_refused() {
     }];
     h.expect(h.step(&t, 1.0), LRA_INVALID_ARGUMENT, "address");
     assert_eq!(h.counters().steps, 0);
+    // The descriptor array itself: its 32 bytes would wrap (this crashed
+    // in lra before the array's own extent was checked).
+    let wrapping = (usize::MAX - 7) as *const lra_tensor;
+    let st = unsafe { lra_step(h.0, wrapping, 1, 1.0, 0.0, null_mut()) };
+    h.expect(st, LRA_INVALID_ARGUMENT, "tensors, count");
+    assert_eq!(h.counters().steps, 0);
+}
+
+/// `lra_config_init` returns nothing: on a misaligned (or NULL) `cfg` it
+/// writes nothing and leaves the reason in the thread's message.
+#[test]
+fn config_init_on_a_misaligned_pointer_writes_nothing_and_says_why() {
+    let mut raw = [0x55u8; std::mem::size_of::<lra_config>() + 8];
+    // (Address arithmetic: `align_offset` may give up under Miri.)
+    let at = (8 - raw.as_ptr() as usize % 8) % 8 + 4;
+    unsafe { lra_config_init(raw.as_mut_ptr().add(at).cast(), LRA_OPTIMIZER_SGD) };
+    assert!(raw.iter().all(|&b| b == 0x55), "bytes were written");
+    assert!(
+        thread_error().contains("lra_config_init") && thread_error().contains("aligned"),
+        "{}",
+        thread_error()
+    );
+    unsafe { lra_config_init(null_mut(), LRA_OPTIMIZER_SGD) };
+    assert!(thread_error().contains("cfg is NULL"), "{}", thread_error());
+}
+
+/// A checkpoint whose pending step was already re-evaluated (more reports
+/// than steps once it is reported again) is refused: loaded, it would lead
+/// to counters that its own next checkpoint could not reload.
+#[test]
+fn a_forged_pending_step_that_was_already_reported_is_refused() {
+    // SGD over the empty tensor list: no state, so the pending-step word
+    // sits at a fixed offset (header 64, count 8, counters 56, η 8,
+    // schedule 16, last report 4 + 40 + 4).
+    const PENDING: usize = 200;
+    let h = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    assert_eq!(h.step(&[], 1.0), LRA_OK);
+    let pending = h.checkpoint();
+    assert_eq!(pending[PENDING..PENDING + 4], 15u32.to_le_bytes());
+    h.report(0.5);
+    let mut forged = h.checkpoint();
+    assert_eq!(forged[PENDING..PENDING + 4], 0u32.to_le_bytes());
+    forged[PENDING..PENDING + 4].copy_from_slice(&15u32.to_le_bytes());
+    reseal(&mut forged);
+    let fresh = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let before = fresh.checkpoint();
+    fresh.expect(fresh.load(&forged), LRA_BAD_CHECKPOINT, "inconsistent");
+    assert_eq!(fresh.checkpoint(), before);
+    assert_eq!(fresh.load(&pending), LRA_OK, "{}", fresh.error());
 }
 
 /// What the reduction callback tried, and what lra answered.
@@ -388,6 +437,63 @@ fn an_lr_the_update_cannot_use_is_refused() {
     let before = b.checkpoint();
     b.expect(b.load(&ckpt), LRA_BAD_CHECKPOINT, "lr_max");
     assert_eq!(b.checkpoint(), before);
+}
+
+/// The other hyper-parameters the update reads as f32 follow η's rule: a
+/// value that f32 would turn into 0, inf or (for the decay rates) 1 is
+/// refused at `lra_create`. Accepted, `eps = 1e-50` made every parameter
+/// with a zero gradient NaN (0 / (0 + 0)), `weight_decay = 1e39` made
+/// parameters ±inf and NaN, and `eps = 1e39` made every step a no-op.
+#[test]
+fn hyper_parameters_the_f32_update_cannot_use_are_refused() {
+    type Set = fn(&mut lra_config, f64);
+    let (tiny, below_one) = (f32::MIN_POSITIVE as f64, 1.0 - 2f64.powi(-24));
+    // Per field: values refused, and the nearest ones f32 keeps (accepted).
+    let fields: [(&str, Set, &[f64], &[f64]); 6] = [
+        (
+            "eps",
+            |c, v| c.eps = v,
+            &[1e-50, 1e-40, 1e39],
+            &[tiny, 3e38],
+        ),
+        (
+            "weight_decay",
+            |c, v| c.weight_decay = v,
+            &[1e-50, 1e39],
+            &[0.0, tiny, 3e38],
+        ),
+        (
+            "momentum",
+            |c, v| c.momentum = v,
+            &[1.0 - 1e-10, 1e-45],
+            &[0.0, tiny, below_one],
+        ),
+        ("alpha", |c, v| c.alpha = v, &[1.0 - 1e-9], &[below_one]),
+        ("beta1", |c, v| c.beta1 = v, &[1.0 - 1e-10], &[below_one]),
+        (
+            "beta2",
+            |c, v| c.beta2 = v,
+            &[1.0 - 2f64.powi(-25)],
+            &[below_one],
+        ),
+    ];
+    for (name, set, refused, kept) in fields {
+        for &v in refused {
+            let mut c = config(LRA_OPTIMIZER_ADAMW, 1e-3);
+            set(&mut c, v);
+            let mut h = null_mut();
+            let st = unsafe { lra_create(&c, &mut h) };
+            assert_eq!(st, LRA_INVALID_CONFIG, "{name} = {v} was accepted");
+            assert!(h.is_null());
+            let msg = thread_error();
+            assert!(msg.contains(&format!("{name} = ")), "{name} = {v}: {msg}");
+        }
+        for &v in kept {
+            let mut c = config(LRA_OPTIMIZER_ADAMW, 1e-3);
+            set(&mut c, v);
+            drop(Handle::create(&c));
+        }
+    }
 }
 
 /// A checkpoint whose checksum is right but whose counters contradict each

@@ -552,19 +552,19 @@ fn broken_config(rng: &mut Rng) -> (lra_config, &'static str) {
             "lr"
         }
         4 => {
-            c.momentum = rng.pick(&[1.0, -0.1, f64::NAN]);
+            c.momentum = rng.pick(&[1.0, -0.1, f64::NAN, 1.0 - 1e-10, 1e-45]);
             "momentum"
         }
         5 => {
-            c.beta2 = rng.pick(&[1.0, -0.1, f64::NAN]);
+            c.beta2 = rng.pick(&[1.0, -0.1, f64::NAN, 1.0 - 1e-10]);
             "beta2"
         }
         6 => {
-            c.eps = rng.pick(&[0.0, -1e-8, f64::INFINITY]);
+            c.eps = rng.pick(&[0.0, -1e-8, f64::INFINITY, 1e-50, 1e39]);
             "eps"
         }
         7 => {
-            c.weight_decay = rng.pick(&[-1.0, f64::NAN, f64::INFINITY]);
+            c.weight_decay = rng.pick(&[-1.0, f64::NAN, f64::INFINITY, 1e-50, 1e39]);
             "weight_decay"
         }
         8 => {
