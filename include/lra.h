@@ -321,7 +321,9 @@ lra_status lra_state_size(const struct lra_handle *h, size_t *size);
 
 // Writes a versioned checkpoint (η, counters, optimizer state) into `buf`
 // of `len` bytes; `written` (may be NULL) receives the size. On CUDA this
-// waits for the device.
+// waits for the device. Streamed into `buf` (lra holds no copy of the
+// state); a CUDA read failing part way leaves a partial checkpoint there,
+// which no load accepts.
 lra_status lra_save_state(struct lra_handle *h, void *buf, size_t len, size_t *written);
 
 // Restores a checkpoint written by `lra_save_state` for the same

@@ -2,7 +2,7 @@
 //! asks the controller for the scalars, has the backend run the passes,
 //! and runs the cross-rank reductions. No `extern "C"` here.
 
-use crate::backend::{cpu::CpuBackend, Backend, BackendState, TensorDesc};
+use crate::backend::{cpu::CpuBackend, Backend, BackendState, StateImport, StateMeta, TensorDesc};
 use crate::config::{Config, Device, ReevalSchedule};
 use crate::controller::{self, Decision, ReevalResult, ScaleRule, SkipReason, StepOutcome};
 use crate::error::{Error, Result, Status};
@@ -133,6 +133,17 @@ impl Engine {
 
     fn check_layout(&self, tensors: &[TensorDesc]) -> Result<()> {
         let Some(layout) = &self.layout else {
+            // A first step fixes the layout, even one that allocates no
+            // state (a skipped step): its checkpoint must be possible.
+            let layout: Vec<_> = tensors.iter().map(|t| (t.numel, t.dtype)).collect();
+            let slots = self.cfg.kind.state_slots();
+            if checkpoint_size(self.header_fields().len(), &layout, slots).is_none() {
+                fail!(
+                    OutOfMemory,
+                    "the optimizer state of these tensors ({} f32 values per element) would need more than isize::MAX bytes",
+                    slots
+                );
+            }
             return Ok(());
         };
         if layout.len() != tensors.len() {
@@ -396,29 +407,49 @@ impl Engine {
     }
 
     /// Bytes `save_state` writes.
-    pub fn state_size(&self) -> usize {
+    pub fn state_size(&self) -> Result<usize> {
         let layout = self.layout.as_deref().unwrap_or(&[]);
-        let slots = self.cfg.kind.state_slots();
-        // header, tensor count, layout, 22 u64/f64 fields, 4 u32 fields.
-        let fixed = self.header_fields().len() + 8 + layout.len() * 12 + 8 * 22 + 4 * 4;
-        fixed + layout.iter().map(|&(n, _)| n * slots * 4).sum::<usize>()
+        checkpoint_size(
+            self.header_fields().len(),
+            layout,
+            self.cfg.kind.state_slots(),
+        )
+        .ok_or_else(|| {
+            // Not reached: a step refuses a layout whose checkpoint
+            // would not fit, and a load's layout fits its buffer.
+            Error::new(
+                Status::OutOfMemory,
+                "the checkpoint would need more than isize::MAX bytes",
+            )
+        })
     }
 
     /// Serialises η, counters, schedule, the pending step and the optimizer
     /// state into `out` (which must hold `state_size()` bytes).
     pub fn save_state(&mut self, out: &mut [u8]) -> Result<usize> {
-        let w = self.checkpoint(out.len())?;
-        out[..w.len()].copy_from_slice(&w);
-        Ok(w.len())
+        let mut at = 0;
+        self.write_checkpoint(out.len(), &mut |piece| {
+            out[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        })
     }
 
-    /// The checkpoint `save_state` writes, as `state_size()` bytes of its
-    /// own; `BufferTooSmall`, before any work, when a buffer of `capacity`
-    /// bytes cannot hold it. (The C ABI copies these bytes into the
-    /// caller's buffer without forming a `&mut [u8]` over it: that memory
-    /// may be uninitialised, e.g. fresh from `malloc`.)
-    pub fn checkpoint(&mut self, capacity: usize) -> Result<Vec<u8>> {
-        let need = self.state_size();
+    /// Hands the checkpoint that `save_state` writes (`state_size()`
+    /// bytes) to `out` in order, piece by piece: it is never held whole in
+    /// lra's memory, so a save needs little memory beyond the caller's
+    /// buffer. `BufferTooSmall`, before any work, when a buffer of
+    /// `capacity` bytes cannot hold it. Everything that can fail on the
+    /// host runs before the first piece; a device read that fails on the
+    /// way leaves `out` with part of a checkpoint (and no checksum over
+    /// it). (The C ABI writes the pieces into the caller's buffer without
+    /// forming a `&mut [u8]` over it: that memory may be uninitialised,
+    /// e.g. fresh from `malloc`.)
+    pub fn write_checkpoint(
+        &mut self,
+        capacity: usize,
+        out: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize> {
+        let need = self.state_size()?;
         if capacity < need {
             fail!(
                 BufferTooSmall,
@@ -429,32 +460,28 @@ impl Engine {
             Some(p) => Some(self.outcome_of(&p)?),
             None => None,
         };
-        let st = if let Some(layout) = &self.layout {
-            let mut st = self.backend.export_state()?;
-            // Skipped first steps leave the state unallocated (or sized by a
-            // first step that failed, for other sizes): it is zero.
-            let slots = self.cfg.kind.state_slots();
-            let sized = st.slots.len() == layout.len()
-                && st
-                    .slots
-                    .iter()
-                    .zip(layout)
-                    .all(|(s, &(n, _))| s.len() == n * slots);
-            if !sized {
-                st.slots = layout.iter().map(|&(n, _)| vec![0.0; n * slots]).collect();
-            }
-            st
+        let layout = self.layout.clone().unwrap_or_default();
+        let slots = self.cfg.kind.state_slots();
+        let meta = if self.layout.is_some() {
+            self.backend.state_meta()?
         } else {
-            BackendState {
+            StateMeta {
                 bias: BiasPowers::default(),
                 applied: 0,
-                slots: Vec::new(),
+                lens: Vec::new(),
             }
         };
+        // Skipped first steps leave the state unallocated (or sized by a
+        // first step that failed, for other sizes): it is zero.
+        let sized = meta.lens.len() == layout.len()
+            && meta
+                .lens
+                .iter()
+                .zip(&layout)
+                .all(|(&l, &(n, _))| l == n * slots);
         let mut w = self.header_fields();
-        let layout = self.layout.as_deref().unwrap_or(&[]);
         put_u64(&mut w, layout.len() as u64);
-        for &(n, dt) in layout {
+        for &(n, dt) in &layout {
             put_u64(&mut w, n as u64);
             put_u32(&mut w, dt as u32);
         }
@@ -507,21 +534,23 @@ impl Engine {
         put_f64(&mut w, o.phi);
         put_f64(&mut w, o.scale);
         put_u32(&mut w, o.skip as u32);
-        put_f64(&mut w, st.bias.pow1);
-        put_f64(&mut w, st.bias.pow2);
-        put_u64(&mut w, st.applied);
-        for (slots, &(n, _)) in st.slots.iter().zip(layout) {
-            debug_assert_eq!(slots.len(), n * self.cfg.kind.state_slots());
-            for x in slots {
-                w.extend_from_slice(&x.to_le_bytes());
+        put_f64(&mut w, meta.bias.pow1);
+        put_f64(&mut w, meta.bias.pow2);
+        put_u64(&mut w, meta.applied);
+        let mut sink = Checksummed::new(out);
+        sink.put(&w);
+        for (i, &(n, _)) in layout.iter().enumerate() {
+            if sized {
+                self.backend
+                    .export_slots(i, &mut |values| sink.put_values(values))?;
+            } else {
+                sink.put_zeros(n * slots * 4);
             }
         }
-        // An engine that has a layout but whose backend has not allocated
-        // state yet cannot happen: the layout is set by a successful step.
-        let sum = fnv1a(&w);
-        put_u64(&mut w, sum);
-        assert_eq!(w.len(), need, "checkpoint size accounting");
-        Ok(w)
+        let (written, sum) = sink.finish();
+        assert_eq!(written + 8, need, "checkpoint size accounting");
+        out(&sum.to_le_bytes());
+        Ok(need)
     }
 
     /// Restores a checkpoint written by `save_state` with the same optimizer,
@@ -694,16 +723,12 @@ impl Engine {
             let count = numel
                 .checked_mul(slots_per)
                 .ok_or_else(|| bad("size overflow".into()))?;
-            let bytes = r.take(
-                count
-                    .checked_mul(4)
-                    .ok_or_else(|| bad("size overflow".into()))?,
-            )?;
             slots.push(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect::<Vec<f32>>(),
+                r.take(
+                    count
+                        .checked_mul(4)
+                        .ok_or_else(|| bad("size overflow".into()))?,
+                )?,
             );
         }
         if r.at != body.len() {
@@ -714,7 +739,7 @@ impl Engine {
         let has_layout = n > 0 || counters.steps > 0;
         // Also without a layout: the backend then starts afresh (it may
         // hold what a failed first step left, or be marked broken).
-        self.backend.import_state(&BackendState {
+        self.backend.import_state(&StateImport {
             bias,
             applied,
             slots,
@@ -770,10 +795,79 @@ fn put_f64(w: &mut Vec<u8>, v: f64) {
     w.extend_from_slice(&v.to_bits().to_le_bytes());
 }
 
+const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a_update(h: u64, b: &[u8]) -> u64 {
+    b.iter()
+        .fold(h, |h, &x| (h ^ x as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
 fn fnv1a(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    fnv1a_update(FNV_BASIS, b)
+}
+
+/// Bytes of a checkpoint: header (`header` bytes), tensor count, layout,
+/// 22 u64/f64 and 4 u32 fields, each tensor's `slots` f32 values per
+/// element, and the checksum; `None` when that does not fit in a buffer
+/// (more than `isize::MAX` bytes).
+fn checkpoint_size(header: usize, layout: &[(usize, DType)], slots: usize) -> Option<usize> {
+    let fixed = header + 8 + 8 * 22 + 4 * 4;
+    let size = layout.iter().try_fold(fixed, |acc, &(n, _)| {
+        n.checked_mul(slots)?
+            .checked_mul(4)?
+            .checked_add(12)?
+            .checked_add(acc)
+    })?;
+    (size <= isize::MAX as usize).then_some(size)
+}
+
+/// The checkpoint's bytes on their way out: counted and checksummed,
+/// passed on in pieces.
+struct Checksummed<'a> {
+    out: &'a mut dyn FnMut(&[u8]),
+    written: usize,
+    sum: u64,
+}
+
+impl<'a> Checksummed<'a> {
+    fn new(out: &'a mut dyn FnMut(&[u8])) -> Self {
+        Checksummed {
+            out,
+            written: 0,
+            sum: FNV_BASIS,
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        self.sum = fnv1a_update(self.sum, bytes);
+        self.written += bytes.len();
+        (self.out)(bytes);
+    }
+
+    /// f32 values as little-endian bytes, through a small buffer.
+    fn put_values(&mut self, values: &[f32]) {
+        let mut buf = [0u8; 4096];
+        for run in values.chunks(buf.len() / 4) {
+            for (b, v) in buf.chunks_exact_mut(4).zip(run) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            self.put(&buf[..4 * run.len()]);
+        }
+    }
+
+    fn put_zeros(&mut self, mut count: usize) {
+        let zeros = [0u8; 4096];
+        while count > 0 {
+            let k = count.min(zeros.len());
+            self.put(&zeros[..k]);
+            count -= k;
+        }
+    }
+
+    /// Bytes written and their checksum.
+    fn finish(self) -> (usize, u64) {
+        (self.written, self.sum)
+    }
 }
 
 struct Reader<'a> {

@@ -864,13 +864,16 @@ pub unsafe extern "C" fn lra_should_reeval(h: *const lra_handle, out: *mut u32) 
 #[no_mangle]
 pub unsafe extern "C" fn lra_state_size(h: *const lra_handle, size: *mut usize) -> lra_status {
     with_handle(h as *mut lra_handle, "lra_state_size", |e| {
-        put(size, "size", e.state_size())
+        require(size, "lra_state_size", "size")?;
+        put(size, "size", e.state_size()?)
     })
 }
 
 /// Writes a versioned checkpoint (η, counters, optimizer state) into `buf`
 /// of `len` bytes; `written` (may be NULL) receives the size. On CUDA this
-/// waits for the device.
+/// waits for the device. Streamed into `buf` (lra holds no copy of the
+/// state); a CUDA read failing part way leaves a partial checkpoint there,
+/// which no load accepts.
 #[no_mangle]
 pub unsafe extern "C" fn lra_save_state(
     h: *mut lra_handle,
@@ -895,16 +898,23 @@ pub unsafe extern "C" fn lra_save_state(
                 );
             }
         }
-        // Copied, not written through a `&mut [u8]` over `buf`: a C
-        // caller's buffer is often fresh from malloc, and a reference to
-        // uninitialised bytes is undefined behaviour.
-        let bytes = e.checkpoint(len)?;
-        // SAFETY: `buf` is valid for `len >= bytes.len()` bytes of writes
-        // (the caller's contract; NULL, alignment and extent checked above),
-        // and lra's own `bytes` cannot overlap it.
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, bytes.len());
+        // Copied piece by piece, not written through a `&mut [u8]` over
+        // `buf`: a C caller's buffer is often fresh from malloc, and a
+        // reference to uninitialised bytes is undefined behaviour.
+        let mut at = 0usize;
+        let n = e.write_checkpoint(len, &mut |piece| {
+            assert!(piece.len() <= len - at, "checkpoint overran its buffer");
+            // SAFETY: `buf` is valid for `len` bytes of writes (the caller's
+            // contract; NULL, alignment and extent checked above), the
+            // piece fits (just checked), and lra's own piece cannot
+            // overlap the caller's buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(piece.as_ptr(), (buf as *mut u8).add(at), piece.len())
+            };
+            at += piece.len();
+        })?;
         if !written.is_null() {
-            written.write(bytes.len());
+            written.write(n);
         }
         Ok(())
     })

@@ -66,7 +66,7 @@ impl Model {
 }
 
 fn checkpoint(e: &mut Engine) -> Vec<u8> {
-    let mut buf = vec![0u8; e.state_size()];
+    let mut buf = vec![0u8; e.state_size().unwrap()];
     let n = e.save_state(&mut buf).unwrap();
     assert_eq!(n, buf.len());
     buf

@@ -578,6 +578,30 @@ fn an_unallocatable_optimizer_state_is_an_error() {
     );
 }
 
+/// A first step fixes the layout even when it is skipped and allocates no
+/// state (a non-finite loss): a layout whose checkpoint could not exist
+/// (Adam's state for 2^61 f16 elements: 2^64 bytes) is refused there. It
+/// used to be accepted; `lra_state_size` then wrapped around to a small
+/// size and `lra_save_state` panicked, which poisoned the handle.
+#[test]
+fn a_layout_whose_checkpoint_cannot_exist_is_refused_by_a_skipped_step() {
+    let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
+    let numel = 1u64 << 61;
+    let huge = [lra_tensor {
+        param: 0x1000 as *mut c_void,
+        grad: (0x2000 + (numel << 1)) as *const c_void,
+        numel,
+        dtype: LRA_DTYPE_F16,
+    }];
+    let before = h.checkpoint();
+    h.expect(h.step(&huge, f64::NAN), LRA_OUT_OF_MEMORY, "isize::MAX");
+    assert_eq!(h.checkpoint(), before);
+    let (mut p, g) = (vec![1.0f32; 8], vec![0.5f32; 8]);
+    assert_eq!(h.step(&[f32_tensor(&mut p, &g)], f64::NAN), LRA_OK);
+    assert_eq!(h.counters().steps, 1);
+    assert!(h.checkpoint().len() > before.len());
+}
+
 /// Checkpoint fields no run can produce are refused even under a valid
 /// checksum: a re-evaluation gap that is NaN or below 1 (it would re-evaluate
 /// every step) and bias powers outside [0, 1] (Adam's bias correction would

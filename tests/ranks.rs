@@ -407,7 +407,7 @@ fn failing_reduction_fails_every_rank_and_changes_nothing() {
                     Ok(())
                 })));
                 let checkpoint = |e: &mut Engine| {
-                    let mut b = vec![0u8; e.state_size()];
+                    let mut b = vec![0u8; e.state_size().unwrap()];
                     e.save_state(&mut b).unwrap();
                     b
                 };

@@ -340,7 +340,7 @@ fn refused_calls_never_enter_the_collective() {
         assert!(e.should_reeval().unwrap(), "{what}");
         let _ = e.last_phi().unwrap();
         let _ = e.counters().unwrap();
-        let mut ckpt = vec![0u8; e.state_size()];
+        let mut ckpt = vec![0u8; e.state_size().unwrap()];
         e.save_state(&mut ckpt).unwrap();
         e.load_state(&ckpt).unwrap();
         e.set_lr(0.05).unwrap();
@@ -394,11 +394,11 @@ fn a_restored_pending_step_saves_the_same_checkpoint() {
     let mut shard = Shard::new();
     let t = shard.tensors();
     unsafe { e.step(&t, F, 0.0, null(), null_mut()) }.unwrap();
-    let mut a = vec![0u8; e.state_size()];
+    let mut a = vec![0u8; e.state_size().unwrap()];
     e.save_state(&mut a).unwrap();
     let (mut f, _) = engine(true, true, true, f64::NAN);
     f.load_state(&a).unwrap();
-    let mut b = vec![0u8; f.state_size()];
+    let mut b = vec![0u8; f.state_size().unwrap()];
     f.save_state(&mut b).unwrap();
     assert!(a == b, "save, load, save: the checkpoints differ");
     log.take();

@@ -18,7 +18,7 @@
 //! in the default floating-point environment (README, "Behaviour choices":
 //! under a directed rounding mode the builds may differ by an ulp).
 
-use super::{Backend, BackendState, StepRequest, TensorDesc, ValidatedTensors};
+use super::{le_value, Backend, StateImport, StateMeta, StepRequest, TensorDesc, ValidatedTensors};
 use crate::controller::{SkipReason, StepOutcome};
 use crate::dispatch_kind;
 use crate::error::Result;
@@ -134,11 +134,6 @@ impl TensorState {
         self.slots == slots && self.numel == numel
     }
 
-    /// Where slot `s` of element `i` lives in `buf`.
-    fn index(&self, s: usize, i: usize) -> usize {
-        self.first + (i / SUB) * self.slots * SUB + s * SUB + i % SUB
-    }
-
     /// The state of the elements from `start` (a multiple of [`SUB`]) on,
     /// as [`Item::state`] takes it. Taken without borrowing the buffer as a
     /// slice (`Vec::as_mut_ptr`), so the pointers of a step's items stay
@@ -153,22 +148,49 @@ impl TensorState {
         unsafe { self.buf.as_mut_ptr().add(at) }
     }
 
-    /// The slots end to end (`slots × numel` values, slot-major), as
-    /// checkpoints store them.
-    fn slot_major(&self) -> Vec<f32> {
-        (0..self.slots)
-            .flat_map(|s| (0..self.numel).map(move |i| (s, i)))
-            .map(|(s, i)| self.buf[self.index(s, i)])
-            .collect()
+    /// Where each run of at most [`SUB`] values lies, in the order of the
+    /// slots end to end (`slots × numel` values, slot-major, as checkpoints
+    /// store them): (index in `buf`, slot-major index, length).
+    /// (Borrows nothing of `self`, so the runs can be written.)
+    fn runs(&self) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (first, slots, numel) = (self.first, self.slots, self.numel);
+        (0..slots).flat_map(move |s| {
+            (0..numel).step_by(SUB).map(move |i| {
+                // Slot `s` of element `i` lives at
+                // first + (i / SUB) * slots * SUB + s * SUB + i % SUB.
+                let at = first + (i / SUB) * slots * SUB + s * SUB;
+                (at, s * numel + i, SUB.min(numel - i))
+            })
+        })
     }
 
-    /// State holding `values` (`slot_major`'s layout), or `None` when the
+    /// Hands the slots end to end to `sink`, a run at a time.
+    fn export(&self, sink: &mut dyn FnMut(&[f32])) {
+        for (at, _, len) in self.runs() {
+            sink(&self.buf[at..at + len]);
+        }
+    }
+
+    /// The slots end to end, in one vector (tests).
+    #[cfg(test)]
+    fn slot_major(&self) -> Vec<f32> {
+        let mut v = Vec::new();
+        self.export(&mut |run| v.extend_from_slice(run));
+        v
+    }
+
+    /// State holding `value(k)` as slot-major value `k`, or `None` when the
     /// memory cannot be had.
-    fn from_slot_major(slots: usize, numel: usize, values: &[f32]) -> Option<TensorState> {
+    fn from_slot_major(
+        slots: usize,
+        numel: usize,
+        value: impl Fn(usize) -> f32,
+    ) -> Option<TensorState> {
         let mut st = TensorState::zeroed(slots, numel)?;
-        for (k, &v) in values.iter().enumerate().take(slots * numel) {
-            let at = st.index(k / numel, k % numel);
-            st.buf[at] = v;
+        for (at, k, len) in st.runs() {
+            for j in 0..len {
+                st.buf[at + j] = value(k + j);
+            }
         }
         Some(st)
     }
@@ -1074,24 +1096,39 @@ impl Backend for CpuBackend {
         Ok(self.last)
     }
 
-    fn export_state(&mut self) -> Result<BackendState> {
-        Ok(BackendState {
+    fn state_meta(&mut self) -> Result<StateMeta> {
+        Ok(StateMeta {
             bias: self.bias,
             applied: self.applied,
-            slots: self.state.iter().map(TensorState::slot_major).collect(),
+            lens: self.state.iter().map(|t| t.slots * t.numel).collect(),
         })
     }
 
-    fn import_state(&mut self, state: &BackendState) -> Result<()> {
+    fn export_slots(&mut self, tensor: usize, sink: &mut dyn FnMut(&[f32])) -> Result<()> {
+        if let Some(t) = self.state.get(tensor) {
+            t.export(sink);
+        }
+        Ok(())
+    }
+
+    fn import_state(&mut self, state: &StateImport<'_>) -> Result<()> {
         let slots = self.kind.state_slots();
-        let mut placed = Vec::with_capacity(state.slots.len());
-        for (i, values) in state.slots.iter().enumerate() {
-            let numel = values.len().checked_div(slots).unwrap_or(0);
-            let Some(st) = TensorState::from_slot_major(slots, numel, values) else {
+        let mut placed = Vec::new();
+        if placed.try_reserve_exact(state.slots.len()).is_err() {
+            fail!(
+                OutOfMemory,
+                "cannot allocate the list of {} tensors' state: out of memory",
+                state.slots.len()
+            );
+        }
+        for (i, bytes) in state.slots.iter().enumerate() {
+            let values = bytes.len() / 4;
+            let numel = values.checked_div(slots).unwrap_or(0);
+            let Some(st) = TensorState::from_slot_major(slots, numel, |k| le_value(bytes, k))
+            else {
                 fail!(
                     OutOfMemory,
-                    "tensors[{i}]: cannot allocate the optimizer state ({} f32 values): out of memory",
-                    values.len()
+                    "tensors[{i}]: cannot allocate the optimizer state ({values} f32 values): out of memory"
                 );
             };
             placed.push(st);
@@ -1148,7 +1185,7 @@ mod tests {
             (0, 100),
         ] {
             let values: Vec<f32> = (0..slots * numel).map(|k| k as f32).collect();
-            let mut st = TensorState::from_slot_major(slots, numel, &values).unwrap();
+            let mut st = TensorState::from_slot_major(slots, numel, |k| values[k]).unwrap();
             assert_eq!(st.slot_major(), values, "{slots} x {numel}: round trip");
             if slots == 0 {
                 continue;
@@ -1211,7 +1248,7 @@ mod tests {
                 "{kind:?}: slot-major"
             );
             let mut c = CpuBackend::new(kind, 1);
-            c.import_state(&saved).unwrap();
+            c.import_values(&saved).unwrap();
             let again = c.export_state().unwrap();
             assert_eq!(
                 again.slots, saved.slots,
@@ -1531,7 +1568,8 @@ mod tests {
                             let run = |avx2: bool| {
                                 let mut th = theta.clone();
                                 let mut st =
-                                    TensorState::from_slot_major(slots, len, &values).unwrap();
+                                    TensorState::from_slot_major(slots, len, |k| values[k])
+                                        .unwrap();
                                 let it = Item {
                                     param: SendPtr(th.as_mut_ptr()),
                                     grad: SendPtr(grad.as_ptr() as *mut u8),

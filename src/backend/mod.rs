@@ -149,7 +149,8 @@ pub struct StepRequest<'a> {
     pub reduce: Option<Reducer<'a>>,
 }
 
-/// Optimizer state in host memory (checkpoints).
+/// Optimizer state in host memory (tests and tools; checkpoints stream it
+/// instead, see [`Backend::export_slots`] and [`StateImport`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendState {
     pub bias: BiasPowers,
@@ -157,6 +158,36 @@ pub struct BackendState {
     pub applied: u64,
     /// Per tensor, `slots × numel` f32 values, slot-major.
     pub slots: Vec<Vec<f32>>,
+}
+
+/// What a checkpoint records of the backend before the slot values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateMeta {
+    pub bias: BiasPowers,
+    /// Steps actually applied (t of the bias corrections).
+    pub applied: u64,
+    /// Per tensor, the values [`Backend::export_slots`] gives (0 where no
+    /// state is allocated yet, e.g. after skipped first steps).
+    pub lens: Vec<usize>,
+}
+
+/// A state to import, as a checkpoint holds it: per tensor, `slots × numel`
+/// f32 values slot-major as little-endian bytes, read in place (a copy
+/// would double the host memory a load needs).
+pub struct StateImport<'a> {
+    pub bias: BiasPowers,
+    pub applied: u64,
+    pub slots: Vec<&'a [u8]>,
+}
+
+/// The f32 of slot-major value `k` in a checkpoint's little-endian bytes.
+pub fn le_value(bytes: &[u8], k: usize) -> f32 {
+    f32::from_le_bytes([
+        bytes[4 * k],
+        bytes[4 * k + 1],
+        bytes[4 * k + 2],
+        bytes[4 * k + 3],
+    ])
 }
 
 /// What the backend returns from a step when it knows the outcome without
@@ -182,10 +213,42 @@ pub trait Backend: Send {
     /// Outcome of the last step: skip reason, the LOCAL partial Σg·d times
     /// η (the engine reduces it across ranks), the scale used. May wait.
     fn outcome(&mut self) -> Result<StepOutcome>;
-    /// Copies the optimizer state to the host.
-    fn export_state(&mut self) -> Result<BackendState>;
+    /// Bias powers, applied steps and the state's size per tensor.
+    fn state_meta(&mut self) -> Result<StateMeta>;
+    /// Hands tensor `tensor`'s state (its `state_meta` length, slot-major)
+    /// to `sink` in order, piece by piece, without a copy of the whole.
+    fn export_slots(&mut self, tensor: usize, sink: &mut dyn FnMut(&[f32])) -> Result<()>;
     /// Replaces the optimizer state (layout already checked by the engine).
-    fn import_state(&mut self, state: &BackendState) -> Result<()>;
+    /// Memory it cannot have is `OutOfMemory`, with nothing changed.
+    fn import_state(&mut self, state: &StateImport<'_>) -> Result<()>;
+    /// A host copy of the optimizer state.
+    fn export_state(&mut self) -> Result<BackendState> {
+        let meta = self.state_meta()?;
+        let mut slots = Vec::with_capacity(meta.lens.len());
+        for (i, &len) in meta.lens.iter().enumerate() {
+            let mut v = Vec::with_capacity(len);
+            self.export_slots(i, &mut |piece| v.extend_from_slice(piece))?;
+            slots.push(v);
+        }
+        Ok(BackendState {
+            bias: meta.bias,
+            applied: meta.applied,
+            slots,
+        })
+    }
+    /// [`import_state`](Backend::import_state) from host f32 values.
+    fn import_values(&mut self, state: &BackendState) -> Result<()> {
+        let bytes: Vec<Vec<u8>> = state
+            .slots
+            .iter()
+            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        self.import_state(&StateImport {
+            bias: state.bias,
+            applied: state.applied,
+            slots: bytes.iter().map(Vec::as_slice).collect(),
+        })
+    }
     /// Number of applied steps so far (may wait on a device).
     fn applied_steps(&mut self) -> Result<u64>;
 }

@@ -690,7 +690,7 @@ impl Host {
         state: &[Vec<f32>],
     ) -> Host {
         let mut cpu = CpuBackend::new(kind, 1);
-        cpu.import_state(&BackendState {
+        cpu.import_values(&BackendState {
             bias: BiasPowers::default(),
             applied: 0,
             slots: state.to_vec(),

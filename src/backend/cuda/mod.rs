@@ -9,7 +9,7 @@
 pub mod abi;
 mod driver;
 
-use super::{Backend, BackendState, StepRequest, TensorDesc, ValidatedTensors};
+use super::{le_value, Backend, StateImport, StateMeta, StepRequest, TensorDesc, ValidatedTensors};
 use crate::controller::{SkipReason, StepOutcome};
 use crate::engine::skip_from;
 use crate::error::{Error, Result, Status};
@@ -516,6 +516,26 @@ impl CudaBackend {
     }
 }
 
+/// f32 values per host staging piece when the optimizer state crosses
+/// between device and host (checkpoints): 4 MiB, not a copy of the whole.
+const STATE_PIECE: usize = 1 << 20;
+
+/// Host staging for up to `numel` values of state, in pieces of
+/// [`STATE_PIECE`]; `OutOfMemory` when it cannot be had.
+fn host_piece(numel: usize) -> Result<Vec<f32>> {
+    let len = numel.min(STATE_PIECE);
+    let mut v = Vec::new();
+    if v.try_reserve_exact(len).is_err() {
+        fail!(
+            OutOfMemory,
+            "cannot allocate {} bytes of host staging for the optimizer state: out of memory",
+            4 * len
+        );
+    }
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
 fn f32_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: f32 is plain data.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
@@ -606,55 +626,78 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn export_state(&mut self) -> Result<BackendState> {
+    fn state_meta(&mut self) -> Result<StateMeta> {
         self.check_not_broken()?;
         let _ctx = self.dev.enter()?;
         let c = self.read_control()?;
         let slots = self.kind.state_slots();
-        let mut out = Vec::new();
-        if let Some(l) = &self.layout {
-            for (&n, &off) in l.numels.iter().zip(&l.offsets) {
-                let mut v = vec![0f32; slots * n];
-                if let Some(state) = &l.state {
-                    for s in 0..slots {
-                        let src = state.ptr + 4 * (off + s * abi::slot_stride(n)) as u64;
-                        let dst = &mut v[s * n..(s + 1) * n];
-                        // SAFETY: f32 is plain data.
-                        let bytes = unsafe {
-                            std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u8, 4 * n)
-                        };
-                        driver::read(bytes, src, &self.reader)?;
-                    }
-                }
-                out.push(v);
-            }
-        }
-        Ok(BackendState {
+        let lens = match &self.layout {
+            Some(l) if l.state.is_some() => l.numels.iter().map(|&n| n * slots).collect(),
+            Some(l) => vec![0; l.numels.len()],
+            None => Vec::new(),
+        };
+        Ok(StateMeta {
             bias: BiasPowers {
                 pow1: c.pow1,
                 pow2: c.pow2,
             },
             applied: c.applied,
-            slots: out,
+            lens,
         })
     }
 
-    fn import_state(&mut self, state: &BackendState) -> Result<()> {
+    fn export_slots(&mut self, tensor: usize, sink: &mut dyn FnMut(&[f32])) -> Result<()> {
+        self.check_not_broken()?;
+        let _ctx = self.dev.enter()?;
+        // After the last step (the reads below are on the reader stream).
+        driver::wait_event(self.reader.0, &self.done)?;
+        let slots = self.kind.state_slots();
+        let Some(l) = &self.layout else {
+            return Ok(());
+        };
+        let (Some(state), Some(&n), Some(&off)) =
+            (&l.state, l.numels.get(tensor), l.offsets.get(tensor))
+        else {
+            return Ok(());
+        };
+        let mut piece = host_piece(n)?;
+        for s in 0..slots {
+            let base = state.ptr + 4 * (off + s * abi::slot_stride(n)) as u64;
+            for start in (0..n).step_by(STATE_PIECE) {
+                let values = &mut piece[..STATE_PIECE.min(n - start)];
+                // SAFETY: f32 is plain data.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        values.as_mut_ptr() as *mut u8,
+                        std::mem::size_of_val(values),
+                    )
+                };
+                driver::read(bytes, base + 4 * start as u64, &self.reader)?;
+                sink(values);
+            }
+        }
+        Ok(())
+    }
+
+    fn import_state(&mut self, state: &StateImport<'_>) -> Result<()> {
         let _ctx = self.dev.enter()?;
         self.read_control()?;
         let slots = self.kind.state_slots();
+        let mut piece = Vec::new();
         if slots > 0 {
-            if let Some(v) = state.slots.iter().find(|v| v.len() % slots != 0) {
+            if let Some(b) = state.slots.iter().find(|b| b.len() % (4 * slots) != 0) {
                 fail!(
                     BadCheckpoint,
-                    "state of {} values is not {slots} slots of one tensor",
-                    v.len()
+                    "state of {} bytes is not {slots} f32 slots of one tensor",
+                    b.len()
                 );
             }
-            let numels: Vec<usize> = state.slots.iter().map(|v| v.len() / slots).collect();
+            let numels: Vec<usize> = state.slots.iter().map(|b| b.len() / (4 * slots)).collect();
+            // Before anything changes: the staging the writes go through.
+            piece = host_piece(numels.iter().copied().max().unwrap_or(0))?;
             self.ensure_layout(&numels, self.reader.0)?;
         }
-        let r = self.write_state(state);
+        let r = self.write_state(state, &mut piece);
         if let Err(e) = &r {
             self.broken = Some(format!(
                 "a checkpoint import failed half way ({e}); load a checkpoint (lra_load_state) or destroy the handle"
@@ -672,15 +715,23 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     /// Writes an imported state and control block (context entered, last
-    /// step done, layout allocated).
-    fn write_state(&mut self, state: &BackendState) -> Result<()> {
+    /// step done, layout allocated), the state through `piece` (as large as
+    /// the largest tensor, or [`STATE_PIECE`]).
+    fn write_state(&mut self, state: &StateImport<'_>, piece: &mut [f32]) -> Result<()> {
         let slots = self.kind.state_slots();
         if let Some(l) = &self.layout {
-            for ((v, &n), &off) in state.slots.iter().zip(&l.numels).zip(&l.offsets) {
+            for ((bytes, &n), &off) in state.slots.iter().zip(&l.numels).zip(&l.offsets) {
                 if let Some(buf) = &l.state {
                     for s in 0..slots {
-                        let dst = buf.ptr + 4 * (off + s * abi::slot_stride(n)) as u64;
-                        driver::write_now(dst, f32_bytes(&v[s * n..(s + 1) * n]), &self.reader)?;
+                        let base = buf.ptr + 4 * (off + s * abi::slot_stride(n)) as u64;
+                        for start in (0..n).step_by(STATE_PIECE) {
+                            let values = &mut piece[..STATE_PIECE.min(n - start)];
+                            for (j, v) in values.iter_mut().enumerate() {
+                                *v = le_value(bytes, s * n + start + j);
+                            }
+                            let dst = base + 4 * start as u64;
+                            driver::write_now(dst, f32_bytes(values), &self.reader)?;
+                        }
                     }
                 }
             }
