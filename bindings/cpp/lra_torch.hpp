@@ -209,16 +209,23 @@ class TorchOptimizer {
     return report_reeval(std::forward<Closure>(closure)());
   }
 
-  // Clears the gradients like torch::optim::Optimizer::zero_grad.
+  // Clears the gradients like torch.optim.Optimizer.zero_grad in Python.
+  // LibTorch refuses detach_() on a view (a gradient that is a slice of one
+  // flat buffer, as DDP's gradient_as_bucket_view makes), so, as Python does,
+  // only a gradient with a graph is detached; dropping one needs neither.
   void zero_grad(bool set_to_none = true) {
     for (auto& p : params_) {
       auto& g = p.mutable_grad();
       if (!g.defined()) continue;
-      g.detach_();
-      if (set_to_none)
+      if (set_to_none) {
         g.reset();
+        continue;
+      }
+      if (g.grad_fn())
+        g.detach_();
       else
-        g.zero_();
+        g.requires_grad_(false);
+      g.zero_();
     }
   }
 

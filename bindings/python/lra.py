@@ -654,7 +654,12 @@ class Optimizer:
         if isinstance(tensors, ctypes.Array) and tensors._type_ is Tensor:
             return tensors
         items = [t if isinstance(t, Tensor) else _tensor_from_tuple(i, t) for i, t in enumerate(tensors)]
-        return (Tensor * len(items))(*items)
+        arr = (Tensor * len(items))(*items)
+        # The array holds copies of the structs, not the Tensors that own the
+        # arrays (numpy_tensor): with a generator nothing else references
+        # them, and the memory was freed before lra read it.
+        arr._keep = items
+        return arr
 
     def step(self, tensors, loss, obs_var=0.0, stream=None, found_inf=None):
         """``lra_step`` / ``lra_step_ex``: the optimizer step with the current lr.
@@ -933,6 +938,27 @@ def _torch_dtype_code(torch, dtype):
     return codes[dtype]
 
 
+def _torch_flag(t, name):
+    """``t.<name>()``, False where this torch lacks the method (``is_neg``/
+    ``is_conj`` came in 1.10, ``_is_zerotensor`` in 1.11): a torch without it
+    cannot make such tensors."""
+    method = getattr(t, name, None)
+    return bool(method()) if method is not None else False
+
+
+def _torch_unsupported(torch, p):
+    """What makes parameter ``p`` impossible to update in place through its
+    data pointer, or None (the rules of lra_torch.hpp's ``unsupported()``)."""
+    if p.layout != torch.strided:
+        return f"has layout {p.layout}: lra updates dense (strided) tensors only"
+    if _torch_flag(p, "is_neg") or _torch_flag(p, "is_conj"):
+        return ("is a lazily negated or conjugated view (_neg_view): its memory holds other "
+                "values than the tensor; resolve it (resolve_neg()) before making the optimizer")
+    if _torch_flag(p, "_is_zerotensor"):
+        return "is a ZeroTensor, which has no memory to update"
+    return None
+
+
 class TorchOptimizer:
     """lra over a list of ``torch`` parameters (all on one device).
 
@@ -942,13 +968,14 @@ class TorchOptimizer:
     their CURRENT ``.grad`` tensors are gathered again (autograd may
     reallocate gradients); every parameter must have a gradient then
     (``zero_grad(set_to_none=False)`` or a loss that reaches every
-    parameter). Parameters are updated in place, so each must cover its
-    memory densely (contiguous, or a permuted dense layout such as
+    parameter). Parameters are updated in place, so each must be a strided
+    (not sparse) tensor without a lazy negation bit (``_neg_view``), cover
+    its memory densely (contiguous, or a permuted dense layout such as
     ``channels_last``) and keep its memory layout from the first step on;
-    gradients of another layout (transposed, expanded) are copied into the
-    parameter's layout for the step. CUDA parameters use a CUDA handle on the
-    parameters' device and torch's current stream; ``device`` and
-    ``device_ordinal`` follow the parameters.
+    gradients of another layout (transposed, expanded), lazily negated ones
+    and ZeroTensors are copied into the parameter's layout for the step.
+    CUDA parameters use a CUDA handle on the parameters' device and torch's
+    current stream; ``device`` and ``device_ordinal`` follow the parameters.
     """
 
     def __init__(self, params, optimizer="adam", **config):
@@ -999,6 +1026,9 @@ class TorchOptimizer:
                     f"{self.device}: one TorchOptimizer per device"
                 )
             _torch_dtype_code(torch, p.dtype)
+            why = _torch_unsupported(torch, p)
+            if why is not None:
+                raise ValueError(f"parameter {i} {why}")
         if self.device.type == "cuda":
             placement = {"device": DEVICE_CUDA, "device_ordinal": self.device.index or 0}
         elif self.device.type == "cpu":
@@ -1051,6 +1081,9 @@ class TorchOptimizer:
                     f"{name} is now on {p.device}, this optimizer's handle on {self.device}: "
                     "make the TorchOptimizer after moving the model"
                 )
+            why = _torch_unsupported(torch, p)
+            if why is not None:  # it became so after construction (p.data = ...)
+                raise ValueError(f"{name} {why}")
             g = p.grad
             if g is None:
                 raise ValueError(f"{name} has no gradient (backward() not called, or it does "
@@ -1076,7 +1109,10 @@ class TorchOptimizer:
                         f"{name} changed its memory layout (strides now {p.stride()}) since "
                         "the first step; lra's optimizer state follows the memory order"
                     )
-                if _memory_order(g.shape, g.stride()) != order:
+                # A lazily negated gradient's memory holds -g, a ZeroTensor
+                # has none: the copy materialises both.
+                if (_memory_order(g.shape, g.stride()) != order or _torch_flag(g, "is_neg")
+                        or _torch_flag(g, "is_conj") or _torch_flag(g, "_is_zerotensor")):
                     with torch.no_grad():  # a create_graph=True gradient needs no graph here
                         g = torch.empty_strided(
                             p.shape, p.stride(), dtype=p.dtype, device=p.device

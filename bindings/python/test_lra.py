@@ -307,6 +307,29 @@ class NumpyTensorTests(unittest.TestCase):
         gc.collect()
         self.assertIsNone(p_ref())
 
+    def test_a_generator_of_tensors_keeps_their_arrays_alive_through_the_step(self):
+        # The Tensors of a generator (or map) are referenced by nothing but
+        # step's own copy: their arrays were freed before lra read them. In
+        # a fresh interpreter an 8 MiB array is mmapped, so a freed one is
+        # unmapped and the read crashes instead of reading stale memory.
+        import subprocess
+
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1])\n"
+            "import numpy as np, lra\n"
+            "n = 1 << 21\n"
+            "w = np.zeros(n, np.float32)\n"
+            "with lra.Optimizer('sgd', lr=1.0, num_threads=1) as opt:\n"
+            "    g = np.full(n, 2.0, np.float32)\n"
+            "    opt.step((lra.numpy_tensor(w, g.copy()) for _ in range(1)), 1.0)\n"
+            "    opt.step(map(lra.numpy_tensor, [w], [np.ones(n, np.float32)]), 1.0)\n"
+            "print(float(w.min()), float(w.max()))\n"
+        )
+        here = os.path.dirname(os.path.abspath(__file__))
+        run = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True)
+        self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+        self.assertEqual(run.stdout.split(), ["-3.0", "-3.0"])
+
     def test_a_pair_of_arrays_in_step_points_at_numpy_tensor(self):
         p, g = np.ones(2, np.float32), np.ones(2, np.float32)
         with lra.Optimizer("sgd", num_threads=1) as opt:
@@ -782,6 +805,7 @@ class ReductionFailureTests(unittest.TestCase):
         # Python's SIGINT handler in place (a Ctrl-C inside signal.signal's
         # swap left the swapped handler installed; the next guarded call
         # took it for the previous one and every later Ctrl-C recursed).
+        import gc
         import signal
 
         def inject(k, call):
@@ -795,12 +819,19 @@ class ReductionFailureTests(unittest.TestCase):
                         signal.raise_signal(signal.SIGINT)
                     seen[0] += 1
 
+            # An interrupted call leaves its Optimizer in a reference cycle
+            # (exception, traceback, frame). Collected under the hook, that
+            # Optimizer's __del__ took the SIGINT meant for the call, as an
+            # unraisable exception, whenever the collector happened to run
+            # there: no collection until the hook is gone.
+            gc.disable()
             sys.setprofile(hook)
             try:
                 try:
                     call()
                 finally:
                     sys.setprofile(None)
+                    gc.enable()
             except (KeyboardInterrupt, lra.LraError):
                 pass
             return hit[0]
@@ -900,6 +931,56 @@ class TorchAdapterAuditTests(unittest.TestCase):
         opt.step(1.0)
         expected = before - 0.5 * torch.arange(6.0).reshape(3, 2).t()
         self.assertTrue(torch.allclose(p.detach(), expected))
+
+    def test_a_lazily_negated_gradient_is_materialised(self):
+        # A neg-bit gradient's memory holds -g: passed as is, SGD moved the
+        # parameter the wrong way.
+        p = torch.nn.Parameter(torch.zeros(4))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.5)
+        p.grad = torch._neg_view(torch.ones(4))  # value -1, memory +1
+        self.assertTrue(p.grad.is_neg())
+        opt.step(1.0)
+        self.assertEqual(p.detach().tolist(), [0.5] * 4)
+
+    def test_a_zero_tensor_gradient_is_a_zero_gradient(self):
+        # A ZeroTensor has no memory (data_ptr() is 0): lra refused the NULL.
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.5)
+        p.grad = torch._efficientzerotensor(4)
+        opt.step(1.0)
+        self.assertEqual(p.detach().tolist(), [1.0] * 4)
+        self.assertEqual(opt.lra.counters.steps, 1)
+
+    def test_a_lazily_negated_parameter_is_refused_at_construction(self):
+        # Its memory holds -p: an update through the data pointer moved it
+        # the wrong way.
+        negated = torch._neg_view(torch.ones(4)).detach().requires_grad_()
+        with self.assertRaisesRegex(ValueError, r"^parameter 0 is a lazily negated"):
+            lra.TorchOptimizer([negated], optimizer="sgd")
+
+    def test_a_parameter_negated_after_construction_is_refused_at_the_step(self):
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.5)
+        base = torch.ones(4)
+        p.data = torch._neg_view(base)
+        p.grad = torch.ones(4)
+        with self.assertRaisesRegex(ValueError, r"^parameter 0 \(4,\) is a lazily negated"):
+            opt.step(1.0)
+        self.assertEqual(base.tolist(), [1.0] * 4)
+        self.assertEqual(opt.lra.counters.steps, 0)
+
+    def test_a_sparse_parameter_is_refused_at_construction(self):
+        # It was accepted and failed only at the first step, through the
+        # gradient's layout.
+        sparse = torch.eye(3).to_sparse().requires_grad_()
+        with self.assertRaisesRegex(ValueError, r"^parameter 0 has layout .*: .*dense \(strided\)"):
+            lra.TorchOptimizer([sparse], optimizer="sgd")
+
+    def test_a_zero_tensor_parameter_is_refused_at_construction(self):
+        # It has no memory to update (data_ptr() is 0).
+        zero = torch._efficientzerotensor(4).requires_grad_()
+        with self.assertRaisesRegex(ValueError, r"^parameter 0 is a ZeroTensor"):
+            lra.TorchOptimizer([zero], optimizer="sgd")
 
     def test_channels_last_parameters_train_like_torch_optim(self):
         def make():

@@ -3,9 +3,9 @@
 // LibTorch reallocates between steps, the closure form under no-grad,
 // misuse that must end in a clear lra::Error (sparse or lazily negated
 // parameters, losses that are not one element) or be handled (lazily
-// negated or ZeroTensor gradients), messages that name parameters by their
-// position in the caller's list, and checkpoints that check shapes and
-// memory layout.
+// negated or ZeroTensor gradients), zero_grad on gradients that are views,
+// messages that name parameters by their position in the caller's list, and
+// checkpoints that check shapes and memory layout.
 #include <lra_torch.hpp>
 #include <torch/torch.h>
 
@@ -376,6 +376,45 @@ int main() {
     EXPECT(w.grad().defined() && torch::equal(w.grad(), torch::zeros_like(w)));
     opt.zero_grad();
     EXPECT(!w.grad().defined());
+  }
+
+  // zero_grad on gradients that are views of one flat buffer (what DDP's
+  // gradient_as_bucket_view makes): LibTorch refuses detach_() on a view, so
+  // a plain detach_() threw c10::Error. Like torch.optim in Python, the
+  // buffer is zeroed through the view, or the gradient dropped. Both forms
+  // run before anything is checked, so that each one's error is printed.
+  {
+    auto c10_error = [](auto&& f) {
+      try {
+        f();
+      } catch (const c10::Error& e) {
+        std::fprintf(stderr, "c10::Error: %.80s\n", e.what_without_backtrace());
+        return true;
+      }
+      return false;
+    };
+    auto p = torch::ones({4}).requires_grad_();
+    lra::TorchOptimizer o({p}, cfg);
+    auto flat = torch::ones({8});
+    p.mutable_grad() = flat.narrow(0, 2, 4);
+    EXPECT(p.grad().is_view());
+    o.step(1.0);
+    EXPECT(torch::allclose(p.detach(), torch::full({4}, 0.9)));
+    const bool zero_threw = c10_error([&] { o.zero_grad(false); });
+    const bool zeroed = p.grad().defined() && p.grad().is_view() && !p.grad().requires_grad() &&
+                        torch::equal(flat, torch::tensor({1.f, 1.f, 0.f, 0.f, 0.f, 0.f, 1.f, 1.f}));
+    flat.fill_(1.0);
+    p.mutable_grad() = flat.narrow(0, 2, 4);
+    const bool reset_threw = c10_error([&] { o.zero_grad(true); });
+    EXPECT(!zero_threw && zeroed);
+    EXPECT(!reset_threw && !p.grad().defined());
+    EXPECT(torch::equal(flat, torch::ones({8})));  // dropped, the buffer left alone
+    // A gradient with a graph (as backward with create_graph makes) is detached.
+    p.mutable_grad() = p * 2.0;
+    EXPECT(p.grad().grad_fn() != nullptr);
+    o.zero_grad(false);
+    EXPECT(p.grad().grad_fn() == nullptr && !p.grad().requires_grad());
+    EXPECT(torch::equal(p.grad(), torch::zeros({4})));
   }
 
   // A graph that saved a parameter refuses backward() after a step, as
