@@ -230,6 +230,21 @@ impl Engine {
                 "found_inf = {found_inf:p} is not aligned to 4 bytes (it points at one f32)"
             );
         }
+        // The step writes the parameters while it reads the flag (each CUDA
+        // block reads it on its own): a flag inside one could skip part of
+        // the step and not the rest.
+        if !found_inf.is_null() {
+            let flag = found_inf as usize;
+            if let Some(i) = tensors.iter().position(|t| {
+                let p = t.param as usize;
+                flag >= p && flag - p < t.numel * t.dtype.size()
+            }) {
+                fail!(
+                    InvalidArgument,
+                    "found_inf = {found_inf:p} points into tensors[{i}].param, which the step writes"
+                );
+            }
+        }
         // Before the loss sum below: a refused step joins no collective.
         self.backend.check_step(found_inf, stream)?;
         let mut loss = loss;

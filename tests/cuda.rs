@@ -2091,6 +2091,15 @@ fn abi_cuda_bad_arguments_change_nothing() {
         assert_refused(run, "host found_inf", "not CUDA memory", |r| {
             step(r, &tensors, &host_flag, std::ptr::null_mut())
         });
+        // Each block reads the flag on its own while others write the
+        // parameters: inside one, it could skip part of the step.
+        let inside = (tensors[3].param as u64 + 4) as *const f32;
+        assert_refused(
+            run,
+            "found_inf inside a parameter",
+            "points into tensors[3].param",
+            |r| step(r, &tensors, inside, std::ptr::null_mut()),
+        );
         let foreign = ForeignStream::new();
         assert_refused(
             run,

@@ -268,6 +268,28 @@ fn a_tensor_wrapping_the_address_space_is_refused() {
     assert_eq!(h.counters().steps, 0);
 }
 
+/// A found_inf flag inside a parameter the step writes is refused: on CUDA
+/// every block reads the flag on its own, so such a step could be applied
+/// to some elements and skipped for the others. (A flag inside a gradient
+/// is fine: gradients are only read.)
+#[test]
+fn a_found_inf_flag_inside_a_parameter_is_refused() {
+    let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
+    let mut p = ramp(8, 1.0);
+    let g = ramp(8, 0.5);
+    let t = [f32_tensor(&mut p, &g)];
+    assert_eq!(h.step(&t, 1.0), LRA_OK);
+    let (params, before) = (p.clone(), h.checkpoint());
+    let inside = unsafe { (t[0].param as *const f32).add(7) };
+    let st = unsafe { lra_step_ex(h.0, t.as_ptr(), 1, 1.0, 0.0, inside, null_mut()) };
+    h.expect(st, LRA_INVALID_ARGUMENT, "points into tensors[0].param");
+    assert_eq!(h.checkpoint(), before);
+    assert_eq!(p, params);
+    let in_grad = unsafe { (t[0].grad as *const f32).add(7) };
+    let st = unsafe { lra_step_ex(h.0, t.as_ptr(), 1, 1.0, 0.0, in_grad, null_mut()) };
+    assert_eq!(st, LRA_OK, "{}", h.error());
+}
+
 /// `lra_config_init` returns nothing: on a misaligned (or NULL) `cfg` it
 /// writes nothing and leaves the reason in the thread's message.
 #[test]
