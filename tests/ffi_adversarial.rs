@@ -75,6 +75,26 @@ fn reseal(ckpt: &mut [u8]) {
     ckpt[n..].copy_from_slice(&sum.to_le_bytes());
 }
 
+/// `ckpt` with the bytes at `at`, which must be `was`, replaced by `now`,
+/// under a valid checksum.
+fn forge(ckpt: &[u8], at: usize, was: &[u8], now: &[u8]) -> Vec<u8> {
+    let mut forged = ckpt.to_vec();
+    assert_eq!(&forged[at..at + was.len()], was, "the field is elsewhere");
+    forged[at..at + now.len()].copy_from_slice(now);
+    reseal(&mut forged);
+    forged
+}
+
+/// A fresh SGD handle refuses `forged` (the message has `words`) and keeps
+/// its checkpoint; returned for more loads.
+fn refused_by_a_fresh_sgd_handle(forged: &[u8], words: &str) -> Handle {
+    let fresh = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let before = fresh.checkpoint();
+    fresh.expect(fresh.load(forged), LRA_BAD_CHECKPOINT, words);
+    assert_eq!(fresh.checkpoint(), before);
+    fresh
+}
+
 /// A mid-training Adam handle with a step awaiting re-evaluation: every bad
 /// call leaves checkpoint bytes and parameters as they were, and the
 /// pending step is then re-evaluated exactly as if nothing had happened.
@@ -322,14 +342,9 @@ fn a_forged_pending_step_that_was_already_reported_is_refused() {
     let pending = h.checkpoint();
     assert_eq!(pending[PENDING..PENDING + 4], 15u32.to_le_bytes());
     h.report(0.5);
-    let mut forged = h.checkpoint();
-    assert_eq!(forged[PENDING..PENDING + 4], 0u32.to_le_bytes());
-    forged[PENDING..PENDING + 4].copy_from_slice(&15u32.to_le_bytes());
-    reseal(&mut forged);
-    let fresh = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
-    let before = fresh.checkpoint();
-    fresh.expect(fresh.load(&forged), LRA_BAD_CHECKPOINT, "inconsistent");
-    assert_eq!(fresh.checkpoint(), before);
+    let ckpt = h.checkpoint();
+    let forged = forge(&ckpt, PENDING, &0u32.to_le_bytes(), &15u32.to_le_bytes());
+    let fresh = refused_by_a_fresh_sgd_handle(&forged, "inconsistent");
     assert_eq!(fresh.load(&pending), LRA_OK, "{}", fresh.error());
 }
 
@@ -529,16 +544,11 @@ fn a_forged_checkpoint_with_inconsistent_counters_is_refused() {
     for _ in 0..2 {
         assert_eq!(h.step(&[f32_tensor(&mut p, &g)], 1.0), LRA_OK);
     }
-    let mut forged = h.checkpoint();
+    let ckpt = h.checkpoint();
     // SGD keeps no slots: the applied-step count is the u64 before the checksum.
-    let at = forged.len() - 16;
-    assert_eq!(forged[at..at + 8], 2u64.to_le_bytes());
-    forged[at..at + 8].copy_from_slice(&3u64.to_le_bytes());
-    reseal(&mut forged);
-    let fresh = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
-    let before = fresh.checkpoint();
-    fresh.expect(fresh.load(&forged), LRA_BAD_CHECKPOINT, "applied");
-    assert_eq!(fresh.checkpoint(), before);
+    let at = ckpt.len() - 16;
+    let forged = forge(&ckpt, at, &2u64.to_le_bytes(), &3u64.to_le_bytes());
+    refused_by_a_fresh_sgd_handle(&forged, "applied");
 }
 
 /// A handle whose layout is the empty tensor list (steps with count 0)
@@ -566,6 +576,17 @@ fn an_empty_layout_survives_a_checkpoint() {
     b.expect(b.step(&t, 1.0), LRA_SIZE_MISMATCH, "first step");
 }
 
+/// One f16 tensor of `numel` elements at made-up addresses (parameters,
+/// then gradients): only for steps lra refuses before touching memory.
+fn untouchable_f16_tensor(numel: u64) -> [lra_tensor; 1] {
+    [lra_tensor {
+        param: 0x1000 as *mut c_void,
+        grad: (0x2000 + (numel << 1)) as *const c_void,
+        numel,
+        dtype: LRA_DTYPE_F16,
+    }]
+}
+
 /// A tensor list the optimizer state cannot be allocated for (sizes that
 /// fit the address space, but not memory) is LRA_OUT_OF_MEMORY, not an
 /// abort of the caller's process; the handle then takes a normal first
@@ -579,13 +600,7 @@ fn an_unallocatable_optimizer_state_is_an_error() {
     let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
     // 2^58 f16 elements: 2^59 bytes each (never touched), and Adam's two
     // f32 slots would need 2^61 bytes.
-    let numel = 1u64 << 58;
-    let huge = [lra_tensor {
-        param: 0x1000 as *mut c_void,
-        grad: (0x2000 + (numel << 1)) as *const c_void,
-        numel,
-        dtype: LRA_DTYPE_F16,
-    }];
+    let huge = untouchable_f16_tensor(1 << 58);
     h.expect(h.step(&huge, 1.0), LRA_OUT_OF_MEMORY, "out of memory");
     let (mut p, g) = (vec![1.0f32; 8], vec![0.5f32; 8]);
     assert_eq!(
@@ -608,13 +623,7 @@ fn an_unallocatable_optimizer_state_is_an_error() {
 #[test]
 fn a_layout_whose_checkpoint_cannot_exist_is_refused_by_a_skipped_step() {
     let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
-    let numel = 1u64 << 61;
-    let huge = [lra_tensor {
-        param: 0x1000 as *mut c_void,
-        grad: (0x2000 + (numel << 1)) as *const c_void,
-        numel,
-        dtype: LRA_DTYPE_F16,
-    }];
+    let huge = untouchable_f16_tensor(1 << 61);
     let before = h.checkpoint();
     h.expect(h.step(&huge, f64::NAN), LRA_OUT_OF_MEMORY, "isize::MAX");
     assert_eq!(h.checkpoint(), before);
