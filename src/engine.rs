@@ -249,6 +249,10 @@ impl Engine {
         self.backend.check_step(found_inf, stream)?;
         let mut loss = loss;
         if self.cfg.loss_rank_local {
+            // Memory this rank cannot have fails here too (it differs
+            // between ranks): after the sum, the retry the status invites
+            // would meet the other ranks in their next collective.
+            self.backend.prepare(tensors, stream)?;
             let mut v = [loss, 1.0];
             self.reduce(&mut v)?;
             loss = v[0] / v[1];

@@ -35,13 +35,23 @@ impl Log {
 }
 
 fn engine(sharded: bool, loss_rank_local: bool, guard: bool, f_star: f64) -> (Engine, Log) {
+    engine_of(OptimizerKind::Sgd, sharded, loss_rank_local, guard, f_star)
+}
+
+fn engine_of(
+    kind: OptimizerKind,
+    sharded: bool,
+    loss_rank_local: bool,
+    guard: bool,
+    f_star: f64,
+) -> (Engine, Log) {
     let mut cfg = Config {
         lr: LR,
         threads: 1,
         sharded,
         loss_rank_local,
         check_finite: guard,
-        ..Config::defaults(OptimizerKind::Sgd)
+        ..Config::defaults(kind)
     };
     cfg.settings.f_star = f_star;
     let mut e = Engine::new(cfg).unwrap();
@@ -357,6 +367,42 @@ fn refused_calls_never_enter_the_collective() {
             1,
             "{what}: the re-evaluation reduces once"
         );
+    }
+}
+
+/// Optimizer state this rank cannot allocate (memory pressure differs
+/// between ranks) fails its first step before any collective: the loss sum
+/// of rank-local losses used to come first, so the rank had joined one
+/// collective when it returned LRA_OUT_OF_MEMORY, and the retry the status
+/// invites met the other ranks in their next one (a different quantity of
+/// the same size: η drifted apart with every call returning LRA_OK).
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "Miri stops at an allocation it cannot make instead of failing it"
+)]
+fn memory_a_rank_cannot_have_fails_its_step_before_any_collective() {
+    for (sharded, local) in [(false, true), (true, true), (true, false)] {
+        let what = format!("sharded {sharded}, rank-local losses {local}");
+        let (mut e, log) = engine_of(OptimizerKind::Adam, sharded, local, true, f64::NAN);
+        // 2^58 f16 elements at made-up addresses, never touched: Adam's
+        // two f32 slots would need 2^61 bytes.
+        let numel = 1usize << 58;
+        let huge = [TensorDesc {
+            param: 0x1000 as *mut c_void,
+            grad: (0x2000 + 2 * numel) as *const c_void,
+            numel,
+            dtype: lra::optim::DType::F16,
+        }];
+        let err = unsafe { e.step(&huge, F, 0.0, null(), null_mut()) }.unwrap_err();
+        assert_eq!(err.status, Status::OutOfMemory, "{what}: {}", err.message);
+        assert_calls(&log.take(), &[], &format!("{what}: the failed step"));
+        // The retry reduces exactly what a first step reduces.
+        let mut shard = Shard::new();
+        let (in_step, _) = step_and_reeval(&mut e, &log, &mut shard, F, 0.0);
+        let (mut fresh, fresh_log) = engine_of(OptimizerKind::Adam, sharded, local, true, f64::NAN);
+        let (want, _) = step_and_reeval(&mut fresh, &fresh_log, &mut Shard::new(), F, 0.0);
+        assert_calls(&in_step, &want, &format!("{what}: the retried step"));
     }
 }
 

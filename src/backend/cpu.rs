@@ -1025,6 +1025,10 @@ impl Backend for CpuBackend {
             .check_once(tensors, || super::check_alignment_and_aliasing(tensors))
     }
 
+    fn prepare(&mut self, tensors: &[TensorDesc], _stream: *mut std::ffi::c_void) -> Result<()> {
+        self.ensure_state(tensors)
+    }
+
     unsafe fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
         // SAFETY: the engine checked the pointer is aligned; the caller
         // promises it points at one f32 on the host.

@@ -202,6 +202,12 @@ pub trait Backend: Send {
     fn check_step(&mut self, _found_inf: *const c_void, _stream: *mut c_void) -> Result<()> {
         Ok(())
     }
+    /// Allocates what a step over `tensors` needs (the optimizer state of
+    /// a new layout), as `step` does too. The engine calls it before a
+    /// cross-rank sum that precedes `step`, so that memory one rank cannot
+    /// have fails its step before it joins any collective (a retry then
+    /// meets the other ranks in the same one).
+    fn prepare(&mut self, tensors: &[TensorDesc], stream: *mut c_void) -> Result<()>;
     /// Runs one step. Never waits for a device.
     ///
     /// # Safety

@@ -52,6 +52,7 @@ pub fn create(kind: OptimizerKind, ordinal: i32) -> Result<Box<dyn Backend>> {
         control,
         layout: None,
         staging: Staging::default(),
+        state_piece: Vec::new(),
         uploaded: Vec::new(),
         validated: ValidatedTensors::default(),
         validated_flag: 0,
@@ -85,6 +86,11 @@ pub struct CudaBackend {
     control: DeviceBuffer,
     layout: Option<Layout>,
     staging: Staging,
+    /// Host staging for the optimizer state crossing to or from the host
+    /// (checkpoints), up to [`STATE_PIECE`] values: taken by `state_meta`
+    /// and `import_state` before anything is written, and kept, so that a
+    /// save cannot run out of host memory half way through its output.
+    state_piece: Vec<f32>,
     /// The tensor table as last uploaded.
     uploaded: Vec<TensorEntry>,
     validated: ValidatedTensors,
@@ -251,6 +257,21 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The layout of `tensors` (context entered). Checked here too, not
+    /// only by the engine: a first step that failed after allocating left
+    /// a layout the engine did not fix.
+    fn layout_for(&mut self, tensors: &[TensorDesc], stream: CUstream) -> Result<()> {
+        let same_sizes = self.layout.as_ref().is_some_and(|l| {
+            l.numels.len() == tensors.len()
+                && l.numels.iter().zip(tensors).all(|(&n, t)| n == t.numel)
+        });
+        if !same_sizes {
+            let numels: Vec<usize> = tensors.iter().map(|t| t.numel).collect();
+            self.ensure_layout(&numels, stream)?;
+        }
+        Ok(())
+    }
+
     /// Allocates the state, tables and partials for this layout (first step
     /// or first import). State starts at zero.
     fn ensure_layout(&mut self, numels: &[usize], stream: CUstream) -> Result<()> {
@@ -360,16 +381,7 @@ impl CudaBackend {
         stream: CUstream,
         ctx: &mut driver::Entered,
     ) -> Result<()> {
-        // Checked here too, not only by the engine: a first step that failed
-        // after allocating left a layout the engine did not fix.
-        let same_sizes = self.layout.as_ref().is_some_and(|l| {
-            l.numels.len() == req.tensors.len()
-                && l.numels.iter().zip(req.tensors).all(|(&n, t)| n == t.numel)
-        });
-        if !same_sizes {
-            let numels: Vec<usize> = req.tensors.iter().map(|t| t.numel).collect();
-            self.ensure_layout(&numels, stream)?;
-        }
+        self.layout_for(req.tensors, stream)?;
         let current = abi::table_is_current(
             &self.uploaded,
             req.tensors
@@ -520,6 +532,14 @@ impl CudaBackend {
 /// between device and host (checkpoints): 4 MiB, not a copy of the whole.
 const STATE_PIECE: usize = 1 << 20;
 
+/// Elements of the largest tensor that has optimizer state (0 when none).
+fn largest_state(l: &Layout, slots: usize) -> usize {
+    match (&l.state, slots) {
+        (Some(_), 1..) => l.numels.iter().copied().max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Host staging for up to `numel` values of state, in pieces of
 /// [`STATE_PIECE`]; `OutOfMemory` when it cannot be had.
 fn host_piece(numel: usize) -> Result<Vec<f32>> {
@@ -585,6 +605,12 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn prepare(&mut self, tensors: &[TensorDesc], stream: *mut c_void) -> Result<()> {
+        self.check_not_broken()?;
+        let _ctx = self.dev.enter()?;
+        self.layout_for(tensors, stream as CUstream)
+    }
+
     unsafe fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
         // The engine has just checked these; callers of the backend that
         // skip the engine (tests) get the check here.
@@ -636,6 +662,10 @@ impl Backend for CudaBackend {
             Some(l) => vec![0; l.numels.len()],
             None => Vec::new(),
         };
+        // The staging `export_slots` reads through, before a checkpoint
+        // writes its first byte.
+        let largest = self.layout.as_ref().map_or(0, |l| largest_state(l, slots));
+        self.ensure_state_piece(largest)?;
         Ok(StateMeta {
             bias: BiasPowers {
                 pow1: c.pow1,
@@ -652,6 +682,9 @@ impl Backend for CudaBackend {
         // After the last step (the reads below are on the reader stream).
         driver::wait_event(self.reader.0, &self.done)?;
         let slots = self.kind.state_slots();
+        // Already there after `state_meta`, as in a checkpoint.
+        let numel = self.layout.as_ref().and_then(|l| l.numels.get(tensor));
+        self.ensure_state_piece(numel.copied().unwrap_or(0))?;
         let Some(l) = &self.layout else {
             return Ok(());
         };
@@ -660,7 +693,7 @@ impl Backend for CudaBackend {
         else {
             return Ok(());
         };
-        let mut piece = host_piece(n)?;
+        let piece = &mut self.state_piece;
         for s in 0..slots {
             let base = state.ptr + 4 * (off + s * abi::slot_stride(n)) as u64;
             for start in (0..n).step_by(STATE_PIECE) {
@@ -683,7 +716,6 @@ impl Backend for CudaBackend {
         let _ctx = self.dev.enter()?;
         self.read_control()?;
         let slots = self.kind.state_slots();
-        let mut piece = Vec::new();
         if slots > 0 {
             if let Some(b) = state.slots.iter().find(|b| b.len() % (4 * slots) != 0) {
                 fail!(
@@ -694,10 +726,10 @@ impl Backend for CudaBackend {
             }
             let numels: Vec<usize> = state.slots.iter().map(|b| b.len() / (4 * slots)).collect();
             // Before anything changes: the staging the writes go through.
-            piece = host_piece(numels.iter().copied().max().unwrap_or(0))?;
+            self.ensure_state_piece(numels.iter().copied().max().unwrap_or(0))?;
             self.ensure_layout(&numels, self.reader.0)?;
         }
-        let r = self.write_state(state, &mut piece);
+        let r = self.write_state(state);
         if let Err(e) = &r {
             self.broken = Some(format!(
                 "a checkpoint import failed half way ({e}); load a checkpoint (lra_load_state) or destroy the handle"
@@ -714,11 +746,21 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// Host staging for tensors of up to `numel` elements, before a
+    /// checkpoint's save or load changes anything.
+    fn ensure_state_piece(&mut self, numel: usize) -> Result<()> {
+        if self.state_piece.len() < numel.min(STATE_PIECE) {
+            self.state_piece = host_piece(numel)?;
+        }
+        Ok(())
+    }
+
     /// Writes an imported state and control block (context entered, last
-    /// step done, layout allocated), the state through `piece` (as large as
-    /// the largest tensor, or [`STATE_PIECE`]).
-    fn write_state(&mut self, state: &StateImport<'_>, piece: &mut [f32]) -> Result<()> {
+    /// step done, layout allocated, `state_piece` as large as the largest
+    /// tensor or [`STATE_PIECE`]).
+    fn write_state(&mut self, state: &StateImport<'_>) -> Result<()> {
         let slots = self.kind.state_slots();
+        let piece = &mut self.state_piece;
         if let Some(l) = &self.layout {
             for ((bytes, &n), &off) in state.slots.iter().zip(&l.numels).zip(&l.offsets) {
                 if let Some(buf) = &l.state {
