@@ -626,6 +626,17 @@ impl Engine {
             let dt = r.u32()?;
             let dt = DType::from_u32(dt)
                 .ok_or_else(|| bad(format!("tensor {i}: unknown dtype {dt}")))?;
+            // What lra_step refuses, a checkpoint cannot bring (SGD's carry
+            // no state bytes that would bound the size).
+            if numel
+                .checked_mul(dt.size())
+                .is_none_or(|b| b > isize::MAX as usize)
+            {
+                return Err(bad(format!(
+                    "tensor {i}: {numel} {} elements are more than any tensor can hold",
+                    dt.name()
+                )));
+            }
             layout.push((numel, dt));
         }
         if let Some(mine) = &self.layout {

@@ -551,6 +551,26 @@ fn a_forged_checkpoint_with_inconsistent_counters_is_refused() {
     refused_by_a_fresh_sgd_handle(&forged, "applied");
 }
 
+/// A checkpoint's tensor sizes follow `lra_step`'s rule: more than
+/// `isize::MAX` bytes is refused. (SGD keeps no state, so no state bytes
+/// bound such a size, and the handle then refused every step.)
+#[test]
+fn a_forged_tensor_size_no_step_could_pass_is_refused() {
+    // Header 64 bytes, tensor count 8: the first tensor's numel is next.
+    const NUMEL: usize = 72;
+    let h = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let (mut p, g) = (ramp(4, 1.0), ramp(4, 1.0));
+    assert_eq!(h.step(&[f32_tensor(&mut p, &g)], 1.0), LRA_OK);
+    let ckpt = h.checkpoint();
+    let forged = forge(
+        &ckpt,
+        NUMEL,
+        &4u64.to_le_bytes(),
+        &(1u64 << 62).to_le_bytes(),
+    );
+    refused_by_a_fresh_sgd_handle(&forged, "more than any tensor can hold");
+}
+
 /// A handle whose layout is the empty tensor list (steps with count 0)
 /// round-trips through a checkpoint: the restored handle keeps the empty
 /// layout and the applied-step count. (Used to come back with no layout at
