@@ -28,7 +28,8 @@
 # 4. the NCCL adapter (bindings/nccl/lra_nccl.h) on a one-rank communicator
 #    of device 0 (tests/nccl/lra_nccl_gpu_test.c: exact sums on the legacy
 #    and a created stream, host and CUDA handles identical to runs without
-#    NCCL, a non-blocking communicator, ncclCommAbort -> LRA_REDUCTION_FAILED)
+#    NCCL, a non-blocking communicator, a stream held past `timeout_s` ->
+#    LRA_NCCL_ERR_TIMEOUT, ncclCommAbort -> LRA_REDUCTION_FAILED)
 #    against this machine's own libnccl.so.2 (python3's nvidia.* packages,
 #    torch/lib, ldconfig, /usr/local/cuda*), under a 60 s timeout; the
 #    summary at the end says PASS, FAIL or SKIPPED (no libnccl.so.2 here, or

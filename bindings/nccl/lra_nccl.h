@@ -12,10 +12,10 @@
  * LRA_NCCL_ERR_INIT), and its wait maps real NCCL and CUDA errors to the
  * documented codes (tests/nccl/lra_nccl_real_test.c). The rest of its
  * logic (staging, the device check, non-blocking communicators, busy
- * stream, failed peer, unusable `user`) runs on one simulated rank against
- * stub declarations that are checked against the real headers
- * (tests/nccl/stub). The collective itself, ncclAllReduce on GPUs, has
- * NEVER been run. The MPI binding (bindings/mpi/lra_mpi.h) is
+ * stream, failed peer, unusable `user`, the deadline `timeout_s`) runs on
+ * one simulated rank against stub declarations that are checked against
+ * the real headers (tests/nccl/stub). The collective itself, ncclAllReduce
+ * on GPUs, has NEVER been run. The MPI binding (bindings/mpi/lra_mpi.h) is
  * the tested one.
  *
  * lra sums a few doubles (at most 3) per step across ranks: the rank-local
@@ -30,6 +30,7 @@
  *     // with the communicator's device current:
  *     lra_nccl_reduction red;                  // must outlive the handle
  *     if (lra_nccl_init(&red, comm, stream) != 0) { ... }   // do not register it then
+ *     red.timeout_s = 300;                     // optional, see "Deadline" below
  *     lra_set_reduction(handle, lra_nccl_allreduce_sum, &red);
  *     ...
  *     lra_destroy(handle);
@@ -47,6 +48,44 @@
  * with config.blocking = 0, whose calls may return ncclInProgress) are
  * supported the same way.
  *
+ * Deadline: NCCL reports an error only for failures it detects. A peer that
+ * never enters the collective (a rank that failed alone before it, or that
+ * died where NCCL's transport does not notice, as can happen on intra-node
+ * P2P and shared-memory paths) leaves the collective waiting forever with no error,
+ * and the wait above with it, inside lra's call. NCCL leaves the timeout to
+ * the application. Set `timeout_s` (after lra_nccl_init, which sets it to
+ * 0: no deadline) to the most seconds one call may take, measured on
+ * CLOCK_MONOTONIC from the callback's start; INFINITY is the same as 0, a
+ * negative or NaN value is refused (LRA_NCCL_ERR_INIT). The call also waits
+ * for the work queued on `stream` before the collective (on the compute
+ * stream: this rank's own backlog), and for peers that reach the same lra
+ * call later. Pick it well above the longest such wait (a slow data loader,
+ * a checkpoint written by one rank, a long backward pass): a peer that is
+ * merely late looks the same as one that is gone. A call that passes it
+ * returns LRA_NCCL_ERR_TIMEOUT (lra: LRA_REDUCTION_FAILED) without touching
+ * its values, and the reduction is unusable from then on: its collective may
+ * still be running (its kernel spins on the GPU, waiting for the peer), may
+ * still write the staging buffers, and is still queued on `stream` ahead of
+ * anything queued later. Every later call therefore returns
+ * LRA_NCCL_ERR_TIMEOUT at once, calling neither CUDA nor NCCL. Recovery is
+ * the caller's, as after any error: ncclCommAbort(comm) on every rank (it
+ * stops the kernel), then lra_destroy and lra_nccl_free. Not in the other
+ * order: cudaFree and cudaFreeHost may wait for the device, where the
+ * kernel still spins. The callback does not abort the communicator itself:
+ * it does not own it (the trainer may still use it, and would then hold a
+ * freed handle), and the abort has to happen on every rank anyway. The
+ * deadline covers the callback's own waits: for the stream, and for a
+ * non-blocking communicator's enqueue (ncclInProgress). A blocking
+ * communicator's ncclAllReduce that blocks inside NCCL itself (for example
+ * while it connects to a peer that never comes, the first time) cannot be
+ * interrupted from here: use a non-blocking communicator where that
+ * matters. With a deadline, the clock is read once at the start of a call
+ * and then once every LRA_NCCL_POLLS_PER_CLOCK_READ_ (16) polls of its
+ * waits (each poll is a cudaStreamQuery, an ncclCommGetAsyncError and a
+ * sched_yield), so a call may run up to that many polls past the deadline;
+ * never less than it. With timeout_s = 0 the clock is never read and the
+ * callback waits as it always did.
+ *
  * Contract, as for MPI: every rank of `comm` uses the same lra_config and
  * makes the same sequence of lra_step / lra_report_reeval calls (same
  * obs_var), also a rank with an empty shard (count 0). A failing NCCL call
@@ -63,7 +102,12 @@
  * Threads: the callback runs on the thread that calls lra. One
  * lra_nccl_reduction serves one handle (its staging buffers are not shared
  * between concurrent calls), and NCCL forbids using one communicator from
- * two threads at once.
+ * two threads at once. In particular, a watchdog thread must not call
+ * ncclCommAbort while an lra call that may reach this callback is running:
+ * the callback keeps passing `comm` to ncclCommGetAsyncError (a use after
+ * free once the abort has freed it), and an aborted collective can end its
+ * kernel, so that the callback would copy back unsummed values and return
+ * 0. Use `timeout_s` instead, and abort after the lra call has returned.
  */
 #ifndef LRA_NCCL_H
 #define LRA_NCCL_H
@@ -74,8 +118,27 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "lra.h"
+
+/* The deadline's clock: POSIX clock_gettime(CLOCK_MONOTONIC). Strict ISO C
+   (gcc -std=c11 without _POSIX_C_SOURCE) hides both from <time.h>, although
+   the C library has the function (glibc, musl); NCCL exists only for 64-bit
+   Linux, where clockid_t is int and CLOCK_MONOTONIC is 1 (the kernel's ABI),
+   so it is declared here then. */
+#if defined(CLOCK_MONOTONIC)
+#define LRA_NCCL_CLOCK_MONOTONIC_ CLOCK_MONOTONIC
+#elif defined(__linux__) && defined(__LP64__) && !defined(__cplusplus)
+int clock_gettime(int clock_id, struct timespec *tp);
+#define LRA_NCCL_CLOCK_MONOTONIC_ 1
+#define LRA_NCCL_CLOCK_DECLARED_HERE_ 1
+#else
+#error "lra_nccl.h needs POSIX clock_gettime(CLOCK_MONOTONIC): define _POSIX_C_SOURCE=200809L"
+#endif
+
+/* The wait reads the clock once every this many polls (see "Deadline"). */
+#define LRA_NCCL_POLLS_PER_CLOCK_READ_ 16u
 
 /* The most values one call can carry (lra passes at most 3). */
 #define LRA_NCCL_MAX_VALUES 8
@@ -86,17 +149,27 @@
 /* lra_nccl_init: the current device is not the communicator's */
 #define LRA_NCCL_ERR_DEVICE 2
 /* the callback's `user` is NULL, or its staging buffers are (lra_nccl_init
-   failed, lra_nccl_free ran, or a zeroed struct was never initialised).
-   Nothing is staged and no collective is entered, so this rank does not
-   join the other ranks' collective: treat it as fatal, like any other
-   error. */
+   failed, lra_nccl_free ran, or a zeroed struct was never initialised), or
+   its `timeout_s` is negative or NaN. Nothing is staged and no collective
+   is entered, so this rank does not join the other ranks' collective:
+   treat it as fatal, like any other error. */
 #define LRA_NCCL_ERR_INIT 3
+/* the call ran past `timeout_s` (the collective never completed: a peer did
+   not join it), or an earlier call did: the reduction is unusable. The
+   values are untouched; see "Deadline" above for what the caller must do. */
+#define LRA_NCCL_ERR_TIMEOUT 4
 /* LRA_NCCL_ERR_CUDA + cudaError_t of a failing CUDA runtime call */
 #define LRA_NCCL_ERR_CUDA 1000
 /* LRA_NCCL_ERR_NCCL + ncclResult_t of a failing ncclAllReduce, or the
    communicator's asynchronous error (ncclCommGetAsyncError) while waiting */
 #define LRA_NCCL_ERR_NCCL 2000
 
+/* Fill it with lra_nccl_init, then change `timeout_s` if you want one.
+ * Later versions only append fields, never reorder or remove them, and
+ * lra_nccl_init sets every field (the added ones to defaults that keep the
+ * earlier behaviour), so code written for an earlier version works
+ * unchanged after a rebuild. It is header-only: the struct is compiled into
+ * your code, so build every part that shares one with the same header. */
 typedef struct lra_nccl_reduction {
     ncclComm_t comm;
     cudaStream_t stream;
@@ -104,11 +177,23 @@ typedef struct lra_nccl_reduction {
     double *device;
     /* as many in pinned host memory (the staging copies are asynchronous) */
     double *host;
+    /* The most seconds one call may take (see "Deadline" above); 0, the
+       default, or INFINITY: no limit. Negative or NaN: refused. */
+    double timeout_s;
+    /* Set to 1 by a call that ran past `timeout_s` (it returned
+       LRA_NCCL_ERR_TIMEOUT, or the error it already had: a failed
+       ncclAllReduce whose staging copy did not finish in time); from then
+       on the callback returns LRA_NCCL_ERR_TIMEOUT at once. Read it, do not
+       clear it: only lra_nccl_init, after ncclCommAbort and lra_nccl_free,
+       does. */
+    int32_t timed_out;
 } lra_nccl_reduction;
 
 /* Releases the buffers; safe on a zeroed struct, after a failed
  * lra_nccl_init (which leaves both pointers NULL, whatever the struct held)
- * and twice. */
+ * and twice. After a timeout (LRA_NCCL_ERR_TIMEOUT) only once the
+ * communicator has been aborted: cudaFree may wait for the device, where
+ * the collective's kernel still spins. */
 static inline void lra_nccl_free(lra_nccl_reduction *r)
 {
     if (r->device)
@@ -123,7 +208,8 @@ static inline void lra_nccl_free(lra_nccl_reduction *r)
  * communicator's (checked: a buffer on another device would make every
  * collective fail or fault). Returns 0, LRA_NCCL_ERR_DEVICE,
  * LRA_NCCL_ERR_NCCL + the NCCL error or LRA_NCCL_ERR_CUDA + the CUDA
- * error; on failure nothing stays allocated. */
+ * error; on failure nothing stays allocated. Sets every field, also on
+ * failure: timeout_s = 0 (no deadline), timed_out = 0. */
 static inline int32_t lra_nccl_init(lra_nccl_reduction *r, ncclComm_t comm, cudaStream_t stream)
 {
     const size_t bytes = LRA_NCCL_MAX_VALUES * sizeof(double);
@@ -131,6 +217,8 @@ static inline int32_t lra_nccl_init(lra_nccl_reduction *r, ncclComm_t comm, cuda
     r->stream = stream;
     r->device = NULL;
     r->host = NULL;
+    r->timeout_s = 0.0;
+    r->timed_out = 0;
     int current = -1, comm_device = -1;
     cudaError_t e = cudaGetDevice(&current);
     if (e != cudaSuccess)
@@ -164,10 +252,50 @@ static inline int32_t lra_nccl_async_error_(const lra_nccl_reduction *r, int *in
     return 0;
 }
 
+/* Seconds on CLOCK_MONOTONIC, or -1 if it cannot be read (on Linux it
+ * always can): the deadline then counts as passed, a loud failure rather
+ * than a silent wait without one. */
+static inline double lra_nccl_now_(void)
+{
+    struct timespec ts;
+    if (clock_gettime(LRA_NCCL_CLOCK_MONOTONIC_, &ts) != 0)
+        return -1.0;
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* One call's deadline. */
+typedef struct lra_nccl_deadline_ {
+    int limited;    /* 0: no deadline, the clock is never read */
+    unsigned polls; /* polls so far; the clock is read every
+                       LRA_NCCL_POLLS_PER_CLOCK_READ_ of them */
+    double at;      /* lra_nccl_now_() at which the call times out */
+} lra_nccl_deadline_;
+
+static inline lra_nccl_deadline_ lra_nccl_deadline_start_(double timeout_s)
+{
+    lra_nccl_deadline_ d = {0, 0, 0.0};
+    if (timeout_s > 0) {
+        const double now = lra_nccl_now_();
+        d.limited = 1;
+        d.at = now < 0 ? 0.0 : now + timeout_s; /* INFINITY: never */
+    }
+    return d;
+}
+
+/* Counts a poll; true once the deadline has passed (NULL: none). */
+static inline int lra_nccl_expired_(lra_nccl_deadline_ *d)
+{
+    if (d == NULL || !d->limited || ++d->polls % LRA_NCCL_POLLS_PER_CLOCK_READ_ != 0)
+        return 0;
+    const double now = lra_nccl_now_();
+    return now < 0 || now >= d->at;
+}
+
 /* Waits until the work queued on r->stream has finished, returning early
- * with the communicator's asynchronous error if one appears: a collective
- * whose peer failed never finishes. */
-static inline int32_t lra_nccl_wait_(const lra_nccl_reduction *r)
+ * with the communicator's asynchronous error if one appears (a collective
+ * whose peer failed never finishes), or with LRA_NCCL_ERR_TIMEOUT once the
+ * deadline `d` has passed (NULL: none). */
+static inline int32_t lra_nccl_wait_(const lra_nccl_reduction *r, lra_nccl_deadline_ *d)
 {
     for (;;) {
         const cudaError_t e = cudaStreamQuery(r->stream);
@@ -179,6 +307,8 @@ static inline int32_t lra_nccl_wait_(const lra_nccl_reduction *r)
         const int32_t rc = lra_nccl_async_error_(r, &in_progress);
         if (rc != 0)
             return rc;
+        if (lra_nccl_expired_(d))
+            return LRA_NCCL_ERR_TIMEOUT;
         sched_yield(); /* leave the core to NCCL's proxy threads */
     }
 }
@@ -186,16 +316,22 @@ static inline int32_t lra_nccl_wait_(const lra_nccl_reduction *r)
 /* The lra_reduce_fn: `user` points at an initialised lra_nccl_reduction.
  * Replaces values[0..count] by their sums over the communicator's ranks.
  * A NULL `user`, or one whose buffers are NULL (registered after a failed
- * lra_nccl_init, or after lra_nccl_free), fails with LRA_NCCL_ERR_INIT
- * (lra: LRA_REDUCTION_FAILED) before touching anything; an uninitialised
- * struct that was not zeroed holds garbage, which cannot be told apart. */
+ * lra_nccl_init, or after lra_nccl_free) or whose timeout_s is negative or
+ * NaN, fails with LRA_NCCL_ERR_INIT (lra: LRA_REDUCTION_FAILED) before
+ * touching anything; an uninitialised struct that was not zeroed holds
+ * garbage, which cannot be told apart. A call that runs past timeout_s
+ * returns LRA_NCCL_ERR_TIMEOUT and marks the reduction timed out; so does
+ * every later call, at once. Only a successful call changes `values`. */
 static inline int32_t lra_nccl_allreduce_sum(double *values, size_t count, void *user)
 {
     lra_nccl_reduction *r = (lra_nccl_reduction *)user;
-    if (r == NULL || r->device == NULL || r->host == NULL)
+    if (r == NULL || r->device == NULL || r->host == NULL || !(r->timeout_s >= 0))
         return LRA_NCCL_ERR_INIT;
+    if (r->timed_out)
+        return LRA_NCCL_ERR_TIMEOUT;
     if (count > LRA_NCCL_MAX_VALUES)
         return LRA_NCCL_ERR_COUNT;
+    lra_nccl_deadline_ deadline = lra_nccl_deadline_start_(r->timeout_s);
     const size_t bytes = count * sizeof(double);
     memcpy(r->host, values, bytes);
     cudaError_t e = cudaMemcpyAsync(r->device, r->host, bytes, cudaMemcpyHostToDevice, r->stream);
@@ -209,23 +345,35 @@ static inline int32_t lra_nccl_allreduce_sum(double *values, size_t count, void 
            nothing else may be queued on the stream until it has. */
         int in_progress = 1;
         while (rc == 0 && in_progress) {
+            if (lra_nccl_expired_(&deadline)) {
+                rc = LRA_NCCL_ERR_TIMEOUT; /* still enqueueing: queue nothing more */
+                break;
+            }
             sched_yield();
             rc = lra_nccl_async_error_(r, &in_progress);
         }
     } else if (n != ncclSuccess) {
         rc = LRA_NCCL_ERR_NCCL + (int32_t)n;
     }
+    if (rc == LRA_NCCL_ERR_TIMEOUT) {
+        r->timed_out = 1;
+        return rc;
+    }
     if (rc != 0) {
         /* The copy above may still read r->host; let it finish (it does
            unless the communicator is broken, which the wait detects) so
-           that the next call can reuse the buffer. */
-        (void)lra_nccl_wait_(r);
+           that the next call can reuse the buffer. If it does not before
+           the deadline, the buffer may still be in use: unusable. */
+        if (lra_nccl_wait_(r, &deadline) == LRA_NCCL_ERR_TIMEOUT)
+            r->timed_out = 1;
         return rc;
     }
     e = cudaMemcpyAsync(r->host, r->device, bytes, cudaMemcpyDeviceToHost, r->stream);
     if (e != cudaSuccess)
         return LRA_NCCL_ERR_CUDA + (int32_t)e;
-    rc = lra_nccl_wait_(r);
+    rc = lra_nccl_wait_(r, &deadline);
+    if (rc == LRA_NCCL_ERR_TIMEOUT)
+        r->timed_out = 1;
     if (rc != 0)
         return rc;
     memcpy(values, r->host, bytes);

@@ -3,7 +3,11 @@
 # 1. Against the stub CUDA/NCCL in tests/nccl/stub (always): compiles as C11
 #    and C++17, and its logic runs on one simulated rank (tests/nccl/
 #    lra_nccl_stub_test.c: blocking and non-blocking communicator, busy
-#    stream, failed call, failed peer, wrong device).
+#    stream, failed call, failed peer, wrong device, and the deadline
+#    timeout_s: a peer that never joins and an enqueue that never finishes
+#    end in LRA_NCCL_ERR_TIMEOUT, then the reduction fails at once). Strict
+#    C11, so the header's own clock_gettime declaration is what runs; a hang
+#    is stopped after 120 s.
 # 2. Against the real NCCL and CUDA runtime from PyPI (nvidia-nccl-cu12,
 #    nvidia-cuda-runtime-cu12, plus nvidia-cuda-cccl-cu12 for <nv/target> and
 #    nvidia-cuda-nvcc-cu12 for crt/, which the real cuda_runtime.h and nccl.h
@@ -20,7 +24,9 @@
 #      gpu-check.sh --nccl runs it here as on the GPU machine (finds the
 #      libraries; no device: skipped), then over a pretend one-device GPU
 #      (tests/nccl/fake_gpu_preload.c, LD_PRELOAD), where the test's own
-#      checks must pass (all but its CUDA-handle part).
+#      checks must pass (all but its CUDA-handle part; its deadline part
+#      holds the stream with cudaLaunchHostFunc, which the pretend GPU runs
+#      on a thread).
 #    The collective itself needs a GPU and never runs here.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,7 +46,9 @@ cp "$work/use.c" "$work/use.cpp"
 # ---- 1. stub CUDA/NCCL: compile checks and the one-rank logic run ------------
 cc -std=c11 "${cflags[@]}" -I tests/nccl -I tests/nccl/stub tests/nccl/lra_nccl_stub_test.c \
   tests/nccl/stub/stub_impl.c "${lra_link[@]}" -o "$work/lra_nccl_stub_test"
-"$work/lra_nccl_stub_test"
+rc=0
+timeout 120 "$work/lra_nccl_stub_test" || rc=$?
+[ $rc = 0 ] || { echo "FAILED: lra_nccl_stub_test (exit $rc; 124 = timed out: a hang)"; exit 1; }
 # Trainers are often C++: the header must compile as C++ too.
 have_cxx=0
 if command -v c++ >/dev/null; then
@@ -97,8 +105,8 @@ echo "stubs match the real API: $functions definitions in stub_impl.c, $values e
 mkdir "$work/gpu-check"
 cp "$lib_dir/liblra.so" "$work/gpu-check/"
 LRA_GPU_CHECK_DIR="$work/gpu-check" bash scripts/gpu-check.sh --prepare-nccl
-cc -std=c11 "${cflags[@]}" -shared -fPIC "${real_inc[@]}" tests/nccl/fake_gpu_preload.c \
-  -o "$work/fake_gpu_preload.so"
+cc -std=c11 "${cflags[@]}" -shared -fPIC -pthread "${real_inc[@]}" \
+  tests/nccl/fake_gpu_preload.c -o "$work/fake_gpu_preload.so"
 # Runs gpu-check.sh --nccl with the environment given; prints its output
 # indented and returns its summary verdict in $verdict.
 gpu_check_nccl() {

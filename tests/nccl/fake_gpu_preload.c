@@ -13,6 +13,9 @@
  * - copies happen at once, but leave their stream busy for a few
  *   cudaStreamQuery polls (cudaStreamSynchronize clears it), so that waits
  *   really wait;
+ * - cudaLaunchHostFunc runs its function on a thread of its own, and the
+ *   stream is busy until it has returned (cudaStreamSynchronize waits for
+ *   it); work queued behind it is not held back, unlike on a GPU;
  * - an in-place ncclAllReduce over one rank changes nothing (NCCL's
  *   one-rank path has nothing to move); with no communicator it answers
  *   ncclInvalidArgument, as NCCL's argument check does;
@@ -27,6 +30,8 @@
  * run is the proof. */
 #include <cuda_runtime.h>
 #include <nccl.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -67,6 +72,10 @@ static cudaError_t forget(void *p)
 /* Streams: the legacy default one (NULL) and created ones. */
 struct fake_stream {
     int busy; /* cudaStreamQuery polls left that answer cudaErrorNotReady */
+    /* A cudaLaunchHostFunc in flight: its thread, and whether it returned. */
+    int host_func;
+    pthread_t thread;
+    atomic_int host_func_done;
 };
 static struct fake_stream legacy;
 
@@ -124,9 +133,53 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags)
     return f ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 
+/* Waits for the stream's host function, if any. */
+static void join_host_func(struct fake_stream *f)
+{
+    if (f->host_func) {
+        pthread_join(f->thread, NULL);
+        f->host_func = 0;
+    }
+}
+
 cudaError_t cudaStreamDestroy(cudaStream_t s)
 {
+    join_host_func(stream_of(s));
     free(s);
+    return cudaSuccess;
+}
+
+struct host_call {
+    cudaHostFn_t fn;
+    void *data;
+    struct fake_stream *stream;
+};
+
+static void *run_host_func(void *p)
+{
+    struct host_call call = *(struct host_call *)p;
+    free(p);
+    call.fn(call.data);
+    atomic_store(&call.stream->host_func_done, 1);
+    return NULL;
+}
+
+cudaError_t cudaLaunchHostFunc(cudaStream_t s, cudaHostFn_t fn, void *userData)
+{
+    struct fake_stream *f = stream_of(s);
+    join_host_func(f); /* one at a time: an earlier one is waited for */
+    struct host_call *call = malloc(sizeof *call);
+    if (!call)
+        return cudaErrorMemoryAllocation;
+    call->fn = fn;
+    call->data = userData;
+    call->stream = f;
+    atomic_store(&f->host_func_done, 0);
+    if (pthread_create(&f->thread, NULL, run_host_func, call) != 0) {
+        free(call);
+        return cudaErrorMemoryAllocation;
+    }
+    f->host_func = 1;
     return cudaSuccess;
 }
 
@@ -149,6 +202,8 @@ cudaError_t cudaMemsetAsync(void *p, int value, size_t count, cudaStream_t s)
 cudaError_t cudaStreamQuery(cudaStream_t s)
 {
     struct fake_stream *f = stream_of(s);
+    if (f->host_func && !atomic_load(&f->host_func_done))
+        return cudaErrorNotReady;
     if (f->busy > 0) {
         f->busy--;
         return cudaErrorNotReady;
@@ -158,6 +213,7 @@ cudaError_t cudaStreamQuery(cudaStream_t s)
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s)
 {
+    join_host_func(stream_of(s));
     stream_of(s)->busy = 0;
     return cudaSuccess;
 }

@@ -30,6 +30,13 @@
  *    revoke, the next lra_step gets LRA_REDUCTION_FAILED naming what
  *    ncclAllReduce answers on the revoked communicator, and changes nothing;
  *    then ncclCommDestroy.
+ * 7. The deadline (timeout_s), before part 5 on the blocking communicator:
+ *    the stream held by a host function (cudaLaunchHostFunc) that waits
+ *    for the test, as a collective waits for a peer that never comes; the
+ *    callback must return LRA_NCCL_ERR_TIMEOUT after its deadline, not
+ *    before, with its values unchanged and the stream still held, and the
+ *    next call at once; released, the stream drains (the one-rank
+ *    collective completes) and lra_nccl_free works.
  * With two or more devices also: lra_nccl_init with device 1 current and
  * the communicator on device 0 -> LRA_NCCL_ERR_DEVICE.
  *
@@ -46,6 +53,7 @@
 #define _GNU_SOURCE /* RTLD_DEFAULT */
 #include <dlfcn.h>
 #include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -407,6 +415,65 @@ static void step_fails_changing_nothing(lra_handle *h, float *theta, float *grad
     CHECK(memcmp(theta, before, sizeof before) == 0, "%s: parameters changed", what);
 }
 
+/* Part 7: a host function holding the stream until the test lets it go. */
+static atomic_int hold_released;
+
+static void CUDART_CB hold_stream(void *unused)
+{
+    (void)unused;
+    while (!atomic_load(&hold_released)) {
+        const struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+}
+
+static double monotonic_seconds(void)
+{
+    struct timespec ts;
+    CHECK(clock_gettime(CLOCK_MONOTONIC, &ts) == 0, "clock_gettime");
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void deadline(ncclComm_t comm, cudaStream_t stream)
+{
+    const double timeout = 0.2;
+    lra_nccl_reduction red;
+    CHECK(lra_nccl_init(&red, comm, stream) == 0 && red.timeout_s == 0 && red.timed_out == 0,
+          "lra_nccl_init for the deadline check (timeout_s %g, timed_out %d)", red.timeout_s,
+          (int)red.timed_out);
+    red.timeout_s = timeout;
+    double values[3];
+    memcpy(values, SAMPLES, sizeof values);
+    CHECK(lra_nccl_allreduce_sum(values, 3, &red) == 0 &&
+              memcmp(values, SAMPLES, sizeof values) == 0,
+          "a call with a deadline on an idle stream failed or changed its values");
+    atomic_store(&hold_released, 0);
+    CUDA_OK(cudaLaunchHostFunc(stream, hold_stream, NULL));
+    const double t0 = monotonic_seconds();
+    int32_t rc = lra_nccl_allreduce_sum(values, 3, &red);
+    const double took = monotonic_seconds() - t0;
+    const cudaError_t held = cudaStreamQuery(stream);
+    CHECK(rc == LRA_NCCL_ERR_TIMEOUT && red.timed_out == 1,
+          "a held stream, deadline %g s: -> %d (timed_out %d), want LRA_NCCL_ERR_TIMEOUT (%d)",
+          timeout, (int)rc, (int)red.timed_out, LRA_NCCL_ERR_TIMEOUT);
+    CHECK(took >= timeout && took < 30 * timeout + 1, "it took %.6f s for a deadline of %g s",
+          took, timeout);
+    CHECK(memcmp(values, SAMPLES, sizeof values) == 0, "a timed-out call changed its values");
+    CHECK(held == cudaErrorNotReady, "the stream should still be held: cudaStreamQuery -> %s",
+          cudaGetErrorName(held));
+    const double t1 = monotonic_seconds();
+    rc = lra_nccl_allreduce_sum(values, 3, &red);
+    const double again = monotonic_seconds() - t1;
+    CHECK(rc == LRA_NCCL_ERR_TIMEOUT && memcmp(values, SAMPLES, sizeof values) == 0,
+          "the call after a timeout -> %d, want LRA_NCCL_ERR_TIMEOUT, values unchanged", (int)rc);
+    atomic_store(&hold_released, 1);
+    CUDA_OK(cudaStreamSynchronize(stream)); /* as ncclCommAbort would end a real hang */
+    lra_nccl_free(&red);
+    printf("  deadline %g s, stream held: LRA_NCCL_ERR_TIMEOUT after %.3f s, values unchanged; "
+           "next call -> LRA_NCCL_ERR_TIMEOUT in %.6f s; released, the stream drained\n",
+           timeout, took, again);
+}
+
 /* Part 5: `comm` is aborted here. */
 static void failure_after_abort(ncclComm_t comm, cudaStream_t stream)
 {
@@ -558,12 +625,14 @@ int main(void)
     }
 
     non_blocking(created);           /* 4 */
+    deadline(comm, created);            /* 7 */
     failure_after_abort(comm, created); /* 5 */
     failure_after_revoke(created);      /* 6 */
     CUDA_OK(cudaStreamDestroy(created));
     printf("nccl adapter on %s with NCCL %d and CUDA runtime %d: one-rank sums exact on the "
            "legacy and a created stream, %s identical to runs without NCCL, non-blocking "
-           "communicator, ncclCommAbort (and ncclCommRevoke where there) -> LRA_REDUCTION_FAILED\n",
+           "communicator, ncclCommAbort (and ncclCommRevoke where there) -> LRA_REDUCTION_FAILED, "
+           "deadline -> LRA_NCCL_ERR_TIMEOUT\n",
            prop.name, nccl_version, runtime_version,
            host_only ? "host handles (CUDA handles left out)" : "host and CUDA handles");
     return 0;

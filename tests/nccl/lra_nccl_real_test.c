@@ -80,6 +80,9 @@ int main(void)
     CHECK(red.device == NULL && red.host == NULL,
           "a failed lra_nccl_init must leave no buffer behind (device %p, host %p)",
           (void *)red.device, (void *)red.host);
+    CHECK(red.timeout_s == 0 && red.timed_out == 0,
+          "a failed lra_nccl_init must still set timeout_s = 0 and timed_out = 0 (got %g, %d)",
+          red.timeout_s, (int)red.timed_out);
     lra_nccl_free(&red);
     lra_nccl_free(&red); /* twice: still safe */
     CHECK(red.device == NULL && red.host == NULL, "lra_nccl_free changed the struct");
@@ -154,7 +157,7 @@ int main(void)
     static double device_stand_in[LRA_NCCL_MAX_VALUES];
     red.device = device_stand_in;
     /* Waiting on the stream, and the communicator's state polled meanwhile. */
-    const int32_t wait_rc = lra_nccl_wait_(&red);
+    const int32_t wait_rc = lra_nccl_wait_(&red, NULL);
     CHECK(wait_rc == cuda_code(), "waiting on the stream (cudaStreamQuery) -> %d, want %d",
           (int)wait_rc, (int)cuda_code());
     int in_progress = -1;
@@ -171,6 +174,14 @@ int main(void)
     CHECK(rc == cuda_code(), "lra_nccl_allreduce_sum -> %d, want %d", (int)rc, (int)cuda_code());
     CHECK(values[0] == 1.5 && values[1] == -2.0 && values[2] == 0.25,
           "a failed callback changed its values");
+    /* With a deadline: the same error at once, not a timeout. */
+    red.timeout_s = 30;
+    rc = lra_nccl_allreduce_sum(values, 3, &red);
+    CHECK(rc == cuda_code() && red.timed_out == 0 && values[0] == 1.5 && values[1] == -2.0 &&
+              values[2] == 0.25,
+          "with timeout_s = 30: lra_nccl_allreduce_sum -> %d (timed_out %d), want %d", (int)rc,
+          (int)red.timed_out, (int)cuda_code());
+    red.timeout_s = 0;
     double many[LRA_NCCL_MAX_VALUES + 1] = {0};
     CHECK(lra_nccl_allreduce_sum(many, LRA_NCCL_MAX_VALUES + 1, &red) == LRA_NCCL_ERR_COUNT,
           "more than LRA_NCCL_MAX_VALUES values must fail with LRA_NCCL_ERR_COUNT");

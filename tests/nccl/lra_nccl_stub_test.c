@@ -8,17 +8,43 @@
  * stream. A failed peer (an asynchronous NCCL error while the collective
  * can never finish) must end the call with an error, not hang it. The
  * callback registered on the struct a failed lra_nccl_init left, or with
- * NULL, must fail (LRA_NCCL_ERR_INIT), not crash. Real NCCL
- * and CUDA are exercised, without a GPU, by lra_nccl_real_test.c. */
+ * NULL, must fail (LRA_NCCL_ERR_INIT), not crash. The deadline
+ * (`timeout_s`): lra_nccl_init sets no deadline; without one, or with a
+ * long one, a long wait still succeeds; a negative or NaN one is refused; a
+ * collective a peer never joins (no error from NCCL: the stream just never
+ * finishes) and a non-blocking enqueue that never finishes end the call
+ * with LRA_NCCL_ERR_TIMEOUT once the deadline has passed, not before,
+ * leaving the values (and through lra, η, counters and parameters) as they
+ * were; every later call fails at once without calling CUDA or NCCL; then
+ * ncclCommAbort, lra_destroy and lra_nccl_free clean up. Real NCCL and CUDA
+ * are exercised, without a GPU, by lra_nccl_real_test.c.
+ *
+ * Compiled as strict C11 (no _POSIX_C_SOURCE), where lra_nccl.h declares
+ * clock_gettime itself; the test's own clock is C11's timespec_get. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "lra_nccl.h"
 #include "nccl_test_support.h"
 #include "stub_controls.h"
 
 enum { STEPS = 12 };
+
+/* The test's own clock (C11; independent of the header's). */
+static double seconds(void)
+{
+    struct timespec ts;
+    CHECK(timespec_get(&ts, TIME_UTC) == TIME_UTC, "timespec_get failed");
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* How long a timed-out call may take at most: 30 times its deadline (plus
+   a second): only a generous bound, machines are noisy; the point is that
+   it returns. */
+static double slack(double timeout_s) { return 30 * timeout_s + 1; }
 
 static lra_handle *make(int sharded)
 {
@@ -41,6 +67,164 @@ static void step(lra_handle *h, float *theta, float *grad, lra_reeval_info *info
     CHECK(lra_step(h, &t, 1, f, 0.0, NULL) == LRA_OK, "lra_step: %s", lra_last_error(h));
     CHECK(lra_report_reeval(h, loss_and_grad(theta, NULL), info) == LRA_OK,
           "lra_report_reeval: %s", lra_last_error(h));
+}
+
+/* A step through `h` must fail with `code` in the message and change
+   nothing; returns how long it took. */
+static double step_fails(lra_handle *h, const float *a, const char *what, int32_t code)
+{
+    float c[N], gc[N];
+    memcpy(c, a, sizeof c);
+    lra_tensor tc = {c, gc, N, LRA_DTYPE_F32};
+    double lr_before, lr_after;
+    lra_counters c0, c1;
+    CHECK(lra_get_lr(h, &lr_before) == LRA_OK && lra_get_counters(h, &c0) == LRA_OK, "queries");
+    const double t0 = seconds();
+    const lra_status st = lra_step(h, &tc, 1, loss_and_grad(c, gc), 0.0, NULL);
+    const double took = seconds() - t0;
+    char want[48];
+    snprintf(want, sizeof want, "callback returned %d", (int)code);
+    CHECK(st == LRA_REDUCTION_FAILED && strstr(lra_last_error(h), want) != NULL,
+          "%s: lra_step -> %u (%s): \"%s\", want LRA_REDUCTION_FAILED naming %d", what, st,
+          lra_status_string(st), lra_last_error(h), (int)code);
+    CHECK(lra_get_lr(h, &lr_after) == LRA_OK && lr_after == lr_before &&
+              lra_get_counters(h, &c1) == LRA_OK && c1.steps == c0.steps &&
+              memcmp(c, a, sizeof c) == 0,
+          "%s: the failed step changed η, the counters or the parameters", what);
+    return took;
+}
+
+/* The deadline (`timeout_s`); `a`: parameters to start the steps from. */
+static void deadline(const float *a)
+{
+    const double SAMPLES[3] = {1.5, -2.0, 0.25};
+    double v[3];
+    lra_nccl_reduction r;
+    memset(&r, 0xA5, sizeof r); /* an uninitialised struct */
+    CHECK(lra_nccl_init(&r, stub_comm, stub_stream) == 0, "lra_nccl_init failed");
+    CHECK(r.timeout_s == 0 && r.timed_out == 0,
+          "lra_nccl_init must set timeout_s = 0 (no deadline) and timed_out = 0, whatever the "
+          "struct held (got %g, %d)",
+          r.timeout_s, (int)r.timed_out);
+
+    /* No deadline (0, INFINITY) or a long one: a long wait still succeeds. */
+    const double fine[3] = {0.0, INFINITY, 60.0};
+    stub_stream_busy_polls = 100000;
+    for (int i = 0; i < 3; i++) {
+        r.timeout_s = fine[i];
+        memcpy(v, SAMPLES, sizeof v);
+        const int before = stub_api_calls;
+        const int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
+        CHECK(rc == 0 && memcmp(v, SAMPLES, sizeof v) == 0 && !r.timed_out,
+              "timeout_s = %g, a stream busy for %d polls: -> %d (want 0, values unchanged)",
+              fine[i], stub_stream_busy_polls, (int)rc);
+        CHECK(stub_api_calls - before >= stub_stream_busy_polls,
+              "timeout_s = %g: the callback returned without waiting (%d calls)", fine[i],
+              stub_api_calls - before);
+    }
+    stub_stream_busy_polls = 0;
+
+    /* A negative or NaN deadline: refused before any CUDA or NCCL call. */
+    const double bad[2] = {-1.0, NAN};
+    for (int i = 0; i < 2; i++) {
+        r.timeout_s = bad[i];
+        memcpy(v, SAMPLES, sizeof v);
+        const int before = stub_api_calls;
+        const int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
+        CHECK(rc == LRA_NCCL_ERR_INIT && stub_api_calls == before &&
+                  memcmp(v, SAMPLES, sizeof v) == 0 && !r.timed_out,
+              "timeout_s = %g -> %d, %d CUDA/NCCL calls: want LRA_NCCL_ERR_INIT and none",
+              bad[i], (int)rc, stub_api_calls - before);
+    }
+
+    /* A peer never joins: the collective never completes and NCCL reports
+       nothing. The call must end once the deadline has passed, not before,
+       and leave its values alone (the running collective scribbled over the
+       staging buffers). */
+    const double timeout = 0.2;
+    r.timeout_s = timeout;
+    stub_peer_missing = 1;
+    memcpy(v, SAMPLES, sizeof v);
+    double t0 = seconds();
+    int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
+    const double took = seconds() - t0;
+    CHECK(rc == LRA_NCCL_ERR_TIMEOUT, "a collective that never completes -> %d, want "
+          "LRA_NCCL_ERR_TIMEOUT (%d)", (int)rc, LRA_NCCL_ERR_TIMEOUT);
+    CHECK(took >= timeout, "it timed out after %.6f s, before its deadline of %g s", took,
+          timeout);
+    CHECK(took < slack(timeout), "it took %.3f s for a deadline of %g s", took, timeout);
+    CHECK(memcmp(v, SAMPLES, sizeof v) == 0, "a timed-out call changed its values");
+    CHECK(r.timed_out == 1, "a timed-out call must mark the reduction (timed_out = 1)");
+#ifdef LRA_NCCL_CLOCK_DECLARED_HERE_
+    const char *clock = "clock_gettime declared by lra_nccl.h (strict ISO C)";
+#else
+    const char *clock = "clock_gettime from <time.h>";
+#endif
+    printf("  deadline %g s, a peer that never joins: LRA_NCCL_ERR_TIMEOUT after %.3f s, values "
+           "unchanged (%s)\n",
+           timeout, took, clock);
+
+    /* Unusable from then on, even with the stream healthy again: at once,
+       without calling CUDA or NCCL, directly and through lra. */
+    stub_peer_missing = 0;
+    const int before = stub_api_calls;
+    t0 = seconds();
+    rc = lra_nccl_allreduce_sum(v, 3, &r);
+    const double again = seconds() - t0;
+    CHECK(rc == LRA_NCCL_ERR_TIMEOUT && stub_api_calls == before &&
+              memcmp(v, SAMPLES, sizeof v) == 0,
+          "the call after a timeout -> %d with %d CUDA/NCCL calls: want LRA_NCCL_ERR_TIMEOUT "
+          "at once, none, values unchanged",
+          (int)rc, stub_api_calls - before);
+    lra_handle *h = make(1);
+    CHECK(lra_set_reduction(h, lra_nccl_allreduce_sum, &r) == LRA_OK, "%s", lra_last_error(h));
+    step_fails(h, a, "a handle on the timed-out reduction", LRA_NCCL_ERR_TIMEOUT);
+    CHECK(stub_api_calls == before, "lra_step on the timed-out reduction called CUDA or NCCL");
+    printf("  then: LRA_NCCL_ERR_TIMEOUT at once (%.6f s), no CUDA or NCCL call; lra_step -> "
+           "LRA_REDUCTION_FAILED, nothing changed\n",
+           again);
+    /* The documented recovery: abort (it stops the collective), destroy,
+       free. */
+    const int aborts = stub_nccl_aborts;
+    CHECK(ncclCommAbort(stub_comm) == ncclSuccess && stub_nccl_aborts == aborts + 1, "abort");
+    lra_destroy(h);
+    lra_nccl_free(&r);
+    CHECK(r.device == NULL && r.host == NULL, "lra_nccl_free after a timeout");
+
+    /* Through lra, as a trainer meets it: a fresh reduction, a deadline, and
+       (1) a blocking communicator whose collective a peer never joins,
+       (2) a non-blocking one whose enqueue never finishes (nothing may be
+       queued behind it: the stub counts that as a wrong call). */
+    for (int mode = 0; mode < 2; mode++) {
+        const char *what = mode == 0 ? "lra_step, blocking communicator, peer missing"
+                                     : "lra_step, non-blocking communicator, endless enqueue";
+        const double limit = 0.1;
+        CHECK(lra_nccl_init(&r, stub_comm, stub_stream) == 0 && !r.timed_out, "init again");
+        r.timeout_s = limit;
+        lra_handle *g = make(1);
+        CHECK(lra_set_reduction(g, lra_nccl_allreduce_sum, &r) == LRA_OK, "%s",
+              lra_last_error(g));
+        stub_peer_missing = mode == 0;
+        stub_nccl_enqueue_polls = mode == 1 ? 1 << 30 : 0;
+        const int wrong = stub_wrong_handle;
+        const double t = step_fails(g, a, what, LRA_NCCL_ERR_TIMEOUT);
+        CHECK(t >= limit && t < slack(limit), "%s: took %.6f s for a deadline of %g s", what, t,
+              limit);
+        CHECK(r.timed_out == 1 && stub_wrong_handle == wrong,
+              "%s: timed_out %d, %d wrong calls (queued behind the unfinished enqueue?)", what,
+              (int)r.timed_out, stub_wrong_handle - wrong);
+        stub_peer_missing = 0;
+        stub_nccl_enqueue_polls = 0;
+        const int calls = stub_api_calls;
+        step_fails(g, a, what, LRA_NCCL_ERR_TIMEOUT); /* again: at once */
+        CHECK(stub_api_calls == calls, "%s: the next lra_step called CUDA or NCCL", what);
+        CHECK(ncclCommAbort(stub_comm) == ncclSuccess, "abort");
+        lra_destroy(g);
+        lra_nccl_free(&r);
+        printf("  %s: deadline %g s -> LRA_REDUCTION_FAILED (LRA_NCCL_ERR_TIMEOUT) after %.3f s, "
+               "nothing changed; the next lra_step fails at once\n",
+               what, limit, t);
+    }
 }
 
 int main(void)
@@ -136,10 +320,13 @@ int main(void)
        NULL staging pointer before), and lra_step must return
        LRA_REDUCTION_FAILED naming it and change nothing. */
     lra_nccl_reduction failed;
+    memset(&failed, 0xA5, sizeof failed); /* an uninitialised struct */
     stub_current_device = 0; /* the communicator is on device 1 */
     CHECK(lra_nccl_init(&failed, stub_comm, stub_stream) == LRA_NCCL_ERR_DEVICE &&
-              failed.device == NULL && failed.host == NULL,
-          "lra_nccl_init on the wrong device must fail and leave the buffers NULL");
+              failed.device == NULL && failed.host == NULL && failed.timeout_s == 0 &&
+              failed.timed_out == 0,
+          "lra_nccl_init on the wrong device must fail, leave the buffers NULL and set "
+          "timeout_s = 0, timed_out = 0");
     stub_current_device = 1;
     double two[2] = {1.5, -2.0};
     calls = stub_nccl_calls;
@@ -175,15 +362,22 @@ int main(void)
     }
     lra_nccl_free(&failed);
 
+    deadline(a);
+
     lra_destroy(with);
     lra_destroy(without);
     lra_nccl_free(&red);
     CHECK(stub_cuda_outstanding == 0, "lra_nccl_free left %d buffers", stub_cuda_outstanding);
+    CHECK(stub_wrong_handle == 0,
+          "%d CUDA/NCCL calls used another communicator or stream, or queued work before a "
+          "non-blocking enqueue finished",
+          stub_wrong_handle);
     printf("nccl callback (stub CUDA/NCCL, one rank): %d steps identical to a handle without "
            "reduction (half on a non-blocking communicator and a busy stream), %d ncclAllReduce "
            "calls, failed call and failed peer -> LRA_REDUCTION_FAILED, wrong device refused, "
            "callback after a failed init or with NULL -> LRA_NCCL_ERR_INIT, "
-           "LRA_REDUCTION_FAILED\n",
+           "LRA_REDUCTION_FAILED; deadline: a missing peer -> LRA_NCCL_ERR_TIMEOUT, then "
+           "unusable\n",
            STEPS, 3 * STEPS);
     return 0;
 }

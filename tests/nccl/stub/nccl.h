@@ -1,4 +1,5 @@
-/* Test stand-in for nccl.h: only what bindings/nccl/lra_nccl.h uses, with
+/* Test stand-in for nccl.h: only what bindings/nccl/lra_nccl.h uses (and
+ * ncclCommAbort, which its documentation prescribes after an error), with
  * the signatures and enum values of NCCL 2.x's nccl.h (scripts/stages/nccl.sh
  * checks both against the real header where it can fetch one). Implemented
  * by stub_impl.c as a one-rank communicator (the sum over one rank is the
@@ -42,5 +43,7 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
 
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError);
 ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device);
+/* Not used by lra_nccl.h: the recovery its documentation prescribes. */
+ncclResult_t ncclCommAbort(ncclComm_t comm);
 
 #endif

@@ -20,6 +20,15 @@ extern int stub_stream_busy_polls;
 extern ncclResult_t stub_nccl_async_error;
 /* The current device (cudaGetDevice) and the communicator's. */
 extern int stub_current_device, stub_comm_device;
+/* A peer never joins: every ncclAllReduce from now on leaves a collective
+   that never completes (cudaStreamQuery answers cudaErrorNotReady, no
+   asynchronous error) and scribbles over its buffer, as a collective still
+   running may; ncclCommAbort ends it. */
+extern int stub_peer_missing;
+/* Calls of every stubbed CUDA and NCCL function so far. */
+extern int stub_api_calls;
+/* ncclCommAbort calls so far. */
+extern int stub_nccl_aborts;
 /* The comm and stream every call must pass, and the calls that did not. */
 extern ncclComm_t stub_comm;
 extern cudaStream_t stub_stream;

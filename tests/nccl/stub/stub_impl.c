@@ -1,7 +1,8 @@
 /* Host implementation of the stub CUDA runtime and a one-rank NCCL: "device"
  * memory is host memory, copies are memcpy, the sum over one rank is the
  * identity. Checks the arguments lra_nccl.h passes, and can play a
- * non-blocking communicator, a busy stream and a failed peer.
+ * non-blocking communicator, a busy stream, a failed peer, a peer that
+ * never joins, and ncclCommAbort ending what such a peer left hanging.
  *
  * Includes the API headers with <>: scripts/stages/nccl.sh also compiles
  * this file against the real cuda_runtime.h and nccl.h (include paths
@@ -26,13 +27,18 @@ int stub_current_device, stub_comm_device;
 ncclComm_t stub_comm;
 cudaStream_t stub_stream;
 int stub_wrong_handle;
+int stub_peer_missing;
+int stub_api_calls;
+int stub_nccl_aborts;
 
 /* Enqueue polls left for the collective in flight on a non-blocking
-   communicator; stream polls left before the stream is idle. */
-static int enqueue_left, busy_left;
+   communicator; stream polls left before the stream is idle; a collective
+   in flight that never completes (stub_peer_missing). */
+static int enqueue_left, busy_left, hanging;
 
 static cudaError_t alloc(void **p, size_t size)
 {
+    stub_api_calls++;
     if (!p)
         return cudaErrorInvalidValue;
     *p = malloc(size ? size : 1);
@@ -44,6 +50,7 @@ static cudaError_t alloc(void **p, size_t size)
 
 static cudaError_t release(void *p)
 {
+    stub_api_calls++;
     if (p) {
         free(p);
         stub_cuda_outstanding--;
@@ -53,6 +60,7 @@ static cudaError_t release(void *p)
 
 cudaError_t cudaGetDevice(int *device)
 {
+    stub_api_calls++;
     if (!device)
         return cudaErrorInvalidValue;
     *device = stub_current_device;
@@ -67,6 +75,7 @@ cudaError_t cudaFreeHost(void *ptr) { return release(ptr); }
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t count, enum cudaMemcpyKind kind,
                             cudaStream_t stream)
 {
+    stub_api_calls++;
     stub_wrong_handle += stream != stub_stream;
     if (enqueue_left > 0) /* NCCL: nothing on the stream until the enqueue is done */
         stub_wrong_handle++;
@@ -79,9 +88,12 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t count, enum cudaM
 
 cudaError_t cudaStreamQuery(cudaStream_t stream)
 {
+    stub_api_calls++;
     stub_wrong_handle += stream != stub_stream;
     if (stub_nccl_async_error != ncclSuccess)
         return cudaErrorNotReady; /* the collective waits for a dead peer */
+    if (hanging)
+        return cudaErrorNotReady; /* ... or for one that never comes, silently */
     if (busy_left > 0) {
         busy_left--;
         return cudaErrorNotReady;
@@ -93,6 +105,7 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
                            ncclDataType_t datatype, ncclRedOp_t op, ncclComm_t comm,
                            cudaStream_t stream)
 {
+    stub_api_calls++;
     stub_wrong_handle += comm != stub_comm || stream != stub_stream;
     stub_nccl_calls++;
     if (stub_nccl_fail != ncclSuccess) {
@@ -104,6 +117,11 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
         return ncclInvalidArgument;
     if (sendbuff != recvbuff)
         memmove(recvbuff, sendbuff, count * sizeof(double));
+    if (stub_peer_missing) {
+        hanging = 1;
+        for (size_t i = 0; i < count; i++) /* what a running collective leaves */
+            ((double *)recvbuff)[i] = 12345.0;
+    }
     busy_left = stub_stream_busy_polls;
     if (stub_nccl_enqueue_polls > 0) {
         enqueue_left = stub_nccl_enqueue_polls;
@@ -114,6 +132,7 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
 
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError)
 {
+    stub_api_calls++;
     stub_wrong_handle += comm != stub_comm;
     if (!asyncError)
         return ncclInvalidArgument;
@@ -130,9 +149,24 @@ ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError)
 
 ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device)
 {
+    stub_api_calls++;
     stub_wrong_handle += comm != stub_comm;
     if (!device)
         return ncclInvalidArgument;
     *device = stub_comm_device;
+    return ncclSuccess;
+}
+
+/* Ends whatever is in flight: a hanging collective, an unfinished enqueue,
+   a busy stream. (Unlike NCCL's, the one-rank communicator stays usable, so
+   that the test can go on with it.) */
+ncclResult_t ncclCommAbort(ncclComm_t comm)
+{
+    stub_api_calls++;
+    stub_wrong_handle += comm != stub_comm;
+    stub_nccl_aborts++;
+    hanging = 0;
+    enqueue_left = 0;
+    busy_left = 0;
     return ncclSuccess;
 }
