@@ -467,9 +467,11 @@ unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
             std::slice::from_raw_parts_mut(it.state.0 as *mut f32, slots * n.next_multiple_of(SUB)),
         )
     };
-    // The loop is specialised for the common weight_decay = 0: a copy of
-    // the scalars holding a literal 0 lets the compiler drop the
+    // The loop is specialised for the common weight_decay = +0.0: a copy
+    // of the scalars holding a literal 0 lets the compiler drop the
     // per-element test inside `direction`; the arithmetic is the same.
+    // Only for +0.0 itself: AdamW adds wd·θ whatever wd is, and -0.0·θ
+    // can give a zero of the other sign (as the kernel does).
     let no_decay = StepScalars {
         weight_decay: 0.0,
         ..*sc
@@ -496,7 +498,7 @@ unsafe fn chunk_pass<const K: u32, P: Elem, const MODE: u8, L: ElementLoop<P>>(
         prefetch_ahead::<P>(it, slots, base + PREFETCH_AHEAD);
         // SAFETY: this function's contract.
         bad |= unsafe {
-            if sc.weight_decay == 0.0 {
+            if sc.weight_decay.to_bits() == 0 {
                 L::run::<K, MODE>(&no_decay, lr, block)
             } else {
                 L::run::<K, MODE>(sc, lr, block)

@@ -1311,8 +1311,15 @@ pub fn run(m: &Module, c: &Case) -> (DeviceResult, PhiStats) {
 
 pub fn hyper(kind: OptimizerKind, decay: bool) -> Hyper {
     let mut h = Hyper::defaults(kind);
-    if decay && kind != OptimizerKind::AdamW {
-        h.weight_decay = 1e-3;
+    if decay {
+        // AdamW decays by default: its variant is a weight decay of -0.0,
+        // which must act as itself (the CPU backend once replaced it by
+        // +0.0 and lost the sign of zero results).
+        h.weight_decay = if kind == OptimizerKind::AdamW {
+            -0.0
+        } else {
+            1e-3
+        };
     }
     h
 }
