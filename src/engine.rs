@@ -234,14 +234,15 @@ impl Engine {
         // block reads it on its own): a flag inside one could skip part of
         // the step and not the rest.
         if !found_inf.is_null() {
+            // Any shared byte: an f16 parameter may start inside the flag.
             let flag = found_inf as usize;
             if let Some(i) = tensors.iter().position(|t| {
-                let p = t.param as usize;
-                flag >= p && flag - p < t.numel * t.dtype.size()
+                let (p, bytes) = (t.param as usize, t.numel * t.dtype.size());
+                bytes > 0 && flag < p + bytes && p < flag.saturating_add(4)
             }) {
                 fail!(
                     InvalidArgument,
-                    "found_inf = {found_inf:p} points into tensors[{i}].param, which the step writes"
+                    "found_inf = {found_inf:p} shares memory with tensors[{i}].param, which the step writes"
                 );
             }
         }

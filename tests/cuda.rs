@@ -2097,7 +2097,7 @@ fn abi_cuda_bad_arguments_change_nothing() {
         assert_refused(
             run,
             "found_inf inside a parameter",
-            "points into tensors[3].param",
+            "shares memory with tensors[3].param",
             |r| step(r, &tensors, inside, std::ptr::null_mut()),
         );
         let foreign = ForeignStream::new();

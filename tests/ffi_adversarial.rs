@@ -302,9 +302,33 @@ fn a_found_inf_flag_inside_a_parameter_is_refused() {
     let (params, before) = (p.clone(), h.checkpoint());
     let inside = unsafe { (t[0].param as *const f32).add(7) };
     let st = unsafe { lra_step_ex(h.0, t.as_ptr(), 1, 1.0, 0.0, inside, null_mut()) };
-    h.expect(st, LRA_INVALID_ARGUMENT, "points into tensors[0].param");
+    h.expect(
+        st,
+        LRA_INVALID_ARGUMENT,
+        "shares memory with tensors[0].param",
+    );
     assert_eq!(h.checkpoint(), before);
     assert_eq!(p, params);
+    // An f16 parameter (2-byte aligned) may begin in the flag's upper half.
+    let mut words = [0u32; 4];
+    let base = words.as_mut_ptr();
+    let flag = base as *const f32;
+    let half_param = unsafe { (base as *mut u16).add(1) };
+    let g16 = [0x3c00u16; 6]; // 1.0
+    let h16 = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
+    let t16 = [lra_tensor {
+        param: half_param.cast(),
+        grad: g16.as_ptr().cast(),
+        numel: 6,
+        dtype: LRA_DTYPE_F16,
+    }];
+    let st = unsafe { lra_step_ex(h16.0, t16.as_ptr(), 1, 1.0, 0.0, flag, null_mut()) };
+    h16.expect(
+        st,
+        LRA_INVALID_ARGUMENT,
+        "shares memory with tensors[0].param",
+    );
+    assert_eq!(words, [0; 4], "the refused step wrote");
     let in_grad = unsafe { (t[0].grad as *const f32).add(7) };
     let st = unsafe { lra_step_ex(h.0, t.as_ptr(), 1, 1.0, 0.0, in_grad, null_mut()) };
     assert_eq!(st, LRA_OK, "{}", h.error());
