@@ -15,16 +15,24 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
-        match args[i].as_str() {
+        // `--epochs N` or `--epochs=N`.
+        let (flag, inline) = match args[i].split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (args[i].as_str(), None),
+        };
+        match flag {
             "--epochs" => {
-                epochs = args
-                    .get(i + 1)
+                let value = inline.or_else(|| {
+                    i += 1;
+                    args.get(i).map(String::as_str)
+                });
+                epochs = value
                     .and_then(|v| v.parse().ok())
+                    .filter(|&n: &usize| n > 0)
                     .unwrap_or_else(|| {
                         eprintln!("--epochs needs a positive integer");
                         std::process::exit(2)
                     });
-                i += 1;
             }
             "-h" | "--help" => {
                 println!("usage: demo [--epochs N]   (default 10)");

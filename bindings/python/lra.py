@@ -1,8 +1,11 @@
 """Python binding of lra (automatic learning-rate adaptation) over its C ABI.
 
-Pure ``ctypes``: nothing to compile. The shared library is found, in order,
-through ``$LRA_LIBRARY`` (a path to ``liblra.so``), ``$CARGO_TARGET_DIR/release``,
-the repository's ``target/release``, then the system loader (``ctypes.util``).
+Pure ``ctypes``: nothing to compile. The shared library is ``$LRA_LIBRARY``
+(a path to ``liblra.so``) when that is set, and an error if it does not load;
+otherwise the first of ``$CARGO_TARGET_DIR/release`` (a relative one taken
+from the repository root, as cargo does) and the repository's
+``target/release`` (both only from a checkout), then the system loader
+(``ctypes.util``).
 
 Two layers:
 
@@ -256,15 +259,17 @@ _lib = None
 def _candidate_paths():
     env = os.environ.get("LRA_LIBRARY")
     if env:
+        # An explicit choice: no fallback to another library behind it.
         yield env
+        return
     here = os.path.dirname(os.path.abspath(__file__))
     repo = os.path.dirname(os.path.dirname(here))
-    target = os.environ.get("CARGO_TARGET_DIR")
-    if target:
-        yield os.path.join(target, "release", "liblra.so")
     # Only from a checkout (bindings/python inside the repository), not
-    # from an installed copy, where this path would mean nothing.
+    # from an installed copy, where these paths would mean nothing.
     if os.path.exists(os.path.join(repo, "Cargo.toml")):
+        target = os.environ.get("CARGO_TARGET_DIR")
+        if target:
+            yield os.path.join(repo, target, "release", "liblra.so")
         yield os.path.join(repo, "target", "release", "liblra.so")
     found = ctypes.util.find_library("lra")
     if found:
@@ -292,9 +297,14 @@ def load_library(path=None):
             fn.argtypes = argtypes
         _lib = lib
         return lib
+    if path is None and os.environ.get("LRA_LIBRARY"):
+        raise OSError("LRA_LIBRARY does not load: " + "; ".join(tried))
+    if path is None:
+        tried.append("the system loader (ctypes.util.find_library('lra')): nothing")
     raise OSError(
-        "liblra not found; build it with `cargo build --release --lib` or set "
-        "LRA_LIBRARY=/path/to/liblra.so. Tried: " + "; ".join(tried)
+        "liblra not found: set LRA_LIBRARY=/path/to/liblra.so (an install: "
+        "PREFIX/lib/liblra.so; a checkout: target/release/liblra.so after "
+        "`cargo build --release --lib`). Tried: " + "; ".join(tried)
     )
 
 

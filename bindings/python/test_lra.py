@@ -32,6 +32,20 @@ def f32_buffer(values):
 
 
 class RawHandleTests(unittest.TestCase):
+    def test_a_set_lra_library_that_does_not_load_is_an_error(self):
+        # It used to fall back, in a checkout, to target/release silently:
+        # the caller then ran another library than the one it named.
+        import subprocess
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = "import sys; sys.path.insert(0, sys.argv[1]); import lra; lra.load_library()"
+        env = dict(os.environ, LRA_LIBRARY=os.path.join(here, "no-such-liblra.so"))
+        run = subprocess.run([sys.executable, "-c", code, here], env=env,
+                             capture_output=True, text=True)
+        self.assertNotEqual(run.returncode, 0)
+        self.assertIn("LRA_LIBRARY does not load", run.stderr)
+        self.assertIn("no-such-liblra.so (missing)", run.stderr)
+
     def test_version_and_defaults(self):
         # lra.__version__ is the package's version (pyproject.toml reads it):
         # it must be Cargo.toml's and the loaded library's.

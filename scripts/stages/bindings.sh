@@ -62,6 +62,19 @@ if [ "$soname" != "$want_soname" ] \
   ls -l "$prefix/lib" >&2
   exit 1
 fi
+say "install.sh: a missing build is an error that names it, before the prefix is touched; a prefix with sed and shell metacharacters lands in lra.pc as it is"
+out="$(CARGO_TARGET_DIR="$work/no-build" LRA_SKIP_BUILD=1 scripts/install.sh "$work/untouched" 2>&1)" && {
+  echo "install.sh succeeded without a build" >&2; exit 1; }
+if ! grep -q "no $work/no-build/release/liblra.so" <<<"$out" || [ -e "$work/untouched" ]; then
+  echo "install.sh without a build: '$out' (and the prefix: $(ls -d "$work/untouched" 2>&1))" >&2
+  exit 1
+fi
+odd="$work/odd&prefix|with\\chars"
+LRA_SKIP_BUILD=1 scripts/install.sh "$odd" >/dev/null
+if [ "$(sed -n 's/^prefix=//p' "$odd/lib/pkgconfig/lra.pc")" != "$odd" ]; then
+  echo "lra.pc of prefix '$odd' says: $(grep '^prefix=' "$odd/lib/pkgconfig/lra.pc")" >&2
+  exit 1
+fi
 # The build tree offers the same name (build.rs), for programs linked there.
 if [ "$(readlink "$CARGO_TARGET_DIR/release/$soname")" != liblra.so ]; then
   echo "$CARGO_TARGET_DIR/release/$soname is not a link to liblra.so" >&2
