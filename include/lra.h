@@ -7,6 +7,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// The version of this header, in `lra_version()`'s encoding: a program
+// can compare what it was compiled against (`LRA_HEADER_VERSION`) with the
+// library it runs on (`lra_version()`), and `#if` on it at compile time.
+// (A unit test keeps it equal to Cargo.toml's version.)
+#define LRA_HEADER_VERSION 256
+
 // Opaque handle: one optimizer with its adaptation state.
 typedef struct lra_handle lra_handle;
 

@@ -1035,6 +1035,12 @@ pub extern "C" fn lra_thread_last_error() -> *const c_char {
         .unwrap_or(c"this thread's message is gone (called during thread exit)".as_ptr())
 }
 
+/// The version of this header, in `lra_version()`'s encoding: a program
+/// can compare what it was compiled against (`LRA_HEADER_VERSION`) with the
+/// library it runs on (`lra_version()`), and `#if` on it at compile time.
+/// (A unit test keeps it equal to Cargo.toml's version.)
+pub const LRA_HEADER_VERSION: u32 = 0x00_01_00;
+
 /// Library version: (major << 16) | (minor << 8) | patch.
 #[no_mangle]
 pub extern "C" fn lra_version() -> u32 {
@@ -1047,6 +1053,16 @@ pub extern "C" fn lra_version() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_header_version_is_the_library_version() {
+        assert_eq!(
+            LRA_HEADER_VERSION,
+            lra_version(),
+            "LRA_HEADER_VERSION must follow Cargo.toml's version ({})",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
 
     #[test]
     fn status_constants_match_the_status_enum() {

@@ -98,6 +98,9 @@ module lra
     integer(c_int64_t) :: reeval_skipped
   end type lra_counters
 
+  ! The lra.h this module mirrors, in lra_version()'s encoding (0.1.0).
+  integer(c_int32_t), parameter :: LRA_HEADER_VERSION = 256
+
   ! Statuses (lra_status).
   integer(c_int32_t), parameter :: LRA_OK = 0
   integer(c_int32_t), parameter :: LRA_NULL_POINTER = 1

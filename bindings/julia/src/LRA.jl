@@ -123,6 +123,8 @@ const LRA_REEVAL_EVERY = UInt32(1)
 const LRA_REEVAL_GEOMETRIC = UInt32(2)
 const LRA_SHARDING_REPLICATED = UInt32(0)
 const LRA_SHARDING_SHARDED = UInt32(1)
+# The lra.h this binding mirrors (lra_version()'s encoding).
+const LRA_HEADER_VERSION = UInt32(256)  # 0.1.0
 # lra_status values.
 const LRA_OK = UInt32(0)
 const LRA_NULL_POINTER = UInt32(1)
