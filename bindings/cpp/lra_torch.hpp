@@ -103,12 +103,15 @@ inline bool covers_memory_densely(const ::torch::Tensor& t) {
 // TorchOptimizer checkpoints wrap the handle's: "LRATORCH", then (every
 // integer little-endian) u32 format version, u32 flags (bit 0: memory orders
 // recorded, i.e. the handle held optimizer state), u64 parameter count, per
-// parameter u32 dimensions and that many (i64 size, i64 memory-order
-// stride) pairs (strides 0 when not recorded), u64 length of the handle's
-// checkpoint, u64 FNV-1a hash of every byte before it, then the handle's
-// checkpoint (which carries its own checksum).
+// parameter u32 dimensions, u32 lra_dtype (from format 3 on) and that many
+// (i64 size, i64 memory-order stride) pairs (strides 0 when not recorded),
+// u64 length of the handle's checkpoint, u64 FNV-1a hash of every byte
+// before it, then the handle's checkpoint (which carries its own checksum).
 constexpr unsigned char kTorchStateMagic[8] = {'L', 'R', 'A', 'T', 'O', 'R', 'C', 'H'};
-constexpr std::uint32_t kTorchStateVersion = 2;  // 1 (unreleased) had no hash
+// 1 (unreleased) had no hash; 2 no dtypes (still read: its dtypes are
+// then not checked, as before).
+constexpr std::uint32_t kTorchStateVersion = 3;
+constexpr std::uint32_t kTorchStateNoDtypes = 2;
 constexpr std::uint32_t kTorchStateHasOrders = 1;
 
 inline std::uint64_t fnv1a(const unsigned char* data, std::size_t len) {
@@ -262,6 +265,7 @@ class TorchOptimizer {
       if (has_orders && orders[i].size() != dims)
         throw invalid(name(i) + " changed its number of dimensions since the last step");
       detail::put_le(out, dims, 4);
+      detail::put_le(out, static_cast<std::uint64_t>(dtype_of(p)), 4);
       for (std::size_t d = 0; d < dims; ++d) {
         detail::put_le(out, static_cast<std::uint64_t>(p.size(static_cast<std::int64_t>(d))), 8);
         detail::put_le(out, has_orders ? static_cast<std::uint64_t>(orders[i][d]) : 0, 8);
@@ -282,10 +286,12 @@ class TorchOptimizer {
                            "through handle().load_state(), which cannot check shapes or "
                            "memory layout)");
     const auto version = in.le(4);
-    if (version != detail::kTorchStateVersion)
+    if (version != detail::kTorchStateVersion && version != detail::kTorchStateNoDtypes)
       throw bad_checkpoint("TorchOptimizer checkpoint format " + std::to_string(version) +
-                           ", this lra_torch.hpp reads format " +
+                           ", this lra_torch.hpp reads formats " +
+                           std::to_string(detail::kTorchStateNoDtypes) + " and " +
                            std::to_string(detail::kTorchStateVersion));
+    const bool has_dtypes = version == detail::kTorchStateVersion;
     const auto flags = in.le(4);
     const bool has_orders = (flags & detail::kTorchStateHasOrders) != 0;
     const auto count = in.le(8);
@@ -294,7 +300,9 @@ class TorchOptimizer {
     // not a misleading mismatch) and before anything is allocated.
     const std::size_t records = in.read();
     for (std::uint64_t i = 0; i < count; ++i) {
-      in.skip(in.le(4) * 16);  // dims is at most 2^32 - 1: no overflow
+      const auto dims = in.le(4);
+      if (has_dtypes) in.skip(4);
+      in.skip(dims * 16);  // dims is at most 2^32 - 1: no overflow
     }
     const auto inner = in.le(8);
     const auto header_hash = detail::fnv1a(static_cast<const unsigned char*>(data), in.read());
@@ -314,6 +322,15 @@ class TorchOptimizer {
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const auto& p = params_[i];
       const auto dims = in.le(4);
+      // Refused here, not at the next step: a fresh handle takes any layout
+      // from a checkpoint, and every step would then fail against it.
+      if (has_dtypes) {
+        const auto dtype = in.le(4);
+        if (dtype != static_cast<std::uint64_t>(dtype_of(p)))
+          throw bad_checkpoint(name(i) + " was saved with lra_dtype " + std::to_string(dtype) +
+                               ", it is " + std::string(c10::toString(p.scalar_type())) +
+                               " now");
+      }
       std::vector<std::int64_t> sizes(dims);
       orders[i].resize(dims);
       for (std::size_t d = 0; d < dims; ++d) {

@@ -966,6 +966,12 @@ def _torch_unsupported(torch, p):
                 "values than the tensor; resolve it (resolve_neg()) before making the optimizer")
     if _torch_flag(p, "_is_zerotensor"):
         return "is a ZeroTensor, which has no memory to update"
+    # After a step the version counter is bumped, which an inference tensor
+    # has not: refused before anything is updated (also one made so after
+    # construction, e.g. model.to(...) under inference_mode()).
+    if _torch_flag(p, "is_inference"):
+        return ("is an inference tensor (made under torch.inference_mode()): it cannot be "
+                "updated in place outside inference mode; create the model outside it")
     return None
 
 
@@ -1018,14 +1024,6 @@ class TorchOptimizer:
                 raise ValueError(
                     f"parameter {i} is not a leaf tensor (it is the result of an operation): "
                     "autograd never fills its .grad; pass the leaf it was computed from"
-                )
-            # After a step lra bumps the version counter, which an inference
-            # tensor has not: refused here, before anything is updated.
-            if p.is_inference():
-                raise ValueError(
-                    f"parameter {i} is an inference tensor (made under torch.inference_mode()): "
-                    "it cannot be updated in place outside inference mode; create the model "
-                    "outside it"
                 )
             if id(p) in first_index:
                 raise ValueError(f"parameter {i} is parameter {first_index[id(p)]} again")
@@ -1159,6 +1157,17 @@ class TorchOptimizer:
         del keep  # the C call has returned (on CUDA: queued on torch's current stream)
         self._memory_orders = orders
         self._mark_params_modified()
+        self._clear_autocast_cache()
+
+    def _clear_autocast_cache(self):
+        """Inside an autocast region, forward passes reuse cached low-precision
+        copies of the parameters: a re-evaluation in the same region after a
+        step would see the weights before it (f+ = f_i: lr halves every
+        step), and the next forward after a re-evaluation under no_grad would
+        reuse copies without a graph (backward fails). Cleared after both."""
+        clear = getattr(self._torch, "clear_autocast_cache", None)
+        if clear is not None:
+            clear()
 
     def _mark_params_modified(self):
         """Tells autograd that the parameters changed in place, as torch.optim's
@@ -1185,8 +1194,11 @@ class TorchOptimizer:
         """
         if not force and not self.lra.should_reeval():
             return None
-        with self._torch.no_grad():
-            loss_after = closure()
+        try:
+            with self._torch.no_grad():
+                loss_after = closure()
+        finally:
+            self._clear_autocast_cache()
         return self.report_reeval(loss_after)
 
     @property
@@ -1210,6 +1222,7 @@ class TorchOptimizer:
         return {
             "lra_state": self.lra.save_state(),
             "shapes": [tuple(p.shape) for p in self.params],
+            "dtypes": [str(p.dtype) for p in self.params],
             "memory_orders": None if orders is None else [list(order) for order in orders],
         }
 
@@ -1230,6 +1243,14 @@ class TorchOptimizer:
             raise ValueError(
                 f"the state_dict was saved for parameter shapes {state['shapes']}, "
                 f"this optimizer has {shapes}"
+            )
+        # Refused here, not at the next step: a fresh handle takes any layout
+        # from a checkpoint, and every step would then fail against it.
+        dtypes = [str(p.dtype) for p in self.params]
+        if "dtypes" in state and list(state["dtypes"]) != dtypes:
+            raise ValueError(
+                f"the state_dict was saved for parameter dtypes {list(state['dtypes'])}, "
+                f"this optimizer has {dtypes}"
             )
         saved_orders = state.get("memory_orders")
         if saved_orders is not None:
@@ -1265,6 +1286,13 @@ class TorchOptimizer:
 
     def close(self):
         self.lra.close()
+
+    def __reduce__(self):
+        # copy.copy shared the handle (closing the copy closed the original).
+        raise TypeError(
+            "an lra.TorchOptimizer owns a C handle and cannot be copied or pickled; "
+            "use state_dict()/load_state_dict()"
+        )
 
     def __enter__(self):
         return self

@@ -946,6 +946,69 @@ class TorchAdapterAuditTests(unittest.TestCase):
         expected = before - 0.5 * torch.arange(6.0).reshape(3, 2).t()
         self.assertTrue(torch.allclose(p.detach(), expected))
 
+    def test_a_step_and_reeval_in_one_autocast_region_adapt_as_in_fp32(self):
+        # Autocast caches low-precision copies of the weights: the
+        # re-evaluation saw the weights before the step (f+ = f_i), every
+        # step was lowered, and lr fell from 1e-3 to 1e-9 in 20 steps.
+        def final_lr(autocast):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(8, 1)
+            x, y = torch.randn(64, 8), torch.randn(64, 1)
+            opt = lra.TorchOptimizer(model.parameters(), optimizer="adam", lr=1e-3)
+
+            def loss():
+                return ((model(x).float() - y) ** 2).mean()
+
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                for _ in range(20):
+                    opt.zero_grad()
+                    f = loss()
+                    f.backward()
+                    opt.step(f)
+                    opt.reeval(loss)
+            return opt.lr
+
+        fp32, bf16 = final_lr(False), final_lr(True)
+        self.assertGreater(fp32, 1e-2)  # raised along the way
+        self.assertGreater(bf16, 0.5 * fp32)
+
+    def test_a_state_dict_of_other_dtypes_is_refused_at_load(self):
+        # It loaded into a fresh optimizer, and every step failed after.
+        p32 = torch.nn.Parameter(torch.ones(4))
+        a = lra.TorchOptimizer([p32], optimizer="adam")
+        p32.grad = torch.ones(4)
+        a.step(1.0)
+        p16 = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+        b = lra.TorchOptimizer([p16], optimizer="adam")
+        with self.assertRaisesRegex(ValueError, "saved for parameter dtypes"):
+            b.load_state_dict(a.state_dict())
+        self.assertEqual(b.lra.counters.steps, 0)
+
+    def test_a_torch_optimizer_cannot_be_copied_or_pickled(self):
+        # copy.copy shared the handle: closing the copy closed the original.
+        import copy
+        import pickle
+
+        opt = lra.TorchOptimizer([torch.nn.Parameter(torch.ones(2))], optimizer="sgd")
+        for dup in (copy.copy, copy.deepcopy, pickle.dumps):
+            with self.subTest(dup=dup.__name__):
+                with self.assertRaisesRegex(TypeError, "cannot be copied or pickled"):
+                    dup(opt)
+        self.assertAlmostEqual(opt.lr, 1e-3)
+
+    def test_a_parameter_made_an_inference_tensor_later_is_refused_before_the_update(self):
+        # On torch < 2.1 the version bump after the update raised: the step
+        # was applied and counted, and a retry stepped twice.
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.5)
+        with torch.inference_mode():
+            p.data = torch.ones(3)
+        p.grad = torch.ones(3)
+        with self.assertRaisesRegex(ValueError, r"^parameter 0 \(3,\) is an inference tensor"):
+            opt.step(1.0)
+        self.assertEqual(opt.lra.counters.steps, 0)
+        self.assertEqual(p.detach().tolist(), [1.0] * 3)
+
     def test_a_lazily_negated_gradient_is_materialised(self):
         # A neg-bit gradient's memory holds -g: passed as is, SGD moved the
         # parameter the wrong way.

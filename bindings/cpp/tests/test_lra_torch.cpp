@@ -286,6 +286,16 @@ int main() {
     EXPECT(error_of([&] { opt_r.load_state(opt_q.save_state()); })
                .find("parameter 0 was saved with shape [2, 3], it has shape [3, 2] now") !=
            std::string::npos);
+    // Another dtype with the same shape: refused at the load, nothing
+    // changed (it loaded, and every step failed after).
+    {
+      auto half = torch::ones({2, 3}, torch::kBFloat16).requires_grad_();
+      lra::TorchOptimizer opt_h({half}, cfg);
+      EXPECT(error_of([&] { opt_h.load_state(opt_q.save_state()); })
+                 .find("parameter 0 was saved with lra_dtype 0, it is BFloat16 now") !=
+             std::string::npos);
+      EXPECT(opt_h.handle().counters().steps == 0);
+    }
 
     // A tensor of many dimensions (LibTorch makes 70) saves and loads.
     {
