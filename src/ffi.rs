@@ -864,7 +864,6 @@ pub unsafe extern "C" fn lra_should_reeval(h: *const lra_handle, out: *mut u32) 
 #[no_mangle]
 pub unsafe extern "C" fn lra_state_size(h: *const lra_handle, size: *mut usize) -> lra_status {
     with_handle(h as *mut lra_handle, "lra_state_size", |e| {
-        require(size, "lra_state_size", "size")?;
         put(size, "size", e.state_size()?)
     })
 }

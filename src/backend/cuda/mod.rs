@@ -532,30 +532,6 @@ impl CudaBackend {
 /// between device and host (checkpoints): 4 MiB, not a copy of the whole.
 const STATE_PIECE: usize = 1 << 20;
 
-/// Elements of the largest tensor that has optimizer state (0 when none).
-fn largest_state(l: &Layout, slots: usize) -> usize {
-    match (&l.state, slots) {
-        (Some(_), 1..) => l.numels.iter().copied().max().unwrap_or(0),
-        _ => 0,
-    }
-}
-
-/// Host staging for up to `numel` values of state, in pieces of
-/// [`STATE_PIECE`]; `OutOfMemory` when it cannot be had.
-fn host_piece(numel: usize) -> Result<Vec<f32>> {
-    let len = numel.min(STATE_PIECE);
-    let mut v = Vec::new();
-    if v.try_reserve_exact(len).is_err() {
-        fail!(
-            OutOfMemory,
-            "cannot allocate {} bytes of host staging for the optimizer state: out of memory",
-            4 * len
-        );
-    }
-    v.resize(len, 0.0);
-    Ok(v)
-}
-
 fn f32_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: f32 is plain data.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
@@ -657,15 +633,17 @@ impl Backend for CudaBackend {
         let _ctx = self.dev.enter()?;
         let c = self.read_control()?;
         let slots = self.kind.state_slots();
-        let lens = match &self.layout {
-            Some(l) if l.state.is_some() => l.numels.iter().map(|&n| n * slots).collect(),
-            Some(l) => vec![0; l.numels.len()],
-            None => Vec::new(),
+        let (lens, largest) = match &self.layout {
+            Some(l) if l.state.is_some() => (
+                l.numels.iter().map(|&n| n * slots).collect(),
+                l.numels.iter().copied().max().unwrap_or(0),
+            ),
+            Some(l) => (vec![0; l.numels.len()], 0),
+            None => (Vec::new(), 0),
         };
         // The staging `export_slots` reads through, before a checkpoint
         // writes its first byte.
-        let largest = self.layout.as_ref().map_or(0, |l| largest_state(l, slots));
-        self.ensure_state_piece(largest)?;
+        self.ensure_state_piece(if slots > 0 { largest } else { 0 })?;
         Ok(StateMeta {
             bias: BiasPowers {
                 pow1: c.pow1,
@@ -746,11 +724,22 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Host staging for tensors of up to `numel` elements, before a
-    /// checkpoint's save or load changes anything.
+    /// Host staging for tensors of up to `numel` elements (in pieces of
+    /// [`STATE_PIECE`]), before a checkpoint's save or load changes
+    /// anything; `OutOfMemory` when it cannot be had.
     fn ensure_state_piece(&mut self, numel: usize) -> Result<()> {
-        if self.state_piece.len() < numel.min(STATE_PIECE) {
-            self.state_piece = host_piece(numel)?;
+        let len = numel.min(STATE_PIECE);
+        if self.state_piece.len() < len {
+            let mut v = Vec::new();
+            if v.try_reserve_exact(len).is_err() {
+                fail!(
+                    OutOfMemory,
+                    "cannot allocate {} bytes of host staging for the optimizer state: out of memory",
+                    4 * len
+                );
+            }
+            v.resize(len, 0.0);
+            self.state_piece = v;
         }
         Ok(())
     }
