@@ -964,6 +964,37 @@ fn foreign_and_capturing_streams_are_refused() {
     let foreign = ForeignStream::new();
     refused(&mut case, foreign.stream, "a stream of another context");
     drop(foreign);
+    // A stream accepted once, destroyed, and its address handed out again
+    // to a stream of another context: checked anew, not remembered.
+    let foreign = unsafe {
+        let mut mine = std::ptr::null_mut();
+        ok(sys::cuStreamCreate(&mut mine, 1));
+        case.stream = mine as *mut c_void;
+        case.step(mode, 0.01, None);
+        case.stream = std::ptr::null_mut();
+        ok(sys::cuStreamSynchronize(mine));
+        ok(sys::cuStreamDestroy_v2(mine));
+        let foreign = ForeignStream::new();
+        if foreign.stream == mine as *mut c_void {
+            println!("the destroyed stream's address came back in another context");
+        } else {
+            // The fake driver reuses it (as a real one may); a GPU need not.
+            assert!(
+                std::env::var_os("LRA_FAKE_CUDA").is_none(),
+                "the fake driver did not hand the destroyed stream's address out again"
+            );
+            println!(
+                "this driver gave the new stream another address; the refusal is checked anyway"
+            );
+        }
+        foreign
+    };
+    refused(
+        &mut case,
+        foreign.stream,
+        "a reused stream address of another context",
+    );
+    drop(foreign);
     // SAFETY: driver calls with out-parameters on handles made here.
     unsafe {
         let mut capturing = std::ptr::null_mut();

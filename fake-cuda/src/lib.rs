@@ -9,7 +9,9 @@
 //! whole device at a time (the interpreter holds the device lock), waiting
 //! where the stream waits for an event or, for the legacy default stream
 //! and blocking streams, for each other. A host function runs on its
-//! stream's worker and holds that stream until it returns. Copies follow
+//! stream's worker and holds that stream until it returns. A destroyed
+//! stream's handle, once its work is done, goes to the next stream created
+//! (in any context), as a real driver's freed addresses come back. Copies follow
 //! the driver's rules: from pageable memory a copy to the device takes its
 //! bytes at the call, from pinned memory when it runs; a copy to pageable
 //! memory returns when done. `cuMemFree`/`cuMemFreeHost` wait for the whole
@@ -268,6 +270,9 @@ struct Stream {
     /// Destroyed by the caller: its worker finishes the queue, then the
     /// stream is gone.
     destroyed: bool,
+    /// Tells this stream's worker from the worker of an earlier stream
+    /// that had the same handle.
+    serial: usize,
 }
 
 struct Event {
@@ -325,6 +330,10 @@ struct Driver {
     primary: usize,
     primary_refs: u32,
     streams: HashMap<usize, Stream>,
+    /// Handles of streams that are gone, with their last operation count,
+    /// most recent last: a new stream takes one back, as a real driver's
+    /// allocator hands a freed stream's address out again.
+    freed_streams: Vec<(usize, u64)>,
     events: HashMap<usize, Event>,
     modules: HashMap<usize, Arc<Module>>,
     /// Functions: handle → (module, kernel name).
@@ -371,6 +380,7 @@ fn driver() -> MutexGuard<'static, Driver> {
                 primary,
                 primary_refs: 0,
                 streams: HashMap::new(),
+                freed_streams: Vec::new(),
                 events: HashMap::new(),
                 modules: HashMap::new(),
                 functions: HashMap::new(),
@@ -484,18 +494,21 @@ enum Place {
 
 /// A stream's worker: runs the queue in order until the stream is
 /// destroyed and drained.
-fn worker(h: usize) {
+fn worker(h: usize, serial: usize) {
     let mut d = driver();
     loop {
         let op = loop {
-            let s = &d.streams[&h];
+            let s = match d.streams.get(&h) {
+                Some(s) if s.serial == serial => s,
+                // Gone already (destroyed idle), perhaps handed out again.
+                _ => return,
+            };
             match s.queue.front() {
                 Some(op) if d.runnable(op) => {
                     break d.streams.get_mut(&h).unwrap().queue.pop_front().unwrap()
                 }
                 None if s.destroyed => {
-                    d.streams.remove(&h);
-                    WAKE.notify_all();
+                    d.free_stream(h);
                     return;
                 }
                 _ => d = WAKE.wait(d).unwrap_or_else(|p| p.into_inner()),
@@ -654,7 +667,10 @@ impl Driver {
     }
 
     fn new_stream(&mut self, ctx: usize, legacy: bool, blocking: bool) -> usize {
-        let h = self.handle();
+        let serial = self.handle();
+        // Operation counts go on from the freed stream's, so that a wait
+        // for its operations (done by then) stays done.
+        let (h, ops) = self.freed_streams.pop().unwrap_or((serial, 0));
         self.streams.insert(
             h,
             Stream {
@@ -663,16 +679,25 @@ impl Driver {
                 blocking,
                 capture: None,
                 queue: VecDeque::new(),
-                enqueued: 0,
-                done: 0,
+                enqueued: ops,
+                done: ops,
                 destroyed: false,
+                serial,
             },
         );
         std::thread::Builder::new()
             .name(format!("fake-cuda stream {h:#x}"))
-            .spawn(move || worker(h))
+            .spawn(move || worker(h, serial))
             .expect("a thread for the stream");
         h
+    }
+
+    /// Removes stream `h`, which has run all its work; its handle may be
+    /// handed out again.
+    fn free_stream(&mut self, h: usize) {
+        let s = self.streams.remove(&h).unwrap();
+        self.freed_streams.push((h, s.done));
+        WAKE.notify_all();
     }
 
     /// Checks that work may be enqueued on `s` now: a stream of the
@@ -1146,8 +1171,13 @@ fn created_stream(d: &Driver, what: &str, s: sys::CUstream) -> Result<usize, R> 
 pub unsafe extern "C" fn cuStreamDestroy_v2(hStream: sys::CUstream) -> R {
     with("cuStreamDestroy", |d| {
         let h = created_stream(d, "cuStreamDestroy", hStream)?;
-        // Like the driver: queued work still runs, then the stream goes.
-        d.streams.get_mut(&h).unwrap().destroyed = true;
+        // Like the driver: queued work still runs, then the stream goes
+        // (an idle one at once, so that its handle can come back).
+        let s = d.streams.get_mut(&h).unwrap();
+        s.destroyed = true;
+        if s.done == s.enqueued && s.queue.is_empty() {
+            d.free_stream(h);
+        }
         WAKE.notify_all();
         Ok(())
     })

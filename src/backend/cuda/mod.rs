@@ -56,7 +56,6 @@ pub fn create(kind: OptimizerKind, ordinal: i32) -> Result<Box<dyn Backend>> {
         uploaded: Vec::new(),
         validated: ValidatedTensors::default(),
         validated_flag: 0,
-        validated_stream: std::ptr::null_mut(),
         step_checked: None,
         partial: false,
         broken: None,
@@ -96,8 +95,6 @@ pub struct CudaBackend {
     validated: ValidatedTensors,
     /// The found_inf pointer last checked with the driver (0: none yet).
     validated_flag: u64,
-    /// The caller's stream last checked with the driver.
-    validated_stream: CUstream,
     /// (found_inf, stream) `check_step` accepted for the coming step.
     step_checked: Option<(u64, *mut c_void)>,
     /// Set once the current step has enqueued a launch: a failure after
@@ -238,16 +235,17 @@ impl CudaBackend {
     /// The caller's stream must be of this device's primary context and not
     /// capturing a CUDA graph: a step waits on an event recorded outside
     /// any capture, reuses pinned upload buffers a replay would read again,
-    /// and a sharded step waits for the device.
-    fn check_stream(&mut self, stream: CUstream) -> Result<()> {
-        if stream != self.validated_stream && !self.dev.owns_stream(stream)? {
+    /// and a sharded step waits for the device. Asked of the driver at
+    /// every step, not cached by address: a destroyed stream's address may
+    /// come back as a stream of another context.
+    fn check_stream(&self, stream: CUstream) -> Result<()> {
+        if !self.dev.owns_stream(stream)? {
             fail!(
                 InvalidArgument,
                 "stream {stream:p} belongs to another device or context; a device = 1 handle runs on the primary context of device {}",
                 self.dev.ordinal
             );
         }
-        self.validated_stream = stream;
         if driver::is_capturing(stream)? {
             fail!(
                 InvalidArgument,
