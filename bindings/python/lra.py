@@ -30,6 +30,7 @@ off or with the same mask, BatchNorm not updating running statistics, i.e.
 ``model.eval()`` semantics for the second pass when the first used them).
 """
 
+import collections.abc
 import ctypes
 import ctypes.util
 import math
@@ -975,6 +976,47 @@ def _torch_unsupported(torch, p):
     return None
 
 
+class _ParamGroup(collections.abc.MutableMapping):
+    """The one parameter group of a :class:`TorchOptimizer`: ``"params"``,
+    and ``"lr"``, η itself (read: lra's current η; written: ``lra_set_lr``,
+    from the next step). Other keys are refused: every other
+    hyper-parameter is fixed when the handle is created."""
+
+    def __init__(self, params, handle):
+        # The Optimizer, not the TorchOptimizer: no reference cycle, so the
+        # handle is freed as soon as the TorchOptimizer is dropped.
+        self._params = params
+        self._handle = handle
+
+    def __getitem__(self, key):
+        if key == "params":
+            return self._params
+        if key == "lr":
+            return self._handle.lr
+        raise KeyError(key)
+
+    def __setitem__(self, key, value):
+        if key == "lr":
+            self._handle.lr = value
+            return
+        raise KeyError(
+            f"lra.TorchOptimizer's parameter group takes only 'lr' (η, from the next step); "
+            f"{key!r} is fixed when the optimizer is created"
+        )
+
+    def __delitem__(self, key):
+        raise KeyError(f"the parameter group's {key!r} cannot be removed")
+
+    def __iter__(self):
+        return iter(("params", "lr"))
+
+    def __len__(self):
+        return 2
+
+    def __repr__(self):
+        return f"{{'params': [{len(self._params)} tensors], 'lr': {self._handle.lr!r}}}"
+
+
 class TorchOptimizer:
     """lra over a list of ``torch`` parameters (all on one device).
 
@@ -1054,11 +1096,14 @@ class TorchOptimizer:
         config.update(placement)
         self.lra = Optimizer(optimizer, **config)
         self._memory_orders = None  # fixed by the first successful step
+        self._param_groups = [_ParamGroup(self.params, self.lra)]
 
     @property
     def param_groups(self):
-        """One group holding every parameter (what ``GradScaler.unscale_`` reads)."""
-        return [{"params": self.params}]
+        """One group holding every parameter (what ``GradScaler.unscale_``
+        reads) and ``"lr"``, lra's η: ``opt.param_groups[0]["lr"] = x`` sets
+        η from the next step, as in ``torch.optim``."""
+        return self._param_groups
 
     def zero_grad(self, set_to_none=True):
         """Clears the gradients like ``torch.optim.Optimizer.zero_grad``."""
@@ -1210,7 +1255,9 @@ class TorchOptimizer:
         self.lra.lr = value
 
     def state_dict(self):
-        """The handle's checkpoint, the parameter shapes and, when the handle
+        """The handle's checkpoint (``"lra_state"``, a 1-D uint8 CPU tensor, so
+        that ``torch.load(weights_only=True)`` takes the dict on every torch
+        version), the parameter shapes and dtypes and, when the handle
         holds optimizer state, the parameters' memory layout (``None`` before
         any step). After a load that could not check the layout (a bare
         ``self.lra.load_state``, a dict without ``"memory_orders"``) the
@@ -1219,8 +1266,13 @@ class TorchOptimizer:
         orders = self._memory_orders
         if orders is None and self.lra.counters.steps > 0:
             orders = [_memory_order(p.shape, p.stride()) for p in self.params]
+        raw = self.lra.save_state()
+        torch = self._torch
         return {
-            "lra_state": self.lra.save_state(),
+            # bytes pickle as _codecs.encode, which torch 1.13's
+            # weights_only unpickler refuses; a tensor loads everywhere.
+            "lra_state": torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            if raw else torch.empty(0, dtype=torch.uint8),
             "shapes": [tuple(p.shape) for p in self.params],
             "dtypes": [str(p.dtype) for p in self.params],
             "memory_orders": None if orders is None else [list(order) for order in orders],
@@ -1275,7 +1327,7 @@ class TorchOptimizer:
                         "give the model its saved layout (e.g. "
                         "model.to(memory_format=torch.channels_last)) before loading"
                     )
-        self.lra.load_state(state["lra_state"])
+        self.lra.load_state(self._checkpoint_bytes(state["lra_state"]))
         if saved_orders is None and self.lra.counters.steps > 0:
             # Optimizer state of an unrecorded layout (a dict of an earlier
             # version): the parameters' current layout is the one it is
@@ -1283,6 +1335,22 @@ class TorchOptimizer:
             saved_orders = [_memory_order(p.shape, p.stride()) for p in self.params]
         if saved_orders is not None:
             self._memory_orders = saved_orders
+
+    def _checkpoint_bytes(self, saved):
+        """The checkpoint of a state dict: a uint8 tensor, or the ``bytes``
+        that dicts of earlier versions hold."""
+        if isinstance(saved, (bytes, bytearray, memoryview)):
+            return bytes(saved)
+        torch = self._torch
+        if not isinstance(saved, torch.Tensor) or saved.dtype != torch.uint8 or saved.dim() != 1:
+            what = (f"a {saved.dtype} tensor of {saved.dim()} dimensions"
+                    if isinstance(saved, torch.Tensor) else f"a {type(saved).__name__}")
+            raise ValueError(
+                f"the state_dict's 'lra_state' is {what}, not the 1-D uint8 tensor "
+                "(or bytes) that state_dict() writes"
+            )
+        saved = saved.detach().to("cpu").contiguous()
+        return ctypes.string_at(saved.data_ptr(), saved.numel()) if saved.numel() else b""
 
     def close(self):
         self.lra.close()

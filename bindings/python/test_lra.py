@@ -1177,6 +1177,31 @@ class TorchAdapterAuditTests(unittest.TestCase):
         self.assertIsNone(p.grad)
         self.assertIs(opt.param_groups[0]["params"][0], p)
 
+    def test_the_param_groups_lr_is_eta(self):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.25)
+        group = opt.param_groups[0]
+        self.assertIs(opt.param_groups[0], group)
+        self.assertEqual(dict(group), {"params": [p], "lr": 0.25})
+        # Written the way warm-up code writes torch.optim's: η from the next step.
+        for g in opt.param_groups:
+            g["lr"] = 0.125
+        self.assertEqual(opt.lr, 0.125)
+        (p * p).sum().backward()
+        opt.step((p * p).sum())
+        self.assertTrue(torch.equal(p.detach(), torch.full((3,), 1 - 0.125 * 2)))
+        info = opt.reeval(lambda: (p * p).sum())
+        self.assertEqual(info.lr_before, 0.125)
+        self.assertEqual(group["lr"], info.lr)
+        for key in ("weight_decay", "params"):
+            with self.assertRaisesRegex(KeyError, "fixed when the optimizer is created"):
+                group[key] = 0.0
+        with self.assertRaises(KeyError):
+            del group["lr"]
+        with self.assertRaises(lra.LraError):
+            group["lr"] = -1.0
+        self.assertEqual(group["lr"], info.lr)
+
     def test_state_dict_survives_torch_save_and_resumes_before_any_step(self):
         import io
 
@@ -1194,7 +1219,8 @@ class TorchAdapterAuditTests(unittest.TestCase):
         buf = io.BytesIO()
         torch.save({"model": p.detach().clone(), "opt": a.state_dict()}, buf)
         buf.seek(0)
-        ckpt = torch.load(buf)
+        # weights_only: torch >= 2.6's default; bytes failed it on torch 1.13.
+        ckpt = torch.load(buf, weights_only=True)
         q = torch.nn.Parameter(ckpt["model"].clone())
         b = lra.TorchOptimizer([q], optimizer="adam", lr=0.01)
         b.load_state_dict(ckpt["opt"])  # a fresh optimizer, as when resuming
@@ -1209,6 +1235,17 @@ class TorchAdapterAuditTests(unittest.TestCase):
             c.load_state_dict(ckpt["opt"])
         with self.assertRaisesRegex(ValueError, "not a state_dict of lra"):
             c.load_state_dict(torch.optim.Adam([r]).state_dict())
+        # The checkpoint as bytes (dicts of earlier versions) still loads; a
+        # tensor of another dtype or shape is refused and changes nothing.
+        s = lra.TorchOptimizer([torch.nn.Parameter(ckpt["model"].clone())],
+                               optimizer="adam", lr=0.01)
+        raw = bytes(ckpt["opt"]["lra_state"].tolist())
+        for bad in (ckpt["opt"]["lra_state"].float(), ckpt["opt"]["lra_state"].view(1, -1), "x"):
+            with self.assertRaisesRegex(ValueError, "'lra_state' is"):
+                s.load_state_dict(dict(ckpt["opt"], lra_state=bad))
+            self.assertEqual(s.lra.counters.steps, 0)
+        s.load_state_dict(dict(ckpt["opt"], lra_state=raw))
+        self.assertEqual(s.lra.save_state(), raw)
 
     def test_state_dict_refuses_another_memory_layout_and_keeps_the_saved_one(self):
         def conv(memory_format):
