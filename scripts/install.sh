@@ -9,14 +9,65 @@
 #   PREFIX/include/lra_mpi.f90                its MPI reduction (module lra_mpi; compile with mpifort)
 #   PREFIX/lib/cmake/lra/                     find_package(lra) (CMAKE_PREFIX_PATH=PREFIX)
 #   PREFIX/lib/pkgconfig/lra.pc               pkg-config (PKG_CONFIG_PATH=PREFIX/lib/pkgconfig)
+#   PREFIX/share/lra/install_manifest.txt     every file and link above, relative to PREFIX
+# The installed libraries are stripped of their debug info (strip --strip-debug;
+# the build in target/ keeps it: the release profile has debug = 1).
 # Usage: scripts/install.sh PREFIX   (honours CARGO_TARGET_DIR; LRA_SKIP_BUILD=1
-# installs the library already built there).
+# installs the library already built there; LRA_INSTALL_DEBUG=1 keeps the debug info).
+#        scripts/install.sh --uninstall PREFIX   removes what the manifest lists, then
+# the directories the install makes, where left empty (needs no build and no cargo).
 set -euo pipefail
 die() { echo "install.sh: $*" >&2; exit 1; }
-if [ $# -ne 1 ]; then
-  echo "usage: $0 PREFIX" >&2
-  exit 2
-fi
+usage() { echo "usage: install.sh PREFIX | install.sh --uninstall PREFIX" >&2; exit 2; }
+manifest_rel=share/lra/install_manifest.txt
+
+# Removes the files and links listed in PREFIX's manifest; every line is
+# checked (relative, no `..`, not a directory) before any is removed.
+uninstall() {
+  local prefix="$1" manifest line d entries=() removed=0 gone=0 dirs=0
+  manifest="$prefix/$manifest_rel"
+  [ -f "$manifest" ] || die "no $manifest: nothing to uninstall (install.sh writes it; without it nothing is removed)"
+  prefix="$(cd "$prefix" && pwd)"
+  manifest="$prefix/$manifest_rel"
+  while IFS= read -r line || [ -n "$line" ]; do
+    [ -n "$line" ] || continue
+    case "/$line/" in
+      //*) die "$manifest lists the absolute path '$line': refused, nothing removed" ;;
+      */../*) die "$manifest lists '$line', a path with a '..' component (it could lead out of $prefix): refused, nothing removed" ;;
+    esac
+    if [ -d "$prefix/$line" ] && [ ! -L "$prefix/$line" ]; then
+      die "$manifest lists '$line', a directory: refused, nothing removed"
+    fi
+    entries+=("$line")
+  done <"$manifest"
+  for line in ${entries[@]+"${entries[@]}"}; do
+    if [ -e "$prefix/$line" ] || [ -L "$prefix/$line" ]; then
+      rm -f -- "$prefix/$line"
+      removed=$((removed + 1))
+    else
+      gone=$((gone + 1))
+    fi
+  done
+  # The manifest itself goes last, listed or not.
+  if [ -e "$manifest" ]; then rm -f -- "$manifest"; removed=$((removed + 1)); fi
+  for d in lib/cmake/lra lib/cmake lib/pkgconfig share/lra share include lib; do
+    if [ -d "$prefix/$d" ] && [ ! -L "$prefix/$d" ] && [ -z "$(ls -A "$prefix/$d")" ]; then
+      rmdir -- "$prefix/$d"
+      dirs=$((dirs + 1))
+    fi
+  done
+  if [ "$gone" = 0 ]; then gone=""; else gone=" ($gone listed not found)"; fi
+  echo "uninstalled lra from $prefix: removed $removed files and links, $dirs empty directories$gone"
+}
+
+case "${1-}" in
+  --uninstall)
+    if [ $# -ne 2 ] || [ -z "$2" ]; then usage; fi
+    uninstall "$2"
+    exit 0 ;;
+  -*) usage ;;
+esac
+if [ $# -ne 1 ] || [ -z "$1" ]; then usage; fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 target="${CARGO_TARGET_DIR:-$root/target}"
 # cargo, run in $root below, takes a relative CARGO_TARGET_DIR from there.
@@ -44,6 +95,14 @@ case "$soname" in
   liblra.so.?*) ;;
   *) die "$target/release/liblra.so has no SONAME liblra.so.<abi> (read: '$soname')" ;;
 esac
+strip_debug=0
+if [ "${LRA_INSTALL_DEBUG:-0}" != 1 ]; then
+  if command -v strip >/dev/null; then
+    strip_debug=1
+  else
+    echo "install.sh: warning: strip not found (Debian: binutils): the installed liblra.so.$version and liblra.a keep their debug info" >&2
+  fi
+fi
 
 mkdir -p "$1"
 prefix="$(cd "$1" && pwd)"
@@ -51,19 +110,32 @@ case "$prefix" in
   *[[:space:]]*)
     echo "install.sh: warning: the prefix '$prefix' contains whitespace, which pkg-config's flags cannot carry: use find_package(lra) (CMake), or pass -I and -L yourself" >&2 ;;
 esac
-install -d "$prefix/lib" "$prefix/include" "$prefix/lib/cmake/lra" "$prefix/lib/pkgconfig"
+# Every file and link installed, relative to PREFIX, for the manifest.
+installed=()
+put() { # put MODE SOURCE DEST (relative to PREFIX)
+  install -m "$1" "$2" "$prefix/$3"
+  installed+=("$3")
+}
+install -d "$prefix/lib" "$prefix/include" "$prefix/lib/cmake/lra" "$prefix/lib/pkgconfig" "$prefix/share/lra"
 rm -f "$prefix/lib/liblra.so" "$prefix/lib/$soname"
-install -m 755 "$target/release/liblra.so" "$prefix/lib/liblra.so.$version"
+put 755 "$target/release/liblra.so" "lib/liblra.so.$version"
 ln -s "liblra.so.$version" "$prefix/lib/$soname"
 ln -s "$soname" "$prefix/lib/liblra.so"
-install -m 644 "$target/release/liblra.a" "$prefix/lib/liblra.a"
-install -m 644 "$root/include/lra.h" "$prefix/include/lra.h"
-install -m 644 "$root/bindings/cpp/lra.hpp" "$root/bindings/cpp/lra_torch.hpp" "$prefix/include/"
-install -m 644 "$root/bindings/fortran/lra.f90" "$root/bindings/fortran/lra_mpi.f90" "$prefix/include/"
+installed+=("lib/$soname" lib/liblra.so)
+put 644 "$target/release/liblra.a" lib/liblra.a
+if [ "$strip_debug" = 1 ]; then
+  strip --strip-debug "$prefix/lib/liblra.so.$version" "$prefix/lib/liblra.a" ||
+    echo "install.sh: warning: strip --strip-debug failed: the installed libraries may keep their debug info" >&2
+fi
+put 644 "$root/include/lra.h" include/lra.h
+put 644 "$root/bindings/cpp/lra.hpp" include/lra.hpp
+put 644 "$root/bindings/cpp/lra_torch.hpp" include/lra_torch.hpp
+put 644 "$root/bindings/fortran/lra.f90" include/lra.f90
+put 644 "$root/bindings/fortran/lra_mpi.f90" include/lra_mpi.f90
 for helper in "$root"/bindings/*/lra_*.h; do
-  if [ -e "$helper" ]; then install -m 644 "$helper" "$prefix/include/"; fi
+  if [ -e "$helper" ]; then put 644 "$helper" "include/${helper##*/}"; fi
 done
-install -m 644 "$root/bindings/cmake/lraConfig.cmake" "$prefix/lib/cmake/lra/lraConfig.cmake"
+put 644 "$root/bindings/cmake/lraConfig.cmake" lib/cmake/lra/lraConfig.cmake
 # Substituted as plain strings (quoted replacements: `&`, `|` or `\` in the
 # prefix are characters, not sed or bash pattern syntax).
 fill() {
@@ -71,8 +143,22 @@ fill() {
   text="$(<"$1")"
   text="${text//@PREFIX@/"$prefix"}"
   text="${text//@VERSION@/"$version"}"
-  printf '%s\n' "$text" >"$2"
+  printf '%s\n' "$text" >"$prefix/$2"
+  installed+=("$2")
 }
-fill "$root/bindings/cmake/lraConfigVersion.cmake.in" "$prefix/lib/cmake/lra/lraConfigVersion.cmake"
-fill "$root/bindings/cmake/lra.pc.in" "$prefix/lib/pkgconfig/lra.pc"
+fill "$root/bindings/cmake/lraConfigVersion.cmake.in" lib/cmake/lra/lraConfigVersion.cmake
+fill "$root/bindings/cmake/lra.pc.in" lib/pkgconfig/lra.pc
+# An earlier install's files that are still there and not installed anew
+# (an older liblra.so.VERSION, which programs linked to it may still load)
+# stay listed, so that --uninstall removes them too.
+if [ -f "$prefix/$manifest_rel" ]; then
+  while IFS= read -r line || [ -n "$line" ]; do
+    case "$line" in "" | "$manifest_rel") continue ;; esac
+    [ -e "$prefix/$line" ] || [ -L "$prefix/$line" ] || continue
+    printf '%s\n' "${installed[@]}" | grep -qxF -- "$line" || installed+=("$line")
+  done <"$prefix/$manifest_rel"
+fi
+# Listed last, itself included.
+installed+=("$manifest_rel")
+printf '%s\n' "${installed[@]}" >"$prefix/$manifest_rel"
 echo "installed lra $version into $prefix"

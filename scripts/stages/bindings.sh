@@ -3,7 +3,8 @@
 #  1. static ABI check of the Julia and Python bindings against include/lra.h
 #     (with a self-test that injected drift is caught), and a syntax check of
 #     the Julia files (tree-sitter-julia; Julia itself cannot be installed here);
-#  2. scripts/install.sh into a temporary PREFIX (lib, headers, CMake config, lra.pc);
+#  2. scripts/install.sh into a temporary PREFIX (lib, headers, CMake config, lra.pc;
+#     libraries stripped of debug info; the manifest), and its --uninstall;
 #  3. plain C flat-buffer example built through pkg-config (shared and static), run;
 #  4. C++ binding tests built through find_package(lra) (+ the LibTorch adapter test);
 #  5. LibTorch digits MLP through find_package(lra COMPONENTS torch): Adam from
@@ -80,6 +81,54 @@ if [ "$(readlink "$CARGO_TARGET_DIR/release/$soname")" != liblra.so ]; then
   echo "$CARGO_TARGET_DIR/release/$soname is not a link to liblra.so" >&2
   exit 1
 fi
+say "install.sh: the installed libraries lose their debug info (LRA_INSTALL_DEBUG=1 keeps it), not their SONAME or lra_* symbols; the manifest lists exactly what is installed"
+debug_info() { [[ "$(objdump -h "$1")" == *" .debug_info "* ]]; }
+exports() { nm -D --defined-only "$1" | sed -n 's/.* T \(lra_.*\)/\1/p' | sort; }
+LRA_INSTALL_DEBUG=1 LRA_SKIP_BUILD=1 scripts/install.sh "$work/debug" >/dev/null
+for f in "$prefix/lib/liblra.so.$version" "$prefix/lib/liblra.a"; do
+  if debug_info "$f" || ! debug_info "$lib" || ! debug_info "$work/debug/lib/${f##*/}"; then
+    echo "debug info: want none in $f, some in $lib and in the LRA_INSTALL_DEBUG=1 install" >&2
+    exit 1
+  fi
+done
+if ! grep -qx lra_create <<<"$(exports "$prefix/lib/liblra.so.$version")" \
+  || [ "$(exports "$prefix/lib/liblra.so.$version")" != "$(exports "$lib")" ]; then
+  echo "the installed liblra.so exports other lra_* symbols than $lib" >&2
+  exit 1
+fi
+if [ "$(cd "$prefix" && find . -type f -o -type l | sed 's|^\./||' | sort)" \
+  != "$(sort "$prefix/share/lra/install_manifest.txt")" ]; then
+  echo "$prefix/share/lra/install_manifest.txt is not the list of installed files" >&2
+  exit 1
+fi
+ls -l "$prefix/lib/liblra.so.$version" "$prefix/lib/liblra.a" "$lib"
+
+# An upgrade keeps the earlier install's files that are still there listed.
+touch "$odd/lib/liblra.so.0.0.1"
+printf 'lib/liblra.so.0.0.1\n' >>"$odd/share/lra/install_manifest.txt"
+LRA_SKIP_BUILD=1 scripts/install.sh "$odd" >/dev/null
+grep -qx lib/liblra.so.0.0.1 "$odd/share/lra/install_manifest.txt" \
+  || { echo "a re-install dropped an earlier install's file from the manifest" >&2; exit 1; }
+
+say "install.sh --uninstall: removes what the manifest lists and the emptied directories; no manifest, or a line leading out of the prefix, is an error that removes nothing"
+for p in "$odd" "$work/debug"; do
+  scripts/install.sh --uninstall "$p"
+  if [ -n "$(find "$p" -mindepth 1)" ]; then
+    echo "left in $p after --uninstall:" >&2; find "$p" -mindepth 1 >&2; exit 1
+  fi
+done
+out="$(scripts/install.sh --uninstall "$odd" 2>&1)" && { echo "--uninstall without a manifest succeeded" >&2; exit 1; }
+grep -qF "no $odd/share/lra/install_manifest.txt" <<<"$out" || { echo "--uninstall without a manifest: '$out'" >&2; exit 1; }
+mkdir -p "$work/evil/p/share/lra" "$work/evil/p/lib"
+touch "$work/evil/x" "$work/evil/p/lib/liblra.a"
+for bad in ../x "$work/evil/x"; do
+  printf 'lib/liblra.a\n%s\nshare/lra/install_manifest.txt\n' "$bad" >"$work/evil/p/share/lra/install_manifest.txt"
+  out="$(scripts/install.sh --uninstall "$work/evil/p" 2>&1)" && { echo "--uninstall followed '$bad'" >&2; exit 1; }
+  if ! grep -qF "'$bad'" <<<"$out" || [ ! -e "$work/evil/x" ] || [ ! -e "$work/evil/p/lib/liblra.a" ] \
+    || [ ! -e "$work/evil/p/share/lra/install_manifest.txt" ]; then
+    echo "--uninstall of a manifest listing '$bad': '$out'" >&2; exit 1
+  fi
+done
 
 say "plain C example (one flat parameter buffer)"
 if have cc && have pkg-config; then
