@@ -134,6 +134,14 @@ fn ok(r: sys::CUresult) {
     assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
 }
 
+/// Sets the calling thread's capture interaction mode; returns the old one.
+fn exchange_capture_mode(mode: sys::CUstreamCaptureMode) -> sys::CUstreamCaptureMode {
+    let mut mode = mode;
+    // SAFETY: in/out-parameter.
+    ok(unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) });
+    mode
+}
+
 /// The calling thread's current context (null: none).
 fn current_context() -> sys::CUcontext {
     let mut ctx = std::ptr::null_mut();
@@ -1016,6 +1024,156 @@ fn foreign_and_capturing_streams_are_refused() {
     let (c, g) = case.step(mode, 0.01, None);
     assert_phi_close(c.phi, g.phi, "after refused streams");
     case.assert_params_same("after refused streams");
+}
+
+/// Runs `test` alone in a process of its own (this test binary, filtered
+/// to it) and checks that it ran there and passed; returns false in that
+/// process, where the test's body runs. For tests whose graph captures
+/// affect the whole context: a capture in global mode makes the driver
+/// refuse other threads' allocations and context-wide waits, and one on a
+/// blocking stream makes the legacy stream unusable, which would break the
+/// tests running beside them.
+fn in_own_process(test: &str) -> bool {
+    const CHILD: &str = "LRA_CUDA_TEST_ALONE";
+    if std::env::var(CHILD).is_ok_and(|t| t == test) {
+        return false;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, test)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(
+        out.status.success() && text.contains("test result: ok. 1 passed"),
+        "{test} in a process of its own: {}\n{text}",
+        out.status
+    );
+    true
+}
+
+/// The legacy stream while a blocking stream captures: the driver forbids
+/// it then; refused as an argument (not a driver error), and the capture
+/// stays valid.
+#[test]
+fn the_legacy_stream_is_refused_while_a_blocking_stream_captures() {
+    let test = "the_legacy_stream_is_refused_while_a_blocking_stream_captures";
+    if !gpu(test) || in_own_process(test) {
+        return;
+    }
+    let mut case = Case::new(OptimizerKind::Sgd, &shape(DType::F32), std::ptr::null_mut());
+    case.set_grads(1, None);
+    let mode = Mode::Fused { guard: false };
+    case.step(mode, 0.01, None);
+    let (_, tg) = case.descs();
+    // SAFETY: driver calls with out-parameters on handles made here.
+    unsafe {
+        let mut blocking = std::ptr::null_mut();
+        ok(sys::cuStreamCreate(&mut blocking, 0));
+        ok(sys::cuStreamBeginCapture_v2(
+            blocking,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        ));
+        let r = case.gpu.step(case.request(
+            mode,
+            0.01,
+            &tg,
+            std::ptr::null(),
+            std::ptr::null_mut(),
+            None,
+        ));
+        let mut graph = std::ptr::null_mut();
+        let ended = sys::cuStreamEndCapture(blocking, &mut graph);
+        if !graph.is_null() {
+            sys::cuGraphDestroy(graph);
+        }
+        ok(sys::cuStreamDestroy_v2(blocking));
+        let e = r.expect_err("a step on the legacy stream was accepted");
+        assert_eq!(e.status, Status::InvalidArgument, "{e}");
+        assert!(e.message.contains("legacy stream"), "{e}");
+        println!("refused: {e}");
+        assert_eq!(
+            ended,
+            sys::CUresult::CUDA_SUCCESS,
+            "the capture after lra's refusal"
+        );
+    }
+    // The handle still works and still matches the CPU backend.
+    case.set_grads(2, None);
+    let (c, g) = case.step(mode, 0.01, None);
+    assert_phi_close(c.phi, g.phi, "after the refused legacy stream");
+    case.assert_params_same("after the refused legacy stream");
+}
+
+/// A CUDA graph that another thread captures in global mode (PyTorch's
+/// default) survives lra's calls meanwhile: a first step (allocations, a
+/// table upload that queries an event) and its outcome (a wait). In the
+/// thread's default mode the driver refuses such calls during the capture
+/// and invalidates it; lra makes them in relaxed mode.
+#[test]
+fn a_global_capture_in_another_thread_survives_a_step() {
+    let test = "a_global_capture_in_another_thread_survives_a_step";
+    if !gpu(test) || in_own_process(test) {
+        return;
+    }
+    let mut case = Case::new(
+        OptimizerKind::Adam,
+        &shape(DType::F32),
+        std::ptr::null_mut(),
+    );
+    case.set_grads(1, None);
+    let mut capturing = std::ptr::null_mut();
+    // SAFETY: out-parameter.
+    unsafe { ok(sys::cuStreamCreate(&mut capturing, 1)) };
+    // Raw pointers are not Send: the handles cross as addresses.
+    let (stream, ctx) = (capturing as usize, current_context() as usize);
+    let (began_tx, began) = std::sync::mpsc::channel();
+    let (end, end_rx) = std::sync::mpsc::channel::<()>();
+    let capturer = std::thread::spawn(move || {
+        // SAFETY: the test's stream and context, live until joined.
+        unsafe {
+            let s = stream as sys::CUstream;
+            ok(sys::cuCtxPushCurrent_v2(ctx as sys::CUcontext));
+            ok(sys::cuStreamBeginCapture_v2(
+                s,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+            ));
+            began_tx.send(()).unwrap();
+            let _ = end_rx.recv();
+            let mut graph = std::ptr::null_mut();
+            let r = sys::cuStreamEndCapture(s, &mut graph);
+            if !graph.is_null() {
+                sys::cuGraphDestroy(graph);
+            }
+            let mut popped = std::ptr::null_mut();
+            ok(sys::cuCtxPopCurrent_v2(&mut popped));
+            r
+        }
+    });
+    began.recv().unwrap();
+    // The caller's own mode is the default, global; lra gives it back.
+    use sys::CUstreamCaptureMode as M;
+    let harness_mode = exchange_capture_mode(M::CU_STREAM_CAPTURE_MODE_GLOBAL);
+    let mode = Mode::Fused { guard: true };
+    let (c, g) = case.step(mode, 0.01, None);
+    let after = exchange_capture_mode(harness_mode);
+    drop(end);
+    assert_eq!(
+        after,
+        M::CU_STREAM_CAPTURE_MODE_GLOBAL,
+        "the caller's capture mode after lra's calls"
+    );
+    assert_eq!(
+        capturer.join().unwrap(),
+        sys::CUresult::CUDA_SUCCESS,
+        "lra's calls invalidated another thread's capture"
+    );
+    assert_phi_close(c.phi, g.phi, "during another thread's capture");
+    case.assert_params_same("during another thread's capture");
+    case.assert_state_same("during another thread's capture");
+    // SAFETY: created above; nothing is queued on it.
+    unsafe { ok(sys::cuStreamDestroy_v2(capturing)) };
 }
 
 /// A sharded Adam case on the legacy stream, gradients set.

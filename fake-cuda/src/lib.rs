@@ -49,7 +49,7 @@
 use cudarc::driver::sys;
 use ptx_interp::{Arg, ErrorKind, LaunchConfig, Module, Schedule};
 use std::alloc::Layout;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -263,6 +263,9 @@ struct Stream {
     blocking: bool,
     /// The capture under way: its mode and the thread that began it.
     capture: Option<(sys::CUstreamCaptureMode, ThreadId)>,
+    /// A prohibited call during the capture invalidated it: ending it
+    /// fails.
+    capture_invalidated: bool,
     queue: VecDeque<Op>,
     /// Operations enqueued and run so far.
     enqueued: u64,
@@ -346,6 +349,10 @@ struct Driver {
 thread_local! {
     /// This thread's context stack (top = current).
     static CTX_STACK: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// This thread's stream-capture interaction mode
+    /// (cuThreadExchangeStreamCaptureMode; global unless changed).
+    static CAPTURE_MODE: Cell<sys::CUstreamCaptureMode> =
+        const { Cell::new(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL) };
 }
 
 fn current_ctx() -> Option<usize> {
@@ -678,6 +685,7 @@ impl Driver {
                 legacy,
                 blocking,
                 capture: None,
+                capture_invalidated: false,
                 queue: VecDeque::new(),
                 enqueued: ops,
                 done: ops,
@@ -690,6 +698,41 @@ impl Driver {
             .spawn(move || worker(h, serial))
             .expect("a thread for the stream");
         h
+    }
+
+    /// Refuses a potentially unsafe call (an allocation, a synchronous
+    /// copy, an event or stream query or wait) while a capture prohibits
+    /// it, as the driver does: for a thread in global mode, any other
+    /// thread's global capture or its own non-relaxed one; in thread-local
+    /// mode, its own non-relaxed one; in relaxed mode, none. The refusal
+    /// invalidates the captures that prohibited the call.
+    fn unsafe_call(&mut self, what: &str) -> Res {
+        use sys::CUstreamCaptureMode as M;
+        let mine = CAPTURE_MODE.with(Cell::get);
+        let me = std::thread::current().id();
+        let prohibits = |s: &Stream| match s.capture {
+            Some((mode, thread)) if thread == me => {
+                mode != M::CU_STREAM_CAPTURE_MODE_RELAXED
+                    && mine != M::CU_STREAM_CAPTURE_MODE_RELAXED
+            }
+            Some((mode, _)) => {
+                mode == M::CU_STREAM_CAPTURE_MODE_GLOBAL && mine == M::CU_STREAM_CAPTURE_MODE_GLOBAL
+            }
+            None => false,
+        };
+        let mut refused = false;
+        for st in self.streams.values_mut().filter(|st| prohibits(st)) {
+            st.capture_invalidated = true;
+            refused = true;
+        }
+        if refused {
+            note(
+                what,
+                format!("prohibited during a graph capture in this thread's capture mode ({mine:?}); the capture is invalidated"),
+            );
+            return Err(R::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+        }
+        Ok(())
     }
 
     /// Removes stream `h`, which has run all its work; its handle may be
@@ -723,7 +766,25 @@ impl Driver {
             );
             return Err(R::CUDA_ERROR_NOT_SUPPORTED);
         }
+        if self.legacy_held_by_capture(h) {
+            note(
+                what,
+                "the legacy stream is unusable while a blocking stream of its context captures",
+            );
+            return Err(R::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
+        }
         Ok(h)
+    }
+
+    /// Whether `h` is a legacy stream and a blocking stream of its context
+    /// is capturing (which makes the legacy stream unusable).
+    fn legacy_held_by_capture(&self, h: usize) -> bool {
+        let st = &self.streams[&h];
+        st.legacy
+            && self
+                .streams
+                .values()
+                .any(|o| o.ctx == st.ctx && o.blocking && !o.legacy && o.capture.is_some())
     }
 
     /// Appends `op` to stream `h`, after the legacy stream's implicit
@@ -1119,19 +1180,7 @@ pub unsafe extern "C" fn cuCtxGetCurrent(pctx: *mut sys::CUcontext) -> R {
 pub unsafe extern "C" fn cuCtxSynchronize() -> R {
     with_wait("cuCtxSynchronize", |d| {
         let cur = need_ctx("cuCtxSynchronize")?;
-        // A context-wide wait is prohibited during a capture in global
-        // mode, and in thread-local mode on the capturing thread.
-        use sys::CUstreamCaptureMode as M;
-        let me = std::thread::current().id();
-        let prohibits = |s: &Stream| match s.capture {
-            Some((M::CU_STREAM_CAPTURE_MODE_GLOBAL, _)) => true,
-            Some((M::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL, t)) => t == me,
-            _ => false,
-        };
-        if d.streams.values().any(|s| s.ctx == cur && prohibits(s)) {
-            note("cuCtxSynchronize", "a stream of the context is capturing");
-            return Err(R::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
-        }
+        d.unsafe_call("cuCtxSynchronize")?;
         Ok(d.drained(|s| s.ctx == cur))
     })
 }
@@ -1187,6 +1236,7 @@ pub unsafe extern "C" fn cuStreamDestroy_v2(hStream: sys::CUstream) -> R {
 pub unsafe extern "C" fn cuStreamSynchronize(hStream: sys::CUstream) -> R {
     with_wait("cuStreamSynchronize", |d| {
         let h = d.stream("cuStreamSynchronize", hStream)?;
+        d.unsafe_call("cuStreamSynchronize")?;
         let st = &d.streams[&h];
         if st.capture.is_some() {
             note(
@@ -1204,6 +1254,7 @@ pub unsafe extern "C" fn cuStreamSynchronize(hStream: sys::CUstream) -> R {
 pub unsafe extern "C" fn cuStreamQuery(hStream: sys::CUstream) -> R {
     with("cuStreamQuery", |d| {
         let h = d.stream("cuStreamQuery", hStream)?;
+        d.unsafe_call("cuStreamQuery")?;
         let st = &d.streams[&h];
         if st.done < st.enqueued {
             return Err(R::CUDA_ERROR_NOT_READY);
@@ -1228,6 +1279,9 @@ pub unsafe extern "C" fn cuStreamIsCapturing(
     use sys::CUstreamCaptureStatus as S;
     with("cuStreamIsCapturing", |d| {
         let h = d.stream("cuStreamIsCapturing", hStream)?;
+        if d.legacy_held_by_capture(h) {
+            return Err(R::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
+        }
         let status = if d.streams[&h].capture.is_some() {
             S::CU_STREAM_CAPTURE_STATUS_ACTIVE
         } else {
@@ -1235,6 +1289,20 @@ pub unsafe extern "C" fn cuStreamIsCapturing(
         };
         put(captureStatus, status)
     })
+}
+
+/// The calling thread's interaction mode with graph captures: swaps
+/// `*mode` with it (no driver state: it is the thread's).
+#[no_mangle]
+pub unsafe extern "C" fn cuThreadExchangeStreamCaptureMode(
+    mode: *mut sys::CUstreamCaptureMode,
+) -> R {
+    if mode.is_null() {
+        return R::CUDA_ERROR_INVALID_VALUE;
+    }
+    let new = mode.read();
+    mode.write(CAPTURE_MODE.with(|m| m.replace(new)));
+    R::CUDA_SUCCESS
 }
 
 #[no_mangle]
@@ -1250,6 +1318,7 @@ pub unsafe extern "C" fn cuStreamBeginCapture_v2(
             return Err(R::CUDA_ERROR_ILLEGAL_STATE);
         }
         s.capture = Some((mode, std::thread::current().id()));
+        s.capture_invalidated = false;
         Ok(())
     })
 }
@@ -1268,6 +1337,14 @@ pub unsafe extern "C" fn cuStreamEndCapture(
                 format!("{hStream:?} is not capturing"),
             );
             return Err(R::CUDA_ERROR_ILLEGAL_STATE);
+        }
+        if s.capture_invalidated {
+            note(
+                "cuStreamEndCapture",
+                "the capture was invalidated by a prohibited call",
+            );
+            put(phGraph, std::ptr::null_mut())?;
+            return Err(R::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
         }
         // An empty graph: no work can have been captured (`work_on`).
         let g = d.handle();
@@ -1401,7 +1478,9 @@ pub unsafe extern "C" fn cuEventRecord(hEvent: sys::CUevent, hStream: sys::CUstr
 #[no_mangle]
 pub unsafe extern "C" fn cuEventQuery(hEvent: sys::CUevent) -> R {
     with("cuEventQuery", |d| {
-        let e = &d.events[&live_event(d, "cuEventQuery", hEvent)?];
+        let e = live_event(d, "cuEventQuery", hEvent)?;
+        d.unsafe_call("cuEventQuery")?;
+        let e = &d.events[&e];
         if e.completed < e.recorded {
             return Err(R::CUDA_ERROR_NOT_READY);
         }
@@ -1413,6 +1492,7 @@ pub unsafe extern "C" fn cuEventQuery(hEvent: sys::CUevent) -> R {
 pub unsafe extern "C" fn cuEventSynchronize(hEvent: sys::CUevent) -> R {
     with_wait("cuEventSynchronize", |d| {
         let e = live_event(d, "cuEventSynchronize", hEvent)?;
+        d.unsafe_call("cuEventSynchronize")?;
         let g = d.events[&e].recorded;
         Ok(Box::new(move |d: &Driver| d.events[&e].completed >= g))
     })
@@ -1424,6 +1504,7 @@ pub unsafe extern "C" fn cuEventSynchronize(hEvent: sys::CUevent) -> R {
 pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut sys::CUdeviceptr, bytesize: usize) -> R {
     with("cuMemAlloc", |d| {
         need_ctx("cuMemAlloc")?;
+        d.unsafe_call("cuMemAlloc")?;
         if dptr.is_null() {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
@@ -1536,7 +1617,10 @@ impl Driver {
 /// Frees what `free` names once the whole device has run what was queued
 /// before (the driver's frees synchronise too).
 fn free_after_device(what: &str, free: impl FnOnce(&mut Driver) -> Res) -> R {
-    let r = with_wait(what, |d| Ok(d.drained(|_| true)));
+    let r = with_wait(what, |d| {
+        d.unsafe_call(what)?;
+        Ok(d.drained(|_| true))
+    });
     if r != R::CUDA_SUCCESS {
         return r;
     }
@@ -1559,6 +1643,7 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: sys::CUdeviceptr) -> R {
 pub unsafe extern "C" fn cuMemAllocHost_v2(pp: *mut *mut c_void, bytesize: usize) -> R {
     with("cuMemAllocHost", |d| {
         need_ctx("cuMemAllocHost")?;
+        d.unsafe_call("cuMemAllocHost")?;
         if bytesize == 0 || pp.is_null() {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
@@ -2283,6 +2368,7 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
     use sys::CUjit_option as O;
     with("cuModuleLoadDataEx", |d| {
         need_ctx("cuModuleLoadDataEx")?;
+        d.unsafe_call("cuModuleLoadDataEx")?;
         if image.is_null() || module.is_null() {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }

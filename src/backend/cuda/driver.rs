@@ -1,8 +1,9 @@
 //! The few CUDA driver calls the backend makes, through cudarc's
 //! dynamically loaded `sys` bindings: errors become [`Error`]s, a missing
 //! driver becomes `NoCuda` (never a panic), and every call runs with the
-//! device's primary context pushed (and popped again), so the caller's
-//! current context is left as it was.
+//! device's primary context pushed and the thread relaxed about graph
+//! captures (both given back after), so the caller's current context and
+//! capture mode are left as they were.
 
 use super::abi;
 use crate::error::{Error, Result, Status};
@@ -93,13 +94,45 @@ pub struct Device {
 unsafe impl Send for Device {}
 unsafe impl Sync for Device {}
 
-/// Pops the context pushed by [`Device::enter`] (unless
+/// Sets the calling thread's stream-capture interaction mode; returns the
+/// one it had.
+fn exchange_capture_mode(mode: sys::CUstreamCaptureMode) -> Result<sys::CUstreamCaptureMode> {
+    let mut mode = mode;
+    // SAFETY: in/out-parameter.
+    check(
+        unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) },
+        "cuThreadExchangeStreamCaptureMode",
+    )?;
+    Ok(mode)
+}
+
+/// lra's time on a thread: the device's primary context pushed, and the
+/// thread's stream-capture interaction mode RELAXED. In the default
+/// (global) mode the driver refuses lra's allocations, event queries and
+/// waits while any other thread captures a CUDA graph, and the refused
+/// call invalidates that thread's capture; lra's own streams and events
+/// are never captured, so relaxed mode is what its calls need. Dropping it
+/// gives the thread back its mode and pops the context (unless
 /// [`Device::outside`] left it popped).
 pub struct Entered {
     pushed: bool,
+    /// The thread's mode before lra's (None while it is the thread's own).
+    caller_mode: Option<sys::CUstreamCaptureMode>,
 }
 
 impl Entered {
+    /// Pushes `ctx` (retained by the caller) and makes the thread relaxed.
+    fn push(ctx: sys::CUcontext) -> Result<Entered> {
+        // SAFETY: a retained context; popped by the guard.
+        check(unsafe { sys::cuCtxPushCurrent_v2(ctx) }, "cuCtxPushCurrent")?;
+        let mut entered = Entered {
+            pushed: true,
+            caller_mode: None,
+        };
+        entered.caller_mode = Some(exchange_capture_mode(RELAXED)?);
+        Ok(entered)
+    }
+
     /// Whether the context is pushed (false after [`Device::outside`]
     /// failed to push it again).
     pub fn is_pushed(&self) -> bool {
@@ -107,8 +140,13 @@ impl Entered {
     }
 }
 
+const RELAXED: sys::CUstreamCaptureMode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+
 impl Drop for Entered {
     fn drop(&mut self) {
+        if let Some(mode) = self.caller_mode.take() {
+            let _ = exchange_capture_mode(mode);
+        }
         if !self.pushed {
             return;
         }
@@ -166,8 +204,7 @@ impl Device {
     fn load_in(ordinal: i32, dev: sys::CUdevice, ctx: sys::CUcontext) -> Result<Device> {
         // SAFETY (whole body): out-parameters; `ctx` is retained and pushed.
         unsafe {
-            check(sys::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")?;
-            let _pop = Entered { pushed: true };
+            let _pop = Entered::push(ctx)?;
             let mut sms = 0;
             check(
                 sys::cuDeviceGetAttribute(
@@ -253,23 +290,23 @@ impl Device {
         Ok(ctx == self.ctx)
     }
 
-    /// Makes the primary context current until the guard drops.
+    /// Makes the primary context current, and the thread relaxed about
+    /// graph captures, until the guard drops (see [`Entered`]).
     pub fn enter(&self) -> Result<Entered> {
-        // SAFETY: a retained context; popped by the guard.
-        check(
-            unsafe { sys::cuCtxPushCurrent_v2(self.ctx) },
-            "cuCtxPushCurrent",
-        )?;
-        Ok(Entered { pushed: true })
+        Entered::push(self.ctx)
     }
 
     /// Runs `f`, the caller's code (the cross-rank sum), with the context
-    /// `entered` pushed popped again, then pushes it back. `f` sees the
-    /// thread's context stack as the caller left it, and so does whatever
-    /// runs on the thread while `f` waits (another task of a cooperative
-    /// scheduler, such as Julia's): no lra context for it to find, or to
-    /// replace under lra's launches.
+    /// `entered` pushed popped again and the thread's own capture mode,
+    /// then takes both back. `f` sees the thread as the caller left it,
+    /// and so does whatever runs on the thread while `f` waits (another
+    /// task of a cooperative scheduler, such as Julia's): no lra context for
+    /// it to find, or to replace under lra's launches.
     pub fn outside<T>(&self, entered: &mut Entered, f: impl FnOnce() -> T) -> Result<T> {
+        if let Some(mode) = entered.caller_mode {
+            exchange_capture_mode(mode)?;
+            entered.caller_mode = None;
+        }
         let mut top: sys::CUcontext = std::ptr::null_mut();
         // SAFETY: pops the push `entered` holds; out-parameter.
         check(
@@ -285,6 +322,7 @@ impl Device {
             "cuCtxPushCurrent",
         )?;
         entered.pushed = true;
+        entered.caller_mode = Some(exchange_capture_mode(RELAXED)?);
         Ok(r)
     }
 
@@ -470,15 +508,32 @@ pub fn copy_device(
     )
 }
 
-/// Whether `stream` is capturing a CUDA graph.
-pub fn is_capturing(stream: CUstream) -> Result<bool> {
+/// Whether work may be enqueued on `stream` with respect to CUDA graph
+/// captures.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Capture {
+    None,
+    /// The stream is capturing (or its capture was invalidated).
+    Active,
+    /// The legacy stream, unusable while a blocking stream of its context
+    /// captures (the driver's CUDA_ERROR_STREAM_CAPTURE_IMPLICIT).
+    Implicit,
+}
+
+/// The capture state of `stream`.
+pub fn capture_state(stream: CUstream) -> Result<Capture> {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     // SAFETY: out-parameter; the stream is the caller's.
-    check(
-        unsafe { sys::cuStreamIsCapturing(stream, &mut status) },
-        "cuStreamIsCapturing",
-    )?;
-    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    match unsafe { sys::cuStreamIsCapturing(stream, &mut status) } {
+        sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => Ok(Capture::Implicit),
+        r => {
+            check(r, "cuStreamIsCapturing")?;
+            Ok(match status {
+                sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => Capture::None,
+                _ => Capture::Active,
+            })
+        }
+    }
 }
 
 /// Waits for everything queued on `stream` (best effort: on an error path).

@@ -246,13 +246,17 @@ impl CudaBackend {
                 self.dev.ordinal
             );
         }
-        if driver::is_capturing(stream)? {
-            fail!(
+        match driver::capture_state(stream)? {
+            driver::Capture::None => Ok(()),
+            driver::Capture::Active => fail!(
                 InvalidArgument,
                 "stream {stream:p} is capturing a CUDA graph; lra_step cannot be captured (run it outside the graph)"
-            );
+            ),
+            driver::Capture::Implicit => fail!(
+                InvalidArgument,
+                "the legacy stream ({stream:p}) cannot be used while a blocking stream captures a CUDA graph; step on a non-blocking stream, or outside the capture"
+            ),
         }
-        Ok(())
     }
 
     /// The layout of `tensors` (context entered). Checked here too, not
