@@ -116,6 +116,42 @@ impl ForeignStream {
     }
 }
 
+/// Device memory allocated in a context of its own (not the primary
+/// context lra runs on), freed with that context on drop.
+struct OtherContextMemory {
+    ctx: sys::CUcontext,
+    ptr: u64,
+}
+
+impl OtherContextMemory {
+    fn new(bytes: usize) -> OtherContextMemory {
+        // SAFETY: driver calls with out-parameters; the created context is
+        // popped again, so the caller's current context is unchanged.
+        unsafe {
+            let (mut dev, mut ctx, mut ptr) = (0, std::ptr::null_mut(), 0);
+            ok(sys::cuDeviceGet(&mut dev, 0));
+            ok(sys::cuCtxCreate_v2(&mut ctx, 0, dev));
+            ok(sys::cuMemAlloc_v2(&mut ptr, bytes));
+            let mut popped = std::ptr::null_mut();
+            ok(sys::cuCtxPopCurrent_v2(&mut popped));
+            OtherContextMemory { ctx, ptr }
+        }
+    }
+}
+
+impl Drop for OtherContextMemory {
+    fn drop(&mut self) {
+        // SAFETY: the context and memory made in `new`, freed once.
+        unsafe {
+            ok(sys::cuCtxPushCurrent_v2(self.ctx));
+            ok(sys::cuMemFree_v2(self.ptr));
+            let mut popped = std::ptr::null_mut();
+            ok(sys::cuCtxPopCurrent_v2(&mut popped));
+            ok(sys::cuCtxDestroy_v2(self.ctx));
+        }
+    }
+}
+
 impl Drop for ForeignStream {
     fn drop(&mut self) {
         let (ctx, stream) = (self.ctx, self.stream);
@@ -886,6 +922,7 @@ fn bad_pointers_are_invalid_arguments() {
     let gpu = cuda::create(OptimizerKind::Sgd, 0).unwrap();
     let host = [0f32; 16];
     let dev = DevBuf::new(&[0u8; 64]);
+    let other = OtherContextMemory::new(64);
     let t = |p: u64, g: u64, n| TensorDesc {
         param: p as *mut c_void,
         grad: g as *const c_void,
@@ -906,6 +943,12 @@ fn bad_pointers_are_invalid_arguments() {
             "past the allocation",
             t(dev.0, dev.0 + (4 << 20), 1 << 20),
             "past the end of its allocation",
+        ),
+        // Validated only: a launch on it would fault in lra's context.
+        (
+            "memory of another context",
+            t(dev.0, other.ptr, 4),
+            "allocated in another context",
         ),
     ];
     for (what, d, says) in cases {

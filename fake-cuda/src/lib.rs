@@ -322,6 +322,9 @@ struct Driver {
     allocs: BTreeMap<u64, usize>,
     /// Those of `allocs` that came from the default pool (cuMemAllocAsync).
     pooled: BTreeSet<u64>,
+    /// Those of `allocs` made by cuMemAlloc in a context other than the
+    /// primary one: address → that context.
+    other_context_allocs: HashMap<u64, usize>,
     /// Pinned host allocations: address → bytes.
     pinned: BTreeMap<usize, usize>,
     /// Address ranges of `cuMemAddressReserve`: base → reservation. Each is
@@ -380,6 +383,7 @@ fn driver() -> MutexGuard<'static, Driver> {
                 dev: ptx_interp::Device::new(),
                 allocs: BTreeMap::new(),
                 pooled: BTreeSet::new(),
+                other_context_allocs: HashMap::new(),
                 pinned: BTreeMap::new(),
                 reservations: BTreeMap::new(),
                 physical: HashMap::new(),
@@ -1503,12 +1507,16 @@ pub unsafe extern "C" fn cuEventSynchronize(hEvent: sys::CUevent) -> R {
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut sys::CUdeviceptr, bytesize: usize) -> R {
     with("cuMemAlloc", |d| {
-        need_ctx("cuMemAlloc")?;
+        let ctx = need_ctx("cuMemAlloc")?;
         d.unsafe_call("cuMemAlloc")?;
         if dptr.is_null() {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
-        put(dptr, d.alloc_device("cuMemAlloc", bytesize)?)
+        let a = d.alloc_device("cuMemAlloc", bytesize)?;
+        if ctx != d.primary {
+            d.other_context_allocs.insert(a, ctx);
+        }
+        put(dptr, a)
     })
 }
 
@@ -1635,6 +1643,7 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: sys::CUdeviceptr) -> R {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         }
         d.pooled.remove(&dptr);
+        d.other_context_allocs.remove(&dptr);
         d.free_buffer("cuMemFree", dptr)
     })
 }
@@ -1851,9 +1860,9 @@ struct Described {
     mem_type: u32,
     start: u64,
     size: usize,
-    /// Allocated in the primary context (cuMemAlloc, cuMemAllocHost);
-    /// memory of the virtual memory management API has no context.
-    in_context: bool,
+    /// The context it was allocated in (cuMemAlloc, cuMemAllocHost); 0 for
+    /// memory of the virtual memory management API and pool memory.
+    context: usize,
     mapped: bool,
     /// Device 0's access flags (`CU_POINTER_ATTRIBUTE_ACCESS_FLAGS`).
     access: u32,
@@ -1869,7 +1878,7 @@ impl Driver {
             mem_type: 0,
             start: 0,
             size: 0,
-            in_context: false,
+            context: 0,
             mapped: false,
             access: 0,
             pool: 0,
@@ -1885,7 +1894,7 @@ impl Driver {
                 mem_type: 2,
                 start: base,
                 size,
-                in_context: false,
+                context: 0,
                 mapped: true,
                 access: 0,
                 pool: DEFAULT_POOL,
@@ -1895,7 +1904,11 @@ impl Driver {
                 mem_type: 2,
                 start: base,
                 size,
-                in_context: true,
+                context: self
+                    .other_context_allocs
+                    .get(&base)
+                    .copied()
+                    .unwrap_or(self.primary),
                 mapped: true,
                 access: 3,
                 pool: 0,
@@ -1905,7 +1918,7 @@ impl Driver {
                 mem_type: 1,
                 start: base,
                 size,
-                in_context: true,
+                context: self.primary,
                 mapped: true,
                 access: 3,
                 pool: 0,
@@ -1927,7 +1940,7 @@ impl Driver {
                     mem_type: 2,
                     start,
                     size: range,
-                    in_context: false,
+                    context: 0,
                     mapped: true,
                     access: self.reservations[&reservation]
                         .access
@@ -1945,7 +1958,7 @@ impl Driver {
                 mem_type: 2,
                 start: reservation,
                 size: reserved,
-                in_context: false,
+                context: 0,
                 mapped: false,
                 access: 0,
                 pool: 0,
@@ -1974,8 +1987,7 @@ impl Driver {
         } else if a == A::CU_POINTER_ATTRIBUTE_RANGE_SIZE as u32 {
             (out as *mut usize).write(d.size);
         } else if a == A::CU_POINTER_ATTRIBUTE_CONTEXT as u32 {
-            let ctx = if d.in_context { self.primary } else { 0 };
-            (out as *mut sys::CUcontext).write(ctx as sys::CUcontext);
+            (out as *mut sys::CUcontext).write(d.context as sys::CUcontext);
         } else if a == A::CU_POINTER_ATTRIBUTE_MAPPED as u32 {
             (out as *mut u32).write(d.mapped as u32);
         } else if pointer_attribute_since(a) > driver_version() {

@@ -274,6 +274,12 @@ impl Device {
         }
     }
 
+    /// Whether `context` (a pointer's `CU_POINTER_ATTRIBUTE_CONTEXT`) is
+    /// this device's primary context, the one lra's kernels run in.
+    pub fn is_own_context(&self, context: u64) -> bool {
+        context == self.ctx as u64
+    }
+
     /// Whether `stream` belongs to this device's primary context. The
     /// special handles (NULL, legacy, per-thread) always belong to the
     /// current context, which `enter` made this one.
@@ -651,6 +657,8 @@ pub struct PointerInfo {
     /// exactly the allocation). Memory mapped through the virtual memory
     /// management API and stream-ordered pool memory have no context.
     pub in_context: bool,
+    /// That context (`CU_POINTER_ATTRIBUTE_CONTEXT`; 0: none).
+    pub context: u64,
     /// `CU_POINTER_ATTRIBUTE_MAPPED`: backed by physical memory.
     pub mapped: bool,
     /// `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS`: what the current context's
@@ -778,6 +786,7 @@ fn query_pointer(ptr: u64, newer: usize) -> Result<Option<PointerInfo>> {
         range_start: start,
         range_size: size,
         in_context: ctx != 0,
+        context: ctx,
         mapped: mapped as u32 != 0,
         access: (newer >= 2).then_some(access as u32),
         pool,

@@ -153,6 +153,17 @@ impl CudaBackend {
         if !info.in_context {
             return self.check_mapped_extent(what, p, end, write);
         }
+        // A context has its own address space on the device: lra's kernels,
+        // in the primary context, would fault on another context's memory,
+        // and the fault would be sticky in the primary context (every
+        // framework of the process on it would fail from then on).
+        if !self.dev.is_own_context(info.context) {
+            fail!(
+                InvalidArgument,
+                "{what} = {p:#x} was allocated in another context ({:#x}) than the primary context of device {ordinal}, where lra runs; allocate it in the primary context (the CUDA runtime, PyTorch and CUDA.jl do)",
+                info.context
+            );
+        }
         // cuMemAlloc memory: the range is the allocation, exactly.
         if info.range_size != 0 && end > info.range_start.saturating_add(info.range_size) {
             fail!(
