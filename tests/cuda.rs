@@ -762,7 +762,8 @@ fn assert_params_close(case: &Case, what: &str) {
     }
 }
 
-/// Also moves every tensor to new memory half way (a new tensor table).
+/// Also moves every tensor to new memory half way (a new tensor table),
+/// and ends with a step on each special stream handle.
 #[test]
 fn mixed_dtypes_in_one_launch_and_a_caller_stream() {
     if !gpu("mixed_dtypes_in_one_launch_and_a_caller_stream") {
@@ -792,6 +793,14 @@ fn mixed_dtypes_in_one_launch_and_a_caller_stream() {
         case.assert_params_same(&what);
     }
     case.assert_state_same("mixed");
+    for (handle, name) in [(1usize, "CU_STREAM_LEGACY"), (2, "CU_STREAM_PER_THREAD")] {
+        case.stream = handle as *mut c_void;
+        case.set_grads(20 + handle as u64, None);
+        let (c, g) = case.step(Mode::Fused { guard: true }, 0.003, None);
+        assert_phi_close(c.phi, g.phi, name);
+        case.assert_params_same(name);
+    }
+    case.assert_state_same("after the special stream handles");
     drop(case);
     // SAFETY: created above.
     unsafe { sys::cuStreamDestroy_v2(stream) };

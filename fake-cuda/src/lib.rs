@@ -22,9 +22,10 @@
 //! one interpreter buffer per reserved range and one mapping per physical
 //! allocation; kernels may touch its unmapped bytes without a fault. One
 //! default stream-ordered pool serves `cuMemAllocAsync`. What the fake
-//! does not model (recording work into a graph, the per-thread default
-//! stream, most attributes) fails with `CUDA_ERROR_NOT_SUPPORTED` and a
-//! note on stderr, never silently.
+//! does not model (recording work into a graph, most attributes) fails
+//! with `CUDA_ERROR_NOT_SUPPORTED` and a note on stderr, never silently.
+//! The per-thread default stream (handle 2) is a blocking stream per
+//! thread and context.
 //!
 //! Environment: `FAKE_CUDA_SCHEDULE` picks the interpreter's block and
 //! thread order (see `fn schedule`); `FAKE_CUDA_TRACE` prints every
@@ -290,6 +291,9 @@ struct Context {
     primary: bool,
     /// Its legacy stream, made on first use.
     legacy: Option<usize>,
+    /// Each thread's per-thread default stream (handle 2), made on first
+    /// use: a blocking stream, ordered with the legacy one.
+    per_thread: HashMap<ThreadId, usize>,
     /// The first asynchronous failure of its work: every later launch,
     /// copy and wait in it returns it, as the driver's sticky errors.
     sticky: Option<R>,
@@ -375,6 +379,7 @@ fn driver() -> MutexGuard<'static, Driver> {
             let ctx = Context {
                 primary: true,
                 legacy: None,
+                per_thread: HashMap::new(),
                 sticky: None,
             };
             Mutex::new(Driver {
@@ -666,8 +671,18 @@ impl Driver {
                 Ok(h)
             }
             2 => {
-                note(what, "the per-thread default stream is not modelled");
-                Err(R::CUDA_ERROR_NOT_SUPPORTED)
+                let ctx = need_ctx(what)?;
+                let me = std::thread::current().id();
+                if let Some(&h) = self.contexts[&ctx].per_thread.get(&me) {
+                    return Ok(h);
+                }
+                let h = self.new_stream(ctx, false, true);
+                self.contexts
+                    .get_mut(&ctx)
+                    .unwrap()
+                    .per_thread
+                    .insert(me, h);
+                Ok(h)
             }
             h if self.streams.get(&h).is_some_and(|st| !st.destroyed) => Ok(h),
             _ => {
@@ -1090,6 +1105,7 @@ pub unsafe extern "C" fn cuCtxCreate_v2(
         let ctx = Context {
             primary: false,
             legacy: None,
+            per_thread: HashMap::new(),
             sticky: None,
         };
         d.contexts.insert(h, ctx);
