@@ -923,6 +923,26 @@ fn sharded_steps_sum_across_ranks_between_the_passes() {
     }
 }
 
+/// The driver's JIT of kernels/lra.ptx keeps to `.maxnreg 64` and spills
+/// nothing (CI proves both only for its own ptxas); the report, with the
+/// grid lra launches, goes into the GPU run's log.
+#[test]
+fn the_kernel_jit_spills_nothing() {
+    let test = "the_kernel_jit_spills_nothing";
+    if !gpu(test)
+        || fake_driver_cannot(
+            test,
+            "the fake driver interprets the PTX: no JIT, no registers to count",
+        )
+    {
+        return;
+    }
+    let r = cuda::kernel_report(0).unwrap();
+    println!("kernel as the driver's JIT built it: {r:?}");
+    assert!(r.registers <= 64, "{r:?}: more registers than .maxnreg 64");
+    assert_eq!(r.local_bytes, 0, "{r:?}: the JIT spilled to local memory");
+}
+
 #[test]
 fn bad_pointers_are_invalid_arguments() {
     if !gpu("bad_pointers_are_invalid_arguments") {

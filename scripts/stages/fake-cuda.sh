@@ -21,7 +21,7 @@ export CARGO_TERM_COLOR=never
 # Skipped because a driver is present (it asserts the no-driver path).
 expect_skipped="no_gpu_handle_reports_no_cuda"
 # Skipped by LRA_FAKE_CUDA, each with its reason printed by the test.
-expect_fake_skipped=$'phi_is_bit_identical_across_runs'
+expect_fake_skipped=$'phi_is_bit_identical_across_runs\nthe_kernel_jit_spills_nothing'
 
 target=${CARGO_TARGET_DIR:-target}
 cargo build --release -p fake-cuda

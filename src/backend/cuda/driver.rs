@@ -274,6 +274,37 @@ impl Device {
         }
     }
 
+    /// What the driver's JIT made of the kernel: (registers per thread,
+    /// local memory per thread in bytes, static shared memory per block in
+    /// bytes).
+    pub fn kernel_resources(&self) -> Result<(i32, i32, i32)> {
+        use sys::CUfunction_attribute as A;
+        let _ctx = self.enter()?;
+        let attribute = |a: A, name: &str| -> Result<i32> {
+            let mut v = 0;
+            // SAFETY: out-parameter; the loaded function.
+            check(
+                unsafe { sys::cuFuncGetAttribute(&mut v, a, self.func) },
+                name,
+            )?;
+            Ok(v)
+        };
+        Ok((
+            attribute(
+                A::CU_FUNC_ATTRIBUTE_NUM_REGS,
+                "cuFuncGetAttribute(NUM_REGS)",
+            )?,
+            attribute(
+                A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+                "cuFuncGetAttribute(LOCAL_SIZE_BYTES)",
+            )?,
+            attribute(
+                A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                "cuFuncGetAttribute(SHARED_SIZE_BYTES)",
+            )?,
+        ))
+    }
+
     /// Whether `context` (a pointer's `CU_POINTER_ATTRIBUTE_CONTEXT`) is
     /// this device's primary context, the one lra's kernels run in.
     pub fn is_own_context(&self, context: u64) -> bool {

@@ -36,6 +36,29 @@ pub fn describe_pointer(ptr: u64) -> String {
     }
 }
 
+/// The kernel as the driver's JIT built it on device `ordinal`, for
+/// diagnostics (the GPU tests check and print it): CI's `ptxas` proves no
+/// spills only for its own compiler version.
+#[derive(Debug)]
+pub struct KernelReport {
+    pub registers: i32,
+    pub local_bytes: i32,
+    pub static_shared_bytes: i32,
+    /// Blocks of a launch: SMs × resident blocks per SM.
+    pub max_grid: u32,
+}
+
+pub fn kernel_report(ordinal: i32) -> Result<KernelReport> {
+    let dev = Device::get(ordinal)?;
+    let (registers, local_bytes, static_shared_bytes) = dev.kernel_resources()?;
+    Ok(KernelReport {
+        registers,
+        local_bytes,
+        static_shared_bytes,
+        max_grid: dev.max_grid,
+    })
+}
+
 /// Creates the backend of a `device = 1` handle. `NoCuda` (with the reason)
 /// when there is no driver, no device, or no such ordinal.
 pub fn create(kind: OptimizerKind, ordinal: i32) -> Result<Box<dyn Backend>> {
