@@ -2761,7 +2761,8 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
 /// checks it as mapped memory (mapped, accessible to the pool's device):
 /// it must be accepted. The fake driver's pool memory reads
 /// `ACCESS_FLAGS` 0 (the worst case nothing documents away): lra must ask
-/// the pool.
+/// the pool; with `FAKE_CUDA_POOL_ACCESS_FLAGS=refused` it refuses
+/// `ACCESS_FLAGS`: lra must ask again without it.
 #[test]
 fn stream_ordered_pool_memory_is_accepted() {
     if !gpu("stream_ordered_pool_memory_is_accepted") {

@@ -33,7 +33,9 @@
 //! arguments; `FAKE_CUDA_VMM_RANGE` picks what the pointer attributes'
 //! ranges describe for mapped memory (see `fn vmm_range_is_reservation`),
 //! `FAKE_CUDA_POINTER_ATTRIBUTES` an older driver's version and attributes
-//! (see `fn driver_version`).
+//! (see `fn driver_version`), `FAKE_CUDA_POOL_ACCESS_FLAGS` what
+//! `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS` does for pool memory (see
+//! `fn pool_access_flags_refused`).
 //!
 //! # Safety
 //!
@@ -130,6 +132,24 @@ fn driver_version() -> c_int {
             "11.0" => 11000,
             "11.4" => 11040,
             v => panic!("FAKE_CUDA_POINTER_ATTRIBUTES={v}: expected 11.0, 11.4 or nothing"),
+        }
+    })
+}
+
+/// What `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS` does for pool memory (nothing
+/// documents it), from `FAKE_CUDA_POOL_ACCESS_FLAGS`: `zero` (the default)
+/// answers 0, no access; `refused` fails the query with
+/// `CUDA_ERROR_INVALID_VALUE` (no note: the modelled driver's answer).
+fn pool_access_flags_refused() -> bool {
+    static CHOSEN: OnceLock<bool> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        match std::env::var("FAKE_CUDA_POOL_ACCESS_FLAGS")
+            .unwrap_or_default()
+            .as_str()
+        {
+            "" | "zero" => false,
+            "refused" => true,
+            v => panic!("FAKE_CUDA_POOL_ACCESS_FLAGS={v}: expected zero or refused"),
         }
     })
 }
@@ -1904,8 +1924,9 @@ impl Driver {
         match self.place(ptr) {
             // Pool memory has no context. What ACCESS_FLAGS says of it is
             // documented nowhere: the fake answers 0 (no access), the worst
-            // case, so a caller must ask the pool (cuMemPoolGetAccess); the
-            // mapping attributes it refuses (write_attribute).
+            // case, so a caller must ask the pool (cuMemPoolGetAccess), or
+            // refuses it (pool_access_flags_refused); the mapping
+            // attributes it refuses (write_attribute).
             Place::Device { base, size } if self.pooled.contains(&base) => Described {
                 mem_type: 2,
                 start: base,
@@ -2012,6 +2033,11 @@ impl Driver {
             // Pool memory is not mapped by cuMemMap: what the driver says of
             // its mapping is documented nowhere. The worst case: a refusal
             // (no note: the modelled driver's answer).
+            return Err(R::CUDA_ERROR_INVALID_VALUE);
+        } else if a == A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS as u32
+            && d.pool != 0
+            && pool_access_flags_refused()
+        {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         } else if a == A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS as u32 {
             (out as *mut u32).write(d.access);

@@ -720,27 +720,24 @@ pub fn pointer_info(ptr: u64) -> Result<Option<PointerInfo>> {
 /// attributes to ask for comes from the driver's version, never from one
 /// pointer's answer.
 pub fn mapped_memory_info(ptr: u64, ordinal: i32) -> Result<Option<PointerInfo>> {
-    let newer = newer_attributes();
-    let answer = match query_pointer(ptr, newer) {
-        // Refused with the mapping attributes (nothing documents them for
-        // pool memory): without them, and the walk goes by granules.
-        Err(_) if newer > 2 => query_pointer(ptr, 2),
-        r => r,
-    };
-    let mut info = match answer {
-        Ok(info) => info,
-        Err(e) if newer > 0 => {
-            return match query_pointer(ptr, 0)? {
-                // A driver may refuse the newer attributes where nothing is
-                // mapped: the plain answer refuses such an address anyway.
-                // Mapped memory whose access cannot be asked is the
-                // driver's error, never an unchecked pass.
-                Some(i) if i.mapped => Err(e),
-                unmapped => Ok(unmapped),
-            };
+    let mut asked = newer_attributes();
+    let mut answer = query_pointer(ptr, asked);
+    let mut refused = None;
+    // Refused (nothing documents the newer attributes for pool memory):
+    // again without the mapping attributes (the walk then goes by
+    // granules), then with MEMPOOL_HANDLE alone (a pool's access is asked
+    // of the pool below), then with the plain ones: 4, 2, 1, 0.
+    while asked > 0 {
+        match answer {
+            Err(e) => {
+                refused.get_or_insert(e);
+            }
+            Ok(_) => break,
         }
-        Err(e) => return Err(e),
-    };
+        asked /= 2;
+        answer = query_pointer(ptr, asked);
+    }
+    let mut info = answer?;
     // Pool memory: its access is the pool's (documented: accessible from
     // its own device unless changed), asked as NVIDIA's CCCL asks it,
     // rather than ACCESS_FLAGS, whose answer for pools nothing documents.
@@ -757,12 +754,22 @@ pub fn mapped_memory_info(ptr: u64, ordinal: i32) -> Result<Option<PointerInfo>>
         check(r, "cuMemPoolGetAccess")?;
         i.access = Some(flags as u32);
     }
-    Ok(info)
+    // A driver may refuse the newer attributes where nothing is mapped, an
+    // address refused anyway. Mapped memory whose access could not be asked
+    // (not pool memory) is the driver's error, never an unchecked pass.
+    let unchecked = info
+        .as_ref()
+        .is_some_and(|i| i.mapped && i.access.is_none());
+    match refused {
+        Some(e) if unchecked => Err(e),
+        _ => Ok(info),
+    }
 }
 
 /// How many of the attributes after `MAPPED` this driver knows:
-/// `ACCESS_FLAGS` and `MEMPOOL_HANDLE` (CUDA 11.2's headers; asked from
-/// 11.2 on), `MAPPING_BASE_ADDR`/`MAPPING_SIZE` (11.7).
+/// `MEMPOOL_HANDLE` and `ACCESS_FLAGS` (CUDA 11.2's headers; asked from
+/// 11.2 on), `MAPPING_BASE_ADDR`/`MAPPING_SIZE` (11.7). [`query_pointer`]
+/// also takes 1: `MEMPOOL_HANDLE` alone.
 fn newer_attributes() -> usize {
     static KNOWN: OnceLock<usize> = OnceLock::new();
     *KNOWN.get_or_init(|| {
@@ -792,8 +799,8 @@ fn query_pointer(ptr: u64, newer: usize) -> Result<Option<PointerInfo>> {
         A::CU_POINTER_ATTRIBUTE_CONTEXT,
         A::CU_POINTER_ATTRIBUTE_MAPPED,
         // CUDA 11.2 and later:
-        A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS,
         A::CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE,
+        A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS,
         // CUDA 11.7 and later:
         A::CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR,
         A::CU_POINTER_ATTRIBUTE_MAPPING_SIZE,
@@ -806,7 +813,7 @@ fn query_pointer(ptr: u64, newer: usize) -> Result<Option<PointerInfo>> {
         sys::cuPointerGetAttributes(n as u32, attrs.as_mut_ptr(), data.as_mut_ptr(), ptr)
     };
     check(r, "cuPointerGetAttributes")?;
-    let [mem_type, managed, ordinal, start, size, ctx, mapped, access, pool, map_base, map_size] =
+    let [mem_type, managed, ordinal, start, size, ctx, mapped, pool, access, map_base, map_size] =
         v;
     if mem_type as u32 == 0 {
         return Ok(None);
