@@ -976,6 +976,15 @@ def _torch_unsupported(torch, p):
     return None
 
 
+def _bytes_tensor(torch, raw):
+    """`raw` as a 1-D uint8 CPU tensor (torch.frombuffer from torch 1.10)."""
+    if not raw:
+        return torch.empty(0, dtype=torch.uint8)
+    if hasattr(torch, "frombuffer"):
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return torch.tensor(list(raw), dtype=torch.uint8)
+
+
 class _ParamGroup(collections.abc.MutableMapping):
     """The one parameter group of a :class:`TorchOptimizer`: ``"params"``,
     and ``"lr"``, η itself (read: lra's current η; written: ``lra_set_lr``,
@@ -1013,8 +1022,20 @@ class _ParamGroup(collections.abc.MutableMapping):
     def __len__(self):
         return 2
 
+    def __contains__(self, key):
+        return key in ("params", "lr")
+
+    def __reduce__(self):
+        # A copy (copy.deepcopy, pickle, torch.save of param_groups) is a
+        # snapshot: a plain dict; the handle itself cannot be copied.
+        return (dict, (dict(self),))
+
     def __repr__(self):
-        return f"{{'params': [{len(self._params)} tensors], 'lr': {self._handle.lr!r}}}"
+        try:
+            lr = repr(self._handle.lr)
+        except LraError:
+            lr = "<handle closed>"
+        return f"{{'params': [{len(self._params)} tensors], 'lr': {lr}}}"
 
 
 class TorchOptimizer:
@@ -1271,8 +1292,7 @@ class TorchOptimizer:
         return {
             # bytes pickle as _codecs.encode, which torch 1.13's
             # weights_only unpickler refuses; a tensor loads everywhere.
-            "lra_state": torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-            if raw else torch.empty(0, dtype=torch.uint8),
+            "lra_state": _bytes_tensor(torch, raw),
             "shapes": [tuple(p.shape) for p in self.params],
             "dtypes": [str(p.dtype) for p in self.params],
             "memory_orders": None if orders is None else [list(order) for order in orders],

@@ -1201,6 +1201,17 @@ class TorchAdapterAuditTests(unittest.TestCase):
         with self.assertRaises(lra.LraError):
             group["lr"] = -1.0
         self.assertEqual(group["lr"], info.lr)
+        # A copy is a snapshot dict (the handle cannot be copied), as
+        # torch.save of param_groups or copy.deepcopy of them make.
+        import copy
+        import pickle
+        for snapshot in (copy.deepcopy(opt.param_groups)[0], pickle.loads(pickle.dumps(group))):
+            self.assertEqual(type(snapshot), dict)
+            self.assertEqual(snapshot["lr"], info.lr)
+            self.assertTrue(torch.equal(snapshot["params"][0], p))
+        opt.close()
+        self.assertIn("lr", group)
+        self.assertIn("handle closed", repr(group))
 
     def test_state_dict_survives_torch_save_and_resumes_before_any_step(self):
         import io
