@@ -21,10 +21,12 @@ die() { echo "install.sh: $*" >&2; exit 1; }
 usage() { echo "usage: install.sh PREFIX | install.sh --uninstall PREFIX" >&2; exit 2; }
 manifest_rel=share/lra/install_manifest.txt
 
-# Removes the files and links listed in PREFIX's manifest; every line is
-# checked (relative, no `..`, not a directory) before any is removed.
+# Removes the files and links listed in PREFIX's manifest, then the
+# directories it lists (lines ending in `/`: those the install created),
+# where left empty; every line is checked (relative, no `..`, a directory
+# only where it ends in `/`) before anything is removed.
 uninstall() {
-  local prefix="$1" manifest line d entries=() removed=0 gone=0 dirs=0
+  local prefix="$1" manifest line d entries=() made=() removed=0 gone=0 dirs=0
   manifest="$prefix/$manifest_rel"
   [ -f "$manifest" ] || die "no $manifest: nothing to uninstall (install.sh writes it; without it nothing is removed)"
   prefix="$(cd "$prefix" && pwd)"
@@ -34,6 +36,9 @@ uninstall() {
     case "/$line/" in
       //*) die "$manifest lists the absolute path '$line': refused, nothing removed" ;;
       */../*) die "$manifest lists '$line', a path with a '..' component (it could lead out of $prefix): refused, nothing removed" ;;
+    esac
+    case "$line" in
+      */) made+=("${line%/}"); continue ;;
     esac
     if [ -d "$prefix/$line" ] && [ ! -L "$prefix/$line" ]; then
       die "$manifest lists '$line', a directory: refused, nothing removed"
@@ -50,7 +55,9 @@ uninstall() {
   done
   # The manifest itself goes last, listed or not.
   if [ -e "$manifest" ]; then rm -f -- "$manifest"; removed=$((removed + 1)); fi
-  for d in lib/cmake/lra lib/cmake lib/pkgconfig share/lra share include lib; do
+  # Deepest first: the install lists them parents first.
+  for ((i = ${#made[@]} - 1; i >= 0; i--)); do
+    d=${made[i]}
     if [ -d "$prefix/$d" ] && [ ! -L "$prefix/$d" ] && [ -z "$(ls -A "$prefix/$d")" ]; then
       rmdir -- "$prefix/$d"
       dirs=$((dirs + 1))
@@ -112,6 +119,11 @@ case "$prefix" in
 esac
 # Every file and link installed, relative to PREFIX, for the manifest.
 installed=()
+# The directories this install creates (an earlier install's stay listed
+# below), so that --uninstall removes those and no directory it found.
+for d in lib lib/cmake lib/cmake/lra lib/pkgconfig include share share/lra; do
+  [ -d "$prefix/$d" ] || installed+=("$d/")
+done
 put() { # put MODE SOURCE DEST (relative to PREFIX)
   install -m "$1" "$2" "$prefix/$3"
   installed+=("$3")

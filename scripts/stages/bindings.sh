@@ -97,7 +97,7 @@ if ! grep -qx lra_create <<<"$(exports "$prefix/lib/liblra.so.$version")" \
   exit 1
 fi
 if [ "$(cd "$prefix" && find . -type f -o -type l | sed 's|^\./||' | sort)" \
-  != "$(sort "$prefix/share/lra/install_manifest.txt")" ]; then
+  != "$(grep -v '/$' "$prefix/share/lra/install_manifest.txt" | sort)" ]; then
   echo "$prefix/share/lra/install_manifest.txt is not the list of installed files" >&2
   exit 1
 fi
@@ -117,6 +117,14 @@ for p in "$odd" "$work/debug"; do
     echo "left in $p after --uninstall:" >&2; find "$p" -mindepth 1 >&2; exit 1
   fi
 done
+# Directories that were there before the install stay, empty or not.
+mkdir -p "$work/pre/include" "$work/pre/lib"
+LRA_SKIP_BUILD=1 scripts/install.sh "$work/pre" >/dev/null
+scripts/install.sh --uninstall "$work/pre" >/dev/null
+if [ "$(cd "$work/pre" && find . -mindepth 1 | sort | paste -sd' ')" != "./include ./lib" ]; then
+  echo "--uninstall of a prefix that had include/ and lib/ left: $(cd "$work/pre" && find . -mindepth 1)" >&2
+  exit 1
+fi
 out="$(scripts/install.sh --uninstall "$odd" 2>&1)" && { echo "--uninstall without a manifest succeeded" >&2; exit 1; }
 grep -qF "no $odd/share/lra/install_manifest.txt" <<<"$out" || { echo "--uninstall without a manifest: '$out'" >&2; exit 1; }
 mkdir -p "$work/evil/p/share/lra" "$work/evil/p/lib"
