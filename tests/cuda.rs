@@ -1019,6 +1019,17 @@ fn bad_pointers_are_invalid_arguments() {
     }
 }
 
+/// An SGD case on the legacy stream after one fused step (the layout fixed),
+/// its mode, and the device tensors of its next step.
+fn sgd_case_after_a_step() -> (Case, Mode, Vec<TensorDesc>) {
+    let mut case = Case::new(OptimizerKind::Sgd, &shape(DType::F32), std::ptr::null_mut());
+    case.set_grads(1, None);
+    let mode = Mode::Fused { guard: false };
+    case.step(mode, 0.01, None);
+    let (_, tg) = case.descs();
+    (case, mode, tg)
+}
+
 /// A stream of another context, and a stream capturing a CUDA graph, are
 /// refused before anything is enqueued (the capture stays valid). In a
 /// process of its own: a stream created by a test running beside it could
@@ -1029,11 +1040,7 @@ fn foreign_and_capturing_streams_are_refused() {
     if !gpu(test) || in_own_process(test) {
         return;
     }
-    let mut case = Case::new(OptimizerKind::Sgd, &shape(DType::F32), std::ptr::null_mut());
-    case.set_grads(1, None);
-    case.step(Mode::Fused { guard: false }, 0.01, None);
-    let (_, tg) = case.descs();
-    let mode = Mode::Fused { guard: false };
+    let (mut case, mode, tg) = sgd_case_after_a_step();
     let refused = |case: &mut Case, stream: *mut c_void, what: &str| {
         let e = unsafe {
             case.gpu
@@ -1141,11 +1148,7 @@ fn the_legacy_stream_is_refused_while_a_blocking_stream_captures() {
     if !gpu(test) || in_own_process(test) {
         return;
     }
-    let mut case = Case::new(OptimizerKind::Sgd, &shape(DType::F32), std::ptr::null_mut());
-    case.set_grads(1, None);
-    let mode = Mode::Fused { guard: false };
-    case.step(mode, 0.01, None);
-    let (_, tg) = case.descs();
+    let (mut case, mode, tg) = sgd_case_after_a_step();
     // SAFETY: driver calls with out-parameters on handles made here.
     unsafe {
         let mut blocking = std::ptr::null_mut();

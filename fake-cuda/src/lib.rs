@@ -86,16 +86,18 @@ const VMM_GRANULARITY: usize = 2 << 20;
 /// address range, mapped or not (`CU_POINTER_ATTRIBUTE_MAPPED` tells).
 fn vmm_range_is_reservation() -> bool {
     static CHOSEN: OnceLock<bool> = OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        match std::env::var("FAKE_CUDA_VMM_RANGE")
-            .unwrap_or_default()
-            .as_str()
-        {
-            "" | "mapping" => false,
-            "reservation" => true,
-            v => panic!("FAKE_CUDA_VMM_RANGE={v}: expected mapping or reservation"),
-        }
-    })
+    *CHOSEN.get_or_init(|| env_switch("FAKE_CUDA_VMM_RANGE", "mapping", "reservation"))
+}
+
+/// Whether the environment variable `var` says `on` rather than `off`
+/// (the default, also when unset); any other value is the test's mistake.
+fn env_switch(var: &str, off: &str, on: &str) -> bool {
+    match std::env::var(var).unwrap_or_default().as_str() {
+        "" => false,
+        v if v == off => false,
+        v if v == on => true,
+        v => panic!("{var}={v}: expected {off} or {on}"),
+    }
 }
 
 /// The CUDA version that introduced pointer attribute `a` (the raw enum
@@ -142,16 +144,7 @@ fn driver_version() -> c_int {
 /// `CUDA_ERROR_INVALID_VALUE` (no note: the modelled driver's answer).
 fn pool_access_flags_refused() -> bool {
     static CHOSEN: OnceLock<bool> = OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        match std::env::var("FAKE_CUDA_POOL_ACCESS_FLAGS")
-            .unwrap_or_default()
-            .as_str()
-        {
-            "" | "zero" => false,
-            "refused" => true,
-            v => panic!("FAKE_CUDA_POOL_ACCESS_FLAGS={v}: expected zero or refused"),
-        }
-    })
+    *CHOSEN.get_or_init(|| env_switch("FAKE_CUDA_POOL_ACCESS_FLAGS", "zero", "refused"))
 }
 
 #[no_mangle]
