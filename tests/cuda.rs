@@ -178,6 +178,35 @@ fn exchange_capture_mode(mode: sys::CUstreamCaptureMode) -> sys::CUstreamCapture
     mode
 }
 
+/// A new stream (`flags`: 0 blocking, 1 non-blocking) of the current
+/// context, capturing in thread-local mode.
+fn new_capturing_stream(flags: u32) -> sys::CUstream {
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: out-parameter; the stream made here.
+    unsafe {
+        ok(sys::cuStreamCreate(&mut stream, flags));
+        ok(sys::cuStreamBeginCapture_v2(
+            stream,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        ));
+    }
+    stream
+}
+
+/// Ends the capture on `stream` and destroys the graph it made, if any;
+/// returns what ending it returned.
+fn end_capture(stream: sys::CUstream) -> sys::CUresult {
+    let mut graph = std::ptr::null_mut();
+    // SAFETY: out-parameter; the graph, if any, is destroyed once.
+    unsafe {
+        let r = sys::cuStreamEndCapture(stream, &mut graph);
+        if !graph.is_null() {
+            sys::cuGraphDestroy(graph);
+        }
+        r
+    }
+}
+
 /// The calling thread's current context (null: none).
 fn current_context() -> sys::CUcontext {
     let mut ctx = std::ptr::null_mut();
@@ -1036,8 +1065,7 @@ fn sgd_case_after_a_step() -> (Case, Mode, Vec<TensorDesc>) {
 /// take the destroyed stream's address that this test waits to see again.
 #[test]
 fn foreign_and_capturing_streams_are_refused() {
-    let test = "foreign_and_capturing_streams_are_refused";
-    if !gpu(test) || in_own_process(test) {
+    if !runs_alone_here("foreign_and_capturing_streams_are_refused") {
         return;
     }
     let (mut case, mode, tg) = sgd_case_after_a_step();
@@ -1087,18 +1115,9 @@ fn foreign_and_capturing_streams_are_refused() {
     drop(foreign);
     // SAFETY: driver calls with out-parameters on handles made here.
     unsafe {
-        let mut capturing = std::ptr::null_mut();
-        ok(sys::cuStreamCreate(&mut capturing, 1));
-        ok(sys::cuStreamBeginCapture_v2(
-            capturing,
-            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-        ));
+        let capturing = new_capturing_stream(1);
         refused(&mut case, capturing as *mut c_void, "a capturing stream");
-        let mut graph = std::ptr::null_mut();
-        ok(sys::cuStreamEndCapture(capturing, &mut graph));
-        if !graph.is_null() {
-            sys::cuGraphDestroy(graph);
-        }
+        ok(end_capture(capturing));
         ok(sys::cuStreamDestroy_v2(capturing));
     }
     // The handle still works and still matches the CPU backend.
@@ -1106,6 +1125,13 @@ fn foreign_and_capturing_streams_are_refused() {
     let (c, g) = case.step(mode, 0.01, None);
     assert_phi_close(c.phi, g.phi, "after refused streams");
     case.assert_params_same("after refused streams");
+}
+
+/// Whether `test`'s body runs here: a GPU is present (else the skip is
+/// printed) and this is the process of its own that [`in_own_process`]
+/// started for it (else that process ran it).
+fn runs_alone_here(test: &str) -> bool {
+    gpu(test) && !in_own_process(test)
 }
 
 /// Runs `test` alone in a process of its own (this test binary, filtered
@@ -1144,19 +1170,13 @@ fn in_own_process(test: &str) -> bool {
 /// stays valid.
 #[test]
 fn the_legacy_stream_is_refused_while_a_blocking_stream_captures() {
-    let test = "the_legacy_stream_is_refused_while_a_blocking_stream_captures";
-    if !gpu(test) || in_own_process(test) {
+    if !runs_alone_here("the_legacy_stream_is_refused_while_a_blocking_stream_captures") {
         return;
     }
     let (mut case, mode, tg) = sgd_case_after_a_step();
     // SAFETY: driver calls with out-parameters on handles made here.
     unsafe {
-        let mut blocking = std::ptr::null_mut();
-        ok(sys::cuStreamCreate(&mut blocking, 0));
-        ok(sys::cuStreamBeginCapture_v2(
-            blocking,
-            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-        ));
+        let blocking = new_capturing_stream(0);
         let r = case.gpu.step(case.request(
             mode,
             0.01,
@@ -1165,11 +1185,7 @@ fn the_legacy_stream_is_refused_while_a_blocking_stream_captures() {
             std::ptr::null_mut(),
             None,
         ));
-        let mut graph = std::ptr::null_mut();
-        let ended = sys::cuStreamEndCapture(blocking, &mut graph);
-        if !graph.is_null() {
-            sys::cuGraphDestroy(graph);
-        }
+        let ended = end_capture(blocking);
         ok(sys::cuStreamDestroy_v2(blocking));
         let e = r.expect_err("a step on the legacy stream was accepted");
         assert_eq!(e.status, Status::InvalidArgument, "{e}");
@@ -1195,8 +1211,7 @@ fn the_legacy_stream_is_refused_while_a_blocking_stream_captures() {
 /// and invalidates it; lra makes them in relaxed mode.
 #[test]
 fn a_global_capture_in_another_thread_survives_a_step() {
-    let test = "a_global_capture_in_another_thread_survives_a_step";
-    if !gpu(test) || in_own_process(test) {
+    if !runs_alone_here("a_global_capture_in_another_thread_survives_a_step") {
         return;
     }
     let mut case = Case::new(
@@ -1223,11 +1238,7 @@ fn a_global_capture_in_another_thread_survives_a_step() {
             ));
             began_tx.send(()).unwrap();
             let _ = end_rx.recv();
-            let mut graph = std::ptr::null_mut();
-            let r = sys::cuStreamEndCapture(s, &mut graph);
-            if !graph.is_null() {
-                sys::cuGraphDestroy(graph);
-            }
+            let r = end_capture(s);
             let mut popped = std::ptr::null_mut();
             ok(sys::cuCtxPopCurrent_v2(&mut popped));
             r
