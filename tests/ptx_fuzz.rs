@@ -1,0 +1,249 @@
+//! A seeded random differential test of `kernels/lra.ptx` against the CPU
+//! backend, on the PTX interpreter.
+//!
+//! `ptx_kernels.rs` checks chosen layouts and step sequences; this draws
+//! them. Each case is a random layout (1 to 300 tensors of every dtype,
+//! aligned and not, sizes around 0, the 4-element units and the 4096-element
+//! chunks), a random optimizer and weight decay, and 2 to 6 random steps
+//! mixing every pass (fused, guarded, two-pass with f* and/or R, sharded
+//! with and without other ranks' flags and φ, clamped scale), found-inf
+//! flags and non-finite gradients, run on a random grid size, block size
+//! and block/thread schedule. Every step is checked as in `ptx_kernels.rs`
+//! (`ptx_common::try_run`): parameters and state bit for bit, the control
+//! block, φ in the kernel's documented order.
+//!
+//! CI runs a fixed seed. Longer runs: `LRA_PTX_FUZZ_SEED=<seed>
+//! LRA_PTX_FUZZ_CASES=<n> cargo test --release --test ptx_fuzz --
+//! --nocapture`. A failure prints the case's own seed; rerun it alone with
+//! `LRA_PTX_FUZZ_CASES=1`.
+
+mod ptx_common;
+
+use lra::backend::cuda::abi;
+use lra::optim::{DType, OptimizerKind};
+use ptx_common::*;
+use ptx_interp::{Module, Schedule};
+
+/// Uniform draws on top of the shared generator.
+trait Draw {
+    fn below(&mut self, n: usize) -> usize;
+    fn chance(&mut self, percent: usize) -> bool;
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T;
+}
+
+impl Draw for Rng {
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+}
+
+/// Elements a case may hold in all: keeps one case near a second.
+const MAX_ELEMENTS: usize = 24_000;
+
+/// A tensor size near the edges the kernel cares about: empty, a few
+/// elements (tails of 1–3 past the 4-element units), and just around
+/// multiples of the 4096-element chunk.
+fn size(rng: &mut Rng, small: bool) -> usize {
+    match rng.below(if small { 3 } else { 5 }) {
+        0 => 0,
+        1 => 1 + rng.below(8),
+        2 => rng.below(64),
+        3 => (1 + rng.below(2)) * abi::CHUNK + rng.below(9) - 4,
+        _ => 1 + rng.below(6000),
+    }
+}
+
+fn layout(rng: &mut Rng) -> Vec<Spec> {
+    // one tensor, a few, dozens, or hundreds of tiny ones (table indices
+    // past 255, chunks of hundreds of segments)
+    let (n, small) = match rng.below(10) {
+        0..=2 => (1, false),
+        3..=6 => (2 + rng.below(7), false),
+        7 | 8 => (9 + rng.below(56), true),
+        _ => (200 + rng.below(101), true),
+    };
+    let mut total = 0;
+    (0..n)
+        .map(|_| {
+            let numel = size(rng, small).min(MAX_ELEMENTS.saturating_sub(total));
+            total += numel;
+            Spec {
+                dtype: rng.pick(&[DType::F32, DType::F16, DType::Bf16]),
+                numel,
+                misalign: rng.chance(25),
+            }
+        })
+        .collect()
+}
+
+fn rule(rng: &mut Rng) -> (f64, f64) {
+    // f* known, R > 0, or both (f* unknown with R = 0 is the fused step)
+    match rng.below(3) {
+        0 => (rng.pick(&[0.0, 0.25, 0.5, 0.99]), 0.0),
+        1 => (f64::NAN, rng.pick(&[1e-3, 0.1, 0.3])),
+        _ => (rng.pick(&[0.25, 0.5]), rng.pick(&[1e-3, 0.1])),
+    }
+}
+
+fn pass(rng: &mut Rng) -> Pass {
+    match rng.below(6) {
+        0 => Pass::Fused,
+        1 => Pass::Guarded,
+        2 => {
+            let (f_star, obs_var) = rule(rng);
+            Pass::Scaled { f_star, obs_var }
+        }
+        3 => {
+            let (f_star, obs_var) = rule(rng);
+            Pass::Sharded { f_star, obs_var }
+        }
+        4 => {
+            // what the other ranks add to [non-finite count, found_inf
+            // flags, φ]: mostly nothing to skip for, so the step runs
+            let peers = [
+                if rng.chance(15) { 1.0 } else { 0.0 },
+                if rng.chance(15) { 1.0 } else { 0.0 },
+                rng.pick(&[0.0, 3e-3, -1e-4, 2.5]),
+            ];
+            let rule = if rng.chance(50) {
+                Some(rule(rng))
+            } else {
+                None
+            };
+            Pass::ShardedPeers { rule, peers }
+        }
+        _ => {
+            let (f_star, obs_var) = rule(rng);
+            Pass::Clamped {
+                f_star,
+                obs_var,
+                scale_max: rng.pick(&[0.5, 1.0, 3.0]),
+            }
+        }
+    }
+}
+
+fn steps(rng: &mut Rng) -> Vec<StepPlan> {
+    let n = 2 + rng.below(5);
+    (0..n)
+        .map(|k| {
+            let p = pass(rng);
+            // A non-finite gradient that a step writes poisons every later
+            // φ (NaN equals NaN, so those comparisons would prove nothing):
+            // only on the last step, or where the guard skips the step.
+            let guarded = p.shape().guard;
+            let nonfinite_grads = (k + 1 == n || guarded) && rng.chance(20);
+            let found_inf = match rng.below(10) {
+                0 => Some(1.0),
+                1 => Some(f32::NAN),
+                2 | 3 => Some(0.0),
+                _ => None,
+            };
+            StepPlan {
+                pass: p,
+                lr: rng.pick(&[1e-3, 1e-2, 3e-2, 0.1]),
+                loss: rng.pick(&[1.0, 0.6, 2.0]),
+                nonfinite_grads,
+                found_inf,
+            }
+        })
+        .collect()
+}
+
+fn schedule(rng: &mut Rng) -> Schedule {
+    match rng.below(4) {
+        0 | 1 => Schedule::InOrder,
+        2 => Schedule::Reversed,
+        _ => Schedule::Random {
+            seed: rng.next(),
+            resident: 1 + rng.below(4),
+            max_quantum: 1 + rng.below(40) as u32,
+        },
+    }
+}
+
+/// Runs one case drawn from `seed`; returns its description and how it
+/// went (the first difference on failure).
+fn one_case(m: &Module, seed: u64) -> (String, Result<PhiStats, String>) {
+    let mut rng = Rng(seed);
+    let specs = layout(&mut rng);
+    let kind = rng.pick(&OptimizerKind::ALL);
+    let decay = rng.chance(50);
+    let steps = steps(&mut rng);
+    let grid = if rng.chance(30) {
+        Some(1 + rng.below(5) as u32)
+    } else {
+        None
+    };
+    let block = if rng.chance(25) {
+        rng.pick(&[32, 96, 512, 1024])
+    } else {
+        abi::BLOCK
+    };
+    let case = Case {
+        name: format!("seed {seed}"),
+        kind,
+        specs: &specs,
+        hyper: hyper(kind, decay),
+        steps: &steps,
+        nonfinite_init: rng.chance(10),
+        seed: rng.next(),
+        grid,
+        block,
+        schedule: schedule(&mut rng),
+    };
+    let elements: usize = specs.iter().map(|s| s.numel).sum();
+    let what = format!(
+        "seed {seed}: {} with{} decay, {} tensors ({elements} elements), grid {grid:?}, \
+         {block} threads, {:?}, steps {:?}",
+        kind.name(),
+        if decay { "" } else { "out" },
+        specs.len(),
+        case.schedule,
+        steps.iter().map(|s| s.pass).collect::<Vec<_>>()
+    );
+    (what, try_run(m, &case).map(|(_, stats)| stats))
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number")),
+    )
+}
+
+#[test]
+fn random_layouts_and_step_sequences_equal_cpu() {
+    let m = Module::load(abi::PTX).unwrap_or_else(|e| panic!("kernels/lra.ptx does not load: {e}"));
+    let first = env_u64("LRA_PTX_FUZZ_SEED").unwrap_or(0x5eed_0001);
+    let cases = env_u64("LRA_PTX_FUZZ_CASES").unwrap_or(40);
+    let mut stats = PhiStats::default();
+    let mut failures = Vec::new();
+    for seed in first..first + cases {
+        let (what, result) = one_case(&m, seed);
+        match result {
+            Ok(s) => stats.add(s),
+            Err(e) => {
+                eprintln!("FAILED {what}\n  {e}");
+                failures.push(format!(
+                    "{e}\n  case: {what}\n  reproduce alone: LRA_PTX_FUZZ_SEED={seed} \
+                     LRA_PTX_FUZZ_CASES=1 cargo test --release --test ptx_fuzz -- --nocapture"
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    stats.assert_meaningful(&format!("{cases} random cases from seed {first}"));
+}
