@@ -683,10 +683,27 @@ impl Case {
         assert_eq!(a.applied, b.applied, "{what}: applied steps");
         assert_eq!(a.bias.pow1.to_bits(), b.bias.pow1.to_bits(), "{what}: pow1");
         assert_eq!(a.bias.pow2.to_bits(), b.bias.pow2.to_bits(), "{what}: pow2");
-        assert_eq!(a.slots.len(), b.slots.len());
-        for (i, (x, y)) in a.slots.iter().zip(&b.slots).enumerate() {
-            let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let yb: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // Before the first applied step a backend may hold no state at
+        // all, or a list of empty ones (the CUDA backend fixes its layout
+        // at a skipped first step): both are zeros, as a checkpoint writes
+        // them (`Engine::save_state`).
+        let slots = self.kind.state_slots();
+        let values = |s: &BackendState, i: usize, n: usize| -> Vec<u8> {
+            match s.slots.get(i).filter(|v| !v.is_empty()) {
+                Some(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                None => vec![0; 4 * n * slots],
+            }
+        };
+        for s in [&a, &b] {
+            assert!(
+                s.slots.len() <= self.pairs.len(),
+                "{what}: state of {} tensors",
+                s.slots.len()
+            );
+        }
+        for (i, p) in self.pairs.iter().enumerate() {
+            let (xb, yb) = (values(&a, i, p.n), values(&b, i, p.n));
+            assert_eq!(xb.len(), 4 * p.n * slots, "{what}: CPU state of tensor {i}");
             assert_same(
                 &xb,
                 &yb,
@@ -950,6 +967,157 @@ fn sharded_steps_sum_across_ranks_between_the_passes() {
         case.assert_params_same(&format!("sharded {mode:?} found_inf"));
         case.assert_state_same(&format!("sharded {mode:?} found_inf"));
     }
+}
+
+/// Seeded random step sequences, against the CPU backend step by step:
+/// random layouts (every dtype, aligned and not, sizes around the vector,
+/// warp and chunk edges), every optimizer, replicated and sharded, every
+/// mode, found-inf flags (clear, set, NaN), non-finite gradients, η
+/// changes, tensors moved to new memory between steps, and each step on
+/// one of the legacy stream (NULL and `CU_STREAM_LEGACY`), the per-thread
+/// stream and a stream of the test's own. Longer runs:
+/// `LRA_CUDA_FUZZ_SEED=<seed> LRA_CUDA_FUZZ_CASES=<n>`; a failure names its
+/// case's seed (rerun alone with `LRA_CUDA_FUZZ_CASES=1`).
+#[test]
+fn random_step_sequences_match_the_cpu_backend() {
+    let test = "random_step_sequences_match_the_cpu_backend";
+    if !gpu(test) {
+        return;
+    }
+    let env = |name: &str| {
+        std::env::var(name).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
+        })
+    };
+    let first = env("LRA_CUDA_FUZZ_SEED").unwrap_or(0xc0da_0001);
+    let cases = env("LRA_CUDA_FUZZ_CASES").unwrap_or(20);
+    let mut own = std::ptr::null_mut();
+    // SAFETY: out-parameter; 1 = non-blocking.
+    unsafe { ok(sys::cuStreamCreate(&mut own, 1)) };
+    // NULL, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD, the test's own
+    let streams: [*mut c_void; 4] = [0usize, 1, 2, own as usize].map(|h| h as *mut c_void);
+    let sizes = [0, 1, 3, 4, 5, 31, 33, 255, 257, 4095, 4096, 4097, 6001];
+    let dtypes = [DType::F32, DType::F16, DType::Bf16];
+    let modes = [
+        Mode::Fused { guard: false },
+        Mode::Fused { guard: true },
+        Mode::Capped,
+        Mode::Zero,
+        Mode::Noisy,
+    ];
+    // what the cases did: steps taken by skip reason, failed sums,
+    // restores, moves
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for seed in first..first + cases {
+        // splitmix64
+        let mut state = seed;
+        let mut below = |n: usize| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) % n as u64) as usize
+        };
+        let kind = OptimizerKind::ALL[below(7)];
+        let shape: Vec<(usize, DType, bool)> = (0..1 + below(12))
+            .map(|_| (sizes[below(sizes.len())], dtypes[below(3)], below(4) == 0))
+            .collect();
+        let mut case = Case::new(kind, &shape, streams[below(4)]);
+        case.sharded = below(3) == 0;
+        let steps = 2 + below(5);
+        let mut trace = Vec::new();
+        for k in 0..steps {
+            let mode = modes[below(modes.len())];
+            // A non-finite gradient that a step writes makes every later φ
+            // NaN on both sides, which would prove nothing: only where the
+            // guard skips the step, or on the last one.
+            let poison = ((mode.guard() || k + 1 == steps) && below(5) == 0)
+                .then(|| [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][below(3)]);
+            let flag = match below(8) {
+                0 => Some(DevBuf::new(&1.0f32.to_le_bytes())),
+                1 => Some(DevBuf::new(&f32::NAN.to_le_bytes())),
+                2 => Some(DevBuf::new(&0.0f32.to_le_bytes())),
+                _ => None,
+            };
+            let moved = below(5) == 0;
+            if moved {
+                case.move_device_buffers();
+            }
+            // A restart: a fresh CUDA backend takes the CPU's state, as a
+            // checkpoint moved between handles would give it.
+            let restored = below(8) == 0 && case.cpu.applied_steps().unwrap() > 0;
+            if restored {
+                case.gpu = cuda::create(kind, 0).unwrap();
+                let st = case.cpu.export_state().unwrap();
+                case.gpu.import_values(&st).unwrap();
+            }
+            let sum_fails = case.sharded && below(4) == 0;
+            case.stream = streams[below(4)];
+            let lr = [1e-3, 1e-2, 5e-2][below(3)];
+            case.set_grads(seed * 16 + k as u64, poison);
+            trace.push(format!(
+                "{mode:?} lr {lr} stream {:?}{}{}{}{}{}",
+                case.stream,
+                if moved { " moved" } else { "" },
+                if restored { " restored" } else { "" },
+                if sum_fails { " sum fails" } else { "" },
+                poison.map_or(String::new(), |p| format!(" gradient {p}")),
+                flag.as_ref().map_or(String::new(), |f| format!(
+                    " found_inf {}",
+                    f32::from_le_bytes(f.read(0, 4).try_into().unwrap())
+                )),
+            ));
+            let what = format!(
+                "{test}: seed {seed} ({} {}, {shape:?}), steps:\n  {}\n\
+                 (rerun alone: LRA_CUDA_FUZZ_SEED={seed} LRA_CUDA_FUZZ_CASES=1)",
+                kind.name(),
+                if case.sharded {
+                    "sharded"
+                } else {
+                    "replicated"
+                },
+                trace.join("\n  ")
+            );
+            for (event, on) in [("moved", moved), ("restored", restored)] {
+                *seen.entry(event.into()).or_default() += on as usize;
+            }
+            if !sum_fails {
+                let (c, g) = case.step(mode, lr, flag.as_ref());
+                case.assert_step_matches(mode, &c, &g, &what);
+                *seen.entry(format!("{:?}", g.skip)).or_default() += 1;
+                continue;
+            }
+            let before = (case.cpu.outcome().unwrap(), case.gpu.outcome().unwrap());
+            let (c, g) = case.step_with(mode, lr, flag.as_ref(), true);
+            let (c, g) = (c.err().map(|e| e.status), g.err().map(|e| e.status));
+            assert_eq!(c, g, "{what}: statuses");
+            if c.is_none() {
+                // the step made no pre-write sum (fused, guard off)
+                let (c, g) = (case.cpu.outcome().unwrap(), case.gpu.outcome().unwrap());
+                case.assert_step_matches(mode, &c, &g, &what);
+                continue;
+            }
+            assert_eq!(c, Some(Status::ReductionFailed), "{what}");
+            *seen.entry("failed sum".into()).or_default() += 1;
+            // nothing changed: the last outcome, parameters, state
+            for (o, was, who) in [
+                (case.cpu.outcome().unwrap(), before.0, "CPU"),
+                (case.gpu.outcome().unwrap(), before.1, "CUDA"),
+            ] {
+                assert_eq!(
+                    (o.skip, o.phi.to_bits(), o.scale.to_bits()),
+                    (was.skip, was.phi.to_bits(), was.scale.to_bits()),
+                    "{what}: {who} outcome after the failed sum"
+                );
+            }
+            case.assert_params_same(&what);
+            case.assert_state_same(&what);
+        }
+    }
+    println!("{test}: {cases} cases from seed {first}: {seen:?}");
+    // SAFETY: created above; the cases that stepped on it are dropped.
+    unsafe { sys::cuStreamDestroy_v2(own) };
 }
 
 /// The driver's JIT of kernels/lra.ptx keeps to `.maxnreg 64` and spills

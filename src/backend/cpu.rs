@@ -1054,8 +1054,15 @@ impl Backend for CpuBackend {
         let (scale, phi_reduced) = match req.rule {
             None => {
                 if req.check_finite {
-                    let ok = self.run(&items, total, &|it| chunk_finite(it));
-                    let nonfinite = ok.iter().filter(|&&f| !f).count();
+                    // A rank whose own flag is set reads no gradient for the
+                    // step it skips: it joins the sum with the flag alone
+                    // (as the CUDA backend does).
+                    let nonfinite = if found_inf {
+                        0
+                    } else {
+                        let ok = self.run(&items, total, &|it| chunk_finite(it));
+                        ok.iter().filter(|&&f| !f).count()
+                    };
                     let mut v = [nonfinite as f64, found_inf as u32 as f64, 0.0];
                     if let Some(reduce) = req.reduce {
                         reduce(&mut v)?;
@@ -1068,10 +1075,14 @@ impl Backend for CpuBackend {
                 (1.0, None)
             }
             Some(rule) => {
-                let parts = self.run(&items, total, &|it| {
-                    dispatch_kind!(kind, chunk_dispatch::<PASS_DOT>(&sc, 0.0, it))
-                });
-                let (sum, bad) = ordered_sum(&parts);
+                let (sum, bad) = if found_inf {
+                    (0.0, false)
+                } else {
+                    let parts = self.run(&items, total, &|it| {
+                        dispatch_kind!(kind, chunk_dispatch::<PASS_DOT>(&sc, 0.0, it))
+                    });
+                    ordered_sum(&parts)
+                };
                 let mut v = [bad as u32 as f64, found_inf as u32 as f64, req.lr * sum];
                 if let Some(reduce) = req.reduce {
                     reduce(&mut v)?;
@@ -1153,6 +1164,8 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::ScaleRule;
+    use std::ffi::c_void;
 
     thread_local! {
         /// How many of this thread's next worker spawns `spawn_share` refuses.
@@ -1178,6 +1191,55 @@ mod tests {
         assert_ne!(all_threads[0], (0.0f32).to_bits(), "the step moved θ");
         assert_eq!(run(3), all_threads, "3 of 4 workers refused: the same bits");
         assert_eq!(run(4), all_threads, "every worker refused: the same bits");
+    }
+
+    /// Sharded steps with a pre-write sum: a rank whose own found-inf flag
+    /// is set joins the sum with `[0, 1, 0]` whatever its gradients hold
+    /// (the CUDA backend reads none for a step it skips; the other ranks
+    /// must see the same from either backend), and writes nothing.
+    #[test]
+    fn a_rank_whose_flag_is_set_joins_the_sum_with_the_flag_alone() {
+        let kind = OptimizerKind::Adam;
+        let rule = ScaleRule {
+            loss: 1.0,
+            f_star: 0.5,
+            obs_var: 0.0,
+            scale_max: f64::INFINITY,
+        };
+        for (rule, check_finite) in [(None, true), (Some(rule), false), (Some(rule), true)] {
+            let mut param = vec![0.5f32; 33];
+            let mut grad = vec![0.25f32; 33];
+            grad[7] = f32::NAN;
+            let flag = 1.0f32;
+            let mut b = CpuBackend::new(kind, 1);
+            let t = [TensorDesc::host_f32(&mut param, &grad)];
+            let mut seen = Vec::new();
+            let mut sum = |v: &mut [f64]| -> Result<()> {
+                seen.push(v.to_vec());
+                Ok(())
+            };
+            // SAFETY: `t` describes `param` and `grad`, `flag` is one f32;
+            // all alive here.
+            unsafe {
+                b.step(StepRequest {
+                    tensors: &t,
+                    kind,
+                    hyper: Hyper::defaults(kind),
+                    lr: 1e-2,
+                    rule,
+                    check_finite,
+                    found_inf: &flag as *const f32 as *const c_void,
+                    stream: std::ptr::null_mut(),
+                    reduce: Some(&mut sum),
+                })
+                .unwrap();
+            }
+            let what = format!("rule {}, guard {check_finite}", rule.is_some());
+            assert_eq!(seen, [vec![0.0, 1.0, 0.0]], "{what}");
+            assert_eq!(b.outcome().unwrap().skip, SkipReason::FoundInf, "{what}");
+            assert!(param.iter().all(|&x| x == 0.5), "{what}: θ written");
+            assert_eq!(b.applied, 0, "{what}");
+        }
     }
 
     #[test]

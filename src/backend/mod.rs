@@ -145,7 +145,8 @@ pub struct StepRequest<'a> {
     /// or scales alike. Called in two-pass mode, and in fused mode when
     /// `check_finite` is on (then the last value is 0); never skipped on a
     /// rank whose own found-inf flag is set or whose shard is empty, since
-    /// the other ranks wait in the same collective.
+    /// the other ranks wait in the same collective. A rank whose own flag
+    /// is set reads no gradient and contributes `[0, 1, 0]`.
     pub reduce: Option<Reducer<'a>>,
 }
 
