@@ -284,7 +284,10 @@ void lra_destroy(struct lra_handle *h);
 // One iteration: the wrapped optimizer's step with the current η.
 // `loss` is f_i on this batch, `obs_var` = R_i >= 0 (0 by default),
 // `stream` a `CUstream` for CUDA handles (NULL = legacy default stream),
-// NULL for host handles. The step is skipped (and reported by the next
+// NULL for host handles. Parameters and gradients are host memory for
+// host handles (CUDA device memory is refused when the process has loaded
+// the CUDA driver) and device memory of the handle's device for CUDA
+// handles. The step is skipped (and reported by the next
 // `lra_report_reeval`) when `loss` is not finite, or, with
 // `check_finite` on, when a gradient is not finite.
 lra_status lra_step(struct lra_handle *h, const struct lra_tensor *tensors, size_t count, double loss, double obs_var, void *stream);

@@ -2561,6 +2561,75 @@ fn abi_cuda_bad_arguments_change_nothing() {
     assert_eq!(refusals, 2);
 }
 
+/// A host (`device = 0`) handle handed device memory (a CUDA tensor passed
+/// to the wrong handle) would read and write it on the host and crash the
+/// process. With the driver loaded, lra asks it about a host handle's new
+/// pointers: device parameters, gradients and found_inf flags are
+/// LRA_INVALID_ARGUMENT and change nothing, on the first step and after
+/// the layout is fixed. Pinned host memory is host memory: accepted.
+#[test]
+fn a_host_handle_refuses_device_memory() {
+    if !gpu("a_host_handle_refuses_device_memory") {
+        return;
+    }
+    let mut run = AbiRun::new(&MODE_FUSED, false, std::ptr::null_mut());
+    let step = |run: &mut AbiRun, tensors: &[lra_tensor], flag: *const f32| {
+        // SAFETY: host memory of the run, or device memory lra must refuse
+        // unread.
+        unsafe {
+            lra_step_ex(
+                run.h.0,
+                tensors.as_ptr(),
+                tensors.len(),
+                1.0,
+                0.0,
+                flag,
+                std::ptr::null_mut(),
+            )
+        }
+    };
+    let (n3, _) = ABI_SHAPE[3];
+    let device = DevBuf::new(&vec![0u8; 4 * n3]);
+    let device_flag = DevBuf::new(&0f32.to_le_bytes());
+    for first in [true, false] {
+        if !first {
+            let tensors = run.tensors();
+            assert_eq!(
+                step(&mut run, &tensors, std::ptr::null()),
+                LRA_OK,
+                "{}",
+                run.h.error()
+            );
+        }
+        let says = "is CUDA device memory";
+        let mut tensors = run.tensors();
+        tensors[3].param = device.0 as *mut c_void;
+        assert_refused(&mut run, "device parameter", says, |r| {
+            step(r, &tensors, std::ptr::null())
+        });
+        let mut tensors = run.tensors();
+        tensors[3].grad = device.0 as *const c_void;
+        assert_refused(&mut run, "device gradient", says, |r| {
+            step(r, &tensors, std::ptr::null())
+        });
+        let tensors = run.tensors();
+        assert_refused(&mut run, "device found_inf", says, |r| {
+            step(r, &tensors, device_flag.0 as *const f32)
+        });
+    }
+    let mut pinned = std::ptr::null_mut();
+    // SAFETY: out-parameter; four bytes, written before the step reads them.
+    unsafe {
+        ok(sys::cuMemAllocHost_v2(&mut pinned, 4));
+        (pinned as *mut f32).write(0.0);
+    }
+    let tensors = run.tensors();
+    let st = step(&mut run, &tensors, pinned as *const f32);
+    // SAFETY: allocated above, no longer used.
+    unsafe { ok(sys::cuMemFreeHost(pinned)) };
+    assert_eq!(st, LRA_OK, "pinned host found_inf: {}", run.h.error());
+}
+
 /// A layout whose optimizer state the device cannot hold: `lra_step` is
 /// LRA_OUT_OF_MEMORY (not LRA_CUDA_ERROR: the one failure a caller can act
 /// on), with the driver's error named, and changes nothing; the handle's

@@ -77,6 +77,8 @@ pub struct CpuBackend {
     state: Vec<TensorState>,
     last: StepOutcome,
     validated: ValidatedTensors,
+    /// The address of the last found_inf flag checked for device memory.
+    validated_flag: usize,
 }
 
 /// One tensor's optimizer state: `slots` arrays of `numel` f32 values,
@@ -243,6 +245,7 @@ impl CpuBackend {
                 scale: 1.0,
             },
             validated: ValidatedTensors::default(),
+            validated_flag: 0,
         }
     }
 
@@ -976,6 +979,18 @@ fn prewrite_skip(v: &[f64; 3], check_finite: bool) -> Option<SkipReason> {
     }
 }
 
+/// A host handle reads and writes its pointers itself: CUDA device memory
+/// there would crash the caller's process ([`super::loaded_driver`]).
+fn refuse_device_memory(what: &str, p: *const std::ffi::c_void) -> Result<()> {
+    if super::loaded_driver::is_device_memory(p) {
+        fail!(
+            InvalidArgument,
+            "{what} = {p:p} is CUDA device memory, which a host (device = 0) handle cannot access: create the handle with device = 1 for device tensors"
+        );
+    }
+    Ok(())
+}
+
 /// Σ of the chunk partials in chunk order.
 fn ordered_sum(parts: &[(f64, bool)]) -> (f64, bool) {
     parts
@@ -1023,8 +1038,27 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     fn validate(&self, tensors: &[TensorDesc]) -> Result<()> {
-        self.validated
-            .check_once(tensors, || super::check_alignment_and_aliasing(tensors))
+        self.validated.check_once(tensors, || {
+            super::check_alignment_and_aliasing(tensors)?;
+            for (i, t) in tensors.iter().enumerate().filter(|(_, t)| t.numel > 0) {
+                for (what, p) in [("param", t.param.cast_const()), ("grad", t.grad)] {
+                    refuse_device_memory(&format!("tensors[{i}].{what}"), p)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn check_step(
+        &mut self,
+        found_inf: *const std::ffi::c_void,
+        _stream: *mut std::ffi::c_void,
+    ) -> Result<()> {
+        if !found_inf.is_null() && found_inf as usize != self.validated_flag {
+            refuse_device_memory("found_inf", found_inf)?;
+            self.validated_flag = found_inf as usize;
+        }
+        Ok(())
     }
 
     fn prepare(&mut self, tensors: &[TensorDesc], _stream: *mut std::ffi::c_void) -> Result<()> {

@@ -5,6 +5,7 @@
 
 pub mod cpu;
 pub mod cuda;
+mod loaded_driver;
 
 use crate::controller::{ScaleRule, StepOutcome};
 use crate::error::Result;
