@@ -19,7 +19,8 @@
 # The GPU run (a few minutes at most; the 256M benchmarks take seconds):
 # 1. tests/cuda.rs (prebuilt): every kernel x optimizer x dtype x mode
 #    against the CPU backend (elementwise bit for bit, phi within 1e-6
-#    relative), phi bit-identical over repeated runs, skips, bad pointers;
+#    relative), phi bit-identical over repeated runs, skips, bad pointers,
+#    seeded random step sequences, device memory refused by host handles;
 # 2. scripts/gpu_check.py: lra on a PyTorch side stream with PyTorch tensors
 #    (bit-identical to the host backend), then the benchmark table (fused
 #    Adam vs a device-to-device copy of the same bytes and vs

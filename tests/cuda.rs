@@ -969,6 +969,38 @@ fn sharded_steps_sum_across_ranks_between_the_passes() {
     }
 }
 
+/// Deterministic draws for the seeded random tests (splitmix64).
+struct Draws(u64);
+
+impl Draws {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+}
+
+/// The first seed and the number of cases of a seeded random test:
+/// `<prefix>_SEED` and `<prefix>_CASES` from the environment, else the
+/// defaults CI runs.
+fn fuzz_seeds(prefix: &str, seed: u64, cases: u64) -> (u64, u64) {
+    let env = |name: String| {
+        std::env::var(&name).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
+        })
+    };
+    (
+        env(format!("{prefix}_SEED")).unwrap_or(seed),
+        env(format!("{prefix}_CASES")).unwrap_or(cases),
+    )
+}
+
 /// Seeded random step sequences, against the CPU backend step by step:
 /// random layouts (every dtype, aligned and not, sizes around the vector,
 /// warp and chunk edges), every optimizer, replicated and sharded, every
@@ -984,14 +1016,7 @@ fn random_step_sequences_match_the_cpu_backend() {
     if !gpu(test) {
         return;
     }
-    let env = |name: &str| {
-        std::env::var(name).ok().map(|v| {
-            v.parse::<u64>()
-                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
-        })
-    };
-    let first = env("LRA_CUDA_FUZZ_SEED").unwrap_or(0xc0da_0001);
-    let cases = env("LRA_CUDA_FUZZ_CASES").unwrap_or(20);
+    let (first, cases) = fuzz_seeds("LRA_CUDA_FUZZ", 0xc0da_0001, 20);
     let mut own = std::ptr::null_mut();
     // SAFETY: out-parameter; 1 = non-blocking.
     unsafe { ok(sys::cuStreamCreate(&mut own, 1)) };
@@ -1010,15 +1035,8 @@ fn random_step_sequences_match_the_cpu_backend() {
     // restores, moves
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for seed in first..first + cases {
-        // splitmix64
-        let mut state = seed;
-        let mut below = |n: usize| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) % n as u64) as usize
-        };
+        let mut draws = Draws(seed);
+        let mut below = |n: usize| draws.below(n);
         let kind = OptimizerKind::ALL[below(7)];
         let shape: Vec<(usize, DType, bool)> = (0..1 + below(12))
             .map(|_| (sizes[below(sizes.len())], dtypes[below(3)], below(4) == 0))
@@ -2628,6 +2646,259 @@ fn a_host_handle_refuses_device_memory() {
     // SAFETY: allocated above, no longer used.
     unsafe { ok(sys::cuMemFreeHost(pinned)) };
     assert_eq!(st, LRA_OK, "pinned host found_inf: {}", run.h.error());
+}
+
+/// One side of [`abi_random_calls_match_a_host_handle`]: a handle and the
+/// caller's memory for it (host memory for device = 0, device memory for
+/// device = 1).
+struct Twin {
+    h: Handle,
+    cuda: bool,
+    params: Vec<Mem>,
+    grads: Vec<Mem>,
+    flag: Mem,
+}
+
+impl Twin {
+    fn new(cfg: &lra_config, layout: &[(usize, DType)], seed: u64) -> Twin {
+        let cuda = cfg.device == LRA_DEVICE_CUDA;
+        let mem = |bytes: &[u8]| Mem::new(cuda, bytes);
+        Twin {
+            h: Handle::create(cfg),
+            cuda,
+            params: (layout.iter().enumerate())
+                .map(|(i, &(n, dt))| mem(&encode(&bounded(n, seed + i as u64), dt)))
+                .collect(),
+            grads: (layout.iter())
+                .map(|&(n, dt)| mem(&vec![0; n * dt.size()]))
+                .collect(),
+            flag: mem(&0f32.to_le_bytes()),
+        }
+    }
+
+    fn tensors(&mut self, layout: &[(usize, DType)]) -> Vec<lra_tensor> {
+        (self.params.iter_mut().zip(&mut self.grads).zip(layout))
+            .map(|((p, g), &(n, dt))| {
+                // Empty tensors: NULL, as a C caller would pass (an empty
+                // Vec's dangling pointer is not aligned for the dtype).
+                let (param, grad) = if n == 0 {
+                    (std::ptr::null_mut(), std::ptr::null_mut())
+                } else {
+                    (p.ptr(), g.ptr())
+                };
+                lra_tensor {
+                    param,
+                    grad,
+                    numel: n as u64,
+                    dtype: abi_dtype(dt),
+                }
+            })
+            .collect()
+    }
+
+    fn param_bytes(&self, layout: &[(usize, DType)]) -> Vec<Vec<u8>> {
+        (self.params.iter().zip(layout))
+            .map(|(p, &(n, dt))| p.read(n * dt.size()))
+            .collect()
+    }
+
+    /// What the read-back calls say now, with `status` and `info` of the
+    /// call just made, and that call's message.
+    fn record(&self, status: lra_status, info: Option<lra_reeval_info>) -> (StepRecord, String) {
+        let message = self.h.error();
+        let mut should = 0;
+        // SAFETY: live handle, out-pointer.
+        let st = unsafe { lra_should_reeval(self.h.0, &mut should) };
+        let record = StepRecord {
+            step_status: status,
+            phi: self.h.phi(),
+            // (no pending step: LRA_CALL_ORDER, told apart from 0 and 1)
+            should: if st == LRA_OK { should } else { 100 + st },
+            info,
+            counters: counter_array(&self.h.counters()),
+            lr: self.h.lr(),
+        };
+        (record, message)
+    }
+}
+
+/// Seeded random C ABI call sequences on a device = 1 handle and a
+/// device = 0 twin of the same configuration, given the same inputs:
+/// random configurations (every optimizer, f* known or not with a cap on
+/// s, R > 0, guard on or off, every re-evaluation schedule), layouts of
+/// every dtype, and 10–40 calls drawn from `lra_step` / `lra_step_ex`
+/// (random gradients, non-finite ones, found_inf clear or set, the legacy,
+/// per-thread and a caller's stream), `lra_report_reeval` (also with no
+/// step pending), `lra_set_lr` (also out of bounds) and checkpoints moved
+/// from one handle into the other (also while a step is pending). After
+/// every call: the same status, counters, η bits, schedule answer and
+/// decisions, φ, ρ and s within 1e-6, parameters bit for bit (within s's
+/// tolerance when s comes from φ; the host copy is then resynchronised).
+/// Longer runs: `LRA_ABI_FUZZ_SEED=<seed> LRA_ABI_FUZZ_CASES=<n>`.
+#[test]
+fn abi_random_calls_match_a_host_handle() {
+    let test = "abi_random_calls_match_a_host_handle";
+    if !gpu(test) {
+        return;
+    }
+    let (first, cases) = fuzz_seeds("LRA_ABI_FUZZ", 0xab1_0001, 12);
+    let stream = AbiStream::new();
+    let streams = [std::ptr::null_mut(), 2 as *mut c_void, stream.ptr()];
+    let sizes = [0, 1, 3, 5, 33, 257, 4096, 4099];
+    let dtypes = [DType::F32, DType::F16, DType::Bf16];
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for seed in first..first + cases {
+        let mut d = Draws(seed);
+        let optimizer = d.below(7) as lra_optimizer;
+        let mut cfg = abi_config(optimizer, LRA_DEVICE_HOST, d.pick(&[1e-3, 1e-2, 0.1]));
+        if d.below(3) == 0 {
+            cfg.f_star = 0.0;
+            cfg.scale_max = d.pick(&[0.5, 1.0, 2.0]);
+        }
+        let obs_var = d.pick(&[0.0, 0.0, 0.1]);
+        cfg.check_finite = d.pick(&[0, 1, 1]);
+        cfg.reeval_schedule = d.below(3) as lra_reeval_schedule;
+        cfg.reeval_every = 2;
+        cfg.reeval_growth = 1.5;
+        let layout: Vec<(usize, DType)> = (0..1 + d.below(5))
+            .map(|_| (d.pick(&sizes), d.pick(&dtypes)))
+            .collect();
+        let mut twins = [LRA_DEVICE_HOST, LRA_DEVICE_CUDA]
+            .map(|device| Twin::new(&lra_config { device, ..cfg }, &layout, seed.wrapping_mul(7)));
+        // s from φ: parameters agree within its tolerance, not bit for bit
+        let scale_from_phi = !cfg.f_star.is_nan() || obs_var > 0.0;
+        let mut trace = Vec::new();
+        for call in 0..10 + d.below(31) {
+            let what = |trace: &[String]| {
+                format!(
+                    "{test}: seed {seed} (optimizer {optimizer}, f* {}, s ≤ {}, R {obs_var}, \
+                     guard {}, schedule {}, layout {layout:?}), calls:\n  {}\n\
+                     (rerun alone: LRA_ABI_FUZZ_SEED={seed} LRA_ABI_FUZZ_CASES=1)",
+                    cfg.f_star,
+                    cfg.scale_max,
+                    cfg.check_finite,
+                    cfg.reeval_schedule,
+                    trace.join("\n  ")
+                )
+            };
+            let op = d.below(10);
+            let (records, stepped) = match op {
+                0..=4 => {
+                    let poison = cfg.check_finite == 1 && d.below(6) == 0;
+                    let flag = d.pick(&[None, None, Some(0f32), Some(1.0)]);
+                    let stream = d.pick(&streams);
+                    let loss = d.pick(&[0.5, 1.0, 2.0]);
+                    trace.push(format!(
+                        "{call}: step (loss {loss}, stream {stream:?}, found_inf {flag:?}{})",
+                        if poison { ", a NaN gradient" } else { "" }
+                    ));
+                    let grad_seed = seed * 64 + call as u64;
+                    let records = twins.each_mut().map(|t| {
+                        for (i, (g, &(n, dt))) in t.grads.iter_mut().zip(&layout).enumerate() {
+                            let mut v = bounded(n, grad_seed + i as u64);
+                            if poison && n > 0 {
+                                v[n / 2] = f32::NAN;
+                            }
+                            g.write(&encode(&v, dt));
+                        }
+                        let tensors = t.tensors(&layout);
+                        let flag_ptr = match flag {
+                            Some(f) => {
+                                t.flag.write(&f.to_le_bytes());
+                                t.flag.ptr() as *const f32
+                            }
+                            None => std::ptr::null(),
+                        };
+                        // SAFETY: the twin's live memory, as a C caller passes it.
+                        let st = unsafe {
+                            lra_step_ex(
+                                t.h.0,
+                                tensors.as_ptr(),
+                                tensors.len(),
+                                loss,
+                                obs_var,
+                                flag_ptr,
+                                if t.cuda { stream } else { std::ptr::null_mut() },
+                            )
+                        };
+                        t.record(st, None)
+                    });
+                    (records, true)
+                }
+                5..=7 => {
+                    let loss_after = d.pick(&[0.2, 0.6, 0.9, 0.99, 1.5]);
+                    trace.push(format!("{call}: report (loss after {loss_after})"));
+                    let records = twins.each_mut().map(|t| {
+                        let mut info = std::mem::MaybeUninit::<lra_reeval_info>::uninit();
+                        // SAFETY: live handle, out-pointer.
+                        let st = unsafe { lra_report_reeval(t.h.0, loss_after, info.as_mut_ptr()) };
+                        // SAFETY: filled on LRA_OK.
+                        let info = (st == LRA_OK).then(|| unsafe { info.assume_init() });
+                        t.record(st, info)
+                    });
+                    (records, false)
+                }
+                8 => {
+                    let lr = d.pick(&[1e-40, 1e-4, 3e-2, 0.5]);
+                    trace.push(format!("{call}: set η {lr}"));
+                    // SAFETY: live handles.
+                    let records = twins.each_mut().map(|t| {
+                        let st = unsafe { lra_set_lr(t.h.0, lr) };
+                        t.record(st, None)
+                    });
+                    (records, false)
+                }
+                _ => {
+                    // A restart from the other handle's checkpoint: the
+                    // caller restores its parameters with it.
+                    let from = d.below(2);
+                    trace.push(format!("{call}: checkpoint of twin {from} into both"));
+                    let ckpt = twins[from].h.checkpoint();
+                    let params = twins[from].param_bytes(&layout);
+                    let records = twins.each_mut().map(|t| {
+                        let st = t.h.load(&ckpt);
+                        for (p, b) in t.params.iter_mut().zip(&params) {
+                            p.write(b);
+                        }
+                        t.record(st, None)
+                    });
+                    (records, false)
+                }
+            };
+            let [(host, host_says), (cuda, cuda_says)] = &records;
+            let what = format!(
+                "{}\n  messages: host {host_says:?}, CUDA {cuda_says:?}",
+                what(&trace)
+            );
+            assert_records(host, cuda, false, &what);
+            let [a, b] = twins.each_ref().map(|t| t.param_bytes(&layout));
+            for ((x, y), &(_, dt)) in a.iter().zip(&b).zip(&layout) {
+                if scale_from_phi {
+                    assert_values_close(x, y, dt, &what);
+                } else {
+                    assert_same(x, y, dt, &what);
+                }
+            }
+            if scale_from_phi && stepped {
+                // the next step starts from the same bits on both
+                for (p, bytes) in twins[0].params.iter_mut().zip(&b) {
+                    p.write(bytes);
+                }
+            }
+            let name = match (op, host.step_status) {
+                (0..=4, LRA_OK) => "step",
+                (5..=7, LRA_OK) => "report",
+                (8, LRA_OK) => "set η",
+                (_, LRA_OK) => "checkpoint moved",
+                _ => "refused",
+            };
+            *seen.entry(name.into()).or_default() += 1;
+            if let Some(i) = host.info {
+                *seen.entry(format!("decision {}", i.decision)).or_default() += 1;
+            }
+        }
+    }
+    println!("{test}: {cases} cases from seed {first}: {seen:?}");
 }
 
 /// A layout whose optimizer state the device cannot hold: `lra_step` is
