@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 mod support;
-use support::{counter_array, Handle};
+use support::{counter_array, fuzz_seeds, Handle, Rng};
 
 /// Makes the primary context of device 0 current on this thread; false
 /// (with the reason printed) when there is no driver or GPU.
@@ -969,38 +969,6 @@ fn sharded_steps_sum_across_ranks_between_the_passes() {
     }
 }
 
-/// Deterministic draws for the seeded random tests (splitmix64).
-struct Draws(u64);
-
-impl Draws {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n as u64) as usize
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())]
-    }
-}
-
-/// The first seed and the number of cases of a seeded random test:
-/// `<prefix>_SEED` and `<prefix>_CASES` from the environment, else the
-/// defaults CI runs.
-fn fuzz_seeds(prefix: &str, seed: u64, cases: u64) -> (u64, u64) {
-    let env = |name: String| {
-        std::env::var(&name).ok().map(|v| {
-            v.parse::<u64>()
-                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
-        })
-    };
-    (
-        env(format!("{prefix}_SEED")).unwrap_or(seed),
-        env(format!("{prefix}_CASES")).unwrap_or(cases),
-    )
-}
-
 /// Seeded random step sequences, against the CPU backend step by step:
 /// random layouts (every dtype, aligned and not, sizes around the vector,
 /// warp and chunk edges), every optimizer, replicated and sharded, every
@@ -1035,8 +1003,8 @@ fn random_step_sequences_match_the_cpu_backend() {
     // restores, moves
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for seed in first..first + cases {
-        let mut draws = Draws(seed);
-        let mut below = |n: usize| draws.below(n);
+        let mut rng = Rng(seed);
+        let mut below = |n: usize| rng.index(n);
         let kind = OptimizerKind::ALL[below(7)];
         let shape: Vec<(usize, DType, bool)> = (0..1 + below(12))
             .map(|_| (sizes[below(sizes.len())], dtypes[below(3)], below(4) == 0))
@@ -2748,19 +2716,19 @@ fn abi_random_calls_match_a_host_handle() {
     let dtypes = [DType::F32, DType::F16, DType::Bf16];
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for seed in first..first + cases {
-        let mut d = Draws(seed);
-        let optimizer = d.below(7) as lra_optimizer;
+        let mut d = Rng(seed);
+        let optimizer = d.index(7) as lra_optimizer;
         let mut cfg = abi_config(optimizer, LRA_DEVICE_HOST, d.pick(&[1e-3, 1e-2, 0.1]));
-        if d.below(3) == 0 {
+        if d.index(3) == 0 {
             cfg.f_star = 0.0;
             cfg.scale_max = d.pick(&[0.5, 1.0, 2.0]);
         }
         let obs_var = d.pick(&[0.0, 0.0, 0.1]);
         cfg.check_finite = d.pick(&[0, 1, 1]);
-        cfg.reeval_schedule = d.below(3) as lra_reeval_schedule;
+        cfg.reeval_schedule = d.index(3) as lra_reeval_schedule;
         cfg.reeval_every = 2;
         cfg.reeval_growth = 1.5;
-        let layout: Vec<(usize, DType)> = (0..d.below(6))
+        let layout: Vec<(usize, DType)> = (0..d.index(6))
             .map(|_| (d.pick(&sizes), d.pick(&dtypes)))
             .collect();
         let mut twins = [LRA_DEVICE_HOST, LRA_DEVICE_CUDA]
@@ -2768,7 +2736,7 @@ fn abi_random_calls_match_a_host_handle() {
         // s from φ: parameters agree within its tolerance, not bit for bit
         let scale_from_phi = !cfg.f_star.is_nan() || obs_var > 0.0;
         let mut trace = Vec::new();
-        for call in 0..10 + d.below(31) {
+        for call in 0..10 + d.index(31) {
             let what = |trace: &[String]| {
                 format!(
                     "{test}: seed {seed} (optimizer {optimizer}, f* {}, s ≤ {}, R {obs_var}, \
@@ -2781,10 +2749,10 @@ fn abi_random_calls_match_a_host_handle() {
                     trace.join("\n  ")
                 )
             };
-            let op = d.below(10);
+            let op = d.index(10);
             let (records, stepped) = match op {
                 0..=4 => {
-                    let poison = cfg.check_finite == 1 && d.below(6) == 0;
+                    let poison = cfg.check_finite == 1 && d.index(6) == 0;
                     let flag = d.pick(&[None, None, Some(0f32), Some(1.0)]);
                     let stream = d.pick(&streams);
                     let loss = d.pick(&[0.5, 1.0, 2.0]);
@@ -2851,7 +2819,7 @@ fn abi_random_calls_match_a_host_handle() {
                 _ => {
                     // A restart from the other handle's checkpoint: the
                     // caller restores its parameters with it.
-                    let from = d.below(2);
+                    let from = d.index(2);
                     trace.push(format!("{call}: checkpoint of twin {from} into both"));
                     let ckpt = twins[from].h.checkpoint();
                     let params = twins[from].param_bytes(&layout);

@@ -28,6 +28,8 @@
 
 mod support;
 
+use support::Rng;
+
 use half::{bf16, f16};
 use lra::ffi::*;
 use std::cell::{Cell, RefCell};
@@ -38,37 +40,6 @@ use std::ptr::{null, null_mut};
 use std::rc::Rc;
 
 // ---- deterministic randomness ----------------------------------------------
-
-struct Rng(u64);
-
-impl Rng {
-    /// splitmix64: every seed (0 included) gives a full-period stream.
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn index(&mut self, n: usize) -> usize {
-        self.below(n as u64) as usize
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        self.unit() < p
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.index(xs.len())]
-    }
-    fn log_uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        (lo.ln() + self.unit() * (hi.ln() - lo.ln())).exp()
-    }
-}
 
 /// The seed of iteration `i` of a run started at `seed`: the first
 /// iteration runs `seed` itself, so a printed seed reruns alone.

@@ -7,6 +7,7 @@
 //! launch latency) is measured by `scripts/gpu-check.sh` on a GPU.
 
 mod ptx_common;
+mod support;
 
 use lra::backend::cuda::abi;
 use lra::optim::{DType, OptimizerKind};

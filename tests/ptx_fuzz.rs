@@ -18,30 +18,12 @@
 //! `LRA_PTX_FUZZ_CASES=1`.
 
 mod ptx_common;
+mod support;
 
 use lra::backend::cuda::abi;
 use lra::optim::{DType, OptimizerKind};
 use ptx_common::*;
 use ptx_interp::{Module, Schedule};
-
-/// Uniform draws on top of the shared generator.
-trait Draw {
-    fn below(&mut self, n: usize) -> usize;
-    fn chance(&mut self, percent: usize) -> bool;
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T;
-}
-
-impl Draw for Rng {
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())]
-    }
-}
 
 /// Elements a case may hold in all: keeps one case near a second.
 const MAX_ELEMENTS: usize = 24_000;
@@ -50,23 +32,23 @@ const MAX_ELEMENTS: usize = 24_000;
 /// elements (tails of 1–3 past the 4-element units), and just around
 /// multiples of the 4096-element chunk.
 fn size(rng: &mut Rng, small: bool) -> usize {
-    match rng.below(if small { 3 } else { 5 }) {
+    match rng.index(if small { 3 } else { 5 }) {
         0 => 0,
-        1 => 1 + rng.below(8),
-        2 => rng.below(64),
-        3 => (1 + rng.below(2)) * abi::CHUNK + rng.below(9) - 4,
-        _ => 1 + rng.below(6000),
+        1 => 1 + rng.index(8),
+        2 => rng.index(64),
+        3 => (1 + rng.index(2)) * abi::CHUNK + rng.index(9) - 4,
+        _ => 1 + rng.index(6000),
     }
 }
 
 fn layout(rng: &mut Rng) -> Vec<Spec> {
     // one tensor, a few, dozens, or hundreds of tiny ones (table indices
     // past 255, chunks of hundreds of segments)
-    let (n, small) = match rng.below(10) {
+    let (n, small) = match rng.index(10) {
         0..=2 => (1, false),
-        3..=6 => (2 + rng.below(7), false),
-        7 | 8 => (9 + rng.below(56), true),
-        _ => (200 + rng.below(101), true),
+        3..=6 => (2 + rng.index(7), false),
+        7 | 8 => (9 + rng.index(56), true),
+        _ => (200 + rng.index(101), true),
     };
     let mut total = 0;
     (0..n)
@@ -76,7 +58,7 @@ fn layout(rng: &mut Rng) -> Vec<Spec> {
             Spec {
                 dtype: rng.pick(&[DType::F32, DType::F16, DType::Bf16]),
                 numel,
-                misalign: rng.chance(25),
+                misalign: rng.chance(0.25),
             }
         })
         .collect()
@@ -84,7 +66,7 @@ fn layout(rng: &mut Rng) -> Vec<Spec> {
 
 fn rule(rng: &mut Rng) -> (f64, f64) {
     // f* known, R > 0, or both (f* unknown with R = 0 is the fused step)
-    match rng.below(3) {
+    match rng.index(3) {
         0 => (rng.pick(&[0.0, 0.25, 0.5, 0.99]), 0.0),
         1 => (f64::NAN, rng.pick(&[1e-3, 0.1, 0.3])),
         _ => (rng.pick(&[0.25, 0.5]), rng.pick(&[1e-3, 0.1])),
@@ -92,7 +74,7 @@ fn rule(rng: &mut Rng) -> (f64, f64) {
 }
 
 fn pass(rng: &mut Rng) -> Pass {
-    match rng.below(6) {
+    match rng.index(6) {
         0 => Pass::Fused,
         1 => Pass::Guarded,
         2 => {
@@ -107,11 +89,11 @@ fn pass(rng: &mut Rng) -> Pass {
             // what the other ranks add to [non-finite count, found_inf
             // flags, φ]: mostly nothing to skip for, so the step runs
             let peers = [
-                if rng.chance(15) { 1.0 } else { 0.0 },
-                if rng.chance(15) { 1.0 } else { 0.0 },
+                if rng.chance(0.15) { 1.0 } else { 0.0 },
+                if rng.chance(0.15) { 1.0 } else { 0.0 },
                 rng.pick(&[0.0, 3e-3, -1e-4, 2.5]),
             ];
-            let rule = if rng.chance(50) {
+            let rule = if rng.chance(0.5) {
                 Some(rule(rng))
             } else {
                 None
@@ -130,7 +112,7 @@ fn pass(rng: &mut Rng) -> Pass {
 }
 
 fn steps(rng: &mut Rng) -> Vec<StepPlan> {
-    let n = 2 + rng.below(5);
+    let n = 2 + rng.index(5);
     (0..n)
         .map(|k| {
             let p = pass(rng);
@@ -138,8 +120,8 @@ fn steps(rng: &mut Rng) -> Vec<StepPlan> {
             // φ (NaN equals NaN, so those comparisons would prove nothing):
             // only on the last step, or where the guard skips the step.
             let guarded = p.shape().guard;
-            let nonfinite_grads = (k + 1 == n || guarded) && rng.chance(20);
-            let found_inf = match rng.below(10) {
+            let nonfinite_grads = (k + 1 == n || guarded) && rng.chance(0.2);
+            let found_inf = match rng.index(10) {
                 0 => Some(1.0),
                 1 => Some(f32::NAN),
                 2 | 3 => Some(0.0),
@@ -157,13 +139,13 @@ fn steps(rng: &mut Rng) -> Vec<StepPlan> {
 }
 
 fn schedule(rng: &mut Rng) -> Schedule {
-    match rng.below(4) {
+    match rng.index(4) {
         0 | 1 => Schedule::InOrder,
         2 => Schedule::Reversed,
         _ => Schedule::Random {
             seed: rng.next(),
-            resident: 1 + rng.below(4),
-            max_quantum: 1 + rng.below(40) as u32,
+            resident: 1 + rng.index(4),
+            max_quantum: 1 + rng.index(40) as u32,
         },
     }
 }
@@ -174,14 +156,14 @@ fn one_case(m: &Module, seed: u64) -> (String, Result<PhiStats, String>) {
     let mut rng = Rng(seed);
     let specs = layout(&mut rng);
     let kind = rng.pick(&OptimizerKind::ALL);
-    let decay = rng.chance(50);
+    let decay = rng.chance(0.5);
     let steps = steps(&mut rng);
-    let grid = if rng.chance(30) {
-        Some(1 + rng.below(5) as u32)
+    let grid = if rng.chance(0.3) {
+        Some(1 + rng.index(5) as u32)
     } else {
         None
     };
-    let block = if rng.chance(25) {
+    let block = if rng.chance(0.25) {
         rng.pick(&[32, 96, 512, 1024])
     } else {
         abi::BLOCK
@@ -192,7 +174,7 @@ fn one_case(m: &Module, seed: u64) -> (String, Result<PhiStats, String>) {
         specs: &specs,
         hyper: hyper(kind, decay),
         steps: &steps,
-        nonfinite_init: rng.chance(10),
+        nonfinite_init: rng.chance(0.1),
         seed: rng.next(),
         grid,
         block,
@@ -211,19 +193,10 @@ fn one_case(m: &Module, seed: u64) -> (String, Result<PhiStats, String>) {
     (what, try_run(m, &case).map(|(_, stats)| stats))
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    Some(
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number")),
-    )
-}
-
 #[test]
 fn random_layouts_and_step_sequences_equal_cpu() {
     let m = Module::load(abi::PTX).unwrap_or_else(|e| panic!("kernels/lra.ptx does not load: {e}"));
-    let first = env_u64("LRA_PTX_FUZZ_SEED").unwrap_or(0x5eed_0001);
-    let cases = env_u64("LRA_PTX_FUZZ_CASES").unwrap_or(40);
+    let (first, cases) = support::fuzz_seeds("LRA_PTX_FUZZ", 0x5eed_0001, 40);
     let mut stats = PhiStats::default();
     let mut failures = Vec::new();
     for seed in first..first + cases {

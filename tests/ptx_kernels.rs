@@ -7,6 +7,7 @@
 //! block and thread schedules and grid sizes.
 
 mod ptx_common;
+mod support;
 
 use half::{bf16, f16};
 use lra::backend::cuda::abi;

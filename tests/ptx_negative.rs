@@ -4,6 +4,7 @@
 //! backend.
 
 mod ptx_common;
+mod support;
 
 use lra::backend::cuda::abi;
 use lra::optim::{DType, OptimizerKind};

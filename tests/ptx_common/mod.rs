@@ -18,24 +18,7 @@ use lra::controller::{ScaleRule, SkipReason, StepOutcome};
 use lra::optim::{self, BiasPowers, DType, Hyper, OptimizerKind, StepScalars};
 use ptx_interp::{Arg, Device, LaunchConfig, LaunchReport, Module, Schedule};
 
-/// Deterministic generator (splitmix64).
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1) times 2^e with e in -40..=11: a wide dynamic
-    /// range, so that f64 sums of the φ terms round and their order shows
-    /// in the bits (with a narrow range every order gives the exact sum).
-    pub fn value(&mut self) -> f32 {
-        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-        u * 2f32.powi((self.next() % 52) as i32 - 40)
-    }
-}
+pub use super::support::Rng;
 
 /// ±0, smallest and largest subnormal, smallest normal, ±inf, NaN, ±max
 /// finite: as raw bits of each storage type.

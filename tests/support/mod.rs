@@ -2,6 +2,61 @@
 //! test binary uses every helper.
 #![allow(dead_code)]
 
+/// The tests' deterministic generator: splitmix64, whose every seed (0
+/// included) gives a full-period stream.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn index(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
+    }
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.unit() < p
+    }
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.index(xs.len())]
+    }
+    pub fn log_uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        (lo.ln() + self.unit() * (hi.ln() - lo.ln())).exp()
+    }
+    /// Uniform in [-1, 1) times 2^e with e in -40..=11: a wide dynamic
+    /// range, so that f64 sums of the φ terms round and their order shows
+    /// in the bits (with a narrow range every order gives the exact sum).
+    pub fn value(&mut self) -> f32 {
+        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+        u * 2f32.powi((self.next() % 52) as i32 - 40)
+    }
+}
+
+/// The first seed and the number of cases of a seeded random test:
+/// `<prefix>_SEED` and `<prefix>_CASES` from the environment, else the
+/// defaults CI runs.
+pub fn fuzz_seeds(prefix: &str, seed: u64, cases: u64) -> (u64, u64) {
+    let env = |name: String| {
+        std::env::var(&name).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
+        })
+    };
+    (
+        env(format!("{prefix}_SEED")).unwrap_or(seed),
+        env(format!("{prefix}_CASES")).unwrap_or(cases),
+    )
+}
+
 /// Deterministic pseudo-random values in [lo, hi) (xorshift64).
 pub fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
