@@ -46,6 +46,13 @@
 ! lra_mpi_check_agreement: 0, then LRA_MPI_DISAGREE once one rank alone
 ! changed eta.
 !
+! Restarts: with more than one rank, every run restarts at step 12, with
+! the step pending: each rank saves its own checkpoint, destroys its handle,
+! creates a fresh one with the same configuration, registers lra_mpi's
+! reduction and loads the checkpoint. The restored handle must save the same
+! bytes and want the pending re-evaluation, and the run must still match the
+! 1-rank reference, which does not restart.
+!
 ! Any failure calls MPI_Abort (the other ranks may be waiting in a
 ! collective), so mpirun exits non-zero.
 !
@@ -249,6 +256,9 @@ program mpi_data_parallel
   end type step_record
 
   integer, parameter :: STEP_FAILURE = 3, REEVAL_FAILURE = 8 ! the first due re-evaluation from here
+  ! With more than one rank, every rank restarts from its own checkpoint
+  ! with this step pending (a re-evaluation is due then in every run).
+  integer, parameter :: STEP_RESTART = 12
   type(run_spec), parameter :: RUNS(4) = [ &
     run_spec("dp-adam", .false., LRA_OPTIMIZER_ADAM, 0.5_c_double, 60), &
     run_spec("dp-momentum", .false., LRA_OPTIMIZER_MOMENTUM, 1.0e-3_c_double, 60), &
@@ -263,7 +273,7 @@ program mpi_data_parallel
   type(fault_injector), target :: faults
   integer(c_int8_t), allocatable :: state_before(:)
   real(c_float) :: params_before(NPARAMS)
-  integer :: rank, ranks, k, failures_checked
+  integer :: rank, ranks, k, failures_checked, restarts = 0
   logical :: shown(2) = .false. ! the message of each injected failure, printed
   character(len=4096) :: refdir
 
@@ -283,6 +293,7 @@ program mpi_data_parallel
   end do
   if (rank == 0 .and. ranks > 1) print '(a)', "lra_mpi_check_agreement: 0 after every run, " // &
     "LRA_MPI_DISAGREE on every rank once one rank alone halved eta"
+  if (ranks > 1 .and. restarts /= size(RUNS)) call fail("not every run restarted from its checkpoints")
   if (rank == 0) print '(a, i0, a)', "all checks passed (", ranks, " rank(s))"
   call MPI_Finalize()
 
@@ -387,6 +398,40 @@ contains
       shown(failures_checked) = .true.
     end if
   end subroutine expect_failure
+
+  ! Every rank restarts from its own checkpoint, taken with a step pending:
+  ! a fresh handle of the same configuration, lra_mpi's reduction
+  ! registered, the checkpoint loaded. The restored handle must save the
+  ! same bytes and want the same re-evaluation, and the run goes on to
+  ! match the 1-rank reference, which never restarts: a restart that
+  ! changed anything (eta, the schedule, the pending step's phi, the
+  ! optimizer state) would show as another trajectory.
+  subroutine restart(spec, cfg, h)
+    type(run_spec), intent(in) :: spec
+    type(lra_config), intent(in) :: cfg
+    type(c_ptr), intent(inout) :: h
+    integer(c_int8_t), allocatable :: saved(:), restored(:)
+    integer(c_int32_t) :: due, due_restored
+
+    call ok(lra_should_reeval(h, due), h, "lra_should_reeval")
+    if (due == 0) call fail(trim(spec%name) // ": no step is due for re-evaluation at the restart")
+    call checkpoint(h, saved)
+    call lra_destroy(h)
+    call ok(lra_create(cfg, h), c_null_ptr, "lra_create (restart)")
+    call ok(lra_mpi_set_reduction(h, world), h, "lra_mpi_set_reduction (restart)")
+    call ok(lra_load_state(h, saved, size(saved, kind=c_size_t)), h, "lra_load_state")
+    call checkpoint(h, restored)
+    if (size(restored) /= size(saved)) then
+      call fail(trim(spec%name) // ": the restored handle's checkpoint has another size")
+    else if (any(restored /= saved)) then
+      call fail(trim(spec%name) // ": the restored handle's checkpoint differs from the one it loaded")
+    end if
+    call ok(lra_should_reeval(h, due_restored), h, "lra_should_reeval (restored)")
+    if (due_restored /= due) call fail(trim(spec%name) // ": the restored pending step is not due")
+    restarts = restarts + 1
+    if (rank == 0 .and. restarts == 1) print '(a, i0, a)', "restart at step ", STEP_RESTART, &
+      " (a step pending): every rank from its own checkpoint into a fresh handle; saves the same bytes"
+  end subroutine restart
 
   ! lra_mpi_check_agreement: 0 after a run, LRA_MPI_DISAGREE on every rank
   ! once one rank alone changes eta.
@@ -540,7 +585,7 @@ contains
     params = 0
     grad = 0
     failures_checked = 0
-    call train(spec, h, first, last, rec)
+    call train(spec, cfg, h, first, last, rec)
     if (failures_checked /= 2) call fail(trim(spec%name) // ": not both injected failures were checked")
 
     call ok(lra_get_counters(h, counters), h, "lra_get_counters")
@@ -570,9 +615,10 @@ contains
 
   ! spec%steps steps on params(first:last) (this rank's tensor), batches in
   ! order through the data; a re-evaluation on the same batch when lra asks.
-  subroutine train(spec, h, first, last, rec)
+  subroutine train(spec, cfg, h, first, last, rec)
     type(run_spec), intent(in) :: spec
-    type(c_ptr), intent(in) :: h
+    type(lra_config), intent(in) :: cfg
+    type(c_ptr), intent(inout) :: h
     integer, intent(in) :: first, last
     type(step_record), intent(out) :: rec(:)
     type(lra_tensor) :: mine(1)
@@ -593,6 +639,7 @@ contains
         call expect_failure(h, status, "lra_step", step)
       end if
       call ok(lra_step(h, mine, 1_c_size_t, loss, 0.0_c_double, c_null_ptr), h, "lra_step")
+      if (step == STEP_RESTART .and. ranks > 1) call restart(spec, cfg, h)
 
       call ok(lra_should_reeval(h, due), h, "lra_should_reeval")
       if (due /= 0) then
