@@ -10,6 +10,9 @@ command -v gfortran >/dev/null || need_apt+=(gfortran)
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v mpirun >/dev/null || need_apt+=(openmpi-bin libopenmpi-dev)
+# A second MPI implementation (another ABI), beside Open MPI, which stays the
+# default mpicc/mpirun (Debian's alternatives rank it higher).
+command -v mpirun.mpich >/dev/null || need_apt+=(mpich libmpich-dev)
 /usr/bin/python3 -c 'import torch' 2>/dev/null || need_apt+=(python3-torch)
 /usr/bin/python3 -c 'import numpy' 2>/dev/null || need_apt+=(python3-numpy)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)

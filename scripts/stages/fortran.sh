@@ -16,8 +16,9 @@
 #     checked against lra.h (check_interfaces.py --mpi, with a self-test), then
 #     examples/fortran/mpi_data_parallel.f90 run with mpirun -np 1 (writes the
 #     reference trajectories) and -np 2 and 3 (must reproduce them: data
-#     parallel and sharded, failing reductions, a real MPI error); once more
-#     built from the installed prefix.
+#     parallel and sharded, failing reductions, a real MPI error, per-rank
+#     checkpoint restarts); once more built from the installed prefix; then
+#     all of it again with MPICH (mpifort.mpich, mpirun.mpich) when installed.
 # Uses target/ (or $CARGO_TARGET_DIR); prints "!!!! SKIPPED:" for a missing dependency.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,6 +41,7 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/lra-fortran.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 fflags=(-std=f2008 -Wall -Wextra -Werror -fcheck=all -O1 -g)
+# shellcheck disable=SC2054  # -Wl,-rpath,DIR is one word
 link=(-L"$lib" -llra -Wl,-rpath,"$lib")
 
 say "static check of lra.f90 against include/lra.h ($("$fc" --version | head -n 1))"
@@ -86,6 +88,7 @@ if have pkg-config && have objdump; then
   mkdir "$work/app"
   (
     cd "$work/app"
+    # shellcheck disable=SC2030  # set for this subshell only
     export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
     "$fc" -c "$prefix/include/lra.f90"
     # shellcheck disable=SC2046  # pkg-config output is a word list
@@ -97,46 +100,68 @@ else
   skip "pkg-config or objdump not found: the installed-prefix build did not run"
 fi
 
-say "MPI: bindings/fortran/lra_mpi.f90, examples/fortran/mpi_data_parallel.f90 (mpifort, mpirun)"
-if have mpifort && have mpirun; then
-  mpi="$work/mpi"
+# lra_mpi.f90 and examples/fortran/mpi_data_parallel.f90 built with the
+# Fortran wrapper $2 (its own lra.mod: FC may name another compiler) and run
+# with the launcher $3 (plus its options) on 1, 2 and 3 ranks; $1 names the
+# MPI implementation.
+mpi_suite() { # NAME MPIFORT MPIRUN...
+  local name=$1 mpifort=$2 mpi="$work/mpi-$1"
+  shift 2
+  local launch=("$@")
   mkdir "$mpi" "$mpi/ref"
-  # lra.mod again, from the compiler behind mpifort (FC may name another one).
-  mpifort "${fflags[@]}" -J "$mpi" -c bindings/fortran/lra.f90 -o "$mpi/lra.o"
-  mpifort "${fflags[@]}" -I"$mpi" -J "$mpi" -c bindings/fortran/lra_mpi.f90 -o "$mpi/lra_mpi.o"
+  "$mpifort" "${fflags[@]}" -J "$mpi" -c bindings/fortran/lra.f90 -o "$mpi/lra.o"
+  "$mpifort" "${fflags[@]}" -I"$mpi" -J "$mpi" -c bindings/fortran/lra_mpi.f90 -o "$mpi/lra_mpi.o"
   if have python3; then
-    FC_MPI=mpifort python3 bindings/fortran/check_interfaces.py --mpi "$mpi" --self-test
+    FC_MPI="$mpifort" python3 bindings/fortran/check_interfaces.py --mpi "$mpi" --self-test
   else
     skip "python3 not found: the static interface check of lra_mpi.f90 did not run"
   fi
-  mpifort "${fflags[@]}" -I"$mpi" -J "$mpi" examples/fortran/mpi_data_parallel.f90 "$mpi/lra_mpi.o" "$mpi/lra.o" \
+  "$mpifort" "${fflags[@]}" -I"$mpi" -J "$mpi" examples/fortran/mpi_data_parallel.f90 "$mpi/lra_mpi.o" "$mpi/lra.o" \
     "${link[@]}" -o "$mpi/mpi_data_parallel"
-  # As scripts/stages/mpi.sh runs Open MPI: as root if need be, shared memory only.
   mpi_run() { # NP PROGRAM
-    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader \
-      timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$1" "$2" "$mpi/ref" || {
-      echo "FAILED: mpirun -np $1 $2 (exit $?; 124 = timed out: a hang)" >&2
+    timeout 120 "${launch[@]}" -np "$1" "$2" "$mpi/ref" || {
+      echo "FAILED ($name): mpirun -np $1 $2 (exit $?; 124 = timed out: a hang)" >&2
       exit 1
     }
   }
   for np in 1 2 3; do
-    echo "mpirun -np $np mpi_data_parallel:"
+    echo "$name: mpirun -np $np mpi_data_parallel:"
     mpi_run "$np" "$mpi/mpi_data_parallel"
   done
+}
+
+say "MPI (Open MPI): bindings/fortran/lra_mpi.f90, examples/fortran/mpi_data_parallel.f90 (mpifort, mpirun)"
+if have mpifort && have mpirun; then
+  # As scripts/stages/mpi.sh runs Open MPI: as root if need be, shared memory only.
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader
+  mpi_suite openmpi mpifort mpirun --allow-run-as-root --oversubscribe
   if [ -d "${prefix:-}" ]; then
     echo "built from the installed prefix (include/lra.f90, include/lra_mpi.f90), mpirun -np 2:"
     (
       cd "$work/app"
+      # shellcheck disable=SC2031  # set for this subshell only
       export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
       mpifort -c "$prefix/include/lra.f90" "$prefix/include/lra_mpi.f90"
       # shellcheck disable=SC2046  # pkg-config output is a word list
       mpifort "$root/examples/fortran/mpi_data_parallel.f90" lra_mpi.o lra.o $(pkg-config --libs lra) \
         -Wl,-rpath,"$prefix/lib" -o mpi_data_parallel
     )
-    mpi_run 2 "$work/app/mpi_data_parallel" | tail -n 1
+    timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 "$work/app/mpi_data_parallel" \
+      "$work/mpi-openmpi/ref" | tail -n 1 || {
+      echo "FAILED: mpirun -np 2 of the installed prefix's build (exit $?)" >&2
+      exit 1
+    }
   fi
 else
   skip "mpifort or mpirun not found (Debian: openmpi-bin libopenmpi-dev): the Fortran MPI module lra_mpi.f90 was not compiled or run"
+fi
+
+# MPICH: another MPI ABI (integer handles) and its own mpi_f08 module.
+say "MPI (MPICH): the same with mpifort.mpich, mpirun.mpich"
+if have mpifort.mpich && have mpirun.mpich; then
+  mpi_suite mpich mpifort.mpich mpirun.mpich
+else
+  skip "mpifort.mpich or mpirun.mpich not found (Debian: mpich libmpich-dev): lra_mpi.f90 was not compiled or run against MPICH"
 fi
 
 say "all Fortran checks passed"

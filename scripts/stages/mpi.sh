@@ -4,8 +4,8 @@
 # trajectory and 2 ranks (data parallel, sharded, an empty shard, Polyak
 # two-pass, failing callbacks) must reproduce its η decisions exactly and its
 # parameters within f32 rounding; so must runs that checkpoint, recreate and
-# restore every rank's handle mid-run. (The NCCL adapter has its own stage,
-# nccl.sh.)
+# restore every rank's handle mid-run. All of it under Open MPI and again under
+# MPICH when installed. (The NCCL adapter has its own stage, nccl.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -18,18 +18,13 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # ---- MPI ---------------------------------------------------------------------
+# Every case runs under each MPI implementation found: Open MPI (the default
+# mpicc/mpirun) and, when installed, MPICH (mpicc.mpich/mpirun.mpich). The two
+# differ in ABI (Open MPI's handles are pointers, MPICH's integers), which
+# lra_mpi.h must compile against and pass through `user` unchanged.
 if ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null; then
   skip "mpicc/mpirun not found (Debian: openmpi-bin libopenmpi-dev): the MPI tests did not run"
   exit 0
-fi
-
-mpicc -O2 -std=c11 -Wall -Wextra -Werror -I include -I bindings/mpi \
-  tests/mpi/lra_mpi_test.c -L "$lib_dir" -llra -Wl,-rpath,"$lib_dir" -lm \
-  -o "$work/lra_mpi_test"
-if command -v mpicxx >/dev/null; then # as C++ (the MPI C++ bindings left out)
-  printf '#include "lra_mpi.h"\nlra_reduce_fn f = lra_mpi_allreduce_sum;\n' > "$work/mpi.cpp"
-  mpicxx -std=c++17 -DOMPI_SKIP_MPICXX -DMPICH_SKIP_MPICXX -Wall -Wextra -Werror -fsyntax-only \
-    -I include -I bindings/mpi "$work/mpi.cpp"
 fi
 zcat data/digits.csv.gz > "$work/digits.csv"
 
@@ -37,37 +32,63 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # Shared memory only: every rank runs on this machine.
 export OMPI_MCA_btl=self,vader
 
-run() { # NP MODE OPTIMIZER [restart]
-  timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$1" \
-    "$work/lra_mpi_test" "$2" "$3" "$work/ref-$2-$3.txt" "$work/digits.csv" ${4:+"$4"} || {
-    echo "FAILED: mpirun -np $1 lra_mpi_test $2 $3${4:+ $4} (exit $?; 124 = timed out: a hang)"
-    exit 1
+# The cases of tests/mpi/lra_mpi_test.c and the README's example trainer,
+# built with the C compiler wrapper $2 and run with the launcher $3 (plus
+# its options); $1 names the implementation in the output and the files.
+suite() { # NAME MPICC MPIRUN...
+  local name=$1 cc=$2 dir="$work/$1"
+  shift 2
+  local launch=("$@")
+  mkdir "$dir"
+  "$cc" -O2 -std=c11 -Wall -Wextra -Werror -I include -I bindings/mpi \
+    tests/mpi/lra_mpi_test.c -L "$lib_dir" -llra -Wl,-rpath,"$lib_dir" -lm \
+    -o "$dir/lra_mpi_test"
+  run() { # NP MODE OPTIMIZER [restart]
+    timeout 120 "${launch[@]}" -np "$1" \
+      "$dir/lra_mpi_test" "$2" "$3" "$dir/ref-$2-$3.txt" "$work/digits.csv" ${4:+"$4"} || {
+      echo "FAILED ($name): mpirun -np $1 lra_mpi_test $2 $3${4:+ $4} (exit $?; 124 = timed out: a hang)"
+      exit 1
+    }
   }
+  for case in "dp adam" "dp momentum" "sharded adam" "sharded sgd" "empty adam" \
+    "polyak sgd" "polyak momentum" "fail adam" "polyakfail momentum"; do
+    # shellcheck disable=SC2086
+    run 1 $case
+    # shellcheck disable=SC2086
+    run 2 $case
+  done
+  # Three ranks: uneven shards (4, 3 and 3 classes), and two empty shards.
+  run 3 sharded adam
+  run 3 empty adam
+  run 2 poison adam
+  # Per-rank checkpoints: every rank saves, recreates and restores its handle
+  # twice (once with a step awaiting re-evaluation); same trajectory as above.
+  run 2 sharded adam restart
+  run 3 empty adam restart
+  run 2 polyak momentum restart
+  run 2 dp adam restart
+
+  # The README's example trainer, both set-ups.
+  "$cc" -O2 -std=c11 -Wall -Wextra -Werror -I include -I bindings/mpi bindings/mpi/example.c \
+    -L "$lib_dir" -llra -Wl,-rpath,"$lib_dir" -lm -o "$dir/lra_mpi_example"
+  for mode in dp sharded; do
+    timeout 120 "${launch[@]}" -np 2 "$dir/lra_mpi_example" "$mode" | tail -1
+  done
+  echo "---- $name: every case passed"
 }
 
-for case in "dp adam" "dp momentum" "sharded adam" "sharded sgd" "empty adam" \
-  "polyak sgd" "polyak momentum" "fail adam" "polyakfail momentum"; do
-  # shellcheck disable=SC2086
-  run 1 $case
-  # shellcheck disable=SC2086
-  run 2 $case
-done
-# Three ranks: uneven shards (4, 3 and 3 classes), and two empty shards.
-run 3 sharded adam
-run 3 empty adam
-run 2 poison adam
-# Per-rank checkpoints: every rank saves, recreates and restores its handle
-# twice (once with a step awaiting re-evaluation); same trajectory as above.
-run 2 sharded adam restart
-run 3 empty adam restart
-run 2 polyak momentum restart
-run 2 dp adam restart
+echo "==== Open MPI ($(mpirun --version 2>&1 | head -1))"
+if command -v mpicxx >/dev/null; then # as C++ (the MPI C++ bindings left out)
+  printf '#include "lra_mpi.h"\nlra_reduce_fn f = lra_mpi_allreduce_sum;\n' > "$work/mpi.cpp"
+  mpicxx -std=c++17 -DOMPI_SKIP_MPICXX -DMPICH_SKIP_MPICXX -Wall -Wextra -Werror -fsyntax-only \
+    -I include -I bindings/mpi "$work/mpi.cpp"
+fi
+suite openmpi mpicc mpirun --allow-run-as-root --oversubscribe
 
-# The README's example trainer, both set-ups.
-mpicc -O2 -std=c11 -Wall -Wextra -Werror -I include -I bindings/mpi bindings/mpi/example.c \
-  -L "$lib_dir" -llra -Wl,-rpath,"$lib_dir" -lm -o "$work/lra_mpi_example"
-for mode in dp sharded; do
-  timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 "$work/lra_mpi_example" "$mode" \
-    | tail -1
-done
+if command -v mpicc.mpich >/dev/null && command -v mpirun.mpich >/dev/null; then
+  echo "==== MPICH ($(mpichversion 2>/dev/null | head -1 | tr -s ' \t' ' '))"
+  suite mpich mpicc.mpich mpirun.mpich
+else
+  skip "mpicc.mpich/mpirun.mpich not found (Debian: mpich libmpich-dev): lra_mpi.h was not run against MPICH, only Open MPI"
+fi
 echo "mpi stage passed"
