@@ -7,6 +7,8 @@ command -v valgrind >/dev/null || need_apt+=(valgrind)
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v c++ >/dev/null || need_apt+=(g++)
 command -v gfortran >/dev/null || need_apt+=(gfortran)
+# A second Fortran compiler for the binding (scripts/stages/fortran.sh).
+command -v flang-new-19 >/dev/null || command -v flang-new >/dev/null || need_apt+=(flang-19)
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v mpirun >/dev/null || need_apt+=(openmpi-bin libopenmpi-dev)

@@ -82,11 +82,13 @@ end module least_squares
 !   MPI_Allreduce(MPI_IN_PLACE, values, int(count), MPI_DOUBLE_PRECISION, MPI_SUM, comm, ierr)
 ! here. It records the first two values of each call, through the user pointer.
 module one_rank
-  use, intrinsic :: iso_c_binding, only: c_ptr, c_size_t, c_double, c_int32_t, c_f_pointer
+  use, intrinsic :: iso_c_binding, only: c_ptr, c_int, c_size_t, c_double, c_int32_t, c_f_pointer
   implicit none
 
-  type :: reduction_log
-    integer :: calls = 0
+  ! BIND(C): an interoperable type, so that c_f_pointer from the callback's
+  ! `user` is portable (flang warns for a type that is not).
+  type, bind(C) :: reduction_log
+    integer(c_int) :: calls = 0
     integer(c_size_t) :: count = 0 ! of the latest call
     real(c_double) :: values(2, 4) = 0 ! values(:, k): the k-th call's first two
   end type reduction_log

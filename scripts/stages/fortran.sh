@@ -11,7 +11,8 @@
 #     reduction callback, a bit-identical checkpoint resume (exits non-zero
 #     on any failure); then once more under valgrind;
 #  4. the same example built the README's way against an installed prefix
-#     (scripts/install.sh, PREFIX/include/lra.f90, pkg-config);
+#     (scripts/install.sh, PREFIX/include/lra.f90, pkg-config), then with LLVM
+#     flang when installed (module with -pedantic -Werror, layout, example);
 #  5. MPI (needs mpifort + mpirun): bindings/fortran/lra_mpi.f90's callback
 #     checked against lra.h (check_interfaces.py --mpi, with a self-test), then
 #     examples/fortran/mpi_data_parallel.f90 run with mpirun -np 1 (writes the
@@ -98,6 +99,38 @@ if have pkg-config && have objdump; then
   "$work/app/flat_buffer" | tail -n 1
 else
   skip "pkg-config or objdump not found: the installed-prefix build did not run"
+fi
+
+# A second compiler: LLVM flang (another front end, another runtime and .mod
+# format; Open MPI's and MPICH's mpi_f08 modules are gfortran's, so the MPI
+# module stays gfortran's).
+flang=""
+for cand in flang-new flang-new-19 flang; do
+  if have "$cand" && "$cand" --version 2>/dev/null | grep -qi flang; then
+    flang=$cand
+    break
+  fi
+done
+say "LLVM flang: module lra, struct layout, examples/fortran/flat_buffer.f90${flang:+ ($("$flang" --version | head -n 1))}"
+if [ -n "$flang" ]; then
+  fl="$work/flang"
+  mkdir "$fl"
+  flflags=(-pedantic -Werror -O1)
+  "$flang" "${flflags[@]}" -module-dir "$fl" -c bindings/fortran/lra.f90 -o "$fl/lra.o"
+  if [ -x "$work/layout_c" ]; then
+    "$flang" "${flflags[@]}" -I"$fl" -module-dir "$fl" bindings/fortran/layout.f90 "$fl/lra.o" "${link[@]}" -o "$fl/layout_f"
+    "$fl/layout_f" >"$fl/layout_f.txt"
+    if ! diff -u "$work/layout_c.txt" "$fl/layout_f.txt"; then
+      echo "flang: the Fortran types' layout differs from lra.h's structs (- C, + Fortran)" >&2
+      exit 1
+    fi
+    echo "flang: same sizes and offsets as the C structs"
+  fi
+  "$flang" "${flflags[@]}" -I"$fl" -module-dir "$fl" examples/fortran/flat_buffer.f90 "$fl/lra.o" "${link[@]}" \
+    -o "$fl/flat_buffer"
+  "$fl/flat_buffer" | tail -n 1
+else
+  skip "no LLVM flang (Debian: flang-19): the Fortran binding was built and run with gfortran only"
 fi
 
 # lra_mpi.f90 and examples/fortran/mpi_data_parallel.f90 built with the
