@@ -18,6 +18,7 @@
 //! in the default floating-point environment (README, "Behaviour choices":
 //! under a directed rounding mode the builds may differ by an ulp).
 
+use super::loaded_driver::first_device_pointer;
 use super::{le_value, Backend, StateImport, StateMeta, StepRequest, TensorDesc, ValidatedTensors};
 use crate::controller::{SkipReason, StepOutcome};
 use crate::dispatch_kind;
@@ -979,16 +980,14 @@ fn prewrite_skip(v: &[f64; 3], check_finite: bool) -> Option<SkipReason> {
     }
 }
 
-/// A host handle reads and writes its pointers itself: CUDA device memory
-/// there would crash the caller's process ([`super::loaded_driver`]).
-fn refuse_device_memory(what: &str, p: *const std::ffi::c_void) -> Result<()> {
-    if super::loaded_driver::is_device_memory(p) {
-        fail!(
-            InvalidArgument,
-            "{what} = {p:p} is CUDA device memory, which a host (device = 0) handle cannot access: create the handle with device = 1 for device tensors"
-        );
-    }
-    Ok(())
+/// The refusal of device memory handed to a host handle, which reads and
+/// writes its pointers itself: there it would crash the caller's process
+/// ([`super::loaded_driver`]).
+fn device_memory(what: &str, p: *const std::ffi::c_void) -> crate::error::Error {
+    crate::error::Error::new(
+        crate::Status::InvalidArgument,
+        format!("{what} = {p:p} is CUDA device memory, which a host (device = 0) handle cannot access: create the handle with device = 1 for device tensors"),
+    )
 }
 
 /// Σ of the chunk partials in chunk order.
@@ -1040,10 +1039,14 @@ impl Backend for CpuBackend {
     fn validate(&self, tensors: &[TensorDesc]) -> Result<()> {
         self.validated.check_once(tensors, || {
             super::check_alignment_and_aliasing(tensors)?;
-            for (i, t) in tensors.iter().enumerate().filter(|(_, t)| t.numel > 0) {
-                for (what, p) in [("param", t.param.cast_const()), ("grad", t.grad)] {
-                    refuse_device_memory(&format!("tensors[{i}].{what}"), p)?;
-                }
+            let pointers: Vec<(usize, &str, *const std::ffi::c_void)> =
+                (tensors.iter().enumerate())
+                    .filter(|(_, t)| t.numel > 0)
+                    .flat_map(|(i, t)| [(i, "param", t.param.cast_const()), (i, "grad", t.grad)])
+                    .collect();
+            if let Some(k) = first_device_pointer(pointers.iter().map(|p| p.2)) {
+                let (i, what, p) = pointers[k];
+                return Err(device_memory(&format!("tensors[{i}].{what}"), p));
             }
             Ok(())
         })
@@ -1055,7 +1058,9 @@ impl Backend for CpuBackend {
         _stream: *mut std::ffi::c_void,
     ) -> Result<()> {
         if !found_inf.is_null() && found_inf as usize != self.validated_flag {
-            refuse_device_memory("found_inf", found_inf)?;
+            if first_device_pointer([found_inf]).is_some() {
+                return Err(device_memory("found_inf", found_inf));
+            }
             self.validated_flag = found_inf as usize;
         }
         Ok(())
