@@ -6,11 +6,12 @@
 //! aligned and not, sizes around 0, the 4-element units and the 4096-element
 //! chunks), a random optimizer and weight decay, and 2 to 6 random steps
 //! mixing every pass (fused, guarded, two-pass with f* and/or R, sharded
-//! with and without other ranks' flags and φ, clamped scale), found-inf
-//! flags and non-finite gradients, run on a random grid size, block size
-//! and block/thread schedule. Every step is checked as in `ptx_kernels.rs`
-//! (`ptx_common::try_run`): parameters and state bit for bit, the control
-//! block, φ in the kernel's documented order.
+//! with and without the guard and with other ranks' flags and φ, clamped
+//! scale), found-inf flags and non-finite gradients, run on a random grid
+//! size, block size and block/thread schedule. Every step is checked as in
+//! `ptx_kernels.rs` (`ptx_common::try_run`): parameters and state bit for
+//! bit, the control block, φ in the kernel's documented order, and what
+//! each side hands the cross-rank sum.
 //!
 //! CI runs a fixed seed. Longer runs: `LRA_PTX_FUZZ_SEED=<seed>
 //! LRA_PTX_FUZZ_CASES=<n> cargo test --release --test ptx_fuzz --
@@ -74,7 +75,7 @@ fn rule(rng: &mut Rng) -> (f64, f64) {
 }
 
 fn pass(rng: &mut Rng) -> Pass {
-    match rng.index(6) {
+    match rng.index(7) {
         0 => Pass::Fused,
         1 => Pass::Guarded,
         2 => {
@@ -84,6 +85,10 @@ fn pass(rng: &mut Rng) -> Pass {
         3 => {
             let (f_star, obs_var) = rule(rng);
             Pass::Sharded { f_star, obs_var }
+        }
+        6 => {
+            let (f_star, obs_var) = rule(rng);
+            Pass::ShardedUnguarded { f_star, obs_var }
         }
         4 => {
             // what the other ranks add to [non-finite count, found_inf
@@ -196,10 +201,11 @@ fn one_case(m: &Module, seed: u64) -> (String, Result<PhiStats, String>) {
 #[test]
 fn random_layouts_and_step_sequences_equal_cpu() {
     let m = Module::load(abi::PTX).unwrap_or_else(|e| panic!("kernels/lra.ptx does not load: {e}"));
-    let (first, cases) = support::fuzz_seeds("LRA_PTX_FUZZ", 0x5eed_0001, 40);
+    let seeds = support::FuzzSeeds::from_env("LRA_PTX_FUZZ", 0x5eed_0001, 40);
+    let (first, cases) = (seeds.first, seeds.cases);
     let mut stats = PhiStats::default();
     let mut failures = Vec::new();
-    for seed in first..first + cases {
+    for seed in seeds.seeds() {
         let (what, result) = one_case(&m, seed);
         match result {
             Ok(s) => stats.add(s),

@@ -237,6 +237,9 @@ pub enum Pass {
     /// Two-pass with a registered (single-rank) reduction: the host reads
     /// φ and the non-finite count between launches and writes them back.
     Sharded { f_star: f64, obs_var: f64 },
+    /// [`Pass::Sharded`] with the guard off (a non-finite gradient is
+    /// written, not skipped for).
+    ShardedUnguarded { f_star: f64, obs_var: f64 },
     /// A registered reduction with the guard on and other ranks in the sum:
     /// `peers` is what they add to `[non-finite count, found_inf flags, φ]`.
     /// `rule`: `Some((f_star, obs_var))` two-pass, `None` fused (only the
@@ -269,6 +272,9 @@ impl Pass {
             Pass::Guarded => (None, true, None),
             Pass::Scaled { f_star, obs_var } => (Some((f_star, obs_var)), false, None),
             Pass::Sharded { f_star, obs_var } => (Some((f_star, obs_var)), true, Some([0.0; 3])),
+            Pass::ShardedUnguarded { f_star, obs_var } => {
+                (Some((f_star, obs_var)), false, Some([0.0; 3]))
+            }
             Pass::ShardedPeers { rule, peers } => (rule, true, Some(peers)),
             Pass::Clamped {
                 f_star,
@@ -326,6 +332,8 @@ pub struct Gpu<'m> {
     pub plan: ChunkPlan,
     /// What each launch so far did (instructions, bytes, latency rounds).
     pub reports: Vec<LaunchReport>,
+    /// What the last step handed the cross-rank sum (sharded steps).
+    pub sum_input: Option<[f64; 3]>,
 }
 
 impl<'m> Gpu<'m> {
@@ -386,6 +394,7 @@ impl<'m> Gpu<'m> {
             table,
             plan,
             reports: Vec::new(),
+            sum_input: None,
         }
     }
 
@@ -592,6 +601,7 @@ impl<'m> Gpu<'m> {
             scale_max,
         };
         let (grid, n) = (self.grid, self.nchunks);
+        self.sum_input = None;
         let a = StepArgs {
             hyper,
             lr,
@@ -610,6 +620,7 @@ impl<'m> Gpu<'m> {
             let found = found_inf && self.found_inf_value() != 0.0;
             let phi = if two_pass && !found { c.phi } else { 0.0 };
             let mut v = [c.nonfinite as f64, found as u32 as f64, phi];
+            self.sum_input = Some(v);
             for (x, p) in v.iter_mut().zip(peers) {
                 *x += p;
             }
@@ -650,6 +661,8 @@ pub struct Host {
     grads: Vec<Vec<u32>>,
     pub cpu: CpuBackend,
     pub kind: OptimizerKind,
+    /// What the last step handed the cross-rank sum (sharded steps).
+    pub sum_input: Option<[f64; 3]>,
 }
 
 fn words(bytes: &[u8]) -> Vec<u32> {
@@ -688,6 +701,7 @@ impl Host {
                 .collect(),
             cpu,
             kind,
+            sum_input: None,
         }
     }
 
@@ -737,7 +751,9 @@ impl Host {
             shape.peers.is_some(),
         );
         // the other ranks' part of the sum
+        let mut handed = None;
         let mut add_peers = |v: &mut [f64]| -> lra::Result<()> {
+            handed = Some([v[0], v[1], v[2]]);
             for (x, p) in v.iter_mut().zip(peers) {
                 *x += p;
             }
@@ -759,6 +775,7 @@ impl Host {
             reduce: if sharded { Some(&mut add_peers) } else { None },
         };
         unsafe { self.cpu.step(req) }.unwrap();
+        self.sum_input = handed;
         self.cpu.outcome().unwrap()
     }
 
@@ -1053,8 +1070,8 @@ impl PhiStats {
             self.phi_checks, self.finite_phi
         );
         assert!(
-            self.finite_phi * 2 >= self.phi_checks,
-            "{what}: too few finite φ: {self:?}"
+            self.phi_checks > 0 && self.finite_phi * 2 >= self.phi_checks,
+            "{what}: no φ compared, or too few finite ones: {self:?}"
         );
     }
 }
@@ -1155,6 +1172,46 @@ pub fn try_run_window(
                     b[i]
                 );
             }
+        }
+
+        // what each side handed the cross-rank sum: the non-finite count
+        // (in units that differ: chunks, elements) alike zero or not, its
+        // own found_inf flag, and its partial φ (0 with the flag set: a
+        // flagged rank reads no gradient)
+        match (host.sum_input, gpu.sum_input) {
+            (None, None) => {}
+            (Some(h), Some(g)) => {
+                check_eq!(
+                    (h[0] != 0.0, h[1]),
+                    (g[0] != 0.0, g[1]),
+                    "{ctx}: non-finite count and flag handed to the sum: CPU {h:?}, PTX {g:?}"
+                );
+                // (the two sum in different orders: close to Σ|terms|)
+                let terms = dot_terms(
+                    c.kind,
+                    &c.hyper,
+                    before.bias,
+                    c.specs,
+                    &before_params,
+                    &grads,
+                    &before.slots,
+                );
+                let mag = terms.iter().flatten().map(|t| t.abs()).sum::<f64>() * st.lr;
+                check!(
+                    same_f64(h[2], g[2])
+                        || (h[2].is_finite() == g[2].is_finite()
+                            && (!mag.is_finite() || (h[2] - g[2]).abs() <= 1e-9 * mag)),
+                    "{ctx}: partial φ handed to the sum: CPU {h:?}, PTX {g:?}"
+                );
+                if h[1] != 0.0 {
+                    check_eq!(
+                        (h[0], h[2], g[0], g[2]),
+                        (0.0, 0.0, 0.0, 0.0),
+                        "{ctx}: a flagged rank's sum"
+                    );
+                }
+            }
+            (h, g) => fail!("{ctx}: only one side joined the sum: CPU {h:?}, PTX {g:?}"),
         }
 
         // control block: skip reason, bias powers, applied steps, scale, φ

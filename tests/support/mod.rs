@@ -41,20 +41,64 @@ impl Rng {
     }
 }
 
-/// The first seed and the number of cases of a seeded random test:
-/// `<prefix>_SEED` and `<prefix>_CASES` from the environment, else the
-/// defaults CI runs.
-pub fn fuzz_seeds(prefix: &str, seed: u64, cases: u64) -> (u64, u64) {
-    let env = |name: String| {
-        std::env::var(&name).ok().map(|v| {
-            v.parse::<u64>()
-                .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
-        })
-    };
-    (
-        env(format!("{prefix}_SEED")).unwrap_or(seed),
-        env(format!("{prefix}_CASES")).unwrap_or(cases),
-    )
+/// The cases of a seeded random test: `<prefix>_SEED` (the first seed)
+/// and `<prefix>_CASES` (how many) from the environment, else the defaults
+/// CI runs.
+pub struct FuzzSeeds {
+    pub first: u64,
+    pub cases: u64,
+    /// Neither was set: the defaults, for which [`FuzzSeeds::assert_covered`]
+    /// holds.
+    pub default: bool,
+}
+
+impl FuzzSeeds {
+    pub fn from_env(prefix: &str, first: u64, cases: u64) -> FuzzSeeds {
+        let env = |name: String| {
+            std::env::var(&name).ok().map(|v| {
+                v.parse::<u64>()
+                    .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number"))
+            })
+        };
+        let (seed, count) = (
+            env(format!("{prefix}_SEED")),
+            env(format!("{prefix}_CASES")),
+        );
+        FuzzSeeds {
+            first: seed.unwrap_or(first),
+            cases: count.unwrap_or(cases),
+            default: seed.is_none() && count.is_none(),
+        }
+    }
+
+    /// Each case's seed (any first seed: they wrap around).
+    pub fn seeds(&self) -> impl Iterator<Item = u64> {
+        let first = self.first;
+        (0..self.cases).map(move |i| first.wrapping_add(i))
+    }
+
+    /// The default cases must have drawn each of `kinds` (what the test
+    /// counted in `seen`): a test whose draws stopped reaching a kind of
+    /// call or outcome would otherwise pass without checking it.
+    pub fn assert_covered(
+        &self,
+        test: &str,
+        seen: &std::collections::BTreeMap<String, usize>,
+        kinds: &[&str],
+    ) {
+        println!(
+            "{test}: {} cases from seed {}: {seen:?}",
+            self.cases, self.first
+        );
+        if self.default {
+            for kind in kinds {
+                assert!(
+                    seen.get(*kind).is_some_and(|&n| n > 0),
+                    "{test}: the default cases never drew {kind:?}: {seen:?}"
+                );
+            }
+        }
+    }
 }
 
 /// Deterministic pseudo-random values in [lo, hi) (xorshift64).
