@@ -13,7 +13,8 @@
 #  4. the same example built the README's way against an installed prefix
 #     (scripts/install.sh, PREFIX/include/lra.f90, pkg-config), then with LLVM
 #     flang when installed (module with -pedantic -Werror, layout, example);
-#  5. MPI (needs mpifort + mpirun): bindings/fortran/lra_mpi.f90's callback
+#  5. MPI (Open MPI and MPICH, each by its Debian names mpifort.openmpi /
+#     mpifort.mpich or by the default names): bindings/fortran/lra_mpi.f90's callback
 #     checked against lra.h (check_interfaces.py --mpi, with a self-test), then
 #     examples/fortran/mpi_data_parallel.f90 run with mpirun -np 1 (writes the
 #     reference trajectories) and -np 2 and 3 (must reproduce them: data
@@ -125,6 +126,8 @@ if [ -n "$flang" ]; then
       exit 1
     fi
     echo "flang: same sizes and offsets as the C structs"
+  else
+    skip "cc not found: flang's layout comparison did not run"
   fi
   "$flang" "${flflags[@]}" -I"$fl" -module-dir "$fl" examples/fortran/flat_buffer.f90 "$fl/lra.o" "${link[@]}" \
     -o "$fl/flat_buffer"
@@ -163,38 +166,50 @@ mpi_suite() { # NAME MPIFORT MPIRUN...
   done
 }
 
-say "MPI (Open MPI): bindings/fortran/lra_mpi.f90, examples/fortran/mpi_data_parallel.f90 (mpifort, mpirun)"
-if have mpifort && have mpirun; then
+# Prints "MPIFORT MPIRUN" of MPI implementation $1 (openmpi, mpich) by its
+# Debian names, else the default names when `mpirun --version` matches $2.
+find_mpi() { # NAME VERSION-PATTERN
+  if have "mpifort.$1" && have "mpirun.$1"; then
+    echo "mpifort.$1 mpirun.$1"
+  elif have mpifort && have mpirun && mpirun --version 2>&1 | grep -qi "$2"; then
+    echo "mpifort mpirun"
+  else
+    return 1
+  fi
+}
+
+say "MPI (Open MPI): bindings/fortran/lra_mpi.f90, examples/fortran/mpi_data_parallel.f90"
+if read -r ompi_fort ompi_run < <(find_mpi openmpi "Open MPI"); then
   # As scripts/stages/mpi.sh runs Open MPI: as root if need be, shared memory only.
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader
-  mpi_suite openmpi mpifort mpirun --allow-run-as-root --oversubscribe
+  mpi_suite openmpi "$ompi_fort" "$ompi_run" --allow-run-as-root --oversubscribe
   if [ -d "${prefix:-}" ]; then
     echo "built from the installed prefix (include/lra.f90, include/lra_mpi.f90), mpirun -np 2:"
     (
       cd "$work/app"
       # shellcheck disable=SC2031  # set for this subshell only
       export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
-      mpifort -c "$prefix/include/lra.f90" "$prefix/include/lra_mpi.f90"
+      "$ompi_fort" -c "$prefix/include/lra.f90" "$prefix/include/lra_mpi.f90"
       # shellcheck disable=SC2046  # pkg-config output is a word list
-      mpifort "$root/examples/fortran/mpi_data_parallel.f90" lra_mpi.o lra.o $(pkg-config --libs lra) \
+      "$ompi_fort" "$root/examples/fortran/mpi_data_parallel.f90" lra_mpi.o lra.o $(pkg-config --libs lra) \
         -Wl,-rpath,"$prefix/lib" -o mpi_data_parallel
     )
-    timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 "$work/app/mpi_data_parallel" \
+    timeout 120 "$ompi_run" --allow-run-as-root --oversubscribe -np 2 "$work/app/mpi_data_parallel" \
       "$work/mpi-openmpi/ref" | tail -n 1 || {
       echo "FAILED: mpirun -np 2 of the installed prefix's build (exit $?)" >&2
       exit 1
     }
   fi
 else
-  skip "mpifort or mpirun not found (Debian: openmpi-bin libopenmpi-dev): the Fortran MPI module lra_mpi.f90 was not compiled or run"
+  skip "Open MPI's mpifort/mpirun not found (Debian: openmpi-bin libopenmpi-dev): lra_mpi.f90 was not compiled or run against Open MPI"
 fi
 
 # MPICH: another MPI ABI (integer handles) and its own mpi_f08 module.
-say "MPI (MPICH): the same with mpifort.mpich, mpirun.mpich"
-if have mpifort.mpich && have mpirun.mpich; then
-  mpi_suite mpich mpifort.mpich mpirun.mpich
+say "MPI (MPICH): the same with MPICH's mpifort and mpirun"
+if read -r mpich_fort mpich_run < <(find_mpi mpich "HYDRA"); then
+  mpi_suite mpich "$mpich_fort" "$mpich_run"
 else
-  skip "mpifort.mpich or mpirun.mpich not found (Debian: mpich libmpich-dev): lra_mpi.f90 was not compiled or run against MPICH"
+  skip "MPICH's mpifort/mpirun not found (Debian: mpich libmpich-dev): lra_mpi.f90 was not compiled or run against MPICH"
 fi
 
 say "all Fortran checks passed"
