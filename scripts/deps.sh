@@ -11,7 +11,7 @@ command -v gfortran >/dev/null || need_apt+=(gfortran)
 command -v flang-new-19 >/dev/null || command -v flang-new >/dev/null || need_apt+=(flang-19)
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
-command -v mpirun >/dev/null || need_apt+=(openmpi-bin libopenmpi-dev)
+command -v mpirun.openmpi >/dev/null || command -v ompi_info >/dev/null || need_apt+=(openmpi-bin libopenmpi-dev)
 # A second MPI implementation (another ABI), beside Open MPI, which stays the
 # default mpicc/mpirun (Debian's alternatives rank it higher).
 command -v mpirun.mpich >/dev/null || need_apt+=(mpich libmpich-dev)

@@ -350,8 +350,12 @@ else
   # purpose, and the legacy-stream test cuStreamIsCapturing
   # (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT); memcheck reports every failed API
   # call as an error (step 1 runs both without the sanitizer).
+  # The random tests run their full default cases in step 1; here a few
+  # each, to stay well inside memcheck's limit.
+  export LRA_CUDA_FUZZ_CASES=4 LRA_ABI_FUZZ_CASES=4
   sanitize memcheck memcheck 240 --skip abi_cuda_state_out_of_memory_changes_nothing \
     --skip the_legacy_stream_is_refused_while_a_blocking_stream_captures
+  unset LRA_CUDA_FUZZ_CASES LRA_ABI_FUZZ_CASES
   sanitize racecheck racecheck 120 every_kernel_matches_the_cpu_backend
   sanitize synccheck synccheck 120 every_kernel_matches_the_cpu_backend
 fi

@@ -78,7 +78,9 @@ pub struct CpuBackend {
     state: Vec<TensorState>,
     last: StepOutcome,
     validated: ValidatedTensors,
-    /// The address of the last found_inf flag checked for device memory.
+    /// The address of the last found_inf flag checked for device memory
+    /// (by address alone, as the CUDA backend's check: a live host f32
+    /// does not turn into device memory).
     validated_flag: usize,
 }
 

@@ -23,6 +23,10 @@ type ExchangeCaptureMode = unsafe extern "C" fn(*mut u32) -> u32;
 struct Driver {
     get_attributes: GetAttributes,
     exchange_capture_mode: Option<ExchangeCaptureMode>,
+    /// The process that found it: a child forked from a process that used
+    /// CUDA may not call the driver (CUDA does not support it), so there
+    /// the pointers are accepted unasked.
+    pid: u32,
 }
 
 #[cfg_attr(any(not(target_os = "linux"), miri), allow(dead_code))]
@@ -96,6 +100,7 @@ fn loaded_driver() -> Option<&'static Driver> {
                     get_attributes: std::mem::transmute::<*mut c_void, GetAttributes>(get),
                     exchange_capture_mode: (!exchange.is_null())
                         .then(|| std::mem::transmute::<*mut c_void, ExchangeCaptureMode>(exchange)),
+                    pid: std::process::id(),
                 }
             })
         })
@@ -113,7 +118,7 @@ fn loaded_driver() -> Option<&'static Driver> {
 /// device memory the host cannot access (not managed memory, not pinned
 /// host memory); None when there is none, or no driver to ask.
 pub fn first_device_pointer(ptrs: impl IntoIterator<Item = *const c_void>) -> Option<usize> {
-    let d = loaded_driver()?;
+    let d = loaded_driver().filter(|d| d.pid == std::process::id())?;
     // Relaxed capture mode for the queries, as the CUDA backend's driver
     // calls: another thread's graph capture must not refuse them (nor be
     // invalidated by them).
