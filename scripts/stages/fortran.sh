@@ -166,20 +166,8 @@ mpi_suite() { # NAME MPIFORT MPIRUN...
   done
 }
 
-# Prints "MPIFORT MPIRUN" of MPI implementation $1 (openmpi, mpich) by its
-# Debian names, else the default names when `mpirun --version` matches $2.
-find_mpi() { # NAME VERSION-PATTERN
-  if have "mpifort.$1" && have "mpirun.$1"; then
-    echo "mpifort.$1 mpirun.$1"
-  elif have mpifort && have mpirun && mpirun --version 2>&1 | grep -qi "$2"; then
-    echo "mpifort mpirun"
-  else
-    return 1
-  fi
-}
-
 say "MPI (Open MPI): bindings/fortran/lra_mpi.f90, examples/fortran/mpi_data_parallel.f90"
-if read -r ompi_fort ompi_run < <(find_mpi openmpi "Open MPI"); then
+if read -r ompi_fort ompi_run < <(scripts/find-mpi.sh openmpi mpifort); then
   # As scripts/stages/mpi.sh runs Open MPI: as root if need be, shared memory only.
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,vader
   mpi_suite openmpi "$ompi_fort" "$ompi_run" --allow-run-as-root --oversubscribe
@@ -206,7 +194,7 @@ fi
 
 # MPICH: another MPI ABI (integer handles) and its own mpi_f08 module.
 say "MPI (MPICH): the same with MPICH's mpifort and mpirun"
-if read -r mpich_fort mpich_run < <(find_mpi mpich "HYDRA"); then
+if read -r mpich_fort mpich_run < <(scripts/find-mpi.sh mpich mpifort); then
   mpi_suite mpich "$mpich_fort" "$mpich_run"
 else
   skip "MPICH's mpifort/mpirun not found (Debian: mpich libmpich-dev): lra_mpi.f90 was not compiled or run against MPICH"

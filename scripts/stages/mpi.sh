@@ -18,23 +18,12 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # ---- MPI ---------------------------------------------------------------------
-# Every case runs under each MPI implementation found: Open MPI and MPICH, by
-# their Debian names (mpicc.openmpi, mpicc.mpich, ...), else by the default
-# names when they are that implementation's. The two differ in ABI (Open
-# MPI's handles are pointers, MPICH's integers), which lra_mpi.h must compile
-# against and pass through `user` unchanged.
+# Every case runs under each MPI implementation found (scripts/find-mpi.sh):
+# Open MPI and MPICH, by their Debian names (mpicc.openmpi, mpicc.mpich, ...),
+# else by the default names when they are that implementation's. The two
+# differ in ABI (Open MPI's handles are pointers, MPICH's integers), which
+# lra_mpi.h must compile against and pass through `user` unchanged.
 have() { command -v "$1" >/dev/null 2>&1; }
-# Prints "MPICC MPIRUN" of implementation $1 (openmpi, mpich; $2 is what
-# `mpirun --version` says of it), or fails.
-find_mpi() { # NAME VERSION-PATTERN
-  if have "mpicc.$1" && have "mpirun.$1"; then
-    echo "mpicc.$1 mpirun.$1"
-  elif have mpicc && have mpirun && mpirun --version 2>&1 | grep -qi "$2"; then
-    echo "mpicc mpirun"
-  else
-    return 1
-  fi
-}
 zcat data/digits.csv.gz > "$work/digits.csv"
 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -87,7 +76,7 @@ suite() { # NAME MPICC MPIRUN...
 }
 
 ran=0
-if read -r cc run < <(find_mpi openmpi "Open MPI"); then
+if read -r cc run < <(scripts/find-mpi.sh openmpi mpicc); then
   echo "==== Open MPI ($("$run" --version 2>&1 | head -1))"
   if have mpicxx; then # as C++ (the MPI C++ bindings left out)
     printf '#include "lra_mpi.h"\nlra_reduce_fn f = lra_mpi_allreduce_sum;\n' > "$work/mpi.cpp"
@@ -99,7 +88,7 @@ if read -r cc run < <(find_mpi openmpi "Open MPI"); then
 else
   skip "Open MPI not found (Debian: openmpi-bin libopenmpi-dev): lra_mpi.h was not run against Open MPI"
 fi
-if read -r cc run < <(find_mpi mpich "HYDRA"); then
+if read -r cc run < <(scripts/find-mpi.sh mpich mpicc); then
   echo "==== MPICH ($("$run" --version 2>&1 | grep -m1 -i "version" | tr -s ' \t' ' '))"
   suite mpich "$cc" "$run"
   ran=$((ran + 1))

@@ -1174,6 +1174,17 @@ pub fn try_run_window(
             }
         }
 
+        // the step's φ terms (f64), from the values before it
+        let terms = dot_terms(
+            c.kind,
+            &c.hyper,
+            before.bias,
+            c.specs,
+            &before_params,
+            &grads,
+            &before.slots,
+        );
+
         // what each side handed the cross-rank sum: the non-finite count
         // (in units that differ: chunks, elements) alike zero or not, its
         // own found_inf flag, and its partial φ (0 with the flag set: a
@@ -1187,15 +1198,6 @@ pub fn try_run_window(
                     "{ctx}: non-finite count and flag handed to the sum: CPU {h:?}, PTX {g:?}"
                 );
                 // (the two sum in different orders: close to Σ|terms|)
-                let terms = dot_terms(
-                    c.kind,
-                    &c.hyper,
-                    before.bias,
-                    c.specs,
-                    &before_params,
-                    &grads,
-                    &before.slots,
-                );
                 let mag = terms.iter().flatten().map(|t| t.abs()).sum::<f64>() * st.lr;
                 check!(
                     same_f64(h[2], g[2])
@@ -1253,15 +1255,6 @@ pub fn try_run_window(
                 "{ctx}: a skipped step advances nothing"
             );
         } else {
-            let terms = dot_terms(
-                c.kind,
-                &c.hyper,
-                before.bias,
-                c.specs,
-                &before_params,
-                &grads,
-                &before.slots,
-            );
             let shape = st.pass.shape();
             // two-pass sharded steps report the sum over the ranks (the
             // host's one f64 addition); fused ones the local φ
