@@ -19,14 +19,22 @@ command -v mpirun.mpich >/dev/null || need_apt+=(mpich libmpich-dev)
 /usr/bin/python3 -c 'import numpy' 2>/dev/null || need_apt+=(python3-numpy)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 [ -e /usr/include/torch/csrc/api/include/torch/torch.h ] || [ -n "$(find /usr/lib /usr/share -path '*Torch*Config.cmake' -print -quit 2>/dev/null)" ] || need_apt+=(libtorch-dev)
+# A second C/C++ compiler (scripts/stages/c-abi.sh), without its recommends
+# (the whole LLVM toolchain): installed on its own.
+need_lean=()
+command -v clang-19 >/dev/null || command -v clang >/dev/null || need_lean+=(clang-19)
 status=0
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "installing Debian packages: ${need_apt[*]}"
+if [ $((${#need_apt[@]} + ${#need_lean[@]})) -gt 0 ]; then
+  echo "installing Debian packages: ${need_apt[*]} ${need_lean[*]}"
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}") >/tmp/lra-apt.log 2>&1 \
+    (apt-get update -q \
+      && { [ ${#need_apt[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}"; } \
+      && { [ ${#need_lean[@]} -eq 0 ] \
+        || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_lean[@]}"; }) \
+      >/tmp/lra-apt.log 2>&1 \
       || { echo "apt-get failed (log: /tmp/lra-apt.log)"; tail -5 /tmp/lra-apt.log; status=1; }
   else
-    echo "cannot install (${need_apt[*]}): not root or no apt-get"; status=1
+    echo "cannot install (${need_apt[*]} ${need_lean[*]}): not root or no apt-get"; status=1
   fi
 fi
 if ! scripts/find-ptxas.sh >/dev/null 2>&1; then
