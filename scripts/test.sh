@@ -12,9 +12,11 @@ skip() { printf '\n!!!! SKIPPED: %s !!!!\n' "$*"; }
 say "dependencies"
 scripts/deps.sh || skip "some dependencies could not be installed (see above); their stages print why they skip"
 
-say "format and lints"
+say "format, lints and API documentation"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The API documentation builds without a warning (broken or private links).
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 say "cargo tests (unit, integration, header drift, PTX interpreter)"
 cargo build --release --lib

@@ -1000,7 +1000,7 @@ fn ordered_sum(parts: &[(f64, bool)]) -> (f64, bool) {
 }
 
 impl CpuBackend {
-    /// The threads a step over `tensors` runs on ([`ELEMENTS_PER_THREAD`]);
+    /// The threads a step over `tensors` runs on (`ELEMENTS_PER_THREAD`);
     /// the kernel-cost benchmark splits its copy and its CPU time the same
     /// way.
     pub fn threads_for_step(&self, tensors: &[TensorDesc]) -> usize {
