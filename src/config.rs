@@ -52,11 +52,9 @@ fn positive_finite(name: &str, v: f64) -> Result<()> {
     Ok(())
 }
 
-fn in_unit_interval(name: &str, v: f64, closed_low: bool) -> Result<()> {
-    let ok = v.is_finite() && v < 1.0 && (v > 0.0 || (closed_low && v == 0.0));
-    if !ok {
-        let lo = if closed_low { "[0" } else { "(0" };
-        fail!(InvalidConfig, "{name} = {v} must lie in {lo}, 1)");
+fn in_half_open_unit_interval(name: &str, v: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&v) {
+        fail!(InvalidConfig, "{name} = {v} must lie in [0, 1)");
     }
     Ok(())
 }
@@ -111,7 +109,7 @@ impl Config {
             ("beta1", h.beta1),
             ("beta2", h.beta2),
         ] {
-            in_unit_interval(name, v, true)?;
+            in_half_open_unit_interval(name, v)?;
             usable_as_f32(name, v, true)?;
         }
         positive_finite("eps", h.eps)?;
@@ -208,5 +206,108 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Edit = fn(&mut Config);
+
+    /// Each bound: edits that land just inside it (accepted) and just past
+    /// it (refused, the message naming the field first), so moving a bound
+    /// by one comparison operator fails here, not only in the C test.
+    #[test]
+    fn every_bound_accepts_its_edge_and_refuses_past_it() {
+        let inside: &[(&str, Edit)] = &[
+            ("momentum", |c| c.hyper.momentum = 0.0),
+            ("momentum", |c| c.hyper.momentum = -0.0),
+            ("beta2", |c| c.hyper.beta2 = 1.0 - 1e-7),
+            ("eps", |c| c.hyper.eps = 1e-37),
+            ("weight_decay", |c| c.hyper.weight_decay = 0.0),
+            ("f_star", |c| c.settings.f_star = -1e300),
+            ("factor_up", |c| c.settings.factor_up = 1.0),
+            ("factor_down", |c| c.settings.factor_down = 1.0),
+            ("threshold_down", |c| c.settings.threshold_down = -1e300),
+            ("threshold_up", |c| {
+                c.settings.threshold_up = c.settings.threshold_down
+            }),
+            ("lr_min", |c| c.settings.lr_min = 0.0),
+            ("lr_max", |c| {
+                (c.settings.lr_min, c.settings.lr_max) = (c.lr, c.lr)
+            }),
+            ("lr_max", |c| c.settings.lr_max = f64::INFINITY),
+            ("scale_max", |c| c.settings.scale_max = 1e-300),
+            ("denom_eps", |c| c.settings.denom_eps = 0.0),
+            ("reeval_every", |c| c.schedule = ReevalSchedule::Every(1)),
+            ("reeval_growth", |c| {
+                c.schedule = ReevalSchedule::Geometric(1.0)
+            }),
+            ("device_ordinal", |c| c.device = Device::Cuda { ordinal: 0 }),
+        ];
+        let past: &[(&str, Edit)] = &[
+            ("momentum", |c| c.hyper.momentum = 1.0),
+            ("momentum", |c| c.hyper.momentum = -1e-300),
+            ("alpha", |c| c.hyper.alpha = f64::NAN),
+            ("beta1", |c| c.hyper.beta1 = 1.0),
+            ("beta2", |c| c.hyper.beta2 = 1.0 - 1e-10),
+            ("eps", |c| c.hyper.eps = 0.0),
+            ("eps", |c| c.hyper.eps = 1e-39),
+            ("weight_decay", |c| c.hyper.weight_decay = -1e-300),
+            ("f_star", |c| c.settings.f_star = f64::NEG_INFINITY),
+            ("factor_up", |c| c.settings.factor_up = 1.0 - 1e-12),
+            ("factor_up", |c| c.settings.factor_up = f64::INFINITY),
+            ("factor_down", |c| c.settings.factor_down = 0.0),
+            ("factor_down", |c| c.settings.factor_down = 1.0 + 1e-12),
+            ("threshold_down", |c| c.settings.threshold_down = f64::NAN),
+            ("threshold_up", |c| {
+                c.settings.threshold_up = c.settings.threshold_down - 1e-12
+            }),
+            ("threshold_up", |c| c.settings.threshold_up = f64::INFINITY),
+            ("lr_min", |c| c.settings.lr_min = -1e-300),
+            ("lr_min", |c| c.settings.lr_min = f64::INFINITY),
+            ("lr_max", |c| c.settings.lr_max = 0.0),
+            ("lr_max", |c| {
+                (c.settings.lr_min, c.settings.lr_max) = (c.lr, c.lr * (1.0 - 1e-12))
+            }),
+            ("lr", |c| c.settings.lr_max = c.lr * (1.0 - 1e-12)),
+            ("scale_max", |c| c.settings.scale_max = 0.0),
+            ("denom_eps", |c| c.settings.denom_eps = f64::INFINITY),
+            ("denom_eps", |c| c.settings.denom_eps = -1e-300),
+            ("reeval_every", |c| c.schedule = ReevalSchedule::Every(0)),
+            ("reeval_growth", |c| {
+                c.schedule = ReevalSchedule::Geometric(1.0 - 1e-12)
+            }),
+            ("reeval_growth", |c| {
+                c.schedule = ReevalSchedule::Geometric(f64::INFINITY)
+            }),
+            ("device_ordinal", |c| {
+                c.device = Device::Cuda { ordinal: -1 }
+            }),
+        ];
+        let base = Config::defaults(OptimizerKind::Adam);
+        base.validate().expect("the defaults are valid");
+        for (i, (name, edit)) in inside.iter().enumerate() {
+            let mut c = base;
+            edit(&mut c);
+            if let Err(e) = c.validate() {
+                panic!("inside edit {i} of {name} refused: {e}");
+            }
+        }
+        for (i, (name, edit)) in past.iter().enumerate() {
+            let mut c = base;
+            edit(&mut c);
+            match c.validate() {
+                Ok(()) => panic!("edit {i} past {name}'s bound accepted"),
+                Err(e) => {
+                    assert_eq!(e.status, crate::Status::InvalidConfig, "{e}");
+                    assert!(
+                        e.message.starts_with(&format!("{name} = ")),
+                        "edit {i} past {name}'s bound: {e}"
+                    );
+                }
+            }
+        }
     }
 }
