@@ -352,4 +352,76 @@ mod tests {
             "empty tensors overlap nothing"
         );
     }
+
+    /// f32 tensors at element offsets from one base: (param, grad, numel).
+    /// Only addresses are compared: nothing is dereferenced.
+    fn layout(list: &[(usize, usize, usize)]) -> Vec<TensorDesc> {
+        const BASE: usize = 0x1000_0000;
+        list.iter()
+            .map(|&(p, g, numel)| TensorDesc {
+                param: (BASE + 4 * p) as *mut c_void,
+                grad: (BASE + 4 * g) as *const c_void,
+                numel,
+                dtype: DType::F32,
+            })
+            .collect()
+    }
+
+    /// Layouts at the sweep's edges: what is accepted, and for each refused
+    /// one the exact pair the message names (the range that reaches
+    /// furthest among those that may not overlap it).
+    #[test]
+    fn the_aliasing_sweep_finds_each_overlap_and_only_those() {
+        let accepted: &[&[(usize, usize, usize)]] = &[
+            // parameters end to end, their gradients elsewhere
+            &[(0, 1000, 100), (100, 1100, 100)],
+            // two gradients in the same memory, or partly overlapping
+            &[(0, 1000, 100), (100, 1000, 100), (200, 1050, 100)],
+            // an empty tensor's pointers inside another tensor are not
+            // memory it touches
+            &[(0, 1000, 100), (50, 50, 0), (200, 1100, 100)],
+        ];
+        for (n, list) in accepted.iter().enumerate() {
+            if let Err(e) = check_alignment_and_aliasing(&layout(list)) {
+                panic!("layout {n} refused: {e}");
+            }
+        }
+        let refused: &[(&[(usize, usize, usize)], &str)] = &[
+            // a parameter inside a gradient that starts earlier
+            (
+                &[(0, 1000, 100), (1050, 2000, 10)],
+                "tensors[0].grad overlaps tensors[1].param",
+            ),
+            // a gradient that starts inside a parameter
+            (
+                &[(1000, 0, 100), (2000, 1099, 10)],
+                "tensors[0].param overlaps tensors[1].grad",
+            ),
+            // the overlap is with a later, longer parameter, not the first
+            // one in address order
+            (
+                &[(0, 5000, 4), (1000, 6000, 1000), (1500, 7000, 100)],
+                "tensors[1].param overlaps tensors[2].param",
+            ),
+            // a gradient inside a later, longer parameter
+            (
+                &[(0, 5000, 4), (1000, 6000, 1000), (3000, 1500, 100)],
+                "tensors[1].param overlaps tensors[2].grad",
+            ),
+            // two gradients reach equally far: the first one is named
+            (
+                &[(3000, 0, 100), (4000, 40, 60), (60, 5000, 10)],
+                "tensors[0].grad overlaps tensors[2].param",
+            ),
+        ];
+        for (list, want) in refused {
+            match check_alignment_and_aliasing(&layout(list)) {
+                Ok(()) => panic!("{list:?} accepted; wanted \"{want}\""),
+                Err(e) => {
+                    assert_eq!(e.status, crate::Status::InvalidArgument, "{e}");
+                    assert!(e.message.starts_with(want), "{list:?}: {e}");
+                }
+            }
+        }
+    }
 }
