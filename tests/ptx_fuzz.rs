@@ -200,7 +200,7 @@ fn one_case(m: &Module, seed: u64) -> (String, Result<PhiStats, String>) {
 
 #[test]
 fn random_layouts_and_step_sequences_equal_cpu() {
-    let m = Module::load(abi::PTX).unwrap_or_else(|e| panic!("kernels/lra.ptx does not load: {e}"));
+    let m = kernel_module();
     let seeds = support::FuzzSeeds::from_env("LRA_PTX_FUZZ", 0x5eed_0001, 40);
     let (first, cases) = (seeds.first, seeds.cases);
     let mut stats = PhiStats::default();

@@ -13,19 +13,15 @@ use half::{bf16, f16};
 use lra::backend::cuda::abi;
 use lra::optim::{DType, OptimizerKind};
 use ptx_common::*;
-use ptx_interp::{Module, Schedule};
+use ptx_interp::Schedule;
 
 const SIZES: [usize; 10] = [0, 1, 31, 32, 33, 255, 256, 257, 4097, 3 * 4096 + 1001];
-
-fn module() -> Module {
-    Module::load(abi::PTX).unwrap_or_else(|e| panic!("kernels/lra.ptx does not load: {e}"))
-}
 
 /// Fused steps (the default mode) of every optimizer at every size, as
 /// single tensors (aligned, and misaligned so the scalar path runs) and
 /// mixed in one launch (six tensors; forty small ones sharing chunks).
 fn fused_matrix(dt: DType) {
-    let m = module();
+    let m = kernel_module();
     let steps = [
         plan(Pass::Fused, 1e-2),
         plan(Pass::Fused, 5e-2),
@@ -119,7 +115,7 @@ fn fused_bf16_every_optimizer_and_size_equals_cpu() {
 /// the sharded split, for every optimizer, on a mixed multi-chunk layout.
 #[test]
 fn guarded_two_pass_sharded_and_found_inf_steps_equal_cpu() {
-    let m = module();
+    let m = kernel_module();
     let specs = [
         spec(DType::F32, 4097),
         Spec {
@@ -220,7 +216,7 @@ fn guarded_two_pass_sharded_and_found_inf_steps_equal_cpu() {
 /// sizes: the same bits everywhere (parameters, state, φ).
 #[test]
 fn results_and_phi_are_identical_under_every_schedule_and_grid() {
-    let m = module();
+    let m = kernel_module();
     let specs = [
         spec(DType::F32, 2 * 4096 + 5),
         Spec {
@@ -319,7 +315,7 @@ fn results_and_phi_are_identical_under_every_schedule_and_grid() {
 /// four partials per thread.
 #[test]
 fn every_allowed_block_size_equals_cpu_in_every_pass() {
-    let m = module();
+    let m = kernel_module();
     let mut specs = vec![
         spec(DType::F32, 2 * 4096 + 1001),
         Spec {
@@ -435,7 +431,7 @@ fn finite(pass: Pass, lr: f64) -> StepPlan {
 /// fp16 overflow routinely), and the interpreter rejects reading them.
 #[test]
 fn found_inf_on_the_first_step_is_a_no_op_in_every_pass() {
-    let m = module();
+    let m = kernel_module();
     let specs = small_mixed();
     let passes = [
         Pass::Fused,
@@ -489,7 +485,7 @@ fn found_inf_on_the_first_step_is_a_no_op_in_every_pass() {
 /// and two-pass, equal to the CPU backend given the same sum.
 #[test]
 fn other_ranks_flags_and_phi_decide_sharded_steps() {
-    let m = module();
+    let m = kernel_module();
     let specs = small_mixed();
     let mut steps = Vec::new();
     for rule in [None, Some((0.25, 0.0)), Some((f64::NAN, 0.1))] {
@@ -547,7 +543,7 @@ fn other_ranks_flags_and_phi_decide_sharded_steps() {
 /// Last, with no clamp, s·η beyond f32's range saturates at f32::MAX.
 #[test]
 fn scale_max_clamps_the_device_scale() {
-    let m = module();
+    let m = kernel_module();
     let specs = small_mixed();
     let steps = [
         finite(
@@ -615,7 +611,7 @@ fn scale_max_clamps_the_device_scale() {
 /// applies it (the guard is off), so the chunks must be written too.
 #[test]
 fn a_stale_nonfinite_count_does_not_split_an_unguarded_step() {
-    let m = module();
+    let m = kernel_module();
     let specs = small_mixed();
     let kind = OptimizerKind::Adam;
     let h = hyper(kind, false);
@@ -655,7 +651,7 @@ fn a_stale_nonfinite_count_does_not_split_an_unguarded_step() {
 /// 512 segments, whose descriptors are staged 256 at a time).
 #[test]
 fn chunking_edges_in_every_pass_equal_cpu() {
-    let m = module();
+    let m = kernel_module();
     let passes = [
         Pass::Fused,
         Pass::Guarded,
@@ -735,7 +731,7 @@ fn chunking_edges_in_every_pass_equal_cpu() {
 /// elements those chunks touch are allocated.
 #[test]
 fn chunks_past_two_to_the_32_elements_equal_cpu() {
-    let m = module();
+    let m = kernel_module();
     let (w, specs) = past_two_to_the_32();
     let (rows, _) = w.rows();
     assert!(rows.segments.iter().any(|s| s.start >= 1 << 32));
@@ -770,7 +766,7 @@ fn chunks_past_two_to_the_32_elements_equal_cpu() {
 /// which a plain sequential sum of these inputs does not have.
 #[test]
 fn phi_over_thousands_of_partials_is_in_the_fixed_order() {
-    let m = module();
+    let m = kernel_module();
     let mut rng = Rng(5);
     let mut order_shows = false;
     for (n, grid, schedule) in [
@@ -820,7 +816,7 @@ fn the_check_pass_finds_each_nonfinite_value_in_its_four_loads() {
 }
 
 fn check_pass_finds_each_nonfinite_value(block: usize) {
-    let m = module();
+    let m = kernel_module();
     for dt in [DType::F32, DType::F16, DType::Bf16] {
         let specials = special_bits(dt);
         let is_finite = |bits: u32| match dt {
@@ -894,10 +890,12 @@ fn check_pass_finds_each_nonfinite_value(block: usize) {
 /// non-finite value anywhere (any of the four loads, the last vector item,
 /// the scalar tail, a misaligned tensor, either tensor of a shared chunk,
 /// of one dtype or two) must be seen; all-finite gradients must count
-/// nothing.
+/// nothing. A tail of 1-3 elements is loaded element by element into
+/// whichever slot of the group it falls in: every length in every slot is
+/// run, the tensor ending its buffer so that a load past it is an error.
 #[test]
 fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
-    let m = module();
+    let m = kernel_module();
     let nt = abi::BLOCK as usize;
     let h = hyper(OptimizerKind::Sgd, false);
     let args = StepArgs {
@@ -924,7 +922,7 @@ fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
         // 1000-element one of its own or of another dtype (a thread's group
         // of loads runs on across the two segments, or is tested between)
         let other = dtypes[(di + 1) % 3];
-        for (lead, lead_dt, len, misalign) in [
+        let mut layouts = vec![
             (0, dt, 4, false),
             (0, dt, 7, false),
             (0, dt, 4 * (nt + 3) + 2, false),
@@ -934,17 +932,33 @@ fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
             (1000, other, 2000, false),
             (0, dt, 4 * (2 * nt) + 1, true),
             (0, dt, 4 * (4 * nt) + 3, true),
-        ] {
+        ];
+        let full = layouts.len();
+        // a tail of every length in every slot of thread 3's group (its
+        // unit `slot` of the chunk), aligned and not: each reads its own
+        // elements and no further (the tensor ends its buffer)
+        for slot in 0..4 {
+            for tail in 1..4 {
+                for misalign in [false, true] {
+                    layouts.push((0, dt, 4 * (slot * nt + 3) + tail, misalign));
+                }
+            }
+        }
+        for (li, (lead, lead_dt, len, misalign)) in layouts.into_iter().enumerate() {
             let nvec = len / 4;
             let mut at: Vec<usize> = vec![0, len - 1, 4 * nvec.max(1) - 1, 4 * nvec.max(1) - 4];
+            if li >= full {
+                // the tail's first and last element only
+                at = vec![4 * nvec, len - 1];
+            }
             // the j-th load of threads 0, 3 and the last, lane j; every
             // lane of every load of thread 3
-            for j in 1..4 {
+            for j in (1..4).filter(|_| li < full) {
                 for tx in [0, 3, nt - 1] {
                     at.push(4 * (tx + j * nt) + j);
                 }
             }
-            for j in 0..4 {
+            for j in (0..4).filter(|_| li < full) {
                 for lane in 0..4 {
                     at.push(4 * (3 + j * nt) + lane);
                 }

@@ -20,6 +20,24 @@ use ptx_interp::{Arg, Device, LaunchConfig, LaunchReport, Module, Schedule};
 
 pub use super::support::Rng;
 
+/// The kernel under test: `abi::PTX`, the text the library embeds, unless
+/// `LRA_PTX_KERNEL` names a file holding another (`scripts/ptx-mutants.py`
+/// runs the interpreter tests on edited copies of the kernel, to see which
+/// edits they notice).
+pub fn kernel_module() -> Module {
+    match std::env::var_os("LRA_PTX_KERNEL") {
+        None => {
+            Module::load(abi::PTX).unwrap_or_else(|e| panic!("kernels/lra.ptx does not load: {e}"))
+        }
+        Some(path) => {
+            let src = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("LRA_PTX_KERNEL = {path:?}: {e}"));
+            Module::load(&src)
+                .unwrap_or_else(|e| panic!("LRA_PTX_KERNEL = {path:?} does not load: {e}"))
+        }
+    }
+}
+
 /// ±0, smallest and largest subnormal, smallest normal, ±inf, NaN, ±max
 /// finite: as raw bits of each storage type.
 pub fn special_bits(dt: DType) -> &'static [u32] {
