@@ -354,8 +354,11 @@ mod tests {
     }
 
     /// f32 tensors at element offsets from one base: (param, grad, numel).
-    /// Only addresses are compared: nothing is dereferenced.
-    fn layout(list: &[(usize, usize, usize)]) -> Vec<TensorDesc> {
+    type Offsets<'a> = &'a [(usize, usize, usize)];
+
+    /// The descriptors of `list`. Only addresses are compared: nothing is
+    /// dereferenced.
+    fn layout(list: Offsets) -> Vec<TensorDesc> {
         const BASE: usize = 0x1000_0000;
         list.iter()
             .map(|&(p, g, numel)| TensorDesc {
@@ -372,7 +375,7 @@ mod tests {
     /// furthest among those that may not overlap it).
     #[test]
     fn the_aliasing_sweep_finds_each_overlap_and_only_those() {
-        let accepted: &[&[(usize, usize, usize)]] = &[
+        let accepted: &[Offsets] = &[
             // parameters end to end, their gradients elsewhere
             &[(0, 1000, 100), (100, 1100, 100)],
             // two gradients in the same memory, or partly overlapping
@@ -386,7 +389,7 @@ mod tests {
                 panic!("layout {n} refused: {e}");
             }
         }
-        let refused: &[(&[(usize, usize, usize)], &str)] = &[
+        let refused: &[(Offsets, &str)] = &[
             // a parameter inside a gradient that starts earlier
             (
                 &[(0, 1000, 100), (1050, 2000, 10)],
