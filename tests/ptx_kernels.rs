@@ -763,36 +763,41 @@ fn chunks_past_two_to_the_32_elements_equal_cpu() {
 /// at most a few chunks): one to many partials per thread, and more than
 /// its sixteen loads in flight (4096 = 16 × 256), with any grid and block
 /// order: φ has the bits of the fixed order (kernels/README.md, step 4),
-/// which a plain sequential sum of these inputs does not have.
+/// which a plain sequential sum of these inputs does not have. The count
+/// also ends inside each of a thread's sixteen loads in turn (each has its
+/// own bounds test), at the smallest block (fewer partials to sum).
 #[test]
 fn phi_over_thousands_of_partials_is_in_the_fixed_order() {
     let m = kernel_module();
     let mut rng = Rng(5);
     let mut order_shows = false;
-    for (n, grid, schedule) in [
-        (1, 1, Schedule::InOrder),
-        (257, 2, Schedule::Reversed),
-        (4097, 3, Schedule::InOrder),
+    let mut counts = vec![
+        (1, 1, abi::BLOCK, Schedule::InOrder),
+        (257, 2, abi::BLOCK, Schedule::Reversed),
+        (4097, 3, abi::BLOCK, Schedule::InOrder),
         (
             2 * 4096 + 17,
             4,
+            abi::BLOCK,
             Schedule::Random {
                 seed: 3,
                 resident: 2,
                 max_quantum: 50,
             },
         ),
-    ] {
+    ];
+    counts.extend((1..16).map(|k| (32 * k + 1 + 7 * k % 31, 1, 32, Schedule::InOrder)));
+    for (n, grid, block, schedule) in counts {
         let parts: Vec<f64> = (0..n)
             .map(|_| rng.value() as f64 * (1.0 + rng.value() as f64))
             .collect();
         let lr = 0.01;
-        let want = final_sum(&parts, lr, &BFLY, abi::BLOCK as usize);
-        let got = final_stage_phi(&m, &parts, lr, (grid, abi::BLOCK), schedule).unwrap();
+        let want = final_sum(&parts, lr, &BFLY, block as usize);
+        let got = final_stage_phi(&m, &parts, lr, (grid, block), schedule).unwrap();
         assert_eq!(
             got.to_bits(),
             want.to_bits(),
-            "{n} partials: {got:e} vs {want:e}"
+            "{n} partials at {block} threads: {got:e} vs {want:e}"
         );
         order_shows |= (parts.iter().sum::<f64>() * lr).to_bits() != want.to_bits();
     }
