@@ -1049,3 +1049,45 @@ fn the_kernel_readme_lists_exactly_the_opcodes_used() {
         "used in kernels/lra.ptx but not listed"
     );
 }
+
+/// f* known and the loss exactly at it: no step (s = 0), also when φ + R
+/// is 0, where s would otherwise fall back to 1. SGD with weight decay
+/// and zero gradients has φ = 0 but the direction λθ, so s = 1 would move
+/// θ; a bound just below the loss does fall back and move it. Device and
+/// CPU backend agree bit for bit.
+#[test]
+fn at_the_bound_exactly_nothing_moves_even_with_phi_zero() {
+    let m = kernel_module();
+    let kind = OptimizerKind::Sgd;
+    let h = hyper(kind, true);
+    let specs = [spec(DType::F32, 1000)];
+    let params = vec![(0..1000u32)
+        .flat_map(|i| (1.0f32 + i as f32 / 8.0).to_le_bytes())
+        .collect::<Vec<u8>>()];
+    let zeros = vec![vec![0u8; 4000]];
+    let loss = 1.0;
+    for (f_star, moves) in [(loss, false), (loss - 1e-9, true)] {
+        let pass = Pass::Scaled {
+            f_star,
+            obs_var: 0.0,
+        };
+        let mut gpu = Gpu::new(&m, kind, &specs, None);
+        gpu.write_params(&params);
+        gpu.write_grads(&zeros);
+        gpu.step(pass, &h, 0.1, loss, false)
+            .unwrap_or_else(|e| panic!("f* = {f_star}: {e}"));
+        let mut host = Host::new(kind, &specs, &params, &[vec![]]);
+        let outcome = host.step(pass, &h, 0.1, loss, &zeros, false);
+        assert_eq!(outcome.phi, 0.0, "f* = {f_star}");
+        assert_eq!(
+            outcome.scale,
+            if moves { 1.0 } else { 0.0 },
+            "f* = {f_star}"
+        );
+        assert!(
+            gpu.params() == host.params(),
+            "f* = {f_star}: device and CPU parameters differ"
+        );
+        assert_eq!(gpu.params() != params, moves, "f* = {f_star}: θ moved");
+    }
+}
