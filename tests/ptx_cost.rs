@@ -165,7 +165,7 @@ fn compare(m: &Module, split_into: usize) -> Vec<(&'static str, Cost, Cost)> {
 /// end 2 elements into one) included: every step waits exactly as long.
 #[test]
 fn two_hundred_tensors_wait_as_long_as_one_tensor() {
-    let m = Module::load(abi::PTX).unwrap();
+    let m = kernel_module();
     for (name, one, many) in compare(&m, 200) {
         // the same elements and state are moved: tables are the difference
         assert!(
@@ -192,7 +192,7 @@ fn two_hundred_tensors_wait_as_long_as_one_tensor() {
 /// into a slot of the thread's open group, as it does an f32 tail).
 #[test]
 fn two_hundred_half_tensors_in_the_guarded_step() {
-    let m = Module::load(abi::PTX).unwrap();
+    let m = kernel_module();
     let n = 1 << 20;
     let each = n / 200 / 4 * 4;
     let mut whole: Vec<Spec> = (0..199).map(|_| spec(DType::Bf16, each)).collect();
