@@ -689,6 +689,12 @@ impl Engine {
             skip,
         });
         let pf = r.u32()?;
+        // What `save_state` writes: 0 (nothing pending), or bit 0 (pending)
+        // with bit 3 (its outcome recorded below) and bits 1-2. A pending
+        // step without its outcome would take this handle's last one.
+        if pf & !0b1111 != 0 || (pf != 0 && pf & 0b1001 != 0b1001) {
+            return Err(bad(format!("bad pending-step flags {pf:#x}")));
+        }
         let (ploss, ophi, oscale, oskip) = (r.f64()?, r.f64()?, r.f64()?, r.u32()?);
         let oskip = skip_from(oskip).ok_or_else(|| bad("bad pending skip reason".into()))?;
         let outcome = StepOutcome {
@@ -698,7 +704,7 @@ impl Engine {
         };
         let pending = (pf & 1 != 0).then_some(Pending {
             loss: ploss,
-            known: (pf & 8 != 0).then_some(outcome),
+            known: Some(outcome),
             fused: pf & 2 != 0,
             reeval_due: pf & 4 != 0,
         });

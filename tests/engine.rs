@@ -439,3 +439,47 @@ fn checkpoint_after_a_skipped_first_step() {
         "the pending skipped step survives the checkpoint"
     );
 }
+
+/// The pending-step flags of a checkpoint are 0, or bit 0 (pending) with
+/// bit 3 (its outcome recorded) and bits 1-2: `save_state` writes nothing
+/// else. A pending step without its outcome would take the loading
+/// handle's own last outcome, so it is refused, as are unknown bits; the
+/// handle is unchanged. (The checksum is recomputed so that the flags, not
+/// the checksum, are what is refused.)
+#[test]
+fn forged_pending_step_flags_are_refused() {
+    fn fnv1a(b: &[u8]) -> u64 {
+        b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+            (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+    let mut a = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let mut m = Model::new(&[8, 3], 1);
+    unsafe { a.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
+    let ckpt = checkpoint(&mut a);
+    // magic, version, optimizer, six hyper-parameters, tensor count and
+    // 12 bytes a tensor; then seven counters, η, the schedule's next step
+    // and gap, the last report (a flag, five f64 and a word)
+    let flags_at = 72 + 12 * 2 + 7 * 8 + 3 * 8 + 4 + 5 * 8 + 4;
+    let flags = u32::from_le_bytes(ckpt[flags_at..flags_at + 4].try_into().unwrap());
+    assert_eq!(flags & 0b1001, 0b1001, "a pending step's flags: {flags:#x}");
+
+    let mut b = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let mut mb = Model::new(&[8, 3], 2);
+    unsafe { b.step(&mb.tensors(), 2.0, 0.0, null(), null_mut()) }.unwrap();
+    let before = checkpoint(&mut b);
+    for forged in [flags & !0b1000, 0b1000, flags | 0b1_0000, flags | 1 << 31] {
+        let mut bytes = ckpt.clone();
+        bytes[flags_at..flags_at + 4].copy_from_slice(&forged.to_le_bytes());
+        let n = bytes.len() - 8;
+        let sum = fnv1a(&bytes[..n]);
+        bytes[n..].copy_from_slice(&sum.to_le_bytes());
+        let e = b.load_state(&bytes).unwrap_err();
+        assert_eq!(e.status, Status::BadCheckpoint, "{forged:#x}: {e}");
+        assert!(e.message.contains("pending-step flags"), "{forged:#x}: {e}");
+        assert_eq!(checkpoint(&mut b), before, "{forged:#x} changed the handle");
+    }
+    b.load_state(&ckpt).unwrap();
+    assert_eq!(checkpoint(&mut b), ckpt);
+    assert_eq!(b.report_reeval(0.5).unwrap(), a.report_reeval(0.5).unwrap());
+}
