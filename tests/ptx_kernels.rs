@@ -1091,3 +1091,50 @@ fn at_the_bound_exactly_nothing_moves_even_with_phi_zero() {
         assert_eq!(gpu.params() != params, moves, "f* = {f_star}: θ moved");
     }
 }
+
+/// f* unknown and R > 0 with a direction that ascends (φ < 0 < φ + R):
+/// s = φ/(φ + R) is negative and is clamped to 0, so θ stays (the state
+/// still advances); an unclamped s would step backwards. Momentum whose
+/// stored m points against the gradient gives such a direction. Device
+/// and CPU backend agree bit for bit.
+#[test]
+fn an_ascending_direction_with_r_takes_no_step() {
+    let m = kernel_module();
+    let kind = OptimizerKind::Momentum;
+    let h = hyper(kind, false);
+    let n = 1000;
+    let specs = [spec(DType::F32, n)];
+    let params = vec![(0..n)
+        .flat_map(|i| (1.0f32 + i as f32 / 8.0).to_le_bytes())
+        .collect::<Vec<u8>>()];
+    let ones = vec![1f32.to_le_bytes().repeat(n)];
+    let state = vec![vec![-10f32; n]];
+    let lr = 0.1;
+    // m = β·(-10) + 1 < 0, φ = η·Σ g·m < 0; R ten times |φ|
+    let phi = lr * n as f64 * (h.momentum * -10.0 + 1.0);
+    assert!(phi < 0.0);
+    let pass = Pass::Scaled {
+        f_star: f64::NAN,
+        obs_var: -10.0 * phi,
+    };
+    let mut gpu = Gpu::new(&m, kind, &specs, None);
+    gpu.write_params(&params);
+    gpu.set_state(&state);
+    gpu.write_grads(&ones);
+    gpu.step(pass, &h, lr, 1.0, false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut host = Host::new(kind, &specs, &params, &state);
+    let outcome = host.step(pass, &h, lr, 1.0, &ones, false);
+    assert!(outcome.phi < 0.0, "φ = {}", outcome.phi);
+    assert_eq!(outcome.scale, 0.0);
+    assert!(
+        gpu.params() == host.params(),
+        "device and CPU parameters differ"
+    );
+    assert!(gpu.params() == params, "θ moved");
+    assert!(
+        gpu.state() == host.state().slots,
+        "device and CPU state differ"
+    );
+    assert!(gpu.state() != state, "the state did not advance");
+}
