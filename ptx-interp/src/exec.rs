@@ -3,7 +3,7 @@
 use crate::fp;
 use crate::load::{
     Addr, AtomOp, BoolOp, Cmp, FOp, FUnOp, IRnd, IUnOp, Inst, IntOp, Kernel, Op, ShflMode, Space,
-    Src, Sreg, SyncScope, TestKind, VoteMode,
+    Src, Sreg, SyncScope, TestKind, VoteMode, SHARED_BASE,
 };
 use crate::{err, Error, ErrorKind, Module, Result, Ty, TyKind};
 use std::collections::{BTreeMap, VecDeque};
@@ -780,8 +780,8 @@ impl<'a> Run<'a> {
             ctaid,
             linear: linear as u32,
             threads,
-            shared: vec![0; self.shared_bytes],
-            shadow: vec![Shadow::default(); self.shared_bytes],
+            shared: vec![0; SHARED_BASE + self.shared_bytes],
+            shadow: vec![Shadow::default(); SHARED_BASE + self.shared_bytes],
             epoch: 1,
             bar_waiting: BTreeMap::new(),
         }
@@ -1218,10 +1218,14 @@ impl<'a> Run<'a> {
 
     fn shared_range(blk: &Block, a: u64, size: usize) -> Result<usize> {
         let end = a.checked_add(size as u64);
-        if end.is_none_or(|e| e > blk.shared.len() as u64) {
+        if a < SHARED_BASE as u64 || end.is_none_or(|e| e > blk.shared.len() as u64) {
             return err(
                 ErrorKind::OutOfBounds,
-                format!("shared access of {size} bytes at offset {a:#x} is outside the block's {} bytes of shared memory", blk.shared.len()),
+                format!(
+                    "shared access of {size} bytes at offset {a:#x} is outside the block's {} bytes of shared memory (at {SHARED_BASE:#x}..{:#x})",
+                    blk.shared.len() - SHARED_BASE,
+                    blk.shared.len()
+                ),
             );
         }
         Ok(a as usize)

@@ -900,7 +900,7 @@ impl Parser {
             reg_tys: Vec::new(),
             reg_names: Vec::new(),
             shared: HashMap::new(),
-            shared_size: 0,
+            shared_size: SHARED_BASE,
             dyn_name: None,
             params: HashMap::new(),
         };
@@ -1084,7 +1084,7 @@ impl Parser {
             param_bytes: off,
             reg_bits: sc.reg_bits,
             reg_names: sc.reg_names,
-            shared_static: sc.shared_size,
+            shared_static: sc.shared_size - SHARED_BASE,
             dyn_shared_align,
             insts,
             reqntid,
@@ -1231,6 +1231,13 @@ fn add_reg(sc: &mut Scope, name: String, ty: Ty, l: u32) -> Result<()> {
     sc.reg_names.push(name);
     Ok(())
 }
+
+/// Where a block's first shared variable starts. PTX promises no shared
+/// variable any address: starting them past 0 makes an address computed
+/// without its variable's base (an offset used as an address) fall below
+/// every variable, which is out of bounds, instead of landing on the first
+/// one. The bytes below are not shared memory the kernel has.
+pub const SHARED_BASE: usize = 1024;
 
 fn add_shared(
     sc: &mut Scope,

@@ -791,6 +791,15 @@ fn out_of_bounds_and_misaligned_accesses_are_errors() {
         "not aligned to 16",
     );
     expect(ErrorKind::OutOfBounds, "    mul.wide.u32 %x, %t, 8;\n    mov.u64 %o, sh;\n    add.s64 %o, %o, %x;\n    st.shared.u32 [%o], %t;", 64, 4, "shared");
+    // an offset used as a shared address (the variable's base forgotten):
+    // no variable starts at 0, so it lies below all of them
+    expect(
+        ErrorKind::OutOfBounds,
+        "    mul.wide.u32 %x, %t, 4;\n    st.shared.u32 [%x], %t;",
+        1,
+        4,
+        "outside the block's",
+    );
 }
 
 /// Every thread stores its id to `sh[tid]`, then a barrier.
