@@ -690,8 +690,8 @@ impl Engine {
         });
         let pf = r.u32()?;
         // What `save_state` writes: 0 (nothing pending), or bit 0 (pending)
-        // with bit 3 (its outcome recorded below) and bits 1-2. A pending
-        // step without its outcome would take this handle's last one.
+        // with bit 3 (its outcome recorded below) and bits 1-2. Anything
+        // else did not come from lra.
         if pf & !0b1111 != 0 || (pf != 0 && pf & 0b1001 != 0b1001) {
             return Err(bad(format!("bad pending-step flags {pf:#x}")));
         }
@@ -702,6 +702,8 @@ impl Engine {
             phi: ophi,
             scale: oscale,
         };
+        // A pending step whose outcome was only on the device is restored
+        // with the outcome read at save time.
         let pending = (pf & 1 != 0).then_some(Pending {
             loss: ploss,
             known: Some(outcome),
@@ -787,12 +789,7 @@ impl Engine {
         self.lr = lr;
         self.schedule = schedule;
         self.last = last;
-        // A pending step whose outcome was only on the device is restored
-        // with the outcome read at save time.
-        self.pending = pending.map(|p| Pending {
-            known: Some(outcome),
-            ..p
-        });
+        self.pending = pending;
         Ok(())
     }
 }

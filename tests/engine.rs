@@ -442,10 +442,9 @@ fn checkpoint_after_a_skipped_first_step() {
 
 /// The pending-step flags of a checkpoint are 0, or bit 0 (pending) with
 /// bit 3 (its outcome recorded) and bits 1-2: `save_state` writes nothing
-/// else. A pending step without its outcome would take the loading
-/// handle's own last outcome, so it is refused, as are unknown bits; the
-/// handle is unchanged. (The checksum is recomputed so that the flags, not
-/// the checksum, are what is refused.)
+/// else, and anything else is refused with the handle unchanged. (The
+/// checksum is recomputed so that the flags, not the checksum, are what is
+/// refused.)
 #[test]
 fn forged_pending_step_flags_are_refused() {
     fn fnv1a(b: &[u8]) -> u64 {
