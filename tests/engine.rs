@@ -65,6 +65,16 @@ impl Model {
     }
 }
 
+/// Recomputes a checkpoint's trailing FNV-1a checksum, so that a forged
+/// body reaches the structure checks.
+fn reseal(ckpt: &mut [u8]) {
+    let n = ckpt.len() - 8;
+    let sum = ckpt[..n].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    ckpt[n..].copy_from_slice(&sum.to_le_bytes());
+}
+
 fn checkpoint(e: &mut Engine) -> Vec<u8> {
     let mut buf = vec![0u8; e.state_size().unwrap()];
     let n = e.save_state(&mut buf).unwrap();
@@ -447,11 +457,6 @@ fn checkpoint_after_a_skipped_first_step() {
 /// refused.)
 #[test]
 fn forged_pending_step_flags_are_refused() {
-    fn fnv1a(b: &[u8]) -> u64 {
-        b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-            (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
-        })
-    }
     let mut a = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
     let mut m = Model::new(&[8, 3], 1);
     unsafe { a.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
@@ -470,9 +475,7 @@ fn forged_pending_step_flags_are_refused() {
     for forged in [flags & !0b1000, 0b1000, flags | 0b1_0000, flags | 1 << 31] {
         let mut bytes = ckpt.clone();
         bytes[flags_at..flags_at + 4].copy_from_slice(&forged.to_le_bytes());
-        let n = bytes.len() - 8;
-        let sum = fnv1a(&bytes[..n]);
-        bytes[n..].copy_from_slice(&sum.to_le_bytes());
+        reseal(&mut bytes);
         let e = b.load_state(&bytes).unwrap_err();
         assert_eq!(e.status, Status::BadCheckpoint, "{forged:#x}: {e}");
         assert!(e.message.contains("pending-step flags"), "{forged:#x}: {e}");
@@ -481,4 +484,36 @@ fn forged_pending_step_flags_are_refused() {
     b.load_state(&ckpt).unwrap();
     assert_eq!(checkpoint(&mut b), ckpt);
     assert_eq!(b.report_reeval(0.5).unwrap(), a.report_reeval(0.5).unwrap());
+}
+
+/// A checkpoint cut anywhere (or grown by a byte) with its checksum made
+/// valid again is refused, never read past its end, and changes nothing:
+/// every field is read through a length check.
+#[test]
+fn resealed_truncated_checkpoints_are_refused() {
+    let mut a = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let mut m = Model::new(&[5, 3], 1);
+    run(&mut a, &mut m, 0, 2);
+    unsafe { a.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
+    let ckpt = checkpoint(&mut a);
+    let mut b = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let before = checkpoint(&mut b);
+    let body = ckpt.len() - 8;
+    let mut cuts: Vec<Vec<u8>> = (8..body)
+        .map(|keep| {
+            let mut c = ckpt[..keep].to_vec();
+            c.extend_from_slice(&[0; 8]);
+            c
+        })
+        .collect();
+    let mut longer = ckpt[..body].to_vec();
+    longer.extend_from_slice(&[0; 9]);
+    cuts.push(longer);
+    for mut c in cuts {
+        reseal(&mut c);
+        let e = b.load_state(&c).unwrap_err();
+        assert_eq!(e.status, Status::BadCheckpoint, "{} bytes: {e}", c.len());
+    }
+    assert_eq!(checkpoint(&mut b), before);
+    b.load_state(&ckpt).unwrap();
 }
