@@ -264,6 +264,43 @@ fn out_parameters_aliasing_inputs_are_refused() {
     let st = unsafe { lra_save_state(h.0, buf.as_mut_ptr().cast(), buf.len(), written) };
     h.expect(st, LRA_INVALID_ARGUMENT, "written");
     assert!(buf.iter().all(|&b| b == 0));
+
+    // `written` right before or right after the buffer shares no byte with
+    // it (say struct { size_t written; char buf[N]; }): accepted. One byte
+    // into it is refused.
+    let k = ckpt.len().div_ceil(8);
+    for (buf_at, len, written_word, ok) in [
+        (8, ckpt.len(), 0, true),
+        (0, 8 * k, k, true),
+        (7, ckpt.len(), 0, false),
+        (0, 8 * k + 1, k, false),
+    ] {
+        let mut words = vec![0usize; k + 2];
+        let base = words.as_mut_ptr().cast::<u8>();
+        // SAFETY: both ranges lie inside `words`.
+        let st = unsafe {
+            lra_save_state(
+                h.0,
+                base.add(buf_at).cast(),
+                len,
+                base.add(8 * written_word).cast(),
+            )
+        };
+        let what = format!("buf at byte {buf_at}, {len} bytes, written at word {written_word}");
+        if ok {
+            assert_eq!(st, LRA_OK, "{what}: {}", h.error());
+            assert_eq!(words[written_word], ckpt.len(), "{what}");
+            // SAFETY: inside `words`, which is still alive.
+            let saved = unsafe { std::slice::from_raw_parts(base.add(buf_at), ckpt.len()) };
+            assert_eq!(saved, &ckpt[..], "{what}");
+        } else {
+            h.expect(st, LRA_INVALID_ARGUMENT, "written");
+            assert!(
+                words.iter().all(|&w| w == 0),
+                "{what}: something was written"
+            );
+        }
+    }
 }
 
 /// A tensor whose byte range would wrap around the address space cannot be
