@@ -27,3 +27,24 @@ fn header_matches_cbindgen_output() {
         "include/lra.h differs from cbindgen's output; run LRA_UPDATE_HEADER=1 cargo test --test header"
     );
 }
+
+/// The names lra's messages give optimizers and dtypes ("… for bf16",
+/// "this handle runs 5 (adam)") are the header's own enumerators, lowercased
+/// and without their prefix, each with its value.
+#[test]
+fn names_in_messages_are_the_header_enumerators() {
+    use lra::optim::{DType, OptimizerKind};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let header = std::fs::read_to_string(root.join("include/lra.h")).unwrap();
+    let kinds = OptimizerKind::ALL.map(|k| ("OPTIMIZER", k.name(), k as u32));
+    let dtypes = (0..)
+        .map_while(DType::from_u32)
+        .map(|d| ("DTYPE", d.name(), d as u32));
+    let mut seen = 0;
+    for (prefix, name, value) in kinds.into_iter().chain(dtypes) {
+        let define = format!("#define LRA_{prefix}_{} {value}\n", name.to_uppercase());
+        assert!(header.contains(&define), "lra.h lacks {define:?}");
+        seen += 1;
+    }
+    assert_eq!(seen, 10, "7 optimizers and 3 dtypes");
+}
