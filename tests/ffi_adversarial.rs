@@ -267,13 +267,15 @@ fn out_parameters_aliasing_inputs_are_refused() {
 
     // `written` right before or right after the buffer shares no byte with
     // it (say struct { size_t written; char buf[N]; }): accepted. One byte
-    // into it is refused.
+    // into it is refused. A buffer of 0 bytes overlaps nothing: it is only
+    // too small (and `written` is left alone, as on every failure).
     let k = ckpt.len().div_ceil(8);
-    for (buf_at, len, written_word, ok) in [
-        (8, ckpt.len(), 0, true),
-        (0, 8 * k, k, true),
-        (7, ckpt.len(), 0, false),
-        (0, 8 * k + 1, k, false),
+    for (buf_at, len, written_word, want) in [
+        (8, ckpt.len(), 0, LRA_OK),
+        (0, 8 * k, k, LRA_OK),
+        (7, ckpt.len(), 0, LRA_INVALID_ARGUMENT),
+        (0, 8 * k + 1, k, LRA_INVALID_ARGUMENT),
+        (4, 0, 0, LRA_BUFFER_TOO_SMALL),
     ] {
         let mut words = vec![0usize; k + 2];
         let base = words.as_mut_ptr().cast::<u8>();
@@ -287,18 +289,23 @@ fn out_parameters_aliasing_inputs_are_refused() {
             )
         };
         let what = format!("buf at byte {buf_at}, {len} bytes, written at word {written_word}");
-        if ok {
-            assert_eq!(st, LRA_OK, "{what}: {}", h.error());
-            assert_eq!(words[written_word], ckpt.len(), "{what}");
-            // SAFETY: inside `words`, which is still alive.
-            let saved = unsafe { std::slice::from_raw_parts(base.add(buf_at), ckpt.len()) };
-            assert_eq!(saved, &ckpt[..], "{what}");
-        } else {
-            h.expect(st, LRA_INVALID_ARGUMENT, "written");
+        assert_eq!(st, want, "{what}: {}", h.error());
+        if want != LRA_OK {
+            let cause = if want == LRA_INVALID_ARGUMENT {
+                "written"
+            } else {
+                "too small"
+            };
+            assert!(h.error().contains(cause), "{what}: {}", h.error());
             assert!(
                 words.iter().all(|&w| w == 0),
                 "{what}: something was written"
             );
+        } else {
+            assert_eq!(words[written_word], ckpt.len(), "{what}");
+            // SAFETY: inside `words`, which is still alive.
+            let saved = unsafe { std::slice::from_raw_parts(base.add(buf_at), ckpt.len()) };
+            assert_eq!(saved, &ckpt[..], "{what}");
         }
     }
 }
