@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Mutation testing of kernels/lra.ptx against the PTX-interpreter tests.
+
+Makes small edits to the kernel, one at a time (an instruction deleted, an
+opcode or comparison swapped, a predicate negated, an immediate moved by
+one, the operands of a subtraction swapped), and runs a prebuilt test
+binary on each edited copy through LRA_PTX_KERNEL (tests/ptx_common:
+`kernel_module`). An edit the tests pass is a survivor: either it changes
+nothing the kernel's contract covers (an equivalent edit) or the tests miss
+what it breaks. Survivors are printed with their line for a person to judge.
+
+    cargo test --profile checked --test ptx_fuzz --test ptx_kernels --no-run
+    python3 scripts/ptx-mutants.py --sample 300 --seed 1 | tee ptx-mutants.log
+    python3 scripts/ptx-mutants.py --recheck ptx-mutants.log   # after fixing tests
+
+The first test binary named by --tests (default: ptx_fuzz's 40 random cases,
+a few seconds a run) screens every edit; an edit it passes is run again under
+the others (default: ptx_kernels), and survives only if all of them pass it.
+"""
+import argparse
+import glob
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL = os.path.join(ROOT, "kernels", "lra.ptx")
+
+SWAPS = [
+    ("add", "sub"), ("sub", "add"), ("min", "max"), ("max", "min"),
+    ("and", "or"), ("or", "and"), ("shl", "shr"), ("shr", "shl"),
+]
+COMPARISONS = {".lt": ".le", ".le": ".lt", ".gt": ".ge", ".ge": ".gt",
+               ".eq": ".ne", ".ne": ".eq", ".ltu": ".leu", ".geu": ".gtu"}
+
+
+def instruction_lines(lines):
+    """Indices of the lines that hold one instruction of the kernel body."""
+    out = []
+    in_body = False
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if s == "{":
+            in_body = True
+            continue
+        if not in_body or not s or s.startswith("//") or s.endswith(":"):
+            continue
+        if s.startswith(".") or s == "}" or s.startswith("{") or s.startswith("}"):
+            continue
+        out.append(i)
+    return out
+
+
+def mutations(line):
+    """(what, new line) for each edit of one instruction line."""
+    code, sep, comment = line.partition("//")
+    m = re.match(r"^(\s*)(@!?%\w+\s+)?([\w.]+)(.*)$", code)
+    if not m:
+        return []
+    indent, guard, opcode, rest = m.groups()
+    guard = guard or ""
+    head = opcode.split(".")[0]
+    out = [("delete", None)]
+    for a, b in SWAPS:
+        if head == a:
+            out.append((f"{a}->{b}", indent + guard + b + opcode[len(a):] + rest + sep + comment))
+    if head in ("setp", "set", "slct"):
+        for part in opcode.split(".")[1:]:
+            key = "." + part
+            if key in COMPARISONS:
+                new = opcode.replace(key, COMPARISONS[key], 1)
+                out.append((f"{key}->{COMPARISONS[key]}", indent + guard + new + rest + sep + comment))
+                break
+    if guard:
+        flipped = guard.replace("@!", "@", 1) if guard.startswith("@!") else guard.replace("@", "@!", 1)
+        out.append(("negate guard", indent + flipped + opcode + rest + sep + comment))
+    if head == "sub" and not opcode.endswith(".cc"):
+        ops = [o.strip() for o in rest.rstrip().rstrip(";").split(",")]
+        if len(ops) == 3 and ops[1] != ops[2]:
+            out.append(("swap operands", f"{indent}{guard}{opcode} {ops[0]}, {ops[2]}, {ops[1]};{sep}{comment}"))
+    # integer immediates (not hex floats, not register names, not addresses' offsets only)
+    for im in re.finditer(r"(?<![\w%.+])(-?\d+)(?![\w.])", rest):
+        n = int(im.group(1))
+        new_rest = rest[:im.start()] + str(n + 1) + rest[im.end():]
+        out.append((f"immediate {n}->{n + 1}", indent + guard + opcode + new_rest + sep + comment))
+    return out
+
+
+def find_binary(name):
+    hits = sorted(glob.glob(os.path.join(ROOT, "target", "checked", "deps", f"{name}-*")),
+                  key=os.path.getmtime)
+    hits = [h for h in hits if os.access(h, os.X_OK) and not h.endswith(".d")]
+    if not hits:
+        sys.exit(f"no prebuilt {name} test binary: run `cargo test --profile checked --test {name} --no-run`")
+    return hits[-1]
+
+
+def run(binary, path, timeout):
+    """How one test binary takes one edited kernel; stops it at its first
+    failure (the tests run with --nocapture, so a failure shows at once)."""
+    env = dict(os.environ, LRA_PTX_KERNEL=path)
+    p = subprocess.Popen([binary, "--nocapture", "--test-threads", "2"], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(timeout, p.kill)
+    timer.start()
+    outcome = None
+    try:
+        for line in p.stdout:
+            if "does not load" in line:
+                outcome = "load refused"
+            elif "panicked at" in line or line.startswith("FAILED "):
+                outcome = outcome or "failed"
+            if outcome:
+                p.kill()
+                break
+        p.wait()
+    finally:
+        hung = not timer.is_alive() and outcome is None and p.returncode != 0
+        timer.cancel()
+    if outcome:
+        return outcome
+    if hung:
+        return "hang"
+    return "passed" if p.returncode == 0 else "failed"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sample", type=int, default=200, help="edits to try (0: all)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tests", default="ptx_fuzz,ptx_kernels",
+                    help="test binaries: the first screens, the rest confirm survivors")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per test run")
+    ap.add_argument("--recheck", metavar="LOG",
+                    help="run again only the edits a previous run's output LOG lists as survivors")
+    args = ap.parse_args()
+
+    lines = open(KERNEL).read().split("\n")
+    sites = [(i, what, new) for i in instruction_lines(lines) for what, new in mutations(lines[i])]
+    if args.recheck:
+        wanted = set()
+        for line in open(args.recheck):
+            m = re.match(r"SURVIVED line (\d+) \((.*?)\): (.*)$", line.rstrip("\n"))
+            if m:
+                wanted.add((int(m.group(1)) - 1, m.group(2), m.group(3)))
+        sites = [(i, w, n) for i, w, n in sites if (i, w, lines[i].strip()) in wanted]
+        if len(sites) != len(wanted):
+            sys.exit(f"{len(wanted) - len(sites)} survivors of {args.recheck} no longer match kernels/lra.ptx")
+    else:
+        random.Random(args.seed).shuffle(sites)
+        if args.sample:
+            sites = sites[:args.sample]
+    binaries = [find_binary(t) for t in args.tests.split(",")]
+    print(f"{len(sites)} edits of kernels/lra.ptx, screened by {args.tests}", flush=True)
+
+    tally = {}
+    survivors = []
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "mutant.ptx")
+        for n, (i, what, new) in enumerate(sites, 1):
+            edited = lines[:i] + ([] if new is None else [new]) + lines[i + 1:]
+            with open(path, "w") as f:
+                f.write("\n".join(edited))
+            outcome = "passed"
+            for b in binaries:
+                outcome = run(b, path, args.timeout)
+                if outcome != "passed":
+                    break
+            tally[outcome] = tally.get(outcome, 0) + 1
+            where = f"line {i + 1} ({what}): {lines[i].strip()}"
+            if outcome == "passed":
+                survivors.append(where)
+                print(f"SURVIVED {where}", flush=True)
+            if n % 20 == 0:
+                print(f"  {n}/{len(sites)} in {time.time() - start:.0f} s: {tally}", flush=True)
+    caught = sum(v for k, v in tally.items() if k != "passed")
+    print(f"\n{len(sites)} edits: {tally}; caught {caught} ({100.0 * caught / max(1, len(sites)):.1f}%)")
+    print(f"{len(survivors)} survivors:")
+    for s in survivors:
+        print(f"  {s}")
+
+
+if __name__ == "__main__":
+    main()
