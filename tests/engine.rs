@@ -65,16 +65,6 @@ impl Model {
     }
 }
 
-/// Recomputes a checkpoint's trailing FNV-1a checksum, so that a forged
-/// body reaches the structure checks.
-fn reseal(ckpt: &mut [u8]) {
-    let n = ckpt.len() - 8;
-    let sum = ckpt[..n].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
-    });
-    ckpt[n..].copy_from_slice(&sum.to_le_bytes());
-}
-
 fn checkpoint(e: &mut Engine) -> Vec<u8> {
     let mut buf = vec![0u8; e.state_size().unwrap()];
     let n = e.save_state(&mut buf).unwrap();
@@ -475,7 +465,7 @@ fn forged_pending_step_flags_are_refused() {
     for forged in [flags & !0b1000, 0b1000, flags | 0b1_0000, flags | 1 << 31] {
         let mut bytes = ckpt.clone();
         bytes[flags_at..flags_at + 4].copy_from_slice(&forged.to_le_bytes());
-        reseal(&mut bytes);
+        support::reseal(&mut bytes);
         let e = b.load_state(&bytes).unwrap_err();
         assert_eq!(e.status, Status::BadCheckpoint, "{forged:#x}: {e}");
         assert!(e.message.contains("pending-step flags"), "{forged:#x}: {e}");
@@ -510,7 +500,7 @@ fn resealed_truncated_checkpoints_are_refused() {
     longer.extend_from_slice(&[0; 9]);
     cuts.push(longer);
     for mut c in cuts {
-        reseal(&mut c);
+        support::reseal(&mut c);
         let e = b.load_state(&c).unwrap_err();
         assert_eq!(e.status, Status::BadCheckpoint, "{} bytes: {e}", c.len());
     }

@@ -65,23 +65,13 @@ fn ramp(n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// The checkpoint format's checksum (FNV-1a over everything before it), so
-/// a test can forge a field and still pass the checksum.
-fn reseal(ckpt: &mut [u8]) {
-    let n = ckpt.len() - 8;
-    let sum = ckpt[..n].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
-    });
-    ckpt[n..].copy_from_slice(&sum.to_le_bytes());
-}
-
 /// `ckpt` with the bytes at `at`, which must be `was`, replaced by `now`,
 /// under a valid checksum.
 fn forge(ckpt: &[u8], at: usize, was: &[u8], now: &[u8]) -> Vec<u8> {
     let mut forged = ckpt.to_vec();
     assert_eq!(&forged[at..at + was.len()], was, "the field is elsewhere");
     forged[at..at + now.len()].copy_from_slice(now);
-    reseal(&mut forged);
+    support::reseal(&mut forged);
     forged
 }
 
@@ -754,7 +744,7 @@ fn forged_schedule_gaps_and_bias_powers_are_refused() {
     let forge = |at: usize, v: f64| {
         let mut b = good.clone();
         b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-        reseal(&mut b);
+        support::reseal(&mut b);
         b
     };
     for (at, v, words) in [

@@ -53,19 +53,6 @@ fn iteration_seed(seed: u64, i: u64) -> u64 {
 
 // ---- the checkpoint format (as tests/ffi_adversarial.rs reads it) ----------
 
-fn fnv1a(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// Recomputes the checksum, so a forged field reaches the structure checks.
-fn reseal(ckpt: &mut [u8]) {
-    let n = ckpt.len() - 8;
-    let sum = fnv1a(&ckpt[..n]);
-    ckpt[n..].copy_from_slice(&sum.to_le_bytes());
-}
-
 /// Byte offset of the first field after the tensor layout (the counters):
 /// magic, version, optimizer, six f64 hyper-parameters, tensor count, and
 /// 12 bytes per tensor.
@@ -1871,7 +1858,7 @@ impl Fuzz {
             let w = (body - at).min(8);
             bytes[at..at + w].copy_from_slice(&v.to_le_bytes()[..w]);
         }
-        reseal(&mut bytes);
+        support::reseal(&mut bytes);
         let cfg = self.slots[i].cfg;
         let (st, t) = self.create(&cfg);
         self.ensure(st == LRA_OK, || "lra_create".into());
@@ -2281,7 +2268,7 @@ fn a_checkpoint_with_counters_at_the_u64_limit_is_refused() {
     let mut outcomes = Vec::new();
     for forged in [u64::MAX, u64::MAX - 1, 1 << 63] {
         ckpt[at..at + 8].copy_from_slice(&forged.to_le_bytes());
-        reseal(&mut ckpt);
+        support::reseal(&mut ckpt);
         let loaded = unsafe { lra_load_state(b, ckpt.as_ptr().cast(), size) };
         let stepped: Vec<lra_status> = (0..2)
             .map(|_| unsafe { lra_step(b, t.as_ptr(), 1, 1.0, 0.0, null_mut()) })
