@@ -806,6 +806,12 @@ fn accumulate(acc: &mut [f64; LANES], terms: &[f32]) {
         // SAFETY: the CPU supports AVX2 (checked at run time).
         return unsafe { accumulate_avx2(acc, terms) };
     }
+    accumulate_any(acc, terms)
+}
+
+/// [`accumulate`] for any CPU.
+#[inline(always)]
+fn accumulate_any(acc: &mut [f64; LANES], terms: &[f32]) {
     let mut blocks = terms.chunks_exact(LANES);
     for blk in &mut blocks {
         for l in 0..LANES {
@@ -1234,6 +1240,35 @@ mod tests {
         assert_eq!(run(4), all_threads, "every worker refused: the same bits");
     }
 
+    /// Where each share runs: on a worker of its own unless the OS refused
+    /// that worker, then on the calling thread (the test above sees the
+    /// same bits either way, so it cannot tell whether a refusal happened).
+    #[test]
+    fn each_share_runs_on_its_worker_unless_refused() {
+        let b = CpuBackend::new(OptimizerKind::Sgd, 4);
+        let items: Vec<Item> = (0..4)
+            .map(|_| Item {
+                param: SendPtr(std::ptr::null_mut()),
+                grad: SendPtr(std::ptr::null_mut()),
+                state: SendPtr(std::ptr::null_mut()),
+                len: ELEMENTS_PER_THREAD,
+                dtype: DType::F32,
+            })
+            .collect();
+        let caller = std::thread::current().id();
+        let on_caller = |refused: usize| {
+            REFUSED_SPAWNS.with(|r| r.set(refused));
+            let placed = b.run(&items, 4 * ELEMENTS_PER_THREAD, &|_| {
+                std::thread::current().id() == caller
+            });
+            REFUSED_SPAWNS.with(|r| r.set(0));
+            placed
+        };
+        assert_eq!(on_caller(0), [false; 4], "one worker per share");
+        assert_eq!(on_caller(3), [true, true, true, false], "3 refused");
+        assert_eq!(on_caller(4), [true; 4], "every worker refused");
+    }
+
     /// Sharded steps with a pre-write sum: a rank whose own found-inf flag
     /// is set joins the sum with `[0, 1, 0]` whatever its gradients hold
     /// (the CUDA backend reads none for a step it skips; the other ranks
@@ -1604,6 +1639,39 @@ mod tests {
             unsafe { chunk_avx2::<K, MODE>(sc, lr, it) }
         } else {
             chunk_any::<K, MODE>(sc, lr, it)
+        }
+    }
+
+    /// Both builds of the dot's lane sums add term `j` into lane `j %
+    /// LANES` in order (the AVX2 build of a step calls only the AVX2 one, so
+    /// the baseline one is compared here, on every CPU).
+    #[test]
+    fn both_lane_sums_add_each_term_into_its_lane_in_order() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut value = || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            // Wide exponents, both signs: a reordered or dropped addition
+            // changes the rounded sum.
+            f32::from_bits(((seed >> 33) as u32 & 0x8fff_ffff) | 0x3000_0000)
+        };
+        for len in 0..=3 * LANES + 3 {
+            let start: [f64; LANES] = std::array::from_fn(|_| value() as f64 * 1e-3);
+            let terms: Vec<f32> = (0..len).map(|_| value()).collect();
+            let mut want = start;
+            for (j, t) in terms.iter().enumerate() {
+                want[j % LANES] += *t as f64;
+            }
+            let bits = |a: &[f64; LANES]| a.map(f64::to_bits);
+            let mut any = start;
+            accumulate_any(&mut any, &terms);
+            assert_eq!(bits(&any), bits(&want), "baseline, {len} terms");
+            #[cfg(target_arch = "x86_64")]
+            if avx2_or_say_why("both_lane_sums_add_each_term_into_its_lane_in_order") {
+                let mut avx2 = start;
+                // SAFETY: the CPU supports AVX2 (just checked).
+                unsafe { accumulate_avx2(&mut avx2, &terms) };
+                assert_eq!(bits(&avx2), bits(&want), "AVX2, {len} terms");
+            }
         }
     }
 
