@@ -776,6 +776,69 @@ fn no_gpu_handle_reports_no_cuda() {
     assert_eq!(err.status, Status::NoCuda);
 }
 
+/// A program whose first CUDA call is lra's (a Fortran or Julia code that
+/// never touched the driver itself): lra initialises the driver, and the
+/// kernels are loaded once for the context however many handles come and
+/// go. Every other test has initialised the driver already, so this one
+/// runs again in a process of its own.
+#[test]
+fn lra_initialises_the_driver_and_loads_the_kernels_once() {
+    const TEST: &str = "lra_initialises_the_driver_and_loads_the_kernels_once";
+    if std::env::var_os("LRA_TEST_FIRST_CUDA_CALL").is_some() {
+        // The fresh process: no CUDA call before lra's.
+        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd, OptimizerKind::Adam] {
+            let backend = cuda::create(kind, 0).unwrap_or_else(|e| panic!("{e:?}"));
+            drop(backend);
+        }
+        match fake_driver_loaded_modules() {
+            Some(n) => assert_eq!(n, 1, "modules loaded after three handles on one device"),
+            None => println!("a real driver: how often the kernels were loaded is not visible"),
+        }
+        return;
+    }
+    if !gpu(TEST) {
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env("LRA_TEST_FIRST_CUDA_CALL", "1")
+        .output()
+        .expect("the test binary runs again");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    // It passed by running, not by finding nothing to run.
+    assert!(
+        stdout.contains(&format!("test {TEST} ... ok")),
+        "{stdout}{stderr}"
+    );
+    print!("{stdout}");
+}
+
+/// Modules the fake driver of `fake-cuda/` holds now (`None` on another
+/// driver): it exports `fake_cuda_loaded_modules` beside the driver API.
+fn fake_driver_loaded_modules() -> Option<usize> {
+    std::env::var_os("LRA_FAKE_CUDA")?;
+    // SAFETY: looks up the libcuda.so cudarc has loaded (RTLD_NOLOAD loads
+    // nothing new); the symbol has the signature the fake declares.
+    unsafe {
+        let lib = libc::dlopen(c"libcuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        assert!(!lib.is_null(), "libcuda.so is loaded");
+        let f = libc::dlsym(lib, c"fake_cuda_loaded_modules".as_ptr());
+        assert!(
+            !f.is_null(),
+            "LRA_FAKE_CUDA is set, but the driver is not the fake"
+        );
+        let f: extern "C" fn() -> usize = std::mem::transmute(f);
+        let n = f();
+        libc::dlclose(lib);
+        Some(n)
+    }
+}
+
 #[test]
 fn every_kernel_matches_the_cpu_backend() {
     if !gpu("every_kernel_matches_the_cpu_backend") {

@@ -26,6 +26,8 @@
 //! with `CUDA_ERROR_NOT_SUPPORTED` and a note on stderr, never silently.
 //! The per-thread default stream (handle 2) is a blocking stream per
 //! thread and context.
+//! Beyond the driver API it exports one function for tests,
+//! `fake_cuda_loaded_modules`.
 //!
 //! Environment: `FAKE_CUDA_SCHEDULE` picks the interpreter's block and
 //! thread order (see `fn schedule`); `FAKE_CUDA_TRACE` prints every
@@ -2403,6 +2405,13 @@ pub unsafe extern "C" fn cuMemSetAccess(
 }
 
 // ------------------------------------------------------------ modules
+
+/// Not a driver function: how many modules are loaded now, in all
+/// contexts, for tests of what a process loads (found with `dlsym`).
+#[no_mangle]
+pub extern "C" fn fake_cuda_loaded_modules() -> usize {
+    driver().modules.len()
+}
 
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoadDataEx(
