@@ -777,65 +777,102 @@ fn no_gpu_handle_reports_no_cuda() {
 }
 
 /// A program whose first CUDA call is lra's (a Fortran or Julia code that
-/// never touched the driver itself): lra initialises the driver, and the
-/// kernels are loaded once for the context however many handles come and
-/// go. Every other test has initialised the driver already, so this one
-/// runs again in a process of its own.
+/// never touched the driver itself): lra initialises the driver. Then, on
+/// the fake driver, which says what it holds: the kernels are loaded once
+/// however many handles come and go, and a handle leaves no memory,
+/// stream or event behind, nor gathers staging buffers step after step.
+/// Every other test has initialised the driver already, so this one runs
+/// in a process of its own.
 #[test]
-fn lra_initialises_the_driver_and_loads_the_kernels_once() {
-    const TEST: &str = "lra_initialises_the_driver_and_loads_the_kernels_once";
-    if std::env::var_os("LRA_TEST_FIRST_CUDA_CALL").is_some() {
-        // The fresh process: no CUDA call before lra's.
-        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd, OptimizerKind::Adam] {
-            let backend = cuda::create(kind, 0).unwrap_or_else(|e| panic!("{e:?}"));
-            drop(backend);
-        }
-        match fake_driver_loaded_modules() {
-            Some(n) => assert_eq!(n, 1, "modules loaded after three handles on one device"),
-            None => println!("a real driver: how often the kernels were loaded is not visible"),
+fn lra_initialises_the_driver_and_holds_only_what_it_uses() {
+    const TEST: &str = "lra_initialises_the_driver_and_holds_only_what_it_uses";
+    if !is_own_process(TEST) {
+        if gpu(TEST) {
+            assert!(in_own_process(TEST));
         }
         return;
     }
-    if !gpu(TEST) {
-        return;
-    }
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let out = std::process::Command::new(exe)
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
-        .env("LRA_TEST_FIRST_CUDA_CALL", "1")
-        .output()
-        .expect("the test binary runs again");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}{stderr}");
-    // It passed by running, not by finding nothing to run.
+    // No CUDA call before lra's.
+    drop(cuda::create(OptimizerKind::Adam, 0).unwrap_or_else(|e| panic!("{e:?}")));
     assert!(
-        stdout.contains(&format!("test {TEST} ... ok")),
-        "{stdout}{stderr}"
+        gpu(TEST),
+        "the primary context, current for the test's buffers"
     );
-    print!("{stdout}");
+    let Some(before) = fake_driver_holds() else {
+        println!("{TEST}: a real driver does not say what it holds: not checked");
+        return;
+    };
+    assert_eq!(before.modules, 1, "one handle: {before:?}");
+    // One handle's life: steps in three modes, the tensors in new buffers
+    // from the third step on (a new tensor table to upload each step).
+    let modes = [
+        Mode::Fused { guard: true },
+        Mode::Capped,
+        Mode::Noisy { guard: false },
+    ];
+    let life = |kind: OptimizerKind| {
+        let mut case = Case::new(kind, &shape(DType::F16), std::ptr::null_mut());
+        let mut held = Vec::new();
+        for (t, &mode) in modes.iter().cycle().take(9).enumerate() {
+            if t >= 2 {
+                case.move_device_buffers();
+            }
+            case.set_grads(t as u64 + 1, None);
+            case.step(mode, 0.01, None);
+            held.push(fake_driver_holds().unwrap());
+        }
+        // Every mode has run once: from then on, reuse.
+        assert!(
+            held[3..].iter().all(|h| *h == held[3]),
+            "{kind:?}, steps: {held:?}"
+        );
+    };
+    life(OptimizerKind::Adam);
+    let after_one = fake_driver_holds().unwrap();
+    for kind in [
+        OptimizerKind::Sgd,
+        OptimizerKind::AdamW,
+        OptimizerKind::Adam,
+    ] {
+        life(kind);
+    }
+    let after_four = fake_driver_holds().unwrap();
+    assert_eq!(
+        after_four, after_one,
+        "after one handle's life, then three more"
+    );
+    assert_eq!(after_four.modules, 1);
 }
 
-/// Modules the fake driver of `fake-cuda/` holds now (`None` on another
-/// driver): it exports `fake_cuda_loaded_modules` beside the driver API.
-fn fake_driver_loaded_modules() -> Option<usize> {
+/// What the fake driver of `fake-cuda/` holds now (its `FakeCudaHolds`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FakeDriverHolds {
+    modules: usize,
+    device_allocations: usize,
+    pinned_allocations: usize,
+    streams: usize,
+    events: usize,
+}
+
+/// What the fake driver holds now (`None` on another driver): it exports
+/// `fake_cuda_holds` beside the driver API.
+fn fake_driver_holds() -> Option<FakeDriverHolds> {
     std::env::var_os("LRA_FAKE_CUDA")?;
     // SAFETY: looks up the libcuda.so cudarc has loaded (RTLD_NOLOAD loads
-    // nothing new); the symbol has the signature the fake declares.
+    // nothing new); the function has the signature the fake declares.
     unsafe {
         let lib = libc::dlopen(c"libcuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
         assert!(!lib.is_null(), "libcuda.so is loaded");
-        let f = libc::dlsym(lib, c"fake_cuda_loaded_modules".as_ptr());
+        let f = libc::dlsym(lib, c"fake_cuda_holds".as_ptr());
         assert!(
             !f.is_null(),
             "LRA_FAKE_CUDA is set, but the driver is not the fake"
         );
-        let f: extern "C" fn() -> usize = std::mem::transmute(f);
-        let n = f();
+        let f: extern "C" fn() -> FakeDriverHolds = std::mem::transmute(f);
+        let holds = f();
         libc::dlclose(lib);
-        Some(n)
+        Some(holds)
     }
 }
 
@@ -1373,6 +1410,14 @@ fn runs_alone_here(test: &str) -> bool {
     gpu(test) && !in_own_process(test)
 }
 
+/// Names the test that [`in_own_process`] runs in a process of its own.
+const OWN_PROCESS: &str = "LRA_CUDA_TEST_ALONE";
+
+/// Whether this is the process [`in_own_process`] started for `test`.
+fn is_own_process(test: &str) -> bool {
+    std::env::var(OWN_PROCESS).is_ok_and(|t| t == test)
+}
+
 /// Runs `test` alone in a process of its own (this test binary, filtered
 /// to it) and checks that it ran there and passed; returns false in that
 /// process, where the test's body runs. For tests that affect, or depend
@@ -1381,13 +1426,12 @@ fn runs_alone_here(test: &str) -> bool {
 /// stream makes the legacy stream unusable, and a freed stream address
 /// goes to whichever thread creates the next stream.
 fn in_own_process(test: &str) -> bool {
-    const CHILD: &str = "LRA_CUDA_TEST_ALONE";
-    if std::env::var(CHILD).is_ok_and(|t| t == test) {
+    if is_own_process(test) {
         return false;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(CHILD, test)
+        .env(OWN_PROCESS, test)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);

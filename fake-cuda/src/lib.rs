@@ -27,7 +27,8 @@
 //! The per-thread default stream (handle 2) is a blocking stream per
 //! thread and context.
 //! Beyond the driver API it exports one function for tests,
-//! `fake_cuda_loaded_modules`.
+//! `fake_cuda_holds` (what it holds now: modules, allocations, streams,
+//! events).
 //!
 //! Environment: `FAKE_CUDA_SCHEDULE` picks the interpreter's block and
 //! thread order (see `fn schedule`); `FAKE_CUDA_TRACE` prints every
@@ -2406,11 +2407,29 @@ pub unsafe extern "C" fn cuMemSetAccess(
 
 // ------------------------------------------------------------ modules
 
-/// Not a driver function: how many modules are loaded now, in all
-/// contexts, for tests of what a process loads (found with `dlsym`).
+/// Not a driver function: what the driver holds now, in all contexts, for
+/// tests of what a process loads and leaks (found with `dlsym`; the tests
+/// declare the same struct).
+#[repr(C)]
+pub struct FakeCudaHolds {
+    pub modules: usize,
+    pub device_allocations: usize,
+    pub pinned_allocations: usize,
+    pub streams: usize,
+    pub events: usize,
+}
+
 #[no_mangle]
-pub extern "C" fn fake_cuda_loaded_modules() -> usize {
-    driver().modules.len()
+pub extern "C" fn fake_cuda_holds() -> FakeCudaHolds {
+    let d = driver();
+    FakeCudaHolds {
+        modules: d.modules.len(),
+        device_allocations: d.allocs.len(),
+        pinned_allocations: d.pinned.len(),
+        // Destroyed ones stay until their queued work has run.
+        streams: d.streams.values().filter(|s| !s.destroyed).count(),
+        events: d.events.values().filter(|e| e.live).count(),
+    }
 }
 
 #[no_mangle]
