@@ -1426,12 +1426,19 @@ fn is_own_process(test: &str) -> bool {
 /// stream makes the legacy stream unusable, and a freed stream address
 /// goes to whichever thread creates the next stream.
 fn in_own_process(test: &str) -> bool {
+    in_own_process_with(test, &[])
+}
+
+/// [`in_own_process`], the process's environment with `vars` added (for
+/// the fake driver's switches, read once per process).
+fn in_own_process_with(test: &str, vars: &[(&str, &str)]) -> bool {
     if is_own_process(test) {
         return false;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env(OWN_PROCESS, test)
+        .envs(vars.iter().copied())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
@@ -3227,6 +3234,55 @@ impl Drop for Vmm {
             ));
         }
     }
+}
+
+/// Mapped memory whose access the driver will not say (it refuses
+/// `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS` there): the driver's error, never
+/// an unchecked pass. The fake driver refuses it with
+/// `FAKE_CUDA_MAPPED_ACCESS_FLAGS=refused`, set for this test's own
+/// process; a real driver answers, so there it has nothing to show.
+#[test]
+fn mapped_memory_whose_access_the_driver_will_not_say_is_refused() {
+    const TEST: &str = "mapped_memory_whose_access_the_driver_will_not_say_is_refused";
+    const REFUSE: (&str, &str) = ("FAKE_CUDA_MAPPED_ACCESS_FLAGS", "refused");
+    if !is_own_process(TEST) {
+        if !gpu(TEST) {
+            return;
+        }
+        if std::env::var_os("LRA_FAKE_CUDA").is_none() {
+            skipped(TEST, "only the fake driver refuses the access flags");
+            return;
+        }
+        assert!(in_own_process_with(TEST, &[REFUSE]));
+        return;
+    }
+    assert!(gpu(TEST));
+    assert_eq!(std::env::var(REFUSE.0).as_deref(), Ok(REFUSE.1));
+    let rw = Some(sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE);
+    let m = Vmm::new(2, &[(0, 1, rw), (1, 1, rw)]);
+    let grad = DevBuf::uninit(m.granule);
+    let n = m.granule / 4;
+    let lra_gpu = cuda::create(OptimizerKind::Sgd, 0).unwrap();
+    let t = TensorDesc {
+        param: m.at(0, 64) as *mut c_void,
+        grad: grad.0 as *const c_void,
+        numel: n,
+        dtype: DType::F32,
+    };
+    let e = lra_gpu.validate(&[t]).expect_err("access unknown: refused");
+    assert_eq!(e.status, Status::Cuda, "{}", e.message);
+    assert!(
+        e.message.contains("cuPointerGetAttributes"),
+        "{}",
+        e.message
+    );
+    // Device memory of lra's context is not asked for its access.
+    let plain = DevBuf::uninit(m.granule);
+    let t = TensorDesc {
+        param: plain.0 as *mut c_void,
+        ..t
+    };
+    lra_gpu.validate(&[t]).unwrap();
 }
 
 /// Memory mapped through the virtual memory management API (PyTorch's

@@ -38,7 +38,9 @@
 //! `FAKE_CUDA_POINTER_ATTRIBUTES` an older driver's version and attributes
 //! (see `fn driver_version`), `FAKE_CUDA_POOL_ACCESS_FLAGS` what
 //! `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS` does for pool memory (see
-//! `fn pool_access_flags_refused`).
+//! `fn pool_access_flags_refused`), `FAKE_CUDA_MAPPED_ACCESS_FLAGS` what it
+//! does for memory mapped through `cuMemMap` (see
+//! `fn mapped_access_flags_refused`).
 //!
 //! # Safety
 //!
@@ -148,6 +150,16 @@ fn driver_version() -> c_int {
 fn pool_access_flags_refused() -> bool {
     static CHOSEN: OnceLock<bool> = OnceLock::new();
     *CHOSEN.get_or_init(|| env_switch("FAKE_CUDA_POOL_ACCESS_FLAGS", "zero", "refused"))
+}
+
+/// What `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS` does for memory mapped through
+/// `cuMemMap`, from `FAKE_CUDA_MAPPED_ACCESS_FLAGS`: `answered` (the
+/// default) gives the access set with `cuMemSetAccess`; `refused` fails
+/// the query with `CUDA_ERROR_INVALID_VALUE` (a driver that will not say:
+/// lra must then refuse the memory, never pass it unchecked).
+fn mapped_access_flags_refused() -> bool {
+    static CHOSEN: OnceLock<bool> = OnceLock::new();
+    *CHOSEN.get_or_init(|| env_switch("FAKE_CUDA_MAPPED_ACCESS_FLAGS", "answered", "refused"))
 }
 
 #[no_mangle]
@@ -2031,8 +2043,11 @@ impl Driver {
             // (no note: the modelled driver's answer).
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         } else if a == A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS as u32
-            && d.pool != 0
-            && pool_access_flags_refused()
+            && if d.pool != 0 {
+                pool_access_flags_refused()
+            } else {
+                d.mapped && d.context == 0 && mapped_access_flags_refused()
+            }
         {
             return Err(R::CUDA_ERROR_INVALID_VALUE);
         } else if a == A::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS as u32 {
