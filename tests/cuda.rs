@@ -3285,6 +3285,52 @@ fn mapped_memory_whose_access_the_driver_will_not_say_is_refused() {
     lra_gpu.validate(&[t]).unwrap();
 }
 
+/// A driver whose JIT is older than the kernels' PTX: `lra_create` says
+/// so, with the JIT's own log, and changes nothing (a later create tries
+/// again from scratch and fails the same way). The fake driver plays a
+/// CUDA 10.2 driver's JIT (PTX 6.5) with `FAKE_CUDA_PTX_ISA=6.5`, set for
+/// this test's own process; a real driver has no such switch: skipped.
+#[test]
+fn a_driver_too_old_for_the_kernels_is_a_clear_error() {
+    const TEST: &str = "a_driver_too_old_for_the_kernels_is_a_clear_error";
+    const OLD_JIT: (&str, &str) = ("FAKE_CUDA_PTX_ISA", "6.5");
+    if !is_own_process(TEST) {
+        if !gpu(TEST) {
+            return;
+        }
+        if std::env::var_os("LRA_FAKE_CUDA").is_none() {
+            skipped(TEST, "only the fake driver plays an older JIT");
+            return;
+        }
+        assert!(in_own_process_with(TEST, &[OLD_JIT]));
+        return;
+    }
+    assert_eq!(std::env::var(OLD_JIT.0).as_deref(), Ok(OLD_JIT.1));
+    let version = lra::backend::cuda::abi::PTX
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(".version"))
+        .expect("the kernels' PTX names its version")
+        .trim();
+    for attempt in 0..2 {
+        let cfg = abi_config(LRA_OPTIMIZER_ADAM, LRA_DEVICE_CUDA, 1e-3);
+        let mut h: *mut lra_handle = std::ptr::null_mut();
+        // SAFETY: the C ABI as a C caller uses it.
+        let status = unsafe { lra_create(&cfg, &mut h) };
+        let msg = support::thread_error();
+        assert_eq!(status, LRA_CUDA_ERROR, "attempt {attempt}: {msg}");
+        assert!(h.is_null());
+        for part in [
+            "cuModuleLoadDataEx",
+            "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
+            &format!("Unsupported .version {version}; current version is '6.5'"),
+            "update the NVIDIA driver",
+        ] {
+            assert!(msg.contains(part), "attempt {attempt}: {part:?} in {msg}");
+        }
+        println!("lra_create, attempt {attempt}: {msg}");
+    }
+}
+
 /// Memory mapped through the virtual memory management API (PyTorch's
 /// expandable segments) as lra's pointer check sees it: tensors across
 /// mappings are accepted; one reaching unmapped memory (past the mapped

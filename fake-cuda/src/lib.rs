@@ -40,7 +40,8 @@
 //! `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS` does for pool memory (see
 //! `fn pool_access_flags_refused`), `FAKE_CUDA_MAPPED_ACCESS_FLAGS` what it
 //! does for memory mapped through `cuMemMap` (see
-//! `fn mapped_access_flags_refused`).
+//! `fn mapped_access_flags_refused`), `FAKE_CUDA_PTX_ISA` the newest PTX
+//! version the JIT takes (see `fn jit_refusal`).
 //!
 //! # Safety
 //!
@@ -2479,6 +2480,12 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
             }
         }
         let text = CStr::from_ptr(image as *const c_char).to_string_lossy();
+        if let Some(refusal) = jit_refusal(&text) {
+            // What an older driver's JIT says (no note: the modelled
+            // driver's answer).
+            write_log(log, log_len, &refusal);
+            return Err(R::CUDA_ERROR_UNSUPPORTED_PTX_VERSION);
+        }
         match Module::load(&text) {
             Ok(m) => {
                 let h = d.handle();
@@ -2487,15 +2494,39 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
             }
             Err(e) => {
                 note("cuModuleLoadDataEx", &e);
-                if !log.is_null() && log_len > 0 {
-                    let msg = e.to_string();
-                    let n = msg.len().min(log_len - 1);
-                    std::ptr::copy_nonoverlapping(msg.as_ptr(), log, n);
-                    log.add(n).write(0);
-                }
+                write_log(log, log_len, &e.to_string());
                 Err(R::CUDA_ERROR_INVALID_PTX)
             }
         }
+    })
+}
+
+/// Writes `msg` into a JIT log buffer of `len` bytes (NUL-terminated,
+/// cut to fit), as `CU_JIT_ERROR_LOG_BUFFER` is filled.
+unsafe fn write_log(log: *mut u8, len: usize, msg: &str) {
+    if !log.is_null() && len > 0 {
+        let n = msg.len().min(len - 1);
+        std::ptr::copy_nonoverlapping(msg.as_ptr(), log, n);
+        log.add(n).write(0);
+    }
+}
+
+/// The JIT's refusal of a module whose `.version` is newer than
+/// `FAKE_CUDA_PTX_ISA` (unset: any version), in a driver's words.
+fn jit_refusal(text: &str) -> Option<String> {
+    let max = std::env::var("FAKE_CUDA_PTX_ISA").ok()?;
+    let version = |v: &str| -> (u32, u32) {
+        let (major, minor) = v.split_once('.').unwrap_or((v, "0"));
+        (major.parse().unwrap_or(0), minor.parse().unwrap_or(0))
+    };
+    let (line, asked) = text.lines().enumerate().find_map(|(i, l)| {
+        let v = l.trim().strip_prefix(".version")?.trim();
+        Some((i + 1, v.to_string()))
+    })?;
+    (version(&asked) > version(&max)).then(|| {
+        format!(
+            "ptxas application ptx input, line {line}; fatal   : Unsupported .version {asked}; current version is '{max}'"
+        )
     })
 }
 

@@ -233,6 +233,10 @@ impl Device {
             if let Err(mut e) = check(r, "cuModuleLoadDataEx (JIT of kernels/lra.ptx)") {
                 let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
                 e.message += &format!(": {}", String::from_utf8_lossy(&log[..end]).trim());
+                if r == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+                    e.message +=
+                        " (the driver is older than the kernels' PTX: update the NVIDIA driver)";
+                }
                 return Err(e);
             }
             // Any failure from here on gives the module back.
