@@ -3356,9 +3356,11 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
         numel: n,
         dtype: DType::F32,
     };
-    // What each case's refusal must say (an unmapped address may be one
-    // the driver does not know at all).
-    const UNMAPPED: &[&str] = &["mapped", "not CUDA memory"];
+    // What each case's refusal must say: a tensor that starts in unmapped
+    // memory (an address the driver may not know at all), or one that
+    // starts in mapped memory and runs past it.
+    const UNMAPPED: &[&str] = &["is not mapped device memory", "not CUDA memory"];
+    const RUNS_PAST: &[&str] = &["runs past its mapped memory"];
     const NO_ACCESS: &[&str] = &["may not"];
     // (case, lra's verdict, None: must accept / Some(what the refusal says))
     type Verdict = (
@@ -3397,12 +3399,12 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
             (
                 "4 bytes past the mapped part",
                 f32s(m.at(1, 0), g, 2 * n + 1),
-                Some(UNMAPPED),
+                Some(RUNS_PAST),
             ),
             (
                 "from inside a mapping, 64 bytes past the mapped part",
                 f32s(m.at(2, 64), g, n),
-                Some(UNMAPPED),
+                Some(RUNS_PAST),
             ),
             (
                 "starting in the unmapped granule",
@@ -3412,7 +3414,7 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
             (
                 "gradient past the mapped part",
                 f32s(g, m.at(2, 0), n + 1),
-                Some(UNMAPPED),
+                Some(RUNS_PAST),
             ),
         ] {
             verdicts.push((what, lra_gpu.validate(&[t]), refused));
@@ -3434,7 +3436,7 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
             (
                 "4 bytes past the reservation",
                 f32s(m.at(3, 0), g, n + 1),
-                Some(UNMAPPED),
+                Some(RUNS_PAST),
             ),
         ] {
             verdicts.push((what, lra_gpu.validate(&[t]), refused));
@@ -3447,7 +3449,7 @@ fn memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent() {
         let m = Vmm::new(4, &[(0, 1, rw), (1, 1, rw), (3, 1, rw)]);
         let n = m.granule / 4;
         let across = lra_gpu.validate(&[f32s(m.at(0, 64), grad.0, 4 * n - 32)]);
-        verdicts.push(("across the hole", across, Some(UNMAPPED)));
+        verdicts.push(("across the hole", across, Some(RUNS_PAST)));
         let flag = lra_gpu.check_step(m.at(2, 64) as *const c_void, std::ptr::null_mut());
         verdicts.push(("found_inf in the hole", flag, Some(UNMAPPED)));
     }
