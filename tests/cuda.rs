@@ -855,24 +855,39 @@ struct FakeDriverHolds {
     events: usize,
 }
 
-/// What the fake driver holds now (`None` on another driver): it exports
-/// `fake_cuda_holds` beside the driver API.
+/// What the fake driver holds now (`None` on another driver).
 fn fake_driver_holds() -> Option<FakeDriverHolds> {
+    let f = fake_driver_function(c"fake_cuda_holds")?;
+    // SAFETY: the fake declares `fake_cuda_holds` with this signature.
+    let f: extern "C" fn() -> FakeDriverHolds = unsafe { std::mem::transmute(f) };
+    Some(f())
+}
+
+/// Makes the fake driver fail the `n`-th kernel launch from now (1: the
+/// next); panics on another driver.
+fn fake_driver_fails_launch(n: u64) {
+    let f = fake_driver_function(c"fake_cuda_fail_launch").expect("the fake driver");
+    // SAFETY: the fake declares `fake_cuda_fail_launch` with this signature.
+    let f: extern "C" fn(u64) = unsafe { std::mem::transmute(f) };
+    f(n)
+}
+
+/// A function the fake driver of `fake-cuda/` exports beside the driver
+/// API (`None` when `LRA_FAKE_CUDA` is not set).
+fn fake_driver_function(name: &std::ffi::CStr) -> Option<*mut c_void> {
     std::env::var_os("LRA_FAKE_CUDA")?;
     // SAFETY: looks up the libcuda.so cudarc has loaded (RTLD_NOLOAD loads
-    // nothing new); the function has the signature the fake declares.
+    // nothing new, and the handle only drops the reference it took).
     unsafe {
         let lib = libc::dlopen(c"libcuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
         assert!(!lib.is_null(), "libcuda.so is loaded");
-        let f = libc::dlsym(lib, c"fake_cuda_holds".as_ptr());
+        let f = libc::dlsym(lib, name.as_ptr());
+        libc::dlclose(lib);
         assert!(
             !f.is_null(),
-            "LRA_FAKE_CUDA is set, but the driver is not the fake"
+            "LRA_FAKE_CUDA is set, but the driver is not the fake: no {name:?}"
         );
-        let f: extern "C" fn() -> FakeDriverHolds = std::mem::transmute(f);
-        let holds = f();
-        libc::dlclose(lib);
-        Some(holds)
+        Some(f)
     }
 }
 
@@ -3283,6 +3298,79 @@ fn mapped_memory_whose_access_the_driver_will_not_say_is_refused() {
         ..t
     };
     lra_gpu.validate(&[t]).unwrap();
+}
+
+/// A step that fails after part of it was enqueued (the fake driver
+/// refuses its second launch) leaves the optimizer state possibly
+/// half-updated: the step's error is the driver's, and every later call
+/// that would use the state refuses, saying to load a checkpoint, until
+/// state is loaded; then the steps continue as on the CPU. In a process of
+/// its own (the refusal is the next launch of the whole process); a real
+/// driver has no such switch: skipped there.
+#[test]
+fn a_step_that_fails_half_way_is_refused_until_state_is_loaded() {
+    const TEST: &str = "a_step_that_fails_half_way_is_refused_until_state_is_loaded";
+    if !is_own_process(TEST) {
+        if !gpu(TEST) {
+            return;
+        }
+        if std::env::var_os("LRA_FAKE_CUDA").is_none() {
+            skipped(TEST, "only the fake driver refuses a launch on request");
+            return;
+        }
+        assert!(in_own_process(TEST));
+        return;
+    }
+    assert!(gpu(TEST));
+    let mode = Mode::Capped;
+    let mut case = Case::new(
+        OptimizerKind::Adam,
+        &shape(DType::F32),
+        std::ptr::null_mut(),
+    );
+    case.set_grads(1, None);
+    case.step(mode, 0.01, None);
+    case.set_grads(2, None);
+    // Two passes: the first is enqueued, the second refused.
+    fake_driver_fails_launch(2);
+    let (c, g) = case.step_with(mode, 0.01, None, false);
+    c.unwrap();
+    let e = g.expect_err("the refused launch fails the step");
+    assert_eq!(e.status, Status::Cuda, "{e}");
+    assert!(
+        e.message.contains("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"),
+        "{e}"
+    );
+    let (_, tg) = case.descs();
+    let null = std::ptr::null_mut();
+    for (call, r) in [
+        ("check_step", case.gpu.check_step(std::ptr::null(), null)),
+        ("prepare", case.gpu.prepare(&tg, null)),
+        ("outcome", case.gpu.outcome().map(drop)),
+        ("state_meta", case.gpu.state_meta().map(drop)),
+    ] {
+        let e = r.expect_err(call);
+        assert_eq!(e.status, Status::Cuda, "{call}: {e}");
+        assert!(e.message.contains("half-updated"), "{call}: {e}");
+        assert!(e.message.contains("lra_load_state"), "{call}: {e}");
+    }
+    // The caller restores a checkpoint: the CPU twin's state and
+    // parameters.
+    let st = case.cpu.export_state().unwrap();
+    case.gpu.import_values(&st).unwrap();
+    for p in &case.pairs {
+        p.dev.write(p.off, &p.host);
+    }
+    case.assert_state_same("after loading");
+    for step in 3..5 {
+        case.set_grads(step, None);
+        let (c, g) = case.step(mode, 0.01, None);
+        let what = format!("after loading, step {step}");
+        assert_eq!(c.skip, g.skip, "{what}");
+        assert_phi_close(c.phi, g.phi, &what);
+        case.assert_params_same(&what);
+        case.assert_state_same(&what);
+    }
 }
 
 /// A driver whose JIT is older than the kernels' PTX: `lra_create` says

@@ -26,9 +26,9 @@
 //! with `CUDA_ERROR_NOT_SUPPORTED` and a note on stderr, never silently.
 //! The per-thread default stream (handle 2) is a blocking stream per
 //! thread and context.
-//! Beyond the driver API it exports one function for tests,
+//! Beyond the driver API it exports two functions for tests:
 //! `fake_cuda_holds` (what it holds now: modules, allocations, streams,
-//! events).
+//! events) and `fake_cuda_fail_launch` (a later launch fails).
 //!
 //! Environment: `FAKE_CUDA_SCHEDULE` picks the interpreter's block and
 //! thread order (see `fn schedule`); `FAKE_CUDA_TRACE` prints every
@@ -380,6 +380,9 @@ struct Driver {
     graphs: Vec<usize>,
     /// Kernels run so far (varies the random schedule's seed).
     launches: u64,
+    /// Counts `cuLaunchKernel` calls down to the one that fails (0: none;
+    /// set by `fake_cuda_fail_launch`).
+    fail_launch_in: u64,
 }
 
 thread_local! {
@@ -431,6 +434,7 @@ fn driver() -> MutexGuard<'static, Driver> {
                 functions: HashMap::new(),
                 graphs: Vec::new(),
                 launches: 0,
+                fail_launch_in: 0,
             })
         })
         .lock()
@@ -2435,6 +2439,14 @@ pub struct FakeCudaHolds {
     pub events: usize,
 }
 
+/// Not a driver function: makes the `n`-th `cuLaunchKernel` call from now
+/// (1: the next) fail with `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES`, launching
+/// nothing, for tests of a step that fails half-way (0: none).
+#[no_mangle]
+pub extern "C" fn fake_cuda_fail_launch(n: u64) {
+    driver().fail_launch_in = n;
+}
+
 #[no_mangle]
 pub extern "C" fn fake_cuda_holds() -> FakeCudaHolds {
     let d = driver();
@@ -2618,6 +2630,13 @@ pub unsafe extern "C" fn cuLaunchKernel(
     extra: *mut *mut c_void,
 ) -> R {
     with("cuLaunchKernel", |d| {
+        if d.fail_launch_in > 0 {
+            d.fail_launch_in -= 1;
+            if d.fail_launch_in == 0 {
+                // As a driver refuses a launch (no note: asked for).
+                return Err(R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES);
+            }
+        }
         if !extra.is_null() {
             note(
                 "cuLaunchKernel",
