@@ -3300,6 +3300,39 @@ fn mapped_memory_whose_access_the_driver_will_not_say_is_refused() {
     lra_gpu.validate(&[t]).unwrap();
 }
 
+/// The optimizer state crosses between device and host in pieces of
+/// `cuda::STATE_PIECE` values (checkpoints): a tensor of more than one
+/// piece is saved and loaded piece by piece, each in its place.
+#[test]
+fn checkpoints_of_a_tensor_larger_than_a_staging_piece() {
+    if !gpu("checkpoints_of_a_tensor_larger_than_a_staging_piece") {
+        return;
+    }
+    let mode = Mode::Fused { guard: false };
+    let kind = OptimizerKind::Adam;
+    let shape = [
+        (100, DType::F16, false),
+        (cuda::STATE_PIECE + 3, DType::F32, false),
+        (37, DType::F32, false),
+    ];
+    let mut case = Case::new(kind, &shape, std::ptr::null_mut());
+    for s in 0..2 {
+        case.set_grads(1 + s, None);
+        case.step(mode, 0.01, None);
+    }
+    case.assert_state_same("saved");
+    // Loaded into a fresh handle: the same state, and the same next step.
+    case.gpu = cuda::create(kind, 0).unwrap();
+    let st = case.cpu.export_state().unwrap();
+    case.gpu.import_values(&st).unwrap();
+    case.assert_state_same("loaded");
+    case.set_grads(3, None);
+    let (c, g) = case.step(mode, 0.01, None);
+    assert_phi_close(c.phi, g.phi, "after loading");
+    case.assert_params_same("after loading");
+    case.assert_state_same("after loading");
+}
+
 /// A step that fails after part of it was enqueued (the fake driver
 /// refuses its second launch) leaves the optimizer state possibly
 /// half-updated: the step's error is the driver's, and every later call

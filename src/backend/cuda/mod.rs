@@ -566,7 +566,7 @@ impl CudaBackend {
 
 /// f32 values per host staging piece when the optimizer state crosses
 /// between device and host (checkpoints): 4 MiB, not a copy of the whole.
-const STATE_PIECE: usize = 1 << 20;
+pub const STATE_PIECE: usize = 1 << 20;
 
 fn f32_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: f32 is plain data.
