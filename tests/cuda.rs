@@ -3098,6 +3098,36 @@ fn abi_cuda_state_out_of_memory_changes_nothing() {
     assert!(before.0 == h.checkpoint(), "the checkpoint changed");
     assert_eq!(before.1, counter_array(&h.counters()), "counters");
     assert!(param.read(0, head.len()) == head, "the parameters changed");
+
+    // A rank-local loss: each step first sums the loss across ranks, so
+    // memory this rank cannot have must fail before that sum (the other
+    // ranks would meet the retry the status invites in their next sum).
+    unsafe extern "C" fn count_sums(_: *mut f64, _: usize, user: *mut c_void) -> i32 {
+        // SAFETY: `user` is the counter below, alive through the step.
+        unsafe { *(user as *mut usize) += 1 };
+        0
+    }
+    let mut cfg = abi_config(LRA_OPTIMIZER_ADAM, LRA_DEVICE_CUDA, 1e-3);
+    cfg.loss_is_rank_local = 1;
+    let local = Handle::create(&cfg);
+    let mut sums = 0usize;
+    // SAFETY: the counter outlives the handle's steps below.
+    let st = unsafe {
+        lra_set_reduction(
+            local.0,
+            Some(count_sums),
+            &mut sums as *mut usize as *mut c_void,
+        )
+    };
+    assert_eq!(st, LRA_OK, "{}", local.error());
+    // SAFETY: device memory of `numel` f16 each.
+    let st = unsafe { lra_step(local.0, huge.as_ptr(), 1, 1.0, 0.0, std::ptr::null_mut()) };
+    assert_eq!(st, LRA_OUT_OF_MEMORY, "rank-local loss: {}", local.error());
+    assert_eq!(
+        sums, 0,
+        "the loss was summed across ranks before the step failed"
+    );
+    drop(local);
     drop((param, grad));
 
     let tensors = run.tensors();
