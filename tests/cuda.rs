@@ -459,6 +459,25 @@ impl Case {
         }
     }
 
+    /// A case on the legacy stream after two steps in `mode` (gradients of
+    /// seeds 1 and 2, η = 0.01).
+    fn after_two_steps(kind: OptimizerKind, shape: &[(usize, DType, bool)], mode: Mode) -> Case {
+        let mut case = Case::new(kind, shape, std::ptr::null_mut());
+        for seed in 1..3 {
+            case.set_grads(seed, None);
+            case.step(mode, 0.01, None);
+        }
+        case
+    }
+
+    /// Imports the CPU backend's state into the CUDA backend (as a
+    /// checkpoint load does) and checks that both hold the same.
+    fn load_cpu_state(&mut self, what: &str) {
+        let st = self.cpu.export_state().unwrap();
+        self.gpu.import_values(&st).unwrap();
+        self.assert_state_same(what);
+    }
+
     fn set_grads(&mut self, seed: u64, poison: Option<f32>) {
         for (i, p) in self.pairs.iter_mut().enumerate() {
             let mut g = values(p.n, seed.wrapping_mul(131).wrapping_add(i as u64));
@@ -1425,6 +1444,28 @@ fn runs_alone_here(test: &str) -> bool {
     gpu(test) && !in_own_process(test)
 }
 
+/// For a test of what only the fake driver can stage (a switch among
+/// `vars`, or a request through its own functions): true in the process
+/// of its own where the test's body runs (with `vars` set); in the test's
+/// first process false, after running it there, or after saying why not
+/// (no driver, or a real one, which has no such switch).
+fn runs_alone_on_the_fake_driver(test: &str, vars: &[(&str, &str)], stages: &str) -> bool {
+    if is_own_process(test) {
+        for &(var, value) in vars {
+            assert_eq!(std::env::var(var).as_deref(), Ok(value), "{var}");
+        }
+        return true;
+    }
+    if gpu(test) {
+        if std::env::var_os("LRA_FAKE_CUDA").is_none() {
+            skipped(test, &format!("only the fake driver {stages}"));
+        } else {
+            assert!(in_own_process_with(test, vars));
+        }
+    }
+    false
+}
+
 /// Names the test that [`in_own_process`] runs in a process of its own.
 const OWN_PROCESS: &str = "LRA_CUDA_TEST_ALONE";
 
@@ -1624,10 +1665,7 @@ fn a_failed_cross_rank_sum_changes_nothing() {
         case.assert_state_same(&what);
         case.set_grads(3, None);
         let (c, g) = case.step(mode, 0.02, None);
-        assert_eq!(c.skip, g.skip, "{what}, next step");
-        assert_phi_close(c.phi, g.phi, &format!("{what}, next step"));
-        case.assert_params_same(&format!("{what}, next step"));
-        case.assert_state_same(&format!("{what}, next step"));
+        case.assert_step_matches(mode, &c, &g, &format!("{what}, next step"));
     }
 }
 
@@ -1701,10 +1739,7 @@ fn a_failed_first_step_fixes_no_layout() {
         large.set_grads(2 + step, None);
         let (c, g) = large.step(mode, 0.02, None);
         let what = format!("first layout after a failed first step, step {step}");
-        assert_eq!(c.skip, g.skip, "{what}");
-        assert_phi_close(c.phi, g.phi, &what);
-        large.assert_params_same(&what);
-        large.assert_state_same(&what);
+        large.assert_step_matches(mode, &c, &g, &what);
     }
 }
 
@@ -1718,11 +1753,7 @@ fn imported_state_continues_as_on_the_cpu() {
     }
     let mode = Mode::Fused { guard: true };
     let kind = OptimizerKind::Adam;
-    let mut case = Case::new(kind, &shape(DType::F32), std::ptr::null_mut());
-    for s in 0..2 {
-        case.set_grads(1 + s, None);
-        case.step(mode, 0.01, None);
-    }
+    let mut case = Case::after_two_steps(kind, &shape(DType::F32), mode);
     let mut stale = Case::new(kind, &shape(DType::F32)[..3], std::ptr::null_mut());
     stale.sharded = true;
     stale.set_grads(1, None);
@@ -1739,16 +1770,11 @@ fn imported_state_continues_as_on_the_cpu() {
     {
         // The device parameters already equal the CPU's, bit for bit.
         case.gpu = gpu;
-        let st = case.cpu.export_state().unwrap();
-        case.gpu.import_values(&st).unwrap();
-        case.assert_state_same(what);
+        case.load_cpu_state(what);
         case.set_grads(10 + i as u64, None);
         case.stream = stream as *mut c_void;
         let (c, g) = case.step(mode, 0.01, None);
-        assert_eq!(c.skip, g.skip, "{what}");
-        assert_phi_close(c.phi, g.phi, what);
-        case.assert_params_same(what);
-        case.assert_state_same(what);
+        case.assert_step_matches(mode, &c, &g, what);
         case.stream = std::ptr::null_mut();
     }
     drop(case);
@@ -1882,10 +1908,7 @@ fn steps_on_two_streams_are_ordered_on_the_device() {
     opener.join().unwrap();
     assert!(gate.ran.load(SeqCst) && !gate.timed_out.load(SeqCst));
     let c = case.cpu.outcome().unwrap();
-    assert_eq!(c.skip, g.skip);
-    assert_phi_close(c.phi, g.phi, "two streams");
-    case.assert_params_same("two streams");
-    case.assert_state_same("two streams");
+    case.assert_step_matches(mode, &c, &g, "two streams");
     drop(case);
     drop(old_grads);
     // SAFETY: created above.
@@ -3290,19 +3313,10 @@ impl Drop for Vmm {
 fn mapped_memory_whose_access_the_driver_will_not_say_is_refused() {
     const TEST: &str = "mapped_memory_whose_access_the_driver_will_not_say_is_refused";
     const REFUSE: (&str, &str) = ("FAKE_CUDA_MAPPED_ACCESS_FLAGS", "refused");
-    if !is_own_process(TEST) {
-        if !gpu(TEST) {
-            return;
-        }
-        if std::env::var_os("LRA_FAKE_CUDA").is_none() {
-            skipped(TEST, "only the fake driver refuses the access flags");
-            return;
-        }
-        assert!(in_own_process_with(TEST, &[REFUSE]));
+    if !runs_alone_on_the_fake_driver(TEST, &[REFUSE], "refuses the access flags") {
         return;
     }
     assert!(gpu(TEST));
-    assert_eq!(std::env::var(REFUSE.0).as_deref(), Ok(REFUSE.1));
     let rw = Some(sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE);
     let m = Vmm::new(2, &[(0, 1, rw), (1, 1, rw)]);
     let grad = DevBuf::uninit(m.granule);
@@ -3345,17 +3359,11 @@ fn checkpoints_of_a_tensor_larger_than_a_staging_piece() {
         (cuda::STATE_PIECE + 3, DType::F32, false),
         (37, DType::F32, false),
     ];
-    let mut case = Case::new(kind, &shape, std::ptr::null_mut());
-    for s in 0..2 {
-        case.set_grads(1 + s, None);
-        case.step(mode, 0.01, None);
-    }
+    let mut case = Case::after_two_steps(kind, &shape, mode);
     case.assert_state_same("saved");
     // Loaded into a fresh handle: the same state, and the same next step.
     case.gpu = cuda::create(kind, 0).unwrap();
-    let st = case.cpu.export_state().unwrap();
-    case.gpu.import_values(&st).unwrap();
-    case.assert_state_same("loaded");
+    case.load_cpu_state("loaded");
     case.set_grads(3, None);
     let (c, g) = case.step(mode, 0.01, None);
     assert_phi_close(c.phi, g.phi, "after loading");
@@ -3373,15 +3381,7 @@ fn checkpoints_of_a_tensor_larger_than_a_staging_piece() {
 #[test]
 fn a_step_that_fails_half_way_is_refused_until_state_is_loaded() {
     const TEST: &str = "a_step_that_fails_half_way_is_refused_until_state_is_loaded";
-    if !is_own_process(TEST) {
-        if !gpu(TEST) {
-            return;
-        }
-        if std::env::var_os("LRA_FAKE_CUDA").is_none() {
-            skipped(TEST, "only the fake driver refuses a launch on request");
-            return;
-        }
-        assert!(in_own_process(TEST));
+    if !runs_alone_on_the_fake_driver(TEST, &[], "refuses a launch on request") {
         return;
     }
     assert!(gpu(TEST));
@@ -3419,20 +3419,14 @@ fn a_step_that_fails_half_way_is_refused_until_state_is_loaded() {
     }
     // The caller restores a checkpoint: the CPU twin's state and
     // parameters.
-    let st = case.cpu.export_state().unwrap();
-    case.gpu.import_values(&st).unwrap();
+    case.load_cpu_state("after loading");
     for p in &case.pairs {
         p.dev.write(p.off, &p.host);
     }
-    case.assert_state_same("after loading");
     for step in 3..5 {
         case.set_grads(step, None);
         let (c, g) = case.step(mode, 0.01, None);
-        let what = format!("after loading, step {step}");
-        assert_eq!(c.skip, g.skip, "{what}");
-        assert_phi_close(c.phi, g.phi, &what);
-        case.assert_params_same(&what);
-        case.assert_state_same(&what);
+        case.assert_step_matches(mode, &c, &g, &format!("after loading, step {step}"));
     }
 }
 
@@ -3445,18 +3439,9 @@ fn a_step_that_fails_half_way_is_refused_until_state_is_loaded() {
 fn a_driver_too_old_for_the_kernels_is_a_clear_error() {
     const TEST: &str = "a_driver_too_old_for_the_kernels_is_a_clear_error";
     const OLD_JIT: (&str, &str) = ("FAKE_CUDA_PTX_ISA", "6.5");
-    if !is_own_process(TEST) {
-        if !gpu(TEST) {
-            return;
-        }
-        if std::env::var_os("LRA_FAKE_CUDA").is_none() {
-            skipped(TEST, "only the fake driver plays an older JIT");
-            return;
-        }
-        assert!(in_own_process_with(TEST, &[OLD_JIT]));
+    if !runs_alone_on_the_fake_driver(TEST, &[OLD_JIT], "plays an older JIT") {
         return;
     }
-    assert_eq!(std::env::var(OLD_JIT.0).as_deref(), Ok(OLD_JIT.1));
     let version = lra::backend::cuda::abi::PTX
         .lines()
         .find_map(|l| l.trim().strip_prefix(".version"))
