@@ -2439,14 +2439,6 @@ pub struct FakeCudaHolds {
     pub events: usize,
 }
 
-/// Not a driver function: makes the `n`-th `cuLaunchKernel` call from now
-/// (1: the next) fail with `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES`, launching
-/// nothing, for tests of a step that fails half-way (0: none).
-#[no_mangle]
-pub extern "C" fn fake_cuda_fail_launch(n: u64) {
-    driver().fail_launch_in = n;
-}
-
 #[no_mangle]
 pub extern "C" fn fake_cuda_holds() -> FakeCudaHolds {
     let d = driver();
@@ -2458,6 +2450,14 @@ pub extern "C" fn fake_cuda_holds() -> FakeCudaHolds {
         streams: d.streams.values().filter(|s| !s.destroyed).count(),
         events: d.events.values().filter(|e| e.live).count(),
     }
+}
+
+/// Not a driver function: makes the `n`-th `cuLaunchKernel` call from now
+/// (1: the next) fail with `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES`, launching
+/// nothing, for tests of a step that fails half-way (0: none).
+#[no_mangle]
+pub extern "C" fn fake_cuda_fail_launch(n: u64) {
+    driver().fail_launch_in = n;
 }
 
 #[no_mangle]
