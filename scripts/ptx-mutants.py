@@ -12,6 +12,7 @@ what it breaks. Survivors are printed with their line for a person to judge.
     cargo test --profile checked --test ptx_fuzz --test ptx_kernels --no-run
     python3 scripts/ptx-mutants.py --sample 300 --seed 1 | tee ptx-mutants.log
     python3 scripts/ptx-mutants.py --recheck ptx-mutants.log   # after fixing tests
+    python3 scripts/ptx-mutants.py --sample 300 --seed 1 --skip 300   # the next 300
 
 The first test binary named by --tests (default: ptx_fuzz's 40 random cases,
 a few seconds a run) screens every edit; an edit it passes is run again under
@@ -133,6 +134,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sample", type=int, default=200, help="edits to try (0: all)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the first SKIP edits of the seed's draw (those an earlier "
+                         "run with the same seed took), so runs continue one another")
     ap.add_argument("--tests", default="ptx_fuzz,ptx_kernels",
                     help="test binaries: the first screens, the rest confirm survivors")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per test run")
@@ -153,6 +157,7 @@ def main():
             sys.exit(f"{len(wanted) - len(sites)} survivors of {args.recheck} no longer match kernels/lra.ptx")
     else:
         random.Random(args.seed).shuffle(sites)
+        sites = sites[args.skip:]
         if args.sample:
             sites = sites[:args.sample]
     binaries = [find_binary(t) for t in args.tests.split(",")]
