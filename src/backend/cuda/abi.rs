@@ -468,6 +468,12 @@ mod tests {
         ] {
             assert!(rounding_lint(line).is_empty(), "{line}");
         }
+        // An offence is named by its 1-based line and its trimmed text.
+        let text = "\tadd.rn.f32 %f1, %f2, %f3;\n\tmul.f32 %f4, %f5, %f6;\n\tret;";
+        assert_eq!(
+            rounding_lint(text),
+            [(2, "mul.f32 %f4, %f5, %f6;".to_string())]
+        );
     }
 
     /// The per-step shortcut agrees with rebuilding the table: over many
