@@ -25,8 +25,9 @@ pub fn f32_to_f16_rn(x: f32) -> u16 {
         // |x| < 2^-25 rounds to zero (2^-25 itself is a tie to even → 0).
         return sign;
     }
-    let full = man | 0x80_0000; // 24-bit significand
-                                // Number of significand bits to drop: 13 for normals, more for subnormals.
+    // The 24-bit significand, and the number of its bits to drop: 13 for
+    // normals, more for subnormals.
+    let full = man | 0x80_0000;
     let shift = if e >= -14 { 13 } else { 13 + (-14 - e) } as u32;
     let kept = full >> shift;
     let rem = full & ((1u32 << shift) - 1);
