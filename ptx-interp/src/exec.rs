@@ -529,10 +529,9 @@ enum CollKind {
 #[derive(Clone, Copy, Debug)]
 enum TState {
     Ready,
-    /// Waiting at `bar.sync` (barrier id, expected count or None = whole block).
+    /// Waiting at `bar.sync` (barrier id; every thread of the block takes part).
     Bar {
         id: u32,
-        count: Option<u32>,
     },
     /// Waiting at a warp collective with its operand values.
     Coll {
@@ -590,7 +589,7 @@ struct Block {
     shadow: Vec<Shadow>,
     epoch: u32,
     /// Threads waiting at each barrier id.
-    bar_waiting: BTreeMap<u32, (usize, Option<u32>, u32)>, // id → (pc, count, arrived)
+    bar_waiting: BTreeMap<u32, (usize, u32)>, // id → (pc, arrived)
 }
 
 struct Run<'a> {
@@ -700,7 +699,7 @@ impl Block {
                 .unwrap_or_default();
             match t.state {
                 TState::Ready => format!("ready at line {line} `{text}`"),
-                TState::Bar { id, .. } => format!("waiting at barrier {id}, line {line} `{text}`"),
+                TState::Bar { id } => format!("waiting at barrier {id}, line {line} `{text}`"),
                 TState::Coll { kind, mask, .. } => {
                     format!("waiting at {kind:?} mask {mask:#010x}, line {line} `{text}`")
                 }
@@ -929,8 +928,7 @@ impl<'a> Run<'a> {
     }
 
     fn on_exit(&mut self, blk: &mut Block, ti: usize, released: &mut Vec<usize>) -> Result<()> {
-        if let Some((&id, _)) = blk.bar_waiting.iter().find(|(_, v)| v.1.is_none()) {
-            let pc = blk.bar_waiting[&id].0;
+        if let Some((&id, &(pc, _))) = blk.bar_waiting.iter().next() {
             return err(
                 ErrorKind::Barrier,
                 format!(
@@ -952,30 +950,23 @@ impl<'a> Run<'a> {
 
     fn on_block(&mut self, blk: &mut Block, ti: usize, released: &mut Vec<usize>) -> Result<()> {
         match blk.threads[ti].state {
-            TState::Bar { id, count } => {
+            TState::Bar { id } => {
                 let pc = blk.threads[ti].pc;
                 let nthreads = blk.threads.len() as u32;
-                if count.is_none() {
-                    if let Some(x) = blk
-                        .threads
-                        .iter()
-                        .position(|t| matches!(t.state, TState::Exited))
-                    {
-                        return err(
-                            ErrorKind::Barrier,
-                            format!(
-                                "block-wide barrier {id} reached, but thread {:?} of the block has already exited (line {}); the barrier can never complete",
-                                blk.threads[x].tid, self.k.insts[blk.threads[x].pc].line
-                            ),
-                        );
-                    }
+                if let Some(x) = blk
+                    .threads
+                    .iter()
+                    .position(|t| matches!(t.state, TState::Exited))
+                {
+                    return err(
+                        ErrorKind::Barrier,
+                        format!(
+                            "block-wide barrier {id} reached, but thread {:?} of the block has already exited (line {}); the barrier can never complete",
+                            blk.threads[x].tid, self.k.insts[blk.threads[x].pc].line
+                        ),
+                    );
                 }
-                if let Some(c) = count {
-                    if c == 0 || c % 32 != 0 || c > nthreads.div_ceil(32) * 32 {
-                        return err(ErrorKind::Barrier, format!("bar.sync thread count {c} must be a non-zero multiple of 32 not above the block size"));
-                    }
-                }
-                let e = blk.bar_waiting.entry(id).or_insert((pc, count, 0));
+                let e = blk.bar_waiting.entry(id).or_insert((pc, 0));
                 if e.0 != pc {
                     return err(
                         ErrorKind::Barrier,
@@ -985,25 +976,15 @@ impl<'a> Run<'a> {
                         ),
                     );
                 }
-                if e.1 != count {
-                    return err(
-                        ErrorKind::Barrier,
-                        format!(
-                            "barrier {id} used with different thread counts {:?} and {count:?}",
-                            e.1
-                        ),
-                    );
-                }
-                e.2 += 1;
-                let expected = count.unwrap_or(nthreads);
-                if e.2 == expected {
+                e.1 += 1;
+                if e.1 == nthreads {
                     blk.bar_waiting.remove(&id);
                     // A barrier synchronises its participants (PTX ISA 8.9.4):
                     // it joins what they know, what their fences released and
                     // what their atomics read. Carrying the last two across
                     // is what fence.sc allows; see `fence`.
                     let at_this =
-                        |th: &Thread| matches!(th.state, TState::Bar { id: i, .. } if i == id);
+                        |th: &Thread| matches!(th.state, TState::Bar { id: i } if i == id);
                     join_across(&mut blk.threads, at_this, |th| &mut th.know);
                     join_across(&mut blk.threads, at_this, |th| &mut th.released);
                     join_across(&mut blk.threads, at_this, |th| &mut th.acquired);
@@ -1016,7 +997,7 @@ impl<'a> Run<'a> {
                         .max()
                         .unwrap_or(0);
                     for (t, th) in blk.threads.iter_mut().enumerate() {
-                        if matches!(th.state, TState::Bar { id: i, .. } if i == id) {
+                        if matches!(th.state, TState::Bar { id: i } if i == id) {
                             th.round = round;
                             th.state = TState::Ready;
                             th.pc += 1;
@@ -1870,7 +1851,7 @@ impl<'a> Run<'a> {
                 }
             }
             Op::Bra { target } => return Ok(Flow::Jump(*target)),
-            Op::Bar { id, count } => {
+            Op::Bar { id } => {
                 let id = rd(*id) as u32;
                 if id > 15 {
                     return err(
@@ -1878,8 +1859,7 @@ impl<'a> Run<'a> {
                         format!("barrier id {id} out of range 0..16"),
                     );
                 }
-                let count = count.map(|c| rd(c) as u32);
-                blk.threads[ti].state = TState::Bar { id, count };
+                blk.threads[ti].state = TState::Bar { id };
                 return Ok(Flow::Block);
             }
             Op::BarWarp { mask } => {

@@ -12,7 +12,9 @@
 //!   [`Module::inexact_report`].
 //! - **Barriers**: `bar.sync` must be reached by every thread of the block at
 //!   the same instruction; a thread that exits while others wait, or threads
-//!   waiting at different barrier instructions, is an error.
+//!   waiting at different barrier instructions, is an error. A thread count
+//!   operand (`bar.sync 1, 64`) is a load error: the hardware counts it in
+//!   whole warps, and lra's kernels use only block-wide barriers.
 //! - **Warp collectives** (`shfl.sync`, `vote.sync`, `bar.warp.sync`): lanes
 //!   rendezvous on equal qualifiers and mask; the executing lane must be in
 //!   the mask; a shuffle reading a lane outside the mask (or exited) is an

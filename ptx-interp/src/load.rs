@@ -485,7 +485,6 @@ pub(crate) enum Op {
     },
     Bar {
         id: Src,
-        count: Option<Src>,
     },
     BarWarp {
         mask: Src,
@@ -610,12 +609,7 @@ impl Op {
                     src(&Src::Reg(r));
                 }
             }
-            Op::Bar { id, count } => {
-                src(id);
-                if let Some(c) = count {
-                    src(c);
-                }
-            }
+            Op::Bar { id } => src(id),
             Op::BarWarp { mask } => src(mask),
             Op::Shfl { a, b, c, mask, .. } => {
                 src(a);
@@ -2238,15 +2232,17 @@ impl Parser {
                 }
                 m.take(&["aligned"]);
                 m.done()?;
-                if o.is_empty() || o.len() > 2 {
-                    return load_err(l, "bar.sync takes 1 or 2 operands");
+                // A thread count is outside the subset: the hardware counts
+                // it in whole warps, which a partial warp makes differ from
+                // a count of threads, and lra's kernels never give one.
+                if o.len() == 2 {
+                    return load_err(l, "bar.sync with a thread count is not supported");
+                }
+                if o.len() != 1 {
+                    return load_err(l, "bar.sync takes a barrier id");
                 }
                 Op::Bar {
                     id: self.src(sc, &o[0], Ty::U32, Fit::Exact, l)?,
-                    count: match o.get(1) {
-                        Some(c) => Some(self.src(sc, c, Ty::U32, Fit::Exact, l)?),
-                        None => None,
-                    },
                 }
             }
             "shfl" => {

@@ -717,6 +717,57 @@ fn random_schedules_really_reorder_threads() {
     );
 }
 
+const TWO_ADDS: &str = r#"
+.visible .entry twice(.param .u64 cell, .param .u64 out)
+{
+    .reg .b32 %t, %first, %second;
+    .reg .b64 %c, %o, %a;
+    mov.u32 %t, %tid.x;
+    ld.param.u64 %c, [cell];
+    atom.global.add.u32 %first, [%c], 1;
+    atom.global.add.u32 %second, [%c], 1;
+    ld.param.u64 %a, [out];
+    mul.wide.u32 %o, %t, 8;
+    add.s64 %a, %a, %o;
+    st.global.v2.u32 [%a], {%first, %second};
+    ret;
+}
+"#;
+
+#[test]
+fn random_schedules_interleave_threads_between_instructions() {
+    // Two atomics in a row: a thread that runs until it blocks gets two
+    // consecutive counts; a random quantum lets others in between.
+    let m = module(TWO_ADDS);
+    let gaps = |s: Schedule| {
+        let mut dev = Device::new();
+        let cell = dev.alloc_zeroed(4);
+        let out = dev.alloc(8 * 64);
+        dev.launch(
+            &m,
+            "twice",
+            &LaunchConfig::linear(1, 64).with_schedule(s),
+            &[Arg::U64(cell), Arg::U64(out)],
+        )
+        .unwrap();
+        assert_eq!(u32s(&dev, cell, 1), [128]);
+        u32s(&dev, out, 128)
+            .chunks(2)
+            .filter(|p| p[1] != p[0] + 1)
+            .count()
+    };
+    assert_eq!(gaps(Schedule::InOrder), 0);
+    let random = Schedule::Random {
+        seed: 5,
+        resident: 1,
+        max_quantum: 1,
+    };
+    assert!(
+        gaps(random) > 0,
+        "no thread was interrupted between its two atomics"
+    );
+}
+
 // ------------------------------------------------------------ bugs it must report
 
 fn launch_err(
@@ -956,9 +1007,35 @@ fn warp_collective_misuse_is_an_error() {
     // reading an exited lane
     let exited = "    setp.ge.u32 %p, %t, 16;\n    @%p ret;\n    shfl.sync.bfly.b32 %v, %t, 16, 31, 0xffffffff;";
     expect(ErrorKind::Warp, exited, 32, 4, "has exited");
+    // the same in the second warp (lanes 48..63 exit), so the exit's lane
+    // arithmetic finds the warp's own waiting lanes
+    let exited_w1 = "    setp.ge.u32 %p, %t, 48;\n    @%p ret;\n    shfl.sync.bfly.b32 %v, %t, 16, 31, 0xffffffff;";
+    expect(ErrorKind::Warp, exited_w1, 64, 4, "has exited");
     // lanes disagree on the collective
     let mismatch = "    setp.ge.u32 %p, %t, 16;\n    @%p bra U;\n    shfl.sync.down.b32 %v, %t, 1, 31, 0xffffffff;\n    bra E;\nU:\n    shfl.sync.up.b32 %v, %t, 1, 0, 0xffffffff;\nE:";
     expect(ErrorKind::Warp, mismatch, 32, 4, "mismatch");
+}
+
+#[test]
+fn shuffles_in_partial_masks_and_a_partial_warp() {
+    // Warp 0 as two half-warp groups with their own masks; warp 1 of a
+    // 48-thread block has 16 lanes, the rest of its full mask absent.
+    let body = "    setp.ge.u32 %p, %t, 32;\n    @%p bra W1;\n    setp.ge.u32 %q, %t, 16;\n    @%q bra HI;\n    shfl.sync.bfly.b32 %v, %t, 1, 31, 0x0000ffff;\n    bra E;\nHI:\n    shfl.sync.bfly.b32 %v, %t, 2, 31, 0xffff0000;\n    bra E;\nW1:\n    shfl.sync.bfly.b32 %v, %t, 4, 31, 0xffffffff;\nE:\n    st.global.u32 [%o], %v;";
+    let m = module(&k(body));
+    for schedule in [Schedule::InOrder, Schedule::Reversed] {
+        let mut dev = Device::new();
+        let out = dev.alloc(4 * 48);
+        let cfg = LaunchConfig::linear(1, 48).with_schedule(schedule.clone());
+        dev.launch(&m, "k", &cfg, &[Arg::U64(out)]).unwrap();
+        let want: Vec<u32> = (0..48u32)
+            .map(|t| match t {
+                0..16 => t ^ 1,
+                16..32 => t ^ 2,
+                _ => t ^ 4,
+            })
+            .collect();
+        assert_eq!(u32s(&dev, out, 48), want, "{schedule:?}");
+    }
 }
 
 #[test]
@@ -1004,6 +1081,193 @@ fn launch_arguments_are_checked() {
     assert_eq!(e.kind, ErrorKind::Launch);
 }
 
+#[test]
+fn device_buffers_are_disjoint_aligned_bounded_and_freed() {
+    let mut dev = Device::new();
+    let big = 1 << 20;
+    let a = dev.alloc(big);
+    let b = dev.alloc_zeroed(big);
+    let c = dev.alloc_aligned(100, 1 << 21);
+    let d = dev.alloc_aligned(100, 1 << 21);
+    assert!(
+        c.is_multiple_of(1 << 21) && d.is_multiple_of(1 << 21) && c != d,
+        "{c:#x} {d:#x}"
+    );
+    for (i, (&addr, len)) in [a, b, c, d].iter().zip([big, big, 100, 100]).enumerate() {
+        dev.write(addr, &vec![i as u8 + 1; len]).unwrap();
+    }
+    for (i, (&addr, len)) in [a, b, c, d].iter().zip([big, big, 100, 100]).enumerate() {
+        assert_eq!(dev.read(addr, len).unwrap(), vec![i as u8 + 1; len]);
+        // the byte after a buffer is in its unmapped gap
+        let e = dev.read(addr + len as u64, 1).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::OutOfBounds, "{e}");
+    }
+    dev.free(b).unwrap();
+    assert_eq!(dev.read(b, 4).unwrap_err().kind, ErrorKind::OutOfBounds);
+    assert_eq!(dev.free(b).unwrap_err().kind, ErrorKind::OutOfBounds);
+    assert_eq!(dev.free(a + 4).unwrap_err().kind, ErrorKind::OutOfBounds);
+    // What the host writes into an uninitialised buffer is initialised,
+    // and only that: a kernel may read it, not the bytes before it.
+    let m = module(&k(
+        "    ld.global.u32 %v, [%o];\n    add.u32 %v, %v, 1;\n    st.global.u32 [%o], %v;",
+    ));
+    let buf = dev.alloc(64);
+    dev.write(buf + 16, &[7; 16]).unwrap();
+    let cfg = LaunchConfig::linear(1, 4);
+    dev.launch(&m, "k", &cfg, &[Arg::U64(buf + 16)]).unwrap();
+    assert_eq!(u32s(&dev, buf + 16, 4), [0x0707_0708; 4]);
+    let e = dev.launch(&m, "k", &cfg, &[Arg::U64(buf)]).unwrap_err();
+    assert!(
+        e.kind == ErrorKind::Undefined && e.message.contains("uninitialised"),
+        "{e}"
+    );
+}
+
+/// What a launch of `kernel` in `body` with `cfg` and one output buffer
+/// of `out_bytes` returns.
+fn launch_with(body: &str, cfg: &LaunchConfig, out_bytes: usize) -> ptx_interp::Result<()> {
+    let m = module(body);
+    let mut dev = Device::new();
+    let out = dev.alloc_zeroed(out_bytes);
+    dev.launch(&m, "k", cfg, &[Arg::U64(out)]).map(|_| ())
+}
+
+#[test]
+fn launch_geometry_and_shared_memory_limits_are_checked() {
+    let geometry = |grid: [u32; 3], block: [u32; 3]| LaunchConfig {
+        grid,
+        block,
+        ..LaunchConfig::linear(1, 1)
+    };
+    let plain = k("");
+    // At most 1024 threads a block, none of the six sizes zero.
+    assert!(launch_with(&plain, &geometry([1, 1, 1], [8, 8, 16]), 4096).is_ok());
+    for (grid, block) in [
+        ([1, 1, 1], [8, 8, 17]),
+        ([1, 1, 1], [1025, 1, 1]),
+        ([1, 1, 1], [0, 1, 1]),
+        ([1, 1, 1], [32, 0, 1]),
+        ([0, 1, 1], [32, 1, 1]),
+        ([1, 1, 0], [32, 1, 1]),
+    ] {
+        let e = launch_with(&plain, &geometry(grid, block), 4096).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Launch, "{grid:?} {block:?}: {e}");
+        assert!(e.message.contains("bad launch geometry"), "{e}");
+    }
+    // .reqntid: exactly that block; .maxntid: at most its product.
+    let with_directive =
+        |d: &str| k("").replacen("(.param .u64 out)", &format!("(.param .u64 out) {d}"), 1);
+    let req = with_directive(".reqntid 32, 2");
+    assert!(launch_with(&req, &geometry([1, 1, 1], [32, 2, 1]), 256).is_ok());
+    let e = launch_with(&req, &geometry([1, 1, 1], [64, 1, 1]), 256).unwrap_err();
+    assert!(
+        e.kind == ErrorKind::Launch && e.message.contains(".reqntid"),
+        "{e}"
+    );
+    let max = with_directive(".maxntid 64");
+    assert!(launch_with(&max, &geometry([1, 1, 1], [16, 4, 1]), 256).is_ok());
+    let e = launch_with(&max, &geometry([1, 1, 1], [65, 1, 1]), 512).unwrap_err();
+    assert!(
+        e.kind == ErrorKind::Launch && e.message.contains(".maxntid"),
+        "{e}"
+    );
+    // Shared memory: static (256 bytes in `k`) plus dynamic, at most
+    // 227 KiB (sm_80/sm_90's opt-in maximum); dynamic only with an
+    // `.extern .shared` array to hold it.
+    let dynamic = |bytes: usize| LaunchConfig {
+        dynamic_shared: bytes,
+        ..LaunchConfig::linear(1, 32)
+    };
+    let e = launch_with(&plain, &dynamic(4), 128).unwrap_err();
+    assert!(
+        e.kind == ErrorKind::Launch && e.message.contains(".extern .shared"),
+        "{e}"
+    );
+    let ext = k("").replacen(
+        ".shared .align 4 .u32 sh[64];",
+        ".shared .align 4 .u32 sh[64];\n    .extern .shared .align 4 .b8 dyn[];",
+        1,
+    );
+    assert!(launch_with(&ext, &dynamic(227 * 1024 - 256), 128).is_ok());
+    let e = launch_with(&ext, &dynamic(227 * 1024 - 255), 128).unwrap_err();
+    assert!(
+        e.kind == ErrorKind::Launch && e.message.contains("exceed"),
+        "{e}"
+    );
+}
+
+/// `%tid`, `%ntid`, `%ctaid` and `%nctaid` in all three dimensions, and
+/// every thread of a 3-D grid of 3-D blocks run once.
+#[test]
+fn three_dimensional_launches_number_threads_and_blocks_like_cuda() {
+    let body = r#".visible .entry k(.param .u64 out)
+{
+    .reg .b32 %tx, %ty, %tz, %nx, %ny, %nz, %bx, %by, %bz, %gx, %gy, %gz, %i, %j;
+    .reg .b64 %out, %o;
+    ld.param.u64 %out, [out];
+    mov.u32 %tx, %tid.x;
+    mov.u32 %ty, %tid.y;
+    mov.u32 %tz, %tid.z;
+    mov.u32 %nx, %ntid.x;
+    mov.u32 %ny, %ntid.y;
+    mov.u32 %nz, %ntid.z;
+    mov.u32 %bx, %ctaid.x;
+    mov.u32 %by, %ctaid.y;
+    mov.u32 %bz, %ctaid.z;
+    mov.u32 %gx, %nctaid.x;
+    mov.u32 %gy, %nctaid.y;
+    mov.u32 %gz, %nctaid.z;
+    // i = thread's index in its block, j = block's index in the grid
+    mad.lo.u32 %i, %tz, %ny, %ty;
+    mad.lo.u32 %i, %i, %nx, %tx;
+    mad.lo.u32 %j, %bz, %gy, %by;
+    mad.lo.u32 %j, %j, %gx, %bx;
+    mul.lo.u32 %j, %j, %nx;
+    mul.lo.u32 %j, %j, %ny;
+    mul.lo.u32 %j, %j, %nz;
+    add.u32 %i, %i, %j;
+    mul.wide.u32 %o, %i, 48;
+    add.s64 %o, %out, %o;
+    st.global.v4.u32 [%o], {%tx, %ty, %tz, %bx};
+    st.global.v4.u32 [%o+16], {%by, %bz, %nx, %ny};
+    st.global.v4.u32 [%o+32], {%nz, %gx, %gy, %gz};
+    ret;
+}"#;
+    // Sizes with common factors: with coprime ones a wrong split of the
+    // linear index (`l * x % y` for `l / x % y`) can still be a bijection.
+    let (grid, block) = ([2u32, 2, 3], [4u32, 2, 3]);
+    let threads = (grid.iter().product::<u32>() * block.iter().product::<u32>()) as usize;
+    let m = module(body);
+    for schedule in [Schedule::InOrder, Schedule::Reversed] {
+        let mut dev = Device::new();
+        let out = dev.alloc(48 * threads);
+        let cfg = LaunchConfig {
+            grid,
+            block,
+            ..LaunchConfig::linear(1, 1).with_schedule(schedule.clone())
+        };
+        dev.launch(&m, "k", &cfg, &[Arg::U64(out)]).unwrap();
+        let got = u32s(&dev, out, 12 * threads);
+        let mut want = Vec::new();
+        for bz in 0..grid[2] {
+            for by in 0..grid[1] {
+                for bx in 0..grid[0] {
+                    for tz in 0..block[2] {
+                        for ty in 0..block[1] {
+                            for tx in 0..block[0] {
+                                want.extend([tx, ty, tz, bx, by, bz]);
+                                want.extend(block);
+                                want.extend(grid);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(got, want, "{schedule:?}");
+    }
+}
+
 // ------------------------------------------------------------ fail closed
 
 #[test]
@@ -1024,6 +1288,8 @@ fn anything_outside_the_subset_is_a_load_error() {
         ("    .local .u32 tmp;", "unsupported directive"),
         ("    shfl.bfly.b32 %v, %v, 1, 31;", "shfl.sync"),
         ("    bar.arrive 0, 64;", "bar.sync"),
+        ("    bar.sync 0, 64;", "thread count"),
+        ("    bar.sync;", "barrier id"),
         ("    cvt.f32.f64 %f, %d;", "needs .rn"),
         ("    cvt.rz.f16.f32 %h, %f;", "only .rn"),
         ("    add.u32 %v, %f, %v;", "does not fit"),
