@@ -1249,6 +1249,12 @@ pub fn try_run_window(
                 ctl.phi.is_nan() && out.phi.is_nan(),
                 "{ctx}: a skipped step reports φ = NaN"
             );
+            // kernels/README.md, F_DECIDE: a skip leaves scale 1, lr_eff (f32)η
+            check_eq!(
+                (ctl.scale, ctl.lr_eff),
+                (1.0, lra::controller::effective_lr(1.0, st.lr)),
+                "{ctx}: a skipped step's scale and effective learning rate"
+            );
             check_eq!(hp, before_params, "{ctx}: a skipped step writes nothing");
             // the device's own values too (equal to the CPU's above, but a
             // skip both sides got wrong alike would pass that)
@@ -1318,7 +1324,11 @@ pub fn try_run_window(
                 );
             }
             match shape.rule {
-                None => check_eq!(ctl.scale, 1.0, "{ctx}"),
+                None => check_eq!(
+                    (ctl.scale, ctl.lr_eff),
+                    (1.0, lra::controller::effective_lr(1.0, st.lr)),
+                    "{ctx}: scale and effective learning rate"
+                ),
                 Some((f_star, obs_var)) => {
                     let rule = ScaleRule {
                         loss: st.loss,
