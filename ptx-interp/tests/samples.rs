@@ -1233,9 +1233,10 @@ fn three_dimensional_launches_number_threads_and_blocks_like_cuda() {
     st.global.v4.u32 [%o+32], {%nz, %gx, %gy, %gz};
     ret;
 }"#;
-    // Sizes with common factors: with coprime ones a wrong split of the
-    // linear index (`l * x % y` for `l / x % y`) can still be a bijection.
-    let (grid, block) = ([2u32, 2, 3], [4u32, 2, 3]);
+    // Sizes with common factors, x + y != x * y: with coprime ones a wrong
+    // split of the linear index (`l * x % y` for `l / x % y`) can still be
+    // a bijection, and `l / (x + y)` is `l / (x * y)` for 2 and 2.
+    let (grid, block) = ([2u32, 4, 3], [4u32, 2, 3]);
     let threads = (grid.iter().product::<u32>() * block.iter().product::<u32>()) as usize;
     let m = module(body);
     for schedule in [Schedule::InOrder, Schedule::Reversed] {
