@@ -33,7 +33,6 @@ off or with the same mask, BatchNorm not updating running statistics, i.e.
 import collections.abc
 import ctypes
 import ctypes.util
-import math
 import operator
 import os
 import signal

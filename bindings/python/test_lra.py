@@ -149,6 +149,111 @@ class RawHandleTests(unittest.TestCase):
             # pre-write [non-finite, found-inf, 0] (guard on), then this rank's φ
             self.assertEqual(sizes, [3, 1])
 
+    def test_constants_are_the_c_headers(self):
+        # The values are the C ABI (include/lra.h): a wrong one hands lra
+        # another optimizer, schedule or sharding, or misnames a decision.
+        import re
+
+        header = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "include", "lra.h")
+        with open(header) as f:
+            defines = {k: int(v) for k, v in re.findall(r"^#define LRA_(\w+) (\d+)$", f.read(), re.M)}
+
+        def group(prefix):
+            return {k[len(prefix):].lower(): v for k, v in defines.items() if k.startswith(prefix)}
+
+        self.assertEqual(lra.OPTIMIZERS, group("OPTIMIZER_"))
+        self.assertEqual(lra.REEVAL_SCHEDULES, group("REEVAL_"))
+        self.assertEqual(lra.SHARDINGS, group("SHARDING_"))
+        self.assertEqual({v: k for k, v in lra.DECISIONS.items()}, group("DECISION_"))
+        self.assertEqual({v: k for k, v in lra.SKIP_REASONS.items()}, group("SKIP_"))
+        self.assertEqual({"f32": lra.DTYPE_F32, "f16": lra.DTYPE_F16, "bf16": lra.DTYPE_BF16}, group("DTYPE_"))
+        self.assertEqual({"host": lra.DEVICE_HOST, "cuda": lra.DEVICE_CUDA}, group("DEVICE_"))
+        self.assertEqual((lra.OK, lra.CALL_ORDER, lra.REDUCTION_FAILED),
+                         (defines["OK"], defines["CALL_ORDER"], defines["REDUCTION_FAILED"]))
+
+    def test_star_import_gives_the_public_names(self):
+        namespace = {}
+        exec("from lra import *", namespace)
+        self.assertEqual(sorted(set(namespace) - {"__builtins__"}), sorted(lra.__all__))
+        for name in ("Optimizer", "TorchOptimizer", "numpy_tensor", "LraError", "version"):
+            self.assertIn(name, namespace)
+        self.assertNotIn("os", namespace)
+
+    def test_version_decodes_major_minor_patch(self):
+        # lra.h: lra_version() is (major << 16) | (minor << 8) | patch.
+        from unittest import mock
+
+        lib = mock.Mock()
+        lib.lra_version.return_value = (12 << 16) | (34 << 8) | 56
+        with mock.patch.object(lra, "load_library", return_value=lib):
+            self.assertEqual(lra.version(), (12, 34, 56))
+
+    def test_without_lra_library_a_checkout_build_is_found_and_every_miss_listed(self):
+        # The module docstring's search: $CARGO_TARGET_DIR/release (relative:
+        # from the repository root), then target/release, both only in a
+        # checkout, then the system loader; what failed, each once, in the error.
+        import ctypes.util
+        import shutil
+        import subprocess
+        import tempfile
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        real = os.path.abspath(lra.load_library()._name)
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import lra\n"
+            "if len(sys.argv) > 2:  # what the system loader would find\n"
+            "    import ctypes.util\n"
+            "    ctypes.util.find_library = lambda name: sys.argv[2] if name == 'lra' else None\n"
+            "try:\n    lib = lra.load_library()\nexcept OSError as e:\n    print('OSError:', e)\n"
+            "else:\n    print('loaded', lib._name, lra.load_library() is lib, lra.version())\n"
+        )
+        system_has_none = ctypes.util.find_library("lra") is None
+        with tempfile.TemporaryDirectory() as repo:
+            python_dir = os.path.join(repo, "bindings", "python")
+            os.makedirs(python_dir)
+            shutil.copy(os.path.join(here, "lra.py"), python_dir)
+            env = {k: v for k, v in os.environ.items() if k not in ("LRA_LIBRARY", "CARGO_TARGET_DIR")}
+
+            def load(*system, **extra):
+                run = subprocess.run([sys.executable, "-c", code, python_dir, *system],
+                                     env=dict(env, **extra), cwd=here, capture_output=True, text=True)
+                self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+                return run.stdout.strip()
+
+            def put(path, library=None):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                if library:
+                    os.symlink(library, path)
+                else:
+                    with open(path, "w") as f:
+                        f.write("not a shared library")
+
+            target = os.path.join(repo, "target", "release", "liblra.so")
+            build = os.path.join(repo, "build", "release", "liblra.so")
+            put(target, real)
+            if system_has_none:  # not a checkout (no Cargo.toml): target/ is none of its business
+                out = load()
+                self.assertTrue(out.startswith("OSError: liblra not found"), out)
+                self.assertNotIn(target, out)
+            self.assertEqual(load(real), f"loaded {real} True {lra.version()}")  # the last resort
+            open(os.path.join(repo, "Cargo.toml"), "w").close()
+            self.assertEqual(load(), f"loaded {target} True {lra.version()}")
+            put(build, real)
+            self.assertEqual(load(CARGO_TARGET_DIR="build"), f"loaded {build} True {lra.version()}")
+            os.remove(build)
+            put(build)  # a broken build first: skipped, and reported if nothing loads
+            self.assertEqual(load(CARGO_TARGET_DIR="build"), f"loaded {target} True {lra.version()}")
+            if not system_has_none:
+                self.skipTest("the system loader finds a liblra")
+            os.remove(target)
+            out = load(CARGO_TARGET_DIR="build")
+            self.assertTrue(out.startswith("OSError: liblra not found: set LRA_LIBRARY"), out)
+            self.assertEqual(out.count(f"{build} ("), 1, out)  # with the loader's message
+            self.assertNotIn(f"{build} (missing)", out)
+            self.assertEqual(out.count(f"{target} ("), 1, out)
+            self.assertIn(f"{target} (missing)", out)
+            self.assertIn("the system loader (ctypes.util.find_library('lra')): nothing", out)
+
 
 @unittest.skipIf(np is None, "numpy is not importable by this python")
 class NumpyTensorTests(unittest.TestCase):
@@ -362,6 +467,22 @@ class NumpyTensorTests(unittest.TestCase):
         out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
                              capture_output=True, text=True, check=True).stdout
         self.assertEqual(out.strip(), "no numpy")
+
+    def test_memory_order_ignores_only_dimensions_of_size_one(self):
+        # A (2, 2) gradient in Fortran order would pair elements transposed.
+        self.assert_refused(ValueError, "grad must be laid out like param", np.ones((2, 2), np.float32),
+                            np.asfortranarray(np.arange(4, dtype=np.float32).reshape(2, 2)))
+        # The stride of a dimension of size 1 places no element: any will do.
+        p = np.zeros((3, 1), np.float32)
+        g = np.arange(3, dtype=np.float32).reshape(1, 3).T  # strides (4, 12)
+        self.assertNotEqual(g.strides, p.strides)
+        with lra.Optimizer("sgd", lr=1.0, num_threads=1) as opt:
+            opt.step([lra.numpy_tensor(p, g)], 1.0)
+        self.assertEqual(p.ravel().tolist(), [0.0, -1.0, -2.0])
+
+    def test_one_element_param_and_grad_in_the_same_memory_are_refused(self):
+        buf = np.ones(1, np.float32)
+        self.assert_refused(ValueError, "share memory", buf, buf)
 
 
 @unittest.skipIf(torch is None, "torch is not importable by this python")
@@ -589,6 +710,150 @@ class HandleLifetimeAndMessageTests(unittest.TestCase):
             worker.join()
         self.assertEqual(errors, [])
         self.assertAlmostEqual(param[0], 0.9, places=6)
+        opt.close()
+        with self.assertRaisesRegex(lra.LraError, "closed"):
+            opt.lr
+
+    def test_reeval_info_counters_and_last_reeval_read_by_name(self):
+        import ctypes
+
+        param, grad = f32_buffer([1.0]), f32_buffer([1.0])
+        with lra.Optimizer("sgd", lr=0.1, num_threads=1) as opt:
+            opt.step([(ctypes.addressof(param), ctypes.addressof(grad), 1, lra.DTYPE_F32)], 1.0)
+            info = opt.report_reeval(0.5)
+            last = opt.last_reeval
+            self.assertEqual((last.phi, last.lr_before, last.lr, last.decision_name, last.skip_reason_name),
+                             (info.phi, 0.1, info.lr, "raised", "none"))
+            self.assertIn("decision=raised, skip_reason=none", repr(last))
+            counters = opt.counters
+            self.assertEqual(counters.as_dict(), {"steps": 1, "applied": 1, "skipped": 0, "reevals": 1,
+                                                  "raised": 1, "lowered": 0, "kept": 0, "reeval_skipped": 0})
+            self.assertEqual(repr(counters), f"Counters({counters.as_dict()})")
+
+    def test_struct_size_is_no_keyword_and_unknown_fields_are_named(self):
+        # struct_size tells lra how many bytes of the config to read: the
+        # binding sets it, a keyword may not.
+        with self.assertRaisesRegex(TypeError, "unknown lra_config field 'struct_size'"):
+            lra.Optimizer("sgd", struct_size=4096)
+        with self.assertRaisesRegex(TypeError, "unknown lra_config field 'learning_rate'"):
+            lra.Optimizer("sgd", learning_rate=1e-3)
+
+    def test_close_and_garbage_collection_destroy_the_handle_once(self):
+        import gc
+
+        destroyed = []
+
+        class Recording:
+            def __init__(self, lib):
+                self.lib = lib
+
+            def __getattr__(self, name):
+                fn = getattr(self.lib, name)
+                if name != "lra_destroy":
+                    return fn
+
+                def destroy(h):
+                    if h:  # lra_destroy(NULL) is a no-op
+                        destroyed.append(h.value)
+                    fn(h)
+
+                return destroy
+
+        opt = lra.Optimizer("sgd")
+        h = opt._h.value
+        opt._lib = Recording(opt._lib)
+        opt.close()
+        opt.close()
+        self.assertEqual(destroyed, [h])
+        dropped = lra.Optimizer("sgd")
+        h2 = dropped._h.value
+        dropped._lib = Recording(dropped._lib)
+        del dropped
+        gc.collect()
+        self.assertEqual(destroyed, [h, h2])
+
+    def test_a_call_that_fails_before_init_runs_finalizes_quietly(self):
+        import gc
+        from unittest import mock
+
+        unraisable = []
+        with mock.patch.object(sys, "unraisablehook", unraisable.append):
+            with self.assertRaises(TypeError):
+                lra.Optimizer("sgd", 0.1)  # lr given positionally: __init__ never runs
+            gc.collect()
+        self.assertEqual(unraisable, [])
+
+    def test_a_closed_handle_fails_like_a_null_one(self):
+        import ctypes
+
+        opt = lra.Optimizer("sgd")
+        opt.close()
+        with self.assertRaises(lra.LraError) as ctx:
+            opt.lr
+        null_status = lra.load_library().lra_get_lr(None, ctypes.byref(ctypes.c_double()))
+        self.assertEqual(ctx.exception.status, null_status)  # LRA_NULL_POINTER
+        self.assertIn("closed", ctx.exception.message)
+
+    def test_a_loss_or_lr_that_is_not_a_number_is_a_type_error(self):
+        # e.g. a closure that returns None; ctypes would raise its own ArgumentError.
+        with lra.Optimizer("sgd", lr=0.1, num_threads=1) as opt:
+            with self.assertRaises(TypeError):
+                opt.step([], None)
+            with self.assertRaises(TypeError):
+                opt.step([], 1.0, obs_var=None)
+            with self.assertRaises(TypeError):
+                opt.lr = None
+            self.assertEqual((opt.lr, opt.counters.steps), (0.1, 0))
+            opt.step([], 1.0)
+            with self.assertRaises(TypeError):
+                opt.report_reeval(None)
+            self.assertEqual(opt.counters.reevals, 0)
+
+    def test_load_state_takes_any_bytes_like_object(self):
+        import ctypes
+
+        param, grad = f32_buffer([1.0, 2.0]), f32_buffer([1.0, -1.0])
+        t = [(ctypes.addressof(param), ctypes.addressof(grad), 2, lra.DTYPE_F32)]
+        with lra.Optimizer("adam", lr=0.01, num_threads=1) as a, \
+                lra.Optimizer("adam", lr=0.01, num_threads=1) as b:
+            a.step(t, 1.0)
+            a.report_reeval(0.5)
+            blob = a.save_state()
+            for data in (bytearray(blob), memoryview(blob)):
+                with self.subTest(type=type(data).__name__):
+                    b.load_state(data)
+                    self.assertEqual(b.save_state(), blob)
+
+    def test_a_ctrl_c_while_waiting_for_the_handles_lock_leaves_it_usable(self):
+        # Lock waits are interrupted by signals: nothing may stay counted in
+        # flight (close() would be refused for good).
+        import signal
+        import threading
+
+        self.addCleanup(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        opt = lra.Optimizer("sgd", lr=0.1)
+        locked, release = threading.Event(), threading.Event()
+
+        def hold():
+            with opt._lock:  # another thread's call, counting itself in flight
+                locked.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        self.assertTrue(locked.wait(10))
+        main = threading.main_thread().ident
+        timer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT))
+        try:
+            with self.assertRaises(KeyboardInterrupt):
+                timer.start()
+                opt.lr  # waits for the lock until the SIGINT interrupts the wait
+        finally:
+            release.set()
+            holder.join()
+            timer.join()
+        self.assertEqual(opt.lr, 0.1)
         opt.close()
         with self.assertRaisesRegex(lra.LraError, "closed"):
             opt.lr
@@ -923,6 +1188,364 @@ class ReductionFailureTests(unittest.TestCase):
         with self.assertRaises(lra.LraError) as ctx:  # nothing was registered
             opt.step(t, 1.0)
         self.assertEqual(ctx.exception.status, lra.CALL_ORDER)
+
+    def test_a_ctrl_c_in_or_just_before_a_reduction_fails_the_call_and_changes_nothing(self):
+        # set_reduction: a Ctrl-C while the reducer runs, or one that came
+        # while lra computed and was held until the next reduction (sent
+        # here at the entry of the binding's trampoline), fails the call:
+        # nothing changes, and the KeyboardInterrupt reaches the caller.
+        import ctypes
+        import signal
+
+        def at_trampoline_entry(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "trampoline":
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGINT)
+
+        def interrupting(values):
+            signal.raise_signal(signal.SIGINT)
+            return values
+
+        flag = ctypes.c_float(0.0)
+        calls = {
+            "step": lambda opt, t: opt.step(t, 1.0),
+            "step with found_inf": lambda opt, t: opt.step(t, 1.0, found_inf=ctypes.addressof(flag)),
+            "report_reeval": lambda opt, t: opt.report_reeval(0.5),
+        }
+        for where in ("in the reducer", "before the reducer"):
+            for name, call in calls.items():
+                with self.subTest(where=where, call=name):
+                    opt, t, param, grad = sharded_sgd()
+                    opt.set_reduction(lambda values: values)
+                    if name == "report_reeval":
+                        opt.step(t, 1.0)
+                    before = (param[0], opt.counters.as_dict())
+                    if where == "in the reducer":
+                        opt.set_reduction(interrupting)
+                    else:
+                        sys.setprofile(at_trampoline_entry)
+                    try:
+                        with self.assertRaises(KeyboardInterrupt) as ctx:
+                            call(opt, t)
+                    finally:
+                        sys.setprofile(None)
+                    self.assertEqual((param[0], opt.counters.as_dict()), before)
+                    if hasattr(ctx.exception, "add_note"):  # Python 3.11+
+                        self.assertIn("changed nothing", " ".join(ctx.exception.__notes__))
+                    opt.close()
+        self.assert_nothing_escaped_into_c()
+
+    def test_an_ignored_sigint_stays_ignored(self):
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        def reduce(values):
+            signal.raise_signal(signal.SIGINT)
+            return values
+
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(reduce)
+        opt.step(t, 1.0)
+        self.assertAlmostEqual(param[0], 0.9, places=6)
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.SIG_IGN)
+        self.assertEqual([u.exc_value for u in self.unraisable], [])
+
+    def test_the_binding_s_handler_put_back_by_the_caller_does_not_recurse(self):
+        # Code that saves the SIGINT handler during a call (in the reducer)
+        # and restores it afterwards installs the binding's temporary one.
+        import signal
+
+        saved = []
+
+        def saving(values):
+            saved.append(signal.getsignal(signal.SIGINT))
+            return values
+
+        def interrupting(values):
+            signal.raise_signal(signal.SIGINT)
+            return values
+
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(saving)
+        opt.step(t, 1.0)
+        signal.signal(signal.SIGINT, saved[0])
+        opt.set_reduction(interrupting)
+        with self.assertRaises(KeyboardInterrupt):
+            opt.report_reeval(0.5)
+        self.assertEqual(opt.counters.reevals, 0)
+        self.assert_nothing_escaped_into_c()
+
+    def test_a_sigint_handler_installed_during_a_call_is_kept(self):
+        import signal
+
+        def mine(signum, frame):
+            pass
+
+        def reduce(values):
+            signal.signal(signal.SIGINT, mine)
+            return values
+
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(reduce)
+        opt.step(t, 1.0)
+        self.assertIs(signal.getsignal(signal.SIGINT), mine)
+
+    def test_a_call_on_another_thread_leaves_sigint_handling_to_the_main_thread(self):
+        # Python runs signal handlers on the main thread only: a worker's
+        # call must not hold back a Ctrl-C meant for the main thread.
+        import signal
+        import threading
+
+        inside, release = threading.Event(), threading.Event()
+        other, other_t, _, _ = sharded_sgd()
+
+        def blocking(values):
+            inside.set()
+            release.wait(10)
+            return values
+
+        other.set_reduction(blocking)
+        worker = threading.Thread(target=lambda: other.step(other_t, 1.0))
+
+        def start_the_worker(values):  # so that it enters its call while this one runs
+            worker.start()
+            inside.wait(10)
+            return values
+
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(start_the_worker)
+        try:
+            opt.step(t, 1.0)
+            self.assertTrue(inside.is_set())
+            self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+            with self.assertRaises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        finally:
+            release.set()
+            worker.join()
+        self.assertEqual(other.counters.steps, 1)
+        self.assert_nothing_escaped_into_c()
+
+    def test_a_ctrl_c_held_for_the_main_thread_is_not_delivered_on_another(self):
+        # A SIGINT held back at an unsafe point of the main thread's call (the
+        # entry of its reduction) is the main thread's: another thread's
+        # reduction running meanwhile must neither raise it nor drop it.
+        import signal
+        import threading
+
+        other, other_t, _, _ = sharded_sgd()
+        other.set_reduction(lambda values: values)
+        errors = []
+
+        def work():
+            try:
+                other.step(other_t, 1.0)
+            except BaseException as e:  # noqa: BLE001 -- reported below
+                errors.append(e)
+
+        def hook(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "trampoline":
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGINT)  # held
+                worker = threading.Thread(target=work)
+                worker.start()
+                worker.join(10)
+
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(lambda values: values)
+        sys.setprofile(hook)
+        try:
+            with self.assertRaises(KeyboardInterrupt):
+                opt.step(t, 1.0)
+        finally:
+            sys.setprofile(None)
+        self.assertEqual(errors, [])
+        self.assertEqual((other.counters.steps, opt.counters.steps), (1, 0))
+        self.assert_nothing_escaped_into_c()
+
+    def test_a_reduction_in_a_subinterpreter(self):
+        # Only the main interpreter may install signal handlers: elsewhere
+        # the binding leaves SIGINT alone instead of failing the call.
+        import subprocess
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        inner = (
+            "try:\n    import ctypes\n"
+            "except ImportError:  # an isolated interpreter refuses single-phase modules\n"
+            "    print('skip: ctypes does not load in a subinterpreter')\n"
+            "else:\n"
+            f"    import sys; sys.path.insert(0, {here!r}); import lra\n"
+            "    param, grad = (ctypes.c_float * 1)(1.0), (ctypes.c_float * 1)(1.0)\n"
+            "    opt = lra.Optimizer('sgd', lr=0.5, sharding='sharded', num_threads=1)\n"
+            "    opt.set_reduction(lambda values: values)\n"
+            "    opt.step([(ctypes.addressof(param), ctypes.addressof(grad), 1, lra.DTYPE_F32)], 1.0)\n"
+            "    print('stepped', param[0])\n"
+        )
+        code = (
+            "try:\n    import _xxsubinterpreters as interpreters\n"
+            "except ImportError:\n    print('skip: this python has no _xxsubinterpreters')\n"
+            "else:\n"
+            "    try:\n        interp = interpreters.create(isolated=False)\n"
+            "    except TypeError:  # Python 3.11\n        interp = interpreters.create()\n"
+            "    interpreters.run_string(interp, INNER)\n"
+        ).replace("INNER", repr(inner))
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+        if run.stdout.startswith("skip: "):
+            self.skipTest(run.stdout.strip()[6:])
+        self.assertEqual(run.stdout.strip(), "stepped 0.5")
+
+    def test_a_ctrl_c_at_any_point_of_a_call_is_raised_never_lost(self):
+        # One real SIGINT at each point of a call where Python may handle it
+        # (a function entered, a C function returned, signal.signal called),
+        # also in a call made from inside a reducer (a second handle's step)
+        # and as a second Ctrl-C after one held at the reduction's entry: the
+        # call raises KeyboardInterrupt, nothing reaches C, and the handler
+        # and the in-flight counts are back. (Like
+        # test_a_ctrl_c_at_any_point_of_a_call_leaves_the_object_usable, which
+        # does not ask what the call raised, at more points.)
+        import gc
+        import signal
+
+        def run(call, k, twice):
+            """call() with a SIGINT at the k-th event (after one at the entry of
+            the first reduction's trampoline if twice); returns (SIGINTs sent,
+            what call() raised)."""
+            sent, n = [0], [0]
+
+            def hook(frame, event, arg):
+                # signal.signal() first runs the handlers of pending signals:
+                # the one C function a Ctrl-C may fail before it runs.
+                if event not in ("call", "c_return") and not (event == "c_call" and arg is signal.signal):
+                    return
+                if twice and not sent[0]:
+                    if event == "call" and frame.f_code.co_name == "trampoline":
+                        sent[0] += 1
+                        signal.raise_signal(signal.SIGINT)  # held until the reduction's try
+                    return
+                if n[0] == k:
+                    sent[0] += 1
+                    signal.raise_signal(signal.SIGINT)
+                n[0] += 1
+
+            gc.disable()  # see test_a_ctrl_c_at_any_point_of_a_call_leaves_the_object_usable
+            sys.setprofile(hook)
+            try:
+                try:
+                    call()
+                finally:
+                    sys.setprofile(None)
+                    gc.enable()
+            except BaseException as exc:  # noqa: BLE001 -- judged below
+                return sent[0], exc
+            return sent[0], None
+
+        def nested(opt, t):
+            inner, inner_t, _, _ = sharded_sgd()
+            inner.set_reduction(lambda values: values)
+
+            def reduce(values):
+                inner.step(inner_t, 1.0)
+                return values
+
+            opt.set_reduction(reduce)
+            opt.step(t, 1.0)
+
+        calls = {
+            "step": lambda opt, t: opt.step(t, 1.0),
+            "report_reeval": lambda opt, t: opt.report_reeval(0.5),
+            "nested step": nested,
+        }
+        for twice in (False, True):
+            for name, call in calls.items():
+                for k in range(2000):
+                    opt, t, param, grad = sharded_sgd()
+                    opt.set_reduction(lambda values: values)
+                    if name == "report_reeval":
+                        opt.step(t, 1.0)
+                    sent, raised = run(lambda: call(opt, t), k, twice)
+                    if sent < (2 if twice else 1):
+                        break  # every point was tried
+                    with self.subTest(call=name, point=k, twice=twice):
+                        self.assertIsInstance(raised, KeyboardInterrupt)
+                        self.assertEqual((opt._in_flight, lra._INTERRUPTS.depth), (0, 0))
+                        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                    lra._INTERRUPTS.depth = 0
+                    opt._in_flight = 0
+                    opt.close()
+                self.assertGreater(k, 5, name)
+        self.assert_nothing_escaped_into_c()
+
+    def test_the_sums_the_reducer_returns_are_what_lra_uses(self):
+        # Another rank's non-finite gradient reaches this rank only through
+        # the sums ([non-finite, found-inf, 0] before the write): every rank
+        # then skips the step.
+        def reduce(values):
+            return [values[0] + 1, *values[1:]] if len(values) == 3 else values
+
+        opt, t, param, grad = sharded_sgd()
+        opt.set_reduction(reduce)
+        opt.step(t, 1.0)
+        self.assertEqual(param[0], 1.0)
+        info = opt.report_reeval(0.5)
+        self.assertEqual((info.decision_name, info.skip_reason_name), ("skipped", "nonfinite_grad"))
+
+    def test_reducers_lra_no_longer_holds_are_released_and_refusals_keep_the_old_one(self):
+        # A reducer keeps what it references alive (a process group, say):
+        # once replaced, unregistered or its handle closed it must be let go.
+        # A refused registration raises and leaves the registered one working.
+        import gc
+        import weakref
+
+        class Reduce:
+            def __call__(self, values):
+                return values
+
+        def register(opt, reduce=None):
+            reduce = reduce or Reduce()
+            opt.set_reduction(reduce)
+            return weakref.ref(reduce)
+
+        def collected(ref):
+            gc.collect()
+            return ref() is None
+
+        with lra.Optimizer("sgd", num_threads=1) as opt:  # replicated: it may go without one
+            first = register(opt)
+            second = register(opt)
+            self.assertTrue(collected(first), "a replaced reducer is kept")
+            self.assertFalse(collected(second))
+            opt.set_reduction(None)
+            self.assertTrue(collected(second), "an unregistered reducer is kept")
+        opt, t, param, grad = sharded_sgd()
+        kept = register(opt)
+        with self.assertRaises(lra.LraError) as ctx:  # a sharded handle needs one
+            opt.set_reduction(None)
+        self.assertEqual(ctx.exception.status, 2)  # LRA_INVALID_ARGUMENT
+        refused, errors = [], []
+
+        def replacing(values):
+            new = Reduce()
+            refused.append(weakref.ref(new))
+            try:
+                opt.set_reduction(new)  # from inside a call on the handle
+            except lra.LraError as e:
+                errors.append(e.status)
+            return values
+
+        opt.set_reduction(replacing)
+        opt.step(t, 1.0)
+        self.assertEqual(errors, [lra.CALL_ORDER])
+        self.assertTrue(collected(refused[0]), "a refused reducer is kept")
+        self.assertTrue(collected(kept))
+        opt.step(t, 1.0)  # still the replacing reducer
+        self.assertEqual(len(errors), 2)
+        last = register(opt)
+        opt.close()
+        self.assertTrue(collected(last), "the reducer of a closed handle is kept")
+        self.assert_nothing_escaped_into_c()
 
 
 @unittest.skipIf(torch is None, "torch is not importable by this python")
@@ -1338,6 +1961,236 @@ class TorchAdapterAuditTests(unittest.TestCase):
         self.assertIsNone(before_any_step["memory_orders"])
         opt_d.load_state_dict(before_any_step)
         train(d, opt_d, x, 1)
+
+    def test_a_torch_without_the_flag_methods_is_served(self):
+        # is_inference came in torch 1.9, is_neg/is_conj in 1.10,
+        # _is_zerotensor in 1.11: a torch without them makes no such tensors.
+        class OldTorchParameter(torch.nn.Parameter):
+            is_neg = is_conj = _is_zerotensor = is_inference = None
+
+        p = OldTorchParameter(torch.ones(3))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.5)
+        p.grad = torch.ones(3)
+        opt.step(1.0)
+        self.assertEqual(p.detach().tolist(), [0.5] * 3)
+
+    def test_state_dict_without_torch_frombuffer(self):
+        # torch < 1.10 has no frombuffer: the checkpoint tensor is made from a list.
+        p = torch.nn.Parameter(torch.ones(4))
+        p.grad = torch.ones(4)
+        opt = lra.TorchOptimizer([p], optimizer="adam")
+        opt.step(1.0)
+        expected = opt.state_dict()["lra_state"]
+        frombuffer = torch.frombuffer
+        del torch.frombuffer
+        try:
+            state = opt.state_dict()
+        finally:
+            torch.frombuffer = frombuffer
+        self.assertEqual(state["lra_state"].dtype, torch.uint8)
+        self.assertTrue(torch.equal(state["lra_state"], expected))
+
+    def test_the_param_group_is_a_mapping_of_params_and_lr(self):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.25)
+        group = opt.param_groups[0]
+        self.assertEqual(len(group), 2)
+        self.assertEqual(sorted(group), ["lr", "params"])
+        with self.assertRaises(KeyError):
+            group["momentum"]
+        self.assertIsNone(group.get("momentum"))
+        self.assertEqual(group.get("lr"), 0.25)
+        opt.lr = 0.5  # the TorchOptimizer's own lr property
+        self.assertEqual((opt.lra.lr, group["lr"]), (0.5, 0.5))
+
+    def test_more_params_argument_mistakes_fail_at_construction(self):
+        frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+        p = torch.nn.Parameter(torch.ones(4))
+        meta = torch.nn.Parameter(torch.empty(4, device="meta"))
+        with self.assertRaisesRegex(TypeError, "parameter 1 is a float, not a torch.Tensor"):
+            lra.TorchOptimizer([p, 1.0])
+        for params in ([], [frozen]):
+            with self.assertRaisesRegex(ValueError, "no parameters that require gradients"):
+                lra.TorchOptimizer(params)
+        with self.assertRaisesRegex(ValueError, "parameter 2 is on meta, parameter 1 on cpu"):
+            lra.TorchOptimizer([frozen, p, meta])
+        with self.assertRaisesRegex(ValueError, "unsupported device meta"):
+            lra.TorchOptimizer([meta])
+
+    def test_zero_grad_without_set_to_none_is_torch_optims(self):
+        # torch.optim's zero_grad(set_to_none=False): no gradient stays None;
+        # one with a graph (create_graph=True) is detached, a leaf that
+        # requires grad stops requiring it; both are zeroed.
+        none, graph, leaf = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+        graph.grad = torch.autograd.grad((graph * graph).sum(), graph, create_graph=True)[0]
+        self.assertIsNotNone(graph.grad.grad_fn)
+        leaf.grad = torch.ones(2, requires_grad=True)
+        opt = lra.TorchOptimizer([none, graph, leaf], optimizer="sgd")
+        opt.zero_grad(set_to_none=False)
+        self.assertIsNone(none.grad)
+        for p in (graph, leaf):
+            self.assertTrue(torch.equal(p.grad, torch.zeros(2)))
+            self.assertIsNone(p.grad.grad_fn)
+            self.assertFalse(p.grad.requires_grad)
+
+    def test_gradients_that_cannot_be_paired_with_their_parameter_are_refused(self):
+        p = torch.nn.Parameter(torch.ones(3, 3))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.5)
+        p.grad = torch.eye(3).to_sparse()  # as nn.Embedding(sparse=True) makes
+        with self.assertRaisesRegex(ValueError, r"^parameter 0 \(3, 3\) has a torch.sparse_coo gradient"):
+            opt.step(1.0)
+        # A parameter whose .data was replaced after its gradient was set.
+        q = torch.nn.Parameter(torch.ones(4))
+        opt_q = lra.TorchOptimizer([q], optimizer="sgd", lr=0.5)
+        q.grad = torch.ones(4)
+        q.data = torch.ones(2)
+        with self.assertRaisesRegex(ValueError, r"gradient torch.float32/cpu/\(4,\) differs from the parameter"):
+            opt_q.step(1.0)
+        self.assertEqual(q.detach().tolist(), [1.0, 1.0])
+        self.assertEqual((opt.lra.counters.steps, opt_q.lra.counters.steps), (0, 0))
+
+    def test_a_one_element_parameters_negated_gradient_is_materialised(self):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.5)
+        p.grad = torch._neg_view(torch.ones(1))  # value -1, memory +1
+        opt.step(1.0)
+        self.assertEqual(p.detach().tolist(), [0.5])
+
+    def test_a_zero_dimensional_parameter(self):
+        p = torch.nn.Parameter(torch.tensor(1.0))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.25)
+        loss = p * p
+        loss.backward(retain_graph=True)
+        opt.step(loss)
+        self.assertEqual(p.item(), 0.5)
+        with self.assertRaisesRegex(RuntimeError, "modified by an inplace operation"):
+            loss.backward()
+
+    def test_reeval_follows_the_schedule_unless_forced(self):
+        p = torch.nn.Parameter(torch.ones(2))
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.1, reeval_schedule="every", reeval_every=2)
+        wanted, ran, infos = [], [], []
+
+        def closure():
+            ran.append(len(wanted))
+            return (p * p).sum()
+
+        for _ in range(4):
+            opt.zero_grad()
+            loss = (p * p).sum()
+            loss.backward()
+            opt.step(loss)
+            wanted.append(opt.lra.should_reeval())
+            infos.append(opt.reeval(closure))
+        self.assertIn(True, wanted)
+        self.assertIn(False, wanted)
+        self.assertEqual([info is not None for info in infos], wanted)
+        self.assertEqual(ran, [i + 1 for i, w in enumerate(wanted) if w])
+        opt.zero_grad()
+        (p * p).sum().backward()
+        opt.step((p * p).sum())
+        if opt.lra.should_reeval():  # the next unwanted step
+            opt.reeval(closure)
+            opt.zero_grad()
+            (p * p).sum().backward()
+            opt.step((p * p).sum())
+        self.assertFalse(opt.lra.should_reeval())
+        self.assertIsNotNone(opt.reeval(closure, force=True))
+
+    def test_state_dict_records_the_layout_of_the_optimizer_state(self):
+        def conv():
+            torch.manual_seed(3)
+            return torch.nn.Conv2d(3, 4, 3)
+
+        x = torch.randn(2, 3, 6, 6)
+        a = conv()
+        opt_a = lra.TorchOptimizer(a.parameters(), optimizer="adam", lr=0.01)
+        a(x).square().mean().backward()
+        opt_a.step(1.0)  # one step: the state follows the contiguous layout
+        saved = opt_a.state_dict()
+        self.assertIsNotNone(saved["memory_orders"])
+        # A bare load of the handle's checkpoint: the current layout.
+        b = conv()
+        opt_b = lra.TorchOptimizer(b.parameters(), optimizer="adam", lr=0.01)
+        opt_b.lra.load_state(opt_a.lra.save_state())
+        self.assertEqual(opt_b.state_dict()["memory_orders"], saved["memory_orders"])
+        # The model converted since the step: still the state's layout.
+        a.to(memory_format=torch.channels_last)
+        self.assertEqual(opt_a.state_dict()["memory_orders"], saved["memory_orders"])
+
+    def test_a_state_dict_without_layouts_fixes_one_only_when_it_holds_state(self):
+        def conv():
+            torch.manual_seed(4)
+            return torch.nn.Conv2d(3, 4, 3)
+
+        def step(model, opt):
+            opt.zero_grad()
+            model(torch.ones(1, 3, 5, 5)).square().mean().backward()
+            opt.step(1.0)
+
+        a = conv()
+        opt_a = lra.TorchOptimizer(a.parameters(), optimizer="adam", lr=0.01)
+        fresh = opt_a.state_dict()
+        step(a, opt_a)  # one step
+        one_step = {k: v for k, v in opt_a.state_dict().items() if k != "memory_orders"}
+        b = conv()
+        opt_b = lra.TorchOptimizer(b.parameters(), optimizer="adam", lr=0.01)
+        opt_b.load_state_dict(one_step)  # fixes the contiguous layout
+        b.to(memory_format=torch.channels_last)
+        with self.assertRaisesRegex(ValueError, "memory layout"):
+            step(b, opt_b)
+        c = conv()
+        opt_c = lra.TorchOptimizer(c.parameters(), optimizer="adam", lr=0.01)
+        opt_c.load_state_dict(fresh)  # no state: no layout yet
+        c.to(memory_format=torch.channels_last)
+        step(c, opt_c)
+        self.assertEqual(opt_c.lra.counters.steps, 1)
+
+    def test_a_non_contiguous_lra_state_tensor_loads(self):
+        p = torch.nn.Parameter(torch.ones(4))
+        p.grad = torch.full((4,), 0.5)
+        a = lra.TorchOptimizer([p], optimizer="adam", lr=0.1)
+        a.step(1.0)
+        saved = a.state_dict()
+        raw = saved["lra_state"]
+        strided = torch.stack([raw, torch.zeros_like(raw)], 1)[:, 0]
+        self.assertFalse(strided.is_contiguous())
+        b = lra.TorchOptimizer([torch.nn.Parameter(torch.ones(4))], optimizer="adam", lr=0.1)
+        b.load_state_dict(dict(saved, lra_state=strided))
+        self.assertEqual(b.lra.save_state(), a.lra.save_state())
+
+
+    def test_cuda_parameters_get_a_cuda_handle_on_their_device_and_torchs_stream(self):
+        # Simulated (no GPU needed): parameters whose device reads cuda:1,
+        # the handle class and torch's current stream replaced by recorders.
+        import types
+        from unittest import mock
+
+        def on_cuda1(cls):
+            return type("OnCuda1" + cls.__name__, (cls,), {"device": property(lambda self: torch.device("cuda", 1))})
+
+        class Handle:
+            def __init__(self, optimizer, **config):
+                self.config, self.steps = config, []
+
+            def step(self, *args):
+                self.steps.append(args)
+
+        asked = []
+
+        def current_stream(device=None):
+            asked.append(device)
+            return types.SimpleNamespace(cuda_stream=1234)
+
+        p = on_cuda1(torch.nn.Parameter)(torch.ones(3))
+        p.grad = torch.Tensor._make_subclass(on_cuda1(torch.Tensor), torch.full((3,), 0.5))
+        with mock.patch.object(lra, "Optimizer", Handle), \
+                mock.patch.object(torch.cuda, "current_stream", current_stream):
+            opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.5)
+            opt.step(1.0)
+        self.assertEqual(opt.lra.config, {"lr": 0.5, "device": lra.DEVICE_CUDA, "device_ordinal": 1})
+        self.assertEqual(opt.lra.steps[0][3], 1234)  # (tensors, loss, obs_var, stream, found_inf)
+        self.assertEqual(asked, [torch.device("cuda", 1)])
 
 if __name__ == "__main__":
     unittest.main()
