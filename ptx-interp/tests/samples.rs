@@ -1344,6 +1344,99 @@ fn inexact_instructions_can_be_allowed_and_are_counted() {
     assert_eq!(r, ["add.f32", "div.approx.f32"]);
 }
 
+/// Thread 1 of each block writes the block's slot; thread 0 counts the
+/// block out (a gpu-scope fence, then `atom`) and the last block reads
+/// every slot. Where the writer's side fences (`mode`): 0, thread 0 after
+/// the barrier; 1, every thread before it (lra.ptx's count-out); 2, thread
+/// 0 alone before it, which covers only thread 0's own (no) writes; 3,
+/// every thread before it, and then thread 1 writes its slot (and every
+/// thread a word of `scratch`): those writes stay unpublished.
+const COUNT_OUT: &str = r#"
+.visible .entry k(.param .u64 data, .param .u64 count, .param .u32 mode, .param .u64 scratch)
+{
+    .reg .pred %p, %t0, %w, %late, %last;
+    .reg .b32 %t, %b, %nb, %old, %v, %i, %mode;
+    .reg .b64 %d, %c, %o, %s;
+    ld.param.u64 %d, [data];
+    ld.param.u64 %c, [count];
+    ld.param.u32 %mode, [mode];
+    mov.u32 %t, %tid.x;
+    mov.u32 %b, %ctaid.x;
+    mov.u32 %nb, %nctaid.x;
+    setp.eq.u32 %t0, %t, 0;
+    setp.eq.u32 %w, %t, 1;
+    setp.eq.u32 %late, %mode, 3;
+    mul.wide.u32 %o, %b, 4;
+    add.s64 %o, %d, %o;
+    @%late bra ALL_FENCE;
+    @%w st.global.u32 [%o], %b;
+    setp.eq.u32 %p, %mode, 1;
+    @%p membar.gl;
+    setp.eq.u32 %p, %mode, 2;
+    @!%t0 bra FENCED;
+    @%p membar.gl;
+    bra FENCED;
+ALL_FENCE:
+    membar.gl;
+    @%w st.global.u32 [%o], %b;
+    // and every thread writes a word of its own after its fence
+    ld.param.u64 %s, [scratch];
+    mad.lo.u32 %v, %b, 64, %t;
+    mul.wide.u32 %o, %v, 4;
+    add.s64 %s, %s, %o;
+    st.global.u32 [%s], %t;
+FENCED:
+    bar.sync 0;
+    @!%t0 bra DONE;
+    setp.eq.u32 %p, %mode, 0;
+    @%p membar.gl;
+    atom.global.add.u32 %old, [%c], 1;
+    sub.u32 %v, %nb, 1;
+    setp.eq.u32 %last, %old, %v;
+    @!%last bra DONE;
+    membar.gl;
+    mov.u32 %i, 0;
+READ:
+    mul.wide.u32 %o, %i, 4;
+    add.s64 %o, %d, %o;
+    ld.global.u32 %v, [%o];
+    add.u32 %i, %i, 1;
+    setp.lt.u32 %p, %i, %nb;
+    @%p bra READ;
+DONE:
+    ret;
+}
+"#;
+
+#[test]
+fn a_fence_before_a_barrier_covers_only_its_own_thread() {
+    let m = module(COUNT_OUT);
+    for schedule in [Schedule::InOrder, Schedule::Reversed] {
+        for mode in 0..4u32 {
+            let mut dev = Device::new();
+            let data = dev.alloc_zeroed(4 * 3);
+            let count = dev.alloc_zeroed(4);
+            let scratch = dev.alloc(4 * 3 * 64);
+            let cfg = LaunchConfig::linear(3, 64).with_schedule(schedule.clone());
+            let args = [
+                Arg::U64(data),
+                Arg::U64(count),
+                Arg::U32(mode),
+                Arg::U64(scratch),
+            ];
+            let r = dev.launch(&m, "k", &cfg, &args);
+            if mode >= 2 {
+                let e = r.unwrap_err();
+                assert_eq!(e.kind, ErrorKind::Race, "{schedule:?}: {e}");
+                assert!(e.message.contains("thread 1 of block"), "{e}");
+            } else {
+                r.unwrap_or_else(|e| panic!("{schedule:?}, mode {mode}: {e}"));
+                assert_eq!(u32s(&dev, data, 3), [0, 1, 2]);
+            }
+        }
+    }
+}
+
 #[test]
 fn cross_block_handover_needs_fence_and_atomic() {
     // each block publishes a value and reads its neighbour's with no
