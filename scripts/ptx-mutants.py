@@ -21,13 +21,14 @@ the others (default: ptx_kernels), and survives only if all of them pass it.
 import argparse
 import glob
 import os
-import random
 import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+import mutation_draw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL = os.path.join(ROOT, "kernels", "lra.ptx")
@@ -132,34 +133,19 @@ def run(binary, path, timeout):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sample", type=int, default=200, help="edits to try (0: all)")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--skip", type=int, default=0,
-                    help="leave out the first SKIP edits of the seed's draw (those an earlier "
-                         "run with the same seed took), so runs continue one another")
+    mutation_draw.add_arguments(ap, timeout=300)
     ap.add_argument("--tests", default="ptx_fuzz,ptx_kernels",
                     help="test binaries: the first screens, the rest confirm survivors")
-    ap.add_argument("--timeout", type=float, default=300, help="seconds per test run")
-    ap.add_argument("--recheck", metavar="LOG",
-                    help="run again only the edits a previous run's output LOG lists as survivors")
     args = ap.parse_args()
 
     lines = open(KERNEL).read().split("\n")
+
+    def label(site):
+        i, what, _ = site
+        return f"line {i + 1} ({what}): {lines[i].strip()}"
+
     sites = [(i, what, new) for i in instruction_lines(lines) for what, new in mutations(lines[i])]
-    if args.recheck:
-        wanted = set()
-        for line in open(args.recheck):
-            m = re.match(r"SURVIVED line (\d+) \((.*?)\): (.*)$", line.rstrip("\n"))
-            if m:
-                wanted.add((int(m.group(1)) - 1, m.group(2), m.group(3)))
-        sites = [(i, w, n) for i, w, n in sites if (i, w, lines[i].strip()) in wanted]
-        if len(sites) != len(wanted):
-            sys.exit(f"{len(wanted) - len(sites)} survivors of {args.recheck} no longer match kernels/lra.ptx")
-    else:
-        random.Random(args.seed).shuffle(sites)
-        sites = sites[args.skip:]
-        if args.sample:
-            sites = sites[:args.sample]
+    sites = mutation_draw.draw(sites, label, args, "kernels/lra.ptx")
     binaries = [find_binary(t) for t in args.tests.split(",")]
     print(f"{len(sites)} edits of kernels/lra.ptx, screened by {args.tests}", flush=True)
 
@@ -178,7 +164,7 @@ def main():
                 if outcome != "passed":
                     break
             tally[outcome] = tally.get(outcome, 0) + 1
-            where = f"line {i + 1} ({what}): {lines[i].strip()}"
+            where = label((i, what, new))
             if outcome == "passed":
                 survivors.append(where)
                 print(f"SURVIVED {where}", flush=True)

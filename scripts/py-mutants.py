@@ -32,7 +32,6 @@ or the script refuses to start.
 import argparse
 import ast
 import os
-import random
 import re
 import shutil
 import signal
@@ -40,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import mutation_draw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = os.path.join(ROOT, "bindings", "python", "lra.py")
@@ -192,15 +193,7 @@ def run_tests(module_text, args, library):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sample", type=int, default=200, help="edits to try (0: all)")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--skip", type=int, default=0,
-                    help="leave out the first SKIP edits of the seed's draw (those an earlier "
-                         "run with the same seed took), so runs continue one another")
-    ap.add_argument("--timeout", type=float, default=120, help="seconds per test run")
-    ap.add_argument("--recheck", metavar="LOG",
-                    help="run again only the edits a previous run's output LOG lists as survivors "
-                         "(and name the test that catches each one caught now)")
+    mutation_draw.add_arguments(ap, timeout=120)
     ap.add_argument("--python", default="/usr/bin/python3", help="the interpreter of the tests")
     ap.add_argument("--library", default=os.environ.get("LRA_LIBRARY") or
                     os.path.join(ROOT, "target", "release", "liblra.so"), help="liblra.so")
@@ -212,21 +205,7 @@ def main():
 
     source = open(MODULE).read()
     lines = source.split("\n")
-    todo = sites(source)
-    if args.recheck:
-        wanted = set()
-        for line in open(args.recheck):
-            m = re.match(r"\s*SURVIVED (line .*)$", line.rstrip("\n"))
-            if m:
-                wanted.add(m.group(1))
-        todo = [s for s in todo if label(s, lines) in wanted]
-        if len(todo) != len(wanted):
-            sys.exit(f"{len(wanted) - len(todo)} survivors of {args.recheck} no longer match lra.py")
-    else:
-        random.Random(args.seed).shuffle(todo)
-        todo = todo[args.skip:]
-        if args.sample:
-            todo = todo[:args.sample]
+    todo = mutation_draw.draw(sites(source), lambda s: label(s, lines), args, "lra.py")
     if args.list:
         for s in todo:
             print(label(s, lines))

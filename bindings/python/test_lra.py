@@ -31,6 +31,17 @@ def f32_buffer(values):
     return (ctypes.c_float * len(values))(*values)
 
 
+class LibWith:
+    """The library `lib` with its function `name` replaced by `wrap(fn)`."""
+
+    def __init__(self, lib, name, wrap):
+        self.lib, self.name, self.wrap = lib, name, wrap
+
+    def __getattr__(self, name):
+        fn = getattr(self.lib, name)
+        return self.wrap(fn) if name == self.name else fn
+
+
 class RawHandleTests(unittest.TestCase):
     def test_a_set_lra_library_that_does_not_load_is_an_error(self):
         # It used to fall back, in a checkout, to target/release silently:
@@ -743,31 +754,23 @@ class HandleLifetimeAndMessageTests(unittest.TestCase):
 
         destroyed = []
 
-        class Recording:
-            def __init__(self, lib):
-                self.lib = lib
+        def recording(fn):
+            def destroy(h):
+                if h:  # lra_destroy(NULL) is a no-op
+                    destroyed.append(h.value)
+                fn(h)
 
-            def __getattr__(self, name):
-                fn = getattr(self.lib, name)
-                if name != "lra_destroy":
-                    return fn
-
-                def destroy(h):
-                    if h:  # lra_destroy(NULL) is a no-op
-                        destroyed.append(h.value)
-                    fn(h)
-
-                return destroy
+            return destroy
 
         opt = lra.Optimizer("sgd")
         h = opt._h.value
-        opt._lib = Recording(opt._lib)
+        opt._lib = LibWith(opt._lib, "lra_destroy", recording)
         opt.close()
         opt.close()
         self.assertEqual(destroyed, [h])
         dropped = lra.Optimizer("sgd")
         h2 = dropped._h.value
-        dropped._lib = Recording(dropped._lib)
+        dropped._lib = LibWith(dropped._lib, "lra_destroy", recording)
         del dropped
         gc.collect()
         self.assertEqual(destroyed, [h, h2])
@@ -1152,26 +1155,18 @@ class ReductionFailureTests(unittest.TestCase):
             def __call__(self, values):
                 return values
 
-        class CtrlCAfterSetReduction:
-            def __init__(self, lib):
-                self.lib = lib
+        def ctrl_c_after(fn):
+            def call(*args):
+                status = fn(*args)
+                signal.raise_signal(signal.SIGINT)  # handled as the C call returns
+                return status
 
-            def __getattr__(self, name):
-                fn = getattr(self.lib, name)
-                if name != "lra_set_reduction":
-                    return fn
-
-                def call(*args):
-                    status = fn(*args)
-                    signal.raise_signal(signal.SIGINT)  # handled as the C call returns
-                    return status
-
-                return call
+            return call
 
         opt, t, param, grad = sharded_sgd()
         reduce = Reduce()
         alive = weakref.ref(reduce)
-        lib, opt._lib = opt._lib, CtrlCAfterSetReduction(opt._lib)
+        lib, opt._lib = opt._lib, LibWith(opt._lib, "lra_set_reduction", ctrl_c_after)
         with self.assertRaises(KeyboardInterrupt):
             opt.set_reduction(reduce)
         opt._lib = lib
