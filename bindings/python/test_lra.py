@@ -177,7 +177,8 @@ class RawHandleTests(unittest.TestCase):
         self.assertEqual(lra.SHARDINGS, group("SHARDING_"))
         self.assertEqual({v: k for k, v in lra.DECISIONS.items()}, group("DECISION_"))
         self.assertEqual({v: k for k, v in lra.SKIP_REASONS.items()}, group("SKIP_"))
-        self.assertEqual({"f32": lra.DTYPE_F32, "f16": lra.DTYPE_F16, "bf16": lra.DTYPE_BF16}, group("DTYPE_"))
+        self.assertEqual({"f32": lra.DTYPE_F32, "f16": lra.DTYPE_F16, "bf16": lra.DTYPE_BF16},
+                         group("DTYPE_"))
         self.assertEqual({"host": lra.DEVICE_HOST, "cuda": lra.DEVICE_CUDA}, group("DEVICE_"))
         self.assertEqual((lra.OK, lra.CALL_ORDER, lra.REDUCTION_FAILED),
                          (defines["OK"], defines["CALL_ORDER"], defines["REDUCTION_FAILED"]))
@@ -2039,7 +2040,8 @@ class TorchAdapterAuditTests(unittest.TestCase):
         opt_q = lra.TorchOptimizer([q], optimizer="sgd", lr=0.5)
         q.grad = torch.ones(4)
         q.data = torch.ones(2)
-        with self.assertRaisesRegex(ValueError, r"gradient torch.float32/cpu/\(4,\) differs from the parameter"):
+        with self.assertRaisesRegex(ValueError,
+                                    r"gradient torch.float32/cpu/\(4,\) differs from the parameter"):
             opt_q.step(1.0)
         self.assertEqual(q.detach().tolist(), [1.0, 1.0])
         self.assertEqual((opt.lra.counters.steps, opt_q.lra.counters.steps), (0, 0))
@@ -2162,7 +2164,8 @@ class TorchAdapterAuditTests(unittest.TestCase):
         from unittest import mock
 
         def on_cuda1(cls):
-            return type("OnCuda1" + cls.__name__, (cls,), {"device": property(lambda self: torch.device("cuda", 1))})
+            device = property(lambda self: torch.device("cuda", 1))
+            return type("OnCuda1" + cls.__name__, (cls,), {"device": device})
 
         class Handle:
             def __init__(self, optimizer, **config):
