@@ -2,8 +2,8 @@
 
 use crate::fp;
 use crate::load::{
-    Addr, AtomOp, BoolOp, Cmp, FOp, FUnOp, IRnd, IUnOp, Inst, IntOp, Kernel, Op, ShflMode, Space,
-    Src, Sreg, SyncScope, TestKind, VoteMode, SHARED_BASE,
+    Addr, AtomOp, BoolOp, Cmp, FOp, FUnOp, IRnd, Inst, IntOp, Kernel, Op, ShflMode, Space, Src,
+    Sreg, SyncScope, TestKind, SHARED_BASE,
 };
 use crate::{err, Error, ErrorKind, Module, Result, Ty, TyKind};
 use std::collections::{BTreeMap, VecDeque};
@@ -12,8 +12,6 @@ use std::collections::{BTreeMap, VecDeque};
 const GLOBAL_BASE: u64 = 0x7000_0000_0000;
 /// Unmapped gap after every buffer, so a small overrun never lands in the next one.
 const GUARD: u64 = 0x1_0000;
-/// Generic addresses in `[SHARED_WINDOW, SHARED_WINDOW + 2^32)` map to shared memory.
-const SHARED_WINDOW: u64 = 0x1000_0000_0000;
 const MAX_SHARED: usize = 227 * 1024;
 
 struct Buffer {
@@ -522,7 +520,6 @@ impl Device {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CollKind {
     Shfl(ShflMode),
-    Vote(VoteMode),
     BarWarp,
 }
 
@@ -1102,22 +1099,6 @@ impl<'a> Run<'a> {
                     results.push((lane, vals(blk, src)[0] as u64, Some(pval)));
                 }
             }
-            CollKind::Vote(mode) => {
-                let ballot: u32 = parts
-                    .iter()
-                    .filter(|&&l| vals(blk, l)[0] != 0)
-                    .fold(0, |m, &l| m | (1 << l));
-                let all_parts: u32 = parts.iter().fold(0, |m, &l| m | (1 << l));
-                let v = match mode {
-                    VoteMode::Ballot => ballot as u64,
-                    VoteMode::All => (ballot == all_parts) as u64,
-                    VoteMode::Any => (ballot != 0) as u64,
-                    VoteMode::Uni => (ballot == all_parts || ballot == 0) as u64,
-                };
-                for &lane in &parts {
-                    results.push((lane, v, None));
-                }
-            }
             CollKind::BarWarp => {
                 for &lane in &parts {
                     results.push((lane, 0, None));
@@ -1134,15 +1115,12 @@ impl<'a> Run<'a> {
             let t = lane0 + lane;
             blk.threads[t].round = round;
             let inst = &self.k.insts[blk.threads[t].pc];
-            match &inst.op {
-                Op::Shfl { d, p: pd, .. } => {
-                    write(self.k, &mut blk.threads[t], *d, v, true, round);
-                    if let (Some(pr), Some(pv)) = (pd, p) {
-                        write(self.k, &mut blk.threads[t], *pr, pv as u64, true, round);
-                    }
+            // a shuffle's lanes get their values (`bar.warp.sync` writes none)
+            if let Op::Shfl { d, p: pd, .. } = &inst.op {
+                write(self.k, &mut blk.threads[t], *d, v, true, round);
+                if let (Some(pr), Some(pv)) = (pd, p) {
+                    write(self.k, &mut blk.threads[t], *pr, pv as u64, true, round);
                 }
-                Op::Vote { d, .. } => write(self.k, &mut blk.threads[t], *d, v, true, round),
-                _ => {}
             }
             blk.threads[t].state = TState::Ready;
             blk.threads[t].pc += 1;
@@ -1159,30 +1137,16 @@ impl<'a> Run<'a> {
             Sreg::Ctaid(d) => blk.ctaid[d as usize],
             Sreg::Nctaid(d) => self.grid[d as usize],
             Sreg::Laneid => lane,
-            Sreg::Warpid => (ti / 32) as u32,
-            Sreg::Nwarpid => self.nthreads.div_ceil(32),
-            Sreg::LanemaskEq => 1 << lane,
-            Sreg::LanemaskLt => ((1u64 << lane) - 1) as u32,
-            Sreg::LanemaskLe => ((1u64 << (lane + 1)) - 1) as u32,
-            Sreg::LanemaskGt => !(((1u64 << (lane + 1)) - 1) as u32),
-            Sreg::LanemaskGe => !(((1u64 << lane) - 1) as u32),
         }) as u64
     }
 
     // ------------------------------------------------------------ memory
 
-    /// Resolves an address: (is_shared, address in that space).
-    fn resolve(&self, space: Space, a: u64) -> Result<(bool, u64)> {
+    /// Whether an access to `space` goes to shared memory (else global).
+    fn is_shared(space: Space) -> bool {
         match space {
-            Space::Global => Ok((false, a)),
-            Space::Shared => Ok((true, a)),
-            Space::Generic => {
-                if (SHARED_WINDOW..SHARED_WINDOW + (1 << 32)).contains(&a) {
-                    Ok((true, a - SHARED_WINDOW))
-                } else {
-                    Ok((false, a))
-                }
-            }
+            Space::Global => false,
+            Space::Shared => true,
             Space::Param => unreachable!("param handled separately"),
         }
     }
@@ -1288,7 +1252,7 @@ impl<'a> Run<'a> {
             }
             return Ok(le(&self.params[a as usize..a as usize + size]));
         }
-        let (sh, a) = self.resolve(space, a)?;
+        let sh = Self::is_shared(space);
         Self::check_align(a, size, if sh { "shared" } else { "global" })?;
         if sh {
             let off = Self::shared_range(blk, a, size)?;
@@ -1339,7 +1303,7 @@ impl<'a> Run<'a> {
         data: &[u8],
         atomic: bool,
     ) -> Result<()> {
-        let (sh, a) = self.resolve(space, a)?;
+        let sh = Self::is_shared(space);
         let (size, bytes) = (data.len(), data);
         Self::check_align(a, size, if sh { "shared" } else { "global" })?;
         if sh {
@@ -1596,36 +1560,7 @@ impl<'a> Run<'a> {
                     FUnOp::Abs => x & !sign,
                     FUnOp::Sqrt if *ty == Ty::F32 => f32_result(f32b(x).sqrt()),
                     FUnOp::Sqrt => f64b(x).sqrt().to_bits(),
-                    FUnOp::Rcp if *ty == Ty::F32 => f32_result(1.0 / f32b(x)),
-                    FUnOp::Rcp => (1.0 / f64b(x)).to_bits(),
                 };
-                self.set(blk, ti, *d, v);
-            }
-            Op::IUn { op, ty, d, a } => {
-                let w = ty.bits();
-                let x = rd(*a) & ty.mask();
-                let v = match op {
-                    IUnOp::Neg => x.wrapping_neg(),
-                    IUnOp::Abs => sext(x, w).wrapping_abs() as u64,
-                    IUnOp::Not => !x,
-                    IUnOp::Cnot => (x == 0) as u64,
-                    IUnOp::Popc => x.count_ones() as u64,
-                    IUnOp::Clz => (x.leading_zeros() - (64 - w)) as u64,
-                    IUnOp::Brev => x.reverse_bits() >> (64 - w),
-                } & ty.mask();
-                self.set(blk, ti, *d, v);
-            }
-            Op::PredBin { op, d, a, b } => {
-                let (x, y) = (rd(*a) != 0, rd(*b) != 0);
-                let v = match op {
-                    BoolOp::And => x & y,
-                    BoolOp::Or => x | y,
-                    BoolOp::Xor => x ^ y,
-                };
-                self.set(blk, ti, *d, v as u64);
-            }
-            Op::PredNot { d, a } => {
-                let v = (rd(*a) == 0) as u64;
                 self.set(blk, ti, *d, v);
             }
             Op::Cvt {
@@ -1642,28 +1577,6 @@ impl<'a> Run<'a> {
                     sext(v, dty.bits()) as u64 & mask_bits(rb)
                 } else {
                     v
-                };
-                self.set(blk, ti, *d, v);
-            }
-            Op::Cvta {
-                to_generic,
-                space,
-                d,
-                a,
-            } => {
-                let x = rd(*a);
-                let v = match (space, to_generic) {
-                    (Space::Shared, true) => x + SHARED_WINDOW,
-                    (Space::Shared, false) => {
-                        if !(SHARED_WINDOW..SHARED_WINDOW + (1 << 32)).contains(&x) {
-                            return err(
-                                ErrorKind::OutOfBounds,
-                                format!("cvta.to.shared of {x:#x}, which is not a shared address"),
-                            );
-                        }
-                        x - SHARED_WINDOW
-                    }
-                    _ => x,
                 };
                 self.set(blk, ti, *d, v);
             }
@@ -1734,10 +1647,10 @@ impl<'a> Run<'a> {
                 let total = es * ds.len();
                 // the whole vector must be aligned to its size
                 if *space != Space::Param {
-                    let (sh, ra) = self.resolve(*space, a)?;
-                    Self::check_align(ra, total, if sh { "shared" } else { "global" })?;
+                    let sh = Self::is_shared(*space);
+                    Self::check_align(a, total, if sh { "shared" } else { "global" })?;
                 }
-                if *space != Space::Param && !self.resolve(*space, a)?.0 {
+                if *space == Space::Global {
                     self.result_ready += 1;
                     self.report.global_load_bytes += total as u64;
                 }
@@ -1762,8 +1675,8 @@ impl<'a> Run<'a> {
             } => {
                 let a = self.addr(th, addr);
                 let es = ty.bytes() as usize;
-                let (sh, ra) = self.resolve(*space, a)?;
-                Self::check_align(ra, es * srcs.len(), if sh { "shared" } else { "global" })?;
+                let sh = Self::is_shared(*space);
+                Self::check_align(a, es * srcs.len(), if sh { "shared" } else { "global" })?;
                 let vals: Vec<u64> = srcs.iter().map(|s| rd(*s)).collect();
                 if !sh {
                     self.report.global_store_bytes += (es * vals.len()) as u64;
@@ -1794,10 +1707,10 @@ impl<'a> Run<'a> {
                 let a = self.addr(th, addr);
                 let (bv, cv) = (rd(*b), c.map_or(0, &rd));
                 let size = ty.bytes() as usize;
-                let (sh, ra) = self.resolve(*space, a)?;
-                Self::check_align(ra, size, "atomic")?;
+                let sh = Self::is_shared(*space);
+                Self::check_align(a, size, "atomic")?;
                 let old = if sh {
-                    let off = Self::shared_range(blk, ra, size)?;
+                    let off = Self::shared_range(blk, a, size)?;
                     if let Some(i) = blk.shadow[off..off + size].iter().position(|s| !s.init) {
                         return err(
                             ErrorKind::Undefined,
@@ -1809,16 +1722,16 @@ impl<'a> Run<'a> {
                     }
                     le(&blk.shared[off..off + size])
                 } else {
-                    let (base, off) = self.dev.find(ra, size)?;
+                    let (base, off) = self.dev.find(a, size)?;
                     let buf = &self.dev.bufs[&base];
-                    Self::check_init(buf, off, size, ra)?;
+                    Self::check_init(buf, off, size, a)?;
                     le(&buf.data[off..off + size])
                 };
                 let new = atom_op(*op, *ty, old, bv, cv);
                 self.store(blk, ti, *space, a, &new.to_le_bytes()[..size], true)?;
                 if !sh {
                     self.report.global_atomics += 1;
-                    let latest = self.atom_rounds.entry(ra).or_default();
+                    let latest = self.atom_rounds.entry(a).or_default();
                     *latest = (*latest).max(self.result_ready);
                     self.result_ready = *latest + 1;
                 }
@@ -1830,7 +1743,7 @@ impl<'a> Run<'a> {
                     // never forms an acquire pattern (8.11.1). `.cta` atomics
                     // do not reach other blocks.
                     let th = &mut blk.threads[ti];
-                    let clock = self.atom_clocks.entry(ra).or_default();
+                    let clock = self.atom_clocks.entry(a).or_default();
                     join_all(clock, &th.released);
                     if *release {
                         join_all(clock, &snapshot(th, blk.linear, blk.epoch, ti));
@@ -1877,17 +1790,6 @@ impl<'a> Run<'a> {
                 let vals = [rd(*a) as u32, rd(*b) as u32, rd(*c) as u32];
                 let mask = rd(*mask) as u32;
                 return self.arrive(blk, ti, CollKind::Shfl(*mode), mask, vals);
-            }
-            Op::Vote {
-                mode,
-                a,
-                aneg,
-                mask,
-                ..
-            } => {
-                let p = (th.regs[*a as usize] != 0) != *aneg;
-                let mask = rd(*mask) as u32;
-                return self.arrive(blk, ti, CollKind::Vote(*mode), mask, [p as u32, 0, 0]);
             }
             // a `.cta` fence orders nothing for other blocks, and within a
             // block barriers already order global accesses (the model has

@@ -4,7 +4,9 @@
 //! threads, warps and blocks strict enough to catch real kernel bugs:
 //!
 //! - **Fail closed**: an instruction, type, modifier, directive or state
-//!   space it does not know is a load error ([`ErrorKind::Load`]).
+//!   space it does not know is a load error ([`ErrorKind::Load`]). It
+//!   knows what lra's kernels and this crate's tests use, no more (no
+//!   generic addressing, `vote`, `cvta`, `rcp`, integer unary operations).
 //!   Approximate instructions (`.approx`, `.full`, `.ftz`) and f32/f64
 //!   `add`/`sub`/`mul` without a rounding modifier (which ptxas may contract
 //!   into an FMA) are rejected unless [`LoadOptions::allow_inexact`] is set,
@@ -15,7 +17,7 @@
 //!   waiting at different barrier instructions, is an error. A thread count
 //!   operand (`bar.sync 1, 64`) is a load error: the hardware counts it in
 //!   whole warps, and lra's kernels use only block-wide barriers.
-//! - **Warp collectives** (`shfl.sync`, `vote.sync`, `bar.warp.sync`): lanes
+//! - **Warp collectives** (`shfl.sync`, `bar.warp.sync`): lanes
 //!   rendezvous on equal qualifiers and mask; the executing lane must be in
 //!   the mask; a shuffle reading a lane outside the mask (or exited) is an
 //!   error; lane selection and clamping follow the PTX ISA pseudo-code.

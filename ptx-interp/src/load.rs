@@ -170,13 +170,6 @@ pub(crate) enum Sreg {
     Ctaid(u8),
     Nctaid(u8),
     Laneid,
-    Warpid,
-    Nwarpid,
-    LanemaskEq,
-    LanemaskLt,
-    LanemaskLe,
-    LanemaskGt,
-    LanemaskGe,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -191,7 +184,6 @@ pub(crate) enum Space {
     Global,
     Shared,
     Param,
-    Generic,
 }
 
 /// The threads a fence or an atomic can synchronise with (PTX ISA 8.5,
@@ -253,18 +245,6 @@ pub(crate) enum FUnOp {
     Neg,
     Abs,
     Sqrt,
-    Rcp,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum IUnOp {
-    Neg,
-    Abs,
-    Not,
-    Cnot,
-    Popc,
-    Clz,
-    Brev,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -333,14 +313,6 @@ pub(crate) enum ShflMode {
     Idx,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum VoteMode {
-    All,
-    Any,
-    Uni,
-    Ballot,
-}
-
 #[derive(Clone, Debug)]
 pub(crate) enum Op {
     Mov {
@@ -403,32 +375,10 @@ pub(crate) enum Op {
         d: u16,
         a: Src,
     },
-    IUn {
-        op: IUnOp,
-        ty: Ty,
-        d: u16,
-        a: Src,
-    },
-    PredBin {
-        op: BoolOp,
-        d: u16,
-        a: Src,
-        b: Src,
-    },
-    PredNot {
-        d: u16,
-        a: Src,
-    },
     Cvt {
         dty: Ty,
         sty: Ty,
         irnd: Option<IRnd>,
-        d: u16,
-        a: Src,
-    },
-    Cvta {
-        to_generic: bool,
-        space: Space,
         d: u16,
         a: Src,
     },
@@ -498,13 +448,6 @@ pub(crate) enum Op {
         c: Src,
         mask: Src,
     },
-    Vote {
-        mode: VoteMode,
-        d: u16,
-        a: u16,
-        aneg: bool,
-        mask: Src,
-    },
     /// `membar` or `fence.{sc,acq_rel}`; both kinds are modelled alike
     /// (crate docs, "Global races").
     Fence {
@@ -538,8 +481,7 @@ impl Op {
             | Op::Atom { .. }
             | Op::Bar { .. }
             | Op::BarWarp { .. }
-            | Op::Shfl { .. }
-            | Op::Vote { .. } => self.reads(),
+            | Op::Shfl { .. } => self.reads(),
             _ => Vec::new(),
         }
     }
@@ -553,15 +495,13 @@ impl Op {
             }
         };
         match self {
-            Op::Mov { a, .. } | Op::Unpack { a, .. } | Op::FUn { a, .. } | Op::IUn { a, .. } => {
-                src(a)
-            }
-            Op::PredNot { a, .. }
+            Op::Mov { a, .. }
+            | Op::Unpack { a, .. }
+            | Op::FUn { a, .. }
             | Op::Cvt { a, .. }
-            | Op::Cvta { a, .. }
             | Op::Testp { a, .. } => src(a),
             Op::Pack { parts, .. } => parts.iter().for_each(src),
-            Op::Int { a, b, .. } | Op::Float { a, b, .. } | Op::PredBin { a, b, .. } => {
+            Op::Int { a, b, .. } | Op::Float { a, b, .. } => {
                 src(a);
                 src(b);
             }
@@ -615,10 +555,6 @@ impl Op {
                 src(a);
                 src(b);
                 src(c);
-                src(mask);
-            }
-            Op::Vote { a, mask, .. } => {
-                src(&Src::Reg(*a));
                 src(mask);
             }
             Op::Bra { .. } | Op::Fence { .. } | Op::Exit => {}
@@ -1597,20 +1533,7 @@ impl Parser {
                         b: self.src(sc, &o[2], ty, Fit::Exact, l)?,
                     }
                 } else if ty == Ty::Pred {
-                    let bop = match base {
-                        "and" => BoolOp::And,
-                        "or" => BoolOp::Or,
-                        "xor" => BoolOp::Xor,
-                        _ => return load_err(l, format!("`{opname}` on predicates")),
-                    };
-                    m.done()?;
-                    argc(3)?;
-                    Op::PredBin {
-                        op: bop,
-                        d: self.dst(sc, &o[0], ty, Fit::Exact, l)?,
-                        a: self.pred_src(sc, &o[1], l)?,
-                        b: self.pred_src(sc, &o[2], l)?,
-                    }
+                    return load_err(l, format!("`{opname}`: predicate logic is outside the subset (setp combines conditions)"));
                 } else {
                     let iop = match base {
                         "add" => IntOp::Add,
@@ -1744,82 +1667,43 @@ impl Parser {
                     return load_err(l, format!("`{opname}`: unsupported type"));
                 }
             }
-            "neg" | "abs" | "sqrt" | "rcp" | "not" | "cnot" | "popc" | "clz" | "brev" | "rsqrt"
-            | "ex2" | "lg2" | "sin" | "cos" | "tanh" => {
+            "neg" | "abs" | "sqrt" | "rsqrt" | "ex2" | "lg2" | "sin" | "cos" | "tanh" => {
                 let ty = m.ty()?;
                 argc(2)?;
-                if ty == Ty::Pred {
-                    if base != "not" {
-                        return load_err(l, format!("`{opname}` on predicates"));
-                    }
-                    m.done()?;
-                    return Ok(Op::PredNot {
-                        d: self.dst(sc, &o[0], ty, Fit::Exact, l)?,
-                        a: self.pred_src(sc, &o[1], l)?,
-                    });
+                if !matches!(ty, Ty::F32 | Ty::F64) {
+                    return load_err(
+                        l,
+                        format!("`{opname}`: only f32/f64 (integer and predicate unary operations are outside the subset)"),
+                    );
                 }
-                if ty.kind() == TyKind::Float {
-                    if !matches!(ty, Ty::F32 | Ty::F64) {
-                        return load_err(l, format!("`{opname}`: only f32/f64"));
-                    }
-                    if m.has("ftz") {
-                        return load_err(l, format!("`{opname}`: .ftz is not supported"));
-                    }
-                    let fop = match base {
-                        "neg" => FUnOp::Neg,
-                        "abs" => FUnOp::Abs,
-                        "sqrt" | "rcp" => {
-                            if m.has("rn") {
-                            } else if m.has("approx") {
-                                self.inexact(opname, l, "approximate")?;
-                            } else {
-                                return load_err(l, format!("`{opname}`: needs .rn"));
-                            }
-                            if base == "sqrt" {
-                                FUnOp::Sqrt
-                            } else {
-                                FUnOp::Rcp
-                            }
+                if m.has("ftz") {
+                    return load_err(l, format!("`{opname}`: .ftz is not supported"));
+                }
+                let fop = match base {
+                    "neg" => FUnOp::Neg,
+                    "abs" => FUnOp::Abs,
+                    "sqrt" => {
+                        if m.has("rn") {
+                        } else if m.has("approx") {
+                            self.inexact(opname, l, "approximate")?;
+                        } else {
+                            return load_err(l, format!("`{opname}`: needs .rn"));
                         }
-                        _ => {
-                            return load_err(
-                                l,
-                                format!(
-                                    "`{opname}`: transcendental approximations are not supported"
-                                ),
-                            )
-                        }
-                    };
-                    m.done()?;
-                    Op::FUn {
-                        op: fop,
-                        ty,
-                        d: self.dst(sc, &o[0], ty, Fit::Exact, l)?,
-                        a: self.src(sc, &o[1], ty, Fit::Exact, l)?,
+                        FUnOp::Sqrt
                     }
-                } else {
-                    let iop = match base {
-                        "neg" if ty.kind() == TyKind::Sint => IUnOp::Neg,
-                        "abs" if ty.kind() == TyKind::Sint => IUnOp::Abs,
-                        "not" if ty.kind() == TyKind::Bit => IUnOp::Not,
-                        "cnot" if ty.kind() == TyKind::Bit => IUnOp::Cnot,
-                        "popc" if matches!(ty, Ty::B32 | Ty::B64) => IUnOp::Popc,
-                        "clz" if matches!(ty, Ty::B32 | Ty::B64) => IUnOp::Clz,
-                        "brev" if matches!(ty, Ty::B32 | Ty::B64) => IUnOp::Brev,
-                        _ => return load_err(l, format!("`{opname}`: unsupported type")),
-                    };
-                    m.done()?;
-                    let dty = if matches!(iop, IUnOp::Popc | IUnOp::Clz) {
-                        Ty::U32
-                    } else {
-                        ty
-                    };
-                    Op::IUn {
-                        op: iop,
-                        ty,
-                        d: self.dst(sc, &o[0], dty, Fit::Exact, l)?,
-                        a: self.src(sc, &o[1], ty, Fit::Exact, l)?,
+                    _ => {
+                        return load_err(
+                            l,
+                            format!("`{opname}`: transcendental approximations are not supported"),
+                        )
                     }
+                };
+                m.done()?;
+                Op::FUn {
+                    op: fop,
+                    ty,
+                    d: self.dst(sc, &o[0], ty, Fit::Exact, l)?,
+                    a: self.src(sc, &o[1], ty, Fit::Exact, l)?,
                 }
             }
             "cvt" => {
@@ -1914,26 +1798,6 @@ impl Parser {
                     irnd,
                     d: self.dst(sc, &o[0], dty, Fit::Wider, l)?,
                     a: self.src(sc, &o[1], sty, Fit::Wider, l)?,
-                }
-            }
-            "cvta" => {
-                let to = m.has("to");
-                let space = match m.take(&["global", "shared"]) {
-                    Some("global") => Space::Global,
-                    Some("shared") => Space::Shared,
-                    _ => return load_err(l, format!("`{opname}`: only .global/.shared")),
-                };
-                let ty = m.ty()?;
-                if !matches!(ty, Ty::U64 | Ty::B64 | Ty::U32 | Ty::B32) {
-                    return load_err(l, format!("`{opname}`: needs .u64 (or .u32 for shared)"));
-                }
-                m.done()?;
-                argc(2)?;
-                Op::Cvta {
-                    to_generic: !to,
-                    space,
-                    d: self.dst(sc, &o[0], ty, Fit::Exact, l)?,
-                    a: self.src(sc, &o[1], ty, Fit::Exact, l)?,
                 }
             }
             "setp" => {
@@ -2279,38 +2143,6 @@ impl Parser {
                     mask: self.src(sc, &o[4], Ty::B32, Fit::Exact, l)?,
                 }
             }
-            "vote" => {
-                if !m.has("sync") {
-                    return load_err(l, "only vote.sync is supported");
-                }
-                let mode = match m.take(&["all", "any", "uni", "ballot"]) {
-                    Some("all") => VoteMode::All,
-                    Some("any") => VoteMode::Any,
-                    Some("uni") => VoteMode::Uni,
-                    Some("ballot") => VoteMode::Ballot,
-                    _ => return load_err(l, "vote.sync needs a mode"),
-                };
-                let ty = m.ty()?;
-                m.done()?;
-                if (mode == VoteMode::Ballot) != (ty == Ty::B32)
-                    || (mode != VoteMode::Ballot && ty != Ty::Pred)
-                {
-                    return load_err(l, format!("`{opname}`: wrong type"));
-                }
-                argc(3)?;
-                let (a, aneg) = match &o[1] {
-                    Raw::Name(n) => (self.pred_reg(sc, n, l)?, false),
-                    Raw::Not(n) => (self.pred_reg(sc, n, l)?, true),
-                    _ => return load_err(l, "vote source must be a predicate"),
-                };
-                Op::Vote {
-                    mode,
-                    d: self.dst(sc, &o[0], ty, Fit::Exact, l)?,
-                    a,
-                    aneg,
-                    mask: self.src(sc, &o[2], Ty::B32, Fit::Exact, l)?,
-                }
-            }
             "membar" => {
                 let level = m.take(&["cta", "gl", "sys"]).ok_or_else(|| Error {
                     kind: ErrorKind::Load,
@@ -2358,7 +2190,16 @@ fn take_space(m: &mut Mods) -> Result<Space> {
         Some("global") => Space::Global,
         Some("shared") => Space::Shared,
         Some("param") => Space::Param,
-        None => Space::Generic,
+        // lra's kernels name every space; generic addresses are not modelled
+        None => {
+            return load_err(
+                m.line,
+                format!(
+                    "`{}`: needs a state space (.global, .shared or .param)",
+                    m.op
+                ),
+            )
+        }
         Some(x) => {
             return load_err(
                 m.line,
@@ -2409,13 +2250,6 @@ fn sreg(n: &str) -> Option<Sreg> {
     }
     Some(match n {
         "%laneid" => Sreg::Laneid,
-        "%warpid" => Sreg::Warpid,
-        "%nwarpid" => Sreg::Nwarpid,
-        "%lanemask_eq" => Sreg::LanemaskEq,
-        "%lanemask_lt" => Sreg::LanemaskLt,
-        "%lanemask_le" => Sreg::LanemaskLe,
-        "%lanemask_gt" => Sreg::LanemaskGt,
-        "%lanemask_ge" => Sreg::LanemaskGe,
         _ => return None,
     })
 }

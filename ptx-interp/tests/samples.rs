@@ -157,6 +157,17 @@ fn shuffles_follow_cuda_lane_rules_with_widths() {
         };
         assert_eq!((v, p), exp, "bfly 8 width 8, lane {lane}");
     }
+    // bfly 24 with width 8: lane 16 (third segment) reads lane 8 (the
+    // second), while lane 8 would read lane 16 (a later one) and keeps its own
+    for (lane, (v, p)) in shfl(2, 24, c(8, false)).into_iter().enumerate() {
+        let (l, j) = (lane as u32, lane as u32 ^ 24);
+        let exp = if j / 8 <= l / 8 {
+            (val(j), true)
+        } else {
+            (val(l), false)
+        };
+        assert_eq!((v, p), exp, "bfly 24 width 8, lane {lane}");
+    }
 }
 
 // ------------------------------------------------------------ arithmetic
@@ -884,6 +895,30 @@ fn shared_memory_races_are_errors() {
         4,
         "thread 1 wrote it and thread 0 reads",
     );
+    // write-after-read where the reader is not thread 0 (a shadow word's
+    // reader starts as 0): thread 1 reads first, then thread 0 writes
+    let war1 = format!(
+        "{SHARED_INIT}    setp.eq.u32 %p, %t, 1;\n    @%p ld.shared.u32 %v, [sh];\n    @!%p st.shared.u32 [sh], 7;"
+    );
+    expect(
+        ErrorKind::Race,
+        &war1,
+        2,
+        4,
+        "thread 1 read it and thread 0 writes it",
+    );
+    // both threads read, then one of them writes: a race even though that
+    // thread was the last to read (the word remembers several readers)
+    let rrw = format!(
+        "{SHARED_INIT}    ld.shared.u32 %v, [sh];\n    setp.eq.u32 %p, %t, 0;\n    @%p st.shared.u32 [sh], 7;"
+    );
+    expect(
+        ErrorKind::Race,
+        &rrw,
+        2,
+        4,
+        "other threads read it and thread 0 writes it",
+    );
     // with a barrier in between it is fine
     let ok = format!(
         "    setp.eq.u32 %p, %t, 31;\n    mov.u32 %v, 0;\n{SHARED_INIT}    @%p bra SKIP;\n    ld.shared.u32 %v, [%o+4];\nSKIP:\n    bar.sync 0;\n    st.shared.u32 [%o], %v;"
@@ -1299,10 +1334,27 @@ fn anything_outside_the_subset_is_a_load_error() {
         ("    mul.u32 %v, %v, %v;", ".lo/.hi/.wide"),
         ("    bra NOWHERE;", "unknown label"),
         ("    atom.global.add.f16 %h, [%o], %h;", "not allowed"),
+        // outside what lra's kernels use, so not modelled (fail closed)
+        ("    ld.u32 %v, [%o];", "needs a state space"),
+        ("    st.u32 [%o], %v;", "needs a state space"),
+        ("    cvta.global.u64 %o, %o;", "unsupported instruction"),
+        (
+            "    vote.sync.any.pred %p, %p, -1;",
+            "unsupported instruction",
+        ),
+        ("    mov.u32 %v, %warpid;", "unknown register %warpid"),
+        (
+            "    mov.u32 %v, %lanemask_lt;",
+            "unknown register %lanemask_lt",
+        ),
+        ("    rcp.rn.f32 %f, %f;", "unsupported instruction"),
+        ("    neg.s32 %v, %v;", "only f32/f64"),
+        ("    not.b32 %v, %v;", "unsupported instruction"),
+        ("    and.pred %p, %p, %p;", "predicate logic"),
     ];
     for (line, needle) in cases {
         let src = format!(
-            "{HEAD}.visible .entry k(.param .u64 out)\n{{\n    .reg .b16 %h;\n    .reg .b32 %v;\n    .reg .f32 %f;\n    .reg .f64 %d;\n    .reg .b64 %o;\n{line}\n    ret;\n}}\n"
+            "{HEAD}.visible .entry k(.param .u64 out)\n{{\n    .reg .pred %p;\n    .reg .b16 %h;\n    .reg .b32 %v;\n    .reg .f32 %f;\n    .reg .f64 %d;\n    .reg .b64 %o;\n{line}\n    ret;\n}}\n"
         );
         match Module::load(&src) {
             Ok(_) => panic!("accepted: {line}"),
@@ -1479,4 +1531,77 @@ fn cross_block_handover_needs_fence_and_atomic() {
     }
     // the reduction sample above hands over through membar + atom.inc and
     // passes under every schedule (reduction_matches_its_host_order_...)
+}
+
+/// Two blocks of one thread; `x` holds words a0 a1 b0 b1 c0 c1. Block b
+/// reads a_b, then the half-word at b_b + 2 (`mode` 1: after its fence),
+/// and (`mode` 2) writes the half-word at c_b + 2 after its fence; then
+/// it counts itself out. The last block overwrites the other block's a and
+/// b and reads its c. Only what a block did before its fence is published.
+const FENCED_HALVES: &str = r#"
+.visible .entry k(.param .u64 x, .param .u64 count, .param .u32 mode)
+{
+    .reg .pred %late_read, %late_write, %last;
+    .reg .b16 %h;
+    .reg .b32 %b, %old, %mode, %o, %v;
+    .reg .b64 %x, %c, %mine, %other;
+    ld.param.u64 %x, [x];
+    ld.param.u64 %c, [count];
+    ld.param.u32 %mode, [mode];
+    setp.eq.u32 %late_read, %mode, 1;
+    setp.eq.u32 %late_write, %mode, 2;
+    mov.u32 %b, %ctaid.x;
+    mul.wide.u32 %mine, %b, 4;
+    add.s64 %mine, %x, %mine;
+    ld.global.u32 %v, [%mine];
+    @!%late_read ld.global.b16 %h, [%mine+10];
+    membar.gl;
+    @%late_read ld.global.b16 %h, [%mine+10];
+    @%late_write st.global.b16 [%mine+18], 1;
+    atom.global.add.u32 %old, [%c], 1;
+    setp.eq.u32 %last, %old, 1;
+    @!%last bra DONE;
+    membar.gl;
+    sub.u32 %o, 1, %b;
+    mul.wide.u32 %other, %o, 4;
+    add.s64 %other, %x, %other;
+    st.global.u32 [%other], 1;
+    st.global.u32 [%other+8], 1;
+    ld.global.u32 %v, [%other+16];
+DONE:
+    ret;
+}
+"#;
+
+#[test]
+fn accesses_after_a_fence_stay_unpublished_and_races_name_their_byte() {
+    let m = module(FENCED_HALVES);
+    // InOrder runs block 0 to its end first, Reversed block 1: the other
+    // block is the one the last block's accesses race with
+    for (schedule, other) in [(Schedule::InOrder, 0u64), (Schedule::Reversed, 1)] {
+        for mode in 0..3u32 {
+            let mut dev = Device::new();
+            let x = dev.alloc_zeroed(24);
+            let count = dev.alloc_zeroed(4);
+            let cfg = LaunchConfig::linear(2, 1).with_schedule(schedule.clone());
+            let args = [Arg::U64(x), Arg::U64(count), Arg::U32(mode)];
+            let r = dev.launch(&m, "k", &cfg, &args);
+            let ctx = format!("{schedule:?}, mode {mode}");
+            if mode == 0 {
+                r.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                continue;
+            }
+            let e = r.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Race, "{ctx}: {e}");
+            // the first racing byte is the half-word's, 2 bytes into the word
+            let (word, access) = if mode == 1 {
+                (8, "(a read), and thread 0 writes it")
+            } else {
+                (16, "and thread 0 reads it")
+            };
+            let at = format!("global memory race at {:#x}:", x + word + 4 * other + 2);
+            assert!(e.message.contains(&at), "{ctx}: {at:?} not in {e}");
+            assert!(e.message.contains(access), "{ctx}: {access:?} not in {e}");
+        }
+    }
 }
