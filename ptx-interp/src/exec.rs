@@ -2,8 +2,8 @@
 
 use crate::fp;
 use crate::load::{
-    Addr, AtomOp, BoolOp, Cmp, FOp, FUnOp, IRnd, Inst, IntOp, Kernel, Op, ShflMode, Space, Src,
-    Sreg, SyncScope, TestKind, SHARED_BASE,
+    Addr, AtomOp, Cmp, FOp, FUnOp, IRnd, Inst, IntOp, Kernel, Op, ShflMode, Space, Src, Sreg,
+    SyncScope, TestKind, SHARED_BASE,
 };
 use crate::{err, Error, ErrorKind, Module, Result, Ty, TyKind};
 use std::collections::{BTreeMap, VecDeque};
@@ -1587,24 +1587,11 @@ impl<'a> Run<'a> {
                 q,
                 a,
                 b,
-                comb,
             } => {
                 let r = compare(*cmp, *ty, rd(*a), rd(*b));
-                let (rp, rq) = match comb {
-                    None => (r, !r),
-                    Some((op, c, neg)) => {
-                        let c = (th.regs[*c as usize] != 0) != *neg;
-                        let f = |x: bool| match op {
-                            BoolOp::And => x & c,
-                            BoolOp::Or => x | c,
-                            BoolOp::Xor => x ^ c,
-                        };
-                        (f(r), f(!r))
-                    }
-                };
-                self.set(blk, ti, *p, rp as u64);
+                self.set(blk, ti, *p, r as u64);
                 if let Some(q) = q {
-                    self.set(blk, ti, *q, rq as u64);
+                    self.set(blk, ti, *q, !r as u64);
                 }
             }
             Op::Selp { d, a, b, c } => {
@@ -1693,7 +1680,6 @@ impl<'a> Run<'a> {
                 }
             }
             Op::Atom {
-                space,
                 op,
                 ty,
                 d,
@@ -1707,35 +1693,20 @@ impl<'a> Run<'a> {
                 let a = self.addr(th, addr);
                 let (bv, cv) = (rd(*b), c.map_or(0, &rd));
                 let size = ty.bytes() as usize;
-                let sh = Self::is_shared(*space);
                 Self::check_align(a, size, "atomic")?;
-                let old = if sh {
-                    let off = Self::shared_range(blk, a, size)?;
-                    if let Some(i) = blk.shadow[off..off + size].iter().position(|s| !s.init) {
-                        return err(
-                            ErrorKind::Undefined,
-                            format!(
-                                "atomic on uninitialised shared memory at offset {:#x}",
-                                off + i
-                            ),
-                        );
-                    }
-                    le(&blk.shared[off..off + size])
-                } else {
+                let old = {
                     let (base, off) = self.dev.find(a, size)?;
                     let buf = &self.dev.bufs[&base];
                     Self::check_init(buf, off, size, a)?;
                     le(&buf.data[off..off + size])
                 };
                 let new = atom_op(*op, *ty, old, bv, cv);
-                self.store(blk, ti, *space, a, &new.to_le_bytes()[..size], true)?;
-                if !sh {
-                    self.report.global_atomics += 1;
-                    let latest = self.atom_rounds.entry(a).or_default();
-                    *latest = (*latest).max(self.result_ready);
-                    self.result_ready = *latest + 1;
-                }
-                if !sh && *scope == SyncScope::Gpu {
+                self.store(blk, ti, Space::Global, a, &new.to_le_bytes()[..size], true)?;
+                self.report.global_atomics += 1;
+                let latest = self.atom_rounds.entry(a).or_default();
+                *latest = (*latest).max(self.result_ready);
+                self.result_ready = *latest + 1;
+                if *scope == SyncScope::Gpu {
                     // PTX ISA 8.8/8.9.4: an atomic publishes what the thread's
                     // fences released (a `.release` one also what it knows
                     // now); what it reads takes effect at the next fence (for
@@ -1988,8 +1959,8 @@ fn cvt(dty: Ty, sty: Ty, irnd: Option<IRnd>, a: u64) -> u64 {
     };
     if df && sf {
         return match (dty, sty) {
-            (Ty::F32, Ty::F64) => (f64b(a) as f32).to_bits() as u64,
-            (Ty::F32, _) => (src_f() as f32).to_bits() as u64, // f16/bf16 → f32 exact
+            // f64 → f32 rounds to nearest even; f16/bf16 → f32 is exact
+            (Ty::F32, _) => (src_f() as f32).to_bits() as u64,
             (Ty::F64, _) => src_f().to_bits(),
             (Ty::F16, _) => fp::f32_to_f16_rn(f32b(a)) as u64,
             (Ty::Bf16, _) => fp::f32_to_bf16_rn(f32b(a)) as u64,
@@ -2042,12 +2013,9 @@ fn cvt(dty: Ty, sty: Ty, irnd: Option<IRnd>, a: u64) -> u64 {
 }
 
 fn atom_op(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64) -> u64 {
-    let w = ty.bits();
-    let signed = ty.kind() == TyKind::Sint;
     match op {
         AtomOp::Add => match ty {
             Ty::F32 => fp::atom_add_f32_ftz(f32b(old), f32b(b)).to_bits() as u64,
-            Ty::F64 => (f64b(old) + f64b(b)).to_bits(),
             _ => old.wrapping_add(b),
         },
         AtomOp::Inc => {
@@ -2055,13 +2023,6 @@ fn atom_op(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64) -> u64 {
                 0
             } else {
                 old + 1
-            }
-        }
-        AtomOp::Dec => {
-            if old == 0 || old > b {
-                b
-            } else {
-                old - 1
             }
         }
         AtomOp::Cas => {
@@ -2072,20 +2033,5 @@ fn atom_op(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64) -> u64 {
             }
         }
         AtomOp::Exch => b,
-        AtomOp::Min | AtomOp::Max => {
-            let lt = if signed {
-                sext(old, w) < sext(b, w)
-            } else {
-                old < b
-            };
-            if lt == (op == AtomOp::Min) {
-                old
-            } else {
-                b
-            }
-        }
-        AtomOp::And => old & b,
-        AtomOp::Or => old | b,
-        AtomOp::Xor => old ^ b,
     }
 }

@@ -266,13 +266,6 @@ pub(crate) enum Cmp {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum BoolOp {
-    And,
-    Or,
-    Xor,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum TestKind {
     Finite,
     Infinite,
@@ -295,14 +288,8 @@ pub(crate) enum IRnd {
 pub(crate) enum AtomOp {
     Add,
     Inc,
-    Dec,
     Cas,
     Exch,
-    Min,
-    Max,
-    And,
-    Or,
-    Xor,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -389,7 +376,6 @@ pub(crate) enum Op {
         q: Option<u16>,
         a: Src,
         b: Src,
-        comb: Option<(BoolOp, u16, bool)>,
     },
     Selp {
         d: u16,
@@ -416,8 +402,8 @@ pub(crate) enum Op {
         addr: Addr,
     },
     /// `atom` (`d` is the old value) or `red` (`d` is `None`).
+    /// Global memory only.
     Atom {
-        space: Space,
         op: AtomOp,
         ty: Ty,
         d: Option<u16>,
@@ -517,12 +503,9 @@ impl Op {
                 src(b);
                 src(c);
             }
-            Op::Setp { a, b, comb, .. } => {
+            Op::Setp { a, b, .. } => {
                 src(a);
                 src(b);
-                if let Some((_, c, _)) = comb {
-                    src(&Src::Reg(*c));
-                }
             }
             Op::Selp { a, b, c, .. } => {
                 src(a);
@@ -657,7 +640,6 @@ enum Raw {
     Vec(Vec<Raw>),
     Addr(Option<String>, i64),
     Pair(String, String),
-    Not(String),
 }
 
 /// An instruction before decoding: (guard, opcode, operands, line).
@@ -1114,7 +1096,8 @@ impl Parser {
                     }
                 }
             }
-            Tok::Punct('!') => Ok(Raw::Not(self.word()?)),
+            // only a guard (`@!%p`) negates in the subset
+            Tok::Punct('!') => load_err(l, "a negated predicate operand is outside the subset"),
             Tok::Punct('-') => match self.next()? {
                 Tok::Num(n) => Ok(Raw::Lit(parse_lit(&n, l)?, true)),
                 t => load_err(l, format!("bad negative operand {t:?}")),
@@ -1808,12 +1791,12 @@ impl Parser {
                     Some(c) => c,
                     None => return load_err(l, format!("`{opname}`: missing comparison")),
                 };
-                let bop = match m.take(&["and", "or", "xor"]) {
-                    Some("and") => Some(BoolOp::And),
-                    Some("or") => Some(BoolOp::Or),
-                    Some("xor") => Some(BoolOp::Xor),
-                    _ => None,
-                };
+                if m.take(&["and", "or", "xor"]).is_some() {
+                    return load_err(
+                        l,
+                        format!("`{opname}`: predicate logic is outside the subset"),
+                    );
+                }
                 let ty = m.ty()?;
                 if m.has("ftz") {
                     return load_err(l, format!("`{opname}`: .ftz is not supported"));
@@ -1860,21 +1843,13 @@ impl Parser {
                         format!("`{opname}`: comparison not allowed for this type"),
                     );
                 }
-                if o.len() != 3 + bop.is_some() as usize {
+                if o.len() != 3 {
                     return load_err(l, format!("`{opname}`: wrong operand count"));
                 }
                 let (p, q) = match &o[0] {
                     Raw::Name(n) => (self.pred_reg(sc, n, l)?, None),
                     Raw::Pair(a, b) => (self.pred_reg(sc, a, l)?, Some(self.pred_reg(sc, b, l)?)),
                     _ => return load_err(l, "setp destination must be a predicate"),
-                };
-                let comb = match bop {
-                    None => None,
-                    Some(b) => Some(match &o[3] {
-                        Raw::Name(n) => (b, self.pred_reg(sc, n, l)?, false),
-                        Raw::Not(n) => (b, self.pred_reg(sc, n, l)?, true),
-                        _ => return load_err(l, "setp combining operand must be a predicate"),
-                    }),
                 };
                 Op::Setp {
                     cmp,
@@ -1883,7 +1858,6 @@ impl Parser {
                     q,
                     a: self.src(sc, &o[1], ty, Fit::Exact, l)?,
                     b: self.src(sc, &o[2], ty, Fit::Exact, l)?,
-                    comb,
                 }
             }
             "selp" => {
@@ -2003,24 +1977,19 @@ impl Parser {
             }
             "atom" | "red" => {
                 let space = take_space(&mut m)?;
-                if space == Space::Param {
-                    return load_err(l, "atomics on .param");
+                if space != Space::Global {
+                    return load_err(
+                        l,
+                        format!("`{opname}`: atomics outside .global are outside the subset"),
+                    );
                 }
                 let sem = m.take(&["relaxed", "acquire", "release", "acq_rel"]);
                 let scope = SyncScope::parse(m.take(&["cta", "gpu", "sys"]));
-                let aop = match m.take(&[
-                    "add", "inc", "dec", "cas", "exch", "min", "max", "and", "or", "xor",
-                ]) {
+                let aop = match m.take(&["add", "inc", "cas", "exch"]) {
                     Some("add") => AtomOp::Add,
                     Some("inc") => AtomOp::Inc,
-                    Some("dec") => AtomOp::Dec,
                     Some("cas") => AtomOp::Cas,
                     Some("exch") => AtomOp::Exch,
-                    Some("min") => AtomOp::Min,
-                    Some("max") => AtomOp::Max,
-                    Some("and") => AtomOp::And,
-                    Some("or") => AtomOp::Or,
-                    Some("xor") => AtomOp::Xor,
                     _ => {
                         return load_err(l, format!("`{opname}`: missing or unsupported operation"))
                     }
@@ -2028,13 +1997,9 @@ impl Parser {
                 let ty = m.ty()?;
                 m.done()?;
                 let ok = match aop {
-                    AtomOp::Add => matches!(ty, Ty::U32 | Ty::S32 | Ty::U64 | Ty::F32 | Ty::F64),
-                    AtomOp::Inc | AtomOp::Dec => ty == Ty::U32,
+                    AtomOp::Add => matches!(ty, Ty::U32 | Ty::F32),
+                    AtomOp::Inc => ty == Ty::U32,
                     AtomOp::Cas | AtomOp::Exch => matches!(ty, Ty::B32 | Ty::B64),
-                    AtomOp::Min | AtomOp::Max => {
-                        matches!(ty, Ty::U32 | Ty::S32 | Ty::U64 | Ty::S64)
-                    }
-                    AtomOp::And | AtomOp::Or | AtomOp::Xor => matches!(ty, Ty::B32 | Ty::B64),
                 };
                 if !ok || (base == "red" && aop == AtomOp::Cas) {
                     return load_err(l, format!("`{opname}`: type not allowed"));
@@ -2044,7 +2009,6 @@ impl Parser {
                 argc(n)?;
                 let k = is_atom as usize;
                 Op::Atom {
-                    space,
                     op: aop,
                     ty,
                     d: if is_atom {

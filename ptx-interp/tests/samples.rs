@@ -195,7 +195,7 @@ const ARITH: &str = r#"
     add.s64 %ya, %ya, %o;
     ld.global.f32 %x, [%xa];
     ld.global.f32 %y, [%ya];
-    mul.wide.u32 %o, %i, 64;
+    mul.wide.u32 %o, %i, 96;
     ld.param.u64 %oa, [out];
     add.s64 %oa, %oa, %o;
     add.rn.f32 %z, %x, %y;
@@ -247,6 +247,32 @@ const ARITH: &str = r#"
     st.global.f32 [%oa+56], %z;
     abs.f32 %z, %x;
     st.global.f32 [%oa+60], %z;
+    // every comparison, f32 in bits 0-13 and f64 in 16-29 (generated)
+//CMP
+    testp.infinite.f32 %p, %x;
+    selp.u32 %pv, 1, 0, %p;
+    testp.number.f32 %p, %x;
+    selp.u32 %r, 2, 0, %p;
+    or.b32 %pv, %pv, %r;
+    testp.notanumber.f32 %p, %x;
+    selp.u32 %r, 4, 0, %p;
+    or.b32 %pv, %pv, %r;
+    testp.normal.f32 %p, %x;
+    selp.u32 %r, 8, 0, %p;
+    or.b32 %pv, %pv, %r;
+    testp.normal.f64 %p, %dx;
+    selp.u32 %r, 16, 0, %p;
+    or.b32 %pv, %pv, %r;
+    testp.subnormal.f64 %p, %dx;
+    selp.u32 %r, 32, 0, %p;
+    or.b32 %pv, %pv, %r;
+    st.global.u32 [%oa+68], %pv;
+    cvt.rmi.s32.f32 %r, %x;
+    st.global.u32 [%oa+72], %r;
+    cvt.rpi.s32.f32 %r, %x;
+    st.global.u32 [%oa+76], %r;
+    cvt.rzi.u32.f32 %r, %x;
+    st.global.u32 [%oa+80], %r;
 END:
     ret;
 }
@@ -290,11 +316,24 @@ fn float_arithmetic_and_conversions_are_ieee_exact() {
         .flat_map(|&x| s.iter().map(move |&y| (x, y)))
         .unzip();
     let n = xs.len();
-    let m = module(ARITH);
+    let mut compares = String::new();
+    for (k, cmp) in FLOAT_CMPS.iter().enumerate() {
+        for (shift, (ty, a, b)) in [(0, ("f32", "%x", "%y")), (16, ("f64", "%dx", "%dy"))] {
+            compares += &format!(
+                "    setp.{cmp}.{ty} %p, {a}, {b};\n    selp.u32 %r, {}, 0, %p;\n    or.b32 %pv, %pv, %r;\n",
+                1u32 << (k + shift)
+            );
+        }
+    }
+    let src = ARITH.replace(
+        "//CMP\n",
+        &format!("    mov.u32 %pv, 0;\n{compares}    st.global.u32 [%oa+64], %pv;\n"),
+    );
+    let m = module(&src);
     let mut dev = Device::new();
     let xa = dev.alloc_from(&f32_bytes(&xs));
     let ya = dev.alloc_from(&f32_bytes(&ys));
-    let out = dev.alloc(64 * n);
+    let out = dev.alloc(96 * n);
     let blocks = n.div_ceil(128) as u32;
     let args = [
         Arg::U64(xa),
@@ -304,10 +343,10 @@ fn float_arithmetic_and_conversions_are_ieee_exact() {
     ];
     dev.launch(&m, "arith", &LaunchConfig::linear(blocks, 128), &args)
         .unwrap();
-    let o = f32s(&dev, out, 16 * n);
+    let o = f32s(&dev, out, 24 * n);
     for i in 0..n {
         let (x, y) = (xs[i], ys[i]);
-        let r = &o[16 * i..16 * i + 16];
+        let r = &o[24 * i..24 * i + 24];
         let ctx = format!("x={x:e} y={y:e}");
         assert!(same(r[0], x + y), "add {ctx}");
         assert!(same(r[1], x - y), "sub {ctx}");
@@ -354,6 +393,51 @@ fn float_arithmetic_and_conversions_are_ieee_exact() {
         assert!(same(r[13], mx), "max {ctx}");
         assert_eq!(r[14].to_bits(), (-x).to_bits(), "neg {ctx}");
         assert_eq!(r[15].to_bits(), x.abs().to_bits(), "abs {ctx}");
+        let mut cmps = 0;
+        for (k, cmp) in FLOAT_CMPS.iter().enumerate() {
+            cmps |= (float_cmp(cmp, x, y) as u32 * 0x1_0001) << k;
+        }
+        assert_eq!(r[16].to_bits(), cmps, "setp {ctx}");
+        let normal = |x: f64, min: f64| x.is_finite() && x.abs() >= min;
+        let dx = x as f64;
+        let kinds = x.is_infinite() as u32
+            | (!x.is_nan() as u32) << 1
+            | (x.is_nan() as u32) << 2
+            | (normal(dx, f32::MIN_POSITIVE as f64) as u32) << 3
+            | (normal(dx, f64::MIN_POSITIVE) as u32) << 4
+            | (dx.is_subnormal() as u32) << 5;
+        assert_eq!(r[17].to_bits(), kinds, "testp {ctx}");
+        // float to integer: saturating, NaN gives 0 (PTX ISA, cvt)
+        assert_eq!(r[18].to_bits() as i32, x.floor() as i32, "cvt.rmi {ctx}");
+        assert_eq!(r[19].to_bits() as i32, x.ceil() as i32, "cvt.rpi {ctx}");
+        assert_eq!(r[20].to_bits(), x as u32, "cvt.rzi.u32 {ctx}");
+    }
+}
+
+const FLOAT_CMPS: [&str; 14] = [
+    "eq", "ne", "lt", "le", "gt", "ge", "equ", "neu", "ltu", "leu", "gtu", "geu", "num", "nan",
+];
+
+/// PTX ISA, "Floating Point Comparison Operators": the ordered ones are
+/// false when either operand is NaN, the `u` ones true.
+fn float_cmp(cmp: &str, x: f32, y: f32) -> bool {
+    let unordered = x.is_nan() || y.is_nan();
+    match cmp {
+        "eq" => x == y,
+        "ne" => x != y && !unordered,
+        "lt" => x < y,
+        "le" => x <= y,
+        "gt" => x > y,
+        "ge" => x >= y,
+        "equ" => x == y || unordered,
+        "neu" => x != y || unordered,
+        "ltu" => x < y || unordered,
+        "leu" => x <= y || unordered,
+        "gtu" => x > y || unordered,
+        "geu" => x >= y || unordered,
+        "num" => !unordered,
+        "nan" => unordered,
+        other => unreachable!("{other}"),
     }
 }
 
@@ -362,6 +446,7 @@ fn float_arithmetic_and_conversions_are_ieee_exact() {
 const INTS: &str = r#"
 .visible .entry ints(.param .u64 out, .param .u64 cell)
 {
+    .reg .pred %p;
     .reg .b16 %h;
     .reg .b32 %a, %b, %r, %lo, %hi;
     .reg .b64 %o, %c, %w;
@@ -402,15 +487,46 @@ const INTS: &str = r#"
     st.global.u32 [%o+56], %r;
     ld.global.u32 %r, [%c+4];
     st.global.u32 [%o+60], %r;
+    mul.hi.s32 %r, %a, 0x40000000;
+    st.global.u32 [%o+64], %r;
+    div.s32 %r, %a, 2;
+    st.global.u32 [%o+68], %r;
+    div.u32 %r, %a, 2;
+    st.global.u32 [%o+72], %r;
+    rem.u32 %r, %a, 4;
+    st.global.u32 [%o+76], %r;
+    max.s32 %r, %a, 2;
+    st.global.u32 [%o+80], %r;
+    max.u32 %r, %a, 2;
+    st.global.u32 [%o+84], %r;
+    or.b32 %r, %a, 15;
+    st.global.u32 [%o+88], %r;
+    xor.b32 %r, %a, 15;
+    st.global.u32 [%o+92], %r;
+    // a 16-bit result in a 32-bit register: extended by its type's sign
+    cvt.s16.s32 %r, %a;
+    st.global.u32 [%o+96], %r;
+    cvt.u16.u32 %r, %a;
+    st.global.u32 [%o+100], %r;
+    mov.u32 %b, 2;
+//SETP
     ret;
 }
 "#;
 
 #[test]
 fn integer_ops_widths_and_atomics() {
-    let m = module(INTS);
+    let mut setps = "    mov.u32 %r, 0;\n".to_string();
+    for (k, (cmp, ty, b)) in INT_CMPS.iter().enumerate() {
+        setps += &format!(
+            "    setp.{cmp}.{ty} %p, %a, {b};\n    selp.u32 %lo, {}, 0, %p;\n    or.b32 %r, %r, %lo;\n",
+            1u32 << k
+        );
+    }
+    setps += "    st.global.u32 [%o+104], %r;\n";
+    let m = module(&INTS.replace("//SETP\n", &setps));
     let mut dev = Device::new();
-    let out = dev.alloc(64);
+    let out = dev.alloc(108);
     let cell = dev.alloc_zeroed(8);
     dev.launch(
         &m,
@@ -419,7 +535,7 @@ fn integer_ops_widths_and_atomics() {
         &[Arg::U64(out), Arg::U64(cell)],
     )
     .unwrap();
-    let o = u32s(&dev, out, 16);
+    let o = u32s(&dev, out, 27);
     let a = -7i32;
     assert_eq!(o[0] as i32, a >> 1);
     assert_eq!(o[1], (a as u32) >> 28);
@@ -437,7 +553,66 @@ fn integer_ops_widths_and_atomics() {
     assert_eq!(o[13], 42, "second cas sees 42");
     assert_eq!(o[14], 42, "exch returns old");
     assert_eq!(o[15], 9);
+    assert_eq!(
+        o[16] as i32,
+        ((a as i64 * 0x4000_0000) >> 32) as i32,
+        "mul.hi.s32"
+    );
+    assert_eq!(o[17] as i32, a / 2, "div.s32 truncates");
+    assert_eq!(o[18], a as u32 / 2, "div.u32");
+    assert_eq!(o[19], a as u32 % 4, "rem.u32");
+    assert_eq!(o[20], 2, "max.s32");
+    assert_eq!(o[21], a as u32, "max.u32");
+    assert_eq!(o[22], a as u32 | 15, "or");
+    assert_eq!(o[23], a as u32 ^ 15, "xor");
+    assert_eq!(o[24] as i32, -7, "cvt.s16 sign-extends in a wider register");
+    assert_eq!(o[25], 0xfff9, "cvt.u16 zero-extends in a wider register");
+    let mut flags = 0;
+    for (k, &(cmp, ty, b)) in INT_CMPS.iter().enumerate() {
+        let b: i32 = if b == "%b" { 2 } else { b.parse().unwrap() };
+        let ord = if ty == "s32" {
+            a.cmp(&b)
+        } else {
+            (a as u32).cmp(&(b as u32))
+        };
+        let holds = match cmp {
+            "eq" => ord.is_eq(),
+            "ne" => ord.is_ne(),
+            "lt" | "lo" => ord.is_lt(),
+            "le" | "ls" => ord.is_le(),
+            "gt" | "hi" => ord.is_gt(),
+            "ge" | "hs" => ord.is_ge(),
+            other => unreachable!("{other}"),
+        };
+        flags |= (holds as u32) << k;
+    }
+    assert_eq!(o[26], flags, "setp on integers");
 }
+
+/// Integer comparisons of `%a` = -7 with a register (2) and with itself
+/// (-7): signed, unsigned and the unsigned names.
+const INT_CMPS: [(&str, &str, &str); 20] = [
+    ("eq", "s32", "%b"),
+    ("ne", "s32", "%b"),
+    ("lt", "s32", "%b"),
+    ("le", "s32", "%b"),
+    ("gt", "s32", "%b"),
+    ("ge", "s32", "%b"),
+    ("lt", "u32", "%b"),
+    ("le", "u32", "%b"),
+    ("gt", "u32", "%b"),
+    ("ge", "u32", "%b"),
+    ("lo", "u32", "%b"),
+    ("hs", "u32", "%b"),
+    ("eq", "s32", "-7"),
+    ("ne", "s32", "-7"),
+    ("lt", "s32", "-7"),
+    ("le", "s32", "-7"),
+    ("gt", "s32", "-7"),
+    ("ge", "s32", "-7"),
+    ("ls", "u32", "-7"),
+    ("hi", "u32", "-7"),
+];
 
 const ATOM_F32: &str = r#"
 .visible .entry atom_f32(.param .u64 cells, .param .u64 addends)
@@ -1024,6 +1199,27 @@ fn barrier_misuse_is_an_error() {
     expect(ErrorKind::Barrier, early, 64, 4, "exited");
     let early_late = "    setp.lt.u32 %p, %t, 40;\n    @%p ret;\n    bar.sync 0;";
     expect(ErrorKind::Barrier, early_late, 64, 4, "exited");
+    // sixteen named barriers, 0 to 15
+    expect(
+        ErrorKind::Barrier,
+        "    bar.sync 16;",
+        32,
+        4,
+        "out of range",
+    );
+    let m = module(&k("    bar.sync 15;"));
+    let mut dev = Device::new();
+    let out = dev.alloc(4);
+    dev.launch(&m, "k", &LaunchConfig::linear(1, 64), &[Arg::U64(out)])
+        .unwrap();
+}
+
+#[test]
+fn integer_division_by_zero_is_an_error() {
+    for op in ["div.u32", "rem.u32", "div.s32"] {
+        let body = format!("    mov.u32 %v, 0;\n    {op} %v, %t, %v;");
+        expect(ErrorKind::Undefined, &body, 1, 4, "division by zero");
+    }
 }
 
 #[test]
@@ -1282,7 +1478,9 @@ fn three_dimensional_launches_number_threads_and_blocks_like_cuda() {
             block,
             ..LaunchConfig::linear(1, 1).with_schedule(schedule.clone())
         };
-        dev.launch(&m, "k", &cfg, &[Arg::U64(out)]).unwrap();
+        let report = dev.launch(&m, "k", &cfg, &[Arg::U64(out)]).unwrap();
+        // three 16-byte vector stores per thread
+        assert_eq!(report.global_store_bytes, 48 * threads as u64);
         let got = u32s(&dev, out, 12 * threads);
         let mut want = Vec::new();
         for bz in 0..grid[2] {
@@ -1351,6 +1549,14 @@ fn anything_outside_the_subset_is_a_load_error() {
         ("    neg.s32 %v, %v;", "only f32/f64"),
         ("    not.b32 %v, %v;", "unsupported instruction"),
         ("    and.pred %p, %p, %p;", "predicate logic"),
+        ("    setp.lt.and.u32 %p, %v, 1, %p;", "predicate logic"),
+        ("    selp.u32 %v, 1, 0, !%p;", "negated predicate operand"),
+        ("    atom.shared.add.u32 %v, [%o], 1;", "outside .global"),
+        (
+            "    atom.global.min.u32 %v, [%o], 1;",
+            "unsupported operation",
+        ),
+        ("    atom.global.add.f64 %d, [%o], %d;", "not allowed"),
     ];
     for (line, needle) in cases {
         let src = format!(
