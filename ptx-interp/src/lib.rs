@@ -126,7 +126,8 @@ pub(crate) fn err<T>(kind: ErrorKind, message: impl Into<String>) -> Result<T> {
     })
 }
 
-/// PTX fundamental types (plus `.pred`).
+/// PTX fundamental types (plus `.pred`); of the 8-bit ones only `.b8`
+/// (byte arrays: parameters, dynamic shared memory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Ty {
     Pred,
@@ -134,11 +135,9 @@ pub(crate) enum Ty {
     B16,
     B32,
     B64,
-    U8,
     U16,
     U32,
     U64,
-    S8,
     S16,
     S32,
     S64,
@@ -165,11 +164,9 @@ impl Ty {
             "b16" => Ty::B16,
             "b32" => Ty::B32,
             "b64" => Ty::B64,
-            "u8" => Ty::U8,
             "u16" => Ty::U16,
             "u32" => Ty::U32,
             "u64" => Ty::U64,
-            "s8" => Ty::S8,
             "s16" => Ty::S16,
             "s32" => Ty::S32,
             "s64" => Ty::S64,
@@ -184,7 +181,7 @@ impl Ty {
     pub(crate) fn bits(self) -> u32 {
         match self {
             Ty::Pred => 1,
-            Ty::B8 | Ty::U8 | Ty::S8 => 8,
+            Ty::B8 => 8,
             Ty::B16 | Ty::U16 | Ty::S16 | Ty::F16 | Ty::Bf16 => 16,
             Ty::B32 | Ty::U32 | Ty::S32 | Ty::F32 => 32,
             Ty::B64 | Ty::U64 | Ty::S64 | Ty::F64 => 64,
@@ -199,8 +196,8 @@ impl Ty {
         match self {
             Ty::Pred => TyKind::Pred,
             Ty::B8 | Ty::B16 | Ty::B32 | Ty::B64 => TyKind::Bit,
-            Ty::U8 | Ty::U16 | Ty::U32 | Ty::U64 => TyKind::Uint,
-            Ty::S8 | Ty::S16 | Ty::S32 | Ty::S64 => TyKind::Sint,
+            Ty::U16 | Ty::U32 | Ty::U64 => TyKind::Uint,
+            Ty::S16 | Ty::S32 | Ty::S64 => TyKind::Sint,
             Ty::F16 | Ty::Bf16 | Ty::F32 | Ty::F64 => TyKind::Float,
         }
     }

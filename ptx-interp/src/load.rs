@@ -600,7 +600,6 @@ impl Module {
             i: 0,
             opts: opts.clone(),
             inexact: Vec::new(),
-            module_shared: Vec::new(),
         };
         let kernels = p.module(src)?;
         Ok(Module {
@@ -650,8 +649,6 @@ struct Parser {
     i: usize,
     opts: LoadOptions,
     inexact: Vec<(String, u32)>,
-    /// module-scope `.shared` variables: (name, align, size)
-    module_shared: Vec<(String, usize, usize, bool)>,
 }
 
 fn load_err<T>(line: u32, msg: impl AsRef<str>) -> Result<T> {
@@ -736,19 +733,6 @@ impl Parser {
                 }
                 ".visible" | ".weak" => continue,
                 ".entry" => kernels.push(self.entry(&lines)?),
-                ".shared" => {
-                    let (name, align, size, ext) = self.var_decl(l, false)?;
-                    self.module_shared.push((name, align, size, ext));
-                }
-                ".extern" => {
-                    let l2 = self.line();
-                    let w2 = self.word()?;
-                    if w2 != ".shared" {
-                        return load_err(l2, format!("unsupported .extern {w2}"));
-                    }
-                    let (name, align, size, _) = self.var_decl(l, true)?;
-                    self.module_shared.push((name, align, size, true));
-                }
                 _ => return load_err(l, format!("unsupported module directive {w}")),
             }
         }
@@ -816,9 +800,6 @@ impl Parser {
             dyn_name: None,
             params: HashMap::new(),
         };
-        for (n, align, size, ext) in self.module_shared.clone() {
-            add_shared(&mut sc, n, align, size, ext, self.line())?;
-        }
         // parameters
         let mut params = Vec::new();
         let mut off = 0usize;
@@ -835,7 +816,6 @@ impl Parser {
                 let w = self.word()?;
                 match w.as_str() {
                     ".align" => align = self.uint()? as usize,
-                    ".ptr" | ".global" | ".shared" | ".const" | ".local" if ty.is_some() => {}
                     _ if w.starts_with('.') => {
                         if ty.is_some() {
                             return load_err(l, format!("unsupported parameter attribute {w}"));
@@ -908,17 +888,12 @@ impl Parser {
         // body: collect labels and raw instructions first, then decode
         let mut raw: Vec<RawInst> = Vec::new();
         let mut labels: HashMap<String, usize> = HashMap::new();
-        let mut depth = 1;
         loop {
             let l = self.line();
             match self.next()? {
-                Tok::Punct('{') => depth += 1,
-                Tok::Punct('}') => {
-                    depth -= 1;
-                    if depth == 0 {
-                        break;
-                    }
-                }
+                // lra's kernels declare everything at the top: no scopes
+                Tok::Punct('{') => return load_err(l, "nested blocks are outside the subset"),
+                Tok::Punct('}') => break,
                 Tok::Punct('@') => {
                     let neg = if self.is_punct('!') {
                         self.next()?;

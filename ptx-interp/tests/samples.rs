@@ -1010,7 +1010,7 @@ fn out_of_bounds_and_misaligned_accesses_are_errors() {
         ErrorKind::OutOfBounds,
         "    ld.global.u32 %v, [%o+-4];",
         1,
-        4,
+        8, // so that [%o+4] would be inside
         "outside every buffer",
     );
     expect(
@@ -1573,6 +1573,9 @@ fn anything_outside_the_subset_is_a_load_error() {
     for bad_module in [
         ".version 7.0\n.global .u32 g;\n",
         ".version 7.0\n.func f() { ret; }\n",
+        // shared variables are declared in the kernel, as lra.ptx does
+        ".version 7.0\n.shared .u32 g;\n",
+        ".version 7.0\n.extern .shared .b8 dyn[];\n",
     ] {
         assert_eq!(
             Module::load(bad_module).unwrap_err().kind,

@@ -1491,6 +1491,19 @@ fn lra_ptx() -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// The whole kernel loads (every directive, declaration and instruction
+/// it uses is in the subset), with its parameters as the entry lists them.
+#[test]
+fn lra_ptx_loads_with_its_parameters() {
+    let m = Module::load(&lra_ptx()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(m.kernel_names(), ["lra_pass"]);
+    let params = m.kernel_params("lra_pass").unwrap();
+    let sizes: Vec<usize> = params.iter().map(|(_, size)| *size).collect();
+    assert_eq!(sizes, [8, 8, 8, 4, 8, 8, 8, 4, 4, 8, 8, 8, 8, 8, 8, 8, 32]);
+    assert_eq!(params[0].0, "p_tensors");
+    assert_eq!(params[16].0, "p_sc");
+}
+
 /// The instructions of lra.ptx: comments, labels, directives and declarations
 /// dropped, guards stripped.
 fn lra_instructions() -> Vec<String> {

@@ -1,0 +1,226 @@
+//! The loader's text handling: comments, literals, and the line numbers
+//! its errors name (a kernel author goes to that line).
+
+use ptx_interp::{Arg, Device, ErrorKind, LaunchConfig, Module};
+
+const HEAD: &str = ".version 7.0\n.target sm_80\n.address_size 64\n";
+
+/// The load error of `src` (after HEAD's three lines).
+fn load_error(src: &str) -> String {
+    match Module::load(&format!("{HEAD}{src}")) {
+        Ok(_) => panic!("accepted:\n{src}"),
+        Err(e) => {
+            assert_eq!(e.kind, ErrorKind::Load, "{e}");
+            e.message
+        }
+    }
+}
+
+#[test]
+fn errors_name_the_line_after_comments_of_every_kind() {
+    // the bad instruction is on line 4 + 8 = 12 of the module
+    let src = "\
+.visible .entry k()
+{
+    // a line comment with /* inside
+    .reg .b32 %v; // a trailing comment
+    /* a block comment
+       over three lines, with // inside */
+    mov.u32 %v, 1; /* and one
+    that ends mid-line */ mov.u32 %v, 2;
+    bogus.u32 %v, %v;
+    ret;
+}
+";
+    let msg = load_error(src);
+    assert!(msg.starts_with("line 12:"), "{msg}");
+    // a block comment's lines count even when it is the last thing before
+    // the error, and a carriage return is whitespace, not a line
+    let msg = load_error(".visible .entry k()\r\n{\r\n/*\n\n*/ bogus;\n}\n");
+    assert!(msg.starts_with("line 8:"), "{msg}");
+    // the lexer's own errors
+    let msg = load_error(".visible .entry k()\n{\n/* never closed\n");
+    assert!(msg.starts_with("line 6: unterminated comment"), "{msg}");
+    let msg = load_error(".visible .entry k()\n{\n/*/\n");
+    assert!(
+        msg.contains("unterminated comment"),
+        "a `/*/` opens a comment only: {msg}"
+    );
+    let msg = load_error("\n.pragma \"nounroll\n;\n");
+    assert!(msg.starts_with("line 5: unterminated string"), "{msg}");
+    let msg = load_error("\n\n#include\n");
+    assert!(msg.starts_with("line 6: unexpected character '#'"), "{msg}");
+}
+
+#[test]
+fn pragma_nounroll_is_the_one_string() {
+    let ok = ".visible .entry k()\n{\n.pragma \"nounroll\";\n    ret;\n}\n";
+    Module::load(&format!("{HEAD}{ok}")).unwrap();
+    let msg = load_error(".visible .entry k()\n{\n.pragma \"unroll\";\n    ret;\n}\n");
+    assert!(msg.contains("unsupported .pragma"), "{msg}");
+}
+
+/// Stores each literal through a register of its type: `cases` are
+/// (type, literal) pairs; returns the stored words (64-bit ones as two).
+fn literals(cases: &[(&str, &str)]) -> Vec<u64> {
+    let mut body = String::new();
+    for (k, (ty, lit)) in cases.iter().enumerate() {
+        let (reg, size) = if ty.ends_with("64") {
+            ("%d", 8)
+        } else {
+            ("%w", 4)
+        };
+        body += &format!(
+            "    mov.{ty} {reg}, {lit};\n    st.global.b{} [%o+{}], {reg};\n",
+            8 * size,
+            8 * k
+        );
+    }
+    let src = format!(
+        "{HEAD}.visible .entry k(.param .u64 out)\n{{\n    .reg .b32 %w;\n    .reg .b64 %o, %d;\n    ld.param.u64 %o, [out];\n{body}    ret;\n}}\n"
+    );
+    let m = Module::load(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+    let mut dev = Device::new();
+    let out = dev.alloc_zeroed(8 * cases.len());
+    dev.launch(&m, "k", &LaunchConfig::linear(1, 1), &[Arg::U64(out)])
+        .unwrap();
+    dev.read(out, 8 * cases.len())
+        .unwrap()
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn every_literal_form_has_its_value() {
+    let cases = [
+        ("u32", "42"),
+        ("u32", "42U"),
+        ("u32", "0x1F"),
+        ("u32", "0X1f"),
+        ("u32", "0b101"),
+        ("u32", "017"),
+        ("s32", "-7"),
+        ("u32", "0"),
+        ("f32", "0f3F800000"),
+        ("f32", "-0f3F800000"),
+        ("f64", "0d3FF8000000000000"),
+        ("f32", "1.5"),
+        ("f32", "2.5e-1"),
+        ("f64", "1e+2"),
+        ("f64", "-0.5"),
+        ("f32", "0.1"),
+        ("b32", "0f40490FDB"),
+    ];
+    let want: [u64; 17] = [
+        42,
+        42,
+        31,
+        31,
+        5,
+        15,
+        (-7i32) as u32 as u64,
+        0,
+        1f32.to_bits() as u64,
+        (-1f32).to_bits() as u64,
+        1.5f64.to_bits(),
+        1.5f32.to_bits() as u64,
+        0.25f32.to_bits() as u64,
+        100f64.to_bits(),
+        (-0.5f64).to_bits(),
+        // a decimal literal is an f64 value, rounded once to f32
+        (0.1f64 as f32).to_bits() as u64,
+        0x4049_0FDB,
+    ];
+    assert_eq!(literals(&cases), want);
+    for (ty, lit, needle) in [
+        ("f32", "0f3F80", "bad number"),
+        ("f64", "0d3FF8", "bad number"),
+        ("u32", "0x", "bad number"),
+        ("u32", "09", "bad number"),
+        ("u32", "0x100000000", "does not fit"),
+        ("s32", "-0x80000001", "does not fit"),
+        ("f32", "1", "integer literal"),
+        ("f32", "0d3FF8000000000000", "does not fit"),
+    ] {
+        let src = format!(".visible .entry k()\n{{\n    .reg .b32 %w;\n    .reg .f32 %f;\n    .reg .f64 %d;\n    mov.{ty} {}, {lit};\n    ret;\n}}\n",
+            match ty { "f32" => "%f", "f64" => "%d", _ => "%w" });
+        let msg = load_error(&src);
+        assert!(msg.contains(needle), "{ty} {lit}: {needle:?} not in {msg}");
+    }
+}
+
+#[test]
+fn parse_errors_name_the_token_s_line_or_the_last_one() {
+    // a missing `;`: the parser stops at the next token, on line 7
+    let msg = load_error(".visible .entry k()\n{\n    .reg .b32 %v\n    ret;\n}\n");
+    assert!(msg.starts_with("line 7:"), "{msg}");
+    // the text ends inside the kernel: the last token's line
+    let msg = load_error(".visible .entry k()\n{\n\n    ret;\n\n");
+    assert!(msg.starts_with("line 7:"), "{msg}");
+    // a type outside the subset (of the 8-bit types only .b8, for byte
+    // arrays, is known)
+    let msg = load_error(".visible .entry k(.param .u64 out)\n{\n    .reg .b16 %h;\n    .reg .b64 %o;\n    ld.global.u8 %h, [%o];\n    ret;\n}\n");
+    assert!(msg.starts_with("line 8:"), "{msg}");
+}
+
+#[test]
+fn a_module_lists_its_kernels_and_their_parameters() {
+    let src = format!(
+        "{HEAD}.visible .entry first(.param .u64 a, .param .u32 n, .param .align 4 .b8 blob[12])\n{{\n    ret;\n}}\n.visible .entry second()\n{{\n    ret;\n}}\n"
+    );
+    let m = Module::load(&src).unwrap();
+    assert_eq!(m.kernel_names(), ["first", "second"]);
+    let params = m.kernel_params("first").unwrap();
+    assert_eq!(
+        params,
+        [
+            ("a".to_string(), 8),
+            ("n".to_string(), 4),
+            ("blob".to_string(), 12)
+        ]
+    );
+    assert_eq!(m.kernel_params("second").unwrap(), []);
+    assert_eq!(m.kernel_params("third"), None);
+    // an error prints as its kind and message
+    let e = Module::load(&format!("{HEAD}bogus")).unwrap_err();
+    assert_eq!(e.to_string(), format!("Load: {}", e.message));
+}
+
+#[test]
+fn registers_must_fit_their_operands() {
+    for (line, needle) in [
+        ("    add.u32 %v, %p, 1;", "does not fit"),
+        ("    add.u32 %o, %v, %v;", "does not fit"),
+        ("    add.rn.f32 %f, %h, %f;", "does not fit"),
+        ("    cvt.f32.f16 %f, %v;", "does not fit"),
+        (
+            "    selp.u32 %v, 1, 0, %v;",
+            "%v is not a predicate register",
+        ),
+        (
+            "    .shared .u32 s;\n    .shared .u32 s;",
+            "shared variable s declared twice",
+        ),
+        (
+            "    .extern .shared .b8 s[];\n    .shared .u32 s;",
+            "shared variable s declared twice",
+        ),
+        ("    {\n    ret;\n    }", "nested blocks"),
+    ] {
+        let src = format!(
+            ".visible .entry k()\n{{\n    .reg .pred %p;\n    .reg .b16 %h;\n    .reg .b32 %v;\n    .reg .f32 %f;\n    .reg .b64 %o;\n{line}\n    ret;\n}}\n"
+        );
+        let msg = load_error(&src);
+        assert!(msg.contains(needle), "{line}: {needle:?} not in {msg}");
+    }
+    // what does fit: f16 in a 16-bit register, a 16-bit load into a wider one
+    let ok = ".visible .entry k(.param .u64 p)\n{\n    .reg .b16 %h;\n    .reg .b32 %v;\n    .reg .f32 %f;\n    .reg .b64 %o;\n    ld.param.u64 %o, [p];\n    ld.global.b16 %v, [%o];\n    mov.b16 %h, 0;\n    cvt.f32.f16 %f, %h;\n    ret;\n}\n";
+    Module::load(&format!("{HEAD}{ok}")).unwrap_or_else(|e| panic!("{e}"));
+    // a parameter is a type and a name, with an optional alignment
+    let msg = load_error(".visible .entry k(.param .u64 .ptr .global p)\n{\n    ret;\n}\n");
+    assert!(
+        msg.contains("unsupported parameter attribute .ptr"),
+        "{msg}"
+    );
+}
