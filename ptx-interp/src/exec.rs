@@ -1487,14 +1487,12 @@ impl<'a> Run<'a> {
             Op::Unpack { ds, a, part_bits } => {
                 let v = rd(*a);
                 for (i, d) in ds.iter().enumerate() {
-                    if let Some(d) = d {
-                        self.set(
-                            blk,
-                            ti,
-                            *d,
-                            (v >> (i as u32 * part_bits)) & mask_bits(*part_bits),
-                        );
-                    }
+                    self.set(
+                        blk,
+                        ti,
+                        *d,
+                        (v >> (i as u32 * part_bits)) & mask_bits(*part_bits),
+                    );
                 }
             }
             Op::Int { op, ty, d, a, b } => {
@@ -1644,14 +1642,12 @@ impl<'a> Run<'a> {
                 let ds = ds.clone();
                 for (i, d) in ds.iter().enumerate() {
                     let v = self.load(blk, ti, *space, a + (i * es) as u64, es)?;
-                    if let Some(d) = d {
-                        let v = if ty.kind() == TyKind::Sint {
-                            sext(v, ty.bits()) as u64
-                        } else {
-                            v
-                        };
-                        self.set(blk, ti, *d, v);
-                    }
+                    let v = if ty.kind() == TyKind::Sint {
+                        sext(v, ty.bits()) as u64
+                    } else {
+                        v
+                    };
+                    self.set(blk, ti, *d, v);
                 }
             }
             Op::St {

@@ -314,7 +314,7 @@ pub(crate) enum Op {
     },
     /// `mov.b64 {a, b}, s`.
     Unpack {
-        ds: Vec<Option<u16>>,
+        ds: Vec<u16>,
         a: Src,
         part_bits: u32,
     },
@@ -392,7 +392,7 @@ pub(crate) enum Op {
     Ld {
         space: Space,
         ty: Ty,
-        ds: Vec<Option<u16>>,
+        ds: Vec<u16>,
         addr: Addr,
     },
     St {
@@ -1278,14 +1278,6 @@ impl Parser {
         }
     }
 
-    fn pred_src(&self, sc: &Scope, o: &Raw, l: u32) -> Result<Src> {
-        match o {
-            Raw::Name(n) => Ok(Src::Reg(self.pred_reg(sc, n, l)?)),
-            Raw::Lit(Lit::Int(v @ (0 | 1)), false) => Ok(Src::Imm(*v as u64)),
-            _ => load_err(l, format!("expected a predicate, found {o:?}")),
-        }
-    }
-
     fn addr(&self, sc: &Scope, o: &Raw, space: Space, l: u32) -> Result<Addr> {
         let Raw::Addr(base, off) = o else {
             return load_err(l, format!("expected an address [..], found {o:?}"));
@@ -1379,10 +1371,7 @@ impl Parser {
                         let pty = bits_ty(pb);
                         let ds = parts
                             .iter()
-                            .map(|p| match p {
-                                Raw::Name(n) if n == "_" => Ok(None),
-                                _ => self.dst(sc, p, pty, Fit::Exact, l).map(Some),
-                            })
+                            .map(|p| self.dst(sc, p, pty, Fit::Exact, l))
                             .collect::<Result<_>>()?;
                         Op::Unpack {
                             ds,
@@ -1415,19 +1404,13 @@ impl Parser {
                             a: Src::Imm(sc.shared[n.as_str()] as u64),
                         }
                     }
-                    _ => {
-                        if ty == Ty::Pred {
-                            Op::Mov {
-                                d: self.dst(sc, &o[0], ty, Fit::Exact, l)?,
-                                a: self.pred_src(sc, &o[1], l)?,
-                            }
-                        } else {
-                            Op::Mov {
-                                d: self.dst(sc, &o[0], ty, Fit::Exact, l)?,
-                                a: self.src(sc, &o[1], ty, Fit::Exact, l)?,
-                            }
-                        }
+                    _ if ty == Ty::Pred => {
+                        return load_err(l, "mov.pred is outside the subset (setp sets predicates)")
                     }
+                    _ => Op::Mov {
+                        d: self.dst(sc, &o[0], ty, Fit::Exact, l)?,
+                        a: self.src(sc, &o[1], ty, Fit::Exact, l)?,
+                    },
                 }
             }
             "add" | "sub" | "mul" | "div" | "rem" | "min" | "max" | "and" | "or" | "xor"
@@ -1920,10 +1903,7 @@ impl Parser {
                 if base == "ld" {
                     let ds = regs
                         .iter()
-                        .map(|r| match r {
-                            Raw::Name(n) if n == "_" => Ok(None),
-                            _ => self.dst(sc, r, ty, fit, l).map(Some),
-                        })
+                        .map(|r| self.dst(sc, r, ty, fit, l))
                         .collect::<Result<_>>()?;
                     Op::Ld {
                         space,

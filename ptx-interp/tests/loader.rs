@@ -224,3 +224,103 @@ fn registers_must_fit_their_operands() {
         "{msg}"
     );
 }
+
+#[test]
+fn modifiers_and_forms_outside_the_subset_are_refused() {
+    for (line, needle) in [
+        (
+            "    mov.u64 %o, %tid.x;",
+            "special register %tid.x is 32-bit integer",
+        ),
+        (
+            "    mov.f32 %f, %tid.x;",
+            "special register %tid.x is 32-bit integer",
+        ),
+        ("    mov.pred %p, 1;", "mov.pred"),
+        ("    mov.b32 {%h, _}, %v;", "unknown register or symbol _"),
+        (
+            "    ld.global.u32 %v, [%v];",
+            "address register %v must be a 64-bit integer",
+        ),
+        (
+            "    ld.global.u32 %v, [%d];",
+            "address register %d must be a 64-bit integer",
+        ),
+        (
+            "    ld.shared.u32 %v, [%f];",
+            "address register %f must be a 64-bit integer",
+        ),
+        (
+            "    add.rn.sat.f32 %f, %f, %f;",
+            ".ftz/.sat are not supported",
+        ),
+        ("    add.rn.ftz.f32 %f, %f, %f;", ".ftz"),
+        (
+            "    min.NaN.f32 %f, %f, %f;",
+            "unsupported min/max modifier",
+        ),
+        (
+            "    max.xorsign.abs.f32 %f, %f, %f;",
+            "unsupported min/max modifier",
+        ),
+        ("    and.u32 %v, %v, 1;", "type .U32 not allowed"),
+        ("    add.b32 %v, %v, 1;", "type .B32 not allowed"),
+        ("    add.sat.s32 %v, %v, 1;", ".sat/.cc are not supported"),
+        ("    add.cc.u32 %v, %v, 1;", ".sat/.cc are not supported"),
+        (
+            "    fma.rn.sat.f32 %f, %f, %f, %f;",
+            ".ftz/.sat are not supported",
+        ),
+        ("    fma.rz.f32 %f, %f, %f, %f;", "only .rn rounding"),
+        (
+            "    mad.wide.u64 %o, %o, %o, %o;",
+            ".wide needs 16/32-bit integers",
+        ),
+        (
+            "    mad.u32 %v, %v, %v, %v;",
+            "integer mad needs .lo/.hi/.wide",
+        ),
+        (
+            "    cvt.rn.sat.f32.f64 %f, %d;",
+            ".ftz/.sat/.relu are not supported",
+        ),
+        (
+            "    cvt.rn.relu.f16.f32 %h, %f;",
+            ".ftz/.sat/.relu are not supported",
+        ),
+        (
+            "    cvt.rn.satfinite.f16.f32 %h, %f;",
+            ".ftz/.sat/.relu are not supported",
+        ),
+        ("    cvt.u32.pred %v, %p;", "cvt on predicates"),
+        ("    cvt.b32.u16 %v, %h;", "cvt takes no .b types"),
+        ("    cvt.u32.b16 %v, %h;", "cvt takes no .b types"),
+    ] {
+        let src = format!(
+            ".visible .entry k()\n{{\n    .reg .pred %p;\n    .reg .b16 %h;\n    .reg .b32 %v;\n    .reg .f32 %f;\n    .reg .f64 %d;\n    .reg .b64 %o;\n{line}\n    ret;\n}}\n"
+        );
+        let msg = load_error(&src);
+        assert!(msg.starts_with("line 12:"), "{line}: {msg}");
+        assert!(msg.contains(needle), "{line}: {needle:?} not in {msg}");
+    }
+}
+
+#[test]
+fn a_parameter_array_is_read_at_an_offset() {
+    // `[name+off]` on a .param: lra.ptx reads its scale constants this way
+    let src = format!(
+        "{HEAD}.visible .entry k(.param .u64 out, .param .align 4 .b8 blob[12])\n{{\n    .reg .b32 %v;\n    .reg .b64 %o;\n    ld.param.u64 %o, [out];\n    ld.param.u32 %v, [blob+8];\n    st.global.u32 [%o], %v;\n    ld.param.u32 %v, [blob+4];\n    st.global.u32 [%o+4], %v;\n    ret;\n}}\n"
+    );
+    let m = Module::load(&src).unwrap_or_else(|e| panic!("{e}"));
+    let mut dev = Device::new();
+    let out = dev.alloc(8);
+    let blob: Vec<u8> = [7u32, 8, 9].iter().flat_map(|x| x.to_le_bytes()).collect();
+    dev.launch(
+        &m,
+        "k",
+        &LaunchConfig::linear(1, 1),
+        &[Arg::U64(out), Arg::Bytes(blob)],
+    )
+    .unwrap();
+    assert_eq!(dev.read(out, 8).unwrap(), [9, 0, 0, 0, 8, 0, 0, 0]);
+}

@@ -508,6 +508,14 @@ const INTS: &str = r#"
     st.global.u32 [%o+96], %r;
     cvt.u16.u32 %r, %a;
     st.global.u32 [%o+100], %r;
+    mul.wide.u16 %r, %h, %h;
+    st.global.u32 [%o+108], %r;
+    mad.lo.s32 %r, %a, 3, 5;
+    st.global.u32 [%o+112], %r;
+    mad.hi.u32 %r, %a, %a, 1;
+    st.global.u32 [%o+116], %r;
+    mad.wide.s32 %w, %a, 3, %w;
+    st.global.u64 [%o+120], %w;
     mov.u32 %b, 2;
 //SETP
     ret;
@@ -526,7 +534,7 @@ fn integer_ops_widths_and_atomics() {
     setps += "    st.global.u32 [%o+104], %r;\n";
     let m = module(&INTS.replace("//SETP\n", &setps));
     let mut dev = Device::new();
-    let out = dev.alloc(108);
+    let out = dev.alloc(128);
     let cell = dev.alloc_zeroed(8);
     dev.launch(
         &m,
@@ -535,7 +543,7 @@ fn integer_ops_widths_and_atomics() {
         &[Arg::U64(out), Arg::U64(cell)],
     )
     .unwrap();
-    let o = u32s(&dev, out, 27);
+    let o = u32s(&dev, out, 32);
     let a = -7i32;
     assert_eq!(o[0] as i32, a >> 1);
     assert_eq!(o[1], (a as u32) >> 28);
@@ -587,6 +595,11 @@ fn integer_ops_widths_and_atomics() {
         flags |= (holds as u32) << k;
     }
     assert_eq!(o[26], flags, "setp on integers");
+    assert_eq!(o[27], 0xfff9 * 0xfff9, "mul.wide.u16");
+    assert_eq!(o[28] as i32, a * 3 + 5, "mad.lo.s32");
+    let hi = ((a as u32 as u64 * a as u32 as u64) >> 32) as u32;
+    assert_eq!(o[29], hi + 1, "mad.hi.u32");
+    assert_eq!(o[30] as u64 | (o[31] as u64) << 32, (-42i64) as u64, "mad.wide.s32");
 }
 
 /// Integer comparisons of `%a` = -7 with a register (2) and with itself
