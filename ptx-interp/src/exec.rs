@@ -1578,19 +1578,9 @@ impl<'a> Run<'a> {
                 };
                 self.set(blk, ti, *d, v);
             }
-            Op::Setp {
-                cmp,
-                ty,
-                p,
-                q,
-                a,
-                b,
-            } => {
+            Op::Setp { cmp, ty, p, a, b } => {
                 let r = compare(*cmp, *ty, rd(*a), rd(*b));
                 self.set(blk, ti, *p, r as u64);
-                if let Some(q) = q {
-                    self.set(blk, ti, *q, !r as u64);
-                }
             }
             Op::Selp { d, a, b, c } => {
                 let v = if th.regs[*c as usize] != 0 {

@@ -373,7 +373,6 @@ pub(crate) enum Op {
         cmp: Cmp,
         ty: Ty,
         p: u16,
-        q: Option<u16>,
         a: Src,
         b: Src,
     },
@@ -1678,13 +1677,12 @@ impl Parser {
                 }
                 let irnd = match (df, sf) {
                     (true, true) => {
-                        let narrowing = dty.bits() < sty.bits()
-                            || (dty == Ty::Bf16 && sty == Ty::F16)
-                            || (dty == Ty::F16 && sty == Ty::Bf16);
+                        // the pairs above: f16/bf16 never convert to each other
+                        // and no type to itself
+                        let narrowing = dty.bits() < sty.bits();
                         match (narrowing, frnd, irnd) {
                             (true, Some("rn"), None) | (false, None, None) => None,
-                            (false, _, Some(r)) if dty == sty => return load_err(l, format!("`{opname}`: .{r} (round to integral) is not supported")),
-                            (true, Some(r), _) if r != "rn" => return load_err(l, format!("`{opname}`: only .rn is supported")),
+                            (true, Some(r), None) if r != "rn" => return load_err(l, format!("`{opname}`: only .rn is supported")),
                             _ => return load_err(l, format!("`{opname}`: a narrowing float conversion needs .rn, a widening one takes no rounding")),
                         }
                     }
@@ -1804,16 +1802,15 @@ impl Parser {
                 if o.len() != 3 {
                     return load_err(l, format!("`{opname}`: wrong operand count"));
                 }
-                let (p, q) = match &o[0] {
-                    Raw::Name(n) => (self.pred_reg(sc, n, l)?, None),
-                    Raw::Pair(a, b) => (self.pred_reg(sc, a, l)?, Some(self.pred_reg(sc, b, l)?)),
-                    _ => return load_err(l, "setp destination must be a predicate"),
+                // one destination: lra's kernels never write `p|q`
+                let p = match &o[0] {
+                    Raw::Name(n) => self.pred_reg(sc, n, l)?,
+                    _ => return load_err(l, "setp destination must be one predicate"),
                 };
                 Op::Setp {
                     cmp,
                     ty,
                     p,
-                    q,
                     a: self.src(sc, &o[1], ty, Fit::Exact, l)?,
                     b: self.src(sc, &o[2], ty, Fit::Exact, l)?,
                 }

@@ -111,8 +111,13 @@ fn every_literal_form_has_its_value() {
         ("f64", "-0.5"),
         ("f32", "0.1"),
         ("b32", "0f40490FDB"),
+        ("f64", "-0d3FF8000000000000"),
+        ("f32", "-1.5"),
+        ("b64", "0d3FF8000000000000"),
+        ("s32", "-2147483648"),
+        ("u32", "4294967295"),
     ];
-    let want: [u64; 17] = [
+    let want: [u64; 22] = [
         42,
         42,
         31,
@@ -131,6 +136,11 @@ fn every_literal_form_has_its_value() {
         // a decimal literal is an f64 value, rounded once to f32
         (0.1f64 as f32).to_bits() as u64,
         0x4049_0FDB,
+        (-1.5f64).to_bits(),
+        (-1.5f32).to_bits() as u64,
+        1.5f64.to_bits(),
+        0x8000_0000,
+        0xffff_ffff,
     ];
     assert_eq!(literals(&cases), want);
     for (ty, lit, needle) in [
@@ -142,6 +152,9 @@ fn every_literal_form_has_its_value() {
         ("s32", "-0x80000001", "does not fit"),
         ("f32", "1", "integer literal"),
         ("f32", "0d3FF8000000000000", "does not fit"),
+        ("b32", "-0f3F800000", "does not fit"),
+        ("s32", "-2147483649", "does not fit"),
+        ("u32", "4294967296", "does not fit"),
     ] {
         let src = format!(".visible .entry k()\n{{\n    .reg .b32 %w;\n    .reg .f32 %f;\n    .reg .f64 %d;\n    mov.{ty} {}, {lit};\n    ret;\n}}\n",
             match ty { "f32" => "%f", "f64" => "%d", _ => "%w" });
@@ -237,6 +250,10 @@ fn modifiers_and_forms_outside_the_subset_are_refused() {
             "special register %tid.x is 32-bit integer",
         ),
         ("    mov.pred %p, 1;", "mov.pred"),
+        (
+            "    setp.eq.u32 %p|%q, %v, 1;",
+            "setp destination must be one predicate",
+        ),
         ("    mov.b32 {%h, _}, %v;", "unknown register or symbol _"),
         (
             "    ld.global.u32 %v, [%v];",
@@ -295,9 +312,94 @@ fn modifiers_and_forms_outside_the_subset_are_refused() {
         ("    cvt.u32.pred %v, %p;", "cvt on predicates"),
         ("    cvt.b32.u16 %v, %h;", "cvt takes no .b types"),
         ("    cvt.u32.b16 %v, %h;", "cvt takes no .b types"),
+        (
+            "    cvt.rn.f16.bf16 %h, %h;",
+            "this float conversion is not supported",
+        ),
+        (
+            "    cvt.rni.f32.f32 %f, %f;",
+            "this float conversion is not supported",
+        ),
+        (
+            "    cvt.f16.f32 %h, %f;",
+            "a narrowing float conversion needs .rn, a widening one takes no rounding",
+        ),
+        (
+            "    cvt.rni.f16.f32 %h, %f;",
+            "a narrowing float conversion needs .rn",
+        ),
+        (
+            "    cvt.rn.f32.f16 %f, %h;",
+            "a widening one takes no rounding",
+        ),
+        ("    cvt.rz.f32.f64 %f, %d;", "only .rn is supported"),
+        (
+            "    cvt.f32.u32 %f, %v;",
+            "integer-to-float conversion needs .rn",
+        ),
+        (
+            "    cvt.rn.rni.f32.u32 %f, %v;",
+            "integer-to-float conversion needs .rn",
+        ),
+        (
+            "    cvt.rn.f16.u32 %h, %v;",
+            "integer to f16/bf16 is not supported",
+        ),
+        (
+            "    cvt.rn.s32.f32 %v, %f;",
+            "float-to-integer needs .rni/.rzi/.rmi/.rpi from f32/f64",
+        ),
+        (
+            "    cvt.rzi.s16.f16 %h, %h;",
+            "float-to-integer needs .rni/.rzi/.rmi/.rpi from f32/f64",
+        ),
+        (
+            "    cvt.s32.f32 %v, %f;",
+            "float-to-integer needs .rni/.rzi/.rmi/.rpi",
+        ),
+        (
+            "    cvt.rn.u32.u16 %v, %h;",
+            "integer conversions take no rounding",
+        ),
+        (
+            "    cvt.rzi.u32.u16 %v, %h;",
+            "integer conversions take no rounding",
+        ),
+        ("    setp.eq.f16 %p, %h, %h;", "unsupported type"),
+        ("    setp.ne.pred %p, %p, %q;", "unsupported type"),
+        (
+            "    setp.lt.b32 %p, %v, %v;",
+            "comparison not allowed for this type",
+        ),
+        (
+            "    setp.lo.s32 %p, %v, %v;",
+            "comparison not allowed for this type",
+        ),
+        (
+            "    setp.equ.u32 %p, %v, %v;",
+            "comparison not allowed for this type",
+        ),
+        ("    ld.shared.nc.u32 %v, [%o];", ".nc"),
+        (
+            "    ld.global.v4.f64 {%d, %d, %d, %d}, [%o];",
+            "unsupported type/vector size",
+        ),
+        (
+            "    ld.global.v2.pred {%p, %q}, [%o];",
+            "unsupported type/vector size",
+        ),
+        (
+            "    ld.global.v4.u32 {%v, %v}, [%o];",
+            "vector operand must have 4 elements",
+        ),
+        ("    barrier.warp.sync -1;", "not supported"),
+        ("    bar.warp -1;", "not supported"),
+        ("    mov.b32 {%h, %h, %h, %h}, %v;", "vector mov supports"),
+        ("    mov.u32 {%h, %h}, %v;", "vector mov supports"),
+        ("    mov.b64 %o, {%v, %v, %v};", "vector mov supports"),
     ] {
         let src = format!(
-            ".visible .entry k()\n{{\n    .reg .pred %p;\n    .reg .b16 %h;\n    .reg .b32 %v;\n    .reg .f32 %f;\n    .reg .f64 %d;\n    .reg .b64 %o;\n{line}\n    ret;\n}}\n"
+            ".visible .entry k()\n{{\n    .reg .pred %p, %q;\n    .reg .b16 %h;\n    .reg .b32 %v;\n    .reg .f32 %f;\n    .reg .f64 %d;\n    .reg .b64 %o;\n{line}\n    ret;\n}}\n"
         );
         let msg = load_error(&src);
         assert!(msg.starts_with("line 12:"), "{line}: {msg}");

@@ -447,7 +447,7 @@ const INTS: &str = r#"
 .visible .entry ints(.param .u64 out, .param .u64 cell)
 {
     .reg .pred %p;
-    .reg .b16 %h;
+    .reg .b16 %h, %h2;
     .reg .b32 %a, %b, %r, %lo, %hi;
     .reg .b64 %o, %c, %w;
     ld.param.u64 %o, [out];
@@ -516,6 +516,20 @@ const INTS: &str = r#"
     st.global.u32 [%o+116], %r;
     mad.wide.s32 %w, %a, 3, %w;
     st.global.u64 [%o+120], %w;
+    // min's signed order at -1 and -2 (not just below 2 when unsigned)
+    mov.u32 %r, -1;
+    min.s32 %r, %r, 2;
+    st.global.u32 [%o+128], %r;
+    mov.u32 %r, -2;
+    min.s32 %r, %r, 2;
+    st.global.u32 [%o+132], %r;
+    // vector mov: halves out of a word, then packed in the other order
+    mov.b32 %r, 0x12345678;
+    mov.b32 {%h, %h2}, %r;
+    mov.b32 %r, {%h2, %h};
+    st.global.u32 [%o+136], %r;
+    mov.b64 %w, {%h, %h2, %h2, %h};
+    st.global.u64 [%o+144], %w;
     mov.u32 %b, 2;
 //SETP
     ret;
@@ -534,7 +548,7 @@ fn integer_ops_widths_and_atomics() {
     setps += "    st.global.u32 [%o+104], %r;\n";
     let m = module(&INTS.replace("//SETP\n", &setps));
     let mut dev = Device::new();
-    let out = dev.alloc(128);
+    let out = dev.alloc(152);
     let cell = dev.alloc_zeroed(8);
     dev.launch(
         &m,
@@ -543,7 +557,7 @@ fn integer_ops_widths_and_atomics() {
         &[Arg::U64(out), Arg::U64(cell)],
     )
     .unwrap();
-    let o = u32s(&dev, out, 32);
+    let o = u32s(&dev, out, 38);
     let a = -7i32;
     assert_eq!(o[0] as i32, a >> 1);
     assert_eq!(o[1], (a as u32) >> 28);
@@ -599,7 +613,21 @@ fn integer_ops_widths_and_atomics() {
     assert_eq!(o[28] as i32, a * 3 + 5, "mad.lo.s32");
     let hi = ((a as u32 as u64 * a as u32 as u64) >> 32) as u32;
     assert_eq!(o[29], hi + 1, "mad.hi.u32");
-    assert_eq!(o[30] as u64 | (o[31] as u64) << 32, (-42i64) as u64, "mad.wide.s32");
+    assert_eq!(
+        o[30] as u64 | (o[31] as u64) << 32,
+        (-42i64) as u64,
+        "mad.wide.s32"
+    );
+    assert_eq!([o[32] as i32, o[33] as i32], [-1, -2], "min.s32");
+    assert_eq!(
+        o[34], 0x5678_1234,
+        "mov.b32 unpack and pack, low half first"
+    );
+    assert_eq!(
+        [o[36], o[37]],
+        [0x1234_5678, 0x5678_1234],
+        "mov.b64 of four halves"
+    );
 }
 
 /// Integer comparisons of `%a` = -7 with a register (2) and with itself
