@@ -6,7 +6,8 @@
 //! - **Fail closed**: an instruction, type, modifier, directive or state
 //!   space it does not know is a load error ([`ErrorKind::Load`]). It
 //!   knows what lra's kernels and this crate's tests use, no more (no
-//!   generic addressing, `vote`, `cvta`, `rcp`, integer unary operations).
+//!   generic addressing, `vote`, `cvta`, `rcp`, integer unary operations,
+//!   predicate logic, shared-memory atomics, module-scope `.shared`).
 //!   Approximate instructions (`.approx`, `.full`, `.ftz`) and f32/f64
 //!   `add`/`sub`/`mul` without a rounding modifier (which ptxas may contract
 //!   into an FMA) are rejected unless [`LoadOptions::allow_inexact`] is set,

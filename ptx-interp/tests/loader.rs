@@ -50,6 +50,12 @@ fn errors_name_the_line_after_comments_of_every_kind() {
     assert!(msg.starts_with("line 5: unterminated string"), "{msg}");
     let msg = load_error("\n\n#include\n");
     assert!(msg.starts_with("line 6: unexpected character '#'"), "{msg}");
+    let msg = load_error("\n/ 2\n");
+    assert!(msg.starts_with("line 5: unexpected character '/'"), "{msg}");
+    // the text may end inside a line comment or a string
+    Module::load(&format!("{HEAD}// no newline at the end")).unwrap();
+    let msg = load_error(".pragma \"nounroll");
+    assert!(msg.starts_with("line 4: unterminated string"), "{msg}");
 }
 
 #[test]
@@ -108,6 +114,7 @@ fn every_literal_form_has_its_value() {
         ("f32", "1.5"),
         ("f32", "2.5e-1"),
         ("f64", "1e+2"),
+        ("f64", "0.5e-1"),
         ("f64", "-0.5"),
         ("f32", "0.1"),
         ("b32", "0f40490FDB"),
@@ -117,7 +124,7 @@ fn every_literal_form_has_its_value() {
         ("s32", "-2147483648"),
         ("u32", "4294967295"),
     ];
-    let want: [u64; 22] = [
+    let want: [u64; 23] = [
         42,
         42,
         31,
@@ -132,6 +139,7 @@ fn every_literal_form_has_its_value() {
         1.5f32.to_bits() as u64,
         0.25f32.to_bits() as u64,
         100f64.to_bits(),
+        0.05f64.to_bits(),
         (-0.5f64).to_bits(),
         // a decimal literal is an f64 value, rounded once to f32
         (0.1f64 as f32).to_bits() as u64,
