@@ -56,6 +56,8 @@ fn errors_name_the_line_after_comments_of_every_kind() {
     Module::load(&format!("{HEAD}// no newline at the end")).unwrap();
     let msg = load_error(".pragma \"nounroll");
     assert!(msg.starts_with("line 4: unterminated string"), "{msg}");
+    let msg = load_error(".visible .entry k()\n{\n    .reg .b32 %v;\n    mov.u32 %v, 1");
+    assert!(msg.starts_with("line 7: unexpected end of input"), "{msg}");
 }
 
 #[test]
@@ -104,6 +106,7 @@ fn every_literal_form_has_its_value() {
         ("u32", "42U"),
         ("u32", "0x1F"),
         ("u32", "0X1f"),
+        ("u32", "0x1e"),
         ("u32", "0b101"),
         ("u32", "017"),
         ("s32", "-7"),
@@ -124,11 +127,12 @@ fn every_literal_form_has_its_value() {
         ("s32", "-2147483648"),
         ("u32", "4294967295"),
     ];
-    let want: [u64; 23] = [
+    let want: [u64; 24] = [
         42,
         42,
         31,
         31,
+        30,
         5,
         15,
         (-7i32) as u32 as u64,
@@ -258,6 +262,7 @@ fn modifiers_and_forms_outside_the_subset_are_refused() {
             "special register %tid.x is 32-bit integer",
         ),
         ("    mov.pred %p, 1;", "mov.pred"),
+        ("    .reg .b32 %x]", "expected ';', found Punct(']')"),
         (
             "    setp.eq.u32 %p|%q, %v, 1;",
             "setp destination must be one predicate",
