@@ -1293,10 +1293,9 @@ impl Parser {
             }
             let bits = sc.reg_bits[r as usize];
             let k = sc.reg_tys[r as usize].kind();
-            if !(bits == 64 || (bits == 32 && matches!(space, Space::Shared)))
-                || matches!(k, TyKind::Float | TyKind::Pred)
-            {
-                return load_err(l, format!("address register {b} must be a 64-bit integer (32-bit allowed for .shared)"));
+            // lra's kernels address shared memory with 64-bit registers too
+            if bits != 64 || matches!(k, TyKind::Float | TyKind::Pred) {
+                return load_err(l, format!("address register {b} must be a 64-bit integer"));
             }
             return Ok(Addr {
                 base: Some(r),

@@ -293,6 +293,19 @@ fn modifiers_and_forms_outside_the_subset_are_refused() {
             "    max.xorsign.abs.f32 %f, %f, %f;",
             "unsupported min/max modifier",
         ),
+        (
+            "    max.abs.f32 %f, %f, %f;",
+            "unsupported min/max modifier",
+        ),
+        (
+            "    min.xorsign.f32 %f, %f, %f;",
+            "unsupported min/max modifier",
+        ),
+        ("    shr.b8 %h, %h, 1;", "type not allowed"),
+        (
+            "    ld.shared.u32 %v, [%v];",
+            "address register %v must be a 64-bit integer",
+        ),
         ("    and.u32 %v, %v, 1;", "type .U32 not allowed"),
         ("    add.b32 %v, %v, 1;", "type .B32 not allowed"),
         ("    add.sat.s32 %v, %v, 1;", ".sat/.cc are not supported"),

@@ -460,6 +460,9 @@ const INTS: &str = r#"
     st.global.u32 [%o+4], %r;
     shl.b32 %r, %a, 33;
     st.global.u32 [%o+8], %r;
+    // a .b shift right is logical
+    shr.b32 %r, %a, 28;
+    st.global.u32 [%o+152], %r;
     mul.hi.u32 %r, %a, %a;
     st.global.u32 [%o+12], %r;
     mul.wide.s32 %w, %a, 3;
@@ -545,7 +548,7 @@ fn integer_ops_widths_and_atomics() {
     let setps = flag_word(&setps, "%r", "%lo", "[%o+104]");
     let m = module(&INTS.replace("//SETP\n", &setps));
     let mut dev = Device::new();
-    let out = dev.alloc(152);
+    let out = dev.alloc(156);
     let cell = dev.alloc_zeroed(8);
     dev.launch(
         &m,
@@ -554,7 +557,7 @@ fn integer_ops_widths_and_atomics() {
         &[Arg::U64(out), Arg::U64(cell)],
     )
     .unwrap();
-    let o = u32s(&dev, out, 38);
+    let o = u32s(&dev, out, 39);
     let a = -7i32;
     assert_eq!(o[0] as i32, a >> 1);
     assert_eq!(o[1], (a as u32) >> 28);
@@ -625,6 +628,7 @@ fn integer_ops_widths_and_atomics() {
         [0x1234_5678, 0x5678_1234],
         "mov.b64 of four halves"
     );
+    assert_eq!(o[38], (a as u32) >> 28, "shr.b32");
 }
 
 /// Integer comparisons of `%a` = -7 with a register (2) and with itself
