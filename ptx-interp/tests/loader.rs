@@ -302,6 +302,7 @@ fn modifiers_and_forms_outside_the_subset_are_refused() {
             "unsupported min/max modifier",
         ),
         ("    shr.b8 %h, %h, 1;", "type not allowed"),
+        ("    fma.lo.u32 %v, %v, %v, %v;", "unsupported type"),
         (
             "    ld.shared.u32 %v, [%v];",
             "address register %v must be a 64-bit integer",

@@ -514,6 +514,8 @@ const INTS: &str = r#"
     st.global.u32 [%o+100], %r;
     mul.wide.u16 %r, %h, %h;
     st.global.u32 [%o+108], %r;
+    mad.wide.u16 %r, %h, 2, 1;
+    st.global.u32 [%o+156], %r;
     mad.lo.s32 %r, %a, 3, 5;
     st.global.u32 [%o+112], %r;
     mad.hi.u32 %r, %a, %a, 1;
@@ -548,7 +550,7 @@ fn integer_ops_widths_and_atomics() {
     let setps = flag_word(&setps, "%r", "%lo", "[%o+104]");
     let m = module(&INTS.replace("//SETP\n", &setps));
     let mut dev = Device::new();
-    let out = dev.alloc(156);
+    let out = dev.alloc(160);
     let cell = dev.alloc_zeroed(8);
     dev.launch(
         &m,
@@ -557,7 +559,7 @@ fn integer_ops_widths_and_atomics() {
         &[Arg::U64(out), Arg::U64(cell)],
     )
     .unwrap();
-    let o = u32s(&dev, out, 39);
+    let o = u32s(&dev, out, 40);
     let a = -7i32;
     assert_eq!(o[0] as i32, a >> 1);
     assert_eq!(o[1], (a as u32) >> 28);
@@ -629,6 +631,7 @@ fn integer_ops_widths_and_atomics() {
         "mov.b64 of four halves"
     );
     assert_eq!(o[38], (a as u32) >> 28, "shr.b32");
+    assert_eq!(o[39], 0xfff9 * 2 + 1, "mad.wide.u16");
 }
 
 /// Integer comparisons of `%a` = -7 with a register (2) and with itself
