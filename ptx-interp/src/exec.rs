@@ -1293,7 +1293,8 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Writes `data` at `a`; `atomic` stores skip the race detectors.
+    /// Writes `data` at `a`; an `atomic` store (global memory only) skips the
+    /// write-race check: two atomics never race with each other.
     fn store(
         &mut self,
         blk: &mut Block,
@@ -1307,10 +1308,9 @@ impl<'a> Run<'a> {
         let (size, bytes) = (data.len(), data);
         Self::check_align(a, size, if sh { "shared" } else { "global" })?;
         if sh {
+            // atomics are global-only (the loader refuses shared ones)
             let off = Self::shared_range(blk, a, size)?;
-            if !atomic {
-                Self::shared_track(blk, off, size, ti, true)?;
-            }
+            Self::shared_track(blk, off, size, ti, true)?;
             for s in &mut blk.shadow[off..off + size] {
                 s.init = true;
             }

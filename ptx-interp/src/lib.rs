@@ -49,9 +49,8 @@
 //!   acquires (8.11.1). `fence.acq_rel` is treated like `fence.sc`, which
 //!   is more than the ISA promises when its fence and atomic are in
 //!   different threads joined by a barrier (not reported). Only global
-//!   atomics synchronise: a hand-over through `ld`/`st` `.volatile` or
-//!   `.relaxed` is reported as a race (`ld.acquire`/`st.release` are not
-//!   accepted). The check sees the conflicts of the schedule that ran; use
+//!   atomics synchronise: `ld`/`st` take no `.volatile`, `.relaxed`,
+//!   `.acquire`/`.release` or cache qualifier (load errors). The check sees the conflicts of the schedule that ran; use
 //!   [`Schedule::Random`] to look for others.
 //! - **Undefined values**: registers start undefined, as on the hardware.
 //!   A result computed from an undefined register is undefined; moving such

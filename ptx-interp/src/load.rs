@@ -1863,13 +1863,10 @@ impl Parser {
                 }
             }
             "ld" | "st" => {
+                // plain accesses only: lra's kernels order memory with
+                // barriers, fences and atomics, never with `.volatile`,
+                // `.relaxed` or cache operators (all refused by `done`)
                 let space = take_space(&mut m)?;
-                if base == "ld" && m.has("nc") && space != Space::Global {
-                    return load_err(l, ".nc needs .global");
-                }
-                m.take(&["volatile", "relaxed", "weak"]);
-                m.take(&["cta", "gpu", "sys"]);
-                m.take(&["ca", "cg", "cs", "lu", "cv", "wb", "wt"]);
                 let vec = match m.take(&["v2", "v4"]) {
                     Some("v2") => 2,
                     Some("v4") => 4,
@@ -2139,7 +2136,6 @@ fn vec_part_bits(ty: Ty, n: usize, l: u32) -> Result<u32> {
 
 fn bits_ty(bits: u32) -> Ty {
     match bits {
-        8 => Ty::B8,
         16 => Ty::B16,
         32 => Ty::B32,
         _ => Ty::B64,

@@ -122,12 +122,14 @@ fn every_literal_form_has_its_value() {
         ("f32", "0.1"),
         ("b32", "0f40490FDB"),
         ("f64", "-0d3FF8000000000000"),
+        ("f32", "-0fBF800000"),
+        ("f64", "-0dBFF8000000000000"),
         ("f32", "-1.5"),
         ("b64", "0d3FF8000000000000"),
         ("s32", "-2147483648"),
         ("u32", "4294967295"),
     ];
-    let want: [u64; 24] = [
+    let want: [u64; 26] = [
         42,
         42,
         31,
@@ -149,6 +151,8 @@ fn every_literal_form_has_its_value() {
         (0.1f64 as f32).to_bits() as u64,
         0x4049_0FDB,
         (-1.5f64).to_bits(),
+        1f32.to_bits() as u64,
+        1.5f64.to_bits(),
         (-1.5f32).to_bits() as u64,
         1.5f64.to_bits(),
         0x8000_0000,
@@ -160,16 +164,19 @@ fn every_literal_form_has_its_value() {
         ("f64", "0d3FF8", "bad number"),
         ("u32", "0x", "bad number"),
         ("u32", "09", "bad number"),
-        ("u32", "0x100000000", "does not fit"),
-        ("s32", "-0x80000001", "does not fit"),
+        ("u32", "0x100000000", "literal"),
+        ("s32", "-0x80000001", "literal"),
         ("f32", "1", "integer literal"),
-        ("f32", "0d3FF8000000000000", "does not fit"),
-        ("b32", "-0f3F800000", "does not fit"),
-        ("s32", "-2147483649", "does not fit"),
-        ("u32", "4294967296", "does not fit"),
+        ("f32", "0d3FF8000000000000", "literal"),
+        ("b32", "-0f3F800000", "literal"),
+        ("f64", "0f3F800000", "literal"),
+        ("b32", "0d3FF8000000000000", "literal"),
+        ("b64", "-0d3FF8000000000000", "literal"),
+        ("s32", "-2147483649", "literal"),
+        ("u32", "4294967296", "literal"),
     ] {
         let src = format!(".visible .entry k()\n{{\n    .reg .b32 %w;\n    .reg .f32 %f;\n    .reg .f64 %d;\n    mov.{ty} {}, {lit};\n    ret;\n}}\n",
-            match ty { "f32" => "%f", "f64" => "%d", _ => "%w" });
+            match ty { "f32" => "%f", "f64" | "b64" => "%d", _ => "%w" });
         let msg = load_error(&src);
         assert!(msg.contains(needle), "{ty} {lit}: {needle:?} not in {msg}");
     }
@@ -406,7 +413,16 @@ fn modifiers_and_forms_outside_the_subset_are_refused() {
             "    setp.equ.u32 %p, %v, %v;",
             "comparison not allowed for this type",
         ),
-        ("    ld.shared.nc.u32 %v, [%o];", ".nc"),
+        ("    ld.global.nc.u32 %v, [%o];", "unsupported modifier"),
+        (
+            "    ld.volatile.global.u32 %v, [%o];",
+            "unsupported modifier",
+        ),
+        (
+            "    st.relaxed.gpu.global.u32 [%o], %v;",
+            "unsupported modifier",
+        ),
+        ("    ld.global.cg.u32 %v, [%o];", "unsupported modifier"),
         (
             "    ld.global.v4.f64 {%d, %d, %d, %d}, [%o];",
             "unsupported type/vector size",
