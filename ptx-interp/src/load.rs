@@ -1472,7 +1472,10 @@ impl Parser {
                         b: self.src(sc, &o[2], ty, Fit::Exact, l)?,
                     }
                 } else if ty == Ty::Pred {
-                    return load_err(l, format!("`{opname}`: predicate logic is outside the subset (setp combines conditions)"));
+                    return load_err(
+                        l,
+                        format!("`{opname}`: predicate logic is outside the subset"),
+                    );
                 } else {
                     let iop = match base {
                         "add" => IntOp::Add,
