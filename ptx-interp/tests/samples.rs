@@ -522,7 +522,8 @@ const INTS: &str = r#"
     st.global.u32 [%o+116], %r;
     mad.wide.s32 %w, %a, 3, %w;
     st.global.u64 [%o+120], %w;
-    // min's signed order at -1 and -2 (not just below 2 when unsigned)
+    // min.s32 at -1 and -2 against 2: a slip in masking the second
+    // operand flips the signed order for one of them
     mov.u32 %r, -1;
     min.s32 %r, %r, 2;
     st.global.u32 [%o+128], %r;
@@ -634,8 +635,8 @@ fn integer_ops_widths_and_atomics() {
     assert_eq!(o[39], 0xfff9 * 2 + 1, "mad.wide.u16");
 }
 
-/// Integer comparisons of `%a` = -7 with a register (2) and with itself
-/// (-7): signed, unsigned and the unsigned names.
+/// Integer comparisons of `%a` = -7 with a register holding 2 and with the
+/// literal -7 (equal operands): signed, unsigned and the unsigned names.
 const INT_CMPS: [(&str, &str, &str); 20] = [
     ("eq", "s32", "%b"),
     ("ne", "s32", "%b"),
