@@ -16,6 +16,13 @@ fn load_error(src: &str) -> String {
     }
 }
 
+/// `src` fails to load with a message that begins with `prefix` (the
+/// line it names, and what it found there).
+fn error_starts(src: &str, prefix: &str) {
+    let msg = load_error(src);
+    assert!(msg.starts_with(prefix), "{prefix:?} does not begin {msg}");
+}
+
 #[test]
 fn errors_name_the_line_after_comments_of_every_kind() {
     // the bad instruction is on line 4 + 8 = 12 of the module
@@ -32,32 +39,33 @@ fn errors_name_the_line_after_comments_of_every_kind() {
     ret;
 }
 ";
-    let msg = load_error(src);
-    assert!(msg.starts_with("line 12:"), "{msg}");
+    error_starts(src, "line 12:");
     // a block comment's lines count even when it is the last thing before
     // the error, and a carriage return is whitespace, not a line
-    let msg = load_error(".visible .entry k()\r\n{\r\n/*\n\n*/ bogus;\n}\n");
-    assert!(msg.starts_with("line 8:"), "{msg}");
+    error_starts(
+        ".visible .entry k()\r\n{\r\n/*\n\n*/ bogus;\n}\n",
+        "line 8:",
+    );
     // the lexer's own errors
-    let msg = load_error(".visible .entry k()\n{\n/* never closed\n");
-    assert!(msg.starts_with("line 6: unterminated comment"), "{msg}");
+    error_starts(
+        ".visible .entry k()\n{\n/* never closed\n",
+        "line 6: unterminated comment",
+    );
     let msg = load_error(".visible .entry k()\n{\n/*/\n");
     assert!(
         msg.contains("unterminated comment"),
         "a `/*/` opens a comment only: {msg}"
     );
-    let msg = load_error("\n.pragma \"nounroll\n;\n");
-    assert!(msg.starts_with("line 5: unterminated string"), "{msg}");
-    let msg = load_error("\n\n#include\n");
-    assert!(msg.starts_with("line 6: unexpected character '#'"), "{msg}");
-    let msg = load_error("\n/ 2\n");
-    assert!(msg.starts_with("line 5: unexpected character '/'"), "{msg}");
+    error_starts("\n.pragma \"nounroll\n;\n", "line 5: unterminated string");
+    error_starts("\n\n#include\n", "line 6: unexpected character '#'");
+    error_starts("\n/ 2\n", "line 5: unexpected character '/'");
     // the text may end inside a line comment or a string
     Module::load(&format!("{HEAD}// no newline at the end")).unwrap();
-    let msg = load_error(".pragma \"nounroll");
-    assert!(msg.starts_with("line 4: unterminated string"), "{msg}");
-    let msg = load_error(".visible .entry k()\n{\n    .reg .b32 %v;\n    mov.u32 %v, 1");
-    assert!(msg.starts_with("line 7: unexpected end of input"), "{msg}");
+    error_starts(".pragma \"nounroll", "line 4: unterminated string");
+    error_starts(
+        ".visible .entry k()\n{\n    .reg .b32 %v;\n    mov.u32 %v, 1",
+        "line 7: unexpected end of input",
+    );
 }
 
 #[test]
@@ -185,15 +193,15 @@ fn every_literal_form_has_its_value() {
 #[test]
 fn parse_errors_name_the_token_s_line_or_the_last_one() {
     // a missing `;`: the parser stops at the next token, on line 7
-    let msg = load_error(".visible .entry k()\n{\n    .reg .b32 %v\n    ret;\n}\n");
-    assert!(msg.starts_with("line 7:"), "{msg}");
+    error_starts(
+        ".visible .entry k()\n{\n    .reg .b32 %v\n    ret;\n}\n",
+        "line 7:",
+    );
     // the text ends inside the kernel: the last token's line
-    let msg = load_error(".visible .entry k()\n{\n\n    ret;\n\n");
-    assert!(msg.starts_with("line 7:"), "{msg}");
+    error_starts(".visible .entry k()\n{\n\n    ret;\n\n", "line 7:");
     // a type outside the subset (of the 8-bit types only .b8, for byte
     // arrays, is known)
-    let msg = load_error(".visible .entry k(.param .u64 out)\n{\n    .reg .b16 %h;\n    .reg .b64 %o;\n    ld.global.u8 %h, [%o];\n    ret;\n}\n");
-    assert!(msg.starts_with("line 8:"), "{msg}");
+    error_starts(".visible .entry k(.param .u64 out)\n{\n    .reg .b16 %h;\n    .reg .b64 %o;\n    ld.global.u8 %h, [%o];\n    ret;\n}\n", "line 8:");
 }
 
 #[test]
