@@ -27,33 +27,23 @@
 
 namespace lra {
 
-// Status codes (values are part of the C ABI, see src/error.rs).
+// Status codes: lra.h's LRA_* values (never reused; src/error.rs).
 enum class Status : lra_status {
-  Ok = 0,
-  NullPointer = 1,
-  InvalidArgument = 2,
-  InvalidConfig = 3,
-  CallOrder = 4,
-  SizeMismatch = 5,
-  NoCuda = 6,
-  CudaError = 7,
-  BadCheckpoint = 8,
-  BufferTooSmall = 9,
-  Panic = 10,
-  Unsupported = 11,
-  ReductionFailed = 12,
-  OutOfMemory = 13,
+  Ok = LRA_OK,
+  NullPointer = LRA_NULL_POINTER,
+  InvalidArgument = LRA_INVALID_ARGUMENT,
+  InvalidConfig = LRA_INVALID_CONFIG,
+  CallOrder = LRA_CALL_ORDER,
+  SizeMismatch = LRA_SIZE_MISMATCH,
+  NoCuda = LRA_NO_CUDA,
+  CudaError = LRA_CUDA_ERROR,
+  BadCheckpoint = LRA_BAD_CHECKPOINT,
+  BufferTooSmall = LRA_BUFFER_TOO_SMALL,
+  Panic = LRA_PANIC,
+  Unsupported = LRA_UNSUPPORTED,
+  ReductionFailed = LRA_REDUCTION_FAILED,
+  OutOfMemory = LRA_OUT_OF_MEMORY,
 };
-
-// Where lra.h carries the status macros, they must agree with the enum.
-#ifdef LRA_OK
-static_assert(LRA_OK == 0 && LRA_NULL_POINTER == 1 && LRA_INVALID_ARGUMENT == 2 &&
-                  LRA_INVALID_CONFIG == 3 && LRA_CALL_ORDER == 4 && LRA_SIZE_MISMATCH == 5 &&
-                  LRA_NO_CUDA == 6 && LRA_CUDA_ERROR == 7 && LRA_BAD_CHECKPOINT == 8 &&
-                  LRA_BUFFER_TOO_SMALL == 9 && LRA_PANIC == 10 && LRA_UNSUPPORTED == 11 &&
-                  LRA_REDUCTION_FAILED == 12 && LRA_OUT_OF_MEMORY == 13,
-              "lra.hpp's Status differs from lra.h");
-#endif
 
 enum class Optimizer : lra_optimizer {
   SGD = LRA_OPTIMIZER_SGD,
@@ -197,7 +187,7 @@ class Handle {
  public:
   explicit Handle(const lra_config& cfg) {
     lra_status s = lra_create(&cfg, &h_);
-    if (s != LRA_OK_VALUE) throw Error(s, lra_thread_last_error());
+    if (s != LRA_OK) throw Error(s, lra_thread_last_error());
   }
   explicit Handle(Optimizer opt, double lr = 1e-3) : Handle(config(opt, lr)) {}
   ~Handle() { destroy(); }
@@ -304,7 +294,6 @@ class Handle {
   }
 
  private:
-  static constexpr lra_status LRA_OK_VALUE = static_cast<lra_status>(Status::Ok);
   using TakeThrown = std::exception_ptr (*)() noexcept;
   // The calling thread's message, not lra_last_error(h_): a call refused
   // because another one runs on the handle (another thread, or this
@@ -313,7 +302,7 @@ class Handle {
   // `take_thrown`: for the calls that reduce, what the registered
   // reduction threw.
   static void check(lra_status s, TakeThrown take_thrown = nullptr) {
-    if (s == LRA_OK_VALUE) return;
+    if (s == LRA_OK) return;
     std::string message = lra_thread_last_error();
     if (s == static_cast<lra_status>(Status::ReductionFailed) && take_thrown != nullptr) {
       if (std::exception_ptr thrown = take_thrown()) {

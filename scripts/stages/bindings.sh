@@ -6,7 +6,8 @@
 #  2. scripts/install.sh into a temporary PREFIX (lib, headers, CMake config, lra.pc;
 #     libraries stripped of debug info; the manifest), and its --uninstall;
 #  3. plain C flat-buffer example built through pkg-config (shared and static), run;
-#  4. C++ binding tests built through find_package(lra) (+ the LibTorch adapter test);
+#  4. C++ binding tests built through find_package(lra) (+ the LibTorch adapter test),
+#     the reduction-lifetime test under valgrind;
 #  5. LibTorch digits MLP through find_package(lra COMPONENTS torch): Adam from
 #     lr 1e-4 and from lr 1.0 must each reach >= 90% training accuracy;
 #  6. Python ctypes binding tests, training a torch model with Debian's python3;
@@ -180,6 +181,14 @@ if have cmake && have c++; then
   "$work/cpp-tests/test_lra_hpp"
   "$work/cpp-tests/test_lra_hpp_static"
   "$work/cpp-tests/test_lra_hpp_dso"
+  if have valgrind; then
+    valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+      --show-leak-kinds=definite,indirect "$work/cpp-tests/test_lra_hpp_lifetime"
+    echo "valgrind: no invalid accesses, no definite or indirect leaks"
+  else
+    "$work/cpp-tests/test_lra_hpp_lifetime"
+    skip "valgrind is not installed: test_lra_hpp_lifetime ran without it, so a leaked or freed reduction went unseen (scripts/deps.sh installs it)"
+  fi
   if [ -x "$work/cpp-tests/test_lra_torch" ]; then
     "$work/cpp-tests/test_lra_torch"
   else

@@ -37,8 +37,40 @@ lra::Status status_of(F&& f) {
 static_assert(!std::is_copy_constructible<lra::Handle>::value, "Handle must be move-only");
 static_assert(std::is_nothrow_move_constructible<lra::Handle>::value, "Handle moves");
 
+// Each Status is lra.h's code of that name.
+#define SAME_STATUS(NAME, CODE)                                          \
+  static_assert(static_cast<lra_status>(lra::Status::NAME) == CODE, \
+                "lra::Status::" #NAME " is not " #CODE)
+SAME_STATUS(Ok, LRA_OK);
+SAME_STATUS(NullPointer, LRA_NULL_POINTER);
+SAME_STATUS(InvalidArgument, LRA_INVALID_ARGUMENT);
+SAME_STATUS(InvalidConfig, LRA_INVALID_CONFIG);
+SAME_STATUS(CallOrder, LRA_CALL_ORDER);
+SAME_STATUS(SizeMismatch, LRA_SIZE_MISMATCH);
+SAME_STATUS(NoCuda, LRA_NO_CUDA);
+SAME_STATUS(CudaError, LRA_CUDA_ERROR);
+SAME_STATUS(BadCheckpoint, LRA_BAD_CHECKPOINT);
+SAME_STATUS(BufferTooSmall, LRA_BUFFER_TOO_SMALL);
+SAME_STATUS(Panic, LRA_PANIC);
+SAME_STATUS(Unsupported, LRA_UNSUPPORTED);
+SAME_STATUS(ReductionFailed, LRA_REDUCTION_FAILED);
+SAME_STATUS(OutOfMemory, LRA_OUT_OF_MEMORY);
+
 int main() {
   EXPECT(lra::version() >> 16 == 0);
+
+  // Defaults: lra_config_init's configuration with η = 1e-3; an empty list.
+  {
+    lra_config init;
+    lra_config_init(&init, LRA_OPTIMIZER_ADAM);
+    const lra_config c = lra::config(lra::Optimizer::Adam);
+    EXPECT(c.optimizer == LRA_OPTIMIZER_ADAM && c.lr == 1e-3 && c.beta2 == init.beta2);
+    EXPECT(lra::Handle(lra::Optimizer::SGD).lr() == 1e-3);
+    EXPECT(lra::TensorList().size() == 0 && lra::TensorList().data() == nullptr);
+    const std::vector<lra_tensor> two(2);
+    const lra::TensorList list(two);
+    EXPECT(list.begin() == two.data() && list.end() == two.data() + 2);
+  }
 
   // An invalid configuration throws with InvalidConfig and names the field.
   {
