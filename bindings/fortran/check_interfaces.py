@@ -272,6 +272,21 @@ MUTATIONS = {
 # callbacks and the lra.h callback type each one is passed as.
 MPI_MODULE = os.path.join(HERE, "lra_mpi.f90")
 MPI_CALLBACKS = {"lra_mpi_allreduce_sum": "lra_reduce_fn"}
+# lra_mpi.h, whose LRA_MPI_* answers lra_mpi.f90's parameters repeat.
+MPI_HEADER = os.path.join(ROOT, "bindings", "mpi", "lra_mpi.h")
+
+
+def mpi_constants(mpi_source):
+    """[errors] unless lra_mpi.f90's LRA_MPI_* parameters are lra_mpi.h's
+    #defines, name for name and value for value."""
+    with open(MPI_HEADER) as f:
+        c = dict(re.findall(r"^#define (LRA_MPI_\w+) \((-?\d+)\)$", f.read(), flags=re.M))
+    fortran = dict(re.findall(r"^\s*integer\(c_int32_t\), parameter, public :: (LRA_MPI_\w+) = (-?\d+)\s*$",
+                              mpi_source, flags=re.M))
+    if not c:
+        return [f"no LRA_MPI_* #define found in {os.path.relpath(MPI_HEADER, ROOT)}"]
+    return [f"lra_mpi.f90: parameter {name} is {fortran.get(name)}, lra_mpi.h says {c.get(name)}"
+            for name in sorted(set(c) | set(fortran)) if c.get(name) != fortran.get(name)]
 
 
 def check_mpi(header, mpi_source, fc, module_dirs):
@@ -295,7 +310,7 @@ def check_mpi(header, mpi_source, fc, module_dirs):
                           [False] * len(c_args))  # lra_reduce_fn has no const argument
         check_c_ptr_passing(errors, f"lra_mpi.f90: {name} as {c_name}", c_args,
                             c_ptr_dummies(mpi_source).get(name))
-    return errors
+    return errors + mpi_constants(mpi_source)
 
 
 # Drift in lra_mpi.f90 that the compiler or check_mpi must catch.
@@ -304,6 +319,7 @@ MPI_MUTATIONS = {
                                  "function lra_mpi_allreduce_sum(values, count, user) result(rc)"),
     "callback argument kind": ("integer(c_size_t), value :: count", "integer(c_int32_t), value :: count"),
     "callback count by reference": ("integer(c_size_t), value :: count", "integer(c_size_t) :: count"),
+    "answer's value": ("LRA_MPI_ERR_NO_COMM = -3", "LRA_MPI_ERR_NO_COMM = -4"),
 }
 
 
@@ -330,7 +346,7 @@ def main_mpi(argv, header):
     if errors:
         return 1
     print(f"check_interfaces: lra_mpi.f90's {', '.join(sorted(MPI_CALLBACKS))} matches include/lra.h's "
-          f"{', '.join(sorted(set(MPI_CALLBACKS.values())))}"
+          f"{', '.join(sorted(set(MPI_CALLBACKS.values())))}, its LRA_MPI_* answers lra_mpi.h's"
           + (f" (self-test: all {len(MPI_MUTATIONS)} injected drifts caught)" if "--self-test" in argv else ""))
     return 0
 

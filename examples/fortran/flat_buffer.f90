@@ -214,7 +214,9 @@ contains
     type(reduction_log), target :: log
     type(c_ptr) :: handle
     real(c_float), target :: x(4), g(4), overflow
-    integer(c_int16_t), target :: xb(3), gb(3)
+    integer(c_int16_t), target :: xb(3), gb(3), xh(2), gh(2), no_h(0)
+    real(c_float), target :: one(1), no_x(0)
+    type(lra_tensor) :: t
     real(c_float) :: x_before(4)
     real(c_double) :: value
     integer(c_int32_t) :: status, version, flag
@@ -353,7 +355,31 @@ contains
     call ok(lra_step(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr), handle, "lra_step(BF16)")
     call require(all(xb == int(z'3F00', c_int16_t)), "lra_tensor_16: a BF16 SGD step gives 1.0 - 0.5 * 1.0 = 0.5")
     call lra_destroy(handle)
-    print '(a)', "lra_tensor_16: a BF16 SGD step gives the expected bits"
+    ! The same step on F16 bit patterns: 1.0 (z'3C00') becomes 0.5 (z'3800').
+    call ok(lra_create(cfg, handle), c_null_ptr, "lra_create(SGD)")
+    xh = int(z'3C00', c_int16_t)
+    gh = int(z'3C00', c_int16_t)
+    flat(1) = lra_tensor_16(xh, gh, LRA_DTYPE_F16)
+    call ok(lra_step(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr), handle, "lra_step(F16)")
+    call require(all(xh == int(z'3800', c_int16_t)), "lra_tensor_16: an F16 SGD step gives 1.0 - 0.5 * 1.0 = 0.5")
+    call lra_destroy(handle)
+    print '(a)', "lra_tensor_16: BF16 and F16 SGD steps give the expected bits"
+
+    ! What the tensor helpers store: the arrays' own addresses (one element
+    ! too), the size and the dtype; NULL addresses for empty arrays.
+    t = lra_tensor_f32(one, one)
+    call require(c_associated(t%param, c_loc(one)) .and. c_associated(t%grad, c_loc(one)) .and. &
+                 t%numel == 1 .and. t%dtype == LRA_DTYPE_F32, "lra_tensor_f32 of one element")
+    t = lra_tensor_16(xh(1:1), gh(1:1), LRA_DTYPE_BF16)
+    call require(c_associated(t%param, c_loc(xh)) .and. c_associated(t%grad, c_loc(gh)) .and. &
+                 t%numel == 1 .and. t%dtype == LRA_DTYPE_BF16, "lra_tensor_16 of one element")
+    t = lra_tensor_f32(no_x, no_x)
+    call require(.not. c_associated(t%param) .and. .not. c_associated(t%grad) .and. t%numel == 0 .and. &
+                 t%dtype == LRA_DTYPE_F32, "lra_tensor_f32 of empty arrays: NULL addresses")
+    t = lra_tensor_16(no_h, no_h, LRA_DTYPE_F16)
+    call require(.not. c_associated(t%param) .and. .not. c_associated(t%grad) .and. t%numel == 0 .and. &
+                 t%dtype == LRA_DTYPE_F16, "lra_tensor_16 of empty arrays: NULL addresses")
+    call require(lra_string(c_null_ptr) == "", "lra_string(c_null_ptr) is empty")
   end subroutine check_binding
 
   ! ---- training ------------------------------------------------------------
