@@ -44,7 +44,8 @@
 ! must come back through lra_mpi_allreduce_sum as LRA_REDUCTION_FAILED
 ! naming an MPI_ERR_COMM code. With more than one rank, each run ends with
 ! lra_mpi_check_agreement: 0, then LRA_MPI_DISAGREE once one rank alone
-! changed eta.
+! changed eta; afterwards LRA_MPI_DISAGREE when only the counters differ
+! and LRA_MPI_QUERY_FAILED when one rank's query fails.
 !
 ! Restarts: with more than one rank, every run restarts at step 12, with
 ! the step pending: each rank saves its own checkpoint, destroys its handle,
@@ -293,6 +294,7 @@ program mpi_data_parallel
   end do
   if (rank == 0 .and. ranks > 1) print '(a)', "lra_mpi_check_agreement: 0 after every run, " // &
     "LRA_MPI_DISAGREE on every rank once one rank alone halved eta"
+  if (ranks > 1) call check_agreement_answers()
   if (ranks > 1 .and. restarts /= size(RUNS)) call fail("not every run restarted from its checkpoints")
   if (rank == 0) print '(a, i0, a)', "all checks passed (", ranks, " rank(s))"
   call MPI_Finalize()
@@ -452,6 +454,53 @@ contains
                                           trim(s) // ", not LRA_MPI_DISAGREE")
     call ok(lra_set_lr(h, lr), h, "lra_set_lr")
   end subroutine check_agreement
+
+  ! lra_mpi_check_agreement's other answers, on handles without a reduction
+  ! (so that one rank may step alone): LRA_MPI_DISAGREE on every rank when
+  ! only the counters differ (one rank alone took a step and re-evaluated
+  ! it, then set eta back), and LRA_MPI_QUERY_FAILED on every rank when one
+  ! rank's queries fail (it passes no handle).
+  subroutine check_agreement_answers()
+    type(c_ptr) :: h, queried
+    type(lra_config) :: cfg
+    type(lra_tensor) :: t(1)
+    real(c_float), target :: x(4), g(4)
+    real(c_double) :: lr
+
+    call lra_config_init(cfg, LRA_OPTIMIZER_SGD)
+    cfg%num_threads = 1
+    call ok(lra_create(cfg, h), c_null_ptr, "lra_create")
+    call expect_agreement(h, 0, "fresh handles")
+    if (rank == 0) then
+      x = [1, 2, 3, 4]
+      g = [0.5, -0.5, 0.25, 1.0]
+      t(1) = lra_tensor_f32(x, g)
+      call ok(lra_get_lr(h, lr), h, "lra_get_lr")
+      call ok(lra_step(h, t, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr), h, "lra_step")
+      call ok(lra_report_reeval(h, 0.5_c_double, c_null_ptr), h, "lra_report_reeval")
+      call ok(lra_set_lr(h, lr), h, "lra_set_lr")
+    end if
+    call expect_agreement(h, LRA_MPI_DISAGREE, "rank 0 alone stepped and re-evaluated (eta set back)")
+    queried = h
+    if (rank == ranks - 1) queried = c_null_ptr
+    call expect_agreement(queried, LRA_MPI_QUERY_FAILED, "the last rank passed no handle")
+    call lra_destroy(h)
+    if (rank == 0) print '(a)', "lra_mpi_check_agreement: LRA_MPI_DISAGREE on every rank when only the " // &
+      "counters differ; LRA_MPI_QUERY_FAILED on every rank when one rank's query fails"
+  end subroutine check_agreement_answers
+
+  subroutine expect_agreement(h, want, what)
+    type(c_ptr), intent(in) :: h
+    integer(c_int32_t), intent(in) :: want
+    character(*), intent(in) :: what
+    integer(c_int32_t) :: rc
+    character(len=16) :: got, expected
+
+    rc = lra_mpi_check_agreement(h, world)
+    write (got, '(i0)') rc
+    write (expected, '(i0)') want
+    if (rc /= want) call fail(what // ": lra_mpi_check_agreement returned " // trim(got) // ", not " // trim(expected))
+  end subroutine expect_agreement
 
   ! ---- a real MPI error ----------------------------------------------------
 

@@ -44,7 +44,9 @@
  * one, restores the checkpoint and carries on: the run must still match
  * REF written by the uninterrupted 1-rank run. Every multi-rank run also
  * checks lra_mpi_check_agreement: 0 after the run (and after each
- * restart), LRA_MPI_DISAGREE on every rank once one rank alone changes η.
+ * restart), LRA_MPI_DISAGREE on every rank once one rank alone changes η
+ * or only the counters differ, LRA_MPI_QUERY_FAILED when one rank's
+ * queries fail.
  */
 #include <inttypes.h>
 #include <math.h>
@@ -747,6 +749,41 @@ static void check_disagreement_is_seen(lra_handle *h)
     CHECK_LRA(h, lra_set_lr(h, lr));
 }
 
+/* lra_mpi_check_agreement's other answers, on handles without a reduction
+ * (so that one rank may step alone): LRA_MPI_DISAGREE on every rank when
+ * only the counters differ (rank 0 alone took a step and re-evaluated it,
+ * then set η back), LRA_MPI_QUERY_FAILED on every rank when one rank's
+ * queries fail (it passes no handle). */
+static void check_agreement_answers(void)
+{
+    lra_config cfg;
+    lra_config_init(&cfg, LRA_OPTIMIZER_SGD);
+    cfg.num_threads = 1;
+    lra_handle *h = NULL;
+    if (lra_create(&cfg, &h) != LRA_OK)
+        FAIL("lra_create: %s", lra_thread_last_error());
+    expect_agreement(h, "fresh handles");
+    if (g_rank == 0) {
+        float theta[4] = {1, 2, 3, 4}, grad[4] = {0.5f, -0.5f, 0.25f, 1};
+        lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32};
+        double lr;
+        CHECK_LRA(h, lra_get_lr(h, &lr));
+        CHECK_LRA(h, lra_step(h, &t, 1, 1.0, 0.0, NULL));
+        CHECK_LRA(h, lra_report_reeval(h, 0.5, NULL));
+        CHECK_LRA(h, lra_set_lr(h, lr));
+    }
+    int32_t rc = lra_mpi_check_agreement(h, MPI_COMM_WORLD);
+    if (rc != LRA_MPI_DISAGREE)
+        FAIL("only the counters differ: lra_mpi_check_agreement -> %d, want LRA_MPI_DISAGREE",
+             rc);
+    rc = lra_mpi_check_agreement(g_rank == g_size - 1 ? NULL : h, MPI_COMM_WORLD);
+    if (rc != LRA_MPI_QUERY_FAILED)
+        FAIL("the last rank passed no handle: lra_mpi_check_agreement -> %d, want "
+             "LRA_MPI_QUERY_FAILED",
+             rc);
+    lra_destroy(h);
+}
+
 int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
@@ -780,8 +817,10 @@ int main(int argc, char **argv)
     CHECK_LRA(h, lra_get_counters(h, &c));
     if (strcmp(r.mode, "poison") != 0) /* there one rank alone skipped a step */
         expect_same_everywhere((double)c.applied, "applied steps", -1);
-    if (g_size > 1)
+    if (g_size > 1) {
         check_disagreement_is_seen(h);
+        check_agreement_answers();
+    }
 
     int np = m.count * m.len;
     float *p = gather_params(&r, &m);
