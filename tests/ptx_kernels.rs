@@ -812,7 +812,9 @@ fn phi_over_thousands_of_partials_is_in_the_fixed_order() {
 /// f16/bf16), among finite neighbours that sit at the edges of the finite
 /// range (±max, subnormals, −0), which must not count. At the library's
 /// block size and at the others the kernel allows (a 4096-element chunk
-/// gives each of 1024 threads one load).
+/// gives each of 1024 threads one load, each of 32 threads eight groups of
+/// four: there the first load of the second group and the chunk's last
+/// load too, since a thread goes on to its next group after testing one).
 #[test]
 fn the_check_pass_finds_each_nonfinite_value_in_its_four_loads() {
     for block in [abi::BLOCK, 32, 96, 1024] {
@@ -841,13 +843,18 @@ fn check_pass_finds_each_nonfinite_value(block: usize) {
             _ => [0x7c01 | ((dt == DType::Bf16) as u32 * 0x0380), 0xffff],
         });
         assert!(bad.iter().all(|&b| !is_finite(b)) && finite.len() >= 6);
-        // one chunk per (load j of the thread's first group, lane, thread);
+        // one chunk per (load j of the thread, lane, thread): every load of
+        // its first group, then the first of its second group and its last;
         // a last chunk with no non-finite value
-        let loads = (abi::CHUNK / (4 * block)).min(4);
+        let units = abi::CHUNK / (4 * block);
+        let mut loads: Vec<usize> = (0..units.min(4)).collect();
+        if units > 4 {
+            loads.extend([4, units - 1]);
+        }
         let mut places = Vec::new();
         for tx in [0, block / 2 + 3, block - 1] {
             for lane in 0..4 {
-                for j in 0..loads {
+                for &j in &loads {
                     places.push(4 * (tx + block * j) + lane);
                 }
             }
