@@ -43,7 +43,9 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/lra-fortran.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 # -finit-*: integers nobody set (derived-type fields too) read -77777, so a
-# helper that forgets one of its result's fields fails the example.
+# helper that forgets one of its result's fields fails the example. (It
+# also makes a forgotten type(c_ptr) NULL: the installed-prefix build below,
+# without these flags, is the one where a helper's missing NULL shows.)
 fflags=(-std=f2008 -Wall -Wextra -Werror -fcheck=all -finit-derived -finit-integer=-77777 -O1 -g)
 # shellcheck disable=SC2054  # -Wl,-rpath,DIR is one word
 link=(-L"$lib" -llra -Wl,-rpath,"$lib")
