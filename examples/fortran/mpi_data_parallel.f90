@@ -44,8 +44,9 @@
 ! must come back through lra_mpi_allreduce_sum as LRA_REDUCTION_FAILED
 ! naming an MPI_ERR_COMM code. With more than one rank, each run ends with
 ! lra_mpi_check_agreement: 0, then LRA_MPI_DISAGREE once one rank alone
-! changed eta; afterwards LRA_MPI_DISAGREE when only the counters differ
-! and LRA_MPI_QUERY_FAILED when one rank's query fails.
+! changed eta; afterwards LRA_MPI_DISAGREE when only the counters or only
+! the pending step differ, and LRA_MPI_QUERY_FAILED when one rank's query
+! fails.
 !
 ! Restarts: with more than one rank, every run restarts at step 12, with
 ! the step pending: each rank saves its own checkpoint, destroys its handle,
@@ -458,8 +459,9 @@ contains
   ! lra_mpi_check_agreement's other answers, on handles without a reduction
   ! (so that one rank may step alone): LRA_MPI_DISAGREE on every rank when
   ! only the counters differ (one rank alone took a step and re-evaluated
-  ! it, then set eta back), and LRA_MPI_QUERY_FAILED on every rank when one
-  ! rank's queries fail (it passes no handle).
+  ! it, then set eta back) and when only the pending step does, and
+  ! LRA_MPI_QUERY_FAILED on every rank when one rank's queries fail (it
+  ! passes no handle).
   subroutine check_agreement_answers()
     type(c_ptr) :: h, queried
     type(lra_config) :: cfg
@@ -485,8 +487,22 @@ contains
     if (rank == ranks - 1) queried = c_null_ptr
     call expect_agreement(queried, LRA_MPI_QUERY_FAILED, "the last rank passed no handle")
     call lra_destroy(h)
+    ! Only the pending step differs: rank 0 steps, reports, steps again (a
+    ! step due for re-evaluation pending); the others step twice, then
+    ! report. Same counters, decisions and eta everywhere (each report
+    ! judges the same gradient at the first eta).
+    call ok(lra_create(cfg, h), c_null_ptr, "lra_create")
+    x = [1, 2, 3, 4]
+    g = [0.5, -0.5, 0.25, 1.0]
+    t(1) = lra_tensor_f32(x, g)
+    call ok(lra_step(h, t, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr), h, "lra_step")
+    if (rank == 0) call ok(lra_report_reeval(h, 0.5_c_double, c_null_ptr), h, "lra_report_reeval")
+    call ok(lra_step(h, t, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr), h, "lra_step")
+    if (rank /= 0) call ok(lra_report_reeval(h, 0.5_c_double, c_null_ptr), h, "lra_report_reeval")
+    call expect_agreement(h, LRA_MPI_DISAGREE, "only rank 0 has a step pending")
+    call lra_destroy(h)
     if (rank == 0) print '(a)', "lra_mpi_check_agreement: LRA_MPI_DISAGREE on every rank when only the " // &
-      "counters differ; LRA_MPI_QUERY_FAILED on every rank when one rank's query fails"
+      "counters or only the pending step differ; LRA_MPI_QUERY_FAILED on every rank when one rank's query fails"
   end subroutine check_agreement_answers
 
   subroutine expect_agreement(h, want, what)

@@ -45,8 +45,8 @@
  * REF written by the uninterrupted 1-rank run. Every multi-rank run also
  * checks lra_mpi_check_agreement: 0 after the run (and after each
  * restart), LRA_MPI_DISAGREE on every rank once one rank alone changes η
- * or only the counters differ, LRA_MPI_QUERY_FAILED when one rank's
- * queries fail.
+ * or only the counters or only the pending step differ, LRA_MPI_QUERY_FAILED
+ * when one rank's queries fail.
  */
 #include <inttypes.h>
 #include <math.h>
@@ -752,8 +752,8 @@ static void check_disagreement_is_seen(lra_handle *h)
 /* lra_mpi_check_agreement's other answers, on handles without a reduction
  * (so that one rank may step alone): LRA_MPI_DISAGREE on every rank when
  * only the counters differ (rank 0 alone took a step and re-evaluated it,
- * then set η back), LRA_MPI_QUERY_FAILED on every rank when one rank's
- * queries fail (it passes no handle). */
+ * then set η back) and when only the pending step does, LRA_MPI_QUERY_FAILED
+ * on every rank when one rank's queries fail (it passes no handle). */
 static void check_agreement_answers(void)
 {
     lra_config cfg;
@@ -780,6 +780,27 @@ static void check_agreement_answers(void)
     if (rc != LRA_MPI_QUERY_FAILED)
         FAIL("the last rank passed no handle: lra_mpi_check_agreement -> %d, want "
              "LRA_MPI_QUERY_FAILED",
+             rc);
+    lra_destroy(h);
+
+    /* Only the pending step differs: rank 0 steps, reports, steps again (a
+     * step due for re-evaluation pending); the others step twice, then
+     * report. Same counters, decisions and η everywhere (each report
+     * judges the same gradient at the first η). */
+    if (lra_create(&cfg, &h) != LRA_OK)
+        FAIL("lra_create: %s", lra_thread_last_error());
+    float theta[4] = {1, 2, 3, 4}, grad[4] = {0.5f, -0.5f, 0.25f, 1};
+    lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32};
+    CHECK_LRA(h, lra_step(h, &t, 1, 1.0, 0.0, NULL));
+    if (g_rank == 0)
+        CHECK_LRA(h, lra_report_reeval(h, 0.5, NULL));
+    CHECK_LRA(h, lra_step(h, &t, 1, 1.0, 0.0, NULL));
+    if (g_rank != 0)
+        CHECK_LRA(h, lra_report_reeval(h, 0.5, NULL));
+    rc = lra_mpi_check_agreement(h, MPI_COMM_WORLD);
+    if (rc != LRA_MPI_DISAGREE)
+        FAIL("only rank 0 has a step pending: lra_mpi_check_agreement -> %d, want "
+             "LRA_MPI_DISAGREE",
              rc);
     lra_destroy(h);
 }
