@@ -50,8 +50,45 @@ int main() {
   EXPECT(error_of([&] { lra::TorchOptimizer o({torch::zeros({3})}, cfg); })
             .find("no parameters") != std::string::npos);
 
+  // The checkpoint's hash is FNV-1a 64 (its published test vectors).
+  {
+    const auto* a = reinterpret_cast<const unsigned char*>("a");
+    const auto* foobar = reinterpret_cast<const unsigned char*>("foobar");
+    EXPECT(lra::detail::fnv1a(a, 0) == 0xcbf29ce484222325ULL);
+    EXPECT(lra::detail::fnv1a(a, 1) == 0xaf63dc4c8601ec8cULL);
+    EXPECT(lra::detail::fnv1a(foobar, 6) == 0x85944171f73967e8ULL);
+  }
+
+  // The closure form follows the schedule: the closure of a step that is
+  // not due does not run, unless forced.
+  {
+    auto every2 = cfg;
+    every2.reeval_schedule = LRA_REEVAL_EVERY;
+    every2.reeval_every = 2;
+    auto v = torch::ones({2}).requires_grad_();
+    lra::TorchOptimizer o({v}, every2);
+    int runs = 0;
+    auto closure = [&] {
+      ++runs;
+      return (v * v).sum();
+    };
+    v.mutable_grad() = torch::ones_like(v);
+    o.step(1.0);  // step 0: due
+    EXPECT(o.reeval(closure).has_value() && runs == 1);
+    o.step(1.0);  // step 1: not due
+    EXPECT(!o.reeval(closure).has_value() && runs == 1);
+    EXPECT(o.reeval(closure, true).has_value() && runs == 2);
+  }
+
   auto w = torch::ones({2, 3}).requires_grad_();
   lra::TorchOptimizer opt({w}, cfg);
+
+  // A gradient whose dtype alone, or shape alone, differs from the parameter.
+  for (const auto& bad : {torch::ones({2, 3}, torch::kDouble), torch::ones({3, 2})}) {
+    w.mutable_grad() = bad;
+    EXPECT(error_of([&] { opt.step(1.0); }).find("differs from the parameter") != std::string::npos);
+  }
+  w.mutable_grad() = torch::Tensor();
 
   // No gradient yet.
   EXPECT(error_of([&] { opt.step(1.0); }).find("no gradient") != std::string::npos);
