@@ -11,6 +11,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 
@@ -78,6 +79,32 @@ int main() {
     o.step(1.0);  // step 1: not due
     EXPECT(!o.reeval(closure).has_value() && runs == 1);
     EXPECT(o.reeval(closure, true).has_value() && runs == 2);
+  }
+
+  // A reduction that throws: its exception stays nested in the lra::Error
+  // that the TorchOptimizer's step throws.
+  {
+    auto sharded = cfg;
+    sharded.sharding = LRA_SHARDING_SHARDED;
+    auto v = torch::ones({2}).requires_grad_();
+    lra::TorchOptimizer o({v}, sharded);
+    o.handle().set_reduction(
+        [](double*, std::size_t, void*) -> std::int32_t { throw std::runtime_error("probe"); },
+        nullptr);
+    v.mutable_grad() = torch::ones_like(v);
+    std::string nested;
+    try {
+      o.step(1.0);
+      EXPECT(false);
+    } catch (const lra::Error& e) {
+      EXPECT(e.code() == lra::Status::ReductionFailed);
+      try {
+        std::rethrow_if_nested(e);
+      } catch (const std::runtime_error& inner) {
+        nested = inner.what();
+      }
+    }
+    EXPECT(nested == "probe");
   }
 
   auto w = torch::ones({2, 3}).requires_grad_();
@@ -263,6 +290,9 @@ int main() {
     for (std::size_t cut = 0; cut < saved.size(); ++cut) {
       std::vector<unsigned char> part(saved.begin(), saved.begin() + static_cast<long>(cut));
       EXPECT(status_of([&] { opt_b.load_state(part); }) == lra::Status::BadCheckpoint);
+      if (cut < 8)  // shorter than the magic
+        EXPECT(error_of([&] { opt_b.load_state(part); }).find("not a TorchOptimizer checkpoint") !=
+               std::string::npos);
     }
     auto longer = saved;
     longer.push_back(0);
@@ -408,6 +438,7 @@ int main() {
     const std::string overlap = error_of([&] { o.step(1.0); });
     EXPECT(overlap.find("tensors[0] (parameter 1)") != std::string::npos);
     EXPECT(overlap.find("tensors[1] (parameter 2)") != std::string::npos);
+    EXPECT(overlap.rfind("lra: ", 0) == 0 && overlap.find("lra: ", 1) == std::string::npos);
     EXPECT(torch::equal(base, torch::ones({4})));
     EXPECT(error_of([&] { lra::TorchOptimizer t({frozen, a, a}, cfg); })
                .find("parameter 2 is parameter 1 again") != std::string::npos);
