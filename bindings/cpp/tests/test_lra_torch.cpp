@@ -23,6 +23,35 @@
     }                                                                 \
   } while (0)
 
+// The format-2 form (no dtypes: an older lra_torch.hpp's) of a format-3
+// TorchOptimizer checkpoint, laid out as lra_torch.hpp's comment says.
+std::vector<unsigned char> as_format2(const std::vector<unsigned char>& v3) {
+  auto le = [&](std::size_t at, std::size_t bytes) {
+    std::uint64_t v = 0;
+    for (std::size_t k = 0; k < bytes; ++k) v |= static_cast<std::uint64_t>(v3[at + k]) << (8 * k);
+    return v;
+  };
+  auto copy = [&](std::vector<unsigned char>& out, std::size_t at, std::size_t n) {
+    out.insert(out.end(), v3.begin() + static_cast<long>(at), v3.begin() + static_cast<long>(at + n));
+  };
+  std::vector<unsigned char> out;
+  copy(out, 0, 8);  // magic
+  lra::detail::put_le(out, 2, 4);
+  copy(out, 12, 12);  // flags, parameter count
+  std::size_t at = 24;
+  for (std::uint64_t i = 0, n = le(16, 8); i < n; ++i) {
+    const std::size_t dims = le(at, 4);
+    copy(out, at, 4);
+    at += 8;  // dims, then the dtype format 2 lacks
+    copy(out, at, 16 * dims);
+    at += 16 * dims;
+  }
+  copy(out, at, 8);  // the handle checkpoint's length
+  lra::detail::put_le(out, lra::detail::fnv1a(out.data(), out.size()), 8);
+  copy(out, at + 16, v3.size() - at - 16);
+  return out;
+}
+
 template <class F>
 std::string error_of(F&& f) {
   try {
@@ -168,6 +197,8 @@ int main() {
     EXPECT(lra::decision(info) == lra::Decision::Skipped);
     EXPECT(info.skip_reason == LRA_SKIP_FOUND_INF);
     EXPECT(!error_of([&] { opt.step(torch::tensor(1.0), torch::ones({2})); }).empty());
+    EXPECT(!error_of([&] { opt.step(torch::tensor(1.0), torch::ones({1}, torch::kDouble)); })
+                .empty());
   }
 
   // Parameter-list mistakes fail at construction: a non-leaf tensor (its
@@ -406,6 +437,15 @@ int main() {
     p.mutable_grad() = at::_efficientzerotensor({4});
     o.step(1.0);
     EXPECT(torch::allclose(p.detach(), torch::full({4}, 0.1)));
+    // The same with one element, and a parameter made a negated view
+    // after construction is refused at the step.
+    auto one = torch::zeros({1}).requires_grad_();
+    lra::TorchOptimizer o1({one}, cfg);
+    one.mutable_grad() = at::_neg_view(torch::ones({1}));
+    o1.step(1.0);
+    EXPECT(torch::allclose(one.detach(), torch::full({1}, 0.1)));
+    one.set_data(at::_neg_view(torch::ones({1})));
+    EXPECT(error_of([&] { o1.step(1.0); }).find("negated") != std::string::npos);
   }
 
   // A loss that is not one element is an lra::Error that says so (not a
@@ -436,8 +476,8 @@ int main() {
     a.mutable_grad() = torch::ones({3});
     b.mutable_grad() = torch::ones({3});
     const std::string overlap = error_of([&] { o.step(1.0); });
-    EXPECT(overlap.find("tensors[0] (parameter 1)") != std::string::npos);
-    EXPECT(overlap.find("tensors[1] (parameter 2)") != std::string::npos);
+    EXPECT(overlap.find("tensors[0] (parameter 1).param overlaps tensors[1] (parameter 2).param") !=
+           std::string::npos);
     EXPECT(overlap.rfind("lra: ", 0) == 0 && overlap.find("lra: ", 1) == std::string::npos);
     EXPECT(torch::equal(base, torch::ones({4})));
     EXPECT(error_of([&] { lra::TorchOptimizer t({frozen, a, a}, cfg); })
@@ -517,6 +557,21 @@ int main() {
 #ifndef LRA_TORCH_CUDA
   std::puts("test_lra_torch: LRA_TORCH_CUDA is off (CPU-only LibTorch); CUDA path not compiled");
 #endif
+  // A format-2 checkpoint still loads, and saves again as format 3 with
+  // the same contents.
+  {
+    auto v = torch::ones({2, 3}).requires_grad_();
+    lra::TorchOptimizer o({v}, cfg);
+    v.mutable_grad() = torch::ones_like(v);
+    o.step(1.0);
+    o.report_reeval(0.5);
+    const auto saved = o.save_state();
+    auto u = torch::ones({2, 3}).requires_grad_();
+    lra::TorchOptimizer restored({u}, cfg);
+    restored.load_state(as_format2(saved));
+    EXPECT(restored.save_state() == saved);
+  }
+
   std::puts("test_lra_torch: all checks passed");
   return 0;
 }
