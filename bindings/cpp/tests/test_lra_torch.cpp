@@ -427,6 +427,9 @@ int main() {
           lra::TorchOptimizer o({at::_neg_view(torch::zeros({3})).detach().requires_grad_()},
                                 cfg);
         }).find("negated") != std::string::npos);
+  EXPECT(error_of([&] {
+          lra::TorchOptimizer o({at::_efficientzerotensor({3}).requires_grad_()}, cfg);
+        }).find("ZeroTensor") != std::string::npos);
   {
     auto p = torch::zeros({4}).requires_grad_();
     lra::TorchOptimizer o({p}, cfg);
@@ -557,6 +560,19 @@ int main() {
 #ifndef LRA_TORCH_CUDA
   std::puts("test_lra_torch: LRA_TORCH_CUDA is off (CPU-only LibTorch); CUDA path not compiled");
 #endif
+  // A size-1 dimension's stride is not part of the memory order: new data
+  // that differs only there steps on.
+  {
+    auto q = torch::ones({1, 3}).requires_grad_();
+    lra::TorchOptimizer o({q}, cfg);
+    q.mutable_grad() = torch::ones_like(q);
+    o.step(1.0);
+    o.report_reeval(0.5);
+    q.set_data(torch::ones({3, 1}).t());  // sizes (1, 3), strides (1, 1)
+    q.mutable_grad() = torch::ones({1, 3});
+    EXPECT(error_of([&] { o.step(1.0); }).empty());
+  }
+
   // A format-2 checkpoint still loads, and saves again as format 3 with
   // the same contents.
   {
@@ -566,6 +582,7 @@ int main() {
     o.step(1.0);
     o.report_reeval(0.5);
     const auto saved = o.save_state();
+    EXPECT(saved[12] == 1 && saved[13] == 0);  // flags: memory orders recorded
     auto u = torch::ones({2, 3}).requires_grad_();
     lra::TorchOptimizer restored({u}, cfg);
     restored.load_state(as_format2(saved));
