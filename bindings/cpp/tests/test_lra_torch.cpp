@@ -9,6 +9,7 @@
 #include <lra_torch.hpp>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
@@ -578,6 +579,12 @@ int main() {
   {
     auto v = torch::ones({2, 3}).requires_grad_();
     lra::TorchOptimizer o({v}, cfg);
+    // Before any step: flags 0, and both dimensions' stride fields 0.
+    const auto unstepped = o.save_state();
+    EXPECT(std::all_of(unstepped.begin() + 12, unstepped.begin() + 16, [](auto b) { return b == 0; }));
+    for (std::size_t at : {40, 56})
+      EXPECT(std::all_of(unstepped.begin() + static_cast<long>(at),
+                         unstepped.begin() + static_cast<long>(at + 8), [](auto b) { return b == 0; }));
     v.mutable_grad() = torch::ones_like(v);
     o.step(1.0);
     o.report_reeval(0.5);
