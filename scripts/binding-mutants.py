@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import mutation_draw
 
@@ -342,27 +341,19 @@ def main():
             sys.exit(f"the unedited {args.file} fails its own tests ({outcome}):\n{detail}")
         print(f"{len(sites)} edits of {args.file}; the unedited file passes its {len(steps)} steps",
               flush=True)
-        tally = {}
-        survivors = []
-        start = time.time()
-        for n, (i, what, new) in enumerate(sites, 1):
+        tally = mutation_draw.Tally(len(sites), every=10)
+        for i, what, new in sites:
             edited = lines[:i] + ([] if new is None else [new]) + lines[i + 1:]
             with open(edited_path, "w") as f:
                 f.write("\n".join(edited))
             outcome, _ = run_steps(steps, src, args.timeout)
-            tally[outcome] = tally.get(outcome, 0) + 1
-            if outcome == "passed":
-                survivors.append(label((i, what, new)))
-                print(f"SURVIVED {survivors[-1]}", flush=True)
-            if n % 10 == 0:
-                print(f"  {n}/{len(sites)} in {time.time() - start:.0f} s: {tally}", flush=True)
-    caught = sum(v for k, v in tally.items() if k in ("caught", "timed out"))
-    viable = len(sites) - tally.get("did not build", 0)
-    print(f"\n{len(sites)} edits: {tally}; caught {caught} of {viable} that build"
+            tally.add(outcome, label((i, what, new)), outcome == "passed")
+    counts = tally.counts
+    caught = counts.get("caught", 0) + counts.get("timed out", 0)
+    viable = len(sites) - counts.get("did not build", 0)
+    print(f"\n{len(sites)} edits: {counts}; caught {caught} of {viable} that build"
           f" ({100.0 * caught / max(1, viable):.1f}%)")
-    print(f"{len(survivors)} survivors:")
-    for s in survivors:
-        print(f"  {s}")
+    tally.print_survivors()
 
 
 if __name__ == "__main__":

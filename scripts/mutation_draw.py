@@ -1,5 +1,6 @@
-"""What scripts/ptx-mutants.py and scripts/py-mutants.py share: the
-command-line options that choose the edits to run, and the draw itself.
+"""What scripts/ptx-mutants.py, py-mutants.py and binding-mutants.py share:
+the command-line options that choose the edits to run, the draw itself, and
+the tally a run prints.
 
 An edit is named by its label, `line L (kind): source`, the text a run
 prints after `SURVIVED`; --recheck finds a log's survivors again by it.
@@ -7,6 +8,7 @@ prints after `SURVIVED`; --recheck finds a log's survivors again by it.
 import random
 import re
 import sys
+import time
 
 
 def add_arguments(ap, timeout):
@@ -39,3 +41,29 @@ def draw(sites, label, args, what):
     random.Random(args.seed).shuffle(todo)
     todo = todo[args.skip:]
     return todo[:args.sample] if args.sample else todo
+
+
+class Tally:
+    """Counts a run's outcomes and prints what every sweep prints: a
+    `SURVIVED <label>` line per survivor, the counts every `every` edits,
+    and the survivors again at the end."""
+
+    def __init__(self, total, every=20):
+        self.total, self.every = total, every
+        self.counts = {}
+        self.survivors = []
+        self.start = time.time()
+
+    def add(self, outcome, where, survived):
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        if survived:
+            self.survivors.append(where)
+            print(f"SURVIVED {where}", flush=True)
+        done = sum(self.counts.values())
+        if done % self.every == 0:
+            print(f"  {done}/{self.total} in {time.time() - self.start:.0f} s: {self.counts}", flush=True)
+
+    def print_survivors(self):
+        print(f"{len(self.survivors)} survivors:")
+        for s in self.survivors:
+            print(f"  {s}")

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import mutation_draw
 
@@ -149,12 +148,10 @@ def main():
     binaries = [find_binary(t) for t in args.tests.split(",")]
     print(f"{len(sites)} edits of kernels/lra.ptx, screened by {args.tests}", flush=True)
 
-    tally = {}
-    survivors = []
-    start = time.time()
+    tally = mutation_draw.Tally(len(sites))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "mutant.ptx")
-        for n, (i, what, new) in enumerate(sites, 1):
+        for i, what, new in sites:
             edited = lines[:i] + ([] if new is None else [new]) + lines[i + 1:]
             with open(path, "w") as f:
                 f.write("\n".join(edited))
@@ -163,19 +160,10 @@ def main():
                 outcome = run(b, path, args.timeout)
                 if outcome != "passed":
                     break
-            tally[outcome] = tally.get(outcome, 0) + 1
-            where = label((i, what, new))
-            if outcome == "passed":
-                survivors.append(where)
-                print(f"SURVIVED {where}", flush=True)
-            if n % 20 == 0:
-                print(f"  {n}/{len(sites)} in {time.time() - start:.0f} s: {tally}", flush=True)
-    caught = sum(v for k, v in tally.items() if k != "passed")
-    print(f"\n{len(sites)} edits: {tally}; caught {caught} ({100.0 * caught / max(1, len(sites)):.1f}%)")
-    print(f"{len(survivors)} survivors:")
-    for s in survivors:
-        print(f"  {s}")
-
+            tally.add(outcome, label((i, what, new)), outcome == "passed")
+    caught = sum(v for k, v in tally.counts.items() if k != "passed")
+    print(f"\n{len(sites)} edits: {tally.counts}; caught {caught} ({100.0 * caught / max(1, len(sites)):.1f}%)")
+    tally.print_survivors()
 
 if __name__ == "__main__":
     main()

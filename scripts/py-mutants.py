@@ -218,30 +218,21 @@ def main():
     print(f"{len(todo)} edits of bindings/python/lra.py (unedited run: {time.time() - start:.1f} s)",
           flush=True)
 
-    tally = {"caught": 0, "timed out": 0, "survived": 0}
-    survivors = []
-    start = time.time()
-    for n, site in enumerate(todo, 1):
+    tally = mutation_draw.Tally(len(todo))
+    for site in todo:
         outcome, out = run_tests(apply_edit(source, site), args, library)
-        tally[outcome] += 1
         if args.recheck and outcome == "caught":  # which test catches it now
             failed = re.search(r"^(?:FAIL|ERROR): (\w+)", out, re.M)
             print(f"CAUGHT {label(site, lines)}\n    by {failed.group(1) if failed else '?'}", flush=True)
-        if outcome == "survived":
-            survivors.append(label(site, lines))
-            print(f"SURVIVED {survivors[-1]}", flush=True)
         elif outcome == "timed out":
             print(f"TIMED OUT {label(site, lines)}", flush=True)
-        if n % 20 == 0:
-            print(f"  {n}/{len(todo)} in {time.time() - start:.0f} s: {tally}", flush=True)
-    caught = tally["caught"] + tally["timed out"]
-    print(f"\n{len(todo)} edits in {time.time() - start:.0f} s: {tally}")
+        tally.add(outcome, label(site, lines), outcome == "survived")
+    timed_out = tally.counts.get("timed out", 0)
+    caught = tally.counts.get("caught", 0) + timed_out
+    print(f"\n{len(todo)} edits in {time.time() - tally.start:.0f} s: {tally.counts}")
     print(f"{len(todo)} edits: caught {caught} ({100.0 * caught / max(1, len(todo)):.1f}%), "
-          f"{tally['timed out']} of them by timing out")
-    print(f"{len(survivors)} survivors:")
-    for s in survivors:
-        print(f"  {s}")
-
+          f"{timed_out} of them by timing out")
+    tally.print_survivors()
 
 if __name__ == "__main__":
     main()
