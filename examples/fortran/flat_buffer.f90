@@ -214,7 +214,13 @@ contains
     type(reduction_log), target :: log
     type(c_ptr) :: handle
     real(c_float), target :: x(4), g(4), overflow
-    integer(c_int16_t), target :: xb(3), gb(3), xh(2), gh(2), no_h(0)
+    integer(c_int16_t), target :: xb(3), gb(3), no_h(0)
+    ! the 16-bit dtypes' patterns of 1.0 and 0.5, and their names
+    integer(c_int32_t), parameter :: DTYPE_16(2) = [LRA_DTYPE_BF16, LRA_DTYPE_F16]
+    integer(c_int16_t), parameter :: ONE_16(2) = [int(z'3F80', c_int16_t), int(z'3C00', c_int16_t)]
+    integer(c_int16_t), parameter :: HALF_16(2) = [int(z'3F00', c_int16_t), int(z'3800', c_int16_t)]
+    character(len=4), parameter :: NAME_16(2) = ["BF16", "F16 "]
+    integer :: k
     real(c_float), target :: one(1), no_x(0)
     type(lra_tensor) :: t
     real(c_float) :: x_before(4)
@@ -344,25 +350,22 @@ contains
     print '(a, i0, a)', "reduction callback (Fortran, bind(C)): called ", log%calls, &
       " times, with (loss, 1) and (loss_after, 1)"
 
-    ! lra_tensor_16: one SGD step on BF16 bit patterns, 1.0 - 0.5 * 1.0 = 0.5.
+    ! lra_tensor_16: one SGD step on BF16, then on F16, bit patterns:
+    ! 1.0 - 0.5 * 1.0 = 0.5 (BF16 z'3F80' -> z'3F00', F16 z'3C00' -> z'3800').
     call lra_config_init(cfg, LRA_OPTIMIZER_SGD)
     cfg%lr = 0.5_c_double
     cfg%num_threads = 1
-    call ok(lra_create(cfg, handle), c_null_ptr, "lra_create(SGD)")
-    xb = int(z'3F80', c_int16_t)
-    gb = int(z'3F80', c_int16_t)
-    flat(1) = lra_tensor_16(xb, gb, LRA_DTYPE_BF16)
-    call ok(lra_step(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr), handle, "lra_step(BF16)")
-    call require(all(xb == int(z'3F00', c_int16_t)), "lra_tensor_16: a BF16 SGD step gives 1.0 - 0.5 * 1.0 = 0.5")
-    call lra_destroy(handle)
-    ! The same step on F16 bit patterns: 1.0 (z'3C00') becomes 0.5 (z'3800').
-    call ok(lra_create(cfg, handle), c_null_ptr, "lra_create(SGD)")
-    xh = int(z'3C00', c_int16_t)
-    gh = int(z'3C00', c_int16_t)
-    flat(1) = lra_tensor_16(xh, gh, LRA_DTYPE_F16)
-    call ok(lra_step(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr), handle, "lra_step(F16)")
-    call require(all(xh == int(z'3800', c_int16_t)), "lra_tensor_16: an F16 SGD step gives 1.0 - 0.5 * 1.0 = 0.5")
-    call lra_destroy(handle)
+    do k = 1, 2
+      call ok(lra_create(cfg, handle), c_null_ptr, "lra_create(SGD)")
+      xb = ONE_16(k)
+      gb = ONE_16(k)
+      flat(1) = lra_tensor_16(xb, gb, DTYPE_16(k))
+      call ok(lra_step(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr), handle, &
+              "lra_step(" // trim(NAME_16(k)) // ")")
+      call require(all(xb == HALF_16(k)), "lra_tensor_16: a " // trim(NAME_16(k)) // &
+                   " SGD step gives 1.0 - 0.5 * 1.0 = 0.5")
+      call lra_destroy(handle)
+    end do
     print '(a)', "lra_tensor_16: BF16 and F16 SGD steps give the expected bits"
 
     ! What the tensor helpers store: the arrays' own addresses (one element
@@ -370,8 +373,8 @@ contains
     t = lra_tensor_f32(one, one)
     call require(c_associated(t%param, c_loc(one)) .and. c_associated(t%grad, c_loc(one)) .and. &
                  t%numel == 1 .and. t%dtype == LRA_DTYPE_F32, "lra_tensor_f32 of one element")
-    t = lra_tensor_16(xh(1:1), gh(1:1), LRA_DTYPE_BF16)
-    call require(c_associated(t%param, c_loc(xh)) .and. c_associated(t%grad, c_loc(gh)) .and. &
+    t = lra_tensor_16(xb(1:1), gb(1:1), LRA_DTYPE_BF16)
+    call require(c_associated(t%param, c_loc(xb)) .and. c_associated(t%grad, c_loc(gb)) .and. &
                  t%numel == 1 .and. t%dtype == LRA_DTYPE_BF16, "lra_tensor_16 of one element")
     t = lra_tensor_f32(no_x, no_x)
     call require(.not. c_associated(t%param) .and. .not. c_associated(t%grad) .and. t%numel == 0 .and. &

@@ -15,13 +15,7 @@
 #include <type_traits>
 #include <vector>
 
-#define EXPECT(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                   \
-    }                                                                 \
-  } while (0)
+#include "expect.hpp"
 
 template <class F>
 lra::Status status_of(F&& f) {

@@ -2,25 +2,16 @@
 // bindings stage (no leak, no access to freed memory; test_lra_hpp leaks
 // handles on purpose, so it cannot be): the reduction follows its handle
 // through a move assignment whose source is then destroyed (and so does
-// the exception one throws), a replaced
-// reduction is never called again, a refused removal keeps it, and
-// destroying a handle frees its reduction. Exits non-zero on the first failed check.
+// the exception one throws), a replaced reduction is never called again, a
+// refused removal keeps it, and destroying a handle frees its reduction.
+// Exits non-zero on the first failed check.
 #include <lra.hpp>
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <stdexcept>
-#include <string>
 #include <utility>
 
-#define EXPECT(cond)                                                                \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
+#include "expect.hpp"
 
 namespace {
 
@@ -82,18 +73,7 @@ int main() {
     }
     fail = true;
     float w = 1.0f, g = 1.0f;
-    std::string nested;
-    try {
-      to.step({lra::tensor(&w, &g, 1)}, 1.0);
-    } catch (const lra::Error& e) {
-      EXPECT(e.code() == lra::Status::ReductionFailed);
-      try {
-        std::rethrow_if_nested(e);
-      } catch (const std::runtime_error& inner) {
-        nested = inner.what();
-      }
-    }
-    EXPECT(nested == "probe");
+    EXPECT(nested_what_of([&] { to.step({lra::tensor(&w, &g, 1)}, 1.0); }) == "probe");
   }
 
   // Replaced: only the new reduction is called.

@@ -16,13 +16,7 @@
 #include <string>
 #include <type_traits>
 
-#define EXPECT(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                   \
-    }                                                                 \
-  } while (0)
+#include "expect.hpp"
 
 // The format-2 form (no dtypes: an older lra_torch.hpp's) of a format-3
 // TorchOptimizer checkpoint, laid out as lra_torch.hpp's comment says.
@@ -122,19 +116,7 @@ int main() {
         [](double*, std::size_t, void*) -> std::int32_t { throw std::runtime_error("probe"); },
         nullptr);
     v.mutable_grad() = torch::ones_like(v);
-    std::string nested;
-    try {
-      o.step(1.0);
-      EXPECT(false);
-    } catch (const lra::Error& e) {
-      EXPECT(e.code() == lra::Status::ReductionFailed);
-      try {
-        std::rethrow_if_nested(e);
-      } catch (const std::runtime_error& inner) {
-        nested = inner.what();
-      }
-    }
-    EXPECT(nested == "probe");
+    EXPECT(nested_what_of([&] { o.step(1.0); }) == "probe");
   }
 
   auto w = torch::ones({2, 3}).requires_grad_();
