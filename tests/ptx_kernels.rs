@@ -1019,6 +1019,57 @@ fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
     assert!(launches > 100, "only {launches} launches");
 }
 
+/// A thread whose group fills with tails (units of 1-3 elements, loaded
+/// element by element) tests it before its fifth unit, which would
+/// otherwise go into slot 0 again over the first. 512 tensors of 5
+/// elements (8 places each, a tensor's start rounded to 4) fill one
+/// chunk: units alternate vector, tail, so at 32 threads each odd thread
+/// gets only tails, sixteen of them (thread 1: tensors 0, 16, 32, ...). A
+/// NaN in any of its first five tails, or the chunk's last, must be seen.
+#[test]
+fn the_check_pass_tests_a_group_of_tails_before_its_fifth_unit() {
+    let m = kernel_module();
+    let h = hyper(OptimizerKind::Sgd, false);
+    let args = StepArgs {
+        hyper: &h,
+        lr: 1e-2,
+        rule: abi::NO_RULE,
+        found_inf: false,
+    };
+    let (count, len) = (512, 5);
+    for dt in [DType::F32, DType::Bf16] {
+        let specs: Vec<Spec> = (0..count).map(|_| spec(dt, len)).collect();
+        let (one, nan) = match dt {
+            DType::F32 => (1f32.to_le_bytes().to_vec(), f32::NAN.to_le_bytes().to_vec()),
+            _ => (
+                bf16::ONE.to_le_bytes().to_vec(),
+                bf16::NAN.to_le_bytes().to_vec(),
+            ),
+        };
+        let tails = [0, 16, 32, 48, 64, count - 1];
+        for bad in std::iter::once(None).chain(tails.map(Some)) {
+            let mut grads = vec![one.repeat(len); count];
+            if let Some(t) = bad {
+                let w = dt.size();
+                grads[t][(len - 1) * w..len * w].copy_from_slice(&nan);
+            }
+            let mut gpu = Gpu::new(&m, OptimizerKind::Sgd, &specs, None);
+            assert_eq!(gpu.plan.chunks.len(), 1, "one chunk");
+            gpu.block = 32;
+            gpu.write_grads(&grads);
+            gpu.launch(abi::mode::CHECK, &args, 1, 1)
+                .unwrap_or_else(|e| panic!("{}: check pass: {e}", dt.name()));
+            let seen = gpu.control().nonfinite;
+            assert_eq!(
+                seen != 0,
+                bad.is_some(),
+                "{}: NaN in the tail of tensor {bad:?}: nonfinite count {seen}",
+                dt.name()
+            );
+        }
+    }
+}
+
 /// kernels/README.md lists the kernel's opcodes (the interpreter's subset);
 /// the list must stay exactly what `kernels/lra.ptx` uses.
 #[test]
