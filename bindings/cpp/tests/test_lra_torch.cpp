@@ -119,6 +119,19 @@ int main() {
     EXPECT(nested_what_of([&] { o.step(1.0); }) == "probe");
   }
 
+  // A parameter on a device lra has no backend for (here: meta) is refused
+  // at construction; zero_grad on parameters without a gradient does nothing.
+  EXPECT(error_of([&] {
+          lra::TorchOptimizer o({torch::zeros({3}, torch::kMeta).requires_grad_()}, cfg);
+        }).find("unsupported device") != std::string::npos);
+  {
+    auto v = torch::ones({2}).requires_grad_();
+    lra::TorchOptimizer o({v}, cfg);
+    o.zero_grad(false);
+    o.zero_grad(true);
+    EXPECT(!v.grad().defined());
+  }
+
   auto w = torch::ones({2, 3}).requires_grad_();
   lra::TorchOptimizer opt({w}, cfg);
 
