@@ -223,6 +223,22 @@ int main() {
     lra::TorchOptimizer o({view}, cfg);
     EXPECT(error_of([&] { o.step(1.0); }).find("densely") != std::string::npos);
     EXPECT(torch::equal(base, torch::zeros({3, 4})));
+    // Every other row: the skipping dimension has size 2.
+    auto rows = torch::zeros({4, 3}).slice(0, 0, 4, 2).detach().requires_grad_();
+    rows.mutable_grad() = torch::ones({2, 3});
+    lra::TorchOptimizer r({rows}, cfg);
+    EXPECT(error_of([&] { r.step(1.0); }).find("densely") != std::string::npos);
+  }
+
+  // The TorchOptimizer makes its handle for the parameters' device,
+  // whatever the configuration says.
+  {
+    auto on_cuda = cfg;
+    on_cuda.device = LRA_DEVICE_CUDA;
+    auto v = torch::ones({2}).requires_grad_();
+    lra::TorchOptimizer o({v}, on_cuda);
+    v.mutable_grad() = torch::ones_like(v);
+    EXPECT(error_of([&] { o.step(1.0); }).empty());
   }
 
   // channels_last parameters (dense, not contiguous) train like torch::optim
