@@ -583,6 +583,14 @@ int main() {
     q.set_data(torch::ones({3, 1}).t());  // sizes (1, 3), strides (1, 1)
     q.mutable_grad() = torch::ones({1, 3});
     EXPECT(error_of([&] { o.step(1.0); }).empty());
+    // In the checkpoint: size 1, order stride 0; size 3, order stride 1.
+    const auto saved = o.save_state();
+    const auto field = [&](std::size_t at) {
+      std::uint64_t v = 0;
+      for (std::size_t k = 0; k < 8; ++k) v |= static_cast<std::uint64_t>(saved[at + k]) << (8 * k);
+      return v;
+    };
+    EXPECT(field(32) == 1 && field(40) == 0 && field(48) == 3 && field(56) == 1);
   }
 
   // A format-2 checkpoint still loads, and saves again as format 3 with
