@@ -1070,6 +1070,35 @@ fn the_check_pass_tests_a_group_of_tails_before_its_fifth_unit() {
     }
 }
 
+/// A bf16 result of zero in a segment numbered 64 or more, where a thread
+/// takes several units of one segment: the bf16 store's rounding leaves a
+/// small number (x >> 16 | 64, so 64 for a result of 0) in a register
+/// that also holds the batch's end, so the unit loop must read that end
+/// again for every unit. 64 tensors of 4 elements, then one of 3840 (15
+/// units per thread, segment 64); θ = g = 1 and η = 1: every element
+/// steps to 0.
+#[test]
+fn zero_results_in_a_late_bf16_segment_are_all_written() {
+    let m = kernel_module();
+    let h = hyper(OptimizerKind::Sgd, false);
+    let mut lens = vec![4; 64];
+    lens.push(3840);
+    let specs: Vec<Spec> = lens.iter().map(|&n| spec(DType::Bf16, n)).collect();
+    let ones: Vec<Vec<u8>> = lens
+        .iter()
+        .map(|&n| bf16::ONE.to_le_bytes().repeat(n))
+        .collect();
+    let mut gpu = Gpu::new(&m, OptimizerKind::Sgd, &specs, None);
+    assert_eq!(gpu.plan.chunks.len(), 1, "one chunk");
+    gpu.write_params(&ones);
+    gpu.write_grads(&ones);
+    gpu.step(Pass::Fused, &h, 1.0, 1.0, false).unwrap();
+    for (t, p) in gpu.params().iter().enumerate() {
+        let wrong = p.chunks(2).filter(|b| *b != [0, 0]).count();
+        assert_eq!(wrong, 0, "tensor {t}: {wrong} elements are not 0");
+    }
+}
+
 /// kernels/README.md lists the kernel's opcodes (the interpreter's subset);
 /// the list must stay exactly what `kernels/lra.ptx` uses.
 #[test]
