@@ -11,7 +11,7 @@ mod support;
 
 use half::{bf16, f16};
 use lra::backend::cuda::abi;
-use lra::optim::{DType, OptimizerKind};
+use lra::optim::{DType, Hyper, OptimizerKind};
 use ptx_common::*;
 use ptx_interp::Schedule;
 
@@ -804,6 +804,16 @@ fn phi_over_thousands_of_partials_is_in_the_fixed_order() {
     assert!(order_shows, "the inputs do not tell summation orders apart");
 }
 
+/// The arguments of a check-pass launch (it reads only the gradients).
+fn check_args(h: &Hyper) -> StepArgs<'_> {
+    StepArgs {
+        hyper: h,
+        lr: 1e-2,
+        rule: abi::NO_RULE,
+        found_inf: false,
+    }
+}
+
 /// The guard's check pass (`M_CHECK` alone) loads four vector items per
 /// thread at a time and tests exponent bits per 32-bit word. Every full
 /// chunk below is one block's, so `control.nonfinite` counts the threads
@@ -878,12 +888,7 @@ fn check_pass_finds_each_nonfinite_value(block: usize) {
         let mut gpu = Gpu::new(&m, kind, &specs, Some(nchunks as u32));
         gpu.block = block as u32;
         gpu.write_grads(&[grads]);
-        let args = StepArgs {
-            hyper: &h,
-            lr: 1e-2,
-            rule: abi::NO_RULE,
-            found_inf: false,
-        };
+        let args = check_args(&h);
         let what = format!("{} at {block} threads", dt.name());
         gpu.launch(abi::mode::CHECK, &args, nchunks as u32, nchunks as u32)
             .unwrap_or_else(|e| panic!("{what}: check pass: {e}"));
@@ -910,12 +915,7 @@ fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
     let m = kernel_module();
     let nt = abi::BLOCK as usize;
     let h = hyper(OptimizerKind::Sgd, false);
-    let args = StepArgs {
-        hyper: &h,
-        lr: 1e-2,
-        rule: abi::NO_RULE,
-        found_inf: false,
-    };
+    let args = check_args(&h);
     let one = |dt: DType| match dt {
         DType::F32 => 1f32.to_le_bytes().to_vec(),
         DType::F16 => f16::ONE.to_le_bytes().to_vec(),
@@ -1030,12 +1030,7 @@ fn the_check_pass_finds_a_nonfinite_value_anywhere_in_a_short_segment() {
 fn the_check_pass_tests_a_group_of_tails_before_its_fifth_unit() {
     let m = kernel_module();
     let h = hyper(OptimizerKind::Sgd, false);
-    let args = StepArgs {
-        hyper: &h,
-        lr: 1e-2,
-        rule: abi::NO_RULE,
-        found_inf: false,
-    };
+    let args = check_args(&h);
     let (count, len) = (512, 5);
     for dt in [DType::F32, DType::Bf16] {
         let specs: Vec<Spec> = (0..count).map(|_| spec(dt, len)).collect();
