@@ -127,7 +127,7 @@ def statement_lines(lines, fortran):
             declaration = re.match(r"(static_assert|using |template|typedef|struct |class )", code)
             if one_line and not declaration and not code.startswith(("case ", "default:")):
                 out.append(i)
-            prev_open = code.endswith((";", "{", "}", ":")) or code.startswith("#")
+            prev_open = code.endswith((";", "{", "}", ":"))
     return out
 
 
@@ -223,10 +223,9 @@ def mpi_c_recipe(work, edited_file):
     """Steps for lra_mpi.h: tests/mpi/lra_mpi_test.c's cases (scripts/stages/mpi.sh)
     under Open MPI, 1 rank writing each reference and 2 (or 3) reproducing it."""
     cc, mpirun = mpi_tools("mpicc")
-    steps = [("build", [cc, "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror", "-I", "include", "-I",
-                        "bindings/mpi", "tests/mpi/lra_mpi_test.c"] + LINK + ["-lm", "-o", "t"], {}),
-             ("build", [cc, "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror", "-I", "include", "-I",
-                        "bindings/mpi", "bindings/mpi/example.c"] + LINK + ["-lm", "-o", "ex"], {})]
+    cflags = ["-O1", "-std=c11", "-Wall", "-Wextra", "-Werror", "-I", "include", "-I", "bindings/mpi"]
+    steps = [("build", [cc] + cflags + [source] + LINK + ["-lm", "-o", out], {})
+             for source, out in (("tests/mpi/lra_mpi_test.c", "t"), ("bindings/mpi/example.c", "ex"))]
     digits = os.path.join(work, "digits.csv")
     setup = [("unpack digits", ["sh", "-c", f"zcat data/digits.csv.gz > {digits}"], {})]
     cases = [(1, "dp adam"), (2, "dp adam"), (1, "sharded adam"), (2, "sharded adam"),
