@@ -277,10 +277,53 @@ def fortran_recipe(work, edited_file):
     return [], steps
 
 
+def nccl_dirs():
+    p = subprocess.run(["bash", "scripts/find-nccl.sh"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        sys.exit("the real NCCL and CUDA runtime headers were not found (scripts/find-nccl.sh; "
+                 "pip install nvidia-nccl-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12 "
+                 "nvidia-cuda-nvcc-cu12)")
+    return p.stdout.split()
+
+
+def nccl_recipe(work, edited_file):
+    """Steps for lra_nccl.h (scripts/stages/nccl.sh, without a GPU): the
+    one-rank logic against the stubs, the header as C++, the real-library
+    paths that need no device (then under valgrind), and the GPU test's own
+    checks over the pretend GPU (tests/nccl/fake_gpu_preload.c)."""
+    nccl, cudart, cccl, nvcc = nccl_dirs()
+    cflags = ["-O1", "-std=c11", "-Wall", "-Wextra", "-Werror", "-I", "include", "-I", "bindings/nccl",
+              "-I", "tests/nccl"]
+    real = ["-I", f"{nccl}/include", "-I", f"{cudart}/include", "-I", f"{cccl}/include",
+            "-I", f"{nvcc}/include"]
+    real_libs = [f"{nccl}/lib/libnccl.so.2", f"{cudart}/lib/libcudart.so.12",
+                 f"-Wl,-rpath,{nccl}/lib:{cudart}/lib"]
+    use = os.path.join(work, "use.cpp")
+    with open(use, "w") as f:
+        f.write('#include "lra_nccl.h"\nlra_reduce_fn f = lra_nccl_allreduce_sum;\n')
+    preload = os.path.join(work, "fake_gpu_preload.so")
+    setup = [("build", ["cc", "-std=c11", "-shared", "-fPIC", "-pthread"] + real
+              + ["tests/nccl/fake_gpu_preload.c", "-o", preload], {})]
+    steps = [("build", ["cc"] + cflags + ["-I", "tests/nccl/stub", "tests/nccl/lra_nccl_stub_test.c",
+                                          "tests/nccl/stub/stub_impl.c"] + LINK + ["-o", "stub_test"], {}),
+             ("run", ["./stub_test"], {}),
+             ("build", ["c++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", "include", "-I",
+                        "bindings/nccl", "-fsyntax-only"] + real + [use], {}),
+             ("build", ["cc"] + cflags + real + ["tests/nccl/lra_nccl_real_test.c"] + real_libs + LINK
+              + ["-o", "real_test"], {}),
+             ("run", ["./real_test"], {}),
+             ("run", VALGRIND + ["./real_test"], {}),
+             ("build", ["cc"] + cflags + real + ["tests/nccl/lra_nccl_gpu_test.c"] + real_libs + LINK
+              + ["-o", "gpu_test"], {}),
+             ("run", ["./gpu_test"], {"LD_PRELOAD": preload, "LRA_NCCL_GPU_TEST_HOST_ONLY": "1"})]
+    return setup, steps
+
+
 RECIPES = {
     "bindings/cpp/lra.hpp": cpp_recipe,
     "bindings/cpp/lra_torch.hpp": cpp_recipe,
     "bindings/mpi/lra_mpi.h": mpi_c_recipe,
+    "bindings/nccl/lra_nccl.h": nccl_recipe,
     "bindings/fortran/lra.f90": fortran_recipe,
     "bindings/fortran/lra_mpi.f90": fortran_recipe,
 }

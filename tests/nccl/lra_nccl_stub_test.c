@@ -16,8 +16,14 @@
  * with LRA_NCCL_ERR_TIMEOUT once the deadline has passed, not before,
  * leaving the values (and through lra, η, counters and parameters) as they
  * were; every later call fails at once without calling CUDA or NCCL; then
- * ncclCommAbort, lra_destroy and lra_nccl_free clean up. Real NCCL and CUDA
- * are exercised, without a GPU, by lra_nccl_real_test.c.
+ * ncclCommAbort, lra_destroy and lra_nccl_free clean up. With pretend peers
+ * (the sum is no longer the identity) the callback returns the sums. Each
+ * CUDA and NCCL call of lra_nccl_init and of the callback fails in turn:
+ * its code comes back as documented, nothing stays allocated, the values
+ * are untouched, and a failed collective whose staging copy outlasts the
+ * deadline marks the reduction timed out. lra_nccl_now_ reads
+ * CLOCK_MONOTONIC in seconds. Real NCCL and CUDA are exercised, without a
+ * GPU, by lra_nccl_real_test.c.
  *
  * Compiled as strict C11 (no _POSIX_C_SOURCE), where lra_nccl.h declares
  * clock_gettime itself; the test's own clock is C11's timespec_get. */
@@ -227,6 +233,138 @@ static void deadline(const float *a)
     }
 }
 
+/* The deadline's clock: seconds of CLOCK_MONOTONIC, between two reads of
+   it (a mistake in the conversion moves it by up to a second). */
+static void clock_reads_seconds(void)
+{
+    for (int i = 0; i < 3; i++) {
+        struct timespec t1, t2;
+        CHECK(clock_gettime(LRA_NCCL_CLOCK_MONOTONIC_, &t1) == 0, "clock_gettime failed");
+        const double now = lra_nccl_now_();
+        CHECK(clock_gettime(LRA_NCCL_CLOCK_MONOTONIC_, &t2) == 0, "clock_gettime failed");
+        const double lo = (double)t1.tv_sec + (double)t1.tv_nsec / 1e9;
+        const double hi = (double)t2.tv_sec + (double)t2.tv_nsec / 1e9;
+        CHECK(now >= lo - 1e-6 && now <= hi + 1e-6,
+              "lra_nccl_now_() = %.9f s, outside the clock's reads %.9f and %.9f around it", now,
+              lo, hi);
+    }
+}
+
+/* Pretend peers, then each CUDA and NCCL call failing in turn (the stub's
+   injected failures). */
+static void sums_and_failures(void)
+{
+    const double SAMPLES[3] = {1.5, -2.0, 0.25};
+    double v[3];
+    lra_nccl_reduction r;
+    const int outstanding = stub_cuda_outstanding;
+
+    /* lra_nccl_init: the code of the call that failed; nothing allocated. */
+    const struct {
+        const char *function;
+        int code;
+        int32_t want;
+    } init_failures[] = {
+        {"cudaGetDevice", cudaErrorNoDevice, LRA_NCCL_ERR_CUDA + cudaErrorNoDevice},
+        {"ncclCommCuDevice", ncclInvalidUsage, LRA_NCCL_ERR_NCCL + ncclInvalidUsage},
+        {"cudaMalloc", cudaErrorMemoryAllocation, LRA_NCCL_ERR_CUDA + cudaErrorMemoryAllocation},
+        {"cudaMallocHost", cudaErrorMemoryAllocation,
+         LRA_NCCL_ERR_CUDA + cudaErrorMemoryAllocation},
+    };
+    for (size_t i = 0; i < sizeof init_failures / sizeof init_failures[0]; i++) {
+        stub_fail_function = init_failures[i].function;
+        stub_fail_skip = 0;
+        stub_fail_code = init_failures[i].code;
+        memset(&r, 0xA5, sizeof r);
+        const int32_t rc = lra_nccl_init(&r, stub_comm, stub_stream);
+        CHECK(stub_fail_function == NULL, "lra_nccl_init never called %s",
+              init_failures[i].function);
+        CHECK(rc == init_failures[i].want && r.device == NULL && r.host == NULL &&
+                  stub_cuda_outstanding == outstanding,
+              "lra_nccl_init with %s failing (%d) -> %d, want %d, both buffers NULL and none "
+              "left allocated (%d)",
+              init_failures[i].function, init_failures[i].code, (int)rc, (int)init_failures[i].want,
+              stub_cuda_outstanding - outstanding);
+        lra_nccl_free(&r);
+    }
+    printf("  lra_nccl_init: a failing cudaGetDevice, ncclCommCuDevice, cudaMalloc or "
+           "cudaMallocHost -> its code, nothing left allocated\n");
+
+    CHECK(lra_nccl_init(&r, stub_comm, stub_stream) == 0, "lra_nccl_init failed");
+    /* Pretend peers (the sum is no longer the identity), on a blocking and a
+       non-blocking communicator: the values become the sums. */
+    stub_peer_share = 0.5;
+    for (int mode = 0; mode < 2; mode++) {
+        stub_nccl_enqueue_polls = mode == 0 ? 0 : 3;
+        stub_stream_busy_polls = mode == 0 ? 0 : 2;
+        memcpy(v, SAMPLES, sizeof v);
+        const int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
+        CHECK(rc == 0 && v[0] == 2.0 && v[1] == -1.5 && v[2] == 0.75,
+              "%s communicator, peers adding 0.5: -> %d, values %g %g %g, want 0 and 2 -1.5 0.75",
+              mode == 0 ? "blocking" : "non-blocking", (int)rc, v[0], v[1], v[2]);
+    }
+    stub_nccl_enqueue_polls = 0;
+    stub_stream_busy_polls = 0;
+
+    /* The callback: the code of the call that failed, values untouched, and
+       the reduction still usable. */
+    const struct {
+        const char *function;
+        int skip, code;
+        int32_t want;
+    } call_failures[] = {
+        {"cudaMemcpyAsync", 0, cudaErrorInvalidValue, LRA_NCCL_ERR_CUDA + cudaErrorInvalidValue},
+        {"ncclAllReduce", 0, ncclRemoteError, LRA_NCCL_ERR_NCCL + ncclRemoteError},
+        {"cudaMemcpyAsync", 1, cudaErrorLaunchFailure, LRA_NCCL_ERR_CUDA + cudaErrorLaunchFailure},
+    };
+    for (size_t i = 0; i < sizeof call_failures / sizeof call_failures[0]; i++) {
+        stub_fail_function = call_failures[i].function;
+        stub_fail_skip = call_failures[i].skip;
+        stub_fail_code = call_failures[i].code;
+        memcpy(v, SAMPLES, sizeof v);
+        int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
+        CHECK(stub_fail_function == NULL, "the callback never reached the failing call");
+        CHECK(rc == call_failures[i].want && memcmp(v, SAMPLES, sizeof v) == 0 && !r.timed_out,
+              "%s (call %d of the callback's) failing with %d -> %d, want %d, values unchanged "
+              "and not timed out",
+              call_failures[i].function, call_failures[i].skip + 1, call_failures[i].code,
+              (int)rc, (int)call_failures[i].want);
+        rc = lra_nccl_allreduce_sum(v, 3, &r);
+        CHECK(rc == 0 && v[0] == 2.0 && v[1] == -1.5 && v[2] == 0.75,
+              "the call after a failed %s -> %d, values %g %g %g", call_failures[i].function,
+              (int)rc, v[0], v[1], v[2]);
+    }
+    stub_peer_share = 0;
+    printf("  pretend peers: the sums come back; a failing cudaMemcpyAsync (either way) or "
+           "ncclAllReduce -> its code, values unchanged, the next call succeeds\n");
+
+    /* A failed collective whose staging copy does not finish before the
+       deadline: the error it had, and the reduction is unusable. */
+    r.timeout_s = 0.05;
+    stub_stream_busy_polls = 1 << 30;
+    stub_fail_function = "ncclAllReduce";
+    stub_fail_skip = 0;
+    stub_fail_code = ncclRemoteError;
+    memcpy(v, SAMPLES, sizeof v);
+    int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
+    CHECK(rc == LRA_NCCL_ERR_NCCL + ncclRemoteError && r.timed_out == 1 &&
+              memcmp(v, SAMPLES, sizeof v) == 0,
+          "a failed ncclAllReduce whose copy outlasts the deadline -> %d, timed_out %d: want %d, "
+          "timed_out = 1, values unchanged",
+          (int)rc, (int)r.timed_out, LRA_NCCL_ERR_NCCL + ncclRemoteError);
+    const int calls = stub_api_calls;
+    rc = lra_nccl_allreduce_sum(v, 3, &r);
+    CHECK(rc == LRA_NCCL_ERR_TIMEOUT && stub_api_calls == calls,
+          "the call after it -> %d with %d CUDA/NCCL calls, want LRA_NCCL_ERR_TIMEOUT at once",
+          (int)rc, stub_api_calls - calls);
+    stub_stream_busy_polls = 0;
+    CHECK(ncclCommAbort(stub_comm) == ncclSuccess, "abort");
+    lra_nccl_free(&r);
+    CHECK(stub_cuda_outstanding == outstanding, "lra_nccl_free left buffers");
+    printf("  a failed ncclAllReduce whose copy outlasts the deadline: its code, timed_out = 1, "
+           "then LRA_NCCL_ERR_TIMEOUT at once\n");
+}
+
 int main(void)
 {
     /* Distinct non-null handles: the stub counts calls that pass others. */
@@ -278,7 +416,9 @@ int main(void)
     /* A failing NCCL call surfaces as LRA_REDUCTION_FAILED with the code. */
     double lr_before, lr_after;
     CHECK(lra_get_lr(with, &lr_before) == LRA_OK, "lra_get_lr");
-    stub_nccl_fail = ncclRemoteError;
+    stub_fail_function = "ncclAllReduce";
+    stub_fail_skip = 0;
+    stub_fail_code = ncclRemoteError;
     lra_tensor t = {a, ga, N, LRA_DTYPE_F32};
     lra_status st = lra_step(with, &t, 1, loss_and_grad(a, ga), 0.0, NULL);
     CHECK(st == LRA_REDUCTION_FAILED, "lra_step with a failing ncclAllReduce -> %u (%s)", st,
@@ -363,6 +503,8 @@ int main(void)
     lra_nccl_free(&failed);
 
     deadline(a);
+    sums_and_failures();
+    clock_reads_seconds();
 
     lra_destroy(with);
     lra_destroy(without);

@@ -11,7 +11,9 @@ enum cudaError {
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
+    cudaErrorNoDevice = 100,
     cudaErrorNotReady = 600,
+    cudaErrorLaunchFailure = 719,
 };
 typedef enum cudaError cudaError_t;
 

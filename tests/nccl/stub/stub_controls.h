@@ -8,7 +8,6 @@
 #include <nccl.h>
 
 extern int stub_nccl_calls;          /* ncclAllReduce calls so far */
-extern ncclResult_t stub_nccl_fail;  /* returned by the next ncclAllReduce, then reset */
 extern int stub_cuda_outstanding;    /* live cudaMalloc + cudaMallocHost buffers */
 /* A non-blocking communicator: ncclAllReduce returns ncclInProgress and the
    enqueue finishes after this many ncclCommGetAsyncError polls. */
@@ -33,5 +32,16 @@ extern int stub_nccl_aborts;
 extern ncclComm_t stub_comm;
 extern cudaStream_t stub_stream;
 extern int stub_wrong_handle;
+/* An injected failure: the call of the stubbed function named
+   stub_fail_function ("cudaMallocHost", "ncclAllReduce", ...) that comes
+   after stub_fail_skip more calls of it returns stub_fail_code (a
+   cudaError_t or ncclResult_t) and does nothing else; then
+   stub_fail_function is reset to NULL. */
+extern const char *stub_fail_function;
+extern int stub_fail_skip;
+extern int stub_fail_code;
+/* The other ranks' share of every sum: ncclAllReduce adds it to each
+   element (0, the default: one rank, the sum is the identity). */
+extern double stub_peer_share;
 
 #endif

@@ -1,8 +1,8 @@
 /* Host implementation of the stub CUDA runtime and a one-rank NCCL: "device"
  * memory is host memory, copies are memcpy, the sum over one rank is the
- * identity. Checks the arguments lra_nccl.h passes, and can play a
+ * identity (or adds what pretend peers hold: stub_peer_share). Checks the arguments lra_nccl.h passes, and can play a
  * non-blocking communicator, a busy stream, a failed peer, a peer that
- * never joins, and ncclCommAbort ending what such a peer left hanging.
+ * never joins, a failure of any one call, and ncclCommAbort ending what such a peer left hanging.
  *
  * Includes the API headers with <>: scripts/stages/nccl.sh also compiles
  * this file against the real cuda_runtime.h and nccl.h (include paths
@@ -18,7 +18,6 @@
 #include "stub_controls.h"
 
 int stub_nccl_calls;
-ncclResult_t stub_nccl_fail = ncclSuccess;
 int stub_cuda_outstanding;
 int stub_nccl_enqueue_polls;
 int stub_stream_busy_polls;
@@ -30,17 +29,38 @@ int stub_wrong_handle;
 int stub_peer_missing;
 int stub_api_calls;
 int stub_nccl_aborts;
+const char *stub_fail_function;
+int stub_fail_skip;
+int stub_fail_code;
+double stub_peer_share;
 
 /* Enqueue polls left for the collective in flight on a non-blocking
    communicator; stream polls left before the stream is idle; a collective
    in flight that never completes (stub_peer_missing). */
 static int enqueue_left, busy_left, hanging;
 
-static cudaError_t alloc(void **p, size_t size)
+/* The code this call of `function` must fail with (stub_fail_function),
+   or 0. */
+static int injected_failure(const char *function)
+{
+    if (stub_fail_function == NULL || strcmp(stub_fail_function, function) != 0)
+        return 0;
+    if (stub_fail_skip > 0) {
+        stub_fail_skip--;
+        return 0;
+    }
+    stub_fail_function = NULL;
+    return stub_fail_code;
+}
+
+static cudaError_t alloc(void **p, size_t size, const char *function)
 {
     stub_api_calls++;
     if (!p)
         return cudaErrorInvalidValue;
+    const int fail = injected_failure(function);
+    if (fail)
+        return (cudaError_t)fail;
     *p = malloc(size ? size : 1);
     if (!*p)
         return cudaErrorMemoryAllocation;
@@ -63,13 +83,16 @@ cudaError_t cudaGetDevice(int *device)
     stub_api_calls++;
     if (!device)
         return cudaErrorInvalidValue;
+    const int fail = injected_failure(__func__);
+    if (fail)
+        return (cudaError_t)fail;
     *device = stub_current_device;
     return cudaSuccess;
 }
 
-cudaError_t cudaMalloc(void **devPtr, size_t size) { return alloc(devPtr, size); }
+cudaError_t cudaMalloc(void **devPtr, size_t size) { return alloc(devPtr, size, __func__); }
 cudaError_t cudaFree(void *devPtr) { return release(devPtr); }
-cudaError_t cudaMallocHost(void **ptr, size_t size) { return alloc(ptr, size); }
+cudaError_t cudaMallocHost(void **ptr, size_t size) { return alloc(ptr, size, __func__); }
 cudaError_t cudaFreeHost(void *ptr) { return release(ptr); }
 
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t count, enum cudaMemcpyKind kind,
@@ -81,6 +104,9 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t count, enum cudaM
         stub_wrong_handle++;
     if (kind != cudaMemcpyHostToDevice && kind != cudaMemcpyDeviceToHost)
         return cudaErrorInvalidValue;
+    const int fail = injected_failure(__func__);
+    if (fail)
+        return (cudaError_t)fail;
     memcpy(dst, src, count);
     busy_left = stub_stream_busy_polls;
     return cudaSuccess;
@@ -108,15 +134,16 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
     stub_api_calls++;
     stub_wrong_handle += comm != stub_comm || stream != stub_stream;
     stub_nccl_calls++;
-    if (stub_nccl_fail != ncclSuccess) {
-        ncclResult_t r = stub_nccl_fail;
-        stub_nccl_fail = ncclSuccess;
-        return r;
-    }
+    const int fail = injected_failure(__func__);
+    if (fail)
+        return (ncclResult_t)fail;
     if (datatype != ncclFloat64 || op != ncclSum || count == 0)
         return ncclInvalidArgument;
     if (sendbuff != recvbuff)
         memmove(recvbuff, sendbuff, count * sizeof(double));
+    if (stub_peer_share != 0) /* (x + 0 would turn -0 into +0) */
+        for (size_t i = 0; i < count; i++)
+            ((double *)recvbuff)[i] += stub_peer_share;
     if (stub_peer_missing) {
         hanging = 1;
         for (size_t i = 0; i < count; i++) /* what a running collective leaves */
@@ -153,6 +180,9 @@ ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device)
     stub_wrong_handle += comm != stub_comm;
     if (!device)
         return ncclInvalidArgument;
+    const int fail = injected_failure(__func__);
+    if (fail)
+        return (ncclResult_t)fail;
     *device = stub_comm_device;
     return ncclSuccess;
 }
