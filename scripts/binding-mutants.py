@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Mutation testing of the C++, Fortran and MPI bindings against their tests.
+"""Mutation testing of the C++, Fortran, MPI and NCCL bindings against their tests.
 
 Makes small edits to one binding file, one at a time, and runs that
 binding's tests on each edited copy. An edit the tests pass survives:
@@ -15,8 +15,9 @@ Edits, on code outside comments and string literals: a comparison, `&&`/`||`
 dropped; an integer literal plus one; a one-line statement deleted.
 
 Each file's tests are the ones its CI stage runs (scripts/stages/bindings.sh,
-fortran.sh, mpi.sh), cut to one compiler and one MPI (Open MPI), built once
-unedited (which must pass) and then again per edit in a scratch copy of the
+fortran.sh, mpi.sh, nccl.sh), cut to one compiler and one MPI (Open MPI),
+and the NCCL GPU test run directly over the pretend GPU rather than through
+gpu-check.sh; built once unedited (which must pass) and then again per edit in a scratch copy of the
 checkout, fastest first; an edit stops at the first step it fails. A step
 that compiles failing is "did not build"; one that runs, "caught". LibTorch
 programs are built at -O0 with <torch/torch.h> precompiled (about 10 s
