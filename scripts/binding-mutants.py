@@ -16,12 +16,12 @@ dropped; an integer literal plus one; a one-line statement deleted.
 
 Each file's tests are the ones its CI stage runs (scripts/stages/bindings.sh,
 fortran.sh, mpi.sh, nccl.sh), cut to one compiler and one MPI (Open MPI),
-and the NCCL GPU test run directly over the pretend GPU rather than through
-gpu-check.sh; built once unedited (which must pass) and then again per edit in a scratch copy of the
-checkout, fastest first; an edit stops at the first step it fails. A step
-that compiles failing is "did not build"; one that runs, "caught". LibTorch
-programs are built at -O0 with <torch/torch.h> precompiled (about 10 s
-an edit instead of 35).
+the NCCL GPU test run directly over the pretend GPU rather than through
+gpu-check.sh. They are built once unedited (which must pass) and then again
+per edit in a scratch copy of the checkout, fastest first; an edit stops at
+the first step it fails. A step that compiles failing is "did not build";
+one that runs, "caught". LibTorch programs are built at -O0 with
+<torch/torch.h> precompiled (about 10 s an edit instead of 35).
 """
 import argparse
 import os
