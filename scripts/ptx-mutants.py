@@ -14,11 +14,19 @@ what it breaks. Survivors are printed with their line for a person to judge.
     python3 scripts/ptx-mutants.py --recheck ptx-mutants.log   # after fixing tests
     python3 scripts/ptx-mutants.py --sample 300 --seed 1 --skip 300   # the next 300
 
+`--operands` draws from other edits instead: a source register of an
+arithmetic instruction taken for another source of it of the same width
+(`mul.rn.f32 %xf, %wd, %th` -> `%wd, %wd`), and a lane register (th0-3,
+g0-3, a0-3, b0/bb1-3, ht0-3, hg0-3, v0-15) taken for its neighbour, in any
+operand: a wrong register is the commonest slip in hand-written PTX. Their
+draws are apart from the others' (the same --seed gives another order).
+
 The first test binary named by --tests (default: ptx_fuzz's 40 random cases,
 a few seconds a run) screens every edit; an edit it passes is run again under
 the others (default: ptx_kernels), and survives only if all of them pass it.
 """
 import argparse
+import functools
 import glob
 import os
 import re
@@ -92,6 +100,77 @@ def mutations(line):
     return out
 
 
+# --operands: operands taken for others of the same width (a wrong register
+# is hand-written PTX's commonest slip).
+ARITHMETIC = {"add", "sub", "mul", "mad", "fma", "div", "rem", "min", "max", "and", "or", "xor",
+              "shl", "shr", "selp", "setp", "slct"}
+LANE_FAMILIES = [[f"%{f}{k}" for k in range(4)] for f in ("th", "g", "a", "ht", "hg")]
+LANE_FAMILIES += [["%b0", "%bb1", "%bb2", "%bb3"], [f"%v{k}" for k in range(16)]]
+
+
+def register_widths(lines):
+    """Register name -> bits (1 for a predicate), from the `.reg` lines."""
+    bits = {"pred": 1, "b16": 16, "b32": 32, "f32": 32, "u32": 32, "s32": 32, "b64": 64,
+            "f64": 64, "u64": 64, "s64": 64}
+    out = {}
+    for line in lines:
+        m = re.match(r"\s*\.reg\s+\.(\w+)\s+(.*);", line)
+        if not m:
+            continue
+        for name in (n.strip() for n in m.group(2).split(",")):
+            r = re.match(r"(%\w+)<(\d+)>$", name)
+            names = [f"{r.group(1)}{k}" for k in range(int(r.group(2)))] if r else [name]
+            for n in names:
+                out[n] = bits[m.group(1)]
+    return out
+
+
+def split_operands(text):
+    """Top-level comma-separated operands (braces and brackets kept whole)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "{["
+        depth -= ch in "}]"
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur.strip()] if cur.strip() else out
+
+
+def operand_mutations(line, widths):
+    """(what, new line) for each operand edit of one instruction line: a
+    source register of an arithmetic instruction replaced by another of its
+    sources of the same width, and a lane register (th0-3, g0-3, a0-3,
+    b0/bb1-3, ht0-3, hg0-3, v0-15) taken for its family's next, anywhere."""
+    code, sep, comment = line.partition("//")
+    m = re.match(r"^(\s*)(@!?%\w+\s+)?([\w.]+)\s+(.*?);\s*$", code)
+    if not m:
+        return []
+    indent, guard, opcode, rest = m.groups()
+    guard = guard or ""
+    tail = f"; {sep}{comment}" if sep else ";"
+    out = []
+    ops = split_operands(rest)
+    if opcode.split(".")[0] in ARITHMETIC and len(ops) >= 3:
+        for i in range(1, len(ops)):
+            for j in range(1, len(ops)):
+                a, b = ops[i], ops[j]
+                if a == b or a not in widths or b not in widths or widths[a] != widths[b]:
+                    continue
+                new = ops[:i] + [b] + ops[i + 1:]
+                out.append((f"operand {i + 1} {a}->{b}",
+                            f"{indent}{guard}{opcode} {', '.join(new)}{tail}"))
+    nxt = {f[k]: f[(k + 1) % len(f)] for f in LANE_FAMILIES for k in range(len(f))}
+    for r in re.finditer(r"%\w+", rest):
+        if r.group(0) in nxt and r.group(0) in widths:
+            new_rest = rest[:r.start()] + nxt[r.group(0)] + rest[r.end():]
+            out.append((f"lane {r.group(0)}->{nxt[r.group(0)]} at {r.start() + 1}",
+                        f"{indent}{guard}{opcode} {new_rest}{tail}"))
+    return out
+
+
 def find_binary(name):
     hits = sorted(glob.glob(os.path.join(ROOT, "target", "checked", "deps", f"{name}-*")),
                   key=os.path.getmtime)
@@ -135,6 +214,10 @@ def main():
     mutation_draw.add_arguments(ap, timeout=300)
     ap.add_argument("--tests", default="ptx_fuzz,ptx_kernels",
                     help="test binaries: the first screens, the rest confirm survivors")
+    ap.add_argument("--operands", action="store_true",
+                    help="the operand edits instead (a source register replaced by another "
+                         "source of its instruction, a lane register by its neighbour)")
+    ap.add_argument("--list", action="store_true", help="print the edits and stop")
     args = ap.parse_args()
 
     lines = open(KERNEL).read().split("\n")
@@ -143,8 +226,17 @@ def main():
         i, what, _ = site
         return f"line {i + 1} ({what}): {lines[i].strip()}"
 
-    sites = [(i, what, new) for i in instruction_lines(lines) for what, new in mutations(lines[i])]
+    if args.operands:
+        widths = register_widths(lines)
+        edit = functools.partial(operand_mutations, widths=widths)
+    else:
+        edit = mutations
+    sites = [(i, what, new) for i in instruction_lines(lines) for what, new in edit(lines[i])]
     sites = mutation_draw.draw(sites, label, args, "kernels/lra.ptx")
+    if args.list:
+        for site in sites:
+            print(label(site), "=>", site[2].strip() if site[2] else "(deleted)")
+        return
     binaries = [find_binary(t) for t in args.tests.split(",")]
     print(f"{len(sites)} edits of kernels/lra.ptx, screened by {args.tests}", flush=True)
 
