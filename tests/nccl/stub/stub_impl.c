@@ -1,8 +1,9 @@
 /* Host implementation of the stub CUDA runtime and a one-rank NCCL: "device"
  * memory is host memory, copies are memcpy, the sum over one rank is the
- * identity (or adds what pretend peers hold: stub_peer_share). Checks the arguments lra_nccl.h passes, and can play a
- * non-blocking communicator, a busy stream, a failed peer, a peer that
- * never joins, a failure of any one call, and ncclCommAbort ending what such a peer left hanging.
+ * identity (plus pretend peers' share: stub_peer_share). Checks the
+ * arguments lra_nccl.h passes, and can play a non-blocking communicator, a
+ * busy stream, a failed peer, a peer that never joins, a failure of any one
+ * call, and ncclCommAbort ending what such a peer left hanging.
  *
  * Includes the API headers with <>: scripts/stages/nccl.sh also compiles
  * this file against the real cuda_runtime.h and nccl.h (include paths
