@@ -19,7 +19,8 @@ arithmetic instruction taken for another source of it of the same width
 (`mul.rn.f32 %xf, %wd, %th` -> `%wd, %wd`), and a lane register (th0-3,
 g0-3, a0-3, b0/bb1-3, ht0-3, hg0-3, v0-15) taken for its neighbour, in any
 operand: a wrong register is the commonest slip in hand-written PTX. Their
-draws are apart from the others' (the same --seed gives another order).
+draws are apart from the others' (the same --seed gives another order), so
+--skip and --recheck continue an --operands run only with --operands.
 
 The first test binary named by --tests (default: ptx_fuzz's 40 random cases,
 a few seconds a run) screens every edit; an edit it passes is run again under
@@ -100,12 +101,13 @@ def mutations(line):
     return out
 
 
-# --operands: operands taken for others of the same width (a wrong register
-# is hand-written PTX's commonest slip).
+# --operands (see the docstring): the instructions whose sources may be
+# taken for one another, and each lane register's neighbour.
 ARITHMETIC = {"add", "sub", "mul", "mad", "fma", "div", "rem", "min", "max", "and", "or", "xor",
               "shl", "shr", "selp", "setp", "slct"}
 LANE_FAMILIES = [[f"%{f}{k}" for k in range(4)] for f in ("th", "g", "a", "ht", "hg")]
 LANE_FAMILIES += [["%b0", "%bb1", "%bb2", "%bb3"], [f"%v{k}" for k in range(16)]]
+LANE_NEXT = {f[k]: f[(k + 1) % len(f)] for f in LANE_FAMILIES for k in range(len(f))}
 
 
 def register_widths(lines):
@@ -162,11 +164,10 @@ def operand_mutations(line, widths):
                 new = ops[:i] + [b] + ops[i + 1:]
                 out.append((f"operand {i + 1} {a}->{b}",
                             f"{indent}{guard}{opcode} {', '.join(new)}{tail}"))
-    nxt = {f[k]: f[(k + 1) % len(f)] for f in LANE_FAMILIES for k in range(len(f))}
     for r in re.finditer(r"%\w+", rest):
-        if r.group(0) in nxt and r.group(0) in widths:
-            new_rest = rest[:r.start()] + nxt[r.group(0)] + rest[r.end():]
-            out.append((f"lane {r.group(0)}->{nxt[r.group(0)]} at {r.start() + 1}",
+        if r.group(0) in LANE_NEXT and r.group(0) in widths:
+            new_rest = rest[:r.start()] + LANE_NEXT[r.group(0)] + rest[r.end():]
+            out.append((f"lane {r.group(0)}->{LANE_NEXT[r.group(0)]} at {r.start() + 1}",
                         f"{indent}{guard}{opcode} {new_rest}{tail}"))
     return out
 
