@@ -18,12 +18,12 @@
  * were; every later call fails at once without calling CUDA or NCCL; then
  * ncclCommAbort, lra_destroy and lra_nccl_free clean up. With pretend peers
  * (the sum is no longer the identity) the callback returns the sums. Each
- * CUDA and NCCL call of lra_nccl_init and of the callback fails in turn:
- * its code comes back as documented, nothing stays allocated, the values
- * are untouched, and a failed collective whose staging copy outlasts the
- * deadline marks the reduction timed out. lra_nccl_now_ reads
- * CLOCK_MONOTONIC in seconds. Real NCCL and CUDA are exercised, without a
- * GPU, by lra_nccl_real_test.c.
+ * CUDA and NCCL call of lra_nccl_init, and the callback's two copies and
+ * its ncclAllReduce, fail in turn: the code comes back as documented,
+ * nothing stays allocated, the values are untouched, and a failed
+ * collective whose staging copy outlasts the deadline marks the reduction
+ * timed out. lra_nccl_now_ reads CLOCK_MONOTONIC in seconds. Real NCCL
+ * and CUDA are exercised, without a GPU, by lra_nccl_real_test.c.
  *
  * Compiled as strict C11 (no _POSIX_C_SOURCE), where lra_nccl.h declares
  * clock_gettime itself; the test's own clock is C11's timespec_get. */
