@@ -66,14 +66,23 @@ def instruction_lines(lines):
     return out
 
 
-def mutations(line):
-    """(what, new line) for each edit of one instruction line."""
+def split_instruction(line):
+    """(indent, guard or "", opcode, the rest of the code, "//" or "",
+    comment) of one instruction line, or None."""
     code, sep, comment = line.partition("//")
     m = re.match(r"^(\s*)(@!?%\w+\s+)?([\w.]+)(.*)$", code)
     if not m:
-        return []
+        return None
     indent, guard, opcode, rest = m.groups()
-    guard = guard or ""
+    return indent, guard or "", opcode, rest, sep, comment
+
+
+def mutations(line):
+    """(what, new line) for each edit of one instruction line."""
+    parts = split_instruction(line)
+    if parts is None:
+        return []
+    indent, guard, opcode, rest, sep, comment = parts
     head = opcode.split(".")[0]
     out = [("delete", None)]
     for a, b in SWAPS:
@@ -146,12 +155,11 @@ def operand_mutations(line, widths):
     source register of an arithmetic instruction replaced by another of its
     sources of the same width, and a lane register (th0-3, g0-3, a0-3,
     b0/bb1-3, ht0-3, hg0-3, v0-15) taken for its family's next, anywhere."""
-    code, sep, comment = line.partition("//")
-    m = re.match(r"^(\s*)(@!?%\w+\s+)?([\w.]+)\s+(.*?);\s*$", code)
-    if not m:
+    parts = split_instruction(line)
+    if parts is None or not parts[3].strip().endswith(";") or not parts[3][:1].isspace():
         return []
-    indent, guard, opcode, rest = m.groups()
-    guard = guard or ""
+    indent, guard, opcode, rest, sep, comment = parts
+    rest = rest.strip()[:-1]  # the operands
     tail = f"; {sep}{comment}" if sep else ";"
     out = []
     ops = split_operands(rest)
