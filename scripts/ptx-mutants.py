@@ -22,6 +22,11 @@ operand: a wrong register is the commonest slip in hand-written PTX. Their
 draws are apart from the others' (the same --seed gives another order), so
 --skip and --recheck continue an --operands run only with --operands.
 
+`--destinations` draws from the third kind: the result of an arithmetic
+instruction written over one of its sources of the same width
+(`add.s64 %pa, %pp, %o` -> `add.s64 %pp, %pp, %o`): the intended register
+keeps its old value and an input is lost. Its draws, too, are its own.
+
 The first test binary named by --tests (default: ptx_fuzz's 40 random cases,
 a few seconds a run) screens every edit; an edit it passes is run again under
 the others (default: ptx_kernels), and survives only if all of them pass it.
@@ -150,11 +155,13 @@ def split_operands(text):
     return out + [cur.strip()] if cur.strip() else out
 
 
-def operand_mutations(line, widths):
+def operand_mutations(line, widths, destinations=False):
     """(what, new line) for each operand edit of one instruction line: a
     source register of an arithmetic instruction replaced by another of its
     sources of the same width, and a lane register (th0-3, g0-3, a0-3,
-    b0/bb1-3, ht0-3, hg0-3, v0-15) taken for its family's next, anywhere."""
+    b0/bb1-3, ht0-3, hg0-3, v0-15) taken for its family's next, anywhere.
+    With `destinations`, instead: its destination replaced by each distinct
+    source of the same width."""
     parts = split_instruction(line)
     if parts is None or not parts[3].strip().endswith(";") or not parts[3][:1].isspace():
         return []
@@ -163,7 +170,15 @@ def operand_mutations(line, widths):
     tail = f"; {sep}{comment}" if sep else ";"
     out = []
     ops = split_operands(rest)
-    if opcode.split(".")[0] in ARITHMETIC and len(ops) >= 3:
+    if opcode.split(".")[0] not in ARITHMETIC or len(ops) < 3:
+        ops = []
+    if destinations:
+        for b in dict.fromkeys(ops[1:]):
+            if b != ops[0] and ops[0] in widths and b in widths and widths[b] == widths[ops[0]]:
+                out.append((f"destination {ops[0]}->{b}",
+                            f"{indent}{guard}{opcode} {', '.join([b] + ops[1:])}{tail}"))
+        return out
+    if ops:
         for i in range(1, len(ops)):
             for j in range(1, len(ops)):
                 a, b = ops[i], ops[j]
@@ -223,9 +238,13 @@ def main():
     mutation_draw.add_arguments(ap, timeout=300)
     ap.add_argument("--tests", default="ptx_fuzz,ptx_kernels",
                     help="test binaries: the first screens, the rest confirm survivors")
-    ap.add_argument("--operands", action="store_true",
-                    help="the operand edits instead (a source register replaced by another "
-                         "source of its instruction, a lane register by its neighbour)")
+    kind = ap.add_mutually_exclusive_group()
+    kind.add_argument("--operands", action="store_true",
+                      help="the operand edits instead (a source register replaced by another "
+                           "source of its instruction, a lane register by its neighbour)")
+    kind.add_argument("--destinations", action="store_true",
+                      help="the destination edits instead (an arithmetic result written over "
+                           "one of its sources of the same width)")
     ap.add_argument("--list", action="store_true", help="print the edits and stop")
     args = ap.parse_args()
 
@@ -235,9 +254,9 @@ def main():
         i, what, _ = site
         return f"line {i + 1} ({what}): {lines[i].strip()}"
 
-    if args.operands:
-        widths = register_widths(lines)
-        edit = functools.partial(operand_mutations, widths=widths)
+    if args.operands or args.destinations:
+        edit = functools.partial(operand_mutations, widths=register_widths(lines),
+                                 destinations=args.destinations)
     else:
         edit = mutations
     sites = [(i, what, new) for i in instruction_lines(lines) for what, new in edit(lines[i])]
