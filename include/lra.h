@@ -240,7 +240,10 @@ typedef uint32_t lra_sharding;
 // φ NaN or ±inf (guard off and a bad gradient, or overflow); η kept.
 #define LRA_SKIP_NONFINITE_PHI 5
 
-// s = 0 (f_i ≤ f*): parameters did not move; η kept.
+// Reserved, never reported: a step with s = 0 (f_i ≤ f*) is judged like any
+// other (ALGORITHM.md rule 6: ρ against the unscaled φ/2, so f+ = f_i gives
+// ρ = 0 and η halves). Earlier builds skipped it with this reason; the value
+// is kept so it is not reused and their checkpoints still load.
 #define LRA_SKIP_ZERO_SCALE 6
 
 // Every step (the paper's Algorithm 1).

@@ -94,7 +94,10 @@ pub enum SkipReason {
     NonpositivePhi = 4,
     /// φ is NaN or ±inf (guard off and a non-finite gradient, or overflow).
     NonfinitePhi = 5,
-    /// s_i = 0 (f_i ≤ f*): the parameters did not move, nothing to compare.
+    /// Reserved, never reported: earlier builds skipped the ratio test of a
+    /// step with s_i = 0. ALGORITHM.md rule 6 judges every step against the
+    /// unscaled φ_i/2, s_i = 0 included, so its report now runs the test.
+    /// Kept so the value is not reused and old checkpoints still load.
     ZeroScale = 6,
 }
 
@@ -192,10 +195,6 @@ pub fn decide(s: &Settings, lr: f64, loss: f64, loss_after: f64, o: &StepOutcome
         r.skip = SkipReason::NonpositivePhi;
         return r;
     }
-    if o.scale == 0.0 {
-        r.skip = SkipReason::ZeroScale;
-        return r;
-    }
     // f+ not finite counts as a failed step (ρ = −inf): η halves.
     r.rho = if loss_after.is_finite() {
         (loss - loss_after) / (o.phi * 0.5 + s.denom_eps)
@@ -288,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn backend_skips_and_zero_scale_keep_lr() {
+    fn backend_skips_keep_lr_and_zero_scale_is_judged() {
         let s = Settings::default();
         for why in [SkipReason::NonfiniteGrad, SkipReason::FoundInf] {
             let o = StepOutcome {
@@ -304,10 +303,11 @@ mod tests {
             phi: 1.0,
             scale: 0.0,
         };
+        // s = 0 (f_i ≤ f*): θ did not move, so f+ = f_i and ρ = 0 < 3/4.
         let r = decide(&s, 0.1, 10.0, 10.0, &o);
         assert_eq!(
-            (r.decision, r.skip),
-            (Decision::Skipped, SkipReason::ZeroScale)
+            (r.decision, r.skip, r.rho, r.lr),
+            (Decision::Lowered, SkipReason::None, 0.0, 0.05)
         );
     }
 

@@ -97,7 +97,10 @@ pub const LRA_SKIP_FOUND_INF: lra_skip_reason = 3;
 pub const LRA_SKIP_NONPOSITIVE_PHI: lra_skip_reason = 4;
 /// φ NaN or ±inf (guard off and a bad gradient, or overflow); η kept.
 pub const LRA_SKIP_NONFINITE_PHI: lra_skip_reason = 5;
-/// s = 0 (f_i ≤ f*): parameters did not move; η kept.
+/// Reserved, never reported: a step with s = 0 (f_i ≤ f*) is judged like any
+/// other (ALGORITHM.md rule 6: ρ against the unscaled φ/2, so f+ = f_i gives
+/// ρ = 0 and η halves). Earlier builds skipped it with this reason; the value
+/// is kept so it is not reused and their checkpoints still load.
 pub const LRA_SKIP_ZERO_SCALE: lra_skip_reason = 6;
 
 /// When to re-evaluate (`lra_config.reeval_schedule`).

@@ -473,8 +473,11 @@ fn uphill_phi_keeps_eta_and_never_reverses_the_step() {
     }
 }
 
-/// f_i = f* exactly (Δf = 0) gives s = 0 like f_i < f*: θ stays, the ratio
-/// test is skipped as `ZERO_SCALE` and η is kept.
+/// f_i = f* exactly (Δf = 0) gives s = 0 like f_i < f*: θ stays, and the
+/// ratio test still runs against the unscaled φ/2 (ALGORITHM.md rule 6:
+/// "always against φ_i/2 … even when s_i ≠ 1"). Here f+ = 0 < f_i: with
+/// φ = η g·g = 0.2, ρ = 0.25 / 0.1 = 2.5 > 4/3 and η rises; f+ = f_i
+/// (nothing moved, a deterministic loss) gives ρ = 0 and η halves.
 #[test]
 fn loss_at_f_star_does_not_move() {
     let mut c = config(LRA_OPTIMIZER_SGD);
@@ -486,9 +489,18 @@ fn loss_at_f_star_does_not_move() {
     assert_eq!(params[0], vec![1.0, -1.0]);
     let info = h.report(0.0);
     assert_eq!(info.scale, 0.0);
+    assert!((info.rho - 2.5).abs() < 1e-6, "ρ = {}", info.rho);
     assert_eq!(
         (info.decision, info.skip_reason, info.lr),
-        (LRA_DECISION_SKIPPED, LRA_SKIP_ZERO_SCALE, 0.1)
+        (LRA_DECISION_RAISED, LRA_SKIP_NONE, 0.1 * 1.2)
+    );
+    h.step(&mut params, &[vec![1.0, -1.0]], 0.25, 0.0);
+    assert_eq!(params[0], vec![1.0, -1.0]);
+    let info = h.report(0.25);
+    assert_eq!(info.scale, 0.0);
+    assert_eq!(
+        (info.decision, info.skip_reason, info.rho, info.lr),
+        (LRA_DECISION_LOWERED, LRA_SKIP_NONE, 0.0, 0.1 * 1.2 * 0.5)
     );
 }
 

@@ -397,9 +397,10 @@ fn obs_var_and_f_star_scale_the_step() {
         assert!((r.phi - 0.9).abs() < 1e-7);
         let lr_eff = (expect_scale * 0.1) as f32;
         assert_eq!(p, vec![-lr_eff, -2.0 * lr_eff, -2.0 * lr_eff]);
-        if expect_scale == 0.0 {
-            assert_eq!(r.skip, SkipReason::ZeroScale);
-        }
+        // ρ is against the unscaled step's φ/2 whatever s is, s = 0 included
+        // (ALGORITHM.md rule 6): (4.5 − 4.0) / 0.45.
+        assert_eq!(r.skip, SkipReason::None, "f*={f_star} R={obs_var}");
+        assert!((r.rho - 0.5 / 0.45).abs() < 1e-6, "ρ = {}", r.rho);
     }
 }
 

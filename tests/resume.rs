@@ -841,9 +841,11 @@ fn counters_last_reeval_and_last_phi_after_every_kind_of_step() {
         assert!(h.phi().is_nan());
     }
 
-    // s = 0 (f_i = f*): applied, the parameters stay, φ is the step's;
-    // its report skips the test as ZERO_SCALE with s = 0.
+    // s = 0 (f_i = f* = 0): applied, the parameters stay, φ is the step's;
+    // its report runs the ratio test like any other (ALGORITHM.md rule 6):
+    // f+ = f_i gives ρ = 0, so η halves.
     let params = p.param_bits();
+    let eta = h.lr();
     assert_eq!(step_kind(&h, &mut p, StepKind::AtFStar), LRA_OK);
     assert_eq!(p.param_bits(), params, "s = 0 moved the parameters");
     let phi = h.phi();
@@ -854,12 +856,16 @@ fn counters_last_reeval_and_last_phi_after_every_kind_of_step() {
     let (st, info) = h.report(0.0);
     assert_eq!(st, LRA_OK);
     assert_eq!(
-        (info.decision, info.skip_reason),
-        (LRA_DECISION_SKIPPED, LRA_SKIP_ZERO_SCALE)
+        (info.decision, info.skip_reason, info.rho),
+        (LRA_DECISION_LOWERED, LRA_SKIP_NONE, 0.0)
     );
     assert_eq!((info.scale, info.phi.to_bits()), (0.0, phi.to_bits()));
+    assert_eq!(
+        (info.lr_before, info.lr, h.lr()),
+        (eta, eta * 0.5, eta * 0.5)
+    );
     want[3] += 1;
-    want[7] += 1;
+    want[5] += 1;
     assert_counters(&h, want, "after reporting s = 0");
 
     // φ = 0 (zero gradient): applied; reported as φ ≤ 0.

@@ -82,6 +82,7 @@ SKIP_REASONS = {
     3: "found_inf",
     4: "nonpositive_phi",
     5: "nonfinite_phi",
+    # 6 is reserved: this release never reports it (s = 0 steps are judged).
     6: "zero_scale",
 }
 REEVAL_SCHEDULES = {"always": 0, "every": 1, "geometric": 2}
