@@ -673,10 +673,20 @@ impl Engine {
             next: r.u64()?,
             gap: r.f64()?,
         };
-        let has_last = r.u32()? != 0;
+        let has_last = match r.u32()? {
+            0 => false,
+            1 => true,
+            flag => return Err(bad(format!("bad last-report flag {flag:#x}"))),
+        };
         let (phi, rho, scale, lr_before, lr_after) =
             (r.f64()?, r.f64()?, r.f64()?, r.f64()?, r.f64()?);
         let dec = r.u32()?;
+        // An empty slot holds the zeros `save_state` writes there, so that
+        // every checkpoint lra accepts saves back to the same bytes.
+        let is_zero = |x: &[f64]| x.iter().all(|v| v.to_bits() == 0);
+        if !has_last && (dec != 0 || !is_zero(&[phi, rho, scale, lr_before, lr_after])) {
+            return Err(bad("the empty last-report slot is not zero".into()));
+        }
         let decision = decision_from(dec & 0xff).ok_or_else(|| bad("bad decision".into()))?;
         let skip = skip_from(dec >> 8).ok_or_else(|| bad("bad skip reason".into()))?;
         let last = has_last.then_some(ReevalResult {
@@ -696,6 +706,9 @@ impl Engine {
             return Err(bad(format!("bad pending-step flags {pf:#x}")));
         }
         let (ploss, ophi, oscale, oskip) = (r.f64()?, r.f64()?, r.f64()?, r.u32()?);
+        if pf == 0 && (oskip != 0 || !is_zero(&[ploss, ophi, oscale])) {
+            return Err(bad("the empty pending-step slot is not zero".into()));
+        }
         let oskip = skip_from(oskip).ok_or_else(|| bad("bad pending skip reason".into()))?;
         let outcome = StepOutcome {
             skip: oskip,

@@ -477,6 +477,75 @@ fn forged_pending_step_flags_are_refused() {
     assert_eq!(b.report_reeval(0.5).unwrap(), a.report_reeval(0.5).unwrap());
 }
 
+/// The last-report flag is 0 or 1, and an empty slot (no report yet,
+/// nothing pending) holds the zeros `save_state` writes: a checkpoint with
+/// anything else there did not come from lra and is refused, the handle
+/// unchanged, so every accepted checkpoint saves back to its own bytes.
+#[test]
+fn forged_empty_checkpoint_slots_are_refused() {
+    // magic … the schedule (see above), then the last report: a flag, five
+    // f64 and a word; then the pending step: flags, its loss, φ, s, a word.
+    let last_at = 72 + 12 * 2 + 7 * 8 + 3 * 8;
+    let pending_at = last_at + 4 + 5 * 8 + 4;
+    let mut a = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let mut m = Model::new(&[8, 3], 1);
+    // Stepped, not reported: the last-report slot is empty.
+    unsafe { a.step(&m.tensors(), 1.0, 0.0, null(), null_mut()) }.unwrap();
+    let unreported = checkpoint(&mut a);
+    // Reported: the pending slot is empty, the last-report slot full.
+    a.report_reeval(0.5).unwrap();
+    let reported = checkpoint(&mut a);
+    let read = |c: &[u8], at: usize| u32::from_le_bytes(c[at..at + 4].try_into().unwrap());
+    assert_eq!(
+        (read(&unreported, last_at), read(&reported, last_at)),
+        (0, 1)
+    );
+    assert_eq!(read(&reported, pending_at), 0);
+
+    let mut b = Engine::new(config(OptimizerKind::Adam, 1e-2)).unwrap();
+    let mut mb = Model::new(&[8, 3], 2);
+    unsafe { b.step(&mb.tensors(), 2.0, 0.0, null(), null_mut()) }.unwrap();
+    let before = checkpoint(&mut b);
+    let word = |v: u32| v.to_le_bytes().to_vec();
+    let double = |v: f64| v.to_le_bytes().to_vec();
+    let forgeries = [
+        (&reported, last_at, word(2), "last-report flag"),
+        (&unreported, last_at, word(2), "last-report flag"),
+        (&unreported, last_at + 4, double(1.5), "last-report slot"),
+        (
+            &unreported,
+            last_at + 4 + 5 * 8,
+            word(1),
+            "last-report slot",
+        ),
+        (&reported, pending_at + 4, double(1.0), "pending-step slot"),
+        (
+            &reported,
+            pending_at + 4 + 16,
+            double(-0.0),
+            "pending-step slot",
+        ),
+        (&reported, pending_at + 4 + 24, word(4), "pending-step slot"),
+    ];
+    for (ckpt, at, value, what) in forgeries {
+        let mut bytes = ckpt.clone();
+        bytes[at..at + value.len()].copy_from_slice(&value);
+        support::reseal(&mut bytes);
+        let e = b.load_state(&bytes).unwrap_err();
+        assert_eq!(e.status, Status::BadCheckpoint, "{what} at {at}: {e}");
+        assert!(e.message.contains(what), "{what} at {at}: {e}");
+        assert_eq!(
+            checkpoint(&mut b),
+            before,
+            "{what} at {at} changed the handle"
+        );
+    }
+    for ckpt in [&unreported, &reported] {
+        b.load_state(ckpt).unwrap();
+        assert_eq!(&checkpoint(&mut b), ckpt);
+    }
+}
+
 /// A checkpoint cut anywhere (or grown by a byte) with its checksum made
 /// valid again is refused, never read past its end, and changes nothing:
 /// every field is read through a length check.
