@@ -46,7 +46,7 @@ fn positive_finite(name: &str, v: f64) -> Result<()> {
     if !(v.is_finite() && v > 0.0) {
         fail!(
             InvalidConfig,
-            "{name} = {v} must be a positive finite number"
+            "{name} = {v:?} must be a positive finite number"
         );
     }
     Ok(())
@@ -54,7 +54,7 @@ fn positive_finite(name: &str, v: f64) -> Result<()> {
 
 fn in_half_open_unit_interval(name: &str, v: f64) -> Result<()> {
     if !(0.0..1.0).contains(&v) {
-        fail!(InvalidConfig, "{name} = {v} must lie in [0, 1)");
+        fail!(InvalidConfig, "{name} = {v:?} must lie in [0, 1)");
     }
     Ok(())
 }
@@ -67,13 +67,13 @@ fn usable_as_f32(name: &str, v: f64, below_one: bool) -> Result<()> {
     if v != 0.0 && !(f.is_finite() && f.abs() >= f32::MIN_POSITIVE) {
         fail!(
             InvalidConfig,
-            "{name} = {v} is outside f32's normal range (about 1.2e-38 to 3.4e38): the update computes with it as an f32 ({f})"
+            "{name} = {v:?} is outside f32's normal range (about 1.2e-38 to 3.4e38): the update computes with it as an f32 ({f:?})"
         );
     }
     if below_one && f >= 1.0 {
         fail!(
             InvalidConfig,
-            "{name} = {v} rounds to 1 as an f32, which the update computes with: it must be below 1 - 2^-25"
+            "{name} = {v:?} rounds to 1 as an f32, which the update computes with: it must be below 1 - 2^-25"
         );
     }
     Ok(())
@@ -117,7 +117,7 @@ impl Config {
         if !(h.weight_decay.is_finite() && h.weight_decay >= 0.0) {
             fail!(
                 InvalidConfig,
-                "weight_decay = {} must be finite and >= 0",
+                "weight_decay = {:?} must be finite and >= 0",
                 h.weight_decay
             );
         }
@@ -126,35 +126,35 @@ impl Config {
         if s.f_star.is_infinite() {
             fail!(
                 InvalidConfig,
-                "f_star = {} must be finite, or NaN for unknown",
+                "f_star = {:?} must be finite, or NaN for unknown",
                 s.f_star
             );
         }
         if !(s.factor_up.is_finite() && s.factor_up >= 1.0) {
             fail!(
                 InvalidConfig,
-                "factor_up = {} must be finite and >= 1",
+                "factor_up = {:?} must be finite and >= 1",
                 s.factor_up
             );
         }
         if !(s.factor_down > 0.0 && s.factor_down <= 1.0) {
             fail!(
                 InvalidConfig,
-                "factor_down = {} must lie in (0, 1]",
+                "factor_down = {:?} must lie in (0, 1]",
                 s.factor_down
             );
         }
         if !s.threshold_down.is_finite() {
             fail!(
                 InvalidConfig,
-                "threshold_down = {} must be finite",
+                "threshold_down = {:?} must be finite",
                 s.threshold_down
             );
         }
         if !(s.threshold_up.is_finite() && s.threshold_up >= s.threshold_down) {
             fail!(
                 InvalidConfig,
-                "threshold_up = {} must be finite and >= threshold_down = {}",
+                "threshold_up = {:?} must be finite and >= threshold_down = {:?}",
                 s.threshold_up,
                 s.threshold_down
             );
@@ -162,14 +162,14 @@ impl Config {
         if !(s.lr_min.is_finite() && s.lr_min >= 0.0) {
             fail!(
                 InvalidConfig,
-                "lr_min = {} must be finite and >= 0",
+                "lr_min = {:?} must be finite and >= 0",
                 s.lr_min
             );
         }
         if !(s.lr_max > 0.0 && s.lr_max >= s.lr_min) {
             fail!(
                 InvalidConfig,
-                "lr_max = {} must be > 0 and >= lr_min = {}",
+                "lr_max = {:?} must be > 0 and >= lr_min = {:?}",
                 s.lr_max,
                 s.lr_min
             );
@@ -180,14 +180,14 @@ impl Config {
         if !(s.scale_max > 0.0) {
             fail!(
                 InvalidConfig,
-                "scale_max = {} must be > 0 (+inf for no cap)",
+                "scale_max = {:?} must be > 0 (+inf for no cap)",
                 s.scale_max
             );
         }
         if !(s.denom_eps.is_finite() && s.denom_eps >= 0.0) {
             fail!(
                 InvalidConfig,
-                "denom_eps = {} must be finite and >= 0",
+                "denom_eps = {:?} must be finite and >= 0",
                 s.denom_eps
             );
         }
@@ -196,7 +196,10 @@ impl Config {
                 fail!(InvalidConfig, "reeval_every = 0 must be >= 1")
             }
             ReevalSchedule::Geometric(r) if !(r.is_finite() && r >= 1.0) => {
-                fail!(InvalidConfig, "reeval_growth = {r} must be finite and >= 1")
+                fail!(
+                    InvalidConfig,
+                    "reeval_growth = {r:?} must be finite and >= 1"
+                )
             }
             _ => {}
         }
@@ -249,6 +252,7 @@ mod tests {
         let past: &[(&str, Edit)] = &[
             ("momentum", |c| c.hyper.momentum = 1.0),
             ("momentum", |c| c.hyper.momentum = -1e-300),
+            ("lr", |c| c.lr = 1e-300),
             ("alpha", |c| c.hyper.alpha = f64::NAN),
             ("beta1", |c| c.hyper.beta1 = 1.0),
             ("beta2", |c| c.hyper.beta2 = 1.0 - 1e-10),
@@ -306,6 +310,9 @@ mod tests {
                         e.message.starts_with(&format!("{name} = ")),
                         "edit {i} past {name}'s bound: {e}"
                     );
+                    // Values print in exponent form where that is shorter
+                    // (-1e-300, not 300 zeros): a message stays readable.
+                    assert!(e.message.len() < 200, "edit {i}: {e}");
                 }
             }
         }

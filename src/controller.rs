@@ -153,12 +153,12 @@ pub fn effective_lr(scale: f64, lr: f64) -> f32 {
 pub fn lr_problem(lr: f64, s: &Settings) -> Option<String> {
     if !(LR_FLOOR..=LR_CEIL).contains(&lr) {
         return Some(format!(
-            "lr = {lr} must be a positive finite number in [{LR_FLOOR:e}, {LR_CEIL:e}] (η is applied as an f32)"
+            "lr = {lr:?} must be a positive finite number in [{LR_FLOOR:e}, {LR_CEIL:e}] (η is applied as an f32)"
         ));
     }
     if lr < s.lr_min || lr > s.lr_max {
         return Some(format!(
-            "lr = {lr} lies outside [lr_min, lr_max] = [{}, {}]",
+            "lr = {lr:?} lies outside [lr_min, lr_max] = [{:?}, {:?}]",
             s.lr_min, s.lr_max
         ));
     }

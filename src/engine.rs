@@ -213,7 +213,7 @@ impl Engine {
         if !(obs_var.is_finite() && obs_var >= 0.0) {
             fail!(
                 InvalidArgument,
-                "obs_var = {obs_var} must be finite and >= 0"
+                "obs_var = {obs_var:?} must be finite and >= 0"
             );
         }
         if (self.cfg.sharded || self.cfg.loss_rank_local) && self.reducer.is_none() {
@@ -612,7 +612,7 @@ impl Engine {
         for ((name, mine), (_, theirs)) in self.cfg.hyper.read_by(kind).zip(saved.read_by(kind)) {
             if theirs.to_bits() != mine.to_bits() {
                 return Err(bad(format!(
-                    "checkpoint has {name} = {theirs}, this handle {mine} ({} reads {name})",
+                    "checkpoint has {name} = {theirs:?}, this handle {mine:?} ({} reads {name})",
                     kind.name()
                 )));
             }
@@ -758,14 +758,14 @@ impl Engine {
         // outside [0, 1] would give Adam a negative or NaN bias correction.
         if schedule.gap.is_nan() || schedule.gap < 1.0 {
             return Err(bad(format!(
-                "checkpoint schedule gap {} is not a number >= 1",
+                "checkpoint schedule gap {:?} is not a number >= 1",
                 schedule.gap
             )));
         }
         for (name, pow) in [("beta1^t", bias.pow1), ("beta2^t", bias.pow2)] {
             if !(0.0..=1.0).contains(&pow) {
                 return Err(bad(format!(
-                    "checkpoint bias power {name} = {pow} is outside [0, 1]"
+                    "checkpoint bias power {name} = {pow:?} is outside [0, 1]"
                 )));
             }
         }

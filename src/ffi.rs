@@ -375,14 +375,14 @@ unsafe fn with_handle(
     status
 }
 
-fn require<T>(p: *const T, name: &str, what: &str) -> Result<()> {
+fn require<T>(p: *const T, what: &str) -> Result<()> {
     if p.is_null() {
         fail!(NullPointer, "{what} is NULL");
     }
     if !(p as usize).is_multiple_of(std::mem::align_of::<T>()) {
         fail!(
             InvalidArgument,
-            "{what} = {p:p} is not aligned to {} bytes ({name})",
+            "{what} = {p:p} is not aligned to {} bytes",
             std::mem::align_of::<T>()
         );
     }
@@ -413,7 +413,7 @@ fn overlaps(a: usize, alen: usize, b: usize, blen: usize) -> bool {
 
 /// Writes `v` through an output pointer after checking it.
 unsafe fn put<T>(out: *mut T, what: &str, v: T) -> Result<()> {
-    require(out as *const T, "output", what)?;
+    require(out as *const T, what)?;
     out.write(v);
     Ok(())
 }
@@ -540,7 +540,7 @@ pub fn config_from_c(c: &lra_config) -> Result<Config> {
 pub unsafe extern "C" fn lra_config_init(cfg: *mut lra_config, optimizer: u32) {
     // The function returns nothing: the thread's message is the only report.
     boundary("lra_config_init", || {
-        require(cfg as *const lra_config, "lra_config_init", "cfg")?;
+        require(cfg as *const lra_config, "cfg")?;
         cfg.write(config_defaults(optimizer));
         Ok(())
     });
@@ -554,7 +554,7 @@ pub unsafe extern "C" fn lra_create(
     out: *mut *mut lra_handle,
 ) -> lra_status {
     let (status, _) = boundary("lra_create", || {
-        require(out as *const *mut lra_handle, "lra_create", "out")?;
+        require(out as *const *mut lra_handle, "out")?;
         let cfg_bytes = std::mem::size_of::<lra_config>();
         if !cfg.is_null()
             && overlaps(
@@ -570,7 +570,7 @@ pub unsafe extern "C" fn lra_create(
             );
         }
         out.write(std::ptr::null_mut());
-        require(cfg, "lra_create", "cfg")?;
+        require(cfg, "cfg")?;
         // struct_size must be this library's size: another one means the
         // caller was compiled against another lra.h.
         let declared = (cfg as *const u32).read() as usize;
@@ -619,9 +619,12 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
     if count == 0 {
         return Ok(Vec::new());
     }
-    require(tensors, "step", "tensors")?;
+    require(tensors, "tensors")?;
     if count > isize::MAX as usize / std::mem::size_of::<lra_tensor>() {
-        fail!(InvalidArgument, "count = {count} is too large");
+        fail!(
+            InvalidArgument,
+            "count = {count} is too large: the list would exceed isize::MAX bytes"
+        );
     }
     require_extent(
         tensors as usize,
@@ -649,7 +652,11 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
             .ok_or_else(|| {
                 Error::new(
                     Status::InvalidArgument,
-                    format!("tensors[{i}].numel = {} is too large", t.numel),
+                    format!(
+                        "tensors[{i}].numel = {} is too large: so many {} elements would exceed isize::MAX bytes",
+                        t.numel,
+                        dtype.name()
+                    ),
                 )
             })?;
         if numel > 0 {
@@ -777,7 +784,7 @@ pub unsafe extern "C" fn lra_report_reeval(
 ) -> lra_status {
     with_handle(h, "lra_report_reeval", |e| {
         if !out.is_null() {
-            require(out as *const lra_reeval_info, "lra_report_reeval", "out")?;
+            require(out as *const lra_reeval_info, "out")?;
         }
         let r = e.report_reeval(loss_after)?;
         if !out.is_null() {
@@ -794,6 +801,9 @@ pub unsafe extern "C" fn lra_get_last_reeval(
     out: *mut lra_reeval_info,
 ) -> lra_status {
     with_handle(h as *mut lra_handle, "lra_get_last_reeval", |e| {
+        // The pointer first, as every other getter: a NULL `out` is
+        // LRA_NULL_POINTER whatever the handle's state.
+        require(out as *const lra_reeval_info, "out")?;
         match e.last_reeval() {
             Some(r) => put(out, "out", info_from(&r)),
             None => fail!(CallOrder, "no re-evaluation has been reported yet"),
@@ -822,7 +832,7 @@ pub unsafe extern "C" fn lra_set_lr(h: *mut lra_handle, lr: f64) -> lra_status {
 #[no_mangle]
 pub unsafe extern "C" fn lra_get_last_phi(h: *mut lra_handle, phi: *mut f64) -> lra_status {
     with_handle(h, "lra_get_last_phi", |e| {
-        require(phi as *const f64, "lra_get_last_phi", "phi")?;
+        require(phi as *const f64, "phi")?;
         let v = e.last_phi()?;
         put(phi, "phi", v)
     })
@@ -835,7 +845,7 @@ pub unsafe extern "C" fn lra_get_counters(
     out: *mut lra_counters,
 ) -> lra_status {
     with_handle(h, "lra_get_counters", |e| {
-        require(out as *const lra_counters, "lra_get_counters", "out")?;
+        require(out as *const lra_counters, "out")?;
         let c: Counters = e.counters()?;
         put(
             out,
@@ -859,7 +869,7 @@ pub unsafe extern "C" fn lra_get_counters(
 #[no_mangle]
 pub unsafe extern "C" fn lra_should_reeval(h: *const lra_handle, out: *mut u32) -> lra_status {
     with_handle(h as *mut lra_handle, "lra_should_reeval", |e| {
-        require(out as *const u32, "lra_should_reeval", "out")?;
+        require(out as *const u32, "out")?;
         let due = e.should_reeval()?;
         put(out, "out", due as u32)
     })
@@ -887,10 +897,10 @@ pub unsafe extern "C" fn lra_save_state(
     written: *mut usize,
 ) -> lra_status {
     with_handle(h, "lra_save_state", |e| {
-        require(buf as *const u8, "lra_save_state", "buf")?;
+        require(buf as *const u8, "buf")?;
         require_extent(buf as usize, len, "buf, len")?;
         if !written.is_null() {
-            require(written as *const usize, "lra_save_state", "written")?;
+            require(written as *const usize, "written")?;
             if overlaps(
                 written as usize,
                 std::mem::size_of::<usize>(),
@@ -936,7 +946,7 @@ pub unsafe extern "C" fn lra_load_state(
     len: usize,
 ) -> lra_status {
     with_handle(h, "lra_load_state", |e| {
-        require(buf as *const u8, "lra_load_state", "buf")?;
+        require(buf as *const u8, "buf")?;
         require_extent(buf as usize, len, "buf, len")?;
         e.load_state(std::slice::from_raw_parts(buf as *const u8, len))
     })

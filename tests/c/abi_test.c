@@ -202,6 +202,9 @@ static void error_paths(void) {
   uint32_t due;
   EXPECT_ERR(h, lra_should_reeval(h, &due), LRA_CALL_ORDER, "step");
   EXPECT_ERR(h, lra_get_last_reeval(h, &info), LRA_CALL_ORDER, "re-evaluation");
+  /* A NULL output is refused as such whatever the handle's state. */
+  EXPECT_ERR(h, lra_get_last_reeval(h, NULL), LRA_NULL_POINTER, "out");
+  EXPECT_ERR(h, lra_should_reeval(h, NULL), LRA_NULL_POINTER, "out");
 
   /* None of the failures above changed anything. */
   lra_counters c;
