@@ -410,9 +410,14 @@ def check_python(header, statuses, path=PYTHON):
     for key, value in mod.SHARDINGS.items():
         if header.defines.get("LRA_SHARDING_" + key.upper()) != value:
             errors.append(f"lra.py: sharding {key} = {value} differs from C")
-    for py, c in (("OK", "LRA_OK"), ("CALL_ORDER", "LRA_CALL_ORDER"), ("REDUCTION_FAILED", "LRA_REDUCTION_FAILED")):
-        if getattr(mod, py) != statuses.get(c, header.defines.get(c)):
-            errors.append(f"lra.py: {py} differs from C {c}")
+    # Every status, both ways: STATUSES and the module's constants.
+    for code, py in mod.STATUSES.items():
+        c = "LRA_" + py
+        if not (code == getattr(mod, py, None) == statuses.get(c, header.defines.get(c))):
+            errors.append(f"lra.py: status {py} = {code} differs from C {c}")
+    for c in sorted(statuses):
+        if c[len("LRA_"):] not in mod.STATUSES.values():
+            errors.append(f"lra.py: C status {c} has no entry in STATUSES")
     # Completeness: a value C adds must reach the Python tables too.
     tables = {
         "LRA_OPTIMIZER_": {k.upper() for k in mod.OPTIMIZERS},
@@ -463,6 +468,8 @@ def self_test(header, julia_text, python_text, statuses):
         "constant drift": ("DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2",
                            "DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 3"),
         "skip reason drift": ('6: "zero_scale",', '7: "zero_scale",'),
+        "status drift": ("BAD_CHECKPOINT = 8\n", "BAD_CHECKPOINT = 9\n"),
+        "missing status": ('    OUT_OF_MEMORY: "OUT_OF_MEMORY",\n', ""),
         "missing skip reason": ('    6: "zero_scale",\n', ""),
         "callback signature": ("ctypes.c_int32, ctypes.POINTER(ctypes.c_double), ctypes.c_size_t",
                                "ctypes.c_int32, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t"),

@@ -35,6 +35,7 @@ import ctypes
 import ctypes.util
 import operator
 import os
+import re
 import signal
 import threading
 
@@ -59,6 +60,21 @@ __all__ = [
     "DTYPE_BF16",
     "DEVICE_HOST",
     "DEVICE_CUDA",
+    "STATUSES",
+    "OK",
+    "NULL_POINTER",
+    "INVALID_ARGUMENT",
+    "INVALID_CONFIG",
+    "CALL_ORDER",
+    "SIZE_MISMATCH",
+    "NO_CUDA",
+    "CUDA_ERROR",
+    "BAD_CHECKPOINT",
+    "BUFFER_TOO_SMALL",
+    "PANIC",
+    "UNSUPPORTED",
+    "REDUCTION_FAILED",
+    "OUT_OF_MEMORY",
 ]
 
 # --- constants (values are part of the C ABI; see include/lra.h) -----------
@@ -88,10 +104,37 @@ SKIP_REASONS = {
 REEVAL_SCHEDULES = {"always": 0, "every": 1, "geometric": 2}
 SHARDINGS = {"replicated": 0, "sharded": 1}
 
-# lra_status values (src/error.rs `Status`).
+# lra_status values (src/error.rs `Status`): what ``LraError.status`` holds.
 OK = 0
+NULL_POINTER = 1
+INVALID_ARGUMENT = 2
+INVALID_CONFIG = 3
 CALL_ORDER = 4
+SIZE_MISMATCH = 5
+NO_CUDA = 6
+CUDA_ERROR = 7
+BAD_CHECKPOINT = 8
+BUFFER_TOO_SMALL = 9
+PANIC = 10
+UNSUPPORTED = 11
 REDUCTION_FAILED = 12
+OUT_OF_MEMORY = 13
+STATUSES = {
+    OK: "OK",
+    NULL_POINTER: "NULL_POINTER",
+    INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    INVALID_CONFIG: "INVALID_CONFIG",
+    CALL_ORDER: "CALL_ORDER",
+    SIZE_MISMATCH: "SIZE_MISMATCH",
+    NO_CUDA: "NO_CUDA",
+    CUDA_ERROR: "CUDA_ERROR",
+    BAD_CHECKPOINT: "BAD_CHECKPOINT",
+    BUFFER_TOO_SMALL: "BUFFER_TOO_SMALL",
+    PANIC: "PANIC",
+    UNSUPPORTED: "UNSUPPORTED",
+    REDUCTION_FAILED: "REDUCTION_FAILED",
+    OUT_OF_MEMORY: "OUT_OF_MEMORY",
+}
 
 # --- C structs --------------------------------------------------------------
 
@@ -292,10 +335,26 @@ def load_library(path=None):
         except OSError as e:
             tried.append(f"{candidate} ({e})")
             continue
+        missing = [name for name in _PROTOTYPES if not hasattr(lib, name)]
+        if missing:
+            tried.append(f"{candidate} (not this lra: it lacks {', '.join(missing[:3])})")
+            continue
         for name, (restype, argtypes) in _PROTOTYPES.items():
             fn = getattr(lib, name)
             fn.restype = restype
             fn.argtypes = argtypes
+        # Another 0.minor (or major) is another ABI (the SONAME's rule):
+        # its structs may differ from the ones declared here.
+        v = lib.lra_version()
+        found = (v >> 16, (v >> 8) & 0xFF, v & 0xFF)
+        mine = tuple(int(x) for x in __version__.split("."))
+        abi = lambda release: release[:1] if release[0] >= 1 else release[:2]  # noqa: E731
+        if abi(found) != abi(mine):
+            tried.append(
+                f"{candidate} (lra {'.'.join(map(str, found))}, another ABI than this "
+                f"module's {__version__})"
+            )
+            continue
         _lib = lib
         return lib
     if path is None and os.environ.get("LRA_LIBRARY"):
@@ -326,11 +385,21 @@ class LraError(RuntimeError):
         self.message = message
 
     def __str__(self):
-        return f"lra status {self.status}: {self.message}"
+        name = STATUSES.get(self.status)
+        status = f"{self.status} ({name})" if name else f"{self.status}"
+        return f"lra status {status}: {self.message}"
 
 
 def _decode(p):
     return p.decode("utf-8", "replace") if p else ""
+
+
+def _number(what, x):
+    """``float(x)``, except for text: float("1.0") would take a string that
+    is most likely a mistake (a loss read from a log line, say)."""
+    if isinstance(x, (str, bytes, bytearray)):
+        raise TypeError(f"{what} must be a number, not {type(x).__name__}")
+    return float(x)
 
 
 _DEVICE_NAMES = {"host": DEVICE_HOST, "cpu": DEVICE_HOST, "cuda": DEVICE_CUDA}
@@ -338,9 +407,10 @@ _NAMED_FIELDS = {"device": _DEVICE_NAMES, "reeval_schedule": REEVAL_SCHEDULES, "
 
 
 def _named_value(field, names, value):
-    if value not in names:
+    # Case-insensitive, as optimizer names are ("Adam", "CUDA").
+    if value.lower() not in names:
         raise ValueError(f"{field}: unknown name {value!r}; valid names: {', '.join(names)}")
-    return names[value]
+    return names[value.lower()]
 
 
 def _int_value(field, ctype, value):
@@ -372,7 +442,10 @@ def _config_value(key, value):
     if key in _NAMED_FIELDS and isinstance(value, str):
         return _named_value(key, _NAMED_FIELDS[key], value)
     if key in ("check_finite", "loss_is_rank_local"):
-        return int(bool(value))
+        # bool(None) and bool("false") would turn a typo into a setting.
+        if not isinstance(value, (bool, int)) or value not in (0, 1):
+            raise ValueError(f"{key} must be True/False or 1/0, not {value!r}")
+        return int(value)
     if ctype is ctypes.c_double:
         return value
     return _int_value(key, ctype, value)
@@ -541,7 +614,7 @@ class Optimizer:
     def default_config(optimizer="adam"):
         """An ``lra_config`` filled by ``lra_config_init`` for ``optimizer``."""
         if isinstance(optimizer, str):
-            code = _named_value("optimizer", OPTIMIZERS, optimizer.lower())
+            code = _named_value("optimizer", OPTIMIZERS, optimizer)
         else:
             code = _int_value("optimizer", ctypes.c_uint32, optimizer)
         cfg = Config()
@@ -682,7 +755,12 @@ class Optimizer:
         the tensors) or None.
         """
         arr = self._tensor_array(tensors)
-        loss, obs_var = float(loss), float(obs_var)
+        loss, obs_var = _number("loss", loss), _number("obs_var", obs_var)
+        if found_inf is not None and not isinstance(found_inf, int):
+            raise TypeError(
+                "found_inf must be the flag's address as an int (numpy: arr.ctypes.data; "
+                f"torch: t.data_ptr()) or None, not {type(found_inf).__name__}"
+            )
         if found_inf is None:
             self._call(self._lib.lra_step, arr, len(arr), loss, obs_var, stream, callback=True)
         else:
@@ -693,7 +771,7 @@ class Optimizer:
     def report_reeval(self, loss_after):
         """``lra_report_reeval``: f+ on the SAME batch after the step; returns :class:`ReevalInfo`."""
         info = ReevalInfo()
-        loss_after = float(loss_after)
+        loss_after = _number("loss_after", loss_after)
         self._call(self._lib.lra_report_reeval, loss_after, ctypes.byref(info), callback=True)
         return info
 
@@ -712,7 +790,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        value = float(value)
+        value = _number("lr", value)
         self._call(self._lib.lra_set_lr, value)
 
     @property
@@ -745,6 +823,8 @@ class Optimizer:
 
     def load_state(self, data):
         """Restores a checkpoint from :meth:`save_state` (same config and layout)."""
+        if isinstance(data, int):  # bytes(5) is five zero bytes, not a checkpoint
+            raise TypeError("load_state takes the bytes save_state returned, not an int")
         data = bytes(data)
         buf = ctypes.create_string_buffer(data, max(len(data), 1))
         self._call(self._lib.lra_load_state, buf, len(data))
@@ -942,10 +1022,10 @@ def numpy_tensor(param, grad):
 # --- torch adapter ----------------------------------------------------------
 
 
-def _torch_dtype_code(torch, dtype):
+def _torch_dtype_code(torch, dtype, name):
     codes = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
     if dtype not in codes:
-        raise TypeError(f"lra supports float32, float16 and bfloat16 parameters, not {dtype}")
+        raise TypeError(f"{name} is {dtype}: lra supports float32, float16 and bfloat16 parameters")
     return codes[dtype]
 
 
@@ -976,6 +1056,11 @@ def _torch_unsupported(torch, p):
     return None
 
 
+def _not_dense(name, p):
+    return (f"{name} is a view with strides {p.stride()} that does not cover its memory "
+            "densely; lra updates parameters in place, so it cannot work on a contiguous copy")
+
+
 def _bytes_tensor(torch, raw):
     """`raw` as a 1-D uint8 CPU tensor (torch.frombuffer from torch 1.10)."""
     if not raw:
@@ -999,7 +1084,9 @@ class _ParamGroup(collections.abc.MutableMapping):
 
     def __getitem__(self, key):
         if key == "params":
-            return self._params
+            # A tuple: appending to the list (torch.optim habit) would change
+            # the layout lra fixed; lra has no add_param_group.
+            return tuple(self._params)
         if key == "lr":
             return self._handle.lr
         raise KeyError(key)
@@ -1096,10 +1183,13 @@ class TorchOptimizer:
                     f"parameter {i} is on {p.device}, parameter {self._positions[0]} on "
                     f"{self.device}: one TorchOptimizer per device"
                 )
-            _torch_dtype_code(torch, p.dtype)
+            _torch_dtype_code(torch, p.dtype, f"parameter {i}")
             why = _torch_unsupported(torch, p)
             if why is not None:
                 raise ValueError(f"parameter {i} {why}")
+            # Refused here too, not only at the first step (after set_data).
+            if p.numel() > 0 and not _covers_memory_densely(p.shape, p.stride()):
+                raise ValueError(_not_dense(f"parameter {i} {tuple(p.shape)}", p))
         if self.device.type == "cuda":
             placement = {"device": DEVICE_CUDA, "device_ordinal": self.device.index or 0}
         elif self.device.type == "cpu":
@@ -1145,6 +1235,12 @@ class TorchOptimizer:
         (keep them alive until the C call returns: some are copies) and the
         parameters' memory orders."""
         torch = self._torch
+        if len(self.params) != len(self._positions):
+            raise ValueError(
+                f"opt.params holds {len(self.params)} tensors, {len(self._positions)} when the "
+                "optimizer was made: the parameter list is fixed (lra keeps state per position); "
+                "make a new TorchOptimizer for another set of parameters"
+            )
         arr = (Tensor * len(self.params))()
         keep = []
         orders = []
@@ -1173,11 +1269,7 @@ class TorchOptimizer:
             orders.append(order)
             if p.numel() > 0:
                 if not _covers_memory_densely(p.shape, p.stride()):
-                    raise ValueError(
-                        f"{name} is a view with strides {p.stride()} that does not cover its "
-                        "memory densely; lra updates parameters in place, so it cannot work on "
-                        "a contiguous copy"
-                    )
+                    raise ValueError(_not_dense(name, p))
                 if self._memory_orders is not None and self._memory_orders[i] != order:
                     raise ValueError(
                         f"{name} changed its memory layout (strides now {p.stride()}) since "
@@ -1192,7 +1284,7 @@ class TorchOptimizer:
                             p.shape, p.stride(), dtype=p.dtype, device=p.device
                         ).copy_(g)
             keep.append(g)
-            code = _torch_dtype_code(torch, p.dtype)
+            code = _torch_dtype_code(torch, p.dtype, name)
             arr[i] = Tensor(p.data_ptr(), g.data_ptr(), p.numel(), code)
         return arr, keep, orders
 
@@ -1202,8 +1294,14 @@ class TorchOptimizer:
         return self._torch.cuda.current_stream(self.device).cuda_stream or None
 
     @staticmethod
-    def _value(x):
-        return float(x.detach().item()) if hasattr(x, "detach") else float(x)
+    def _value(x, what="loss"):
+        if hasattr(x, "detach"):
+            if x.numel() != 1:
+                raise ValueError(
+                    f"the {what} must be one element, not {x.numel()} (reduce it, e.g. with .mean())"
+                )
+            return float(x.detach().item())
+        return _number(what, x)
 
     def step(self, loss, obs_var=0.0, found_inf=None):
         """The optimizer step with the current lr; ``loss`` = f_i on this batch (tensor or float).
@@ -1214,12 +1312,29 @@ class TorchOptimizer:
         loss = self._value(loss)
         flag = None
         if found_inf is not None:
+            if not isinstance(found_inf, self._torch.Tensor):
+                raise TypeError(
+                    f"found_inf must be a torch.Tensor (one float32 element), not "
+                    f"{type(found_inf).__name__}"
+                )
             if (found_inf.dtype != self._torch.float32 or found_inf.device != self.device
                     or found_inf.numel() != 1 or found_inf.layout != self._torch.strided):
                 raise ValueError("found_inf must be one float32 element on the parameters' device")
             flag = found_inf.data_ptr()
         arr, keep, orders = self._gather()
-        self.lra.step(arr, loss, obs_var, self._stream(), flag)
+        try:
+            self.lra.step(arr, loss, obs_var, self._stream(), flag)
+        except LraError as e:
+            # lra counts the tensors it was given; name the caller's positions
+            # too (frozen parameters are not passed), as the C++ adapter does.
+            e.message = re.sub(
+                r"tensors\[(\d+)\]",
+                lambda m: f"{m.group(0)} (parameter {self._positions[int(m.group(1))]})"
+                if int(m.group(1)) < len(self._positions) else m.group(0),
+                e.message,
+            )
+            e.args = (e.status, e.message)
+            raise
         del keep  # the C call has returned (on CUDA: queued on torch's current stream)
         self._memory_orders = orders
         self._mark_params_modified()
@@ -1250,7 +1365,7 @@ class TorchOptimizer:
 
     def report_reeval(self, loss_after):
         """f+ = the loss on the SAME batch after :meth:`step`; adapts lr; returns :class:`ReevalInfo`."""
-        return self.lra.report_reeval(self._value(loss_after))
+        return self.lra.report_reeval(self._value(loss_after, "loss after the step"))
 
     def reeval(self, closure, force=False):
         """Runs ``closure()`` (the loss on the same batch) under ``torch.no_grad`` and reports it.

@@ -57,6 +57,29 @@ class RawHandleTests(unittest.TestCase):
         self.assertIn("LRA_LIBRARY does not load", run.stderr)
         self.assertIn("no-such-liblra.so (missing)", run.stderr)
 
+    def test_a_library_that_is_not_this_lra_is_refused_by_name(self):
+        # It loaded, then the first missing symbol raised AttributeError; a
+        # library of another ABI would have been used with this module's structs.
+        import subprocess
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        cases = [
+            # libm loads but is not lra.
+            ("libm.so.6", "", "not this lra: it lacks lra_config_init"),
+            # The real library, seen by a module of another 0.minor (ABI).
+            (lra.load_library()._name, "lra.__version__ = '0.99.0'; ", "another ABI"),
+        ]
+        for library, patch, want in cases:
+            code = (f"import sys; sys.path.insert(0, sys.argv[1]); import lra; {patch}"
+                    "lra.load_library()")
+            env = dict(os.environ, LRA_LIBRARY=library)
+            run = subprocess.run([sys.executable, "-c", code, here], env=env,
+                                 capture_output=True, text=True)
+            self.assertNotEqual(run.returncode, 0, library)
+            last = run.stderr.strip().splitlines()[-1]
+            self.assertTrue(last.startswith("OSError: LRA_LIBRARY does not load"), last)
+            self.assertIn(want, last)
+
     def test_version_and_defaults(self):
         # lra.__version__ is the package's version (pyproject.toml reads it):
         # it must be Cargo.toml's and the loaded library's.
@@ -610,7 +633,8 @@ class HandleLifetimeAndMessageTests(unittest.TestCase):
         err = pickle.loads(pickle.dumps(ctx.exception))
         self.assertEqual((err.status, err.message), (ctx.exception.status, ctx.exception.message))
         self.assertEqual(str(err), str(ctx.exception))
-        self.assertTrue(str(err).startswith("lra status 4: "), str(err))
+        self.assertTrue(str(err).startswith("lra status 4 (CALL_ORDER): "), str(err))
+        self.assertEqual(err.status, lra.CALL_ORDER)
         self.assertIn("lra_report_reeval", str(err))
 
     def test_tensor_tuple_integers_the_c_fields_cannot_hold_are_refused(self):
@@ -866,11 +890,61 @@ class HandleLifetimeAndMessageTests(unittest.TestCase):
 class ConfigValueTests(unittest.TestCase):
     """Keyword values are checked in Python: ctypes would wrap integers silently."""
 
+    def test_names_ignore_case_like_optimizer_names(self):
+        # "ADAM" was accepted while "CUDA" and "EVERY" raised.
+        with lra.Optimizer("SGD", device="HOST", reeval_schedule="Every", reeval_every=3,
+                           sharding="Replicated") as opt:
+            opt.step([], 1.0)
+            self.assertTrue(opt.should_reeval())
+            opt.step([], 1.0)
+            self.assertFalse(opt.should_reeval())
+
+    def test_flags_take_bools_or_one_and_zero_only(self):
+        # int(bool(x)) turned check_finite=None off and check_finite="false" on.
+        for value in (None, "false", "0", 2, -1, 0.5):
+            with self.subTest(value=value):
+                with self.assertRaisesRegex(ValueError, "check_finite must be True/False or 1/0"):
+                    lra.Optimizer("sgd", check_finite=value)
+        for value in (True, False, 1, 0):
+            lra.Optimizer("sgd", check_finite=value, loss_is_rank_local=0).close()
+
+    def test_text_and_other_wrong_types_are_type_errors(self):
+        import numpy as np
+
+        x, g = np.zeros(2, np.float32), np.ones(2, np.float32)
+        t = [lra.numpy_tensor(x, g)]
+        flag = np.zeros(1, np.float32)
+        with lra.Optimizer("sgd") as opt:
+            for call, what in [
+                (lambda: opt.step(t, "1.0"), "loss must be a number, not str"),
+                (lambda: opt.step(t, 1.0, obs_var=b"0"), "obs_var must be a number"),
+                (lambda: opt.step(t, 1.0, found_inf=flag), "found_inf must be the flag's address"),
+                (lambda: opt.step(t, 1.0, found_inf=0.0), "found_inf must be the flag's address"),
+                (lambda: opt.load_state(5), "not an int"),
+                (lambda: setattr(opt, "lr", "0.1"), "lr must be a number"),
+            ]:
+                with self.assertRaisesRegex(TypeError, what):
+                    call()
+            self.assertEqual(opt.counters.steps, 0)
+            opt.step(t, 1.0, found_inf=flag.ctypes.data)
+            with self.assertRaisesRegex(TypeError, "loss_after must be a number"):
+                opt.report_reeval("0.5")
+            self.assertEqual(opt.report_reeval(0.5).skip_reason_name, "none")
+
+    def test_every_status_has_a_name(self):
+        self.assertEqual(sorted(lra.STATUSES), list(range(14)))
+        for code, name in lra.STATUSES.items():
+            self.assertEqual(getattr(lra, name), code)
+            self.assertIn(name, lra.__all__)
+        err = lra.LraError(lra.BAD_CHECKPOINT, "m")
+        self.assertEqual(str(err), "lra status 8 (BAD_CHECKPOINT): m")
+        self.assertEqual(str(lra.LraError(99, "m")), "lra status 99: m")
+
     def test_unknown_names_are_value_errors_listing_the_valid_ones(self):
         cases = [
             (("adamx",), {}, "optimizer", "adamw"),
             (("sgd",), {"device": "gpu"}, "device", "cuda"),
-            (("sgd",), {"reeval_schedule": "Every"}, "reeval_schedule", "geometric"),
+            (("sgd",), {"reeval_schedule": "sometimes"}, "reeval_schedule", "geometric"),
             (("sgd",), {"sharding": "shard"}, "sharding", "replicated"),
         ]
         for args, kwargs, field, valid in cases:
@@ -1706,7 +1780,13 @@ class TorchAdapterAuditTests(unittest.TestCase):
         base = torch.zeros(3, 4)
         p = torch.nn.Parameter(base[:, :2])  # a leaf viewing every other pair of elements
         p.grad = torch.ones(3, 2)
-        opt = lra.TorchOptimizer([p], optimizer="sgd")
+        with self.assertRaisesRegex(ValueError, "does not cover its memory densely"):
+            lra.TorchOptimizer([p], optimizer="sgd")
+        # One that became such a view after construction: refused at the step.
+        q = torch.nn.Parameter(torch.zeros(3, 2))
+        q.grad = torch.ones(3, 2)
+        opt = lra.TorchOptimizer([q], optimizer="sgd")
+        q.data = base[:, :2]
         with self.assertRaisesRegex(ValueError, "does not cover its memory densely"):
             opt.step(1.0)
         self.assertTrue(torch.equal(base, torch.zeros(3, 4)))
@@ -1775,6 +1855,54 @@ class TorchAdapterAuditTests(unittest.TestCase):
         with self.assertRaisesRegex(lra.LraError, "closed"):
             opt.lr
 
+    def test_binding_mistakes_are_refused_by_name_before_lra_sees_them(self):
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.ones(3)
+        q = torch.nn.Parameter(torch.zeros(2))
+        frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        # A parameter's dtype names the parameter (it did not).
+        with self.assertRaisesRegex(TypeError, r"^parameter 1 is torch.float64: lra supports"):
+            lra.TorchOptimizer([frozen, torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+        # A strided view is refused when the optimizer is made, not at the first step.
+        column = torch.zeros(4, 4)[:, 0].requires_grad_()
+        with self.assertRaisesRegex(ValueError, r"^parameter 1 \(4,\) is a view with strides"):
+            lra.TorchOptimizer([p, column])
+        opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.1)
+        with self.assertRaisesRegex(TypeError, "found_inf must be a torch.Tensor"):
+            opt.step(1.0, found_inf=0)
+        with self.assertRaisesRegex(ValueError, r"the loss must be one element, not 2 \(reduce"):
+            opt.step(torch.ones(2))
+        with self.assertRaisesRegex(TypeError, "loss must be a number, not str"):
+            opt.step("1.0")
+        # torch.optim's habit of appending to the group's list (lra fixed the
+        # layout; this used to end in an IndexError at the next step).
+        with self.assertRaises(AttributeError):
+            opt.param_groups[0]["params"].append(q)
+        opt.params.append(q)
+        with self.assertRaisesRegex(ValueError, "opt.params holds 2 tensors, 1 when"):
+            opt.step(1.0)
+        opt.params.pop()
+        self.assertEqual(opt.lra.counters.steps, 0)
+        self.assertTrue(torch.equal(p.detach(), torch.zeros(3)))
+        opt.step(1.0)
+        self.assertEqual(opt.lra.counters.steps, 1)
+
+    def test_lras_own_tensor_indices_also_name_the_given_position(self):
+        # lra counts the tensors it is passed; frozen ones are not passed.
+        buf = torch.zeros(6)
+        frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+        a = buf[0:4].detach().requires_grad_()
+        b = buf[2:6].detach().requires_grad_()
+        a.grad, b.grad = torch.ones(4), torch.ones(4)
+        opt = lra.TorchOptimizer([frozen, a, b], optimizer="sgd")
+        with self.assertRaises(lra.LraError) as ctx:
+            opt.step(1.0)
+        self.assertEqual(ctx.exception.status, lra.INVALID_ARGUMENT)
+        message = str(ctx.exception)
+        self.assertRegex(message, r"tensors\[0\] \(parameter 1\)")
+        self.assertRegex(message, r"tensors\[1\] \(parameter 2\)")
+        self.assertEqual(ctx.exception.args, (ctx.exception.status, ctx.exception.message))
+
     def test_messages_name_parameters_by_their_position_in_the_given_list(self):
         # Frozen parameters are left out; a message naming a parameter by its
         # index among the trainable ones pointed at the wrong tensor.
@@ -1801,7 +1929,7 @@ class TorchAdapterAuditTests(unittest.TestCase):
         opt = lra.TorchOptimizer([p], optimizer="sgd", lr=0.25)
         group = opt.param_groups[0]
         self.assertIs(opt.param_groups[0], group)
-        self.assertEqual(dict(group), {"params": [p], "lr": 0.25})
+        self.assertEqual(dict(group), {"params": (p,), "lr": 0.25})
         # Written the way warm-up code writes torch.optim's: η from the next step.
         for g in opt.param_groups:
             g["lr"] = 0.125
