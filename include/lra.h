@@ -318,10 +318,10 @@ lra_status lra_set_lr(struct lra_handle *h, double lr);
 
 // φ of the most recent step (NaN before the first step or when it was
 // skipped). On CUDA this waits for that step.
-lra_status lra_get_last_phi(struct lra_handle *h, double *phi);
+lra_status lra_get_last_phi(const struct lra_handle *h, double *phi);
 
 // Step and decision counters. On CUDA this waits for the last step.
-lra_status lra_get_counters(struct lra_handle *h, struct lra_counters *out);
+lra_status lra_get_counters(const struct lra_handle *h, struct lra_counters *out);
 
 // Whether the re-evaluation schedule wants the step just taken to be
 // re-evaluated (`*out` = 1) or not (0). `LRA_CALL_ORDER` if no step is pending.
@@ -336,7 +336,7 @@ lra_status lra_state_size(const struct lra_handle *h, size_t *size);
 // waits for the device. Streamed into `buf` (lra holds no copy of the
 // state); a CUDA read failing part way leaves a partial checkpoint there,
 // which no load accepts.
-lra_status lra_save_state(struct lra_handle *h, void *buf, size_t len, size_t *written);
+lra_status lra_save_state(const struct lra_handle *h, void *buf, size_t len, size_t *written);
 
 // Restores a checkpoint written by `lra_save_state` for the same
 // optimizer and tensor layout, with the same bits of every hyper-parameter

@@ -830,8 +830,8 @@ pub unsafe extern "C" fn lra_set_lr(h: *mut lra_handle, lr: f64) -> lra_status {
 /// φ of the most recent step (NaN before the first step or when it was
 /// skipped). On CUDA this waits for that step.
 #[no_mangle]
-pub unsafe extern "C" fn lra_get_last_phi(h: *mut lra_handle, phi: *mut f64) -> lra_status {
-    with_handle(h, "lra_get_last_phi", |e| {
+pub unsafe extern "C" fn lra_get_last_phi(h: *const lra_handle, phi: *mut f64) -> lra_status {
+    with_handle(h as *mut lra_handle, "lra_get_last_phi", |e| {
         require(phi as *const f64, "phi")?;
         let v = e.last_phi()?;
         put(phi, "phi", v)
@@ -841,10 +841,10 @@ pub unsafe extern "C" fn lra_get_last_phi(h: *mut lra_handle, phi: *mut f64) -> 
 /// Step and decision counters. On CUDA this waits for the last step.
 #[no_mangle]
 pub unsafe extern "C" fn lra_get_counters(
-    h: *mut lra_handle,
+    h: *const lra_handle,
     out: *mut lra_counters,
 ) -> lra_status {
-    with_handle(h, "lra_get_counters", |e| {
+    with_handle(h as *mut lra_handle, "lra_get_counters", |e| {
         require(out as *const lra_counters, "out")?;
         let c: Counters = e.counters()?;
         put(
@@ -891,12 +891,12 @@ pub unsafe extern "C" fn lra_state_size(h: *const lra_handle, size: *mut usize) 
 /// which no load accepts.
 #[no_mangle]
 pub unsafe extern "C" fn lra_save_state(
-    h: *mut lra_handle,
+    h: *const lra_handle,
     buf: *mut c_void,
     len: usize,
     written: *mut usize,
 ) -> lra_status {
-    with_handle(h, "lra_save_state", |e| {
+    with_handle(h as *mut lra_handle, "lra_save_state", |e| {
         require(buf as *const u8, "buf")?;
         require_extent(buf as usize, len, "buf, len")?;
         if !written.is_null() {

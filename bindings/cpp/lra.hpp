@@ -251,19 +251,19 @@ class Handle {
     return v;
   }
   void set_lr(double lr) { check(lra_set_lr(h_, lr)); }
-  double last_phi() {
+  double last_phi() const {
     double v = 0;
     check(lra_get_last_phi(h_, &v));
     return v;
   }
-  lra_counters counters() {
+  lra_counters counters() const {
     lra_counters c{};
     check(lra_get_counters(h_, &c));
     return c;
   }
 
   // Checkpoints: a versioned byte string (η, counters, optimizer state).
-  std::vector<unsigned char> save_state() {
+  std::vector<unsigned char> save_state() const {
     std::size_t size = 0;
     check(lra_state_size(h_, &size));
     std::vector<unsigned char> buf(size == 0 ? 1 : size);

@@ -25,7 +25,8 @@
 // parameter a strided (not sparse) leaf that covers its memory densely
 // (contiguous or a permuted dense layout such as channels_last; the layout of
 // the first step is kept: the optimizer state follows memory order), without
-// a lazy negation bit (_neg_view). Gradients must be strided and of the
+// a lazy negation bit (_neg_view), not an inference tensor (checked at
+// construction and at every step). Gradients must be strided and of the
 // parameter's dtype, device and shape; one of another layout (transposed,
 // expanded), a lazily negated one or a ZeroTensor is copied into the
 // parameter's layout for the step. Parameters are never copied (an update of
@@ -60,15 +61,17 @@
 
 namespace lra {
 
-inline DType dtype_of(const ::torch::Tensor& t) {
+// lra's dtype of t; `what` names t in the error of an unsupported dtype
+// (TorchOptimizer passes "parameter k").
+inline DType dtype_of(const ::torch::Tensor& t, const std::string& what = "the tensor") {
   switch (t.scalar_type()) {
     case ::torch::kFloat: return DType::F32;
     case ::torch::kHalf: return DType::F16;
     case ::torch::kBFloat16: return DType::BF16;
     default:
       throw Error(static_cast<lra_status>(Status::InvalidArgument),
-                  std::string("lra supports float32, float16 and bfloat16 tensors, not ") +
-                      std::string(c10::toString(t.scalar_type())));
+                  what + " is " + std::string(c10::toString(t.scalar_type())) +
+                      ": lra supports float32, float16 and bfloat16 tensors");
   }
 }
 
@@ -177,7 +180,7 @@ class TorchOptimizer {
   // fixes the tensor layout). `cfg.device` and `cfg.device_ordinal` are set
   // from the parameters' device.
   TorchOptimizer(std::vector<::torch::Tensor> params, lra_config cfg)
-      : TorchOptimizer(select(std::move(params)), cfg) {}
+      : TorchOptimizer(FromSelected{}, select(std::move(params)), cfg) {}
 
   // The optimizer step with the current η: `loss` is f_i on this batch.
   // Gathers the data pointers of the parameters and of their CURRENT
@@ -265,7 +268,7 @@ class TorchOptimizer {
       if (has_orders && orders[i].size() != dims)
         throw invalid(name(i) + " changed its number of dimensions since the last step");
       detail::put_le(out, dims, 4);
-      detail::put_le(out, static_cast<std::uint64_t>(dtype_of(p)), 4);
+      detail::put_le(out, static_cast<std::uint64_t>(dtype_of(p, name(i))), 4);
       for (std::size_t d = 0; d < dims; ++d) {
         detail::put_le(out, static_cast<std::uint64_t>(p.size(static_cast<std::int64_t>(d))), 8);
         detail::put_le(out, has_orders ? static_cast<std::uint64_t>(orders[i][d]) : 0, 8);
@@ -326,7 +329,7 @@ class TorchOptimizer {
       // from a checkpoint, and every step would then fail against it.
       if (has_dtypes) {
         const auto dtype = in.le(4);
-        if (dtype != static_cast<std::uint64_t>(dtype_of(p)))
+        if (dtype != static_cast<std::uint64_t>(dtype_of(p, name(i))))
           throw bad_checkpoint(name(i) + " was saved with lra_dtype " + std::to_string(dtype) +
                                ", it is " + std::string(c10::toString(p.scalar_type())) +
                                " now");
@@ -372,7 +375,10 @@ class TorchOptimizer {
     std::vector<std::size_t> index;  // positions in the caller's list
   };
 
-  TorchOptimizer(Selected s, lra_config cfg)
+  // The tag keeps this constructor out of overload resolution for the
+  // public one's arguments: `TorchOptimizer({}, cfg)` was ambiguous.
+  struct FromSelected {};
+  TorchOptimizer(FromSelected, Selected s, lra_config cfg)
       : params_(std::move(s.params)), index_(std::move(s.index)), handle_(prepare(params_, cfg)) {
     list_.resize(params_.size());
   }
@@ -380,6 +386,11 @@ class TorchOptimizer {
   static Selected select(std::vector<::torch::Tensor> params) {
     Selected out;
     for (std::size_t k = 0; k < params.size(); ++k) {
+      // requires_grad() of an undefined tensor is false: it would be left
+      // out silently, as if frozen.
+      if (!params[k].defined())
+        throw invalid(name_at(k) + " is an undefined tensor (a default-constructed "
+                                   "torch::Tensor): pass defined parameters only");
       if (!params[k].requires_grad()) continue;
       out.params.push_back(std::move(params[k]));
       out.index.push_back(k);
@@ -391,12 +402,6 @@ class TorchOptimizer {
         throw invalid(name +
                       " is not a leaf tensor (it is the result of an operation): autograd "
                       "never fills its grad; pass the leaf it was computed from");
-      // After a step lra bumps the version counter, which an inference
-      // tensor has not: refused here, before anything is updated.
-      if (out.params[i].is_inference())
-        throw invalid(name +
-                      " is an inference tensor (made under InferenceMode): it cannot be "
-                      "updated in place outside InferenceMode; create the model outside it");
       for (std::size_t j = 0; j < i; ++j)
         if (out.params[i].is_same(out.params[j]))
           throw invalid(name + " is " + name_at(out.index[j]) +
@@ -409,13 +414,27 @@ class TorchOptimizer {
   // pointer, or "" if nothing.
   static std::string unsupported(const ::torch::Tensor& p) {
     if (p.layout() != ::torch::kStrided)
-      return std::string(" has layout ") + std::string(c10::toString(p.layout())) +
+      // c10::str, not c10::toString: that converts the Layout to a whole
+      // TensorOptions and prints it.
+      return " has layout " + c10::str(p.layout()) +
              ": lra updates dense (strided) tensors only";
     if (p.is_neg() || p.is_conj())
       return " is a lazily negated or conjugated view (_neg_view): its memory holds other "
              "values than the tensor; resolve it (resolve_neg()) before making the optimizer";
     if (p._is_zerotensor()) return " is a ZeroTensor, which has no memory to update";
+    // After a step lra bumps the version counter, which an inference tensor
+    // has not: refused before anything is updated (also one made so after
+    // construction, by set_data under InferenceMode).
+    if (p.is_inference())
+      return " is an inference tensor (made under InferenceMode): it cannot be updated in "
+             "place outside InferenceMode; create the model outside it";
     return "";
+  }
+
+  Error not_dense(std::size_t i) const {
+    return invalid(name(i) + " is a view with strides " + c10::str(params_[i].strides()) +
+                   " that does not cover its memory densely; lra updates parameters in place, "
+                   "so it cannot work on a contiguous copy");
   }
 
   lra_config prepare(const std::vector<::torch::Tensor>& params, lra_config cfg) {
@@ -424,9 +443,12 @@ class TorchOptimizer {
       if (params[i].device() != device_)
         throw invalid(name(i) + " is on " + params[i].device().str() + ", " + name(0) + " on " +
                       device_.str() + ": one TorchOptimizer per device");
-      dtype_of(params[i]);
+      dtype_of(params[i], name(i));
       const std::string why = unsupported(params[i]);
       if (!why.empty()) throw invalid(name(i) + why);
+      // Refused here too, not only at the first step (after set_data).
+      if (params[i].numel() > 0 && !detail::covers_memory_densely(params[i]))
+        throw not_dense(i);
     }
     if (device_.is_cuda()) {
 #ifdef LRA_TORCH_CUDA
@@ -475,10 +497,7 @@ class TorchOptimizer {
       orders[i] = detail::memory_order(p);
       const void* grad_data = g.data_ptr();
       if (p.numel() > 0) {
-        if (!detail::covers_memory_densely(p))
-          throw invalid(name(i) +
-                        " is a view that does not cover its memory densely; lra updates "
-                        "parameters in place, so it cannot work on a contiguous copy");
+        if (!detail::covers_memory_densely(p)) throw not_dense(i);
         if (!memory_orders_.empty() && memory_orders_[i] != orders[i])
           throw invalid(name(i) +
                         " changed its memory layout (strides) since the first step; lra's "
@@ -494,7 +513,7 @@ class TorchOptimizer {
         }
       }
       list_[i] = tensor(p.data_ptr(), grad_data, static_cast<std::uint64_t>(p.numel()),
-                        dtype_of(p));
+                        dtype_of(p, name(i)));
     }
     return orders;
   }

@@ -115,6 +115,12 @@ int main() {
   // Checkpoint round trip into a second handle.
   a.report_reeval(0.5);
   const std::vector<unsigned char> blob = a.save_state();
+  // What only reads the handle works through a const reference (a logging
+  // helper, a checkpoint writer): these failed to compile there.
+  {
+    const lra::Handle& reader = a;
+    EXPECT(reader.counters().steps == 3 && reader.last_phi() > 0.0 && reader.save_state() == blob);
+  }
   lra::Handle b(cfg);
   b.step(list, 1.0);
   b.load_state(blob);

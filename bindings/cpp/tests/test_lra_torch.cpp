@@ -1,8 +1,8 @@
 // Tests of lra_torch.hpp's checks and gathering: parameters without
 // gradients, unsupported dtypes, non-contiguous tensors, gradients that
 // LibTorch reallocates between steps, the closure form under no-grad,
-// misuse that must end in a clear lra::Error (sparse or lazily negated
-// parameters, losses that are not one element) or be handled (lazily
+// misuse that must end in a clear lra::Error (sparse, lazily negated,
+// undefined, inference or non-dense parameters, losses that are not one element) or be handled (lazily
 // negated or ZeroTensor gradients), zero_grad on gradients that are views,
 // messages that name parameters by their position in the caller's list, and
 // checkpoints that check shapes and memory layout.
@@ -74,6 +74,30 @@ int main() {
         }).find("float32") != std::string::npos);
   EXPECT(error_of([&] { lra::TorchOptimizer o({torch::zeros({3})}, cfg); })
             .find("no parameters") != std::string::npos);
+  // An empty list is that error too (it did not compile: a private
+  // constructor made `{}` ambiguous).
+  EXPECT(error_of([&] { lra::TorchOptimizer o({}, cfg); }).find("no parameters") !=
+         std::string::npos);
+  // The unsupported dtype is named by its position in the list (frozen
+  // tensors count), under one "lra: " prefix; also when set_data gives a
+  // parameter that dtype after construction.
+  {
+    const std::string msg = error_of([&] {
+      lra::TorchOptimizer o({torch::zeros({3}), torch::zeros({3}).requires_grad_(),
+                             torch::zeros({3}, torch::kDouble).requires_grad_()},
+                            cfg);
+    });
+    EXPECT(msg == "lra: parameter 2 is Double: lra supports float32, float16 and bfloat16 tensors");
+    auto p = torch::zeros({3}).requires_grad_();
+    lra::TorchOptimizer o({torch::zeros({3}), p}, cfg);
+    p.set_data(torch::zeros({3}, torch::kDouble));
+    p.mutable_grad() = torch::ones({3}, torch::kDouble);
+    EXPECT(error_of([&] { o.step(1.0); }).rfind("lra: parameter 1 is Double", 0) == 0);
+  }
+  // An undefined tensor is refused, not left out as if frozen.
+  EXPECT(error_of([&] {
+           lra::TorchOptimizer o({torch::ones({2}).requires_grad_(), torch::Tensor()}, cfg);
+         }).find("parameter 1 is an undefined tensor") != std::string::npos);
 
   // The checkpoint's hash is FNV-1a 64 (its published test vectors).
   {
@@ -215,19 +239,28 @@ int main() {
          std::string::npos);
 
   // A leaf that views every other pair of its storage cannot be updated in
-  // place: refused, memory untouched.
+  // place: refused at construction (it was only at the first step), and at
+  // the step when set_data makes a parameter such a view; memory untouched.
   {
     auto base = torch::zeros({3, 4});
     auto view = base.slice(1, 0, 2).detach().requires_grad_();
-    view.mutable_grad() = torch::ones({3, 2});
-    lra::TorchOptimizer o({view}, cfg);
+    EXPECT(error_of([&] { lra::TorchOptimizer o({w, view}, cfg); })
+               .find("parameter 1 is a view with strides [4, 1] that does not cover its "
+                     "memory densely") != std::string::npos);
+    // A column, and every other row (the skipping dimension has size 2).
+    using torch::indexing::Slice;
+    auto column = torch::randn({4, 4}).index({Slice(), 0}).detach().requires_grad_();
+    EXPECT(error_of([&] { lra::TorchOptimizer o({column}, cfg); }).find("densely") !=
+           std::string::npos);
+    auto rows = torch::zeros({4, 3}).slice(0, 0, 4, 2).detach().requires_grad_();
+    EXPECT(error_of([&] { lra::TorchOptimizer o({rows}, cfg); }).find("densely") !=
+           std::string::npos);
+    auto p = torch::zeros({3, 2}).requires_grad_();
+    lra::TorchOptimizer o({p}, cfg);
+    p.set_data(base.slice(1, 0, 2));
+    p.mutable_grad() = torch::ones({3, 2});
     EXPECT(error_of([&] { o.step(1.0); }).find("densely") != std::string::npos);
     EXPECT(torch::equal(base, torch::zeros({3, 4})));
-    // Every other row: the skipping dimension has size 2.
-    auto rows = torch::zeros({4, 3}).slice(0, 0, 4, 2).detach().requires_grad_();
-    rows.mutable_grad() = torch::ones({2, 3});
-    lra::TorchOptimizer r({rows}, cfg);
-    EXPECT(error_of([&] { r.step(1.0); }).find("densely") != std::string::npos);
   }
 
   // The TorchOptimizer makes its handle for the parameters' device,
@@ -426,10 +459,11 @@ int main() {
   }
 
   // Sparse parameters are refused at construction (an lra::Error, not a
-  // c10::Error from data_ptr() at the first step).
+  // c10::Error from data_ptr() at the first step); the message prints the
+  // layout (it printed a whole TensorOptions).
   EXPECT(error_of([&] {
-          lra::TorchOptimizer o({torch::zeros({3}).to_sparse().requires_grad_()}, cfg);
-        }).find("strided") != std::string::npos);
+          lra::TorchOptimizer o({w, torch::zeros({3}).to_sparse().requires_grad_()}, cfg);
+        }) == "lra: parameter 1 has layout Sparse: lra updates dense (strided) tensors only");
 
   // A lazily negated parameter (memory holds -p) cannot be updated in place;
   // a lazily negated gradient (memory holds -g) is materialised, so SGD moves
@@ -460,6 +494,19 @@ int main() {
     EXPECT(torch::allclose(one.detach(), torch::full({1}, 0.1)));
     one.set_data(at::_neg_view(torch::ones({1})));
     EXPECT(error_of([&] { o1.step(1.0); }).find("negated") != std::string::npos);
+    // Made an inference tensor after construction (set_data under
+    // InferenceMode): refused at the step before anything is updated (it
+    // was stepped, and its version counter could not be bumped).
+    auto q = torch::ones({3}).requires_grad_();
+    lra::TorchOptimizer oq({q}, cfg);
+    {
+      c10::InferenceMode guard;
+      q.set_data(torch::ones({3}));
+    }
+    q.mutable_grad() = torch::ones({3});
+    EXPECT(error_of([&] { oq.step(1.0); }).find("parameter 0 is an inference tensor") !=
+           std::string::npos);
+    EXPECT(torch::equal(q.detach(), torch::ones({3})) && oq.handle().counters().steps == 0);
   }
 
   // A loss that is not one element is an lra::Error that says so (not a
