@@ -1918,6 +1918,64 @@ fn steps_on_two_streams_are_ordered_on_the_device() {
     }
 }
 
+/// `prepare` (what a rank-local-loss step does before its loss sum) queues
+/// the first layout's state memset and table uploads on stream A; when the
+/// sum fails, the retry may come on stream B. B's kernels must wait on the
+/// device for A's uploads (they read uninitialised tables otherwise), and
+/// neither call waits on the host.
+#[test]
+fn a_step_on_another_stream_waits_for_what_prepare_queued() {
+    if !gpu("a_step_on_another_stream_waits_for_what_prepare_queued") {
+        return;
+    }
+    let (mut a, mut b) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: out-parameters; 1 = non-blocking.
+    unsafe {
+        ok(sys::cuStreamCreate(&mut a, 1));
+        ok(sys::cuStreamCreate(&mut b, 1));
+    }
+    let mode = Mode::Fused { guard: true };
+    let mut case = Case::new(OptimizerKind::Adam, &shape(DType::F32), a as *mut c_void);
+    case.set_grads(1, None);
+    let (tc, tg) = case.descs();
+    let req = case.request(
+        mode,
+        0.01,
+        &tc,
+        std::ptr::null(),
+        std::ptr::null_mut(),
+        None,
+    );
+    unsafe { case.cpu.step(req) }.unwrap();
+
+    let gate = Gate::hold(a);
+    case.gpu.prepare(&tg, a as *mut c_void).unwrap();
+    let req = case.request(mode, 0.01, &tg, std::ptr::null(), b as *mut c_void, None);
+    unsafe { case.gpu.step(req) }.unwrap();
+    assert!(
+        !gate.timed_out.load(SeqCst),
+        "prepare or the step waited for a held stream"
+    );
+    // SAFETY: a live stream.
+    let b_state = unsafe { sys::cuStreamQuery(b) };
+    assert_eq!(
+        b_state,
+        sys::CUresult::CUDA_ERROR_NOT_READY,
+        "the step on stream B did not wait for the uploads prepare queued on held stream A"
+    );
+    let opener = gate.open_soon();
+    let g = case.gpu.outcome().unwrap();
+    opener.join().unwrap();
+    let c = case.cpu.outcome().unwrap();
+    case.assert_step_matches(mode, &c, &g, "prepare on A, step on B");
+    drop(case);
+    // SAFETY: created above.
+    unsafe {
+        sys::cuStreamDestroy_v2(a);
+        sys::cuStreamDestroy_v2(b);
+    }
+}
+
 /// Destroying a handle whose last step is still queued behind a held
 /// stream waits for that step before freeing its buffers.
 #[test]

@@ -620,7 +620,19 @@ impl Backend for CudaBackend {
     fn prepare(&mut self, tensors: &[TensorDesc], stream: *mut c_void) -> Result<()> {
         self.check_not_broken()?;
         let _ctx = self.dev.enter()?;
-        self.layout_for(tensors, stream as CUstream)
+        let stream = stream as CUstream;
+        // Ordered like a step: after the previous one, and the next step
+        // after what this queues (a new layout's state memset and tables),
+        // whatever stream it comes on: the loss sum that follows may fail
+        // and the retry come on another stream.
+        driver::wait_event(stream, &self.done)?;
+        self.layout_for(tensors, stream)?;
+        if let Err(e) = self.done.record(stream) {
+            // Not ordered by `done`: let the queued uploads finish here.
+            driver::sync_stream(stream);
+            return Err(e);
+        }
+        Ok(())
     }
 
     unsafe fn step(&mut self, req: StepRequest<'_>) -> Result<()> {
