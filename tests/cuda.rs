@@ -3523,6 +3523,32 @@ fn a_driver_too_old_for_the_kernels_is_a_clear_error() {
     }
 }
 
+/// A driver older than CUDA 11.0 lacks entry points lra calls
+/// (`cuDevicePrimaryCtxRelease_v2`; a real loader's missing symbol made
+/// `lra_create` an `LRA_PANIC`): it is refused by its version, before any
+/// of them is called (the fake driver stops the process if one is).
+#[test]
+fn a_driver_older_than_cuda_11_is_refused_by_its_version() {
+    const TEST: &str = "a_driver_older_than_cuda_11_is_refused_by_its_version";
+    const CUDA_10_2: (&str, &str) = ("FAKE_CUDA_POINTER_ATTRIBUTES", "10.2");
+    if !runs_alone_on_the_fake_driver(TEST, &[CUDA_10_2], "plays a CUDA 10.2 driver") {
+        return;
+    }
+    for attempt in 0..2 {
+        let cfg = abi_config(LRA_OPTIMIZER_ADAM, LRA_DEVICE_CUDA, 1e-3);
+        let mut h: *mut lra_handle = std::ptr::null_mut();
+        // SAFETY: the C ABI as a C caller uses it.
+        let status = unsafe { lra_create(&cfg, &mut h) };
+        let msg = support::thread_error();
+        assert_eq!(status, LRA_NO_CUDA, "attempt {attempt}: {msg}");
+        assert!(h.is_null());
+        for part in ["CUDA 10.2", "11.0 or newer", "update the NVIDIA driver"] {
+            assert!(msg.contains(part), "attempt {attempt}: {part:?} in {msg}");
+        }
+        println!("lra_create, attempt {attempt}: {msg}");
+    }
+}
+
 /// Memory mapped through the virtual memory management API (PyTorch's
 /// expandable segments) as lra's pointer check sees it: tensors across
 /// mappings are accepted; one reaching unmapped memory (past the mapped

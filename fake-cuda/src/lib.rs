@@ -125,10 +125,11 @@ fn pointer_attribute_since(a: u32) -> c_int {
     }
 }
 
-/// The modelled driver's version (`cuDriverGetVersion`, and which pointer
-/// attributes it knows): 12040, or what `FAKE_CUDA_POINTER_ATTRIBUTES`
-/// names: `11.0` (none of the newer attributes), `11.4` (`ACCESS_FLAGS`
-/// and `MEMPOOL_HANDLE`, not `MAPPING_BASE_ADDR`/`MAPPING_SIZE`).
+/// The modelled driver's version (`cuDriverGetVersion`, which pointer
+/// attributes it knows, and which entry points it has: see [`since`]):
+/// 12040, or what `FAKE_CUDA_POINTER_ATTRIBUTES` names: `10.2` (a driver
+/// lra refuses), `11.0` (none of the newer attributes), `11.4`
+/// (`ACCESS_FLAGS` and `MEMPOOL_HANDLE`, not `MAPPING_BASE_ADDR`/`MAPPING_SIZE`).
 fn driver_version() -> c_int {
     static CHOSEN: OnceLock<c_int> = OnceLock::new();
     *CHOSEN.get_or_init(|| {
@@ -137,9 +138,10 @@ fn driver_version() -> c_int {
             .as_str()
         {
             "" => 12040,
+            "10.2" => 10020,
             "11.0" => 11000,
             "11.4" => 11040,
-            v => panic!("FAKE_CUDA_POINTER_ATTRIBUTES={v}: expected 11.0, 11.4 or nothing"),
+            v => panic!("FAKE_CUDA_POINTER_ATTRIBUTES={v}: expected 10.2, 11.0, 11.4 or nothing"),
         }
     })
 }
@@ -161,6 +163,20 @@ fn pool_access_flags_refused() -> bool {
 fn mapped_access_flags_refused() -> bool {
     static CHOSEN: OnceLock<bool> = OnceLock::new();
     *CHOSEN.get_or_init(|| env_switch("FAKE_CUDA_MAPPED_ACCESS_FLAGS", "answered", "refused"))
+}
+
+/// An entry point that first came with CUDA `version`: a driver of the
+/// modelled version lacks the symbol, where a real loader finds nothing
+/// (cudarc panics). The fake stops the process instead, which fails the
+/// test that made lra call it.
+fn since(name: &str, version: c_int) {
+    if driver_version() < version {
+        note(
+            name,
+            format!("no such entry point in a CUDA {} driver", driver_version()),
+        );
+        std::process::abort();
+    }
 }
 
 #[no_mangle]
@@ -1100,6 +1116,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: sys::CUdevice) -> R {
+    since("cuDevicePrimaryCtxRelease_v2", 11000);
     with("cuDevicePrimaryCtxRelease", |d| {
         device_ordinal("cuDevicePrimaryCtxRelease", dev)?;
         if d.primary_refs == 0 {
@@ -1350,6 +1367,7 @@ pub unsafe extern "C" fn cuStreamIsCapturing(
 pub unsafe extern "C" fn cuThreadExchangeStreamCaptureMode(
     mode: *mut sys::CUstreamCaptureMode,
 ) -> R {
+    since("cuThreadExchangeStreamCaptureMode", 10010);
     if mode.is_null() {
         return R::CUDA_ERROR_INVALID_VALUE;
     }

@@ -50,15 +50,33 @@ pub fn init() -> Result<()> {
         if !matches!(present, Ok(true)) {
             return Err("the CUDA driver library (libcuda.so) was not found".into());
         }
-        match std::panic::catch_unwind(|| unsafe { sys::cuInit(0) }) {
-            Ok(sys::CUresult::CUDA_SUCCESS) => Ok(()),
+        let init_and_version = || unsafe {
+            let r = sys::cuInit(0);
+            let mut version = 0;
+            if r == sys::CUresult::CUDA_SUCCESS {
+                check(sys::cuDriverGetVersion(&mut version), "cuDriverGetVersion")
+                    .map_err(|e| e.message)?;
+            }
+            Ok::<_, String>((r, version))
+        };
+        match std::panic::catch_unwind(init_and_version) {
+            Ok(Err(m)) => Err(m),
+            // Entry points lra calls came later (cuDevicePrimaryCtxRelease_v2
+            // in 11.0, and the kernels' PTX ISA 7.0): a loader that does not
+            // find one panics, so an older driver is refused before any.
+            Ok(Ok((sys::CUresult::CUDA_SUCCESS, v))) if v < 11000 => Err(format!(
+                "the CUDA driver supports CUDA {}.{}, lra needs 11.0 or newer: update the NVIDIA driver",
+                v / 1000,
+                v % 1000 / 10
+            )),
+            Ok(Ok((sys::CUresult::CUDA_SUCCESS, _))) => Ok(()),
             // cudarc opens `libcuda.so` before `libcuda.so.1`: a toolkit's
             // stubs directory on the library path wins over the driver.
-            Ok(sys::CUresult::CUDA_ERROR_STUB_LIBRARY) => Err(
+            Ok(Ok((sys::CUresult::CUDA_ERROR_STUB_LIBRARY, _))) => Err(
                 "cuInit failed: CUDA_ERROR_STUB_LIBRARY (the CUDA toolkit's stub libcuda.so was loaded instead of the driver's; remove the toolkit's lib64/stubs directory from LD_LIBRARY_PATH)"
                     .into(),
             ),
-            Ok(e) => Err(format!("cuInit failed: {e:?} (no usable GPU or driver)")),
+            Ok(Ok((e, _))) => Err(format!("cuInit failed: {e:?} (no usable GPU or driver)")),
             Err(_) => Err("the CUDA driver library could not be used (missing symbols)".into()),
         }
     });
