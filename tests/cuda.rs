@@ -178,6 +178,22 @@ fn exchange_capture_mode(mode: sys::CUstreamCaptureMode) -> sys::CUstreamCapture
     mode
 }
 
+/// A new non-blocking stream of the current context; `destroy_streams`
+/// once nothing queued on it is still to run.
+fn non_blocking_stream() -> sys::CUstream {
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: out-parameter; 1 = non-blocking.
+    unsafe { ok(sys::cuStreamCreate(&mut stream, 1)) };
+    stream
+}
+
+fn destroy_streams(streams: &[sys::CUstream]) {
+    for &stream in streams {
+        // SAFETY: streams made by `non_blocking_stream`, destroyed once.
+        unsafe { sys::cuStreamDestroy_v2(stream) };
+    }
+}
+
 /// A new stream (`flags`: 0 blocking, 1 non-blocking) of the current
 /// context, capturing in thread-local mode.
 fn new_capturing_stream(flags: u32) -> sys::CUstream {
@@ -543,6 +559,21 @@ impl Case {
     }
 
     /// The request of one step of this case (either backend).
+    /// The host backend's step over `tensors` (host descriptors from
+    /// [`Case::descs`]), with no flag and no reduction.
+    fn cpu_step(&mut self, mode: Mode, lr: f64, tensors: &[TensorDesc]) {
+        let req = self.request(
+            mode,
+            lr,
+            tensors,
+            std::ptr::null(),
+            std::ptr::null_mut(),
+            None,
+        );
+        // SAFETY: descriptors of this case's host buffers.
+        unsafe { self.cpu.step(req) }.unwrap();
+    }
+
     fn request<'a>(
         &self,
         mode: Mode,
@@ -954,9 +985,7 @@ fn mixed_dtypes_in_one_launch_and_a_caller_stream() {
     if !gpu("mixed_dtypes_in_one_launch_and_a_caller_stream") {
         return;
     }
-    let mut stream = std::ptr::null_mut();
-    // SAFETY: out-parameter; 1 = non-blocking.
-    unsafe { ok(sys::cuStreamCreate(&mut stream, 1)) };
+    let stream = non_blocking_stream();
     let mut shape = vec![
         (100, DType::F32, false),
         (5000, DType::Bf16, true),
@@ -987,8 +1016,7 @@ fn mixed_dtypes_in_one_launch_and_a_caller_stream() {
     }
     case.assert_state_same("after the special stream handles");
     drop(case);
-    // SAFETY: created above.
-    unsafe { sys::cuStreamDestroy_v2(stream) };
+    destroy_streams(&[stream]);
 }
 
 #[test]
@@ -1758,9 +1786,7 @@ fn imported_state_continues_as_on_the_cpu() {
     stale.sharded = true;
     stale.set_grads(1, None);
     assert!(stale.step_with(Mode::Capped, 0.01, None, true).1.is_err());
-    let mut stream = std::ptr::null_mut();
-    // SAFETY: out-parameter; 1 = non-blocking.
-    unsafe { ok(sys::cuStreamCreate(&mut stream, 1)) };
+    let stream = non_blocking_stream();
     for (i, (what, gpu)) in [
         ("fresh", cuda::create(kind, 0).unwrap()),
         ("stale layout", stale.gpu),
@@ -1778,8 +1804,7 @@ fn imported_state_continues_as_on_the_cpu() {
         case.stream = std::ptr::null_mut();
     }
     drop(case);
-    // SAFETY: created above.
-    unsafe { sys::cuStreamDestroy_v2(stream) };
+    destroy_streams(&[stream]);
 }
 
 /// Holds a stream in a host function until opened. After 30 s it lets go
@@ -1820,6 +1845,28 @@ impl Gate {
         gate
     }
 
+    /// Checks that the calls since the gate was held did not wait for it on
+    /// the host and that `behind`'s work waits for it on the device
+    /// (`what` names that work), then opens it and waits for `behind`.
+    fn assert_waited_on_the_device(&'static self, behind: sys::CUstream, what: &str) {
+        assert!(
+            !self.timed_out.load(SeqCst) && !self.ran.load(SeqCst),
+            "{what}: a call waited for the held stream"
+        );
+        // SAFETY: a live stream.
+        let state = unsafe { sys::cuStreamQuery(behind) };
+        assert_eq!(
+            state,
+            sys::CUresult::CUDA_ERROR_NOT_READY,
+            "{what}: did not wait on the device"
+        );
+        let opener = self.open_soon();
+        // SAFETY: a live stream.
+        unsafe { ok(sys::cuStreamSynchronize(behind)) };
+        opener.join().unwrap();
+        assert!(self.ran.load(SeqCst) && !self.timed_out.load(SeqCst));
+    }
+
     /// Opens the gate from another thread after a moment, so that the
     /// calling thread is already waiting (if it waits) when it opens.
     fn open_soon(&'static self) -> std::thread::JoinHandle<()> {
@@ -1839,12 +1886,7 @@ fn steps_on_two_streams_are_ordered_on_the_device() {
     if !gpu("steps_on_two_streams_are_ordered_on_the_device") {
         return;
     }
-    let (mut a, mut b) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: out-parameters; 1 = non-blocking.
-    unsafe {
-        ok(sys::cuStreamCreate(&mut a, 1));
-        ok(sys::cuStreamCreate(&mut b, 1));
-    }
+    let (a, b) = (non_blocking_stream(), non_blocking_stream());
     let shape = [
         (4097, DType::F32, false),
         (300, DType::Bf16, true),
@@ -1858,15 +1900,7 @@ fn steps_on_two_streams_are_ordered_on_the_device() {
     // written before A is held (writes synchronise the context).
     case.set_grads(2, None);
     let (tc1, tg1) = case.descs();
-    let req = case.request(
-        mode,
-        0.01,
-        &tc1,
-        std::ptr::null(),
-        std::ptr::null_mut(),
-        None,
-    );
-    unsafe { case.cpu.step(req) }.unwrap();
+    case.cpu_step(mode, 0.01, &tc1);
     let mut old_grads = Vec::new();
     for (i, p) in case.pairs.iter_mut().enumerate() {
         p.hgrad = encode(&values(p.n, 300 + i as u64), p.dt);
@@ -1875,15 +1909,7 @@ fn steps_on_two_streams_are_ordered_on_the_device() {
         old_grads.push(std::mem::replace(&mut p.dgrad, DevBuf::new(&padded)));
     }
     let (tc2, tg2) = case.descs();
-    let req = case.request(
-        mode,
-        0.01,
-        &tc2,
-        std::ptr::null(),
-        std::ptr::null_mut(),
-        None,
-    );
-    unsafe { case.cpu.step(req) }.unwrap();
+    case.cpu_step(mode, 0.01, &tc2);
     case.gpu.validate(&tg2).unwrap();
 
     let gate = Gate::hold(a);
@@ -1891,31 +1917,13 @@ fn steps_on_two_streams_are_ordered_on_the_device() {
     unsafe { case.gpu.step(req) }.unwrap();
     let req = case.request(mode, 0.01, &tg2, std::ptr::null(), b as *mut c_void, None);
     unsafe { case.gpu.step(req) }.unwrap();
-    assert!(
-        !gate.timed_out.load(SeqCst),
-        "lra_step waited for a held stream"
-    );
-    assert!(!gate.ran.load(SeqCst));
-    // SAFETY: a live stream.
-    let b_state = unsafe { sys::cuStreamQuery(b) };
-    assert_eq!(
-        b_state,
-        sys::CUresult::CUDA_ERROR_NOT_READY,
-        "step N+1 on stream B did not wait for step N on held stream A"
-    );
-    let opener = gate.open_soon();
-    let g = case.gpu.outcome().unwrap();
-    opener.join().unwrap();
-    assert!(gate.ran.load(SeqCst) && !gate.timed_out.load(SeqCst));
+    gate.assert_waited_on_the_device(b, "step N+1 on stream B, behind step N on held stream A");
     let c = case.cpu.outcome().unwrap();
+    let g = case.gpu.outcome().unwrap();
     case.assert_step_matches(mode, &c, &g, "two streams");
     drop(case);
     drop(old_grads);
-    // SAFETY: created above.
-    unsafe {
-        sys::cuStreamDestroy_v2(a);
-        sys::cuStreamDestroy_v2(b);
-    }
+    destroy_streams(&[a, b]);
 }
 
 /// `prepare` (what a rank-local-loss step does before its loss sum) queues
@@ -1928,52 +1936,26 @@ fn a_step_on_another_stream_waits_for_what_prepare_queued() {
     if !gpu("a_step_on_another_stream_waits_for_what_prepare_queued") {
         return;
     }
-    let (mut a, mut b) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: out-parameters; 1 = non-blocking.
-    unsafe {
-        ok(sys::cuStreamCreate(&mut a, 1));
-        ok(sys::cuStreamCreate(&mut b, 1));
-    }
+    let (a, b) = (non_blocking_stream(), non_blocking_stream());
     let mode = Mode::Fused { guard: true };
     let mut case = Case::new(OptimizerKind::Adam, &shape(DType::F32), a as *mut c_void);
     case.set_grads(1, None);
     let (tc, tg) = case.descs();
-    let req = case.request(
-        mode,
-        0.01,
-        &tc,
-        std::ptr::null(),
-        std::ptr::null_mut(),
-        None,
-    );
-    unsafe { case.cpu.step(req) }.unwrap();
+    case.cpu_step(mode, 0.01, &tc);
 
     let gate = Gate::hold(a);
     case.gpu.prepare(&tg, a as *mut c_void).unwrap();
     let req = case.request(mode, 0.01, &tg, std::ptr::null(), b as *mut c_void, None);
     unsafe { case.gpu.step(req) }.unwrap();
-    assert!(
-        !gate.timed_out.load(SeqCst),
-        "prepare or the step waited for a held stream"
+    gate.assert_waited_on_the_device(
+        b,
+        "the step on stream B, behind the uploads prepare queued on held stream A",
     );
-    // SAFETY: a live stream.
-    let b_state = unsafe { sys::cuStreamQuery(b) };
-    assert_eq!(
-        b_state,
-        sys::CUresult::CUDA_ERROR_NOT_READY,
-        "the step on stream B did not wait for the uploads prepare queued on held stream A"
-    );
-    let opener = gate.open_soon();
-    let g = case.gpu.outcome().unwrap();
-    opener.join().unwrap();
     let c = case.cpu.outcome().unwrap();
+    let g = case.gpu.outcome().unwrap();
     case.assert_step_matches(mode, &c, &g, "prepare on A, step on B");
     drop(case);
-    // SAFETY: created above.
-    unsafe {
-        sys::cuStreamDestroy_v2(a);
-        sys::cuStreamDestroy_v2(b);
-    }
+    destroy_streams(&[a, b]);
 }
 
 /// Destroying a handle whose last step is still queued behind a held
@@ -1983,9 +1965,7 @@ fn destroy_waits_for_a_step_still_queued() {
     if !gpu("destroy_waits_for_a_step_still_queued") {
         return;
     }
-    let mut a = std::ptr::null_mut();
-    // SAFETY: out-parameter; 1 = non-blocking.
-    unsafe { ok(sys::cuStreamCreate(&mut a, 1)) };
+    let a = non_blocking_stream();
     let mode = Mode::Capped;
     let mut case = Case::new(OptimizerKind::Adam, &shape(DType::F32), a as *mut c_void);
     // A first step outside the hold: it allocates, and may wait.
@@ -2005,10 +1985,8 @@ fn destroy_waits_for_a_step_still_queued() {
     assert!(!gate.timed_out.load(SeqCst));
     opener.join().unwrap();
     // SAFETY: no step touched freed memory, or this reports it.
-    unsafe {
-        ok(sys::cuCtxSynchronize());
-        sys::cuStreamDestroy_v2(a);
-    }
+    unsafe { ok(sys::cuCtxSynchronize()) };
+    destroy_streams(&[a]);
 }
 
 // ---------------------------------------------------------------------------
@@ -3503,20 +3481,29 @@ fn a_driver_too_old_for_the_kernels_is_a_clear_error() {
         .find_map(|l| l.trim().strip_prefix(".version"))
         .expect("the kernels' PTX names its version")
         .trim();
-    for attempt in 0..2 {
-        let cfg = abi_config(LRA_OPTIMIZER_ADAM, LRA_DEVICE_CUDA, 1e-3);
-        let mut h: *mut lra_handle = std::ptr::null_mut();
-        // SAFETY: the C ABI as a C caller uses it.
-        let status = unsafe { lra_create(&cfg, &mut h) };
-        let msg = support::thread_error();
-        assert_eq!(status, LRA_CUDA_ERROR, "attempt {attempt}: {msg}");
-        assert!(h.is_null());
-        for part in [
+    assert_cuda_create_refused(
+        LRA_CUDA_ERROR,
+        &[
             "cuModuleLoadDataEx",
             "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
             &format!("Unsupported .version {version}; current version is '6.5'"),
             "update the NVIDIA driver",
-        ] {
+        ],
+    );
+}
+
+/// `lra_create` of a CUDA handle fails with `status` and a message holding
+/// each of `parts`, also when tried again.
+fn assert_cuda_create_refused(status: lra_status, parts: &[&str]) {
+    for attempt in 0..2 {
+        let cfg = abi_config(LRA_OPTIMIZER_ADAM, LRA_DEVICE_CUDA, 1e-3);
+        let mut h: *mut lra_handle = std::ptr::null_mut();
+        // SAFETY: the C ABI as a C caller uses it.
+        let got = unsafe { lra_create(&cfg, &mut h) };
+        let msg = support::thread_error();
+        assert_eq!(got, status, "attempt {attempt}: {msg}");
+        assert!(h.is_null());
+        for part in parts {
             assert!(msg.contains(part), "attempt {attempt}: {part:?} in {msg}");
         }
         println!("lra_create, attempt {attempt}: {msg}");
@@ -3534,19 +3521,10 @@ fn a_driver_older_than_cuda_11_is_refused_by_its_version() {
     if !runs_alone_on_the_fake_driver(TEST, &[CUDA_10_2], "plays a CUDA 10.2 driver") {
         return;
     }
-    for attempt in 0..2 {
-        let cfg = abi_config(LRA_OPTIMIZER_ADAM, LRA_DEVICE_CUDA, 1e-3);
-        let mut h: *mut lra_handle = std::ptr::null_mut();
-        // SAFETY: the C ABI as a C caller uses it.
-        let status = unsafe { lra_create(&cfg, &mut h) };
-        let msg = support::thread_error();
-        assert_eq!(status, LRA_NO_CUDA, "attempt {attempt}: {msg}");
-        assert!(h.is_null());
-        for part in ["CUDA 10.2", "11.0 or newer", "update the NVIDIA driver"] {
-            assert!(msg.contains(part), "attempt {attempt}: {part:?} in {msg}");
-        }
-        println!("lra_create, attempt {attempt}: {msg}");
-    }
+    assert_cuda_create_refused(
+        LRA_NO_CUDA,
+        &["CUDA 10.2", "11.0 or newer", "update the NVIDIA driver"],
+    );
 }
 
 /// Memory mapped through the virtual memory management API (PyTorch's
