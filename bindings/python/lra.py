@@ -3,7 +3,7 @@
 Pure ``ctypes``: nothing to compile. The shared library is ``$LRA_LIBRARY``
 (a path to ``liblra.so``) when that is set, and an error if it does not load;
 otherwise the first of ``$CARGO_TARGET_DIR/release`` (a relative one taken
-from the repository root, as cargo does) and the repository's
+from the repository root, where cargo run from the root puts it) and the repository's
 ``target/release`` (both only from a checkout), then the system loader
 (``ctypes.util``).
 
