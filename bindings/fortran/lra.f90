@@ -28,13 +28,15 @@
 module lra
   use, intrinsic :: iso_c_binding, only: c_ptr, c_funptr, c_null_ptr, c_char, c_int8_t, c_int16_t, &
                                          c_int32_t, c_int64_t, c_size_t, c_double, c_float, &
-                                         c_associated, c_f_pointer, c_loc, c_funloc
+                                         c_associated, c_f_pointer, c_loc, c_funloc, &
+                                         c_intptr_t, c_sizeof
   implicit none
   ! The ISO_C_BINDING names are not re-exported: `use, intrinsic ::
   ! iso_c_binding` next to `use lra` (gfortran 12 mistypes c_loc reached
   ! through another module: c_associated(c_loc(x)) is refused).
   private :: c_ptr, c_funptr, c_null_ptr, c_char, c_int8_t, c_int16_t, c_int32_t, c_int64_t, c_size_t, &
-             c_double, c_float, c_associated, c_f_pointer, c_loc, c_funloc, c_strlen
+             c_double, c_float, c_associated, c_f_pointer, c_loc, c_funloc, c_strlen, &
+             c_intptr_t, c_sizeof, dense_f32, dense_16
 
   ! Configuration. Fill it with lra_config_init first, then change fields.
   type, bind(C) :: lra_config
@@ -353,29 +355,33 @@ contains
     end do
   end function lra_string
 
-  ! An LRA_DTYPE_F32 tensor over param and grad. Both dummies are contiguous
-  ! pointers, so the compiler accepts only actual arguments that are simply
-  ! contiguous and have the TARGET (or POINTER) attribute: the addresses
-  ! stored are those of the caller's arrays, never of a temporary copy.
-  ! They must stay where they are (not deallocated or reallocated) while the
-  ! tensor is used. Multi-dimensional arrays: pass a rank-1 pointer declared
-  ! CONTIGUOUS and remapped onto them, p(1:size(a, kind=c_int64_t)) => a
-  ! (a plain size(a) is a default integer: it wraps above 2**31 - 1
-  ! elements and leaves p empty). The guarantee holds one call deep: a
-  ! dummy argument of yours declared CONTIGUOUS, TARGET may itself be a
-  ! copy-in temporary of a strided actual argument (the tensor then points
-  ! at freed memory); declare such dummies POINTER, CONTIGUOUS, INTENT(IN)
-  ! like these, so that the compiler refuses strided actuals there too. An empty tensor
-  ! gets NULL addresses (lra accepts them for numel = 0). Differing sizes are
-  ! a programming error:
-  ! error stop (lra could not detect a short gradient itself).
+  ! An LRA_DTYPE_F32 tensor over param and grad. Both dummies are pointers,
+  ! so the actual arguments must have the TARGET (or POINTER) attribute and
+  ! are never copied: the addresses stored are those of the caller's
+  ! arrays. They must stay where they are (not deallocated or reallocated)
+  ! while the tensor is used. A strided one (a(1:n:2), a row of a matrix, a
+  ! pointer to either) is a programming error: error stop, checked at run
+  ! time from the addresses of the first and last elements. (The dummies
+  ! were CONTIGUOUS, for a compile-time refusal: gfortran gives one, but
+  ! flang accepted a strided pointer without a word and lra then updated
+  ! the wrong elements.) Multi-dimensional arrays: pass a rank-1 pointer
+  ! remapped onto them, p(1:size(a, kind=c_int64_t)) => a (a plain size(a)
+  ! is a default integer: it wraps above 2**31 - 1 elements and leaves p
+  ! empty). A dummy argument of yours declared CONTIGUOUS, TARGET may itself
+  ! be a copy-in temporary of a strided actual argument (the tensor then
+  ! points at freed memory); declare such dummies POINTER, INTENT(IN) like
+  ! these. An empty tensor gets NULL addresses (lra accepts them for
+  ! numel = 0). Differing sizes are a programming error too: error stop
+  ! (lra could not detect a short gradient itself).
   function lra_tensor_f32(param, grad) result(t)
-    real(c_float), pointer, contiguous, intent(in) :: param(:)
-    real(c_float), pointer, contiguous, intent(in) :: grad(:)
+    real(c_float), pointer, intent(in) :: param(:)
+    real(c_float), pointer, intent(in) :: grad(:)
     type(lra_tensor) :: t
 
     if (size(grad, kind=c_int64_t) /= size(param, kind=c_int64_t)) &
       error stop "lra_tensor_f32: param and grad differ in size"
+    if (.not. (dense_f32(param) .and. dense_f32(grad))) &
+      error stop "lra_tensor_f32: param or grad is strided (not contiguous); pass a contiguous array"
     t%numel = size(param, kind=c_int64_t)
     t%dtype = LRA_DTYPE_F32
     if (t%numel == 0) then
@@ -389,13 +395,13 @@ contains
 
   ! An LRA_DTYPE_F16 or LRA_DTYPE_BF16 tensor over param and grad, which hold
   ! the 16-bit patterns (standard Fortran has no 16-bit real). Same rules
-  ! and the same compile-time contiguity guarantee as lra_tensor_f32;
-  ! building the tensor by hand with c_loc instead loses a strided actual
-  ! argument's stride without a diagnostic (lra then updates the wrong
-  ! elements). Another dtype, or differing sizes: error stop.
+  ! and the same contiguity check as lra_tensor_f32; building the tensor by
+  ! hand with c_loc instead loses a strided actual argument's stride without
+  ! a diagnostic (lra then updates the wrong elements). Another dtype,
+  ! differing sizes or a strided array: error stop.
   function lra_tensor_16(param, grad, dtype) result(t)
-    integer(c_int16_t), pointer, contiguous, intent(in) :: param(:)
-    integer(c_int16_t), pointer, contiguous, intent(in) :: grad(:)
+    integer(c_int16_t), pointer, intent(in) :: param(:)
+    integer(c_int16_t), pointer, intent(in) :: grad(:)
     integer(c_int32_t), intent(in) :: dtype
     type(lra_tensor) :: t
 
@@ -403,6 +409,8 @@ contains
       error stop "lra_tensor_16: dtype must be LRA_DTYPE_F16 or LRA_DTYPE_BF16"
     if (size(grad, kind=c_int64_t) /= size(param, kind=c_int64_t)) &
       error stop "lra_tensor_16: param and grad differ in size"
+    if (.not. (dense_16(param) .and. dense_16(grad))) &
+      error stop "lra_tensor_16: param or grad is strided (not contiguous); pass a contiguous array"
     t%numel = size(param, kind=c_int64_t)
     t%dtype = dtype
     if (t%numel == 0) then
@@ -414,11 +422,34 @@ contains
     end if
   end function lra_tensor_16
 
+  ! Whether the elements of a (a rank-1 pointer: one stride) lie next to
+  ! each other: the last one (n - 1) elements after the first.
+  logical function dense_f32(a)
+    real(c_float), pointer, intent(in) :: a(:)
+    integer(c_int64_t) :: n
+    n = size(a, kind=c_int64_t)
+    dense_f32 = .true.
+    if (n > 1) dense_f32 = transfer(c_loc(a(n)), 0_c_intptr_t) - &
+                           transfer(c_loc(a(1)), 0_c_intptr_t) == (n - 1) * c_sizeof(a(1))
+  end function dense_f32
+
+  logical function dense_16(a)
+    integer(c_int16_t), pointer, intent(in) :: a(:)
+    integer(c_int64_t) :: n
+    n = size(a, kind=c_int64_t)
+    dense_16 = .true.
+    if (n > 1) dense_16 = transfer(c_loc(a(n)), 0_c_intptr_t) - &
+                          transfer(c_loc(a(1)), 0_c_intptr_t) == (n - 1) * c_sizeof(a(1))
+  end function dense_16
+
   ! lra_set_reduction(h, c_funloc(reduce), user), with reduce's interface
   ! checked against lra_reduce_fn by the compiler (kinds, VALUE, an
   ! assumed-size values(*)): c_funloc alone accepts any procedure outside
   ! -std=f2008. (The compiler does not check that reduce has BIND(C):
-  ! declare it so.) To remove the reduction, call lra_set_reduction(h,
+  ! declare it so, as a module or external procedure. gfortran also
+  ! accepts an internal procedure (contained in another), whose c_funloc
+  ! is a trampoline on its host's stack: once the host returns, the next
+  ! step calls freed stack and crashes.) To remove the reduction, call lra_set_reduction(h,
   ! c_null_funptr, c_null_ptr).
   function lra_set_reduction_proc(h, reduce, user) result(status)
     type(c_ptr), intent(in) :: h

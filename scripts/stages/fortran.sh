@@ -9,10 +9,12 @@
 #     -Werror -fcheck=all against target/release and run: Adam from eta 1e-5
 #     and 1.0 on one flat buffer, every lra function, error paths, a Fortran
 #     reduction callback, a bit-identical checkpoint resume (exits non-zero
-#     on any failure); then once more under valgrind;
+#     on any failure); then once more under valgrind; then
+#     tests/fortran/strided_tensor.f90: strided arrays stop with lra's message;
 #  4. the same example built the README's way against an installed prefix
 #     (scripts/install.sh, PREFIX/include/lra.f90, pkg-config), then with LLVM
-#     flang when installed (module with -pedantic -Werror, layout, example);
+#     flang when installed (module with -pedantic -Werror, layout, example,
+#     strided arrays);
 #  5. MPI (Open MPI and MPICH, each by its Debian names mpifort.openmpi /
 #     mpifort.mpich or by the default names): bindings/fortran/lra_mpi.f90's callback
 #     checked against lra.h (check_interfaces.py --mpi, with a self-test), then
@@ -87,6 +89,30 @@ else
   skip "valgrind is not installed: the example did not run under valgrind (scripts/deps.sh installs it)"
 fi
 
+# tests/fortran/strided_tensor.f90 built as $1: dense arrays are accepted,
+# and each strided case stops with lra_tensor_*'s message (flang accepted a
+# strided pointer where the dummies were CONTIGUOUS, and lra stepped the
+# wrong elements).
+strided_tensors_refused() {
+  "$1" dense
+  local case out
+  for case in f32 f32-grad 16; do
+    if out="$("$1" "$case" 2>&1)"; then
+      echo "strided_tensor $case: a strided array was accepted" >&2
+      exit 1
+    fi
+    if ! grep -q "is strided (not contiguous)" <<<"$out"; then
+      echo "strided_tensor $case: not stopped by lra's contiguity check: $out" >&2
+      exit 1
+    fi
+  done
+  echo "strided arrays: each stopped with lra_tensor_*'s message"
+}
+
+say "tests/fortran/strided_tensor.f90: strided arrays are refused"
+"$fc" "${fflags[@]}" -I"$work" -J "$work" tests/fortran/strided_tensor.f90 "$work/lra.o" "${link[@]}" -o "$work/strided_tensor"
+strided_tensors_refused "$work/strided_tensor"
+
 say "example built against an installed prefix (scripts/install.sh, include/lra.f90, pkg-config)"
 if have pkg-config && have objdump; then
   prefix="$work/prefix"
@@ -116,7 +142,7 @@ for cand in flang-new flang-new-19 flang; do
     break
   fi
 done
-say "LLVM flang: module lra, struct layout, examples/fortran/flat_buffer.f90${flang:+ ($("$flang" --version | head -n 1))}"
+say "LLVM flang: module lra, struct layout, examples/fortran/flat_buffer.f90, strided arrays${flang:+ ($("$flang" --version | head -n 1))}"
 if [ -n "$flang" ]; then
   fl="$work/flang"
   mkdir "$fl"
@@ -136,6 +162,9 @@ if [ -n "$flang" ]; then
   "$flang" "${flflags[@]}" -I"$fl" -module-dir "$fl" examples/fortran/flat_buffer.f90 "$fl/lra.o" "${link[@]}" \
     -o "$fl/flat_buffer"
   "$fl/flat_buffer" | tail -n 1
+  "$flang" "${flflags[@]}" -I"$fl" -module-dir "$fl" tests/fortran/strided_tensor.f90 "$fl/lra.o" "${link[@]}" \
+    -o "$fl/strided_tensor"
+  strided_tensors_refused "$fl/strided_tensor"
 else
   skip "no LLVM flang (Debian: flang-19): the Fortran binding was built and run with gfortran only"
 fi
