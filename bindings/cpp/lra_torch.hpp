@@ -238,6 +238,7 @@ class TorchOptimizer {
   double lr() const { return handle_.lr(); }
   void set_lr(double lr) { handle_.set_lr(lr); }
   Handle& handle() noexcept { return handle_; }
+  const Handle& handle() const noexcept { return handle_; }
   const std::vector<::torch::Tensor>& parameters() const noexcept { return params_; }
 
   // Checkpoints that know the parameters: the handle's checkpoint with each
@@ -252,7 +253,7 @@ class TorchOptimizer {
   // which checks element counts and dtypes only; after a bare load, this
   // save_state records the layout the parameters have now (the one the next
   // step would fix).
-  std::vector<unsigned char> save_state() {
+  std::vector<unsigned char> save_state() const {
     std::vector<std::vector<std::int64_t>> orders = memory_orders_;
     if (orders.empty() && handle_.counters().steps > 0)
       for (const auto& p : params_) orders.push_back(detail::memory_order(p));

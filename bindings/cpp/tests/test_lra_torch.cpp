@@ -345,8 +345,10 @@ int main() {
     lra::TorchOptimizer opt_a(a->parameters(), acfg);
     const auto before_any_step = opt_a.save_state();
     train(a, opt_a, 2);
-    const auto saved = opt_a.save_state();
-    const std::size_t wrapper_size = saved.size() - opt_a.handle().save_state().size();
+    // Through a const reference: saving changes nothing.
+    const lra::TorchOptimizer& reader = opt_a;
+    const auto saved = reader.save_state();
+    const std::size_t wrapper_size = saved.size() - reader.handle().save_state().size();
 
     auto b = make(at::MemoryFormat::ChannelsLast);
     {
