@@ -122,6 +122,21 @@ def accepted(header, c):
     return ok
 
 
+def argument_names(params):
+    """The names in a C parameter list ('int (*reduce)()' names reduce)."""
+    names = []
+    for p in filter(None, (s.strip() for s in params.split(","))):
+        if p != "void":
+            names.append((re.search(r"\(\*(\w+)\)", p) or re.search(r"(\w+)\s*$", p)).group(1))
+    return names
+
+
+def fortran_argument_names(prototype_text):
+    """name -> its dummy arguments' names, from gfortran's C prototypes."""
+    return {m.group(2): argument_names(m.group(3))
+            for m in re.finditer(r"^(.+?)\s*\b(\w+) \((.*)\);$", prototype_text, flags=re.M)}
+
+
 def header_const_flags(header_text, name):
     """Which parameters of C function `name` are pointers to const."""
     code = check_abi.strip_comments_c(header_text)
@@ -188,7 +203,10 @@ def check_c_ptr_passing(errors, what, c_args, dummies):
 
 def check(header, header_text, fortran_source):
     errors = []
-    structs, functions = parse_prototypes(prototypes(fortran_source))
+    text = prototypes(fortran_source)
+    structs, functions = parse_prototypes(text)
+    f_names = fortran_argument_names(text)
+    code_c = check_abi.strip_comments_c(header_text)
     passing = c_ptr_dummies(fortran_source)
     callbacks = {n: functions.pop(n) for n in list(functions) if n in header.callbacks}
     lra_functions = {n: f for n, f in functions.items() if n.startswith("lra_")}
@@ -203,6 +221,11 @@ def check(header, header_text, fortran_source):
         f_ret, f_args = lra_functions[name]
         compare(f"lra.f90: {name}", c_ret, c_args, f_ret, f_args, header_const_flags(header_text, name))
         check_c_ptr_passing(errors, f"lra.f90: {name}", c_args, passing.get(name))
+        # Keyword calls (loss=..., obs_var=...) go by these names: two
+        # same-typed arguments swapped would pass each as the other.
+        c_names = argument_names(re.search(rf"\b{name}\s*\(([^)]*)\)", code_c).group(1))
+        if f_names.get(name) != c_names:
+            errors.append(f"lra.f90: {name} names its arguments {f_names.get(name)}, C {c_names}")
     for name in sorted(set(lra_functions) - set(header.functions)):
         errors.append(f"lra.f90: interface {name} binds a function lra.h does not declare")
     for name, (c_ret, c_args) in sorted(header.callbacks.items()):
@@ -245,6 +268,8 @@ MUTATIONS = {
     "return kind": ("import :: c_int32_t\n      integer(c_int32_t) :: version\n",
                     "import :: c_int64_t\n      integer(c_int64_t) :: version\n"),
     "wrong C name": ('name="lra_version"', 'name="lra_versions"'),
+    "same-typed arguments swapped": ("function lra_step(h, tensors, count, loss, obs_var, stream)",
+                                     "function lra_step(h, tensors, count, obs_var, loss, stream)"),
     "argument count": ("function lra_set_lr(h, lr) bind(C, name=\"lra_set_lr\") result(status)\n"
                        "      import :: c_ptr, c_double, c_int32_t\n      type(c_ptr), value :: h\n",
                        "function lra_set_lr(h, lr, x) bind(C, name=\"lra_set_lr\") result(status)\n"

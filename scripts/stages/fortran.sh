@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage "fortran": proves the Fortran binding (bindings/fortran/lra.f90).
 #  1. static check: gfortran -fc-prototypes of the module against include/lra.h
-#     (every function, argument, const-ness, struct field, constant), with a
+#     (every function, argument and its name, const-ness, struct field,
+#     constant), with a
 #     self-test that injected drift is caught;
 #  2. layout: sizes and field offsets of the bind(C) types (gfortran) equal
 #     the C structs' (cc, offsetof);
