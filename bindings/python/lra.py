@@ -320,6 +320,12 @@ def _candidate_paths():
         yield found
 
 
+def _abi(release):
+    """The part of a (major, minor, patch) release that names its ABI:
+    major from 1.0 on, major.minor before (the SONAME's rule)."""
+    return release[:1] if release[0] >= 1 else release[:2]
+
+
 def load_library(path=None):
     """Loads (once) and returns the ``ctypes.CDLL`` of liblra with typed prototypes."""
     global _lib
@@ -343,13 +349,11 @@ def load_library(path=None):
             fn = getattr(lib, name)
             fn.restype = restype
             fn.argtypes = argtypes
-        # Another 0.minor (or major) is another ABI (the SONAME's rule):
-        # its structs may differ from the ones declared here.
+        # Another ABI's structs may differ from the ones declared here.
         v = lib.lra_version()
         found = (v >> 16, (v >> 8) & 0xFF, v & 0xFF)
         mine = tuple(int(x) for x in __version__.split("."))
-        abi = lambda release: release[:1] if release[0] >= 1 else release[:2]  # noqa: E731
-        if abi(found) != abi(mine):
+        if _abi(found) != _abi(mine):
             tried.append(
                 f"{candidate} (lra {'.'.join(map(str, found))}, another ABI than this "
                 f"module's {__version__})"
