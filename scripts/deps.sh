@@ -27,12 +27,20 @@ status=0
 if [ $((${#need_apt[@]} + ${#need_lean[@]})) -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]} ${need_lean[*]}"
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (apt-get update -q \
-      && { [ ${#need_apt[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}"; } \
-      && { [ ${#need_lean[@]} -eq 0 ] \
-        || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_lean[@]}"; }) \
-      >/tmp/lra-apt.log 2>&1 \
-      || { echo "apt-get failed (log: /tmp/lra-apt.log)"; tail -5 /tmp/lra-apt.log; status=1; }
+    install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >>/tmp/lra-apt.log 2>&1; }
+    : >/tmp/lra-apt.log
+    apt-get update -q >>/tmp/lra-apt.log 2>&1 || echo "apt-get update failed (log: /tmp/lra-apt.log)"
+    # One transaction is all or nothing: if it fails (one package missing
+    # from this release or architecture), the packages one at a time, so one
+    # bad name does not cost every other stage its tools.
+    for lean in "" --no-install-recommends; do
+      if [ -z "$lean" ]; then set -- "${need_apt[@]}"; else set -- "${need_lean[@]}"; fi
+      [ $# -gt 0 ] || continue
+      install $lean "$@" && continue
+      for pkg in "$@"; do
+        install $lean "$pkg" || { echo "apt-get could not install $pkg (log: /tmp/lra-apt.log)"; status=1; }
+      done
+    done
   else
     echo "cannot install (${need_apt[*]} ${need_lean[*]}): not root or no apt-get"; status=1
   fi
@@ -46,5 +54,18 @@ if ! python3 -c 'import tree_sitter, tree_sitter_julia' >/dev/null 2>&1; then
   echo "installing the Julia syntax checker from PyPI (tree-sitter, tree-sitter-julia)"
   python3 -m pip install -q "tree-sitter>=0.23" "tree-sitter-julia>=0.23" >/tmp/lra-pip-ts.log 2>&1 \
     || { echo "pip install tree-sitter tree-sitter-julia failed (log: /tmp/lra-pip-ts.log)"; status=1; }
+fi
+# numpy has no bfloat16; the Python binding accepts ml_dtypes' one, tested
+# with Debian's python3 (the one with torch). Installed beside the build,
+# not into Debian's python (pip refuses that: PEP 668); scripts/stages/
+# bindings.sh puts it on PYTHONPATH. ml_dtypes 0.5 needs numpy 1.25.
+py_deps="${CARGO_TARGET_DIR:-target}/python-deps"
+if /usr/bin/python3 -c 'import numpy' 2>/dev/null \
+  && ! PYTHONPATH="$py_deps" /usr/bin/python3 -c 'import ml_dtypes' 2>/dev/null; then
+  echo "installing ml_dtypes from PyPI into $py_deps (numpy's bfloat16 for the Python binding's test)"
+  pin=$(/usr/bin/python3 -c 'import numpy; v = tuple(map(int, numpy.__version__.split(".")[:2])); print("ml_dtypes<0.5" if v < (1, 25) else "ml_dtypes")')
+  /usr/bin/python3 -m pip install -q --no-deps --upgrade --target "$py_deps" "$pin" >/tmp/lra-pip-mld.log 2>&1 \
+    && PYTHONPATH="$py_deps" /usr/bin/python3 -c 'import ml_dtypes' >>/tmp/lra-pip-mld.log 2>&1 \
+    || { echo "ml_dtypes for /usr/bin/python3 failed (log: /tmp/lra-pip-mld.log)"; status=1; }
 fi
 exit $status

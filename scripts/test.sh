@@ -9,6 +9,27 @@ export CARGO_TERM_COLOR=never
 say() { printf '\n==== %s ====\n' "$*"; }
 skip() { printf '\n!!!! SKIPPED: %s !!!!\n' "$*"; }
 
+# The whole run also goes to a log, so that its end can list every part
+# that skipped (a run with half its stages skipped must not end like a
+# full one).
+log="${CARGO_TARGET_DIR:-target}/test-suite.log"
+mkdir -p "$(dirname "$log")"
+# Skips of single tests ("!!!! SKIPPED: <test>: <why>") are grouped by reason.
+tally() {
+  local n
+  n=$(grep -c '!!!! SKIPPED' "$log" || true)
+  printf '\n==== %s skip lines%s ====\n' "$n" "$([ "$n" = 0 ] || echo ', by reason:')"
+  grep -o '!!!! SKIPPED.*' "$log" | sed -E 's/^!!!! SKIPPED: [a-z0-9_]+: /!!!! SKIPPED: (test) /' \
+    | sort | uniq -c | sort -rn || true
+}
+if [ -z "${LRA_TEST_LOGGED:-}" ]; then
+  rc=0
+  LRA_TEST_LOGGED=1 bash scripts/test.sh "$@" 2>&1 | tee "$log" || rc=$?
+  tally
+  if [ "$rc" = 0 ]; then echo "all stages passed (log: $log)"; else echo "FAILED (exit $rc; log: $log)"; fi
+  exit "$rc"
+fi
+
 say "dependencies"
 scripts/deps.sh || skip "some dependencies could not be installed (see above); their stages print why they skip"
 
@@ -33,4 +54,3 @@ for stage in scripts/stages/*.sh; do
   bash "$stage"
 done
 
-say "all stages passed"

@@ -13,6 +13,8 @@ use lra::config::Config;
 use lra::optim::{DType, OptimizerKind};
 use lra::Engine;
 use std::process::Command;
+
+mod support;
 use std::ptr::{null, null_mut};
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -25,17 +27,10 @@ fn torch_available() -> bool {
 }
 
 fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
-    let mut next = || {
-        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = support::Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1));
     (0..n)
         .map(|_| {
-            let (u, v) = (next().max(1e-300), next());
+            let (u, v) = (rng.unit().max(1e-300), rng.unit());
             ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
         })
         .collect()
@@ -44,7 +39,10 @@ fn gaussian(n: usize, seed: u64) -> Vec<f32> {
 #[test]
 fn twenty_steps_match_torch_optim() {
     if !torch_available() {
-        println!("!!!! SKIPPED: {PYTHON} cannot import torch (install Debian's python3-torch; scripts/deps.sh does) !!!!");
+        support::skipped(
+            "twenty_steps_match_torch_optim",
+            &format!("{PYTHON} cannot import torch (install Debian's python3-torch; scripts/deps.sh does)"),
+        );
         return;
     }
     let (n, steps, lr) = (4096usize, 20usize, 1e-2f64);

@@ -60,20 +60,10 @@ fn gpu(test: &str) -> bool {
             if std::env::var_os("LRA_REQUIRE_GPU").is_some() {
                 panic!("{test}: LRA_REQUIRE_GPU is set, but {why}");
             }
-            skipped(test, &why);
+            support::skipped(test, &why);
             false
         }
     }
-}
-
-/// Prints the skip reason past libtest's output capture (which only
-/// intercepts the print macros), so it shows in the suite's log.
-fn skipped(test: &str, why: &str) {
-    use std::io::Write;
-    // One write, so the line does not interleave with libtest's output
-    // (scripts/stages/fake-cuda.sh parses both).
-    let line = format!("!!!! SKIPPED: {test}: {why}\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// True (with the reason printed) when the driver is the fake one of
@@ -798,7 +788,7 @@ fn no_gpu_handle_reports_no_cuda() {
     let present = unsafe { sys::is_culib_present() }
         && unsafe { sys::cuInit(0) } == sys::CUresult::CUDA_SUCCESS;
     if present {
-        skipped(
+        support::skipped(
             "no_gpu_handle_reports_no_cuda",
             "this machine has a CUDA driver and device",
         );
@@ -1486,7 +1476,7 @@ fn runs_alone_on_the_fake_driver(test: &str, vars: &[(&str, &str)], stages: &str
     }
     if gpu(test) {
         if std::env::var_os("LRA_FAKE_CUDA").is_none() {
-            skipped(test, &format!("only the fake driver {stages}"));
+            support::skipped(test, &format!("only the fake driver {stages}"));
         } else {
             assert!(in_own_process_with(test, vars));
         }

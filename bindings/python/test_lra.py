@@ -1106,13 +1106,17 @@ class ReductionFailureTests(unittest.TestCase):
         self.assertEqual((param[0], opt.counters.steps), (1.0, 0))
         self.assert_nothing_escaped_into_c()
 
-    def test_ctrl_c_while_lra_computes_is_not_swallowed(self):
+    def test_ctrl_c_during_a_step_is_never_swallowed(self):
         # SIGINT arriving while lra scans the gradients (GIL released) makes
         # Python raise KeyboardInterrupt on the first line of the next
         # reduction's trampoline, outside its try: ctypes printed it and
         # gave lra an undefined status. Here the first reduction (the
         # rank-local loss) lets a thread interrupt the main thread as soon
         # as the GIL is free, i.e. during the scan before the second one.
+        # Where the interrupt lands is up to the scheduler: every trial
+        # asserts it is raised; the step is asserted uncounted only in the
+        # trials where it landed before the second reduction (the
+        # setprofile test below pins every landing point deterministically).
         import _thread
         import ctypes
         import threading

@@ -213,6 +213,8 @@ else
 fi
 
 say "Python ctypes binding"
+# ml_dtypes (numpy's bfloat16), where scripts/deps.sh installs it.
+export PYTHONPATH="$CARGO_TARGET_DIR/python-deps${PYTHONPATH:+:$PYTHONPATH}"
 torch_python=""
 for py in /usr/bin/python3 python3; do
   if have "$py" && "$py" -c 'import torch' >/dev/null 2>&1; then
@@ -220,6 +222,10 @@ for py in /usr/bin/python3 python3; do
     break
   fi
 done
+py_for_tests="${torch_python:-python3}"
+if have "$py_for_tests" && ! "$py_for_tests" -c 'import ml_dtypes' >/dev/null 2>&1; then
+  skip "$py_for_tests cannot import ml_dtypes (scripts/deps.sh installs it into $CARGO_TARGET_DIR/python-deps): the Python binding's bfloat16 numpy test did not run"
+fi
 if [ -n "$torch_python" ]; then
   LRA_LIBRARY="$lib" "$torch_python" -m unittest -v bindings/python/test_lra.py
   say "GPU check script, dry run on the CPU (scripts/gpu_check_dryrun.py)"

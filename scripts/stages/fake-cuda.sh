@@ -71,6 +71,12 @@ done
 # there (no driver loaded) fails the skip check below.
 LD_LIBRARY_PATH="$driver_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LRA_FAKE_CUDA=1 \
   cargo test --profile checked --lib backend::cuda::driver 2>&1 | tee -a "$log"
+# A filter that matches nothing passes with "0 passed": require the tests.
+driver_unit_tests="an_upload_larger_than_every_slot_adds_one_slot"
+for t in $driver_unit_tests; do
+  grep -qx "test backend::cuda::driver::tests::$t ... ok" "$log" || {
+    echo "FAIL: the driver unit test $t did not run (renamed? update $0)"; exit 1; }
+done
 elapsed=$((SECONDS - start))
 
 # Test names after a prefix, wherever the prefix is on a line.

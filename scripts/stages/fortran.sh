@@ -41,7 +41,7 @@ if ! have "$fc"; then
   skip "$fc not found: the Fortran binding was not compiled or run (apt-get install gfortran; scripts/deps.sh does)"
   exit 0
 fi
-[ -f "$lib/liblra.so" ] || cargo build --release --lib
+cargo build --release --lib # a no-op after scripts/test.sh's build; current when run alone
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/lra-fortran.XXXXXX")"
 trap 'rm -rf "$work"' EXIT

@@ -847,8 +847,8 @@ int main(int argc, char **argv)
     float *p = gather_params(&r, &m);
     if (g_rank == 0) {
         if (strcmp(r.mode, "poison") == 0)
-            printf("poison   %-8s np=%d: a rank-local found-inf with the guard off: SKIPPED "
-                   "and the same η on every rank\n",
+            printf("poison   %-8s np=%d: a rank-local found-inf with the guard off: the step "
+                   "skipped (LRA_DECISION_SKIPPED) and the same η on every rank\n",
                    argv[2], g_size);
         else if (g_size == 1 && !g_restart)
             write_ref(argv[3], &r, rec, p, np);

@@ -26,7 +26,11 @@
  * and CUDA are exercised, without a GPU, by lra_nccl_real_test.c.
  *
  * Compiled as strict C11 (no _POSIX_C_SOURCE), where lra_nccl.h declares
- * clock_gettime itself; the test's own clock is C11's timespec_get. */
+ * clock_gettime itself. The test measures on the same monotonic clock as
+ * the deadline (the realtime clock may be stepped mid-wait); it asserts only
+ * that a call does not return before its deadline: how soon after is
+ * printed, not asserted (timings are no pass/fail test; the stage's
+ * `timeout` catches a hang). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,18 +43,13 @@
 
 enum { STEPS = 12 };
 
-/* The test's own clock (C11; independent of the header's). */
+/* The deadline's clock, read directly (not through the header's helper). */
 static double seconds(void)
 {
     struct timespec ts;
-    CHECK(timespec_get(&ts, TIME_UTC) == TIME_UTC, "timespec_get failed");
+    CHECK(clock_gettime(LRA_NCCL_CLOCK_MONOTONIC_, &ts) == 0, "clock_gettime failed");
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
-
-/* How long a timed-out call may take at most: 30 times its deadline (plus
-   a second): only a generous bound, machines are noisy; the point is that
-   it returns. */
-static double slack(double timeout_s) { return 30 * timeout_s + 1; }
 
 static lra_handle *make(int sharded)
 {
@@ -158,7 +157,6 @@ static void deadline(const float *a)
           "LRA_NCCL_ERR_TIMEOUT (%d)", (int)rc, LRA_NCCL_ERR_TIMEOUT);
     CHECK(took >= timeout, "it timed out after %.6f s, before its deadline of %g s", took,
           timeout);
-    CHECK(took < slack(timeout), "it took %.3f s for a deadline of %g s", took, timeout);
     CHECK(memcmp(v, SAMPLES, sizeof v) == 0, "a timed-out call changed its values");
     CHECK(r.timed_out == 1, "a timed-out call must mark the reduction (timed_out = 1)");
 #ifdef LRA_NCCL_CLOCK_DECLARED_HERE_
@@ -214,7 +212,7 @@ static void deadline(const float *a)
         stub_nccl_enqueue_polls = mode == 1 ? 1 << 30 : 0;
         const int wrong = stub_wrong_handle;
         const double t = step_fails(g, a, what, LRA_NCCL_ERR_TIMEOUT);
-        CHECK(t >= limit && t < slack(limit), "%s: took %.6f s for a deadline of %g s", what, t,
+        CHECK(t >= limit, "%s: returned after %.6f s, before its deadline of %g s", what, t,
               limit);
         CHECK(r.timed_out == 1 && stub_wrong_handle == wrong,
               "%s: timed_out %d, %d wrong calls (queued behind the unfinished enqueue?)", what,
