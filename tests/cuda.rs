@@ -416,6 +416,9 @@ struct Pair {
     off: u64,
 }
 
+/// A tensor's device parameter and gradient buffers, and its offset in them.
+type DeviceBuffers = (DevBuf, DevBuf, u64);
+
 struct Case {
     kind: OptimizerKind,
     pairs: Vec<Pair>,
@@ -498,18 +501,42 @@ impl Case {
     /// Moves every device parameter and gradient to a fresh allocation,
     /// flipping its misalignment, as a framework that reallocates would:
     /// the next step must pick up the new pointers (and vector paths).
-    fn move_device_buffers(&mut self) {
-        for p in self.pairs.iter_mut() {
-            let param = p.dev.read(p.off, p.host.len());
-            let off = if p.off == 0 { p.dt.size() as u64 } else { 0 };
-            let mut padded = vec![0u8; off as usize];
-            padded.extend_from_slice(&param);
-            p.dev = DevBuf::new(&padded);
-            padded.truncate(off as usize);
-            padded.extend_from_slice(&p.hgrad);
-            p.dgrad = DevBuf::new(&padded);
-            p.off = off;
-        }
+    /// Returns the buffers left (freed when dropped).
+    fn move_device_buffers(&mut self) -> Vec<DeviceBuffers> {
+        let moved = self
+            .pairs
+            .iter()
+            .map(|p| {
+                let param = p.dev.read(p.off, p.host.len());
+                let off = if p.off == 0 { p.dt.size() as u64 } else { 0 };
+                let mut padded = vec![0u8; off as usize];
+                padded.extend_from_slice(&param);
+                let dev = DevBuf::new(&padded);
+                padded.truncate(off as usize);
+                padded.extend_from_slice(&p.hgrad);
+                (dev, DevBuf::new(&padded), off)
+            })
+            .collect();
+        self.swap_device_buffers(moved)
+    }
+
+    /// Puts `bufs` (from [`Case::move_device_buffers`]) in place of the
+    /// device buffers, which it returns.
+    fn swap_device_buffers(&mut self, bufs: Vec<DeviceBuffers>) -> Vec<DeviceBuffers> {
+        assert_eq!(bufs.len(), self.pairs.len());
+        self.pairs
+            .iter_mut()
+            .zip(bufs)
+            .map(|(p, (dev, dgrad, off))| {
+                let old = (
+                    std::mem::replace(&mut p.dev, dev),
+                    std::mem::replace(&mut p.dgrad, dgrad),
+                    p.off,
+                );
+                p.off = off;
+                old
+            })
+            .collect()
     }
 
     fn descs(&mut self) -> (Vec<TensorDesc>, Vec<TensorDesc>) {
@@ -903,11 +930,14 @@ fn fake_driver_holds() -> Option<FakeDriverHolds> {
     Some(f())
 }
 
-/// Makes the fake driver fail the `n`-th kernel launch from now (1: the
-/// next); panics on another driver.
-fn fake_driver_fails_launch(n: u64) {
-    let f = fake_driver_function(c"fake_cuda_fail_launch").expect("the fake driver");
-    // SAFETY: the fake declares `fake_cuda_fail_launch` with this signature.
+/// Makes the fake driver fail the `n`-th call from now (1: the next) of
+/// the kind its test hook `hook` counts (`fake_cuda_fail_launch`: kernel
+/// launches, `fake_cuda_fail_event_record`: event records); panics on
+/// another driver.
+fn fake_driver_fails(hook: &std::ffi::CStr, n: u64) {
+    let f = fake_driver_function(hook).expect("the fake driver");
+    // SAFETY: the fake declares its `fake_cuda_fail_*` hooks with this
+    // signature.
     let f: extern "C" fn(u64) = unsafe { std::mem::transmute(f) };
     f(n)
 }
@@ -3419,7 +3449,7 @@ fn a_step_that_fails_half_way_is_refused_until_state_is_loaded() {
     case.step(mode, 0.01, None);
     case.set_grads(2, None);
     // Two passes: the first is enqueued, the second refused.
-    fake_driver_fails_launch(2);
+    fake_driver_fails(c"fake_cuda_fail_launch", 2);
     let (c, g) = case.step_with(mode, 0.01, None, false);
     c.unwrap();
     let e = g.expect_err("the refused launch fails the step");
@@ -3452,6 +3482,49 @@ fn a_step_that_fails_half_way_is_refused_until_state_is_loaded() {
         let (c, g) = case.step(mode, 0.01, None);
         case.assert_step_matches(mode, &c, &g, &format!("after loading, step {step}"));
     }
+}
+
+/// A step whose tensor-table upload was queued but whose event record then
+/// failed is refused, and leaves the device table unknown: the next step
+/// of the previous tensor list uploads that list's table again rather than
+/// run on the failed step's pointers (which the caller may free). In a
+/// process of its own (the failure is the next record of the whole
+/// process); a real driver has no such switch: skipped there.
+#[test]
+fn a_table_upload_whose_record_failed_is_uploaded_again() {
+    const TEST: &str = "a_table_upload_whose_record_failed_is_uploaded_again";
+    if !runs_alone_on_the_fake_driver(TEST, &[], "refuses an event record on request") {
+        return;
+    }
+    assert!(gpu(TEST));
+    let mode = Mode::Fused { guard: false };
+    let mut case = Case::new(
+        OptimizerKind::Adam,
+        &shape(DType::F32),
+        std::ptr::null_mut(),
+    );
+    case.set_grads(1, None);
+    let (c, g) = case.step(mode, 0.01, None);
+    case.assert_step_matches(mode, &c, &g, "first step");
+    // A step of the CUDA backend alone on other buffers, whose upload's
+    // record fails (the first record of a step); the first buffers are
+    // kept.
+    let first = case.move_device_buffers();
+    case.set_grads(2, None);
+    let (_, tg) = case.descs();
+    case.gpu.validate(&tg).unwrap();
+    fake_driver_fails(c"fake_cuda_fail_event_record", 1);
+    let req = case.request(mode, 0.01, &tg, std::ptr::null(), case.stream, None);
+    let e = unsafe { case.gpu.step(req) }.expect_err("the failed record fails the step");
+    assert_eq!(e.status, Status::Cuda, "{e}");
+    assert!(e.message.contains("CUDA_ERROR_UNKNOWN"), "{e}");
+    // Back on the first buffers, with the other ones still allocated (so a
+    // stale table would update them rather than fault).
+    let other = case.swap_device_buffers(first);
+    case.set_grads(3, None);
+    let (c, g) = case.step(mode, 0.01, None);
+    case.assert_step_matches(mode, &c, &g, "back on the first buffers");
+    drop(other);
 }
 
 /// A driver whose JIT is older than the kernels' PTX: `lra_create` says

@@ -26,9 +26,10 @@
 //! with `CUDA_ERROR_NOT_SUPPORTED` and a note on stderr, never silently.
 //! The per-thread default stream (handle 2) is a blocking stream per
 //! thread and context.
-//! Beyond the driver API it exports two functions for tests:
+//! Beyond the driver API it exports functions for tests:
 //! `fake_cuda_holds` (what it holds now: modules, allocations, streams,
-//! events) and `fake_cuda_fail_launch` (a later launch fails).
+//! events), `fake_cuda_fail_launch` (a later launch fails) and
+//! `fake_cuda_fail_event_record` (a later event record fails).
 //!
 //! Environment: `FAKE_CUDA_SCHEDULE` picks the interpreter's block and
 //! thread order (see `fn schedule`); `FAKE_CUDA_TRACE` prints every
@@ -396,9 +397,28 @@ struct Driver {
     graphs: Vec<usize>,
     /// Kernels run so far (varies the random schedule's seed).
     launches: u64,
-    /// Counts `cuLaunchKernel` calls down to the one that fails (0: none;
-    /// set by `fake_cuda_fail_launch`).
-    fail_launch_in: u64,
+    /// `cuLaunchKernel` calls to the one that fails (`fake_cuda_fail_launch`).
+    fail_launch: FailIn,
+    /// `cuEventRecord` calls to the one that fails
+    /// (`fake_cuda_fail_event_record`).
+    fail_event_record: FailIn,
+}
+
+/// A countdown of calls to the one a test asked to fail (0: none).
+#[derive(Default)]
+struct FailIn(u64);
+
+impl FailIn {
+    /// Counts one call; true for the one that fails.
+    fn due(&mut self) -> bool {
+        match self.0 {
+            0 => false,
+            n => {
+                self.0 = n - 1;
+                n == 1
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -450,7 +470,8 @@ fn driver() -> MutexGuard<'static, Driver> {
                 functions: HashMap::new(),
                 graphs: Vec::new(),
                 launches: 0,
-                fail_launch_in: 0,
+                fail_launch: FailIn::default(),
+                fail_event_record: FailIn::default(),
             })
         })
         .lock()
@@ -1526,6 +1547,9 @@ pub unsafe extern "C" fn cuEventDestroy_v2(hEvent: sys::CUevent) -> R {
 #[no_mangle]
 pub unsafe extern "C" fn cuEventRecord(hEvent: sys::CUevent, hStream: sys::CUstream) -> R {
     with("cuEventRecord", |d| {
+        if d.fail_event_record.due() {
+            return Err(R::CUDA_ERROR_UNKNOWN);
+        }
         let e = live_event(d, "cuEventRecord", hEvent)?;
         let h = d.work_on("cuEventRecord", hStream)?;
         if d.streams[&h].ctx != d.events[&e].ctx {
@@ -2475,7 +2499,15 @@ pub extern "C" fn fake_cuda_holds() -> FakeCudaHolds {
 /// nothing, for tests of a step that fails half-way (0: none).
 #[no_mangle]
 pub extern "C" fn fake_cuda_fail_launch(n: u64) {
-    driver().fail_launch_in = n;
+    driver().fail_launch = FailIn(n);
+}
+
+/// Not a driver function: makes the `n`-th `cuEventRecord` call from now
+/// (1: the next) fail with `CUDA_ERROR_UNKNOWN`, recording nothing, for
+/// tests of what a failed record leaves (0: none).
+#[no_mangle]
+pub extern "C" fn fake_cuda_fail_event_record(n: u64) {
+    driver().fail_event_record = FailIn(n);
 }
 
 #[no_mangle]
@@ -2648,12 +2680,9 @@ pub unsafe extern "C" fn cuLaunchKernel(
     extra: *mut *mut c_void,
 ) -> R {
     with("cuLaunchKernel", |d| {
-        if d.fail_launch_in > 0 {
-            d.fail_launch_in -= 1;
-            if d.fail_launch_in == 0 {
-                // As a driver refuses a launch (no note: asked for).
-                return Err(R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES);
-            }
+        if d.fail_launch.due() {
+            // As a driver refuses a launch (no note: asked for).
+            return Err(R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES);
         }
         if !extra.is_null() {
             note(

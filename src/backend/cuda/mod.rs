@@ -427,6 +427,11 @@ impl CudaBackend {
         let l = self.layout.as_ref().expect("layout allocated");
         if !current {
             let table = self.tensor_table(req.tensors);
+            // Unknown until the upload succeeds: a failure after its copy
+            // was queued (its event not recorded) may still land the new
+            // table, and a later step of the old list must upload again
+            // rather than run on pointers the caller may have freed.
+            self.uploaded.clear();
             self.staging
                 .upload(l.tensors.ptr, abi::rows_bytes(&table), stream)?;
             self.uploaded = table;
