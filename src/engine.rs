@@ -53,6 +53,15 @@ struct ScheduleState {
 /// checkpoint claiming as many is forged.
 const STEPS_LIMIT: u64 = 1 << 63;
 
+/// The call-order error of asking about a step that is not pending (the
+/// C boundary prefixes the function's name).
+fn no_pending_step() -> Error {
+    Error::new(
+        Status::CallOrder,
+        "called without a pending step (call lra_step first; each step is re-evaluated at most once)",
+    )
+}
+
 /// A sharded or rank-local-loss handle asked to reduce without a
 /// registered reduction.
 fn no_reduction() -> Error {
@@ -138,8 +147,9 @@ impl Engine {
             let layout: Vec<_> = tensors.iter().map(|t| (t.numel, t.dtype)).collect();
             let slots = self.cfg.kind.state_slots();
             if checkpoint_size(self.header_fields().len(), &layout, slots).is_none() {
+                // Not LRA_OUT_OF_MEMORY: no freed memory makes it fit.
                 fail!(
-                    OutOfMemory,
+                    InvalidArgument,
                     "the optimizer state of these tensors ({} f32 values per element) would need more than isize::MAX bytes",
                     slots
                 );
@@ -322,10 +332,7 @@ impl Engine {
     pub fn should_reeval(&self) -> Result<bool> {
         match &self.pending {
             Some(p) => Ok(p.reeval_due),
-            None => fail!(
-                CallOrder,
-                "no step is awaiting re-evaluation (call lra_step first; each step is re-evaluated at most once)"
-            ),
+            None => Err(no_pending_step()),
         }
     }
 
@@ -339,10 +346,7 @@ impl Engine {
     /// The ratio test for the pending step, given f+ on the same batch.
     pub fn report_reeval(&mut self, loss_after: f64) -> Result<ReevalResult> {
         let Some(p) = self.pending else {
-            fail!(
-                CallOrder,
-                "lra_report_reeval without a pending step (call lra_step first; each step is re-evaluated at most once)"
-            );
+            return Err(no_pending_step());
         };
         let mut o = self.outcome_of(&p)?;
         let mut loss_after = loss_after;
@@ -438,7 +442,7 @@ impl Engine {
             // Not reached: a step refuses a layout whose checkpoint
             // would not fit, and a load's layout fits its buffer.
             Error::new(
-                Status::OutOfMemory,
+                Status::InvalidArgument,
                 "the checkpoint would need more than isize::MAX bytes",
             )
         })
@@ -582,9 +586,10 @@ impl Engine {
         }
         let (body, tail) = buf.split_at(buf.len() - 8);
         if fnv1a(body) != u64::from_le_bytes(tail.try_into().unwrap()) {
-            return Err(bad(
-                "checksum mismatch (truncated or corrupted buffer)".into()
-            ));
+            return Err(bad(format!(
+                "checksum mismatch over the {} bytes given: truncated or corrupted, or not the size lra_save_state wrote (a buffer's capacity?)",
+                buf.len()
+            )));
         }
         let mut r = Reader { b: body, at: 8 };
         let version = r.u32()?;
@@ -617,13 +622,14 @@ impl Engine {
                 )));
             }
         }
-        let n = r.u64()? as usize;
+        let n = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
         if n > body.len() / 12 {
             return Err(bad(format!("implausible tensor count {n}")));
         }
         let mut layout = Vec::with_capacity(n);
         for i in 0..n {
-            let numel = r.u64()? as usize;
+            // Saturated: too large for this machine is refused below.
+            let numel = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
             let dt = r.u32()?;
             let dt = DType::from_u32(dt)
                 .ok_or_else(|| bad(format!("tensor {i}: unknown dtype {dt}")))?;

@@ -631,8 +631,16 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
         count * std::mem::size_of::<lra_tensor>(),
         "tensors, count",
     )?;
+    let mut out = Vec::new();
+    // A count no list can hold (a wrong size argument) is an error, not
+    // an abort of the caller's process.
+    if out.try_reserve_exact(count).is_err() {
+        fail!(
+            InvalidArgument,
+            "count = {count}: lra cannot allocate its copy of that many tensors (is count the number of lra_tensor entries?)"
+        );
+    }
     let list = std::slice::from_raw_parts(tensors, count);
-    let mut out = Vec::with_capacity(count);
     for (i, t) in list.iter().enumerate() {
         let dtype = DType::from_u32(t.dtype).ok_or_else(|| {
             Error::new(

@@ -322,6 +322,42 @@ fn a_tensor_wrapping_the_address_space_is_refused() {
     assert_eq!(h.counters().steps, 0);
 }
 
+/// A count far beyond any list (a wrong size argument) is an error that
+/// names it, not an abort of the caller's process when lra copies the
+/// list.
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "Miri stops at an allocation it cannot make instead of failing it"
+)]
+fn a_count_no_list_can_hold_is_refused() {
+    let h = Handle::create(&config(LRA_OPTIMIZER_SGD, 0.1));
+    let (mut p, g) = (vec![1.0f32; 8], vec![0.5f32; 8]);
+    let t = [f32_tensor(&mut p, &g)];
+    let st = unsafe { lra_step(h.0, t.as_ptr(), 1 << 50, 1.0, 0.0, null_mut()) };
+    h.expect(st, LRA_INVALID_ARGUMENT, "count = 1125899906842624");
+    assert_eq!(h.counters().steps, 0);
+    assert_eq!(p, [1.0; 8]);
+}
+
+/// An empty tensor's pointers are never dereferenced: NULL and misaligned
+/// ones are accepted alike.
+#[test]
+fn an_empty_tensor_takes_any_pointers() {
+    let (mut p, g) = (vec![1.0f32; 8], vec![0.5f32; 8]);
+    for (param, grad) in [(0usize, 0usize), (0x1001, 0x2003)] {
+        let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 0.1));
+        let empty = lra_tensor {
+            param: param as *mut c_void,
+            grad: grad as *const c_void,
+            numel: 0,
+            dtype: LRA_DTYPE_F32,
+        };
+        let st = h.step(&[empty, f32_tensor(&mut p, &g)], 1.0);
+        assert_eq!(st, LRA_OK, "{param:#x}, {grad:#x}: {}", h.error());
+    }
+}
+
 /// A found_inf flag inside a parameter the step writes is refused: on CUDA
 /// every block reads the flag on its own, so such a step could be applied
 /// to some elements and skipped for the others. (A flag inside a gradient
@@ -695,7 +731,8 @@ fn an_unallocatable_optimizer_state_is_an_error() {
 
 /// A first step fixes the layout even when it is skipped and allocates no
 /// state (a non-finite loss): a layout whose checkpoint could not exist
-/// (Adam's state for 2^61 f16 elements: 2^64 bytes) is refused there. It
+/// (Adam's state for 2^61 f16 elements: 2^64 bytes) is refused there, as
+/// an invalid argument (no freed memory would make it fit). It
 /// used to be accepted; `lra_state_size` then wrapped around to a small
 /// size and `lra_save_state` panicked, which poisoned the handle.
 #[test]
@@ -703,7 +740,7 @@ fn a_layout_whose_checkpoint_cannot_exist_is_refused_by_a_skipped_step() {
     let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
     let huge = untouchable_f16_tensor(1 << 61);
     let before = h.checkpoint();
-    h.expect(h.step(&huge, f64::NAN), LRA_OUT_OF_MEMORY, "isize::MAX");
+    h.expect(h.step(&huge, f64::NAN), LRA_INVALID_ARGUMENT, "isize::MAX");
     assert_eq!(h.checkpoint(), before);
     let (mut p, g) = (vec![1.0f32; 8], vec![0.5f32; 8]);
     assert_eq!(h.step(&[f32_tensor(&mut p, &g)], f64::NAN), LRA_OK);

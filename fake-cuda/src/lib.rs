@@ -2495,8 +2495,9 @@ pub extern "C" fn fake_cuda_holds() -> FakeCudaHolds {
 }
 
 /// Not a driver function: makes the `n`-th `cuLaunchKernel` call from now
-/// (1: the next) fail with `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES`, launching
-/// nothing, for tests of a step that fails half-way (0: none).
+/// (1: the next) fail with `CUDA_ERROR_OUT_OF_MEMORY` (a launch's failure
+/// lra must not report as retryable), launching nothing, for tests of a
+/// step that fails half-way (0: none).
 #[no_mangle]
 pub extern "C" fn fake_cuda_fail_launch(n: u64) {
     driver().fail_launch = FailIn(n);
@@ -2682,7 +2683,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     with("cuLaunchKernel", |d| {
         if d.fail_launch.due() {
             // As a driver refuses a launch (no note: asked for).
-            return Err(R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES);
+            return Err(R::CUDA_ERROR_OUT_OF_MEMORY);
         }
         if !extra.is_null() {
             note(

@@ -656,13 +656,18 @@ impl Backend for CudaBackend {
         // The step's own error first: a failed record only follows from it.
         let r = self.run_step(req, stream, &mut ctx);
         let r = r.and_then(|()| self.done.record(stream));
-        if let (Err(e), true) = (&r, self.partial) {
-            // Launches ran (or may run) that the engine will not count, or
-            // the next step cannot be ordered after them.
-            self.broken = Some(format!(
-                "a step failed after part of it was enqueued ({e}); this handle's optimizer state may be half-updated: load a checkpoint (lra_load_state) or destroy the handle"
-            ));
-        }
+        let r = match r {
+            Err(e) if self.partial => {
+                // Launches ran (or may run) that the engine will not count,
+                // or the next step cannot be ordered after them.
+                self.broken = Some(format!(
+                    "a step failed after part of it was enqueued ({e}); this handle's optimizer state may be half-updated: load a checkpoint (lra_load_state) or destroy the handle"
+                ));
+                // Not a retryable LRA_OUT_OF_MEMORY: something changed.
+                Err(Error::new(Status::Cuda, e.message))
+            }
+            r => r,
+        };
         if r.is_err() {
             // Order what was enqueued before whatever comes next.
             let _ = self.done.record(stream);
