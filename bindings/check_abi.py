@@ -442,7 +442,7 @@ def self_test(header, julia_text, python_text, statuses):
         "wrong argument type": ("(Ptr{OpaqueHandle}, Float64), live(o), value))",
                                 "(Ptr{OpaqueHandle}, Float32), live(o), value))"),
         "wrong return type": ("ccall(sym(:lra_version), UInt32, ())", "ccall(sym(:lra_version), Int32, ())"),
-        "unwrapped function": ("ccall(sym(:lra_version), UInt32, ())", "UInt32(0)"),
+        "unwrapped function": ("ccall(sym(:lra_thread_last_error), Cstring, ())", "Cstring(C_NULL)"),
         "wrong symbol": ("sym(:lra_set_lr)", "sym(:lra_set_learning_rate)"),
         "struct drift": ("    denom_eps::Float64\n", ""),
         "mutable mirror struct": ("\nstruct Tensor\n", "\nmutable struct Tensor\n"),

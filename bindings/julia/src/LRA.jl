@@ -9,7 +9,8 @@ reduction `@cfunction` against `include/lra.h`.
 
 The shared library is `ENV["LRA_LIBRARY"]` when set (a path to `liblra.so`),
 else `liblra` on the system's library path (after `scripts/install.sh PREFIX`,
-add `PREFIX/lib` to `LD_LIBRARY_PATH`).
+add `PREFIX/lib` to `LD_LIBRARY_PATH`). It is loaded at the first call, and
+refused (an error) unless it has this binding's ABI.
 
     opt = LRA.Optimizer(:adam; lr = 1e-4)
     LRA.step!(opt, params, grads, loss)      # vectors of Arrays (or CuArrays with CUDA.jl)
@@ -149,8 +150,8 @@ const DECISION_NAMES = Dict(LRA_DECISION_KEPT => :kept, LRA_DECISION_RAISED => :
                             LRA_DECISION_LOWERED => :lowered, LRA_DECISION_SKIPPED => :skipped)
 
 # ---------------------------------------------------------------------------
-# Library loading: dlopen once in __init__ (so the path is chosen at run time,
-# not frozen at precompile time); every ccall goes through `sym(:name)`.
+# Library loading: dlopen at the first call (so the path is chosen at run
+# time, not frozen at precompile time); every ccall goes through `sym(:name)`.
 
 const LIBRARY = Ref{Ptr{Cvoid}}(C_NULL)
 const SYMBOLS = Dict{Symbol,Ptr{Cvoid}}()
@@ -163,15 +164,49 @@ const REDUCE_TRAMPOLINE = Ref{Ptr{Cvoid}}(C_NULL)
 
 library_path() = get(ENV, "LRA_LIBRARY", "liblra")
 
-function sym(name::Symbol)
+decode_version(v::Integer) = VersionNumber(v >> 16, (v >> 8) & 0xff, v & 0xff)
+const HEADER_VERSION = decode_version(LRA_HEADER_VERSION)
+
+# The part of a release that names its ABI (the SONAME's rule, as
+# bindings/python/lra.py's `_abi`): major from 1.0 on, major.minor before.
+abi(v::VersionNumber) = v.major >= 1 ? (v.major,) : (v.major, v.minor)
+abi_compatible(v::VersionNumber) = abi(v) == abi(HEADER_VERSION)
+
+# Another ABI's structs may be larger than these mirrors (lra_config_init
+# would write past a Ref{Config}): refuse it before any other call.
+function open_library(path::AbstractString = library_path())
+    lib = Libdl.dlopen(path)
+    Libdl.dlsym(lib, :lra_version; throw_error = false) === nothing &&
+        refuse_library(lib, path, "not lra (it has no lra_version)")
+    found = decode_version(ccall(Libdl.dlsym(lib, :lra_version), UInt32, ()))
+    abi_compatible(found) || refuse_library(lib, path, "lra $found")
+    return lib
+end
+
+function refuse_library(lib, path, what)
+    Libdl.dlclose(lib)
+    error("$path is $what, but this LRA.jl mirrors lra.h $HEADER_VERSION and needs a ",
+          "library of that ABI (", join(abi(HEADER_VERSION), "."), ".x): point LRA_LIBRARY ",
+          "at a matching liblra.so")
+end
+
+# dlopen is file I/O, kept out of the spin lock. Two tasks racing here both
+# open the library (the same handle, counted twice); the first one stored wins.
+function library()
+    lib = lock(() -> LIBRARY[], SYMBOLS_LOCK)
+    lib == C_NULL || return lib
+    opened = open_library()
     lock(SYMBOLS_LOCK) do
-        get!(SYMBOLS, name) do
-            if LIBRARY[] == C_NULL
-                LIBRARY[] = Libdl.dlopen(library_path())
-            end
-            Libdl.dlsym(LIBRARY[], name)
-        end
+        LIBRARY[] == C_NULL && (LIBRARY[] = opened)
+        LIBRARY[]
     end
+end
+
+function sym(name::Symbol)
+    found = lock(() -> get(SYMBOLS, name, C_NULL), SYMBOLS_LOCK)
+    found == C_NULL || return found
+    lib = library()
+    lock(() -> get!(() -> Libdl.dlsym(lib, name), SYMBOLS, name), SYMBOLS_LOCK)
 end
 
 function __init__()
@@ -203,10 +238,7 @@ status_string(s::Integer) = unsafe_string(ccall(sym(:lra_status_string), Cstring
 thread_last_error() = unsafe_string(ccall(sym(:lra_thread_last_error), Cstring, ()))
 
 "Library version as a `VersionNumber`."
-function version()
-    v = ccall(sym(:lra_version), UInt32, ())
-    VersionNumber(v >> 16, (v >> 8) & 0xff, v & 0xff)
-end
+version() = decode_version(ccall(sym(:lra_version), UInt32, ()))
 
 # ---------------------------------------------------------------------------
 # Configuration

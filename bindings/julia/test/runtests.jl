@@ -19,6 +19,12 @@ end
 
 @testset "LRA" begin
     @test LRA.version() >= v"0.1.0"
+    # The library loaded has this binding's ABI; others are refused at dlopen.
+    h = LRA.HEADER_VERSION
+    @test LRA.abi_compatible(LRA.version())
+    @test LRA.abi_compatible(VersionNumber(h.major, h.minor, h.patch + 1))
+    @test LRA.abi_compatible(VersionNumber(h.major, h.minor + 1, 0)) == (h.major >= 1)
+    @test !LRA.abi_compatible(VersionNumber(h.major + 1, 0, 0))
 
     err = try
         LRA.Optimizer(:sgd; lr = -1.0)
