@@ -441,14 +441,17 @@ device_pointer(a::Array) = Ptr{Cvoid}(pointer(a))
 device_pointer(a::AbstractArray) =
     throw(ArgumentError("lra needs dense contiguous buffers (Array or CuArray), not $(typeof(a))"))
 
-"The CUstream to run on for these buffers (`C_NULL` for host arrays)."
-stream_of(::AbstractArray) = C_NULL
+"The CUstream to run on for these buffers (`C_NULL` for host arrays and `nothing`)."
+stream_of(::Union{AbstractArray,Nothing}) = C_NULL
 
 "Where a buffer lives: `(lra_device, CUDA device ordinal)`; host arrays `(LRA_DEVICE_HOST, 0)`."
 placement(::AbstractArray) = (LRA_DEVICE_HOST, 0)
 
 "The `stream` keyword as a `CUstream` (a `Ptr`; the extension adds `CuStream`)."
 stream_handle(s) = Ptr{Cvoid}(s)
+
+"Runs `f()` with `stream` as the task's stream where CUDA.jl tracks one (`CuStream`: the extension)."
+with_stream(f, stream) = f()
 
 "Runs `f()` with the device of `a` current (CuArrays: the extension); others: `f()`."
 with_device_of(f, a) = f()
@@ -483,7 +486,10 @@ The wrapped optimizer's step with the current η. `params` and `grads` are
 equally long vectors of arrays (or one array each, e.g. a flat buffer);
 `loss` is f_i on this batch. `found_inf`: an optional one-element Float32
 array (host or device, like the buffers); non-zero skips the step. The
-stream defaults to CUDA.jl's current stream for CuArrays. Empty typed
+stream defaults to CUDA.jl's current stream for CuArrays; a `CuStream`
+becomes the task's stream for the call (so CUDA.jl orders the arrays' other
+uses after it), a raw `CUstream` is used as is: order it yourself (see the
+README). Empty typed
 vectors (`Vector{Float32}[]`) are allowed: with sharded parameters a rank
 whose shard is empty still takes every step (the collectives must match).
 Every array must be where the handle works (host Arrays for a host handle,
@@ -507,19 +513,16 @@ function step!(o::Optimizer, params::AbstractVector{<:AbstractArray},
         check_placement(o, found_inf, "found_inf")
     end
     # CUDA.jl's `pointer` and `stream()` belong to the task's current device:
-    # make it the parameters' (a handle on device 1 refuses device 0's stream).
-    with_device_of(isempty(params) ? nothing : first(params)) do
-        tensors = Tensor[Tensor(p, g) for (p, g) in zip(params, grads)]
-        # An empty shard has no arrays to take a stream from: NULL (the legacy
-        # default stream) unless the caller passes one.
-        s = if stream !== nothing
-            stream_handle(stream)
-        elseif isempty(params)
-            C_NULL
-        else
-            stream_of(first(params))
+    # make it the arrays' (a handle on device 1 refuses device 0's stream).
+    # An empty shard takes both from found_inf, which may still be written on
+    # the task's stream (the legacy NULL stream would not wait for it).
+    anchor = isempty(params) ? found_inf : first(params)
+    with_device_of(anchor) do
+        with_stream(stream) do
+            tensors = Tensor[Tensor(p, g) for (p, g) in zip(params, grads)]
+            handle = stream === nothing ? stream_of(anchor) : stream_handle(stream)
+            run_step(o, tensors, params, grads, loss, obs_var, found_inf, handle)
         end
-        run_step(o, tensors, params, grads, loss, obs_var, found_inf, s)
     end
 end
 
