@@ -19,6 +19,7 @@ refused (an error) unless it has this binding's ABI.
 module LRA
 
 using Libdl
+using Serialization
 
 export Optimizer, LRAError, Config, Tensor, ReevalInfo, Counters,
        config, step!, report_reeval!, reeval!, should_reeval, lr, set_lr!,
@@ -252,11 +253,13 @@ field of that name (`lr = 1e-4`, `device = :cuda`, `beta1 = 0.9`, ...).
 """
 function config(optimizer::Symbol = :adam; fields...)
     haskey(OPTIMIZERS, optimizer) || throw(ArgumentError("unknown optimizer $optimizer"))
-    ref = Ref{Config}()
-    ccall(sym(:lra_config_init), Cvoid, (Ref{Config}, UInt32), ref, OPTIMIZERS[optimizer])
-    c = ref[]
+    cfg = Ref{Config}()
+    ccall(sym(:lra_config_init), Cvoid, (Ref{Config}, UInt32), cfg, OPTIMIZERS[optimizer])
+    c = cfg[]
     names = fieldnames(Config)
     for (k, _) in fields
+        k == :optimizer && throw(ArgumentError(
+            "the optimizer is config's first argument (it also picks the defaults), not a keyword"))
         (k in names && k != :struct_size) || throw(ArgumentError("unknown lra_config field $k"))
     end
     values = map(names) do name
@@ -373,6 +376,13 @@ handle then stays open and usable.
 """
 Base.close(o::Optimizer) = destroy!(o)
 
+# A copy would own the same lra handle: the second lra_destroy is undefined
+# behaviour, and a pointer means nothing in another process.
+Base.deepcopy_internal(::Optimizer, ::IdDict) =
+    throw(ArgumentError("an LRA.Optimizer cannot be copied: checkpoint it with save_state/load_state!"))
+Serialization.serialize(::Serialization.AbstractSerializer, ::Optimizer) =
+    throw(ArgumentError("an LRA.Optimizer cannot be serialized: send save_state(opt) and load_state! it"))
+
 function live(o::Optimizer)
     o.ptr == C_NULL && throw(LRAError(LRA_NULL_POINTER, "the lra handle was closed"))
     o.ptr
@@ -433,7 +443,7 @@ end
 dtype_code(::Type{Float32}) = LRA_DTYPE_F32
 dtype_code(::Type{Float16}) = LRA_DTYPE_F16
 dtype_code(::Type{T}) where {T} =
-    nameof(T) === :BFloat16 && sizeof(T) == 2 ? LRA_DTYPE_BF16 :
+    T isa DataType && nameof(T) === :BFloat16 && sizeof(T) == 2 ? LRA_DTYPE_BF16 :
     throw(ArgumentError("lra supports Float32, Float16 and BFloat16 buffers, not $T"))
 
 "Address of a dense buffer as lra sees it (host arrays; CuArrays via the extension)."
@@ -470,13 +480,16 @@ function check_placement(o::Optimizer, a, what, i = 0)
         "LRA.Optimizer(optimizer, params; ...) with `using CUDA`)")))
 end
 
-"`lra_tensor` of one parameter buffer and its gradient (same element type and length)."
-function Tensor(param::AbstractArray{T}, grad::AbstractArray{T}) where {T}
+"`lra_tensor` of one parameter buffer and its gradient (same element type and shape)."
+function Tensor(param::AbstractArray, grad::AbstractArray)
+    eltype(param) == eltype(grad) || throw(ArgumentError(
+        "parameter has element type $(eltype(param)), gradient $(eltype(grad))"))
     # Same shape, not only length: a transposed copy of the gradient would
     # pair elements wrongly without any error (pass `vec(g)` to mean it).
     size(param) == size(grad) ||
         throw(DimensionMismatch("parameter has size $(size(param)), gradient $(size(grad))"))
-    Tensor(device_pointer(param), device_pointer(grad), UInt64(length(param)), dtype_code(T))
+    dtype = dtype_code(eltype(param))  # before any pointer is taken
+    Tensor(device_pointer(param), device_pointer(grad), UInt64(length(param)), dtype)
 end
 
 """
@@ -508,8 +521,8 @@ function step!(o::Optimizer, params::AbstractVector{<:AbstractArray},
         check_placement(o, g, "gradient", i)
     end
     if found_inf !== nothing
-        length(found_inf) == 1 && eltype(found_inf) == Float32 ||
-            throw(ArgumentError("found_inf must hold one Float32"))
+        found_inf isa AbstractArray && length(found_inf) == 1 && eltype(found_inf) == Float32 ||
+            throw(ArgumentError("found_inf must be an array holding one Float32"))
         check_placement(o, found_inf, "found_inf")
     end
     # CUDA.jl's `pointer` and `stream()` belong to the task's current device:

@@ -3,6 +3,7 @@
 #   LRA_LIBRARY=/path/to/liblra.so julia --project=bindings/julia -e 'using Pkg; Pkg.test()'
 using LRA
 using Random
+using Serialization
 using Test
 
 Random.seed!(0)  # the least-squares problem below is the same every run
@@ -25,6 +26,10 @@ end
     @test LRA.abi_compatible(VersionNumber(h.major, h.minor, h.patch + 1))
     @test LRA.abi_compatible(VersionNumber(h.major, h.minor + 1, 0)) == (h.major >= 1)
     @test !LRA.abi_compatible(VersionNumber(h.major + 1, 0, 0))
+
+    # The optimizer is config's first argument, not a field to overwrite.
+    @test_throws ArgumentError LRA.config(:adam; optimizer = 6)
+    @test_throws ArgumentError LRA.config(:adam; struct_size = 0)
 
     err = try
         LRA.Optimizer(:sgd; lr = -1.0)
@@ -51,6 +56,10 @@ end
     @test LRA.last_error(opt) == err.message         # the handle's record of the same failure
     # Same length, other shape: refused before lra is called.
     @test_throws DimensionMismatch step!(opt, zeros(Float32, 2, 3), zeros(Float32, 3, 2), 1.0)
+    # Bad inputs are ArgumentErrors, not MethodErrors.
+    @test_throws ArgumentError step!(opt, w, Float16[0, 0, 0], 1.0)
+    @test_throws ArgumentError step!(opt, w, g, 1.0; found_inf = 0f0)
+    @test_throws ArgumentError step!(opt, Union{Float32,Float16}[1, 2], Union{Float32,Float16}[0, 0], 1.0)
     @test counters(opt).steps == 1
 
     # Flat buffer training: least squares, from a tiny learning rate.
@@ -162,6 +171,10 @@ end
         @test counters(gpu).steps == 0
         close(gpu)
     end
+
+    # A copy would own the same handle (a double lra_destroy): refused.
+    @test_throws ArgumentError deepcopy(opt)
+    @test_throws ArgumentError serialize(IOBuffer(), opt)
 
     # Checkpoints round-trip.
     blob = save_state(opt)
