@@ -21,10 +21,12 @@ module LRA
 using Libdl
 using Serialization
 
-export Optimizer, LRAError, Config, Tensor, ReevalInfo, Counters,
-       config, step!, report_reeval!, reeval!, should_reeval, lr, set_lr!,
+# Not exported (too generic; `Tensor` clashes with Tensors.jl and ITensors):
+# LRA.Config, LRA.Tensor, LRA.config, LRA.version.
+export Optimizer, LRAError, ReevalInfo, Counters,
+       step!, report_reeval!, reeval!, should_reeval, lr, set_lr!,
        last_phi, last_reeval, counters, save_state, load_state!, set_reduction!,
-       decision_name, version
+       decision_name
 
 # ---------------------------------------------------------------------------
 # C types (field order and types mirror include/lra.h exactly)
@@ -227,14 +229,15 @@ struct LRAError <: Exception
 end
 LRAError(status::Integer, message::AbstractString) = LRAError(status, message, nothing)
 function Base.showerror(io::IO, e::LRAError)
-    print(io, "LRAError(status ", e.status, "): ", e.message)
+    print(io, "LRAError(status ", e.status, ", ", status_string(e.status), "): ", e.message)
     if e.cause !== nothing
         print(io, "\ncaused by: ")
         showerror(io, e.cause)
     end
 end
 
-status_string(s::Integer) = unsafe_string(ccall(sym(:lra_status_string), Cstring, (UInt32,), s))
+"lra's static description of a status value."
+status_string(status::Integer) = unsafe_string(ccall(sym(:lra_status_string), Cstring, (UInt32,), status))
 "The calling thread's last lra failure message (from any call)."
 thread_last_error() = unsafe_string(ccall(sym(:lra_thread_last_error), Cstring, ()))
 
@@ -689,10 +692,11 @@ end
 
 Registers `f(values::Vector{Float64})`, which must replace `values` in place
 by their sums over all ranks (e.g. `v -> MPI.Allreduce!(v, +, comm)`);
-`nothing` removes it. `f` runs inside `step!` and `report_reeval!`: calls on
-the same `opt` from inside it (and `close(opt)`) throw `LRAError` with
-`LRA_CALL_ORDER`, and an exception escaping `f` fails the outer call with
-`LRA_REDUCTION_FAILED`.
+`nothing` removes it. `values` wraps lra's own memory and is valid only
+during that call: keep a `copy`, never `values` itself or a view of it.
+`f` runs inside `step!` and `report_reeval!`: calls on the same `opt` from
+inside it (and `close(opt)`) throw `LRAError` with `LRA_CALL_ORDER`, and an
+exception escaping `f` fails the outer call with `LRA_REDUCTION_FAILED`.
 """
 function set_reduction!(o::Optimizer, f)
     guarded(o) do
