@@ -13,7 +13,8 @@ bindings/python/lra.py is checked the same way through its prototype table
 (callback arguments: the CFUNCTYPE's signature), Structure classes and
 constant tables, which must hold every value C defines (imported, not
 loaded: no library needed). The bindings' package versions must equal
-Cargo.toml's. `--self-test`
+Cargo.toml's. The values the Julia ccalls pass are checked by
+bindings/julia/check_ccalls.py. `--self-test`
 injects each kind of drift into both bindings and fails unless each is caught.
 
 Status values (LRA_OK, ...) are taken from the header when it defines them,
@@ -94,18 +95,25 @@ class Header:
             for m in re.finditer(r"#define\s+(LRA_\w+)\s+(-?\d+)\s*$", code, flags=re.M)
         }
         self.functions = {}  # name -> (ret, [args])
+        self.parameters = {}  # name -> [(parameter name, points to const, canonical type)]
         for m in re.finditer(r"^([\w\s*]+?)\b(lra_\w+)\s*\(([^)]*)\)\s*;", code, flags=re.M):
             self.functions[m.group(2)] = (self.canon(m.group(1)), self.params(m.group(3)))
+            self.parameters[m.group(2)] = self.named_params(m.group(3))
 
-    def params(self, text):
-        """Canonical types of a C parameter list ("void" or empty: none)."""
-        args = []
+    def named_params(self, text):
+        """(name, const?, canonical type) of each C parameter ("void" or empty: none)."""
+        out = []
         text = text.strip()
         if text and text != "void":
             for p in text.split(","):
                 pm = re.match(r"(.+?)([\s*]+)(\w+)$", p.strip())
-                args.append(self.canon(pm.group(1) + pm.group(2).replace(" ", "")))
-        return args
+                typ = self.canon(pm.group(1) + pm.group(2).replace(" ", ""))
+                out.append((pm.group(3), re.search(r"\bconst\b", pm.group(1)) is not None, typ))
+        return out
+
+    def params(self, text):
+        """Canonical types of a C parameter list."""
+        return [typ for _, _, typ in self.named_params(text)]
 
     def canon(self, ctype):
         t = ctype.replace("const", " ").replace("struct", " ")

@@ -2,7 +2,9 @@
 # Stage "bindings": proves each language binding with a real program.
 #  1. static ABI check of the Julia and Python bindings against include/lra.h
 #     (with a self-test that injected drift is caught), and a syntax check of
-#     the Julia files (tree-sitter-julia; Julia itself cannot be installed here);
+#     the Julia files and a check of the values each Julia ccall passes (both
+#     tree-sitter-julia, the latter with a self-test; Julia itself cannot be
+#     installed here);
 #  2. scripts/install.sh into a temporary PREFIX (lib, headers, CMake config, lra.pc;
 #     libraries stripped of debug info; the manifest), and its --uninstall;
 #  3. plain C flat-buffer example built through pkg-config (shared and static), run;
@@ -35,13 +37,21 @@ else
   skip "python3 not found: the Julia/Python ABI check did not run"
 fi
 
+# A tree-sitter check of the Julia binding; exit status 2: tree-sitter is missing.
+julia_tree_sitter_check() {
+  local what="$1" rc=0
+  shift
+  if have python3; then python3 "$@" || rc=$?; else rc=2; fi
+  if [ "$rc" = 2 ]; then
+    skip "python3 lacks tree_sitter / tree_sitter_julia (pip install tree-sitter tree-sitter-julia): $what did not run"
+  elif [ "$rc" != 0 ]; then
+    exit 1
+  fi
+}
 say "Julia syntax (tree-sitter-julia: the binding cannot run here)"
-rc=0; if have python3; then python3 bindings/julia/check_syntax.py || rc=$?; else rc=2; fi
-if [ "$rc" = 2 ]; then
-  skip "python3 lacks tree_sitter / tree_sitter_julia (pip install tree-sitter tree-sitter-julia): the Julia syntax check did not run"
-elif [ "$rc" != 0 ]; then
-  exit 1
-fi
+julia_tree_sitter_check "the Julia syntax check" bindings/julia/check_syntax.py
+say "Julia ccall values: arguments by C parameter name, out-parameters as Ref variables, GC.@preserve"
+julia_tree_sitter_check "the Julia ccall value check" bindings/julia/check_ccalls.py --self-test
 
 say "install into a temporary prefix"
 prefix="$work/prefix"

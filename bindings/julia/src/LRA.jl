@@ -4,8 +4,9 @@
 Julia binding of lra (automatic learning-rate adaptation) over its C ABI
 (`include/lra.h`). Every exported C function is wrapped with `ccall` below;
 `bindings/check_abi.py` (run by the test suite) checks each `ccall`'s
-symbol, return type and argument types, the structs, the constants and the
-reduction `@cfunction` against `include/lra.h`.
+declared symbol, return type and argument types, the structs, the constants
+and the reduction `@cfunction` against `include/lra.h`;
+`bindings/julia/check_ccalls.py` checks the values each `ccall` passes.
 
 The shared library is `ENV["LRA_LIBRARY"]` when set (a path to `liblra.so`),
 else `liblra` on the system's library path (after `scripts/install.sh PREFIX`,
@@ -543,18 +544,18 @@ function step!(o::Optimizer, params::AbstractVector{<:AbstractArray},
 end
 
 # The tensors hold raw pointers into params/grads: keep those alive.
-function run_step(o::Optimizer, tensors, params, grads, loss, obs_var, found_inf, s)
+function run_step(o::Optimizer, tensors, params, grads, loss, obs_var, found_inf, stream::Ptr{Cvoid})
     guarded(o) do
         st = GC.@preserve params grads found_inf begin
             if found_inf === nothing
                 ccall(sym(:lra_step), lra_status,
                       (Ptr{OpaqueHandle}, Ptr{Tensor}, Csize_t, Float64, Float64, Ptr{Cvoid}),
-                      live(o), tensors, length(tensors), loss, obs_var, s)
+                      live(o), tensors, length(tensors), loss, obs_var, stream)
             else
                 ccall(sym(:lra_step_ex), lra_status,
                       (Ptr{OpaqueHandle}, Ptr{Tensor}, Csize_t, Float64, Float64, Ptr{Float32}, Ptr{Cvoid}),
                       live(o), tensors, length(tensors), loss, obs_var,
-                      Ptr{Float32}(device_pointer(found_inf)), s)
+                      Ptr{Float32}(device_pointer(found_inf)), stream)
             end
         end
         check(o, st)
@@ -570,12 +571,12 @@ f+ = the loss on the SAME batch after the step (same data, same deterministic
 model: no fresh dropout mask, no BatchNorm statistics update); adapts η.
 """
 function report_reeval!(o::Optimizer, loss_after::Real)
-    info = Ref{ReevalInfo}()
+    out = Ref{ReevalInfo}()
     guarded(o) do
         check(o, ccall(sym(:lra_report_reeval), lra_status, (Ptr{OpaqueHandle}, Float64, Ref{ReevalInfo}),
-                       live(o), loss_after, info))
+                       live(o), loss_after, out))
     end
-    info[]
+    out[]
 end
 
 """
@@ -598,12 +599,12 @@ function should_reeval(o::Optimizer)
 end
 
 function last_reeval(o::Optimizer)
-    info = Ref{ReevalInfo}()
+    out = Ref{ReevalInfo}()
     guarded(o) do
         check(o, ccall(sym(:lra_get_last_reeval), lra_status, (Ptr{OpaqueHandle}, Ref{ReevalInfo}),
-                       live(o), info))
+                       live(o), out))
     end
-    info[]
+    out[]
 end
 
 decision_name(info::ReevalInfo) = get(DECISION_NAMES, info.decision, :unknown)
