@@ -13,7 +13,11 @@
 // (A unit test keeps it equal to Cargo.toml's version.)
 #define LRA_HEADER_VERSION 256
 
-// Opaque handle: one optimizer with its adaptation state.
+// Opaque handle: one optimizer with its adaptation state. One call at a
+// time per handle, getters taking a `const lra_handle *` included: a call
+// made while another runs on the same handle (another thread's, or one
+// from inside its reduction callback) fails with `LRA_CALL_ORDER` and
+// changes nothing. Different handles are independent.
 typedef struct lra_handle lra_handle;
 
 // Configuration. Always fill it with `lra_config_init` first, then change
@@ -293,12 +297,23 @@ void lra_destroy(struct lra_handle *h);
 // handles. The step is skipped (and reported by the next
 // `lra_report_reeval`) when `loss` is not finite, or, with
 // `check_finite` on, when a gradient is not finite.
+//
+// `tensors` holds `count` entries, in the same order, sizes and dtypes at
+// every step. Each `param` must be writable and each `grad` readable for
+// `numel` elements of its dtype, and each aligned to the dtype's size
+// (`numel` 0: never read, any pointer); no parameter may overlap another
+// parameter or any gradient (gradients may share memory). On a CUDA
+// handle the buffers (and `found_inf`) must stay allocated until the
+// step's work on `stream` is done. lra checks what it can (alignment,
+// overlap, extents that wrap, the memory's kind and device on CUDA) and
+// refuses with `LRA_INVALID_ARGUMENT` before any write; lengths it
+// cannot see are the caller's to get right.
 lra_status lra_step(struct lra_handle *h, const struct lra_tensor *tensors, size_t count, double loss, double obs_var, void *stream);
 
 // `lra_step` with a found-inf flag: `found_inf` points at one f32 (host
-// memory for host handles, device memory for CUDA handles; NULL = none);
-// when it is non-zero the step is a no-op, decided without a host sync on
-// CUDA.
+// memory for host handles, device memory for CUDA handles; NULL = none;
+// aligned to 4 bytes and not inside any parameter); when it is non-zero
+// (or NaN) the step is a no-op, decided without a host sync on CUDA.
 lra_status lra_step_ex(struct lra_handle *h, const struct lra_tensor *tensors, size_t count, double loss, double obs_var, const float *found_inf, void *stream);
 
 // Reports f+ = the loss on the SAME batch after the step; adapts η.

@@ -210,8 +210,9 @@ impl Engine {
     /// handle's device for a CUDA handle), for the whole call (on a CUDA
     /// handle: until the step's work on `stream` is done); `found_inf` is
     /// null or valid for one f32 there; `stream` is null or a live
-    /// `CUstream` (null on a host handle). What lra can check (alignment,
-    /// overlap, memory kind, extents that wrap) it does, before any write.
+    /// `CUstream` (null on a host handle); no tensor's extent wraps the
+    /// address space (the C boundary checks that). What lra can check here
+    /// (alignment, overlap, memory kind) it does, before any write.
     pub unsafe fn step(
         &mut self,
         tensors: &[TensorDesc],

@@ -233,7 +233,11 @@ pub struct lra_counters {
 pub type lra_reduce_fn =
     Option<unsafe extern "C" fn(values: *mut f64, count: usize, user: *mut c_void) -> i32>;
 
-/// Opaque handle: one optimizer with its adaptation state.
+/// Opaque handle: one optimizer with its adaptation state. One call at a
+/// time per handle, getters taking a `const lra_handle *` included: a call
+/// made while another runs on the same handle (another thread's, or one
+/// from inside its reduction callback) fails with `LRA_CALL_ORDER` and
+/// changes nothing. Different handles are independent.
 pub struct lra_handle {
     magic: u64,
     /// Set while a call runs on the handle: a call from inside its own
@@ -697,6 +701,17 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
 /// handles. The step is skipped (and reported by the next
 /// `lra_report_reeval`) when `loss` is not finite, or, with
 /// `check_finite` on, when a gradient is not finite.
+///
+/// `tensors` holds `count` entries, in the same order, sizes and dtypes at
+/// every step. Each `param` must be writable and each `grad` readable for
+/// `numel` elements of its dtype, and each aligned to the dtype's size
+/// (`numel` 0: never read, any pointer); no parameter may overlap another
+/// parameter or any gradient (gradients may share memory). On a CUDA
+/// handle the buffers (and `found_inf`) must stay allocated until the
+/// step's work on `stream` is done. lra checks what it can (alignment,
+/// overlap, extents that wrap, the memory's kind and device on CUDA) and
+/// refuses with `LRA_INVALID_ARGUMENT` before any write; lengths it
+/// cannot see are the caller's to get right.
 #[no_mangle]
 pub unsafe extern "C" fn lra_step(
     h: *mut lra_handle,
@@ -719,9 +734,9 @@ pub unsafe extern "C" fn lra_step(
 }
 
 /// `lra_step` with a found-inf flag: `found_inf` points at one f32 (host
-/// memory for host handles, device memory for CUDA handles; NULL = none);
-/// when it is non-zero the step is a no-op, decided without a host sync on
-/// CUDA.
+/// memory for host handles, device memory for CUDA handles; NULL = none;
+/// aligned to 4 bytes and not inside any parameter); when it is non-zero
+/// (or NaN) the step is a no-op, decided without a host sync on CUDA.
 #[no_mangle]
 pub unsafe extern "C" fn lra_step_ex(
     h: *mut lra_handle,

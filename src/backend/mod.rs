@@ -194,8 +194,9 @@ pub fn le_value(bytes: &[u8], k: usize) -> f32 {
     ])
 }
 
-/// What the backend returns from a step when it knows the outcome without
-/// waiting (always on the host); the CUDA backend answers at `outcome`.
+/// Where the optimizer runs (host or CUDA device): validates the caller's
+/// pointers, steps over them and holds the optimizer state; the engine
+/// above it owns the adaptation and the order of calls.
 pub trait Backend: Send {
     /// Checks the pointers of a step (memory kind, alignment, overlap).
     fn validate(&self, tensors: &[TensorDesc]) -> Result<()>;
@@ -220,8 +221,10 @@ pub trait Backend: Send {
     /// tensors, found_inf and stream are valid for this backend, and
     /// `validate` and `check_step` accepted them.
     unsafe fn step(&mut self, req: StepRequest<'_>) -> Result<()>;
-    /// Outcome of the last step: skip reason, the LOCAL partial Σg·d times
-    /// η (the engine reduces it across ranks), the scale used. May wait.
+    /// Outcome of the last step: skip reason, φ = η·Σg·d, the scale used.
+    /// May wait. φ is this rank's partial after a fused step (the engine
+    /// reduces it across ranks) and already the cross-rank sum after a
+    /// two-pass one (which needed it for its scale).
     fn outcome(&mut self) -> Result<StepOutcome>;
     /// Bias powers, applied steps and the state's size per tensor.
     fn state_meta(&mut self) -> Result<StateMeta>;
