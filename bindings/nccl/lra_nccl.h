@@ -11,19 +11,21 @@
  * (so does a callback registered despite the failed init, with
  * LRA_NCCL_ERR_INIT), and its wait maps real NCCL and CUDA errors to the
  * documented codes (tests/nccl/lra_nccl_real_test.c). The rest of its
- * logic (staging, the device check, non-blocking communicators, busy
- * stream, failed peer, unusable `user`, the deadline `timeout_s`) runs on
+ * logic (staging, the device check and switch, non-blocking communicators,
+ * busy stream, failed peer, unusable `user`, the deadline `timeout_s`,
+ * lra_nccl_check_agreement with a disagreement injected) runs on
  * one simulated rank against stub declarations that are checked against
  * the real headers (tests/nccl/stub). The collective itself, ncclAllReduce
  * on GPUs, has NEVER been run. The MPI binding (bindings/mpi/lra_mpi.h) is
  * the tested one.
  *
- * lra sums a few doubles (at most 3) per step across ranks: the rank-local
- * parts of φ = g·v when parameters are sharded, f_i and f+ when losses are
- * rank-local. They are host values, so each call stages them through a
- * small device buffer: copy in, ncclAllReduce(ncclFloat64, ncclSum), copy
- * out, and wait for the stream (one short host synchronisation per call,
- * which the η decision needs anyway). Every rank receives the same sum:
+ * lra sums a few doubles (at most 3 per call; one lra_step may make two
+ * calls) across ranks: the rank-local parts of φ = g·v when parameters are
+ * sharded, f_i and f+ when losses are rank-local. They are host values, so
+ * each call stages them through a small device buffer: copy in,
+ * ncclAllReduce(ncclFloat64, ncclSum), copy out, and wait for the stream
+ * (one short host synchronisation per call, which the η decision needs
+ * anyway). Every rank receives the same sum:
  * NCCL computes each element's sum once and sends it unchanged to all ranks
  * (NVIDIA/nccl#855), which is what keeps η identical everywhere.
  *
@@ -32,7 +34,9 @@
  *     if (lra_nccl_init(&red, comm, stream) != 0) { ... }   // do not register it then
  *     red.timeout_s = 300;                     // optional, see "Deadline" below
  *     lra_set_reduction(handle, lra_nccl_allreduce_sum, &red);
- *     ...
+ *     ...                                      // a failing call's code:
+ *                                              // lra_nccl_error_string(rc)
+ *     if (lra_nccl_check_agreement(handle, &red) != 0) { ... } // after a restore
  *     lra_destroy(handle);
  *     lra_nccl_free(&red);
  *
@@ -46,7 +50,9 @@
  * peer fails or leaves, the collective never completes, and a plain
  * synchronisation would wait forever. Non-blocking communicators (created
  * with config.blocking = 0, whose calls may return ncclInProgress) are
- * supported the same way.
+ * supported the same way. Between polls it yields, and after the first
+ * LRA_NCCL_SPIN_POLLS_ (64) polls of a wait it sleeps, 1 µs doubling up to
+ * 100 µs, so that a wait for a slow peer does not keep a core busy.
  *
  * Deadline: NCCL reports an error only for failures it detects. A peer that
  * never enters the collective (a rank that failed alone before it, or that
@@ -81,10 +87,10 @@
  * interrupted from here: use a non-blocking communicator where that
  * matters. With a deadline, the clock is read once at the start of a call
  * and then once every LRA_NCCL_POLLS_PER_CLOCK_READ_ (16) polls of its
- * waits (each poll is a cudaStreamQuery, an ncclCommGetAsyncError and a
- * sched_yield), so a call may run up to that many polls past the deadline;
- * never less than it. With timeout_s = 0 the clock is never read and the
- * callback waits as it always did.
+ * waits (each poll is a cudaStreamQuery and an ncclCommGetAsyncError, then
+ * the pause above), so a call may run up to that many polls (about 2 ms)
+ * past the deadline; never less than it. With timeout_s = 0 the clock is
+ * never read and the callback waits as it always did.
  *
  * Contract, as for MPI: every rank of `comm` uses the same lra_config and
  * makes the same sequence of lra_step / lra_report_reeval calls (same
@@ -98,6 +104,10 @@
  * ncclGroupEnd: inside a group, ncclAllReduce may return before it has
  * enqueued the collective (NCCL's "Group Calls"), so the callback would copy
  * back this rank's own values, return 0, and the ranks would decide η apart.
+ *
+ * Device: each call makes the communicator's device current (cudaSetDevice,
+ * only if another is) and restores the caller's before it returns, as
+ * ncclAllReduce itself does; a failed restore is the call's error.
  *
  * Threads: the callback runs on the thread that calls lra. One
  * lra_nccl_reduction serves one handle (its staging buffers are not shared
@@ -122,15 +132,17 @@
 
 #include "lra.h"
 
-/* The deadline's clock: POSIX clock_gettime(CLOCK_MONOTONIC). Strict ISO C
-   (gcc -std=c11 without _POSIX_C_SOURCE) hides both from <time.h>, although
-   the C library has the function (glibc, musl); NCCL exists only for 64-bit
-   Linux, where clockid_t is int and CLOCK_MONOTONIC is 1 (the kernel's ABI),
-   so it is declared here then. */
+/* The deadline's clock and the wait's pause: POSIX clock_gettime
+   (CLOCK_MONOTONIC) and nanosleep. Strict ISO C (gcc -std=c11 without
+   _POSIX_C_SOURCE) hides them from <time.h>, although the C library has
+   them (glibc, musl); NCCL exists only for 64-bit Linux, where clockid_t
+   is int and CLOCK_MONOTONIC is 1 (the kernel's ABI), so they are declared
+   here then. */
 #if defined(CLOCK_MONOTONIC)
 #define LRA_NCCL_CLOCK_MONOTONIC_ CLOCK_MONOTONIC
 #elif defined(__linux__) && defined(__LP64__) && !defined(__cplusplus)
 int clock_gettime(int clock_id, struct timespec *tp);
+int nanosleep(const struct timespec *req, struct timespec *rem);
 #define LRA_NCCL_CLOCK_MONOTONIC_ 1
 #define LRA_NCCL_CLOCK_DECLARED_HERE_ 1
 #else
@@ -139,9 +151,21 @@ int clock_gettime(int clock_id, struct timespec *tp);
 
 /* The wait reads the clock once every this many polls (see "Deadline"). */
 #define LRA_NCCL_POLLS_PER_CLOCK_READ_ 16u
+/* A wait's first polls only yield (a short collective costs no sleep);
+   later ones sleep, 1 µs doubling up to LRA_NCCL_MAX_SLEEP_NS_. */
+#define LRA_NCCL_SPIN_POLLS_ 64u
+#define LRA_NCCL_MAX_SLEEP_NS_ 100000L
 
-/* The most values one call can carry (lra passes at most 3). */
+/* The most values one sum can carry (lra passes at most 3). */
 #define LRA_NCCL_MAX_VALUES 8
+/* lra_nccl_check_agreement's collective: 8 fields, their negations and a
+   "query failed" flag. */
+#define LRA_NCCL_AGREEMENT_FIELDS_ 8
+#define LRA_NCCL_AGREEMENT_VALUES_ (2 * LRA_NCCL_AGREEMENT_FIELDS_ + 1)
+/* Doubles in each staging buffer: room for either call. */
+#define LRA_NCCL_STAGING_VALUES_                                                                   \
+    (LRA_NCCL_MAX_VALUES > LRA_NCCL_AGREEMENT_VALUES_ ? LRA_NCCL_MAX_VALUES                        \
+                                                      : LRA_NCCL_AGREEMENT_VALUES_)
 
 /* Callback return codes (0 = success): */
 /* more than LRA_NCCL_MAX_VALUES values (the same on every rank) */
@@ -164,6 +188,14 @@ int clock_gettime(int clock_id, struct timespec *tp);
    communicator's asynchronous error (ncclCommGetAsyncError) while waiting */
 #define LRA_NCCL_ERR_NCCL 2000
 
+/* lra_nccl_check_agreement's answers besides 0 (agreement) and the codes
+   above (positive); the values of lra_mpi.h's LRA_MPI_DISAGREE and
+   LRA_MPI_QUERY_FAILED. */
+/* ranks hold different η, counters or pending-step state */
+#define LRA_NCCL_DISAGREE (-1)
+/* an lra query failed on at least one rank (see lra_last_error there) */
+#define LRA_NCCL_QUERY_FAILED (-2)
+
 /* Fill it with lra_nccl_init, then change `timeout_s` if you want one.
  * Later versions only append fields, never reorder or remove them, and
  * lra_nccl_init sets every field (the added ones to defaults that keep the
@@ -173,7 +205,7 @@ int clock_gettime(int clock_id, struct timespec *tp);
 typedef struct lra_nccl_reduction {
     ncclComm_t comm;
     cudaStream_t stream;
-    /* LRA_NCCL_MAX_VALUES doubles on the communicator's device */
+    /* LRA_NCCL_STAGING_VALUES_ (17) doubles on the communicator's device */
     double *device;
     /* as many in pinned host memory (the staging copies are asynchronous) */
     double *host;
@@ -187,6 +219,9 @@ typedef struct lra_nccl_reduction {
        clear it: only lra_nccl_init, after ncclCommAbort and lra_nccl_free,
        does. */
     int32_t timed_out;
+    /* The communicator's device (lra_nccl_init; -1 if it failed before
+       learning it). Each call makes it current and restores the caller's. */
+    int32_t cuda_device;
 } lra_nccl_reduction;
 
 /* Releases the buffers; safe on a zeroed struct, after a failed
@@ -212,13 +247,14 @@ static inline void lra_nccl_free(lra_nccl_reduction *r)
  * failure: timeout_s = 0 (no deadline), timed_out = 0. */
 static inline int32_t lra_nccl_init(lra_nccl_reduction *r, ncclComm_t comm, cudaStream_t stream)
 {
-    const size_t bytes = LRA_NCCL_MAX_VALUES * sizeof(double);
+    const size_t bytes = LRA_NCCL_STAGING_VALUES_ * sizeof(double);
     r->comm = comm;
     r->stream = stream;
     r->device = NULL;
     r->host = NULL;
     r->timeout_s = 0.0;
     r->timed_out = 0;
+    r->cuda_device = -1;
     int current = -1, comm_device = -1;
     cudaError_t e = cudaGetDevice(&current);
     if (e != cudaSuccess)
@@ -226,6 +262,7 @@ static inline int32_t lra_nccl_init(lra_nccl_reduction *r, ncclComm_t comm, cuda
     const ncclResult_t n = ncclCommCuDevice(comm, &comm_device);
     if (n != ncclSuccess)
         return LRA_NCCL_ERR_NCCL + (int32_t)n;
+    r->cuda_device = comm_device;
     if (current != comm_device)
         return LRA_NCCL_ERR_DEVICE;
     e = cudaMalloc((void **)&r->device, bytes);
@@ -236,6 +273,36 @@ static inline int32_t lra_nccl_init(lra_nccl_reduction *r, ncclComm_t comm, cuda
         return LRA_NCCL_ERR_CUDA + (int32_t)e;
     }
     return 0;
+}
+
+/* The text of any code this header returns: the adapter's own, a CUDA
+ * error (cudaGetErrorString) or an NCCL one (ncclGetErrorString). A static
+ * string, never NULL. For an NCCL error's details, ncclGetLastError(comm). */
+static inline const char *lra_nccl_error_string(int32_t rc)
+{
+    switch (rc) {
+    case 0:
+        return "success";
+    case LRA_NCCL_ERR_COUNT:
+        return "LRA_NCCL_ERR_COUNT: more values than LRA_NCCL_MAX_VALUES";
+    case LRA_NCCL_ERR_DEVICE:
+        return "LRA_NCCL_ERR_DEVICE: the current device is not the communicator's";
+    case LRA_NCCL_ERR_INIT:
+        return "LRA_NCCL_ERR_INIT: no initialised lra_nccl_reduction, or timeout_s negative or NaN";
+    case LRA_NCCL_ERR_TIMEOUT:
+        return "LRA_NCCL_ERR_TIMEOUT: a call ran past timeout_s; the reduction is unusable";
+    case LRA_NCCL_DISAGREE:
+        return "LRA_NCCL_DISAGREE: the ranks hold different eta, counters or pending step";
+    case LRA_NCCL_QUERY_FAILED:
+        return "LRA_NCCL_QUERY_FAILED: an lra query failed on some rank";
+    default:
+        break;
+    }
+    if (rc >= LRA_NCCL_ERR_CUDA && rc < LRA_NCCL_ERR_NCCL)
+        return cudaGetErrorString((cudaError_t)(rc - LRA_NCCL_ERR_CUDA));
+    if (rc >= LRA_NCCL_ERR_NCCL && rc < LRA_NCCL_ERR_NCCL + 1000)
+        return ncclGetErrorString((ncclResult_t)(rc - LRA_NCCL_ERR_NCCL));
+    return "not an lra_nccl.h code";
 }
 
 /* The communicator's state as a callback code: 0 while it is healthy or
@@ -291,12 +358,34 @@ static inline int lra_nccl_expired_(lra_nccl_deadline_ *d)
     return now < 0 || now >= d->at;
 }
 
+/* Between two polls of one wait (`*polls` counts them): yield at first,
+   then sleep, so that a long wait (a slow peer) does not burn a core. */
+static inline void lra_nccl_pause_(unsigned *polls)
+{
+    if (*polls < LRA_NCCL_SPIN_POLLS_) {
+        ++*polls;
+        sched_yield(); /* leave the core to NCCL's proxy threads */
+        return;
+    }
+    const unsigned doublings = *polls - LRA_NCCL_SPIN_POLLS_;
+    long ns = LRA_NCCL_MAX_SLEEP_NS_;
+    if (doublings < 20) {
+        ++*polls;
+        ns = 1000L << doublings;
+        if (ns > LRA_NCCL_MAX_SLEEP_NS_)
+            ns = LRA_NCCL_MAX_SLEEP_NS_;
+    }
+    const struct timespec nap = {0, ns};
+    nanosleep(&nap, NULL); /* a signal may cut it short: harmless */
+}
+
 /* Waits until the work queued on r->stream has finished, returning early
  * with the communicator's asynchronous error if one appears (a collective
  * whose peer failed never finishes), or with LRA_NCCL_ERR_TIMEOUT once the
  * deadline `d` has passed (NULL: none). */
 static inline int32_t lra_nccl_wait_(const lra_nccl_reduction *r, lra_nccl_deadline_ *d)
 {
+    unsigned polls = 0;
     for (;;) {
         const cudaError_t e = cudaStreamQuery(r->stream);
         if (e == cudaSuccess)
@@ -309,47 +398,35 @@ static inline int32_t lra_nccl_wait_(const lra_nccl_reduction *r, lra_nccl_deadl
             return rc;
         if (lra_nccl_expired_(d))
             return LRA_NCCL_ERR_TIMEOUT;
-        sched_yield(); /* leave the core to NCCL's proxy threads */
+        lra_nccl_pause_(&polls);
     }
 }
 
-/* The lra_reduce_fn: `user` points at an initialised lra_nccl_reduction.
- * Replaces values[0..count] by their sums over the communicator's ranks.
- * A NULL `user`, or one whose buffers are NULL (registered after a failed
- * lra_nccl_init, or after lra_nccl_free) or whose timeout_s is negative or
- * NaN, fails with LRA_NCCL_ERR_INIT (lra: LRA_REDUCTION_FAILED) before
- * touching anything; an uninitialised struct that was not zeroed holds
- * garbage, which cannot be told apart. A call that runs past timeout_s
- * returns LRA_NCCL_ERR_TIMEOUT and marks the reduction timed out; so does
- * every later call, at once. Only a successful call changes `values`. */
-static inline int32_t lra_nccl_allreduce_sum(double *values, size_t count, void *user)
+/* Stages r->host[0..count] through r->device: copy in, ncclAllReduce(op),
+ * copy out, wait. On success r->host holds the result. Marks the reduction
+ * timed out where the deadline says so. */
+static inline int32_t lra_nccl_staged_allreduce_(lra_nccl_reduction *r, size_t count,
+                                                 ncclRedOp_t op)
 {
-    lra_nccl_reduction *r = (lra_nccl_reduction *)user;
-    if (r == NULL || r->device == NULL || r->host == NULL || !(r->timeout_s >= 0))
-        return LRA_NCCL_ERR_INIT;
-    if (r->timed_out)
-        return LRA_NCCL_ERR_TIMEOUT;
-    if (count > LRA_NCCL_MAX_VALUES)
-        return LRA_NCCL_ERR_COUNT;
     lra_nccl_deadline_ deadline = lra_nccl_deadline_start_(r->timeout_s);
     const size_t bytes = count * sizeof(double);
-    memcpy(r->host, values, bytes);
     cudaError_t e = cudaMemcpyAsync(r->device, r->host, bytes, cudaMemcpyHostToDevice, r->stream);
     if (e != cudaSuccess)
         return LRA_NCCL_ERR_CUDA + (int32_t)e;
-    ncclResult_t n =
-        ncclAllReduce(r->device, r->device, count, ncclFloat64, ncclSum, r->comm, r->stream);
+    const ncclResult_t n =
+        ncclAllReduce(r->device, r->device, count, ncclFloat64, op, r->comm, r->stream);
     int32_t rc = 0;
     if (n == ncclInProgress) {
         /* A non-blocking communicator is still enqueueing the collective;
            nothing else may be queued on the stream until it has. */
         int in_progress = 1;
+        unsigned polls = 0;
         while (rc == 0 && in_progress) {
             if (lra_nccl_expired_(&deadline)) {
                 rc = LRA_NCCL_ERR_TIMEOUT; /* still enqueueing: queue nothing more */
                 break;
             }
-            sched_yield();
+            lra_nccl_pause_(&polls);
             rc = lra_nccl_async_error_(r, &in_progress);
         }
     } else if (n != ncclSuccess) {
@@ -374,9 +451,107 @@ static inline int32_t lra_nccl_allreduce_sum(double *values, size_t count, void 
     rc = lra_nccl_wait_(r, &deadline);
     if (rc == LRA_NCCL_ERR_TIMEOUT)
         r->timed_out = 1;
+    return rc;
+}
+
+/* Both public calls: refusals first (no CUDA or NCCL call), then the
+ * communicator's device made current, the staged collective, the caller's
+ * device restored; `values` change only on success. */
+static inline int32_t lra_nccl_allreduce_(lra_nccl_reduction *r, double *values, size_t count,
+                                          size_t limit, ncclRedOp_t op)
+{
+    if (r == NULL || r->device == NULL || r->host == NULL || !(r->timeout_s >= 0))
+        return LRA_NCCL_ERR_INIT;
+    if (r->timed_out)
+        return LRA_NCCL_ERR_TIMEOUT;
+    if (count > limit)
+        return LRA_NCCL_ERR_COUNT;
+    /* Without it, copies on the legacy or per-thread default stream would
+       go to the current device's, unordered with the collective. NCCL
+       saves and restores the device the same way inside ncclAllReduce. */
+    int caller = -1;
+    cudaError_t e = cudaGetDevice(&caller);
+    if (e != cudaSuccess)
+        return LRA_NCCL_ERR_CUDA + (int32_t)e;
+    const int switched = caller != r->cuda_device;
+    if (switched && (e = cudaSetDevice(r->cuda_device)) != cudaSuccess)
+        return LRA_NCCL_ERR_CUDA + (int32_t)e;
+    memcpy(r->host, values, count * sizeof(double));
+    int32_t rc = lra_nccl_staged_allreduce_(r, count, op);
+    if (switched && (e = cudaSetDevice(caller)) != cudaSuccess && rc == 0)
+        rc = LRA_NCCL_ERR_CUDA + (int32_t)e;
+    if (rc == 0)
+        memcpy(values, r->host, count * sizeof(double));
+    return rc;
+}
+
+/* The lra_reduce_fn: `user` points at an initialised lra_nccl_reduction.
+ * Replaces values[0..count] by their sums over the communicator's ranks.
+ * A NULL `user`, or one whose buffers are NULL (registered after a failed
+ * lra_nccl_init, or after lra_nccl_free) or whose timeout_s is negative or
+ * NaN, fails with LRA_NCCL_ERR_INIT (lra: LRA_REDUCTION_FAILED) before
+ * touching anything; an uninitialised struct that was not zeroed holds
+ * garbage, which cannot be told apart. A call that runs past timeout_s
+ * returns LRA_NCCL_ERR_TIMEOUT and marks the reduction timed out; so does
+ * every later call, at once. Only a successful call changes `values`. */
+static inline int32_t lra_nccl_allreduce_sum(double *values, size_t count, void *user)
+{
+    return lra_nccl_allreduce_((lra_nccl_reduction *)user, values, count, LRA_NCCL_MAX_VALUES,
+                               ncclSum);
+}
+
+/* lra_mpi_check_agreement over NCCL, on the reduction registered for `h`
+ * (its staging, stream, device handling, deadline and codes): checks that
+ * every rank of the communicator holds the same η (bit for bit), the same
+ * step and re-evaluation counters and the same pending step (none, or one
+ * due or not due for re-evaluation). Per-shard optimizer state, the
+ * applied/skipped counters and the configuration are not compared.
+ *
+ * One collective (ncclAllReduce of 17 doubles, ncclMax); call it on every
+ * rank, between lra calls, after every rank restored its checkpoint
+ * (lra_load_state can succeed on some ranks and fail on others) and, if
+ * you like, every few hundred steps. Returns 0, LRA_NCCL_DISAGREE or
+ * LRA_NCCL_QUERY_FAILED (the same answer on every rank), or a callback
+ * code (positive; as for the sum, treat it as fatal). When no step is
+ * pending, the handle's lra_last_error afterwards names the LRA_CALL_ORDER
+ * of the lra_should_reeval query it made. */
+static inline int32_t lra_nccl_check_agreement(lra_handle *h, lra_nccl_reduction *r)
+{
+    enum { FIELDS = LRA_NCCL_AGREEMENT_FIELDS_ };
+    double lr = 0.0;
+    struct lra_counters c;
+    memset(&c, 0, sizeof c);
+    int failed = lra_get_lr(h, &lr) != LRA_OK || lra_get_counters(h, &c) != LRA_OK;
+    uint32_t due = 0;
+    const lra_status pending = lra_should_reeval(h, &due);
+    failed |= pending != LRA_OK && pending != LRA_CALL_ORDER;
+    const double mine[FIELDS] = {
+        lr,
+        (double)c.steps,
+        (double)c.reevals,
+        (double)c.raised,
+        (double)c.lowered,
+        (double)c.kept,
+        (double)c.reeval_skipped,
+        pending == LRA_OK ? 1.0 + due : 0.0,
+    };
+    /* max of v and max of −v (= −min) in one collective; the last slot
+       carries "some query failed". */
+    double v[LRA_NCCL_AGREEMENT_VALUES_];
+    for (int i = 0; i < FIELDS; i++) {
+        v[i] = mine[i];
+        v[FIELDS + i] = -mine[i];
+    }
+    v[2 * FIELDS] = failed;
+    const int32_t rc = lra_nccl_allreduce_(r, v, LRA_NCCL_AGREEMENT_VALUES_,
+                                           LRA_NCCL_STAGING_VALUES_, ncclMax);
     if (rc != 0)
         return rc;
-    memcpy(values, r->host, bytes);
+    if (v[2 * FIELDS] != 0.0)
+        return LRA_NCCL_QUERY_FAILED;
+    for (int i = 0; i < FIELDS; i++)
+        if (v[i] != -v[FIELDS + i])
+            return LRA_NCCL_DISAGREE;
     return 0;
 }
 

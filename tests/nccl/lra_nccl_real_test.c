@@ -13,9 +13,11 @@
  *   ncclCommInitRank fail with ncclUnhandledCudaError, naming the CUDA
  *   error, and hand out no communicator;
  * - the callback's CUDA and NCCL calls fail with the codes documented in
- *   lra_nccl.h, and through a real lra handle lra_step and
- *   lra_report_reeval return LRA_REDUCTION_FAILED naming the code and change
- *   nothing (η, counters, parameters, the pending step).
+ *   lra_nccl.h (lra_nccl_check_agreement with the same one), which
+ *   lra_nccl_error_string decodes with the libraries' own texts, and
+ *   through a real lra handle lra_step and lra_report_reeval return
+ *   LRA_REDUCTION_FAILED naming the code and change nothing (η, counters,
+ *   parameters, the pending step).
  *
  * The collective itself needs GPUs and is not run. On a machine where a CUDA
  * device is usable the test exits with 77 (skipped): its expectations are
@@ -154,12 +156,12 @@ int main(void)
        No pinned memory without a driver: plain host memory stands in for the
        staging buffer, so that the callback gets as far as CUDA. There is no
        communicator (NULL) and the stream is the legacy default one. */
-    double *staging = malloc(LRA_NCCL_MAX_VALUES * sizeof(double));
+    double *staging = malloc(LRA_NCCL_STAGING_VALUES_ * sizeof(double));
     CHECK(staging != NULL, "out of memory");
     red.host = staging;
     /* A non-NULL stand-in for the device buffer (the callback refuses NULL
        ones); never dereferenced: the first CUDA call fails. */
-    static double device_stand_in[LRA_NCCL_MAX_VALUES];
+    static double device_stand_in[LRA_NCCL_STAGING_VALUES_];
     red.device = device_stand_in;
     /* Waiting on the stream, and the communicator's state polled meanwhile. */
     const int32_t wait_rc = lra_nccl_wait_(&red, NULL);
@@ -192,6 +194,22 @@ int main(void)
           "more than LRA_NCCL_MAX_VALUES values must fail with LRA_NCCL_ERR_COUNT");
     printf("  lra_nccl_allreduce_sum -> %d; %d values -> %d (LRA_NCCL_ERR_COUNT)\n", (int)rc,
            LRA_NCCL_MAX_VALUES + 1, LRA_NCCL_ERR_COUNT);
+    /* The agreement check shares the callback's path: the same code. */
+    lra_handle *plain = make_handle(LRA_DEVICE_HOST, LRA_SHARDING_REPLICATED, 0, 0, NULL, NULL);
+    rc = lra_nccl_check_agreement(plain, &red);
+    CHECK(rc == cuda_code() && red.timed_out == 0, "lra_nccl_check_agreement -> %d, want %d",
+          (int)rc, (int)cuda_code());
+    lra_destroy(plain);
+    /* The codes decoded by the real libraries' own texts. */
+    CHECK(strcmp(lra_nccl_error_string(cuda_code()), cudaGetErrorString(no_device)) == 0 &&
+              strcmp(lra_nccl_error_string(LRA_NCCL_ERR_NCCL + ncclInvalidArgument),
+                     ncclGetErrorString(ncclInvalidArgument)) == 0,
+          "lra_nccl_error_string(%d) = \"%s\", want cudaGetErrorString's \"%s\"",
+          (int)cuda_code(), lra_nccl_error_string(cuda_code()), cudaGetErrorString(no_device));
+    printf("  lra_nccl_check_agreement -> %d; lra_nccl_error_string(%d) = \"%s\", (%d) = \"%s\"\n",
+           (int)rc, (int)cuda_code(), lra_nccl_error_string(cuda_code()),
+           LRA_NCCL_ERR_NCCL + ncclInvalidArgument,
+           lra_nccl_error_string(LRA_NCCL_ERR_NCCL + ncclInvalidArgument));
 
     /* ---- through lra ---- */
     float theta[N], grad[N], before[N];

@@ -22,8 +22,15 @@
  * its ncclAllReduce, fail in turn: the code comes back as documented,
  * nothing stays allocated, the values are untouched, and a failed
  * collective whose staging copy outlasts the deadline marks the reduction
- * timed out. lra_nccl_now_ reads CLOCK_MONOTONIC in seconds. Real NCCL
- * and CUDA are exercised, without a GPU, by lra_nccl_real_test.c.
+ * timed out. A long wait sleeps between polls (its duration is at least
+ * the sleeps'). A count of 0 is a no-op. lra_nccl_check_agreement sends
+ * one ncclMax of 17 values and answers 0 on one rank, and each of its
+ * answers with pretend peers (values captured from other handles), with
+ * the sum's failure codes. A call made with another device current runs
+ * on the communicator's and restores the caller's; a failing cudaGetDevice
+ * or cudaSetDevice (either way) returns its code. lra_nccl_error_string
+ * names every code. lra_nccl_now_ reads CLOCK_MONOTONIC in seconds. Real
+ * NCCL and CUDA are exercised, without a GPU, by lra_nccl_real_test.c.
  *
  * Compiled as strict C11 (no _POSIX_C_SOURCE), where lra_nccl.h declares
  * clock_gettime itself. The test measures on the same monotonic clock as
@@ -112,20 +119,30 @@ static void deadline(const float *a)
           "struct held (got %g, %d)",
           r.timeout_s, (int)r.timed_out);
 
-    /* No deadline (0, INFINITY) or a long one: a long wait still succeeds. */
+    /* No deadline (0, INFINITY) or a long one: a long wait still succeeds.
+       It sleeps after its first polls: at least the 100 µs pauses. */
     const double fine[3] = {0.0, INFINITY, 60.0};
-    stub_stream_busy_polls = 100000;
+    stub_stream_busy_polls = 3000;
+    const double slept =
+        (stub_stream_busy_polls - LRA_NCCL_SPIN_POLLS_ - 8) * 1e-9 * LRA_NCCL_MAX_SLEEP_NS_;
     for (int i = 0; i < 3; i++) {
         r.timeout_s = fine[i];
         memcpy(v, SAMPLES, sizeof v);
         const int before = stub_api_calls;
+        const double t0 = seconds();
         const int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
+        const double waited = seconds() - t0;
         CHECK(rc == 0 && memcmp(v, SAMPLES, sizeof v) == 0 && !r.timed_out,
               "timeout_s = %g, a stream busy for %d polls: -> %d (want 0, values unchanged)",
               fine[i], stub_stream_busy_polls, (int)rc);
         CHECK(stub_api_calls - before >= stub_stream_busy_polls,
               "timeout_s = %g: the callback returned without waiting (%d calls)", fine[i],
               stub_api_calls - before);
+        CHECK(waited >= slept, "timeout_s = %g: %d polls took %.6f s: it did not sleep between "
+              "them (at least %.3f s)", fine[i], stub_stream_busy_polls, waited, slept);
+        if (i == 0)
+            printf("  a wait of %d polls: %.3f s (at least %.3f s asleep)\n",
+                   stub_stream_busy_polls, waited, slept);
     }
     stub_stream_busy_polls = 0;
 
@@ -303,6 +320,11 @@ static void sums_and_failures(void)
     }
     stub_nccl_enqueue_polls = 0;
     stub_stream_busy_polls = 0;
+    /* No values: an empty collective (a no-op, in NCCL as in the stub). */
+    memcpy(v, SAMPLES, sizeof v);
+    CHECK(lra_nccl_allreduce_sum(v, 0, &r) == 0 && stub_last_count == 0 &&
+              memcmp(v, SAMPLES, sizeof v) == 0,
+          "a call with count 0 must succeed and change nothing");
 
     /* The callback: the code of the call that failed, values untouched, and
        the reduction still usable. */
@@ -361,6 +383,273 @@ static void sums_and_failures(void)
     CHECK(stub_cuda_outstanding == outstanding, "lra_nccl_free left buffers");
     printf("  a failed ncclAllReduce whose copy outlasts the deadline: its code, timed_out = 1, "
            "then LRA_NCCL_ERR_TIMEOUT at once\n");
+}
+
+/* One rank's agreement vector as the stub saw it: lra_nccl_check_agreement
+   on `h` alone (0 on one rank), its input captured. */
+static void agreement_values(lra_handle *h, lra_nccl_reduction *r, double *out)
+{
+    const int32_t rc = lra_nccl_check_agreement(h, r);
+    CHECK(rc == (h ? 0 : LRA_NCCL_QUERY_FAILED) && stub_last_op == ncclMax &&
+              stub_last_count == LRA_NCCL_AGREEMENT_VALUES_,
+          "lra_nccl_check_agreement on one rank -> %d (op %d, %zu values)", (int)rc,
+          (int)stub_last_op, stub_last_count);
+    memcpy(out, stub_last_sent, LRA_NCCL_AGREEMENT_VALUES_ * sizeof(double));
+}
+
+/* lra_nccl_check_agreement: 0 on one rank (blocking and non-blocking, busy
+   stream), its 17-value ncclMax on the reduction's comm and stream; each
+   answer with pretend peers whose values (captured from other handles) the
+   stub's ncclMax folds in; then its failure paths, which are the sum's. */
+static void agreement(void)
+{
+    lra_nccl_reduction r;
+    memset(&r, 0xA5, sizeof r);
+    CHECK(lra_nccl_init(&r, stub_comm, stub_stream) == 0, "lra_nccl_init failed");
+    lra_handle *h = make(1);
+    CHECK(lra_set_reduction(h, lra_nccl_allreduce_sum, &r) == LRA_OK, "%s", lra_last_error(h));
+    float a[N], ga[N];
+    for (int k = 0; k < N; k++)
+        a[k] = (float)(0.1 * k);
+    lra_reeval_info info;
+    for (int s = 0; s < 3; s++)
+        step(h, a, ga, &info);
+    double lr;
+    CHECK(lra_get_lr(h, &lr) == LRA_OK, "lra_get_lr");
+    for (int mode = 0; mode < 2; mode++) {
+        stub_nccl_enqueue_polls = mode == 0 ? 0 : 3;
+        stub_stream_busy_polls = mode == 0 ? 0 : 2;
+        const int calls = stub_nccl_calls;
+        const int32_t rc = lra_nccl_check_agreement(h, &r);
+        CHECK(rc == 0 && stub_nccl_calls == calls + 1 && stub_last_op == ncclMax &&
+                  stub_last_count == 17 && stub_last_sent[0] == lr && stub_last_sent[8] == -lr &&
+                  stub_last_sent[1] == 3 && stub_last_sent[16] == 0,
+              "%s communicator: lra_nccl_check_agreement -> %d, want 0 from one ncclMax of 17 "
+              "values [η, steps, ..., −η, ..., failed]",
+              mode == 0 ? "blocking" : "non-blocking", (int)rc);
+    }
+    stub_nccl_enqueue_polls = 0;
+    stub_stream_busy_polls = 0;
+
+    /* Pretend peers: a handle like h (agree), one whose η was halved, one a
+       step behind, one with a step pending, and one whose queries failed. */
+    double peer[5][LRA_NCCL_AGREEMENT_VALUES_];
+    agreement_values(h, &r, peer[0]);
+    CHECK(lra_set_lr(h, lr * 0.5) == LRA_OK, "lra_set_lr");
+    agreement_values(h, &r, peer[1]);
+    CHECK(lra_set_lr(h, lr) == LRA_OK, "lra_set_lr");
+    lra_handle *g = make(1);
+    CHECK(lra_set_reduction(g, lra_nccl_allreduce_sum, &r) == LRA_OK, "%s", lra_last_error(g));
+    float b[N], gb[N];
+    for (int k = 0; k < N; k++)
+        b[k] = (float)(0.1 * k);
+    for (int s = 0; s < 2; s++)
+        step(g, b, gb, &info);
+    CHECK(lra_set_lr(g, lr) == LRA_OK, "lra_set_lr");
+    agreement_values(g, &r, peer[2]);
+    lra_tensor tb = {b, gb, N, LRA_DTYPE_F32};
+    CHECK(lra_step(g, &tb, 1, loss_and_grad(b, gb), 0.0, NULL) == LRA_OK, "%s", lra_last_error(g));
+    lra_counters ch, cg;
+    CHECK(lra_get_counters(h, &ch) == LRA_OK && lra_get_counters(g, &cg) == LRA_OK, "counters");
+    CHECK(lra_set_lr(g, lr) == LRA_OK, "lra_set_lr");
+    agreement_values(g, &r, peer[3]);
+    agreement_values(NULL, &r, peer[4]);
+    const struct {
+        const char *peer;
+        int32_t want;
+    } answers[5] = {
+        {"the same state", 0},
+        {"η halved", LRA_NCCL_DISAGREE},
+        {"a step behind", LRA_NCCL_DISAGREE},
+        {"a step pending (a re-evaluation behind)", LRA_NCCL_DISAGREE},
+        {"no handle (queries failed)", LRA_NCCL_QUERY_FAILED},
+    };
+    for (int i = 0; i < 5; i++) {
+        stub_peer_max = peer[i];
+        const int32_t rc = lra_nccl_check_agreement(h, &r);
+        stub_peer_max = NULL;
+        CHECK(rc == answers[i].want, "a pretend peer with %s: lra_nccl_check_agreement -> %d, "
+              "want %d", answers[i].peer, (int)rc, (int)answers[i].want);
+    }
+    lra_destroy(g);
+    printf("  lra_nccl_check_agreement: one ncclMax of 17 values -> 0; pretend peers: the same "
+           "state 0, η halved, a step behind or pending -> LRA_NCCL_DISAGREE, failed queries "
+           "-> LRA_NCCL_QUERY_FAILED\n");
+
+    /* Failures: the sum's codes, values and counters of h untouched. */
+    const double SAMPLES[3] = {1.5, -2.0, 0.25};
+    lra_nccl_reduction failed;
+    memset(&failed, 0, sizeof failed);
+    const int before = stub_api_calls;
+    CHECK(lra_nccl_check_agreement(h, NULL) == LRA_NCCL_ERR_INIT &&
+              lra_nccl_check_agreement(h, &failed) == LRA_NCCL_ERR_INIT &&
+              stub_api_calls == before,
+          "lra_nccl_check_agreement without an initialised reduction must return "
+          "LRA_NCCL_ERR_INIT without calling CUDA or NCCL");
+    const struct {
+        const char *function;
+        int skip, code;
+        int32_t want;
+    } call_failures[] = {
+        {"cudaMemcpyAsync", 0, cudaErrorInvalidValue, LRA_NCCL_ERR_CUDA + cudaErrorInvalidValue},
+        {"ncclAllReduce", 0, ncclRemoteError, LRA_NCCL_ERR_NCCL + ncclRemoteError},
+        {"cudaMemcpyAsync", 1, cudaErrorLaunchFailure, LRA_NCCL_ERR_CUDA + cudaErrorLaunchFailure},
+    };
+    for (size_t i = 0; i < sizeof call_failures / sizeof call_failures[0]; i++) {
+        stub_fail_function = call_failures[i].function;
+        stub_fail_skip = call_failures[i].skip;
+        stub_fail_code = call_failures[i].code;
+        const int32_t rc = lra_nccl_check_agreement(h, &r);
+        CHECK(stub_fail_function == NULL && rc == call_failures[i].want && !r.timed_out,
+              "lra_nccl_check_agreement with %s failing -> %d, want %d",
+              call_failures[i].function, (int)rc, (int)call_failures[i].want);
+    }
+    stub_nccl_async_error = ncclSystemError;
+    int32_t rc = lra_nccl_check_agreement(h, &r);
+    stub_nccl_async_error = ncclSuccess;
+    CHECK(rc == LRA_NCCL_ERR_NCCL + ncclSystemError,
+          "lra_nccl_check_agreement with a failed peer -> %d, want %d", (int)rc,
+          LRA_NCCL_ERR_NCCL + ncclSystemError);
+    CHECK(lra_nccl_check_agreement(h, &r) == 0, "the call after the failures");
+    /* A peer that never joins: the deadline, then unusable for both calls. */
+    r.timeout_s = 0.05;
+    stub_peer_missing = 1;
+    rc = lra_nccl_check_agreement(h, &r);
+    stub_peer_missing = 0;
+    CHECK(rc == LRA_NCCL_ERR_TIMEOUT && r.timed_out == 1,
+          "lra_nccl_check_agreement, a peer missing, deadline 0.05 s -> %d (timed_out %d)",
+          (int)rc, (int)r.timed_out);
+    const int calls = stub_api_calls;
+    double v[3];
+    memcpy(v, SAMPLES, sizeof v);
+    CHECK(lra_nccl_check_agreement(h, &r) == LRA_NCCL_ERR_TIMEOUT &&
+              lra_nccl_allreduce_sum(v, 3, &r) == LRA_NCCL_ERR_TIMEOUT && stub_api_calls == calls,
+          "after the timeout both calls must return LRA_NCCL_ERR_TIMEOUT at once");
+    lra_counters after;
+    CHECK(lra_get_counters(h, &after) == LRA_OK && after.steps == ch.steps &&
+              lra_get_lr(h, &lr) == LRA_OK,
+          "lra_nccl_check_agreement changed the handle");
+    CHECK(ncclCommAbort(stub_comm) == ncclSuccess, "abort");
+    lra_destroy(h);
+    lra_nccl_free(&r);
+    printf("  lra_nccl_check_agreement: no reduction -> LRA_NCCL_ERR_INIT; a failing copy, "
+           "collective or peer -> its code; a missing peer -> LRA_NCCL_ERR_TIMEOUT, then both "
+           "calls fail at once\n");
+}
+
+/* The device: a call made with another device current runs its CUDA and
+   NCCL calls on the communicator's and restores the caller's; a failing
+   cudaGetDevice, cudaSetDevice or restore -> its code, values unchanged. */
+static void device_switch(void)
+{
+    const double SAMPLES[3] = {1.5, -2.0, 0.25};
+    double v[3];
+    lra_nccl_reduction r;
+    CHECK(lra_nccl_init(&r, stub_comm, stub_stream) == 0 && r.cuda_device == stub_comm_device,
+          "lra_nccl_init: cuda_device %d, want the communicator's %d", (int)r.cuda_device,
+          stub_comm_device);
+    int sets = stub_set_device_calls;
+    memcpy(v, SAMPLES, sizeof v);
+    CHECK(lra_nccl_allreduce_sum(v, 3, &r) == 0 && stub_set_device_calls == sets,
+          "with the communicator's device current the call must not set the device");
+    const int caller = stub_comm_device == 0 ? 1 : 0;
+    stub_current_device = caller;
+    const int wrong = stub_wrong_device;
+    for (int mode = 0; mode < 2; mode++) {
+        stub_nccl_enqueue_polls = mode == 0 ? 0 : 3;
+        stub_stream_busy_polls = mode == 0 ? 0 : 2;
+        sets = stub_set_device_calls;
+        memcpy(v, SAMPLES, sizeof v);
+        const int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
+        CHECK(rc == 0 && memcmp(v, SAMPLES, sizeof v) == 0 && stub_wrong_device == wrong &&
+                  stub_current_device == caller && stub_set_device_calls == sets + 2,
+              "device %d current, communicator on %d: -> %d, %d calls on the wrong device, "
+              "device %d after (want %d), %d cudaSetDevice calls (want 2)",
+              caller, stub_comm_device, (int)rc, stub_wrong_device - wrong, stub_current_device,
+              caller, stub_set_device_calls - sets);
+    }
+    stub_nccl_enqueue_polls = 0;
+    stub_stream_busy_polls = 0;
+    lra_handle *h = make(0);
+    CHECK(lra_nccl_check_agreement(h, &r) == 0 && stub_wrong_device == wrong &&
+              stub_current_device == caller,
+          "lra_nccl_check_agreement with another device current");
+    lra_destroy(h);
+
+    const struct {
+        const char *function;
+        int skip, code, collectives, device_after;
+    } failures[] = {
+        {"cudaGetDevice", 0, cudaErrorNoDevice, 0, caller},
+        {"cudaSetDevice", 0, cudaErrorInvalidDevice, 0, caller},
+        {"cudaSetDevice", 1, cudaErrorInvalidDevice, 1, stub_comm_device}, /* the restore */
+    };
+    for (size_t i = 0; i < sizeof failures / sizeof failures[0]; i++) {
+        stub_current_device = caller;
+        stub_fail_function = failures[i].function;
+        stub_fail_skip = failures[i].skip;
+        stub_fail_code = failures[i].code;
+        const int calls = stub_nccl_calls;
+        stub_peer_share = 0.5; /* a success would change the values */
+        memcpy(v, SAMPLES, sizeof v);
+        const int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
+        stub_peer_share = 0;
+        CHECK(stub_fail_function == NULL && rc == LRA_NCCL_ERR_CUDA + failures[i].code &&
+                  memcmp(v, SAMPLES, sizeof v) == 0 &&
+                  stub_nccl_calls == calls + failures[i].collectives &&
+                  stub_current_device == failures[i].device_after && !r.timed_out,
+              "%s (call %d) failing with %d -> %d (want %d), values %s, %d collectives (want "
+              "%d), device %d after (want %d)",
+              failures[i].function, failures[i].skip + 1, failures[i].code, (int)rc,
+              LRA_NCCL_ERR_CUDA + failures[i].code,
+              memcmp(v, SAMPLES, sizeof v) ? "changed" : "unchanged", stub_nccl_calls - calls,
+              failures[i].collectives, stub_current_device, failures[i].device_after);
+    }
+    stub_current_device = stub_comm_device;
+    lra_nccl_free(&r);
+    printf("  device %d current, communicator on %d: the calls ran on %d, device %d restored; "
+           "a failing cudaGetDevice, cudaSetDevice or restore -> its code, values unchanged\n",
+           caller, stub_comm_device, stub_comm_device, caller);
+}
+
+/* lra_nccl_error_string: every code this header returns has a text. */
+static void error_strings(void)
+{
+    const struct {
+        int32_t rc;
+        const char *contains;
+    } own[] = {
+        {0, "success"},
+        {LRA_NCCL_ERR_COUNT, "LRA_NCCL_ERR_COUNT"},
+        {LRA_NCCL_ERR_DEVICE, "LRA_NCCL_ERR_DEVICE"},
+        {LRA_NCCL_ERR_INIT, "LRA_NCCL_ERR_INIT"},
+        {LRA_NCCL_ERR_TIMEOUT, "LRA_NCCL_ERR_TIMEOUT"},
+        {LRA_NCCL_DISAGREE, "LRA_NCCL_DISAGREE"},
+        {LRA_NCCL_QUERY_FAILED, "LRA_NCCL_QUERY_FAILED"},
+        {5, "not an lra_nccl.h code"},
+        {999, "not an lra_nccl.h code"},
+        {-3, "not an lra_nccl.h code"},
+        {3000, "not an lra_nccl.h code"},
+        {INT32_MIN, "not an lra_nccl.h code"},
+    };
+    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++) {
+        const char *text = lra_nccl_error_string(own[i].rc);
+        CHECK(text != NULL && strstr(text, own[i].contains) != NULL,
+              "lra_nccl_error_string(%d) = \"%s\", want it to contain \"%s\"", (int)own[i].rc,
+              text ? text : "(null)", own[i].contains);
+    }
+    CHECK(lra_nccl_error_string(LRA_NCCL_ERR_CUDA + cudaErrorLaunchFailure) ==
+                  cudaGetErrorString(cudaErrorLaunchFailure) &&
+              lra_nccl_error_string(LRA_NCCL_ERR_CUDA) == cudaGetErrorString(cudaSuccess) &&
+              lra_nccl_error_string(LRA_NCCL_ERR_NCCL + ncclRemoteError) ==
+                  ncclGetErrorString(ncclRemoteError) &&
+              lra_nccl_error_string(LRA_NCCL_ERR_NCCL + 999) ==
+                  ncclGetErrorString((ncclResult_t)999),
+          "lra_nccl_error_string must pass 1000+e to cudaGetErrorString and 2000+r to "
+          "ncclGetErrorString");
+    printf("  lra_nccl_error_string: the adapter's codes by name, 1000+e and 2000+r through "
+           "cudaGetErrorString and ncclGetErrorString (\"%s\")\n",
+           lra_nccl_error_string(LRA_NCCL_ERR_NCCL + ncclRemoteError));
 }
 
 int main(void)
@@ -502,6 +791,9 @@ int main(void)
 
     deadline(a);
     sums_and_failures();
+    agreement();
+    device_switch();
+    error_strings();
     clock_reads_seconds();
 
     lra_destroy(with);
@@ -512,6 +804,8 @@ int main(void)
           "%d CUDA/NCCL calls used another communicator or stream, or queued work before a "
           "non-blocking enqueue finished",
           stub_wrong_handle);
+    CHECK(stub_wrong_device == 0, "%d copies, stream queries or collectives ran with another "
+          "device current than the communicator's", stub_wrong_device);
     printf("nccl callback (stub CUDA/NCCL, one rank): %d steps identical to a handle without "
            "reduction (half on a non-blocking communicator and a busy stream), %d ncclAllReduce "
            "calls, failed call and failed peer -> LRA_REDUCTION_FAILED, wrong device refused, "

@@ -43,6 +43,7 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
 
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError);
 ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device);
+const char *ncclGetErrorString(ncclResult_t result);
 /* Not used by lra_nccl.h: the recovery its documentation prescribes. */
 ncclResult_t ncclCommAbort(ncclComm_t comm);
 

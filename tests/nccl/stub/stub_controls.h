@@ -17,8 +17,12 @@ extern int stub_stream_busy_polls;
 /* A peer failed: the stream never finishes the collective and
    ncclCommGetAsyncError reports this error (ncclSuccess: off). */
 extern ncclResult_t stub_nccl_async_error;
-/* The current device (cudaGetDevice) and the communicator's. */
+/* The current device (cudaGetDevice, cudaSetDevice) and the
+   communicator's; copies, stream queries and collectives made while
+   another device is current, and cudaSetDevice calls. */
 extern int stub_current_device, stub_comm_device;
+extern int stub_wrong_device;
+extern int stub_set_device_calls;
 /* A peer never joins: every ncclAllReduce from now on leaves a collective
    that never completes (cudaStreamQuery answers cudaErrorNotReady, no
    asynchronous error) and scribbles over its buffer, as a collective still
@@ -43,5 +47,14 @@ extern int stub_fail_code;
 /* The other ranks' share of every sum: ncclAllReduce adds it to each
    element (0, the default: one rank, the sum is the identity). */
 extern double stub_peer_share;
+/* What the last ncclAllReduce was given: its input (up to
+   STUB_MAX_SENT values), count and operation. */
+enum { STUB_MAX_SENT = 32 };
+extern double stub_last_sent[STUB_MAX_SENT];
+extern size_t stub_last_count;
+extern ncclRedOp_t stub_last_op;
+/* The other ranks' values for ncclMax (NULL, the default: none): each
+   element becomes the larger of this rank's and theirs. */
+extern const double *stub_peer_max;
 
 #endif

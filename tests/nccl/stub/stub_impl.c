@@ -1,7 +1,8 @@
 /* Host implementation of the stub CUDA runtime and a one-rank NCCL: "device"
- * memory is host memory, copies are memcpy, the sum over one rank is the
- * identity (plus pretend peers' share: stub_peer_share). Checks the
- * arguments lra_nccl.h passes, and can play a non-blocking communicator, a
+ * memory is host memory, copies are memcpy, the sum or max over one rank is
+ * the identity (plus pretend peers: stub_peer_share, stub_peer_max), an
+ * empty collective a no-op. Checks the arguments lra_nccl.h passes and the
+ * device current for each call, and can play a non-blocking communicator, a
  * busy stream, a failed peer, a peer that never joins, a failure of any one
  * call, and ncclCommAbort ending what such a peer left hanging.
  *
@@ -24,6 +25,8 @@ int stub_nccl_enqueue_polls;
 int stub_stream_busy_polls;
 ncclResult_t stub_nccl_async_error = ncclSuccess;
 int stub_current_device, stub_comm_device;
+int stub_wrong_device;
+int stub_set_device_calls;
 ncclComm_t stub_comm;
 cudaStream_t stub_stream;
 int stub_wrong_handle;
@@ -34,6 +37,10 @@ const char *stub_fail_function;
 int stub_fail_skip;
 int stub_fail_code;
 double stub_peer_share;
+double stub_last_sent[STUB_MAX_SENT];
+size_t stub_last_count;
+ncclRedOp_t stub_last_op;
+const double *stub_peer_max;
 
 /* Enqueue polls left for the collective in flight on a non-blocking
    communicator; stream polls left before the stream is idle; a collective
@@ -91,6 +98,31 @@ cudaError_t cudaGetDevice(int *device)
     return cudaSuccess;
 }
 
+cudaError_t cudaSetDevice(int device)
+{
+    stub_api_calls++;
+    stub_set_device_calls++;
+    const int fail = injected_failure(__func__);
+    if (fail)
+        return (cudaError_t)fail;
+    if (device < 0 || device > 7)
+        return cudaErrorInvalidDevice;
+    stub_current_device = device;
+    return cudaSuccess;
+}
+
+const char *cudaGetErrorString(cudaError_t error)
+{
+    return error == cudaErrorLaunchFailure ? "stub: unspecified launch failure"
+                                           : "stub: CUDA error";
+}
+
+const char *ncclGetErrorString(ncclResult_t result)
+{
+    return result == ncclRemoteError ? "stub: remote process exited or there was a network error"
+                                     : "stub: NCCL error";
+}
+
 cudaError_t cudaMalloc(void **devPtr, size_t size) { return alloc(devPtr, size, __func__); }
 cudaError_t cudaFree(void *devPtr) { return release(devPtr); }
 cudaError_t cudaMallocHost(void **ptr, size_t size) { return alloc(ptr, size, __func__); }
@@ -101,6 +133,7 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t count, enum cudaM
 {
     stub_api_calls++;
     stub_wrong_handle += stream != stub_stream;
+    stub_wrong_device += stub_current_device != stub_comm_device;
     if (enqueue_left > 0) /* NCCL: nothing on the stream until the enqueue is done */
         stub_wrong_handle++;
     if (kind != cudaMemcpyHostToDevice && kind != cudaMemcpyDeviceToHost)
@@ -117,6 +150,7 @@ cudaError_t cudaStreamQuery(cudaStream_t stream)
 {
     stub_api_calls++;
     stub_wrong_handle += stream != stub_stream;
+    stub_wrong_device += stub_current_device != stub_comm_device;
     if (stub_nccl_async_error != ncclSuccess)
         return cudaErrorNotReady; /* the collective waits for a dead peer */
     if (hanging)
@@ -134,17 +168,28 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
 {
     stub_api_calls++;
     stub_wrong_handle += comm != stub_comm || stream != stub_stream;
+    stub_wrong_device += stub_current_device != stub_comm_device;
     stub_nccl_calls++;
     const int fail = injected_failure(__func__);
     if (fail)
         return (ncclResult_t)fail;
-    if (datatype != ncclFloat64 || op != ncclSum || count == 0)
+    if (datatype != ncclFloat64 || (op != ncclSum && op != ncclMax))
         return ncclInvalidArgument;
+    stub_last_count = count;
+    stub_last_op = op;
+    memcpy(stub_last_sent, sendbuff,
+           (count < STUB_MAX_SENT ? count : STUB_MAX_SENT) * sizeof(double));
+    if (count == 0) /* as NCCL: an empty collective is a no-op */
+        return ncclSuccess;
     if (sendbuff != recvbuff)
         memmove(recvbuff, sendbuff, count * sizeof(double));
-    if (stub_peer_share != 0) /* (x + 0 would turn -0 into +0) */
+    double *out = (double *)recvbuff;
+    if (op == ncclSum && stub_peer_share != 0) /* (x + 0 would turn -0 into +0) */
         for (size_t i = 0; i < count; i++)
-            ((double *)recvbuff)[i] += stub_peer_share;
+            out[i] += stub_peer_share;
+    if (op == ncclMax && stub_peer_max != NULL)
+        for (size_t i = 0; i < count; i++)
+            out[i] = out[i] >= stub_peer_max[i] ? out[i] : stub_peer_max[i];
     if (stub_peer_missing) {
         hanging = 1;
         for (size_t i = 0; i < count; i++) /* what a running collective leaves */
