@@ -16,8 +16,8 @@
  * - cudaLaunchHostFunc runs its function on a thread of its own, and the
  *   stream is busy until it has returned (cudaStreamSynchronize waits for
  *   it); work queued behind it is not held back, unlike on a GPU;
- * - an in-place ncclAllReduce over one rank changes nothing (NCCL's
- *   one-rank path has nothing to move); with no communicator it answers
+ * - an in-place ncclAllReduce (ncclSum or ncclMax) over one rank changes
+ *   nothing (NCCL's one-rank path has nothing to move); with no communicator it answers
  *   ncclInvalidArgument, as NCCL's argument check does;
  * - a non-blocking communicator answers ncclInProgress for its init, each
  *   collective and its finalize, and ncclCommGetAsyncError reports
@@ -285,7 +285,7 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count,
                            ncclDataType_t datatype, ncclRedOp_t op, ncclComm_t comm,
                            cudaStream_t stream)
 {
-    if (!comm || datatype != ncclFloat64 || op != ncclSum)
+    if (!comm || datatype != ncclFloat64 || (op != ncclSum && op != ncclMax))
         return ncclInvalidArgument;
     if (comm->revoked)
         return ncclInvalidUsage;

@@ -14,7 +14,9 @@
  *    losses and the guard on, reducing through the adapter, takes the same
  *    12 steps (η, decisions, φ, parameters, bit for bit) as a replicated
  *    handle without a reduction, in 3 calls a step, each returning its
- *    input unchanged.
+ *    input unchanged; lra_nccl_check_agreement (17 doubles, ncclMax) then
+ *    answers 0, also with a step pending, and LRA_NCCL_QUERY_FAILED
+ *    without a handle.
  * 3. The same with CUDA handles (device = 1, parameters in device memory,
  *    lra's kernels and the reduction on one created stream): equal to a
  *    CUDA handle whose one-rank sum is done on the host (φ too) and, in
@@ -35,7 +37,7 @@
  *    for the test, as a collective waits for a peer that never comes; the
  *    callback must return LRA_NCCL_ERR_TIMEOUT after its deadline, not
  *    before, with its values unchanged and the stream still held, and the
- *    next call at once; released, the stream drains (the one-rank
+ *    next call (and lra_nccl_check_agreement) at once; released, the stream drains (the one-rank
  *    collective completes) and lra_nccl_free works.
  * With two or more devices also: lra_nccl_init with device 1 current and
  * the communicator on device 0 -> LRA_NCCL_ERR_DEVICE.
@@ -224,6 +226,24 @@ static void host_training(lra_nccl_reduction *red, const char *what)
     printf("  %s, host handles: %d steps identical to a handle without reduction (η 0.01 -> "
            "%.6g, %d changes), %d reductions through NCCL, each exact\n",
            what, STEPS, lr, changed, c.calls);
+    /* One rank agrees with itself: the 17 values survive the ncclMax. */
+    int32_t rc = lra_nccl_check_agreement(with, red);
+    CHECK(rc == 0, "%s: lra_nccl_check_agreement after the run -> %d (%s)", what, (int)rc,
+          lra_nccl_error_string(rc));
+    lra_tensor t = {a, ga, N, LRA_DTYPE_F32};
+    CHECK(lra_step(with, &t, 1, loss_and_grad(a, ga), 0.0, NULL) == LRA_OK, "lra_step: %s",
+          lra_last_error(with));
+    rc = lra_nccl_check_agreement(with, red);
+    CHECK(rc == 0, "%s: lra_nccl_check_agreement with a step pending -> %d (%s)", what, (int)rc,
+          lra_nccl_error_string(rc));
+    CHECK(lra_report_reeval(with, loss_and_grad(a, NULL), NULL) == LRA_OK,
+          "lra_report_reeval: %s", lra_last_error(with));
+    rc = lra_nccl_check_agreement(NULL, red);
+    CHECK(rc == LRA_NCCL_QUERY_FAILED, "%s: lra_nccl_check_agreement without a handle -> %d (%s)",
+          what, (int)rc, lra_nccl_error_string(rc));
+    printf("  %s: lra_nccl_check_agreement -> 0 after the run and with a step pending, "
+           "LRA_NCCL_QUERY_FAILED without a handle\n",
+           what);
     lra_destroy(with);
     lra_destroy(without);
 }
@@ -466,6 +486,9 @@ static void deadline(ncclComm_t comm, cudaStream_t stream)
     const double again = monotonic_seconds() - t1;
     CHECK(rc == LRA_NCCL_ERR_TIMEOUT && memcmp(values, SAMPLES, sizeof values) == 0,
           "the call after a timeout -> %d, want LRA_NCCL_ERR_TIMEOUT, values unchanged", (int)rc);
+    rc = lra_nccl_check_agreement(NULL, &red);
+    CHECK(rc == LRA_NCCL_ERR_TIMEOUT, "lra_nccl_check_agreement after a timeout -> %d (%s)",
+          (int)rc, lra_nccl_error_string(rc));
     atomic_store(&hold_released, 1);
     CUDA_OK(cudaStreamSynchronize(stream)); /* as ncclCommAbort would end a real hang */
     lra_nccl_free(&red);
@@ -494,6 +517,13 @@ static void failure_after_abort(ncclComm_t comm, cudaStream_t stream)
     CUDA_OK(cudaStreamSynchronize(stream));
     step_fails_changing_nothing(h, theta, grad, "lra_step after ncclCommAbort",
                                 LRA_NCCL_ERR_NCCL + (int32_t)refused);
+    CUDA_OK(cudaStreamSynchronize(stream));
+    const int32_t agree = lra_nccl_check_agreement(h, &red);
+    CHECK(agree > LRA_NCCL_ERR_NCCL && agree < LRA_NCCL_ERR_NCCL + 1000,
+          "lra_nccl_check_agreement after ncclCommAbort -> %d (%s), want an NCCL error",
+          (int)agree, lra_nccl_error_string(agree));
+    printf("  lra_nccl_check_agreement after ncclCommAbort -> %d (%s)\n", (int)agree,
+           lra_nccl_error_string(agree));
     /* (Without a communicator the callback's wait cannot poll one and
        returns at once; its staging copy may still be running.) */
     CUDA_OK(cudaStreamSynchronize(stream));
