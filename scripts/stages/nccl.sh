@@ -5,7 +5,9 @@
 #    lra_nccl_stub_test.c: blocking and non-blocking communicator, busy
 #    stream, failed call, failed peer, wrong device, and the deadline
 #    timeout_s: a peer that never joins and an enqueue that never finishes
-#    end in LRA_NCCL_ERR_TIMEOUT, then the reduction fails at once). Strict
+#    end in LRA_NCCL_ERR_TIMEOUT, then the reduction fails at once;
+#    lra_nccl_check_agreement with pretend peers, the device switch,
+#    lra_nccl_error_string, the sleeping wait). Strict
 #    C11, so the header's own clock_gettime declaration is what runs; a hang
 #    is stopped after 120 s.
 # 2. Against the real NCCL and CUDA runtime from PyPI (nvidia-nccl-cu12,
