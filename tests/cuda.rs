@@ -3526,6 +3526,30 @@ fn a_table_upload_whose_record_failed_is_uploaded_again() {
     drop(other);
 }
 
+/// Memory of a context whose allocation range the driver does not report
+/// (a range size of 0) is refused: lra could not check that the tensor
+/// fits it. The fake driver hides the range with
+/// `FAKE_CUDA_ALLOCATION_RANGE=zero`, set for this test's own process; a
+/// real driver has no such switch: skipped there.
+#[test]
+fn memory_whose_allocation_range_is_not_reported_is_refused() {
+    const TEST: &str = "memory_whose_allocation_range_is_not_reported_is_refused";
+    const NO_RANGE: (&str, &str) = ("FAKE_CUDA_ALLOCATION_RANGE", "zero");
+    if !runs_alone_on_the_fake_driver(TEST, &[NO_RANGE], "can hide an allocation's range") {
+        return;
+    }
+    assert!(gpu(TEST));
+    let mut case = Case::new(
+        OptimizerKind::Sgd,
+        &[(64, DType::F32, false)],
+        std::ptr::null_mut(),
+    );
+    let (_, tg) = case.descs();
+    let e = case.gpu.validate(&tg).expect_err("an unchecked extent");
+    assert_eq!(e.status, Status::InvalidArgument, "{e}");
+    assert!(e.message.contains("reports no allocation range"), "{e}");
+}
+
 /// A driver whose JIT is older than the kernels' PTX: `lra_create` says
 /// so, with the JIT's own log, and changes nothing (a later create tries
 /// again from scratch and fails the same way). The fake driver plays a

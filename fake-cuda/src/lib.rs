@@ -41,7 +41,9 @@
 //! `CU_POINTER_ATTRIBUTE_ACCESS_FLAGS` does for pool memory (see
 //! `fn pool_access_flags_refused`), `FAKE_CUDA_MAPPED_ACCESS_FLAGS` what it
 //! does for memory mapped through `cuMemMap` (see
-//! `fn mapped_access_flags_refused`), `FAKE_CUDA_PTX_ISA` the newest PTX
+//! `fn mapped_access_flags_refused`), `FAKE_CUDA_ALLOCATION_RANGE` whether
+//! `cuMemAlloc` memory's range size is reported (see
+//! `fn allocation_range_hidden`), `FAKE_CUDA_PTX_ISA` the newest PTX
 //! version the JIT takes (see `fn jit_refusal`).
 //!
 //! # Safety
@@ -164,6 +166,15 @@ fn pool_access_flags_refused() -> bool {
 fn mapped_access_flags_refused() -> bool {
     static CHOSEN: OnceLock<bool> = OnceLock::new();
     *CHOSEN.get_or_init(|| env_switch("FAKE_CUDA_MAPPED_ACCESS_FLAGS", "answered", "refused"))
+}
+
+/// What `CU_POINTER_ATTRIBUTE_RANGE_SIZE` gives for memory of a context
+/// (`cuMemAlloc`), from `FAKE_CUDA_ALLOCATION_RANGE`: `reported` (the
+/// default) the allocation's size; `zero` 0, a driver that does not fill
+/// it (lra must then refuse the memory: it cannot check the extent).
+fn allocation_range_hidden() -> bool {
+    static CHOSEN: OnceLock<bool> = OnceLock::new();
+    *CHOSEN.get_or_init(|| env_switch("FAKE_CUDA_ALLOCATION_RANGE", "reported", "zero"))
 }
 
 /// An entry point that first came with CUDA `version`: a driver of the
@@ -2077,7 +2088,8 @@ impl Driver {
         } else if a == A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR as u32 {
             (out as *mut u64).write(d.start);
         } else if a == A::CU_POINTER_ATTRIBUTE_RANGE_SIZE as u32 {
-            (out as *mut usize).write(d.size);
+            let hidden = d.context != 0 && allocation_range_hidden();
+            (out as *mut usize).write(if hidden { 0 } else { d.size });
         } else if a == A::CU_POINTER_ATTRIBUTE_CONTEXT as u32 {
             (out as *mut sys::CUcontext).write(d.context as sys::CUcontext);
         } else if a == A::CU_POINTER_ATTRIBUTE_MAPPED as u32 {

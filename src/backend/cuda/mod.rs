@@ -187,8 +187,17 @@ impl CudaBackend {
                 info.context
             );
         }
-        // cuMemAlloc memory: the range is the allocation, exactly.
-        if info.range_size != 0 && end > info.range_start.saturating_add(info.range_size) {
+        // cuMemAlloc memory: the range is the allocation, exactly. A driver
+        // that does not say leaves the extent unchecked: refused, since a
+        // kernel running past an allocation corrupts or faults the
+        // primary context every framework of the process shares.
+        if info.range_size == 0 {
+            fail!(
+                InvalidArgument,
+                "{what} = {p:#x}: the driver reports no allocation range for it, so lra cannot check that {bytes} bytes fit; allocate it with cuMemAlloc (the CUDA runtime, PyTorch and CUDA.jl do)"
+            );
+        }
+        if end > info.range_start.saturating_add(info.range_size) {
             fail!(
                 InvalidArgument,
                 "{what} = {p:#x} + {bytes} bytes runs past the end of its allocation ({:#x} + {} bytes)",
