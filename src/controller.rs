@@ -101,6 +101,23 @@ pub enum SkipReason {
     ZeroScale = 6,
 }
 
+impl SkipReason {
+    /// Every reason, in value order (`ALL[v]` has value `v`).
+    pub const ALL: [SkipReason; 7] = [
+        SkipReason::None,
+        SkipReason::NonfiniteLoss,
+        SkipReason::NonfiniteGrad,
+        SkipReason::FoundInf,
+        SkipReason::NonpositivePhi,
+        SkipReason::NonfinitePhi,
+        SkipReason::ZeroScale,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
+}
+
 /// The decision of one re-evaluation. Values are ABI.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +126,20 @@ pub enum Decision {
     Raised = 1,
     Lowered = 2,
     Skipped = 3,
+}
+
+impl Decision {
+    /// Every decision, in value order (`ALL[v]` has value `v`).
+    pub const ALL: [Decision; 4] = [
+        Decision::Kept,
+        Decision::Raised,
+        Decision::Lowered,
+        Decision::Skipped,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
 }
 
 /// What the backend found when it ran a step.

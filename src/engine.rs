@@ -694,8 +694,8 @@ impl Engine {
         if !has_last && (dec != 0 || !is_zero(&[phi, rho, scale, lr_before, lr_after])) {
             return Err(bad("the empty last-report slot is not zero".into()));
         }
-        let decision = decision_from(dec & 0xff).ok_or_else(|| bad("bad decision".into()))?;
-        let skip = skip_from(dec >> 8).ok_or_else(|| bad("bad skip reason".into()))?;
+        let decision = Decision::from_u32(dec & 0xff).ok_or_else(|| bad("bad decision".into()))?;
+        let skip = SkipReason::from_u32(dec >> 8).ok_or_else(|| bad("bad skip reason".into()))?;
         let last = has_last.then_some(ReevalResult {
             phi,
             rho,
@@ -716,7 +716,8 @@ impl Engine {
         if pf == 0 && (oskip != 0 || !is_zero(&[ploss, ophi, oscale])) {
             return Err(bad("the empty pending-step slot is not zero".into()));
         }
-        let oskip = skip_from(oskip).ok_or_else(|| bad("bad pending skip reason".into()))?;
+        let oskip =
+            SkipReason::from_u32(oskip).ok_or_else(|| bad("bad pending skip reason".into()))?;
         let outcome = StepOutcome {
             skip: oskip,
             phi: ophi,
@@ -812,31 +813,6 @@ impl Engine {
         self.pending = pending;
         Ok(())
     }
-}
-
-fn decision_from(v: u32) -> Option<Decision> {
-    [
-        Decision::Kept,
-        Decision::Raised,
-        Decision::Lowered,
-        Decision::Skipped,
-    ]
-    .get(v as usize)
-    .copied()
-}
-
-pub fn skip_from(v: u32) -> Option<SkipReason> {
-    [
-        SkipReason::None,
-        SkipReason::NonfiniteLoss,
-        SkipReason::NonfiniteGrad,
-        SkipReason::FoundInf,
-        SkipReason::NonpositivePhi,
-        SkipReason::NonfinitePhi,
-        SkipReason::ZeroScale,
-    ]
-    .get(v as usize)
-    .copied()
 }
 
 fn put_u32(w: &mut Vec<u8>, v: u32) {

@@ -1091,6 +1091,7 @@ pub extern "C" fn lra_version() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::{Decision, SkipReason};
 
     #[test]
     fn the_header_version_is_the_library_version() {
@@ -1124,6 +1125,41 @@ mod tests {
         for (c, s) in pairs {
             assert_eq!(c, s as u32);
         }
+    }
+
+    /// The enums read back from numbers (C arguments, checkpoints, the
+    /// device's control block) index their `ALL` tables, so each table
+    /// must be in value order and complete; the header's decision and
+    /// skip constants are the enums' values.
+    #[test]
+    fn every_enum_table_is_in_value_order_and_matches_the_header() {
+        fn in_order<T: Copy + std::fmt::Debug>(all: &[T], value: impl Fn(T) -> u32) {
+            for (i, &x) in all.iter().enumerate() {
+                assert_eq!(value(x), i as u32, "{x:?} at index {i}");
+            }
+        }
+        in_order(&Status::ALL, |x| x as u32);
+        in_order(&OptimizerKind::ALL, |x| x as u32);
+        in_order(&DType::ALL, |x| x as u32);
+        in_order(&SkipReason::ALL, |x| x as u32);
+        in_order(&Decision::ALL, |x| x as u32);
+        let decisions = [
+            LRA_DECISION_KEPT,
+            LRA_DECISION_RAISED,
+            LRA_DECISION_LOWERED,
+            LRA_DECISION_SKIPPED,
+        ];
+        let skips = [
+            LRA_SKIP_NONE,
+            LRA_SKIP_NONFINITE_LOSS,
+            LRA_SKIP_NONFINITE_GRAD,
+            LRA_SKIP_FOUND_INF,
+            LRA_SKIP_NONPOSITIVE_PHI,
+            LRA_SKIP_NONFINITE_PHI,
+            LRA_SKIP_ZERO_SCALE,
+        ];
+        assert_eq!(decisions, Decision::ALL.map(|d| d as u32));
+        assert_eq!(skips, SkipReason::ALL.map(|r| r as u32));
     }
 
     #[test]

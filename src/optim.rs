@@ -68,13 +68,11 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every dtype, in value order (`ALL[v]` has value `v`).
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::Bf16];
+
     pub fn from_u32(v: u32) -> Option<Self> {
-        match v {
-            0 => Some(DType::F32),
-            1 => Some(DType::F16),
-            2 => Some(DType::Bf16),
-            _ => None,
-        }
+        Self::ALL.get(v as usize).copied()
     }
     pub fn size(self) -> usize {
         match self {

@@ -132,17 +132,21 @@ pub fn first_device_pointer(ptrs: impl IntoIterator<Item = *const c_void>) -> Op
             CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE as u32,
             CUpointer_attribute::CU_POINTER_ATTRIBUTE_IS_MANAGED as u32,
         ];
-        let (mut memory_type, mut managed) = (0u32, 0u32);
+        // Zeroed 8-byte slots, as the CUDA backend's query: the flags read
+        // the same whether the driver writes 1, 4 or 8 bytes.
+        let (mut memory_type, mut managed) = (0u64, 0u64);
         let mut data = [
-            (&mut memory_type as *mut u32).cast::<c_void>(),
-            (&mut managed as *mut u32).cast::<c_void>(),
+            (&mut memory_type as *mut u64).cast::<c_void>(),
+            (&mut managed as *mut u64).cast::<c_void>(),
         ];
         // SAFETY: valid out-parameters; a pointer query reads nothing at
         // `ptr`.
         let r = unsafe {
             (d.get_attributes)(2, attributes.as_mut_ptr(), data.as_mut_ptr(), ptr as u64)
         };
-        r == 0 && memory_type == CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 && managed == 0
+        r == 0
+            && memory_type as u32 == CUmemorytype::CU_MEMORYTYPE_DEVICE as u32
+            && managed as u32 == 0
     });
     if exchanged {
         if let Some(f) = d.exchange_capture_mode {

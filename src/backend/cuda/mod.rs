@@ -11,7 +11,6 @@ mod driver;
 
 use super::{le_value, Backend, StateImport, StateMeta, StepRequest, TensorDesc, ValidatedTensors};
 use crate::controller::{SkipReason, StepOutcome};
-use crate::engine::skip_from;
 use crate::error::{Error, Result, Status};
 use crate::fail;
 use crate::optim::{BiasPowers, OptimizerKind, StepScalars};
@@ -688,8 +687,15 @@ impl Backend for CudaBackend {
         self.check_not_broken()?;
         let _ctx = self.dev.enter()?;
         let c = self.read_control()?;
+        let Some(skip) = SkipReason::from_u32(c.skip) else {
+            fail!(
+                Cuda,
+                "the device's control block holds skip code {}, which lra never writes (device memory corrupted?)",
+                c.skip
+            );
+        };
         Ok(StepOutcome {
-            skip: skip_from(c.skip).unwrap_or(SkipReason::None),
+            skip,
             phi: c.phi,
             scale: c.scale,
         })
