@@ -31,7 +31,9 @@ fn main() {
 /// Programs linked with `-L target/release -llra` now need
 /// `liblra.so.<abi>` at run time; put that name beside the library cargo
 /// writes (OUT_DIR is <target>/<profile>/build/lra-<hash>/out), so the
-/// build tree works like an installed prefix.
+/// build tree works like an installed prefix. Outside OUT_DIR, which cargo
+/// reserves for build scripts: a convenience for in-tree linking only,
+/// degrading to a warning; `scripts/install.sh` is the supported layout.
 #[cfg(unix)]
 fn link_beside_the_library(soname: &str) {
     let out_dir = env::var_os("OUT_DIR").expect("cargo sets OUT_DIR");

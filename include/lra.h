@@ -92,7 +92,10 @@ typedef struct lra_tensor {
   uint32_t dtype;
 } lra_tensor;
 
-// What a re-evaluation found and decided.
+// What a re-evaluation found and decided. lra writes the whole struct,
+// so its layout is fixed for this ABI: a later version that reports more
+// adds a function rather than fields (unlike `lra_config`, which the
+// caller sizes through `struct_size`).
 typedef struct lra_reeval_info {
   // φ = g·v of the step (NaN when the step was skipped).
   double phi;
@@ -111,7 +114,7 @@ typedef struct lra_reeval_info {
   uint32_t skip_reason;
 } lra_reeval_info;
 
-// Step and decision counters.
+// Step and decision counters. Fixed for this ABI, as `lra_reeval_info`.
 typedef struct lra_counters {
   uint64_t steps;
   uint64_t applied;

@@ -193,7 +193,10 @@ pub struct lra_config {
     pub loss_is_rank_local: u32,
 }
 
-/// What a re-evaluation found and decided.
+/// What a re-evaluation found and decided. lra writes the whole struct,
+/// so its layout is fixed for this ABI: a later version that reports more
+/// adds a function rather than fields (unlike `lra_config`, which the
+/// caller sizes through `struct_size`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct lra_reeval_info {
@@ -214,7 +217,7 @@ pub struct lra_reeval_info {
     pub skip_reason: u32,
 }
 
-/// Step and decision counters.
+/// Step and decision counters. Fixed for this ABI, as `lra_reeval_info`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct lra_counters {
