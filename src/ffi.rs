@@ -317,9 +317,7 @@ unsafe fn claim(h: *mut lra_handle, name: &str) -> std::result::Result<(), lra_s
     if h.is_null() {
         return Err(null_error(name, "handle"));
     }
-    if !(h as usize).is_multiple_of(std::mem::align_of::<lra_handle>())
-        || (*h).magic != HANDLE_MAGIC
-    {
+    if !is_live(h) {
         let e = Error::new(
             Status::InvalidArgument,
             format!("{name}: handle {h:p} is not a live lra handle"),
@@ -327,12 +325,7 @@ unsafe fn claim(h: *mut lra_handle, name: &str) -> std::result::Result<(), lra_s
         set_thread_error(&e);
         return Err(LRA_INVALID_ARGUMENT);
     }
-    // Field access only: a running call holds `&mut` to the engine field.
-    let busy = &*std::ptr::addr_of!((*h).busy);
-    if busy
-        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
+    if !try_acquire(h) {
         let e = Error::new(
             Status::CallOrder,
             format!(
@@ -343,6 +336,25 @@ unsafe fn claim(h: *mut lra_handle, name: &str) -> std::result::Result<(), lra_s
         return Err(LRA_CALL_ORDER);
     }
     Ok(())
+}
+
+/// Whether non-null `h` looks like a handle `lra_create` made and
+/// `lra_destroy` has not freed (aligned, with the magic).
+unsafe fn is_live(h: *const lra_handle) -> bool {
+    (h as usize).is_multiple_of(std::mem::align_of::<lra_handle>()) && (*h).magic == HANDLE_MAGIC
+}
+
+/// Marks live `h` busy; false when another call holds it. Field access
+/// only: a running call holds `&mut` to the engine field.
+unsafe fn try_acquire(h: *const lra_handle) -> bool {
+    let busy = &*std::ptr::addr_of!((*h).busy);
+    busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// Ends the call that `try_acquire` let in.
+unsafe fn release(h: *const lra_handle) {
+    (*std::ptr::addr_of!((*h).busy)).store(false, Ordering::Release);
 }
 
 /// Checks and claims the handle, then runs `f` on its engine behind the
@@ -378,7 +390,7 @@ unsafe fn with_handle(
         }
         status
     };
-    (*std::ptr::addr_of!((*h).busy)).store(false, Ordering::Release);
+    release(h);
     status
 }
 
@@ -1045,24 +1057,17 @@ pub extern "C" fn lra_status_string(status: lra_status) -> *const c_char {
 /// overlaps it gets `LRA_CALL_ORDER`.
 #[no_mangle]
 pub unsafe extern "C" fn lra_last_error(h: *const lra_handle) -> *const c_char {
-    if h.is_null()
-        || !(h as usize).is_multiple_of(std::mem::align_of::<lra_handle>())
-        || (*h).magic != HANDLE_MAGIC
-    {
+    if h.is_null() || !is_live(h) {
         return lra_thread_last_error();
     }
     // Claimed like any call (but without recording a refusal, which would
     // replace the thread's message): a call running on another thread
     // replaces, and frees, `last_error` while it runs.
-    let busy = &*std::ptr::addr_of!((*h).busy);
-    if busy
-        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
+    if !try_acquire(h) {
         return c"the handle is in the middle of another call; its message is settled when that call returns".as_ptr();
     }
     let message = (*h).last_error.as_ptr();
-    busy.store(false, Ordering::Release);
+    release(h);
     message
 }
 
