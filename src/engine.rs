@@ -2,7 +2,9 @@
 //! asks the controller for the scalars, has the backend run the passes,
 //! and runs the cross-rank reductions. No `extern "C"` here.
 
-use crate::backend::{cpu::CpuBackend, Backend, BackendState, StateImport, StateMeta, TensorDesc};
+use crate::backend::{
+    cpu::CpuBackend, overlaps, Backend, BackendState, StateImport, StateMeta, TensorDesc,
+};
 use crate::config::{Config, Device, ReevalSchedule};
 use crate::controller::{self, Decision, ReevalResult, ScaleRule, SkipReason, StepOutcome};
 use crate::error::{Error, Result, Status};
@@ -247,10 +249,10 @@ impl Engine {
         if !found_inf.is_null() {
             // Any shared byte: an f16 parameter may start inside the flag.
             let flag = found_inf as usize;
-            if let Some(i) = tensors.iter().position(|t| {
-                let (p, bytes) = (t.param as usize, t.numel * t.dtype.size());
-                bytes > 0 && flag < p + bytes && p < flag.saturating_add(4)
-            }) {
+            if let Some(i) = tensors
+                .iter()
+                .position(|t| overlaps(t.param as usize, t.numel * t.dtype.size(), flag, 4))
+            {
                 fail!(
                     InvalidArgument,
                     "found_inf = {found_inf:p} shares memory with tensors[{i}].param, which the step writes"

@@ -8,7 +8,7 @@
 // owns the rest, as with any C API.
 #![allow(clippy::missing_safety_doc)]
 
-use crate::backend::TensorDesc;
+use crate::backend::{overlaps, TensorDesc};
 use crate::config::{Config, Device, ReevalSchedule};
 use crate::controller::{ReevalResult, Settings};
 use crate::engine::{Counters, Engine};
@@ -423,11 +423,6 @@ fn require_extent(p: usize, bytes: usize, what: impl std::fmt::Display) -> Resul
         );
     }
     Ok(())
-}
-
-/// Whether the byte ranges `[a, a + alen)` and `[b, b + blen)` share a byte.
-fn overlaps(a: usize, alen: usize, b: usize, blen: usize) -> bool {
-    alen > 0 && blen > 0 && a < b.saturating_add(blen) && b < a.saturating_add(alen)
 }
 
 /// Writes `v` through an output pointer after checking it.

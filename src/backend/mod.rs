@@ -69,6 +69,11 @@ impl ValidatedTensors {
     }
 }
 
+/// Whether the byte ranges `[a, a + alen)` and `[b, b + blen)` share a byte.
+pub fn overlaps(a: usize, alen: usize, b: usize, blen: usize) -> bool {
+    alen > 0 && blen > 0 && a < b.saturating_add(blen) && b < a.saturating_add(alen)
+}
+
 /// The pointer rules of every backend: each pointer aligned for its dtype;
 /// no parameter overlaps another parameter or any gradient (two gradients
 /// may share memory: they are only read).
