@@ -477,6 +477,46 @@ fn found_inf_on_the_first_step_is_a_no_op_in_every_pass() {
     }
 }
 
+/// Every optimizer with hyper-parameters that differ from one another
+/// (`support::distinct_hyper`), in every pass: the defaults make Adam's
+/// β1 and 1 − β1 both 0.5 and β1^t exact, so swapped operands or an f32 β1
+/// in the bias correction would pass every other test here.
+#[test]
+fn non_default_hyper_parameters_equal_cpu() {
+    let m = kernel_module();
+    let specs = small_mixed();
+    let passes = [
+        Pass::Fused,
+        Pass::Guarded,
+        Pass::Scaled {
+            f_star: 0.25,
+            obs_var: 0.1,
+        },
+        Pass::Sharded {
+            f_star: f64::NAN,
+            obs_var: 0.3,
+        },
+    ];
+    // three rounds, so the bias powers are past β^1
+    let steps: Vec<StepPlan> = (0..12).map(|k| finite(passes[k % 4], 1e-2)).collect();
+    let mut stats = PhiStats::default();
+    for (ki, kind) in OptimizerKind::ALL.into_iter().enumerate() {
+        let (_, st) = run(
+            &m,
+            &Case::plain(
+                format!("{}/distinct hyper", kind.name()),
+                kind,
+                &specs,
+                support::distinct_hyper(kind),
+                &steps,
+                7 + ki as u64,
+            ),
+        );
+        stats.add(st);
+    }
+    stats.assert_meaningful("distinct hyper-parameters");
+}
+
 /// Sharded steps where the other ranks' part of the pre-write sum decides:
 /// some rank's found_inf (bit 31 of `control.nonfinite`, written by the
 /// host) skips this rank as FoundInf with its own flag clear; some rank's

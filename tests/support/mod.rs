@@ -111,6 +111,24 @@ impl FuzzSeeds {
     }
 }
 
+/// Hyper-parameters in which no two of the scalars the kernels read
+/// coincide and β1 is not dyadic. The defaults hide slips: there Adam's
+/// β1 = 1 − β1 = 0.5, momentum = β1, and β1^t is exact in f32 and f64.
+pub fn distinct_hyper(kind: lra::optim::OptimizerKind) -> lra::optim::Hyper {
+    lra::optim::Hyper {
+        momentum: 0.9,
+        alpha: 0.9,
+        beta1: 0.8,
+        beta2: 0.95,
+        eps: 1e-3,
+        weight_decay: if kind == lra::optim::OptimizerKind::AdamW {
+            0.05
+        } else {
+            0.02
+        },
+    }
+}
+
 /// Deterministic pseudo-random values in [lo, hi) (xorshift64).
 pub fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
