@@ -517,6 +517,60 @@ fn non_default_hyper_parameters_equal_cpu() {
     stats.assert_meaningful("distinct hyper-parameters");
 }
 
+/// found_inf is tested as a float (`!= 0`), as the CPU backend does: -0.0
+/// is clear and the step runs; the smallest subnormal (no flush to zero),
+/// +inf and -1 are set and skip it. A test of the raw bits would skip on
+/// -0.0 on the device alone.
+#[test]
+fn found_inf_minus_zero_runs_and_subnormal_inf_or_negative_skip() {
+    let m = kernel_module();
+    let specs = small_mixed();
+    let passes = [
+        Pass::Fused,
+        Pass::Guarded,
+        Pass::Scaled {
+            f_star: 0.5,
+            obs_var: 0.0,
+        },
+        Pass::Sharded {
+            f_star: f64::NAN,
+            obs_var: 0.2,
+        },
+    ];
+    for flag in [-0.0f32, f32::from_bits(1), f32::INFINITY, -1.0] {
+        let steps: Vec<StepPlan> = passes
+            .into_iter()
+            .map(|p| StepPlan {
+                found_inf: Some(flag),
+                ..finite(p, 1e-2)
+            })
+            .collect();
+        for kind in [OptimizerKind::Sgd, OptimizerKind::Adam] {
+            let (dev, _) = run(
+                &m,
+                &Case::plain(
+                    format!("{}/found_inf {flag:e}", kind.name()),
+                    kind,
+                    &specs,
+                    hyper(kind, true),
+                    &steps,
+                    11,
+                ),
+            );
+            // a skipped step reports φ = NaN (run checked the CPU agrees)
+            let ran = dev.phis.iter().map(|&b| !f64::from_bits(b).is_nan());
+            for (k, ran) in ran.enumerate() {
+                assert_eq!(
+                    ran,
+                    flag == 0.0,
+                    "{} found_inf {flag:e} step {k}",
+                    kind.name()
+                );
+            }
+        }
+    }
+}
+
 /// Sharded steps where the other ranks' part of the pre-write sum decides:
 /// some rank's found_inf (bit 31 of `control.nonfinite`, written by the
 /// host) skips this rank as FoundInf with its own flag clear; some rank's
