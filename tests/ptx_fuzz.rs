@@ -4,10 +4,11 @@
 //! `ptx_kernels.rs` checks chosen layouts and step sequences; this draws
 //! them. Each case is a random layout (1 to 300 tensors of every dtype,
 //! aligned and not, sizes around 0, the 4-element units and the 4096-element
-//! chunks), a random optimizer and weight decay, and 2 to 6 random steps
+//! chunks), a random optimizer and hyper-parameters, and 2 to 6 random steps
 //! mixing every pass (fused, guarded, two-pass with f* and/or R, sharded
 //! with and without the guard and with other ranks' flags and φ, clamped
-//! scale), found-inf flags and non-finite gradients, run on a random grid
+//! scale), found-inf flags (±0, 1, NaN, a subnormal, +inf, -1) and
+//! non-finite gradients, run on a random grid
 //! size, block size and block/thread schedule. Every step is checked as in
 //! `ptx_kernels.rs` (`ptx_common::try_run`): parameters and state bit for
 //! bit, the control block, φ in the kernel's documented order, and what
@@ -22,9 +23,10 @@ mod ptx_common;
 mod support;
 
 use lra::backend::cuda::abi;
-use lra::optim::{DType, OptimizerKind};
+use lra::optim::{DType, Hyper, OptimizerKind};
 use ptx_common::*;
 use ptx_interp::{Module, Schedule};
+use std::collections::BTreeMap;
 
 /// Elements a case may hold in all: keeps one case near a second.
 const MAX_ELEMENTS: usize = 24_000;
@@ -116,6 +118,58 @@ fn pass(rng: &mut Rng) -> Pass {
     }
 }
 
+/// Each hyper-parameter from a few values: 0, the defaults, values where
+/// β and 1 − β differ and β^t is not dyadic, eps 0 (0/0 = NaN on both
+/// sides), and a weight decay of ±0 or either sign.
+fn hyper_params(rng: &mut Rng) -> Hyper {
+    let beta = [0.0, 0.5, 0.8, 0.9, 0.99];
+    Hyper {
+        momentum: rng.pick(&beta),
+        alpha: rng.pick(&beta),
+        beta1: rng.pick(&beta),
+        beta2: rng.pick(&[0.9, 0.95, 0.999]),
+        // eps 0 less often: its NaN directions leave fewer finite φ
+        eps: rng.pick(&[0.0, 1e-8, 1e-8, 1e-3, 1e-3]),
+        weight_decay: rng.pick(&[0.0, -0.0, 1e-3, -1e-3, 0.1]),
+    }
+}
+
+/// Counts the draws [`COVERED`] names: the hyper-parameters a case's
+/// optimizer reads, and each step's found_inf flag.
+fn tally(kind: OptimizerKind, h: &Hyper, steps: &[StepPlan], seen: &mut BTreeMap<String, usize>) {
+    for (name, v) in h.read_by(kind) {
+        let class = match name {
+            "weight_decay" if v == 0.0 && v.is_sign_negative() => "-0",
+            "weight_decay" if v < 0.0 => "negative",
+            "eps" if v == 0.0 => "0",
+            // not an f32: a kernel reading an f32 copy (β^t) gets other bits
+            "momentum" | "alpha" | "beta1" if v as f32 as f64 != v => "inexact in f32",
+            _ => continue,
+        };
+        *seen.entry(format!("{name} {class}")).or_default() += 1;
+    }
+    for f in steps.iter().filter_map(|s| s.found_inf) {
+        *seen.entry(format!("found_inf {f:e}")).or_default() += 1;
+    }
+}
+
+/// The draws the default cases must include (`FuzzSeeds::assert_covered`).
+const COVERED: [&str; 13] = [
+    "momentum inexact in f32",
+    "alpha inexact in f32",
+    "beta1 inexact in f32",
+    "eps 0",
+    "weight_decay -0",
+    "weight_decay negative",
+    "found_inf 0e0",
+    "found_inf -0e0",
+    "found_inf 1e0",
+    "found_inf NaN",
+    "found_inf 1e-45",
+    "found_inf inf",
+    "found_inf -1e0",
+];
+
 fn steps(rng: &mut Rng) -> Vec<StepPlan> {
     let n = 2 + rng.index(5);
     (0..n)
@@ -126,10 +180,11 @@ fn steps(rng: &mut Rng) -> Vec<StepPlan> {
             // only on the last step, or where the guard skips the step.
             let guarded = p.shape().guard;
             let nonfinite_grads = (k + 1 == n || guarded) && rng.chance(0.2);
+            // set (skips the step) or clear, each as often as before; any
+            // non-zero float is set, -0.0 is not
             let found_inf = match rng.index(10) {
-                0 => Some(1.0),
-                1 => Some(f32::NAN),
-                2 | 3 => Some(0.0),
+                0 | 1 => Some(rng.pick(&[1.0, f32::NAN, f32::from_bits(1), f32::INFINITY, -1.0])),
+                2 | 3 => Some(rng.pick(&[0.0, -0.0])),
                 _ => None,
             };
             StepPlan {
@@ -157,12 +212,17 @@ fn schedule(rng: &mut Rng) -> Schedule {
 
 /// Runs one case drawn from `seed`; returns its description and how it
 /// went (the first difference on failure).
-fn one_case(m: &Module, seed: u64) -> (String, Result<PhiStats, String>) {
+fn one_case(
+    m: &Module,
+    seed: u64,
+    seen: &mut BTreeMap<String, usize>,
+) -> (String, Result<PhiStats, String>) {
     let mut rng = Rng(seed);
     let specs = layout(&mut rng);
     let kind = rng.pick(&OptimizerKind::ALL);
-    let decay = rng.chance(0.5);
+    let hyper = hyper_params(&mut rng);
     let steps = steps(&mut rng);
+    tally(kind, &hyper, &steps, seen);
     let grid = if rng.chance(0.3) {
         Some(1 + rng.index(5) as u32)
     } else {
@@ -177,7 +237,7 @@ fn one_case(m: &Module, seed: u64) -> (String, Result<PhiStats, String>) {
         name: format!("seed {seed}"),
         kind,
         specs: &specs,
-        hyper: hyper(kind, decay),
+        hyper,
         steps: &steps,
         nonfinite_init: rng.chance(0.1),
         seed: rng.next(),
@@ -187,13 +247,16 @@ fn one_case(m: &Module, seed: u64) -> (String, Result<PhiStats, String>) {
     };
     let elements: usize = specs.iter().map(|s| s.numel).sum();
     let what = format!(
-        "seed {seed}: {} with{} decay, {} tensors ({elements} elements), grid {grid:?}, \
+        "seed {seed}: {} {:?}, {} tensors ({elements} elements), grid {grid:?}, \
          {block} threads, {:?}, steps {:?}",
         kind.name(),
-        if decay { "" } else { "out" },
+        hyper.read_by(kind).collect::<Vec<_>>(),
         specs.len(),
         case.schedule,
-        steps.iter().map(|s| s.pass).collect::<Vec<_>>()
+        steps
+            .iter()
+            .map(|s| format!("{:?} found_inf {:?}", s.pass, s.found_inf))
+            .collect::<Vec<_>>()
     );
     (what, try_run(m, &case).map(|(_, stats)| stats))
 }
@@ -205,8 +268,9 @@ fn random_layouts_and_step_sequences_equal_cpu() {
     let (first, cases) = (seeds.first, seeds.cases);
     let mut stats = PhiStats::default();
     let mut failures = Vec::new();
+    let mut seen = BTreeMap::new();
     for seed in seeds.seeds() {
-        let (what, result) = one_case(&m, seed);
+        let (what, result) = one_case(&m, seed, &mut seen);
         match result {
             Ok(s) => stats.add(s),
             Err(e) => {
@@ -225,4 +289,5 @@ fn random_layouts_and_step_sequences_equal_cpu() {
         failures.join("\n")
     );
     stats.assert_meaningful(&format!("{cases} random cases from seed {first}"));
+    seeds.assert_covered("ptx_fuzz", &seen, &COVERED);
 }
