@@ -181,7 +181,11 @@ if [ "${1:-}" = "--prepare" ]; then
   fi
   cargo build --release --lib
   # The GPU tests as the suite runs them: the `checked` profile (release
-  # optimisation with debug assertions and overflow checks).
+  # optimisation with debug assertions and overflow checks). Built first
+  # with cargo's own output, so a compile error shows here (with
+  # --message-format=json it would go to stdout as JSON); the second run
+  # builds nothing and only names the binary.
+  cargo test --profile checked --test cuda --no-run
   exe=$(cargo test --profile checked --test cuda --no-run --message-format=json 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
   [ -x "$exe" ] || { echo "could not find the tests/cuda.rs binary"; exit 1; }
@@ -208,6 +212,9 @@ if [ "${1:-}" = "--prepare" ]; then
   if [ -n "$baseline" ]; then
     src=target/gpu-check-baseline-src
     git worktree remove --force "$src" 2>/dev/null || rm -rf "$src"
+    # A worktree an interrupted prepare left registered, whose folder is
+    # gone since, would make `add` refuse the path.
+    git worktree prune
     git worktree add --detach "$src" "$baseline"
     (cd "$src" && CARGO_TARGET_DIR="$PWD/../gpu-check-baseline-target" cargo build --release --lib)
     mkdir -p "$out/baseline"
