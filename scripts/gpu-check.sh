@@ -8,7 +8,8 @@
 #                                         # python3 with torch): runs them
 #
 # `--prepare --baseline REV` also builds liblra.so of git revision REV (a
-# worktree in target/gpu-check-baseline-src) into target/gpu-check/baseline/;
+# worktree in target/gpu-check-baseline-src) into target/gpu-check/baseline/
+# and dry-runs the A/B with it on the CPU (scripts/gpu_check_dryrun.py);
 # the GPU run then times the fused step of both libraries side by side.
 # `--prepare` also builds tests/nccl/lra_nccl_gpu_test.c into
 # target/gpu-check/nccl/ when the PyPI NCCL/CUDA runtime wheels are installed
@@ -222,6 +223,19 @@ if [ "${1:-}" = "--prepare" ]; then
     git -C "$src" log -1 --format='%h %s' >"$out/baseline/REVISION"
     git worktree remove --force "$src"
     strip --strip-debug "$out/baseline/liblra.so" 2>/dev/null || true
+    # The A/B loads the baseline through today's binding (lra.py); a symbol
+    # the binding gained since REV, or a moved ABI version, would lose the
+    # A/B on the GPU. The dry run (CPU, about 15 s) loads both for real.
+    py=
+    for cand in /usr/bin/python3 python3; do
+      if "$cand" -c 'import torch' 2>/dev/null; then py=$cand; break; fi
+    done
+    if [ -z "$py" ]; then
+      echo "!!!! no python3 with torch here: the A/B against $baseline was not dry-run !!!!"
+    elif ! "$py" scripts/gpu_check_dryrun.py "$out/liblra.so" "$out/baseline/liblra.so"; then
+      echo "!!!! the dry run of the A/B against $baseline failed (above): the GPU run would lose it !!!!"
+      exit 1
+    fi
   fi
   ls -laR "$out"
   echo "now on the GPU machine (carry $out): bash scripts/gpu-check.sh"

@@ -8,7 +8,11 @@ adapter, the allocator check's step, the benchmark table, the A/B of two librari
 CUDA events replaced by perf_counter stamps, tiny sizes. The figures mean
 nothing; the check is that every code path runs and prints its rows.
 
-Usage: python3 scripts/gpu_check_dryrun.py path/to/liblra.so
+Usage: python3 scripts/gpu_check_dryrun.py path/to/liblra.so [baseline/liblra.so]
+
+With a second library, the A/B loads it as the baseline (as the GPU run's
+--baseline-lib does), so a binding that asks an older build for a symbol it
+lacks fails here; without one, the library is its own baseline.
 """
 import contextlib
 import io
@@ -65,7 +69,7 @@ def main():
     lib = sys.argv[1]
     patch_cuda_away()
     lra = gpu_check.Lra(lib)
-    base = gpu_check.Lra(lib, "lra_baseline")
+    base = gpu_check.Lra(sys.argv[2] if len(sys.argv) > 2 else lib, "lra_baseline")
     gpu_check.training_on_a_torch_stream(lra, "cpu")
     gpu_check.torch_adapter(lra, "cpu")
     gpu_check.allocator_check(lra, "cpu", n=1 << 12)
