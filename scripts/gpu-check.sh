@@ -34,8 +34,8 @@
 #    LRA_NCCL_ERR_TIMEOUT, ncclCommAbort -> LRA_REDUCTION_FAILED)
 #    against this machine's own libnccl.so.2 (python3's nvidia.* packages,
 #    torch/lib, ldconfig, /usr/local/cuda*), under a 60 s timeout; the
-#    summary at the end says PASS, FAIL or SKIPPED (no libnccl.so.2 here, or
-#    no test binary).
+#    summary says PASS, FAIL, SKIPPED (no libnccl.so.2 here, or no test
+#    binary) or STOPPED (the run's time budget ran out).
 # 5. compute-sanitizer, when the machine has one (PATH, /usr/local/cuda*):
 #    memcheck over every test of step 1, racecheck and synccheck over the
 #    kernel-vs-CPU test. Their logs go to $LRA_GPU_CHECK_LOGS (default
@@ -47,8 +47,10 @@
 # seconds (default 500, so that a run fits a 10-minute slot): a step that
 # would start with less than 20 s left is skipped, one the budget cuts short
 # is listed as stopped. No step's failure or hang stops the next; the
-# summary lists how each ended, and a failure or a step the budget skipped
-# makes the exit status 1.
+# summary ($LRA_GPU_CHECK_LOGS/summary.txt, written as each step ends) names
+# the bundle's revision and lists how each step ended. The verdict is
+# FAILED for a failure or a hang, INCOMPLETE when the budget skipped or
+# stopped a step; either makes the exit status 1.
 #
 # `bash scripts/gpu-check.sh --nccl` runs step 4 alone; it keeps the
 # caller's LRA_REQUIRE_GPU (unset: a machine without a device skips, which is
@@ -115,7 +117,8 @@ find_library() {
 }
 
 # Step 4 (run_nccl [SECONDS [shortened]], default 60 s): sets nccl_result to
-# "PASS ...", "FAIL: ..." or "SKIPPED: ...".
+# "PASS ...", "FAIL: ...", "SKIPPED: ..." or, when the run's time budget
+# (shortened) cut it, "STOPPED: ...".
 nccl_result=
 run_nccl() {
   local dir test nccl_dir cudart_dir links rc=0 limit=${1:-60} shortened=${2:-}
@@ -147,7 +150,7 @@ run_nccl() {
     77) nccl_result="SKIPPED: no usable CUDA device (see above)" ;;
     124 | 137)
       if [ -n "$shortened" ]; then
-        nccl_result="FAIL: lra_nccl_gpu_test STOPPED after $limit s: the run's time budget ran out"
+        nccl_result="STOPPED: lra_nccl_gpu_test after $limit s: the run's time budget ran out"
       else
         nccl_result="FAIL: lra_nccl_gpu_test timed out after $limit s (a hang?)"
       fi ;;
@@ -246,7 +249,11 @@ for f in cuda-tests liblra.so; do
   [ -e "$out/$f" ] || { echo "missing $out/$f: run 'bash scripts/gpu-check.sh --prepare' on a machine with Rust first"; exit 1; }
 done
 start=$(date +%s)
-echo "==== library under test: $(cat "$out/REVISION" 2>/dev/null || echo 'unknown (no REVISION)')"
+# The copy to the GPU machine may not keep modes; without the x bit every
+# test step would fail with exit 126 and NCCL would read as not built.
+chmod +x "$out/cuda-tests" "$out/nccl/lra_nccl_gpu_test" 2>/dev/null || true
+revision=$(paste -sd' ' "$out/REVISION" 2>/dev/null || true)
+echo "==== library under test: ${revision:-unknown (no REVISION)}"
 # Here a test that cannot find the GPU fails instead of skipping.
 export LRA_REQUIRE_GPU=1
 echo "==== device"
@@ -262,16 +269,18 @@ incomplete=0
 deadline=$((start + ${LRA_GPU_CHECK_BUDGET:-500}))
 logs=${LRA_GPU_CHECK_LOGS:-$out/logs}
 mkdir -p "$logs"
-# The summary so far, rewritten as each step ends: a run the device tool
+# The summary so far, appended to as each step ends: a run the device tool
 # kills at its own limit still leaves how each finished step ended.
 : >"$logs/summary.txt"
 note() { summary+=("$1"); printf '%s\n' "$1" >>"$logs/summary.txt"; }
+note "library under test: ${revision:-unknown (no REVISION)}"
 # Seconds left of the run's time budget.
 budget_left() { echo $((deadline - $(date +%s))); }
 # run_step NAME SECONDS COMMAND...: records "NAME: passed|FAILED|TIMED OUT",
 # "STOPPED" when the budget cut it short, or "SKIPPED" when the budget
 # leaves less than 20 s to start it. A command that ignores SIGTERM is
-# killed 10 s later.
+# killed 10 s later. A step the budget stopped or skipped makes the run
+# INCOMPLETE, not FAILED: it says nothing about the code.
 run_step() {
   local name=$1 limit=$2 rc=0 left shortened=0
   shift 2
@@ -290,10 +299,11 @@ run_step() {
     124 | 137)
       if [ $shortened = 1 ]; then
         note "$name: STOPPED after $limit s: the run's time budget ran out"
+        incomplete=1
       else
         note "$name: TIMED OUT after $limit s (a hang?)"
-      fi
-      failed=1 ;;
+        failed=1
+      fi ;;
     *) note "$name: FAILED (exit $rc; see above)"; failed=1 ;;
   esac
 }
@@ -336,6 +346,12 @@ elif [ "$left" -lt 60 ]; then
 else
   run_nccl 60
 fi
+# In summary.txt now, not at the end: the sanitizers may outlast the run.
+note "NCCL adapter (lra_nccl_gpu_test): $nccl_result"
+case $nccl_result in
+  FAIL*) failed=1 ;;
+  STOPPED*) incomplete=1 ;;
+esac
 
 # compute-sanitizer NAME TOOL SECONDS [TEST FILTER]: one tool over the test
 # binary, its log in $logs/NAME.log; prints the log's error summary.
@@ -383,10 +399,8 @@ fi
 
 echo "==== summary"
 printf '%s\n' "${summary[@]}"
-echo "NCCL adapter (lra_nccl_gpu_test): $nccl_result" >>"$logs/summary.txt"
-report_nccl || failed=1
 verdict="passed"
-[ $incomplete -eq 0 ] || verdict="INCOMPLETE (steps skipped)"
+[ $incomplete -eq 0 ] || verdict="INCOMPLETE (the time budget skipped or stopped steps)"
 [ $failed -eq 0 ] || verdict="FAILED"
 echo "==== gpu-check $verdict in $(( $(date +%s) - start )) s" | tee -a "$logs/summary.txt"
 [ "$verdict" = passed ]
