@@ -11,6 +11,9 @@
 # worktree in target/gpu-check-baseline-src) into target/gpu-check/baseline/
 # and dry-runs the A/B with it on the CPU (scripts/gpu_check_dryrun.py);
 # the GPU run then times the fused step of both libraries side by side.
+# `--prepare` records the sources' checksums (INPUTS.sha256); the GPU run
+# warns loudly, in its summary too, when the tree beside it differs, and
+# `bash scripts/gpu-check.sh --check-bundle` asks the same here.
 # `--prepare` also builds tests/nccl/lra_nccl_gpu_test.c into
 # target/gpu-check/nccl/ when the PyPI NCCL/CUDA runtime wheels are installed
 # here (scripts/find-nccl.sh; scripts/stages/nccl.sh installs them), linked
@@ -50,7 +53,7 @@
 # summary ($LRA_GPU_CHECK_LOGS/summary.txt, written as each step ends) names
 # the bundle's revision and lists how each step ended. The verdict is
 # FAILED for a failure or a hang, INCOMPLETE when the budget skipped or
-# stopped a step; either makes the exit status 1.
+# stopped a step; either, or a stale bundle, makes the exit status 1.
 #
 # `bash scripts/gpu-check.sh --nccl` runs step 4 alone; it keeps the
 # caller's LRA_REQUIRE_GPU (unset: a machine without a device skips, which is
@@ -78,6 +81,29 @@ prepare_nccl() {
     -L "$nccl/lib" -l:libnccl.so.2 -L "$cudart/lib" -l:libcudart.so.12 -L "$out" -l:liblra.so \
     -o "$out/nccl/lra_nccl_gpu_test" || return 1
   cp "$cudart/lib/libcudart.so.12" "$out/nccl/libcudart.so.12"
+}
+
+# The files the bundle is built from (liblra.so, the tests/cuda.rs binary,
+# the NCCL test), tracked or not yet tracked.
+bundle_inputs() {
+  local f
+  git ls-files -z --cached --others --exclude-standard -- Cargo.toml Cargo.lock build.rs \
+    src kernels include ptx-interp tests/cuda.rs tests/support tests/nccl bindings/nccl \
+    | while IFS= read -r -d '' f; do
+        if [ -e "$f" ]; then printf '%s\0' "$f"; fi # tracked but deleted: not an input
+      done
+}
+
+# Checks the tree against the checksums --prepare wrote (the GPU machine has
+# the tree but no git). Succeeds when every input is as the bundle was built
+# from; else prints why (at most 20 lines) and fails.
+bundle_matches_tree() {
+  local diff
+  [ -e "$out/INPUTS.sha256" ] || { echo "no $out/INPUTS.sha256 (no bundle there, or one prepared before this check)"; return 1; }
+  command -v sha256sum >/dev/null 2>&1 || { echo "no sha256sum on this machine: cannot tell"; return 1; }
+  diff=$(sha256sum --quiet -c "$out/INPUTS.sha256" 2>&1) && return 0
+  printf '%s\n' "$diff" | head -n 20
+  return 1
 }
 
 # Directories that may hold a CUDA library on this machine, most specific
@@ -170,6 +196,14 @@ case "${1:-}" in
     prepare_nccl || rc=$?
     [ $rc != 2 ] || echo "no NCCL/CUDA runtime wheels here (scripts/find-nccl.sh)"
     exit $rc ;;
+  --check-bundle)
+    if why=$(bundle_matches_tree); then
+      echo "$out matches this tree (built from: $(paste -sd' ' "$out/REVISION" 2>/dev/null))"
+      exit 0
+    fi
+    echo "!!!! $out is STALE: run 'bash scripts/gpu-check.sh --prepare' again !!!!"
+    printf '%s\n' "$why"
+    exit 1 ;;
   --nccl)
     echo "==== NCCL adapter on one rank (tests/nccl/lra_nccl_gpu_test.c)"
     run_nccl
@@ -201,6 +235,14 @@ if [ "${1:-}" = "--prepare" ]; then
   { git log -1 --format='%h %s'
     git status --porcelain --untracked-files=no | grep -q . && echo "(plus uncommitted changes)"
   } >"$out/REVISION" || true
+  # And exactly which sources: the GPU half checks the tree it travels with
+  # against these (finding a bundle older than the tree without git).
+  if git rev-parse --git-dir >/dev/null 2>&1; then
+    bundle_inputs | xargs -0 -r sha256sum >"$out/INPUTS.sha256"
+  else
+    rm -f "$out/INPUTS.sha256"
+    echo "!!!! not a git checkout: no $out/INPUTS.sha256; the GPU run cannot tell a stale bundle !!!!"
+  fi
   # Line tables only matter here; keep what travels small.
   strip --strip-debug "$out/cuda-tests" "$out/liblra.so" 2>/dev/null || true
   rc=0
@@ -241,7 +283,8 @@ if [ "${1:-}" = "--prepare" ]; then
     fi
   fi
   ls -laR "$out"
-  echo "now on the GPU machine (carry $out): bash scripts/gpu-check.sh"
+  echo "now, with no edit or commit in between, on the GPU machine (carry $out): bash scripts/gpu-check.sh"
+  echo "('bash scripts/gpu-check.sh --check-bundle' tells whether the bundle still matches the tree)"
   exit 0
 fi
 
@@ -254,6 +297,18 @@ start=$(date +%s)
 chmod +x "$out/cuda-tests" "$out/nccl/lra_nccl_gpu_test" 2>/dev/null || true
 revision=$(paste -sd' ' "$out/REVISION" 2>/dev/null || true)
 echo "==== library under test: ${revision:-unknown (no REVISION)}"
+# A bundle built from other sources than the tree beside it is run all the
+# same, with a loud warning, not refused: by now the machine's start is
+# paid for, and an older build's results (the benchmark figures, kernels
+# unchanged since) are still worth having. The summary and the verdict say
+# it, and the exit status is 1, so a stale run never reads as a pass for
+# this tree. (`--check-bundle` asks the same before the device call.)
+stale=
+if ! why=$(bundle_matches_tree); then
+  stale="the sources differ from the bundle's (sha256sum -c $out/INPUTS.sha256)"
+  echo "!!!! STALE BUNDLE: $stale: the results below are of ${revision:-another build}, not of this tree !!!!"
+  printf '%s\n' "$why"
+fi
 # Here a test that cannot find the GPU fails instead of skipping.
 export LRA_REQUIRE_GPU=1
 echo "==== device"
@@ -274,6 +329,7 @@ mkdir -p "$logs"
 : >"$logs/summary.txt"
 note() { summary+=("$1"); printf '%s\n' "$1" >>"$logs/summary.txt"; }
 note "library under test: ${revision:-unknown (no REVISION)}"
+[ -z "$stale" ] || note "bundle: STALE: $stale"
 # Seconds left of the run's time budget.
 budget_left() { echo $((deadline - $(date +%s))); }
 # run_step NAME SECONDS COMMAND...: records "NAME: passed|FAILED|TIMED OUT",
@@ -402,5 +458,6 @@ printf '%s\n' "${summary[@]}"
 verdict="passed"
 [ $incomplete -eq 0 ] || verdict="INCOMPLETE (the time budget skipped or stopped steps)"
 [ $failed -eq 0 ] || verdict="FAILED"
+[ -z "$stale" ] || verdict+=", on a STALE bundle (of ${revision:-another build}, not this tree)"
 echo "==== gpu-check $verdict in $(( $(date +%s) - start )) s" | tee -a "$logs/summary.txt"
 [ "$verdict" = passed ]
