@@ -47,13 +47,25 @@
 #    listed as skipped, not failed.
 # Steps 1 and 2 run under 300 s limits each, the sanitizer steps under 240 s
 # (memcheck) and 120 s, and the whole run within LRA_GPU_CHECK_BUDGET
-# seconds (default 500, so that a run fits a 10-minute slot): a step that
-# would start with less than 20 s left is skipped, one the budget cuts short
-# is listed as stopped. No step's failure or hang stops the next; the
-# summary ($LRA_GPU_CHECK_LOGS/summary.txt, written as each step ends) names
-# the bundle's revision and lists how each step ended. The verdict is
-# FAILED for a failure or a hang, INCOMPLETE when the budget skipped or
-# stopped a step; either, or a stale bundle, makes the exit status 1.
+# seconds (default 500, so that a run fits a 10-minute slot), or
+# LRA_GPU_CHECK_LIMIT - 60 if that is less: a step that would start with
+# less than 20 s left is skipped, one the budget cuts short is listed as
+# stopped. No step's failure or hang stops the next; the summary
+# ($LRA_GPU_CHECK_LOGS/summary.txt, written as each step ends) names the
+# bundle's revision and lists how each step ended. The verdict is FAILED
+# for a failure or a hang, INCOMPLETE when the budget skipped or stopped a
+# step, and either, or a stale bundle, makes the exit status 1.
+#
+# On a lent GPU machine (the device tool), make this the session's first
+# device call, so that no earlier call has used the device time that its
+# limit comes out of. The bundle must be prepared in the checkout the tool
+# sends (the session's own, not a helper's copy), with no edit since
+# (`--check-bundle` says). Then `run` with timeout_s 600, carry
+# ["target/gpu-check"] and the command
+#   set -o pipefail; LRA_GPU_CHECK_LOGS=$OUT bash scripts/gpu-check.sh 2>&1 | tee $OUT/gpu-check.log
+# Where status shows less than about 12 minutes of device time left (a
+# start takes 1-2), prefix LRA_GPU_CHECK_LIMIT=<seconds the command will
+# get> so the budget ends before the tool kills the run.
 #
 # `bash scripts/gpu-check.sh --nccl` runs step 4 alone; it keeps the
 # caller's LRA_REQUIRE_GPU (unset: a machine without a device skips, which is
@@ -321,7 +333,24 @@ timeout -k 5 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format
 summary=()
 failed=0
 incomplete=0
-deadline=$((start + ${LRA_GPU_CHECK_BUDGET:-500}))
+# The time budget: LRA_GPU_CHECK_BUDGET seconds (default 500, for a command
+# the device tool runs under timeout_s 600), and at most
+# LRA_GPU_CHECK_LIMIT - 60 where the caller says how long the command may
+# run (the last step's 10 s kill grace and the summary need the rest).
+budget=${LRA_GPU_CHECK_BUDGET:-500}
+if ! [[ $budget =~ ^[1-9][0-9]{0,5}$ ]]; then
+  echo "!!!! LRA_GPU_CHECK_BUDGET='$budget' is not a number of seconds: 500 instead !!!!"
+  budget=500
+fi
+if [ -n "${LRA_GPU_CHECK_LIMIT:-}" ]; then
+  if ! [[ $LRA_GPU_CHECK_LIMIT =~ ^[1-9][0-9]{0,5}$ ]]; then
+    echo "!!!! LRA_GPU_CHECK_LIMIT='$LRA_GPU_CHECK_LIMIT' is not a number of seconds: ignored !!!!"
+  elif [ "$budget" -gt $((LRA_GPU_CHECK_LIMIT - 60)) ]; then
+    budget=$((LRA_GPU_CHECK_LIMIT - 60))
+  fi
+fi
+echo "==== time budget: $budget s"
+deadline=$((start + budget))
 logs=${LRA_GPU_CHECK_LOGS:-$out/logs}
 mkdir -p "$logs"
 # The summary so far, appended to as each step ends: a run the device tool
