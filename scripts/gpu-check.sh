@@ -40,7 +40,8 @@
 #    summary says PASS, FAIL, SKIPPED (no libnccl.so.2 here, or no test
 #    binary) or STOPPED (the run's time budget ran out).
 # 5. compute-sanitizer, when the machine has one (PATH, /usr/local/cuda*):
-#    memcheck over every test of step 1, racecheck and synccheck over the
+#    memcheck over every test of step 1 (failed driver calls not counted:
+#    the tests check those), racecheck and synccheck over the
 #    kernel-vs-CPU test. Their logs go to $LRA_GPU_CHECK_LOGS (default
 #    $out/logs); the output shows each one's error summary. A sanitizer that
 #    refuses the device (it does under gVisor: "Device not supported") is
@@ -438,11 +439,14 @@ case $nccl_result in
   STOPPED*) incomplete=1 ;;
 esac
 
-# compute-sanitizer NAME TOOL SECONDS [TEST FILTER]: one tool over the test
-# binary, its log in $logs/NAME.log; prints the log's error summary.
+# compute-sanitizer NAME SECONDS SANITIZER-OPTION... -- [TEST FILTER]: one
+# tool over the test binary, its log in $logs/NAME.log; prints the log's
+# error summary.
 sanitize() {
-  local name=$1 tool=$2 limit=$3
-  shift 3
+  local name=$1 limit=$2 opts=()
+  shift 2
+  while [ "$1" != -- ]; do opts+=("$1"); shift; done
+  shift
   run_step "compute-sanitizer $name" "$limit" bash -c '
     log=$1; shift
     "$@" >"$log" 2>&1; rc=$?
@@ -453,7 +457,7 @@ sanitize() {
     fi
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Program hit" "$log" || tail -n 20 "$log"
     exit $rc' _ "$logs/$name.log" \
-    "$sanitizer" --tool "$tool" --error-exitcode 1 "$out/cuda-tests" --test-threads=1 "$@"
+    "$sanitizer" "${opts[@]}" --error-exitcode 1 "$out/cuda-tests" --test-threads=1 "$@"
 }
 
 echo "==== compute-sanitizer"
@@ -468,18 +472,37 @@ if [ -z "$sanitizer" ]; then
   note "compute-sanitizer: SKIPPED (none found)"
 else
   echo "$sanitizer: $("$sanitizer" --version | tail -n 1); logs in $logs/"
-  # abi_cuda_state_out_of_memory_changes_nothing makes cuMemAlloc fail on
-  # purpose, and the legacy-stream test cuStreamIsCapturing
-  # (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT); memcheck reports every failed API
-  # call as an error (step 1 runs both without the sanitizer).
+  # memcheck is here for the kernels' memory accesses. By default it also
+  # counts every failed driver call as an error, and some fail on purpose
+  # or by design: cuMemAlloc in the out-of-memory test, cuStreamIsCapturing
+  # on the legacy stream during a capture, and lra's own retry of
+  # cuPointerGetAttributes with fewer attributes, which a driver may refuse
+  # for pool or unmapped VMM memory (mapped_memory_info in
+  # src/backend/cuda/driver.rs). The tests assert on those results
+  # themselves, and step 1 runs them without a sanitizer; so API errors are
+  # not reported (--report-api-errors, which compute-sanitizer took over
+  # from cuda-memcheck). The machine's sanitizer version is unknown: where
+  # its --help does not list the option, memcheck skips the tests whose
+  # driver calls may fail instead.
+  help=$(timeout -k 5 20 "$sanitizer" --help 2>&1 || true)
+  if [[ $help == *--report-api-errors* ]]; then
+    memcheck=(--tool memcheck --report-api-errors no --)
+    echo "memcheck: --report-api-errors no (the tests check the driver's answers): every test"
+  else
+    memcheck=(--tool memcheck -- --skip abi_cuda_state_out_of_memory_changes_nothing
+      --skip the_legacy_stream_is_refused_while_a_blocking_stream_captures
+      --skip stream_ordered_pool_memory_is_accepted
+      --skip memory_mapped_through_the_vmm_api_is_checked_by_its_mapped_extent)
+    echo "!!!! this compute-sanitizer lists no --report-api-errors: memcheck skips the 4 tests" \
+      "whose driver calls fail on purpose or may be refused !!!!"
+  fi
   # The random tests run their full default cases in step 1; here a few
   # each, to stay well inside memcheck's limit.
   export LRA_CUDA_FUZZ_CASES=4 LRA_ABI_FUZZ_CASES=4
-  sanitize memcheck memcheck 240 --skip abi_cuda_state_out_of_memory_changes_nothing \
-    --skip the_legacy_stream_is_refused_while_a_blocking_stream_captures
+  sanitize memcheck 240 "${memcheck[@]}"
   unset LRA_CUDA_FUZZ_CASES LRA_ABI_FUZZ_CASES
-  sanitize racecheck racecheck 120 every_kernel_matches_the_cpu_backend
-  sanitize synccheck synccheck 120 every_kernel_matches_the_cpu_backend
+  sanitize racecheck 120 --tool racecheck -- every_kernel_matches_the_cpu_backend
+  sanitize synccheck 120 --tool synccheck -- every_kernel_matches_the_cpu_backend
 fi
 
 echo "==== summary"
