@@ -319,6 +319,7 @@ impl Model {
                 grad: unsafe { g.add(off * esz) } as *const c_void,
                 numel: len as u64,
                 dtype: self.dtype as u32,
+                reserved: 0,
             })
             .collect()
     }

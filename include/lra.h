@@ -90,6 +90,8 @@ typedef struct lra_tensor {
   uint64_t numel;
   // An `lra_dtype`.
   uint32_t dtype;
+  // Must be 0; reserved for later use.
+  uint32_t reserved;
 } lra_tensor;
 
 // What a re-evaluation found and decided. lra writes the whole struct,
@@ -310,7 +312,7 @@ void lra_destroy(struct lra_handle *h);
 // step's work on `stream` is done. lra checks what it can (alignment,
 // overlap, extents that wrap, the memory's kind and device on CUDA) and
 // refuses with `LRA_INVALID_ARGUMENT` before any write; lengths it
-// cannot see are the caller's to get right.
+// cannot see are the caller's to get right. Each `reserved` must be 0.
 lra_status lra_step(struct lra_handle *h, const struct lra_tensor *tensors, size_t count, double loss, double obs_var, void *stream);
 
 // `lra_step` with a found-inf flag: `found_inf` points at one f32 (host

@@ -129,7 +129,12 @@ pub struct lra_tensor {
     pub numel: u64,
     /// An `lra_dtype`.
     pub dtype: u32,
+    /// Must be 0; reserved for later use.
+    pub reserved: u32,
 }
+
+// The layout every binding mirrors: 32 bytes, no padding.
+const _: () = assert!(std::mem::size_of::<lra_tensor>() == 32);
 
 /// Configuration. Always fill it with `lra_config_init` first, then change
 /// fields; `struct_size` lets later versions grow it.
@@ -656,6 +661,13 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
     }
     let list = std::slice::from_raw_parts(tensors, count);
     for (i, t) in list.iter().enumerate() {
+        if t.reserved != 0 {
+            fail!(
+                InvalidArgument,
+                "tensors[{i}].reserved = {}: must be 0 (reserved for later use)",
+                t.reserved
+            );
+        }
         let dtype = DType::from_u32(t.dtype).ok_or_else(|| {
             Error::new(
                 Status::InvalidArgument,
@@ -721,7 +733,7 @@ unsafe fn tensor_list(tensors: *const lra_tensor, count: usize) -> Result<Vec<Te
 /// step's work on `stream` is done. lra checks what it can (alignment,
 /// overlap, extents that wrap, the memory's kind and device on CUDA) and
 /// refuses with `LRA_INVALID_ARGUMENT` before any write; lengths it
-/// cannot see are the caller's to get right.
+/// cannot see are the caller's to get right. Each `reserved` must be 0.
 #[no_mangle]
 pub unsafe extern "C" fn lra_step(
     h: *mut lra_handle,

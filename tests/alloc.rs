@@ -90,6 +90,7 @@ fn allocations_per_iteration(optimizer: lra_optimizer, f_star: f64, tensors: usi
             grad: g.as_ptr().cast(),
             numel: 8,
             dtype: LRA_DTYPE_F32,
+            reserved: 0,
         })
         .collect();
     let iterate = |loss: f64| {
@@ -170,6 +171,7 @@ fn a_checkpoint_moves_the_state_without_copies_of_it() {
         grad: grad.as_ptr().cast(),
         numel: N as u64,
         dtype: LRA_DTYPE_F32,
+        reserved: 0,
     };
     for first_loss in [1.0, f64::NAN] {
         let h = create(LRA_OPTIMIZER_ADAM);

@@ -114,6 +114,7 @@ fn run_case<const K: u32, P: Elem>(sizes: &[usize], threads: u32, guard: bool, w
                 grad: g.as_ptr().cast(),
                 numel: p.len() as u64,
                 dtype: P::DTYPE as u32,
+                reserved: 0,
             })
             .collect();
         let mut phi = 0.0;
@@ -211,6 +212,7 @@ fn step(h: *mut lra_handle, list: &[(*mut f32, *const f32, u64)]) -> lra_status 
             grad: g.cast(),
             numel: n,
             dtype: LRA_DTYPE_F32,
+            reserved: 0,
         })
         .collect();
     // SAFETY: every pointer below points into a live buffer of the stated size.
@@ -359,6 +361,7 @@ fn the_guard_finds_every_nonfinite_gradient_in_every_dtype() {
                         grad: g.as_ptr().cast(),
                         numel: n as u64,
                         dtype,
+                        reserved: 0,
                     })
                     .collect();
                 let mut info = std::mem::MaybeUninit::<lra_reeval_info>::uninit();

@@ -126,6 +126,7 @@ unsafe fn three_steps(
         grad: grad.cast(),
         numel: (bytes / size) as u64,
         dtype,
+        reserved: 0,
     };
     for g in grads {
         std::ptr::copy_nonoverlapping(g.as_ptr(), grad, bytes);

@@ -2316,6 +2316,7 @@ impl AbiRun {
                 grad,
                 numel: n as u64,
                 dtype: abi_dtype(dt),
+                reserved: 0,
             })
             .collect()
     }
@@ -2921,6 +2922,7 @@ impl Twin {
                     grad,
                     numel: n as u64,
                     dtype: abi_dtype(dt),
+                    reserved: 0,
                 }
             })
             .collect()
@@ -3172,6 +3174,7 @@ fn abi_cuda_state_out_of_memory_changes_nothing() {
         grad: grad.0 as *const c_void,
         numel: numel as u64,
         dtype: LRA_DTYPE_F16,
+        reserved: 0,
     }];
     let before = (h.checkpoint(), counter_array(&h.counters()));
     // SAFETY: device memory of `numel` f16 each.

@@ -56,6 +56,7 @@ fn f32_tensor(param: &mut [f32], grad: &[f32]) -> lra_tensor {
         grad: grad.as_ptr().cast(),
         numel: param.len() as u64,
         dtype: LRA_DTYPE_F32,
+        reserved: 0,
     }
 }
 
@@ -114,6 +115,13 @@ fn bad_calls_on_a_pending_step_change_nothing() {
             bad[1].dtype = 7;
             h.expect(h.step(&bad, 1.0), LRA_INVALID_ARGUMENT, "dtype");
             let mut bad = t;
+            bad[1].reserved = 1;
+            h.expect(
+                h.step(&bad, 1.0),
+                LRA_INVALID_ARGUMENT,
+                "tensors[1].reserved",
+            );
+            let mut bad = t;
             bad[1].numel = 7;
             h.expect(h.step(&bad, 1.0), LRA_SIZE_MISMATCH, "tensors[1]");
             let mut bad = t;
@@ -165,6 +173,46 @@ fn bad_calls_on_a_pending_step_change_nothing() {
     let poked = run(&mut p, &mut q, true);
     assert_eq!(poked, clean);
     assert_eq!((p, q), (p2, q2));
+}
+
+/// `lra_tensor.reserved` (the struct's last 4 bytes, padding before it was
+/// a field) must be 0, so that a later version can give it a meaning: any
+/// other value is refused, naming the field, before anything is read or
+/// written, on every tensor, an empty one included, and on a first step
+/// it fixes no layout.
+#[test]
+fn a_non_zero_reserved_field_is_refused() {
+    assert_eq!(std::mem::size_of::<lra_tensor>(), 32);
+    assert_eq!(std::mem::offset_of!(lra_tensor, reserved), 28);
+    let h = Handle::create(&config(LRA_OPTIMIZER_ADAM, 1e-2));
+    let before = h.checkpoint();
+    let (mut p, g) = (ramp(16, 0.5), ramp(16, 0.25));
+    let (mut q, gq) = (ramp(4, -1.0), ramp(4, 0.75));
+    let start = (p.clone(), q.clone());
+    let empty = lra_tensor {
+        param: null_mut(),
+        grad: std::ptr::null(),
+        numel: 0,
+        dtype: LRA_DTYPE_F32,
+        reserved: 0,
+    };
+    let t = [f32_tensor(&mut p, &g), empty, f32_tensor(&mut q, &gq)];
+    for (i, value) in [(0, 1), (1, 0x8000_0000), (2, u32::MAX)] {
+        let mut bad = t;
+        bad[i].reserved = value;
+        let st =
+            unsafe { lra_step_ex(h.0, bad.as_ptr(), 3, 1.0, 0.0, std::ptr::null(), null_mut()) };
+        h.expect(st, LRA_INVALID_ARGUMENT, &format!("tensors[{i}].reserved"));
+        assert_eq!(h.checkpoint(), before, "tensors[{i}]: the handle changed");
+        assert_eq!(h.counters().steps, 0);
+    }
+    assert_eq!(
+        (&p, &q),
+        (&start.0, &start.1),
+        "a refused step wrote parameters"
+    );
+    // No layout was fixed: a first step with another tensor list works.
+    assert_eq!(h.step(&t[..1], 1.0), LRA_OK, "{}", h.error());
 }
 
 /// Sharded handle whose reduction fails on the first step: the step fails
@@ -311,6 +359,7 @@ fn a_tensor_wrapping_the_address_space_is_refused() {
         grad: g.as_ptr().cast(),
         numel: 1 << 20,
         dtype: LRA_DTYPE_F32,
+        reserved: 0,
     }];
     h.expect(h.step(&t, 1.0), LRA_INVALID_ARGUMENT, "address");
     assert_eq!(h.counters().steps, 0);
@@ -352,6 +401,7 @@ fn an_empty_tensor_takes_any_pointers() {
             grad: grad as *const c_void,
             numel: 0,
             dtype: LRA_DTYPE_F32,
+            reserved: 0,
         };
         let st = h.step(&[empty, f32_tensor(&mut p, &g)], 1.0);
         assert_eq!(st, LRA_OK, "{param:#x}, {grad:#x}: {}", h.error());
@@ -391,6 +441,7 @@ fn a_found_inf_flag_inside_a_parameter_is_refused() {
         grad: g16.as_ptr().cast(),
         numel: 6,
         dtype: LRA_DTYPE_F16,
+        reserved: 0,
     }];
     let st = unsafe { lra_step_ex(h16.0, t16.as_ptr(), 1, 1.0, 0.0, flag, null_mut()) };
     h16.expect(
@@ -698,6 +749,7 @@ fn untouchable_f16_tensor(numel: u64) -> [lra_tensor; 1] {
         grad: (0x2000 + (numel << 1)) as *const c_void,
         numel,
         dtype: LRA_DTYPE_F16,
+        reserved: 0,
     }]
 }
 

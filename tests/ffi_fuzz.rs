@@ -126,6 +126,7 @@ impl Buffer {
             grad: self.grad.as_ptr().cast(),
             numel: self.numel as u64,
             dtype: self.dtype,
+            reserved: 0,
         }
     }
 }
@@ -2164,6 +2165,7 @@ fn a_polyak_scale_times_lr_beyond_f32_does_not_make_parameters_infinite() {
         grad: g.as_ptr().cast(),
         numel: 4,
         dtype: LRA_DTYPE_F32,
+        reserved: 0,
     }];
     let st = unsafe { lra_step(h, t.as_ptr(), 1, 1.0, 0.0, null_mut()) };
     assert_eq!(st, LRA_OK);
@@ -2201,6 +2203,7 @@ fn a_restored_pending_step_is_not_reported_without_the_reduction() {
         grad: g.as_ptr().cast(),
         numel: 4,
         dtype: LRA_DTYPE_F32,
+        reserved: 0,
     }];
     let st = unsafe { lra_step(a, t.as_ptr(), 1, 1.0, 0.0, null_mut()) };
     assert_eq!(st, LRA_OK);
@@ -2248,6 +2251,7 @@ fn a_checkpoint_with_counters_at_the_u64_limit_is_refused() {
         grad: g.as_ptr().cast(),
         numel: 4,
         dtype: LRA_DTYPE_F32,
+        reserved: 0,
     }];
     assert_eq!(
         unsafe { lra_step(a, t.as_ptr(), 1, 1.0, 0.0, null_mut()) },
@@ -2316,6 +2320,7 @@ fn a_checkpoint_after_a_failed_then_skipped_first_step_saves() {
             grad: g.as_ptr().cast(),
             numel: n as u64,
             dtype: LRA_DTYPE_F32,
+            reserved: 0,
         }];
         unsafe { lra_step(h, t.as_ptr(), 1, loss, 0.0, null_mut()) }
     };

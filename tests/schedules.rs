@@ -63,6 +63,7 @@ impl Quadratic {
             grad: self.grad.as_ptr().cast(),
             numel: 4,
             dtype: LRA_DTYPE_F32,
+            reserved: 0,
         };
         let loss = loss.unwrap_or_else(|| self.loss());
         // SAFETY: the tensor points at live buffers.

@@ -131,9 +131,9 @@ constexpr DType dtype_of() {
 }
 }  // namespace detail
 
-// One parameter buffer and its gradient (f32 by default).
+// One parameter buffer and its gradient (f32 by default); `reserved` 0.
 inline lra_tensor tensor(void* param, const void* grad, std::uint64_t numel, DType dtype) {
-  return lra_tensor{param, grad, numel, static_cast<lra_dtype>(dtype)};
+  return lra_tensor{param, grad, numel, static_cast<lra_dtype>(dtype), 0};
 }
 template <class T>
 lra_tensor tensor(T* param, const T* grad, std::uint64_t numel) {

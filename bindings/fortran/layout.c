@@ -45,6 +45,7 @@ int main(void) {
   FIELD(lra_tensor, grad);
   FIELD(lra_tensor, numel);
   FIELD(lra_tensor, dtype);
+  FIELD(lra_tensor, reserved);
 
   SIZE(lra_reeval_info);
   FIELD(lra_reeval_info, phi);

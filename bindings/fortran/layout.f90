@@ -44,6 +44,7 @@ program layout
   call field("lra_tensor.grad", c_loc(t), c_loc(t%grad))
   call field("lra_tensor.numel", c_loc(t), c_loc(t%numel))
   call field("lra_tensor.dtype", c_loc(t), c_loc(t%dtype))
+  call field("lra_tensor.reserved", c_loc(t), c_loc(t%reserved))
 
   call size_line("lra_reeval_info", c_sizeof(info))
   call field("lra_reeval_info.phi", c_loc(info), c_loc(info%phi))

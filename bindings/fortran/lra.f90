@@ -70,11 +70,14 @@ module lra
   end type lra_config
 
   ! One parameter tensor and its gradient (same dtype, numel elements).
+  ! reserved must be 0 (reserved for later use; lra refuses the step
+  ! otherwise): default-initialized, and set by lra_tensor_f32/_16.
   type, bind(C) :: lra_tensor
     type(c_ptr) :: param
     type(c_ptr) :: grad
     integer(c_int64_t) :: numel
     integer(c_int32_t) :: dtype
+    integer(c_int32_t) :: reserved = 0
   end type lra_tensor
 
   ! What a re-evaluation found and decided.
@@ -384,6 +387,7 @@ contains
       error stop "lra_tensor_f32: param or grad is strided (not contiguous); pass a contiguous array"
     t%numel = size(param, kind=c_int64_t)
     t%dtype = LRA_DTYPE_F32
+    t%reserved = 0
     if (t%numel == 0) then
       t%param = c_null_ptr ! c_loc may not take a zero-sized array
       t%grad = c_null_ptr
@@ -413,6 +417,7 @@ contains
       error stop "lra_tensor_16: param or grad is strided (not contiguous); pass a contiguous array"
     t%numel = size(param, kind=c_int64_t)
     t%dtype = dtype
+    t%reserved = 0
     if (t%numel == 0) then
       t%param = c_null_ptr
       t%grad = c_null_ptr

@@ -74,7 +74,7 @@ int main(int argc, char **argv)
     CHECK(h, lra_mpi_set_reduction(h, &comm));
 
     /* One tensor: this rank's part of w (empty if it owns no column). */
-    lra_tensor t = {w + j0, g + j0, (uint64_t)(j1 - j0), LRA_DTYPE_F32};
+    lra_tensor t = {w + j0, g + j0, (uint64_t)(j1 - j0), LRA_DTYPE_F32, 0};
     double first = NAN, last = NAN;
     for (int step = 0; step < STEPS; step++) {
         int b0 = step * BATCH % N;

@@ -174,13 +174,16 @@ class Config(ctypes.Structure):
 
 
 class Tensor(ctypes.Structure):
-    """``lra_tensor``: one parameter buffer and its gradient."""
+    """``lra_tensor``: one parameter buffer and its gradient. ``reserved``
+    must be 0 (lra refuses the step otherwise); ctypes zero-fills it, so
+    ``Tensor(param, grad, numel, dtype)`` leaves it so."""
 
     _fields_ = [
         ("param", ctypes.c_void_p),
         ("grad", ctypes.c_void_p),
         ("numel", ctypes.c_uint64),
         ("dtype", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
     ]
 
 

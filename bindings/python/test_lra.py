@@ -129,6 +129,33 @@ class RawHandleTests(unittest.TestCase):
         with self.assertRaises(lra.LraError):
             opt.lr  # closed
 
+    def test_a_non_zero_reserved_field_is_refused_and_changes_nothing(self):
+        import ctypes
+
+        self.assertEqual(ctypes.sizeof(lra.Tensor), 32)  # sizeof(lra_tensor)
+        self.assertEqual(lra.Tensor.reserved.offset, 28)
+        p, g = f32_buffer([1.0, 2.0, 3.0]), f32_buffer([0.5, 0.5, 0.5])
+        q, gq = f32_buffer([4.0]), f32_buffer([1.0])
+        good = lra.Tensor(ctypes.addressof(p), ctypes.addressof(g), 3, lra.DTYPE_F32)
+        tuple_ = (ctypes.addressof(q), ctypes.addressof(gq), 1, lra.DTYPE_F32)
+        # Every way the binding builds one leaves the field 0.
+        self.assertEqual(good.reserved, 0)
+        self.assertEqual([t.reserved for t in lra.Optimizer._tensor_array([good, tuple_])], [0, 0])
+        bad = lra.Tensor(ctypes.addressof(q), ctypes.addressof(gq), 1, lra.DTYPE_F32)
+        bad.reserved = 1
+        with lra.Optimizer("adam", lr=1e-2, num_threads=1) as opt:
+            before, counters = opt.save_state(), opt.counters.as_dict()
+            with self.assertRaises(lra.LraError) as ctx:
+                opt.step([good, bad], 1.0)
+            self.assertEqual(ctx.exception.status, lra.INVALID_ARGUMENT)
+            self.assertIn("tensors[1].reserved", str(ctx.exception))
+            self.assertEqual(opt.save_state(), before)
+            self.assertEqual(opt.counters.as_dict(), counters)
+            self.assertEqual((list(p), list(q)), ([1.0, 2.0, 3.0], [4.0]))
+            opt.step([good, tuple_], 1.0)  # the refusal fixed no layout
+            self.assertEqual(opt.counters.steps, 1)
+            self.assertLess(q[0], 4.0)
+
     def test_checkpoint_round_trip(self):
         import ctypes
 

@@ -74,7 +74,7 @@ int main(void) {
   if (check(lra_create(&cfg, &h), NULL, "lra_create")) return 2;
 
   /* The whole model is one lra tensor; state is keyed by its position. */
-  const lra_tensor flat = {params, grad, NPARAMS, LRA_DTYPE_F32};
+  const lra_tensor flat = {params, grad, NPARAMS, LRA_DTYPE_F32, 0};
   const double first = loss_and_grad(a, y, 0, SAMPLES, params, NULL);
   printf("flat buffer of %d parameters, loss %.6g, lr %.3g\n", NPARAMS, first, cfg.lr);
   for (int epoch = 1; epoch <= EPOCHS; ++epoch) {

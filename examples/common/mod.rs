@@ -357,6 +357,7 @@ impl Lra {
                 grad: g.as_ptr().cast(),
                 numel: p.len() as u64,
                 dtype: LRA_DTYPE_F32,
+                reserved: 0,
             })
             .collect();
         check(

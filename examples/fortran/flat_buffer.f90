@@ -318,6 +318,12 @@ contains
     flat(1) = lra_tensor_f32(x(1:3), g(1:3))
     status = lra_step(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr)
     call expect(status, LRA_SIZE_MISMATCH, lra_string(lra_last_error(handle)), "lra_step(3 elements after 4)")
+    flat(1) = lra_tensor_f32(x, g)
+    flat(1)%reserved = 1
+    status = lra_step(handle, flat, 1_c_size_t, 1.0_c_double, 0.0_c_double, c_null_ptr)
+    call expect(status, LRA_INVALID_ARGUMENT, lra_string(lra_last_error(handle)), "lra_step(reserved = 1)")
+    call require(index(lra_string(lra_last_error(handle)), "tensors[0].reserved") > 0, &
+                 "the message names tensors[0].reserved")
     call ok(lra_state_size(handle, need), handle, "lra_state_size")
     allocate (buf(need))
     status = lra_save_state(handle, buf, need - 1, c_null_ptr)
@@ -372,16 +378,16 @@ contains
     ! too), the size and the dtype; NULL addresses for empty arrays.
     t = lra_tensor_f32(one, one)
     call require(c_associated(t%param, c_loc(one)) .and. c_associated(t%grad, c_loc(one)) .and. &
-                 t%numel == 1 .and. t%dtype == LRA_DTYPE_F32, "lra_tensor_f32 of one element")
+                 t%numel == 1 .and. t%dtype == LRA_DTYPE_F32 .and. t%reserved == 0, "lra_tensor_f32 of one element")
     t = lra_tensor_16(xb(1:1), gb(1:1), LRA_DTYPE_BF16)
     call require(c_associated(t%param, c_loc(xb)) .and. c_associated(t%grad, c_loc(gb)) .and. &
-                 t%numel == 1 .and. t%dtype == LRA_DTYPE_BF16, "lra_tensor_16 of one element")
+                 t%numel == 1 .and. t%dtype == LRA_DTYPE_BF16 .and. t%reserved == 0, "lra_tensor_16 of one element")
     t = lra_tensor_f32(no_x, no_x)
     call require(.not. c_associated(t%param) .and. .not. c_associated(t%grad) .and. t%numel == 0 .and. &
-                 t%dtype == LRA_DTYPE_F32, "lra_tensor_f32 of empty arrays: NULL addresses")
+                 t%dtype == LRA_DTYPE_F32 .and. t%reserved == 0, "lra_tensor_f32 of empty arrays: NULL addresses")
     t = lra_tensor_16(no_h, no_h, LRA_DTYPE_F16)
     call require(.not. c_associated(t%param) .and. .not. c_associated(t%grad) .and. t%numel == 0 .and. &
-                 t%dtype == LRA_DTYPE_F16, "lra_tensor_16 of empty arrays: NULL addresses")
+                 t%dtype == LRA_DTYPE_F16 .and. t%reserved == 0, "lra_tensor_16 of empty arrays: NULL addresses")
     call require(lra_string(c_null_ptr) == "", "lra_string(c_null_ptr) is empty")
   end subroutine check_binding
 

@@ -69,7 +69,7 @@ static lra_handle *make(uint32_t optimizer, double lr) {
 static void train_least_squares(uint32_t optimizer) {
   lra_handle *h = make(optimizer, 1e-4);
   float x[D] = {0}, g[D];
-  lra_tensor t = {x, g, D, LRA_DTYPE_F32};
+  lra_tensor t = {x, g, D, LRA_DTYPE_F32, 0};
   double first = ls_loss(x, NULL), loss = first;
   for (int step = 0; step < 300; step++) {
     loss = ls_loss(x, g);
@@ -94,7 +94,7 @@ static void train_least_squares(uint32_t optimizer) {
 static void checkpoint_roundtrip(void) {
   lra_handle *a = make(LRA_OPTIMIZER_ADAM, 1e-2), *b = make(LRA_OPTIMIZER_ADAM, 1e-2);
   float xa[D] = {0}, xb[D], g[D];
-  lra_tensor ta = {xa, g, D, LRA_DTYPE_F32}, tb = {xb, g, D, LRA_DTYPE_F32};
+  lra_tensor ta = {xa, g, D, LRA_DTYPE_F32, 0}, tb = {xb, g, D, LRA_DTYPE_F32, 0};
   for (int k = 0; k < 5; k++) {
     OK(a, lra_step(a, &ta, 1, ls_loss(xa, g), 0.0, NULL));
     OK(a, lra_report_reeval(a, ls_loss(xa, NULL), NULL));
@@ -170,7 +170,7 @@ static void error_paths(void) {
 
   h = make(LRA_OPTIMIZER_ADAM, 1e-2);
   float x[D] = {0}, g[D] = {0}, y[3] = {0}, gy[3] = {0};
-  lra_tensor t[2] = {{x, g, D, LRA_DTYPE_F32}, {y, gy, 3, LRA_DTYPE_F32}};
+  lra_tensor t[2] = {{x, g, D, LRA_DTYPE_F32, 0}, {y, gy, 3, LRA_DTYPE_F32, 0}};
   double lr;
 
   /* Null handle / null outputs. */
@@ -179,17 +179,19 @@ static void error_paths(void) {
   CHECK(lra_get_lr(NULL, &lr) == LRA_NULL_POINTER, "get_lr(NULL)");
   EXPECT_ERR(h, lra_get_lr(h, NULL), LRA_NULL_POINTER, "lr");
   EXPECT_ERR(h, lra_step(h, NULL, 2, 1.0, 0.0, NULL), LRA_NULL_POINTER, "tensors");
-  lra_tensor nullparam = {NULL, g, D, LRA_DTYPE_F32};
+  lra_tensor nullparam = {NULL, g, D, LRA_DTYPE_F32, 0};
   EXPECT_ERR(h, lra_step(h, &nullparam, 1, 1.0, 0.0, NULL), LRA_NULL_POINTER, "param");
-  lra_tensor nullgrad = {x, NULL, D, LRA_DTYPE_F32};
+  lra_tensor nullgrad = {x, NULL, D, LRA_DTYPE_F32, 0};
   EXPECT_ERR(h, lra_step(h, &nullgrad, 1, 1.0, 0.0, NULL), LRA_NULL_POINTER, "grad");
 
   /* Bad enum values, misalignment, aliasing, bad scalars. */
-  lra_tensor baddtype = {x, g, D, 3};
+  lra_tensor baddtype = {x, g, D, 3, 0};
   EXPECT_ERR(h, lra_step(h, &baddtype, 1, 1.0, 0.0, NULL), LRA_INVALID_ARGUMENT, "dtype");
-  lra_tensor misaligned = {(char *)x + 1, g, 4, LRA_DTYPE_F32};
+  lra_tensor reserved[2] = {{x, g, D, LRA_DTYPE_F32, 0}, {y, gy, 3, LRA_DTYPE_F32, 1}};
+  EXPECT_ERR(h, lra_step(h, reserved, 2, 1.0, 0.0, NULL), LRA_INVALID_ARGUMENT, "tensors[1].reserved");
+  lra_tensor misaligned = {(char *)x + 1, g, 4, LRA_DTYPE_F32, 0};
   EXPECT_ERR(h, lra_step(h, &misaligned, 1, 1.0, 0.0, NULL), LRA_INVALID_ARGUMENT, "aligned");
-  lra_tensor aliased = {x, x, D, LRA_DTYPE_F32};
+  lra_tensor aliased = {x, x, D, LRA_DTYPE_F32, 0};
   EXPECT_ERR(h, lra_step(h, &aliased, 1, 1.0, 0.0, NULL), LRA_INVALID_ARGUMENT, "overlaps");
   EXPECT_ERR(h, lra_step(h, t, 2, 1.0, -0.5, NULL), LRA_INVALID_ARGUMENT, "obs_var");
   EXPECT_ERR(h, lra_step(h, t, 2, 1.0, 0.0, (void *)t), LRA_INVALID_ARGUMENT, "stream");
@@ -222,7 +224,7 @@ static void error_paths(void) {
   OK(h, lra_report_reeval(h, 0.9, &info));
   EXPECT_ERR(h, lra_report_reeval(h, 0.9, &info), LRA_CALL_ORDER, "pending");
   EXPECT_ERR(h, lra_step(h, t, 1, 1.0, 0.0, NULL), LRA_SIZE_MISMATCH, "first step");
-  lra_tensor wrong[2] = {{x, g, D - 1, LRA_DTYPE_F32}, {y, gy, 3, LRA_DTYPE_F32}};
+  lra_tensor wrong[2] = {{x, g, D - 1, LRA_DTYPE_F32, 0}, {y, gy, 3, LRA_DTYPE_F32, 0}};
   EXPECT_ERR(h, lra_step(h, wrong, 2, 1.0, 0.0, NULL), LRA_SIZE_MISMATCH, "tensors[0]");
 
   /* NaN loss: skipped, nothing written, reported. */

@@ -494,7 +494,7 @@ static record_t *train(run_t *r, model_t *m, lra_handle **hp, reduce_ctx *ctx)
     for (int t = 0; t < m->count; t++)
         if (owner(r, t) == g_rank)
             mine[n++] = (lra_tensor){m->theta + t * m->len, m->grad + t * m->len,
-                                     (uint64_t)m->len, LRA_DTYPE_F32};
+                                     (uint64_t)m->len, LRA_DTYPE_F32, 0};
     /* An empty shard passes no tensor at all (and may pass NULL). */
     const lra_tensor *list = n ? mine : NULL;
     int last_owner = owner(r, m->count - 1);
@@ -678,7 +678,7 @@ static void check_mpi_error_path(const run_t *r)
         FAIL("lra_create: %s", lra_thread_last_error());
     CHECK_LRA(h, lra_mpi_set_reduction(h, &broken));
     float theta[4] = {1, 2, 3, 4}, grad[4] = {0.5f, -0.5f, 0.25f, 1};
-    lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32};
+    lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32, 0};
     const lra_status st = lra_step(h, &t, 1, 1.0, 0.0, NULL);
     if (st != LRA_REDUCTION_FAILED)
         FAIL("lra_step with an MPI error -> %u (%s), want LRA_REDUCTION_FAILED", st,
@@ -712,7 +712,7 @@ static void check_null_comm(const run_t *r)
         FAIL("lra_mpi_set_reduction(h, NULL) -> %u (%s), want LRA_NULL_POINTER", st,
              lra_status_string(st));
     float theta[4] = {1, 2, 3, 4}, grad[4] = {0.5f, -0.5f, 0.25f, 1};
-    lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32};
+    lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32, 0};
     /* Nothing registered: this sharded handle refuses to step. */
     st = lra_step(h, &t, 1, 1.0, 0.0, NULL);
     if (st != LRA_CALL_ORDER)
@@ -765,7 +765,7 @@ static void check_agreement_answers(void)
     expect_agreement(h, "fresh handles");
     if (g_rank == 0) {
         float theta[4] = {1, 2, 3, 4}, grad[4] = {0.5f, -0.5f, 0.25f, 1};
-        lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32};
+        lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32, 0};
         double lr;
         CHECK_LRA(h, lra_get_lr(h, &lr));
         CHECK_LRA(h, lra_step(h, &t, 1, 1.0, 0.0, NULL));
@@ -790,7 +790,7 @@ static void check_agreement_answers(void)
     if (lra_create(&cfg, &h) != LRA_OK)
         FAIL("lra_create: %s", lra_thread_last_error());
     float theta[4] = {1, 2, 3, 4}, grad[4] = {0.5f, -0.5f, 0.25f, 1};
-    lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32};
+    lra_tensor t = {theta, grad, 4, LRA_DTYPE_F32, 0};
     CHECK_LRA(h, lra_step(h, &t, 1, 1.0, 0.0, NULL));
     if (g_rank == 0)
         CHECK_LRA(h, lra_report_reeval(h, 0.5, NULL));

@@ -168,7 +168,7 @@ static void callback_sums(lra_nccl_reduction *red, const char *what)
 /* One step and its re-evaluation on a host handle. */
 static void host_step(lra_handle *h, float *theta, float *grad, lra_reeval_info *info)
 {
-    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32};
+    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32, 0};
     const double f = loss_and_grad(theta, grad);
     CHECK(lra_step(h, &t, 1, f, 0.0, NULL) == LRA_OK, "lra_step: %s", lra_last_error(h));
     CHECK(lra_report_reeval(h, loss_and_grad(theta, NULL), info) == LRA_OK,
@@ -230,7 +230,7 @@ static void host_training(lra_nccl_reduction *red, const char *what)
     int32_t rc = lra_nccl_check_agreement(with, red);
     CHECK(rc == 0, "%s: lra_nccl_check_agreement after the run -> %d (%s)", what, (int)rc,
           lra_nccl_error_string(rc));
-    lra_tensor t = {a, ga, N, LRA_DTYPE_F32};
+    lra_tensor t = {a, ga, N, LRA_DTYPE_F32, 0};
     CHECK(lra_step(with, &t, 1, loss_and_grad(a, ga), 0.0, NULL) == LRA_OK, "lra_step: %s",
           lra_last_error(with));
     rc = lra_nccl_check_agreement(with, red);
@@ -283,7 +283,7 @@ static void device_step(device_run *r, cudaStream_t stream, int s)
     const double f = loss_and_grad(theta, grad);
     CUDA_OK(cudaMemcpyAsync(r->grad, grad, sizeof grad, cudaMemcpyHostToDevice, stream));
     CUDA_OK(cudaStreamSynchronize(stream)); /* `grad` is about to go out of scope */
-    lra_tensor t = {r->theta, r->grad, N, LRA_DTYPE_F32};
+    lra_tensor t = {r->theta, r->grad, N, LRA_DTYPE_F32, 0};
     CHECK(lra_step(r->h, &t, 1, f, 0.0, stream) == LRA_OK, "CUDA lra_step %d: %s", s,
           lra_last_error(r->h));
     device_theta(r, stream, theta);
@@ -425,7 +425,7 @@ static void step_fails_changing_nothing(lra_handle *h, float *theta, float *grad
     lra_counters c0, c1;
     CHECK(lra_get_lr(h, &lr_before) == LRA_OK && lra_get_counters(h, &c0) == LRA_OK, "queries");
     memcpy(before, theta, sizeof before);
-    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32};
+    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32, 0};
     expect_reduction_failed(h, lra_step(h, &t, 1, loss_and_grad(theta, grad), 0.0, NULL), what,
                             code);
     CHECK(lra_get_lr(h, &lr_after) == LRA_OK && lr_after == lr_before, "%s: η changed: %.17g",

@@ -98,7 +98,7 @@ int main(void)
         float theta[N], grad[N], before[N];
         for (int k = 0; k < N; k++)
             theta[k] = before[k] = (float)(0.1 * k);
-        lra_tensor t = {theta, grad, N, LRA_DTYPE_F32};
+        lra_tensor t = {theta, grad, N, LRA_DTYPE_F32, 0};
         lra_handle *h = make_handle(LRA_DEVICE_HOST, LRA_SHARDING_SHARDED, 1, 1,
                                     lra_nccl_allreduce_sum, &red);
         const lra_status st = lra_step(h, &t, 1, loss_and_grad(theta, grad), 0.0, NULL);
@@ -215,7 +215,7 @@ int main(void)
     float theta[N], grad[N], before[N];
     for (int k = 0; k < N; k++)
         theta[k] = before[k] = (float)(0.1 * k);
-    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32};
+    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32, 0};
     double lr;
     lra_counters c;
 

@@ -74,7 +74,7 @@ static lra_handle *make(int sharded)
 
 static void step(lra_handle *h, float *theta, float *grad, lra_reeval_info *info)
 {
-    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32};
+    lra_tensor t = {theta, grad, N, LRA_DTYPE_F32, 0};
     double f = loss_and_grad(theta, grad);
     CHECK(lra_step(h, &t, 1, f, 0.0, NULL) == LRA_OK, "lra_step: %s", lra_last_error(h));
     CHECK(lra_report_reeval(h, loss_and_grad(theta, NULL), info) == LRA_OK,
@@ -87,7 +87,7 @@ static double step_fails(lra_handle *h, const float *a, const char *what, int32_
 {
     float c[N], gc[N];
     memcpy(c, a, sizeof c);
-    lra_tensor tc = {c, gc, N, LRA_DTYPE_F32};
+    lra_tensor tc = {c, gc, N, LRA_DTYPE_F32, 0};
     double lr_before, lr_after;
     lra_counters c0, c1;
     CHECK(lra_get_lr(h, &lr_before) == LRA_OK && lra_get_counters(h, &c0) == LRA_OK, "queries");
@@ -447,7 +447,7 @@ static void agreement(void)
         step(g, b, gb, &info);
     CHECK(lra_set_lr(g, lr) == LRA_OK, "lra_set_lr");
     agreement_values(g, &r, peer[2]);
-    lra_tensor tb = {b, gb, N, LRA_DTYPE_F32};
+    lra_tensor tb = {b, gb, N, LRA_DTYPE_F32, 0};
     CHECK(lra_step(g, &tb, 1, loss_and_grad(b, gb), 0.0, NULL) == LRA_OK, "%s", lra_last_error(g));
     lra_counters ch, cg;
     CHECK(lra_get_counters(h, &ch) == LRA_OK && lra_get_counters(g, &cg) == LRA_OK, "counters");
@@ -706,7 +706,7 @@ int main(void)
     stub_fail_function = "ncclAllReduce";
     stub_fail_skip = 0;
     stub_fail_code = ncclRemoteError;
-    lra_tensor t = {a, ga, N, LRA_DTYPE_F32};
+    lra_tensor t = {a, ga, N, LRA_DTYPE_F32, 0};
     lra_status st = lra_step(with, &t, 1, loss_and_grad(a, ga), 0.0, NULL);
     CHECK(st == LRA_REDUCTION_FAILED, "lra_step with a failing ncclAllReduce -> %u (%s)", st,
           lra_status_string(st));
@@ -772,7 +772,7 @@ int main(void)
               lra_last_error(orphan));
         float c[N], gc[N];
         memcpy(c, a, sizeof c);
-        lra_tensor tc = {c, gc, N, LRA_DTYPE_F32};
+        lra_tensor tc = {c, gc, N, LRA_DTYPE_F32, 0};
         st = lra_step(orphan, &tc, 1, loss_and_grad(c, gc), 0.0, NULL);
         char want[48];
         snprintf(want, sizeof want, "callback returned %d", LRA_NCCL_ERR_INIT);

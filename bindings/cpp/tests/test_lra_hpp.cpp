@@ -90,6 +90,7 @@ int main() {
 
   // A vector of tensors; SGD moves w by -lr * g.
   std::vector<lra_tensor> list = {lra::tensor(w.data(), g.data(), w.size())};
+  EXPECT(list[0].reserved == 0);
   a.step(list, 2.0);
   EXPECT(std::fabs(w[0] - 0.95f) < 1e-6f);
   EXPECT(std::fabs(a.last_phi() - 0.15) < 1e-6);

@@ -68,12 +68,14 @@ struct Config
     loss_is_rank_local::UInt32
 end
 
-"`lra_tensor`: one parameter buffer and its gradient (host or device pointers)."
+"""`lra_tensor`: one parameter buffer and its gradient (host or device pointers).
+`reserved` must be 0 (lra refuses the step otherwise); the constructors leave it 0."""
 struct Tensor
     param::Ptr{Cvoid}
     grad::Ptr{Cvoid}
     numel::UInt64
     dtype::UInt32
+    reserved::UInt32
 end
 
 "`lra_reeval_info`: what a re-evaluation found and decided."
@@ -493,7 +495,7 @@ function Tensor(param::AbstractArray, grad::AbstractArray)
     size(param) == size(grad) ||
         throw(DimensionMismatch("parameter has size $(size(param)), gradient $(size(grad))"))
     dtype = dtype_code(eltype(param))  # before any pointer is taken
-    Tensor(device_pointer(param), device_pointer(grad), UInt64(length(param)), dtype)
+    Tensor(device_pointer(param), device_pointer(grad), UInt64(length(param)), dtype, UInt32(0))
 end
 
 """
