@@ -3,6 +3,7 @@
 #   PREFIX/lib/liblra.so.VERSION, liblra.a   the C ABI (shared and static), with the
 #   PREFIX/lib/liblra.so.ABI, liblra.so       links to it (ABI: the SONAME's suffix, build.rs)
 #   PREFIX/include/lra.h                      the C header
+#   PREFIX/include/lra_agreement.h            shared by the MPI and NCCL helpers below
 #   PREFIX/include/lra.hpp, lra_torch.hpp     the header-only C++17 bindings
 #   PREFIX/include/lra_*.h                    header-only helpers of bindings/*/ (MPI, NCCL, ...)
 #   PREFIX/include/lra.f90                    the Fortran module source (compile it with your compiler)
@@ -140,6 +141,7 @@ if [ "$strip_debug" = 1 ]; then
     echo "install.sh: warning: strip --strip-debug failed: the installed libraries may keep their debug info" >&2
 fi
 put 644 "$root/include/lra.h" include/lra.h
+put 644 "$root/include/lra_agreement.h" include/lra_agreement.h
 put 644 "$root/bindings/cpp/lra.hpp" include/lra.hpp
 put 644 "$root/bindings/cpp/lra_torch.hpp" include/lra_torch.hpp
 put 644 "$root/bindings/fortran/lra.f90" include/lra.f90

@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "lra.h"
+#include "lra_agreement.h"
 
 /* lra_mpi_allreduce_sum's answer when `user` is NULL (no communicator):
  * the collective is not entered. Distinct from MPI error codes (positive)
@@ -89,9 +90,9 @@ static inline lra_status lra_mpi_set_reduction(lra_handle *h, MPI_Comm *comm)
 /* lra_mpi_check_agreement's answers besides 0 (agreement) and MPI error
  * codes (which are positive). Every rank gets the same answer. */
 /* ranks hold different η, counters or pending-step state */
-#define LRA_MPI_DISAGREE (-1)
+#define LRA_MPI_DISAGREE LRA_AGREEMENT_DISAGREE_
 /* an lra query failed on at least one rank (see lra_last_error there) */
-#define LRA_MPI_QUERY_FAILED (-2)
+#define LRA_MPI_QUERY_FAILED LRA_AGREEMENT_QUERY_FAILED_
 
 /* Checks that every rank of `comm` holds the same η (bit for bit), the same
  * step and re-evaluation counters and the same pending step (none, or one
@@ -109,41 +110,12 @@ static inline lra_status lra_mpi_set_reduction(lra_handle *h, MPI_Comm *comm)
  * LRA_CALL_ORDER of the lra_should_reeval query it made. */
 static inline int32_t lra_mpi_check_agreement(lra_handle *h, MPI_Comm comm)
 {
-    enum { FIELDS = 8 };
-    double lr = 0.0;
-    struct lra_counters c;
-    memset(&c, 0, sizeof c);
-    int failed = lra_get_lr(h, &lr) != LRA_OK || lra_get_counters(h, &c) != LRA_OK;
-    uint32_t due = 0;
-    const lra_status pending = lra_should_reeval(h, &due);
-    failed |= pending != LRA_OK && pending != LRA_CALL_ORDER;
-    const double mine[FIELDS] = {
-        lr,
-        (double)c.steps,
-        (double)c.reevals,
-        (double)c.raised,
-        (double)c.lowered,
-        (double)c.kept,
-        (double)c.reeval_skipped,
-        pending == LRA_OK ? 1.0 + due : 0.0,
-    };
-    /* max of v and max of −v (= −min) in one collective; the last slot
-       carries "some query failed". */
-    double v[2 * FIELDS + 1];
-    for (int i = 0; i < FIELDS; i++) {
-        v[i] = mine[i];
-        v[FIELDS + i] = -mine[i];
-    }
-    v[2 * FIELDS] = failed;
-    const int rc = MPI_Allreduce(MPI_IN_PLACE, v, 2 * FIELDS + 1, MPI_DOUBLE, MPI_MAX, comm);
+    double v[LRA_AGREEMENT_VALUES_];
+    lra_agreement_values_(h, v);
+    const int rc = MPI_Allreduce(MPI_IN_PLACE, v, LRA_AGREEMENT_VALUES_, MPI_DOUBLE, MPI_MAX, comm);
     if (rc != MPI_SUCCESS)
         return (int32_t)rc;
-    if (v[2 * FIELDS] != 0.0)
-        return LRA_MPI_QUERY_FAILED;
-    for (int i = 0; i < FIELDS; i++)
-        if (v[i] != -v[FIELDS + i])
-            return LRA_MPI_DISAGREE;
-    return 0;
+    return lra_agreement_verdict_(v);
 }
 
 #endif /* LRA_MPI_H */

@@ -131,6 +131,7 @@
 #include <time.h>
 
 #include "lra.h"
+#include "lra_agreement.h"
 
 /* The deadline's clock and the wait's pause: POSIX clock_gettime
    (CLOCK_MONOTONIC) and nanosleep. Strict ISO C (gcc -std=c11 without
@@ -158,14 +159,11 @@ int nanosleep(const struct timespec *req, struct timespec *rem);
 
 /* The most values one sum can carry (lra passes at most 3). */
 #define LRA_NCCL_MAX_VALUES 8
-/* lra_nccl_check_agreement's collective: 8 fields, their negations and a
-   "query failed" flag. */
-#define LRA_NCCL_AGREEMENT_FIELDS_ 8
-#define LRA_NCCL_AGREEMENT_VALUES_ (2 * LRA_NCCL_AGREEMENT_FIELDS_ + 1)
+/* lra_nccl_check_agreement's collective: LRA_AGREEMENT_VALUES_ doubles
+   (lra_agreement.h). */
 /* Doubles in each staging buffer: room for either call. */
 #define LRA_NCCL_STAGING_VALUES_                                                                   \
-    (LRA_NCCL_MAX_VALUES > LRA_NCCL_AGREEMENT_VALUES_ ? LRA_NCCL_MAX_VALUES                        \
-                                                      : LRA_NCCL_AGREEMENT_VALUES_)
+    (LRA_NCCL_MAX_VALUES > LRA_AGREEMENT_VALUES_ ? LRA_NCCL_MAX_VALUES : LRA_AGREEMENT_VALUES_)
 
 /* Callback return codes (0 = success): */
 /* more than LRA_NCCL_MAX_VALUES values (the same on every rank) */
@@ -192,9 +190,9 @@ int nanosleep(const struct timespec *req, struct timespec *rem);
    above (positive); the values of lra_mpi.h's LRA_MPI_DISAGREE and
    LRA_MPI_QUERY_FAILED. */
 /* ranks hold different η, counters or pending-step state */
-#define LRA_NCCL_DISAGREE (-1)
+#define LRA_NCCL_DISAGREE LRA_AGREEMENT_DISAGREE_
 /* an lra query failed on at least one rank (see lra_last_error there) */
-#define LRA_NCCL_QUERY_FAILED (-2)
+#define LRA_NCCL_QUERY_FAILED LRA_AGREEMENT_QUERY_FAILED_
 
 /* Fill it with lra_nccl_init, then change `timeout_s` if you want one.
  * Later versions only append fields, never reorder or remove them, and
@@ -517,42 +515,13 @@ static inline int32_t lra_nccl_allreduce_sum(double *values, size_t count, void 
  * of the lra_should_reeval query it made. */
 static inline int32_t lra_nccl_check_agreement(lra_handle *h, lra_nccl_reduction *r)
 {
-    enum { FIELDS = LRA_NCCL_AGREEMENT_FIELDS_ };
-    double lr = 0.0;
-    struct lra_counters c;
-    memset(&c, 0, sizeof c);
-    int failed = lra_get_lr(h, &lr) != LRA_OK || lra_get_counters(h, &c) != LRA_OK;
-    uint32_t due = 0;
-    const lra_status pending = lra_should_reeval(h, &due);
-    failed |= pending != LRA_OK && pending != LRA_CALL_ORDER;
-    const double mine[FIELDS] = {
-        lr,
-        (double)c.steps,
-        (double)c.reevals,
-        (double)c.raised,
-        (double)c.lowered,
-        (double)c.kept,
-        (double)c.reeval_skipped,
-        pending == LRA_OK ? 1.0 + due : 0.0,
-    };
-    /* max of v and max of −v (= −min) in one collective; the last slot
-       carries "some query failed". */
-    double v[LRA_NCCL_AGREEMENT_VALUES_];
-    for (int i = 0; i < FIELDS; i++) {
-        v[i] = mine[i];
-        v[FIELDS + i] = -mine[i];
-    }
-    v[2 * FIELDS] = failed;
-    const int32_t rc = lra_nccl_allreduce_(r, v, LRA_NCCL_AGREEMENT_VALUES_,
-                                           LRA_NCCL_STAGING_VALUES_, ncclMax);
+    double v[LRA_AGREEMENT_VALUES_];
+    lra_agreement_values_(h, v);
+    const int32_t rc =
+        lra_nccl_allreduce_(r, v, LRA_AGREEMENT_VALUES_, LRA_NCCL_STAGING_VALUES_, ncclMax);
     if (rc != 0)
         return rc;
-    if (v[2 * FIELDS] != 0.0)
-        return LRA_NCCL_QUERY_FAILED;
-    for (int i = 0; i < FIELDS; i++)
-        if (v[i] != -v[FIELDS + i])
-            return LRA_NCCL_DISAGREE;
-    return 0;
+    return lra_agreement_verdict_(v);
 }
 
 #endif /* LRA_NCCL_H */

@@ -391,10 +391,10 @@ static void agreement_values(lra_handle *h, lra_nccl_reduction *r, double *out)
 {
     const int32_t rc = lra_nccl_check_agreement(h, r);
     CHECK(rc == (h ? 0 : LRA_NCCL_QUERY_FAILED) && stub_last_op == ncclMax &&
-              stub_last_count == LRA_NCCL_AGREEMENT_VALUES_,
+              stub_last_count == LRA_AGREEMENT_VALUES_,
           "lra_nccl_check_agreement on one rank -> %d (op %d, %zu values)", (int)rc,
           (int)stub_last_op, stub_last_count);
-    memcpy(out, stub_last_sent, LRA_NCCL_AGREEMENT_VALUES_ * sizeof(double));
+    memcpy(out, stub_last_sent, LRA_AGREEMENT_VALUES_ * sizeof(double));
 }
 
 /* lra_nccl_check_agreement: 0 on one rank (blocking and non-blocking, busy
@@ -433,7 +433,7 @@ static void agreement(void)
 
     /* Pretend peers: a handle like h (agree), one whose η was halved, one a
        step behind, one with a step pending, and one whose queries failed. */
-    double peer[5][LRA_NCCL_AGREEMENT_VALUES_];
+    double peer[5][LRA_AGREEMENT_VALUES_];
     agreement_values(h, &r, peer[0]);
     CHECK(lra_set_lr(h, lr * 0.5) == LRA_OK, "lra_set_lr");
     agreement_values(h, &r, peer[1]);
