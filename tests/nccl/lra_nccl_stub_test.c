@@ -58,6 +58,19 @@ static double seconds(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* Each CUDA or NCCL call of one collective failing in turn (the `skip`-th
+   call of `function` fails with `code`), and the code the adapter must
+   return; the sum and the agreement check share them. */
+static const struct {
+    const char *function;
+    int skip, code;
+    int32_t want;
+} CALL_FAILURES[] = {
+    {"cudaMemcpyAsync", 0, cudaErrorInvalidValue, LRA_NCCL_ERR_CUDA + cudaErrorInvalidValue},
+    {"ncclAllReduce", 0, ncclRemoteError, LRA_NCCL_ERR_NCCL + ncclRemoteError},
+    {"cudaMemcpyAsync", 1, cudaErrorLaunchFailure, LRA_NCCL_ERR_CUDA + cudaErrorLaunchFailure},
+};
+
 static lra_handle *make(int sharded)
 {
     lra_config cfg;
@@ -328,30 +341,21 @@ static void sums_and_failures(void)
 
     /* The callback: the code of the call that failed, values untouched, and
        the reduction still usable. */
-    const struct {
-        const char *function;
-        int skip, code;
-        int32_t want;
-    } call_failures[] = {
-        {"cudaMemcpyAsync", 0, cudaErrorInvalidValue, LRA_NCCL_ERR_CUDA + cudaErrorInvalidValue},
-        {"ncclAllReduce", 0, ncclRemoteError, LRA_NCCL_ERR_NCCL + ncclRemoteError},
-        {"cudaMemcpyAsync", 1, cudaErrorLaunchFailure, LRA_NCCL_ERR_CUDA + cudaErrorLaunchFailure},
-    };
-    for (size_t i = 0; i < sizeof call_failures / sizeof call_failures[0]; i++) {
-        stub_fail_function = call_failures[i].function;
-        stub_fail_skip = call_failures[i].skip;
-        stub_fail_code = call_failures[i].code;
+    for (size_t i = 0; i < sizeof CALL_FAILURES / sizeof CALL_FAILURES[0]; i++) {
+        stub_fail_function = CALL_FAILURES[i].function;
+        stub_fail_skip = CALL_FAILURES[i].skip;
+        stub_fail_code = CALL_FAILURES[i].code;
         memcpy(v, SAMPLES, sizeof v);
         int32_t rc = lra_nccl_allreduce_sum(v, 3, &r);
         CHECK(stub_fail_function == NULL, "the callback never reached the failing call");
-        CHECK(rc == call_failures[i].want && memcmp(v, SAMPLES, sizeof v) == 0 && !r.timed_out,
+        CHECK(rc == CALL_FAILURES[i].want && memcmp(v, SAMPLES, sizeof v) == 0 && !r.timed_out,
               "%s (call %d of the callback's) failing with %d -> %d, want %d, values unchanged "
               "and not timed out",
-              call_failures[i].function, call_failures[i].skip + 1, call_failures[i].code,
-              (int)rc, (int)call_failures[i].want);
+              CALL_FAILURES[i].function, CALL_FAILURES[i].skip + 1, CALL_FAILURES[i].code,
+              (int)rc, (int)CALL_FAILURES[i].want);
         rc = lra_nccl_allreduce_sum(v, 3, &r);
         CHECK(rc == 0 && v[0] == 2.0 && v[1] == -1.5 && v[2] == 0.75,
-              "the call after a failed %s -> %d, values %g %g %g", call_failures[i].function,
+              "the call after a failed %s -> %d, values %g %g %g", CALL_FAILURES[i].function,
               (int)rc, v[0], v[1], v[2]);
     }
     stub_peer_share = 0;
@@ -486,23 +490,14 @@ static void agreement(void)
               stub_api_calls == before,
           "lra_nccl_check_agreement without an initialised reduction must return "
           "LRA_NCCL_ERR_INIT without calling CUDA or NCCL");
-    const struct {
-        const char *function;
-        int skip, code;
-        int32_t want;
-    } call_failures[] = {
-        {"cudaMemcpyAsync", 0, cudaErrorInvalidValue, LRA_NCCL_ERR_CUDA + cudaErrorInvalidValue},
-        {"ncclAllReduce", 0, ncclRemoteError, LRA_NCCL_ERR_NCCL + ncclRemoteError},
-        {"cudaMemcpyAsync", 1, cudaErrorLaunchFailure, LRA_NCCL_ERR_CUDA + cudaErrorLaunchFailure},
-    };
-    for (size_t i = 0; i < sizeof call_failures / sizeof call_failures[0]; i++) {
-        stub_fail_function = call_failures[i].function;
-        stub_fail_skip = call_failures[i].skip;
-        stub_fail_code = call_failures[i].code;
+    for (size_t i = 0; i < sizeof CALL_FAILURES / sizeof CALL_FAILURES[0]; i++) {
+        stub_fail_function = CALL_FAILURES[i].function;
+        stub_fail_skip = CALL_FAILURES[i].skip;
+        stub_fail_code = CALL_FAILURES[i].code;
         const int32_t rc = lra_nccl_check_agreement(h, &r);
-        CHECK(stub_fail_function == NULL && rc == call_failures[i].want && !r.timed_out,
+        CHECK(stub_fail_function == NULL && rc == CALL_FAILURES[i].want && !r.timed_out,
               "lra_nccl_check_agreement with %s failing -> %d, want %d",
-              call_failures[i].function, (int)rc, (int)call_failures[i].want);
+              CALL_FAILURES[i].function, (int)rc, (int)CALL_FAILURES[i].want);
     }
     stub_nccl_async_error = ncclSystemError;
     int32_t rc = lra_nccl_check_agreement(h, &r);
