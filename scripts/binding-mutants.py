@@ -320,7 +320,16 @@ def nccl_recipe(work, edited_file):
     return setup, steps
 
 
+def agreement_recipe(work, edited_file):
+    """Steps for lra_agreement.h, which both adapters' agreement checks use:
+    the MPI steps, then the NCCL ones."""
+    mpi_setup, mpi_steps = mpi_c_recipe(work, edited_file)
+    nccl_setup, nccl_steps = nccl_recipe(work, edited_file)
+    return mpi_setup + nccl_setup, mpi_steps + nccl_steps
+
+
 RECIPES = {
+    "include/lra_agreement.h": agreement_recipe,
     "bindings/cpp/lra.hpp": cpp_recipe,
     "bindings/cpp/lra_torch.hpp": cpp_recipe,
     "bindings/mpi/lra_mpi.h": mpi_c_recipe,
