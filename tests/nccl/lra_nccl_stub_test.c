@@ -71,11 +71,16 @@ static const struct {
     {"cudaMemcpyAsync", 1, cudaErrorLaunchFailure, LRA_NCCL_ERR_CUDA + cudaErrorLaunchFailure},
 };
 
-static lra_handle *make(int sharded)
+/* A handle re-evaluating every `every`-th step (0: every step). */
+static lra_handle *make_every(int sharded, uint32_t every)
 {
     lra_config cfg;
     lra_config_init(&cfg, LRA_OPTIMIZER_ADAM);
     cfg.lr = 0.01;
+    if (every) {
+        cfg.reeval_schedule = LRA_REEVAL_EVERY;
+        cfg.reeval_every = every;
+    }
     if (sharded) {
         cfg.sharding = LRA_SHARDING_SHARDED;
         cfg.loss_is_rank_local = 1;
@@ -84,6 +89,8 @@ static lra_handle *make(int sharded)
     CHECK(lra_create(&cfg, &h) == LRA_OK, "lra_create: %s", lra_thread_last_error());
     return h;
 }
+
+static lra_handle *make(int sharded) { return make_every(sharded, 0); }
 
 static void step(lra_handle *h, float *theta, float *grad, lra_reeval_info *info)
 {
@@ -476,9 +483,42 @@ static void agreement(void)
               "want %d", answers[i].peer, (int)rc, (int)answers[i].want);
     }
     lra_destroy(g);
+
+    /* Both with a step pending and the same counters and η, the step due
+       for re-evaluation on this rank and not on the peer's (every 2nd
+       step): the pending step's due flag alone tells them apart. */
+    lra_handle *due = make(1), *not_due = make_every(1, 2);
+    double peer_not_due[LRA_AGREEMENT_VALUES_];
+    for (int i = 0; i < 2; i++) {
+        lra_handle *x = i == 0 ? due : not_due;
+        CHECK(lra_set_reduction(x, lra_nccl_allreduce_sum, &r) == LRA_OK, "%s", lra_last_error(x));
+        float c[N], gc[N];
+        for (int k = 0; k < N; k++)
+            c[k] = (float)(0.1 * k);
+        step(x, c, gc, &info); /* step 0: due on both */
+        lra_tensor tc = {c, gc, N, LRA_DTYPE_F32, 0};
+        CHECK(lra_step(x, &tc, 1, loss_and_grad(c, gc), 0.0, NULL) == LRA_OK, "%s",
+              lra_last_error(x));
+        CHECK(lra_set_lr(x, lr) == LRA_OK, "lra_set_lr");
+    }
+    uint32_t due_flag[2];
+    CHECK(lra_should_reeval(due, &due_flag[0]) == LRA_OK &&
+              lra_should_reeval(not_due, &due_flag[1]) == LRA_OK && due_flag[0] == 1 &&
+              due_flag[1] == 0,
+          "step 1 pending: due %u on an every-step handle, %u on an every-2nd one",
+          due_flag[0], due_flag[1]);
+    agreement_values(not_due, &r, peer_not_due);
+    stub_peer_max = peer_not_due;
+    const int32_t rc_due = lra_nccl_check_agreement(due, &r);
+    stub_peer_max = NULL;
+    CHECK(rc_due == LRA_NCCL_DISAGREE,
+          "a pretend peer whose pending step is not due, this rank's due: -> %d, want %d",
+          (int)rc_due, LRA_NCCL_DISAGREE);
+    lra_destroy(due);
+    lra_destroy(not_due);
     printf("  lra_nccl_check_agreement: one ncclMax of 17 values -> 0; pretend peers: the same "
-           "state 0, η halved, a step behind or pending -> LRA_NCCL_DISAGREE, failed queries "
-           "-> LRA_NCCL_QUERY_FAILED\n");
+           "state 0, η halved, a step behind or pending, a pending step not due -> "
+           "LRA_NCCL_DISAGREE, failed queries -> LRA_NCCL_QUERY_FAILED\n");
 
     /* Failures: the sum's codes, values and counters of h untouched. */
     const double SAMPLES[3] = {1.5, -2.0, 0.25};
