@@ -297,15 +297,36 @@ MUTATIONS = {
 # callbacks and the lra.h callback type each one is passed as.
 MPI_MODULE = os.path.join(HERE, "lra_mpi.f90")
 MPI_CALLBACKS = {"lra_mpi_allreduce_sum": "lra_reduce_fn"}
-# lra_mpi.h, whose LRA_MPI_* answers lra_mpi.f90's parameters repeat.
+# lra_mpi.h, whose LRA_MPI_* answers lra_mpi.f90's parameters repeat, and
+# lra_agreement.h, where those answers' values are defined.
 MPI_HEADER = os.path.join(ROOT, "bindings", "mpi", "lra_mpi.h")
+AGREEMENT_HEADER = os.path.join(ROOT, "include", "lra_agreement.h")
+
+
+def integer_defines(*paths):
+    """The #defines of the headers at `paths` whose value is an integer in
+    parentheses, or (in turn) another such #define's name."""
+    text = ""
+    for path in paths:
+        with open(path) as f:
+            text += f.read()
+    values = dict(re.findall(r"^#define (LRA_\w+) \((-?\d+)\)$", text, flags=re.M))
+    aliases = dict(re.findall(r"^#define (LRA_\w+) (LRA_\w+)$", text, flags=re.M))
+    for name, target in aliases.items():
+        seen = {name}
+        while target in aliases and target not in seen:
+            seen.add(target)
+            target = aliases[target]
+        if target in values:
+            values[name] = values[target]
+    return values
 
 
 def mpi_constants(mpi_source):
     """[errors] unless lra_mpi.f90's LRA_MPI_* parameters are lra_mpi.h's
     #defines, name for name and value for value."""
-    with open(MPI_HEADER) as f:
-        c = dict(re.findall(r"^#define (LRA_MPI_\w+) \((-?\d+)\)$", f.read(), flags=re.M))
+    c = {name: value for name, value in integer_defines(MPI_HEADER, AGREEMENT_HEADER).items()
+         if name.startswith("LRA_MPI_")}
     fortran = dict(re.findall(r"^\s*integer\(c_int32_t\), parameter, public :: (LRA_MPI_\w+) = (-?\d+)\s*$",
                               mpi_source, flags=re.M))
     if not c:
