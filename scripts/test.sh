@@ -14,13 +14,18 @@ skip() { printf '\n!!!! SKIPPED: %s !!!!\n' "$*"; }
 # full one).
 log="${CARGO_TARGET_DIR:-target}/test-suite.log"
 mkdir -p "$(dirname "$log")"
-# Skips of single tests ("!!!! SKIPPED: <test>: <why>") are grouped by reason.
+# Skips of single tests ("!!!! SKIPPED: <test>: <why>") are grouped by
+# reason; tests that ran with a part left out ("!!!! PARTIAL: <test>:
+# <what>") are listed after them.
 tally() {
   local n
   n=$(grep -c '!!!! SKIPPED' "$log" || true)
   printf '\n==== %s skip lines%s ====\n' "$n" "$([ "$n" = 0 ] || echo ', by reason:')"
   grep -o '!!!! SKIPPED.*' "$log" | sed -E 's/^!!!! SKIPPED: [a-z0-9_]+: /!!!! SKIPPED: (test) /' \
     | sort | uniq -c | sort -rn || true
+  n=$(grep -c '!!!! PARTIAL' "$log" || true)
+  [ "$n" = 0 ] || { printf '==== %s partial lines (the test ran, this part did not) ====\n' "$n"
+    grep -o '!!!! PARTIAL.*' "$log" | sort | uniq -c | sort -rn || true; }
 }
 if [ -z "${LRA_TEST_LOGGED:-}" ]; then
   rc=0

@@ -12,6 +12,15 @@ pub fn skipped(test: &str, why: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
+/// Prints, past the capture as [`skipped`] does, that a test ran but left
+/// out part of what its name claims here (`what`: the part and why), so
+/// the suite's log and the skip tally show it.
+pub fn partial(test: &str, what: &str) {
+    use std::io::Write;
+    let line = format!("!!!! PARTIAL: {test}: {what}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
 /// The tests' deterministic generator: splitmix64, whose every seed (0
 /// included) gives a full-period stream.
 pub struct Rng(pub u64);
