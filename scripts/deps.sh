@@ -51,7 +51,7 @@ if ! scripts/find-ptxas.sh >/dev/null 2>&1; then
     || { echo "pip install nvidia-cuda-nvcc-cu12 failed (log: /tmp/lra-pip.log)"; status=1; }
 fi
 if ! python3 -c 'import tree_sitter, tree_sitter_julia' >/dev/null 2>&1; then
-  echo "installing the Julia syntax and ccall checkers from PyPI (tree-sitter, tree-sitter-julia)"
+  echo "installing the Julia syntax, ccall and name checkers from PyPI (tree-sitter, tree-sitter-julia)"
   python3 -m pip install -q "tree-sitter>=0.23" "tree-sitter-julia>=0.23" >/tmp/lra-pip-ts.log 2>&1 \
     || { echo "pip install tree-sitter tree-sitter-julia failed (log: /tmp/lra-pip-ts.log)"; status=1; }
 fi

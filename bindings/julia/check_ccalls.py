@@ -16,7 +16,8 @@ include/lra.h; this checks what the calls pass:
   [preserve] a ccall passing raw pointers into Julia arrays (`lra_tensor *`,
              `float *`) sits inside `GC.@preserve`. Which arrays it
              preserves is not checked.
-Not checked: names resolving (a misspelled function or variable parses).
+Not checked here: names resolving (a misspelled function or variable
+parses; check_names.py resolves them).
 
     python3 bindings/julia/check_ccalls.py [--self-test]
 

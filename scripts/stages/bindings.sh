@@ -2,9 +2,10 @@
 # Stage "bindings": proves each language binding with a real program.
 #  1. static ABI check of the Julia and Python bindings against include/lra.h
 #     (with a self-test that injected drift is caught), and a syntax check of
-#     the Julia files and a check of the values each Julia ccall passes (both
-#     tree-sitter-julia, the latter with a self-test; Julia itself cannot be
-#     installed here);
+#     the Julia files, a check of the values each Julia ccall passes and a
+#     check that every name the Julia files use resolves (all three
+#     tree-sitter-julia, the last two with a self-test; Julia itself cannot
+#     be installed here);
 #  2. scripts/install.sh into a temporary PREFIX (lib, headers, CMake config, lra.pc;
 #     libraries stripped of debug info; the manifest), and its --uninstall;
 #  3. plain C flat-buffer example built through pkg-config (shared and static), run;
@@ -52,6 +53,8 @@ say "Julia syntax (tree-sitter-julia: the binding cannot run here)"
 julia_tree_sitter_check "the Julia syntax check" bindings/julia/check_syntax.py
 say "Julia ccall values: arguments by C parameter name, out-parameters as Ref variables, GC.@preserve"
 julia_tree_sitter_check "the Julia ccall value check" bindings/julia/check_ccalls.py --self-test
+say "Julia names: every name used is bound in its file, imported, or a listed Julia name"
+julia_tree_sitter_check "the Julia name check" bindings/julia/check_names.py --self-test
 
 say "install into a temporary prefix"
 prefix="$work/prefix"
