@@ -8,7 +8,8 @@ BASE (in a git worktree under target/ab/) and of the working tree, runs
 them in turn N times (the order swapping every run, as machine noise
 drifts), and prints per configuration the median ns per parameter of each
 build and their ratio (new / base; below 1 is faster), for the plain
-optimizer, lra (guard off) and lra+g (guard on).
+optimizer, lra (guard off) and lra+g (guard on), and how far each build's
+runs spread ("noise": a ratio within it may be chance).
 
     python3 scripts/kernel_cost_ab.py BASE [--runs N] [-- KERNEL_COST_ARGS...]
     python3 scripts/kernel_cost_ab.py 5ed6709 --runs 3 -- --sizes 1M,16M --opt sgd,adam --dtype bf16 --no-torch
@@ -54,9 +55,12 @@ def compare(base_runs, new_runs):
     med = lambda runs, k, c: statistics.median(r[k][c] for r in runs)
     lines = [
         f"{'optimizer':9} {'dtype':5} {'n':>6} {'tens':>4} {'thr':>3} | "
-        f"{'lra base':>8} {'lra new':>8} {'new/base':>8} | {'plain n/b':>9} {'lra+g n/b':>9}",
+        f"{'lra base':>8} {'lra new':>8} {'new/base':>8} | {'plain n/b':>9} {'lra+g n/b':>9} | {'noise':>5}",
     ]
     ratios = {c: [] for c in COLUMNS}
+    # How far one build's runs of lra spread (slowest / fastest - 1, the
+    # larger of the two builds'): a ratio inside it may be noise.
+    spread = lambda runs, k: max(r[k]["lra"] for r in runs) / min(r[k]["lra"] for r in runs) - 1
     for k in keys:
         r = {c: med(new_runs, k, c) / med(base_runs, k, c) for c in COLUMNS}
         for c in COLUMNS:
@@ -64,7 +68,7 @@ def compare(base_runs, new_runs):
         lines.append(
             f"{k[0]:9} {k[1]:5} {k[2]:>6} {k[3]:>4} {k[4]:>3} | "
             f"{med(base_runs, k, 'lra'):8.3f} {med(new_runs, k, 'lra'):8.3f} {r['lra']:8.3f} | "
-            f"{r['plain']:9.3f} {r['lrag']:9.3f}"
+            f"{r['plain']:9.3f} {r['lrag']:9.3f} | {max(spread(base_runs, k), spread(new_runs, k)):5.0%}"
         )
     summary = {
         c: (statistics.median(v), min(v), max(v)) for c, v in ratios.items() if v
@@ -145,7 +149,7 @@ def self_test():
     assert base[0][("sgd", "bf16", "1Mi", "1", "1")] == {"plain": 0.343, "lra": 0.400, "lrag": 0.567}
     lines, summary, missing = compare(base, new)
     # medians 0.450 and 0.600: 1.333; the other row is equal in both
-    assert "   1.333 |" in lines[1], lines[1]
+    assert "   1.333 |" in lines[1] and lines[1].endswith(" 67%"), lines[1]
     assert abs(summary["lra"][2] - 0.6 / 0.45) < 1e-12 and summary["lra"][1] == 1.0, summary
     new[1].pop(("adam", "f32", "64Mi", "200", "2"))
     lines, summary, missing = compare(base, new)
