@@ -60,6 +60,17 @@ def parser():
     return tree_sitter.Parser(tree_sitter.Language(tree_sitter_julia.language()))
 
 
+def parser_or_say_why(tool):
+    """The parser, or None after printing why not (tree_sitter or
+    tree_sitter_julia missing: the caller exits 2, and the suite skips
+    loudly)."""
+    try:
+        return parser()
+    except ImportError as e:
+        print(f"{tool}: {e}", file=sys.stderr)
+        return None
+
+
 def walk(node):
     stack = [node]
     while stack:
@@ -229,10 +240,8 @@ def self_test(ts, header, text):
 
 
 def main(argv):
-    try:
-        ts = parser()
-    except ImportError as e:
-        print(f"check_ccalls: {e}", file=sys.stderr)
+    ts = parser_or_say_why("check_ccalls")
+    if ts is None:
         return 2
     with open(check_abi.HEADER) as f:
         header = check_abi.Header(f.read())

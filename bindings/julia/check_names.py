@@ -36,7 +36,7 @@ Exit 0: every name resolves; 1: a problem (or a missed self-test mutation);
 import os
 import sys
 
-from check_ccalls import HERE, OTHER_FILES, SOURCE, Source, ancestors, parser, walk
+from check_ccalls import HERE, OTHER_FILES, SOURCE, Source, ancestors, parser_or_say_why, walk
 
 FILES = [SOURCE] + OTHER_FILES
 
@@ -551,10 +551,8 @@ def self_test(ts, texts):
 
 
 def main(argv):
-    try:
-        ts = parser()
-    except ImportError as e:
-        print(f"check_names: {e}", file=sys.stderr)
+    ts = parser_or_say_why("check_names")
+    if ts is None:
         return 2
     texts = {}
     for name in FILES:

@@ -9,30 +9,24 @@ stray token). Exit 0: every file parses; 1: an ERROR or MISSING node;
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FILES = ["src/LRA.jl", "ext/LRACUDAExt.jl", "test/runtests.jl"]
+from check_ccalls import HERE, OTHER_FILES, SOURCE, parser_or_say_why, walk
+
+FILES = [SOURCE] + OTHER_FILES
 
 
 def main():
-    try:
-        import tree_sitter
-        import tree_sitter_julia
-    except ImportError as e:
-        print(f"check_syntax: {e}", file=sys.stderr)
+    parser = parser_or_say_why("check_syntax")
+    if parser is None:
         return 2
-    parser = tree_sitter.Parser(tree_sitter.Language(tree_sitter_julia.language()))
     bad = 0
     for rel in FILES:
         src = open(os.path.join(HERE, rel), "rb").read()
-        stack = [parser.parse(src).root_node]
-        while stack:
-            n = stack.pop()
+        for n in walk(parser.parse(src).root_node):
             if n.type == "ERROR" or n.is_missing:
                 bad += 1
                 line, col = n.start_point
                 print(f"bindings/julia/{rel}:{line + 1}:{col + 1}: syntax error near "
                       f"{src[n.start_byte:n.end_byte][:60]!r}", file=sys.stderr)
-            stack.extend(n.children)
     if bad == 0:
         print(f"check_syntax: {len(FILES)} Julia files parse")
     return 1 if bad else 0
