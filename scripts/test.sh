@@ -38,6 +38,13 @@ fi
 say "dependencies"
 scripts/deps.sh || skip "some dependencies could not be installed (see above); their stages print why they skip"
 
+say "documentation: paths, test names, variables and cargo targets the Markdown names exist"
+if command -v python3 >/dev/null 2>&1; then
+  python3 scripts/check_docs.py --self-test
+else
+  skip "python3 not found: scripts/check_docs.py (stale references in the docs) did not run"
+fi
+
 say "format, lints and API documentation"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
