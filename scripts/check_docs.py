@@ -190,17 +190,22 @@ class Repo:
         self.cuda_tests = self.count_tests("tests/cuda.rs")
         self.fake_skips = self._fake_skips()
 
-    def _ignored_top(self):
-        names = set()
+    def _line_matches(self, path, pattern):
+        """Group 1 of `pattern` on each line of the repository's `path`
+        that it matches (none when the file cannot be read)."""
+        found = set()
         try:
-            with open(os.path.join(self.root, ".gitignore")) as f:
+            with open(os.path.join(self.root, path)) as f:
                 for line in f:
-                    m = re.match(r"^/([^/*\s]+)/?\s*$", line)
+                    m = re.match(pattern, line)
                     if m:
-                        names.add(m.group(1))
+                        found.add(m.group(1))
         except OSError:
             pass
-        return names
+        return found
+
+    def _ignored_top(self):
+        return self._line_matches(".gitignore", r"^/([^/*\s]+)/?\s*$")
 
     def _files(self):
         try:
@@ -236,16 +241,7 @@ class Repo:
         return names
 
     def _installed(self):
-        dests = set()
-        try:
-            with open(os.path.join(self.root, "scripts/install.sh")) as f:
-                for line in f:
-                    m = re.match(r"^\s*put\s+\d+\s+\S+\s+([^\s$\"']+)\s*$", line)
-                    if m:
-                        dests.add(m.group(1))
-        except OSError:
-            pass
-        return dests
+        return self._line_matches("scripts/install.sh", r"^\s*put\s+\d+\s+\S+\s+([^\s$\"']+)\s*$")
 
     def _packages(self):
         """{package name: {"dir", "test", "example", "bench"}} of the workspace."""
