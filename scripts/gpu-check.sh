@@ -39,7 +39,14 @@
 #    torch/lib, ldconfig, /usr/local/cuda*), under a 60 s timeout; the
 #    summary says PASS, FAIL, SKIPPED (no libnccl.so.2 here, or no test
 #    binary) or STOPPED (the run's time budget ran out).
-# 5. compute-sanitizer, when the machine has one (PATH, /usr/local/cuda*):
+# 5. lra_torch.hpp's CUDA path (bindings/cpp/tests/test_lra_torch.cpp with
+#    LRA_TORCH_CUDA), compiled here against python3's torch (LibTorch with
+#    libtorch_cuda; a C++ compiler needed) by scripts/torch-cuda-adapter.sh
+#    --python, and run: CUDA parameters of 7 optimizers x 3 dtypes stepped
+#    on a pool stream bit for bit as on the host, without waiting for the
+#    device, found_inf, checkpoints across devices. CUDA 13 torch wheels
+#    may lack crt/host_defines.h: --prepare brings a copy (cuda-crt/).
+# 6. compute-sanitizer, when the machine has one (PATH, /usr/local/cuda*):
 #    memcheck over every test of step 1 (failed driver calls not counted:
 #    the tests check those), racecheck and synccheck over the
 #    kernel-vs-CPU test. Their logs go to $LRA_GPU_CHECK_LOGS (default
@@ -267,6 +274,11 @@ if [ "${1:-}" = "--prepare" ]; then
     *) echo "!!!! NOT BUILT: $out/nccl/lra_nccl_gpu_test failed to compile (see above);" \
       "the GPU run will skip it !!!!" ;;
   esac
+  if bash scripts/torch-cuda-adapter.sh --crt "$out/cuda-crt"; then
+    echo "copied CUDA 13.2's crt/ headers into $out/cuda-crt (for step 5, where the GPU machine lacks them)"
+  else
+    echo "!!!! NOT COPIED: $out/cuda-crt (above); step 5 needs crt/ headers of the GPU machine's own !!!!"
+  fi
   rm -rf "$out/baseline"
   if [ -n "$baseline" ]; then
     src=target/gpu-check-baseline-src
@@ -438,6 +450,19 @@ case $nccl_result in
   FAIL*) failed=1 ;;
   STOPPED*) incomplete=1 ;;
 esac
+
+echo "==== LibTorch adapter on CUDA (test_lra_torch with LRA_TORCH_CUDA)"
+if [ -z "$py" ]; then
+  note "test_lra_torch (LRA_TORCH_CUDA): SKIPPED (no python3 with torch)"
+  incomplete=1
+elif ! command -v c++ >/dev/null 2>&1; then
+  echo "!!!! SKIPPED: test_lra_torch: no C++ compiler (c++) on this machine !!!!"
+  note "test_lra_torch (LRA_TORCH_CUDA): SKIPPED (no c++)"
+else
+  run_step "test_lra_torch (LRA_TORCH_CUDA)" 150 env LRA_TORCH_PYTHON="$py" \
+    LRA_TORCH_CRT_DIR="$out/cuda-crt" bash scripts/torch-cuda-adapter.sh --python \
+    "$out/liblra.so" include bindings/cpp
+fi
 
 # compute-sanitizer NAME SECONDS SANITIZER-OPTION... -- [TEST FILTER]: one
 # tool over the test binary, its log in $logs/NAME.log; prints the log's

@@ -12,7 +12,10 @@
 #  4. C++ binding tests built through find_package(lra) (+ the LibTorch adapter test),
 #     the reduction-lifetime test under valgrind;
 #  5. LibTorch digits MLP through find_package(lra COMPONENTS torch): Adam from
-#     lr 1e-4 and from lr 1.0 must each reach >= 90% training accuracy;
+#     lr 1e-4 and from lr 1.0 must each reach >= 90% training accuracy; the
+#     LibTorch adapter test again with LRA_TORCH_CUDA, against the CUDA build
+#     of LibTorch in PyPI's torch wheel (scripts/torch-cuda-adapter.sh: its
+#     CUDA checks need a GPU and say so);
 #  6. Python ctypes binding tests, training a torch model with Debian's python3;
 #  7. a CPU dry run of scripts/gpu_check.py's code paths (the GPU script must
 #     not first break on a lent GPU).
@@ -221,6 +224,15 @@ if have cmake && have c++; then
   else
     skip "LibTorch (TorchConfig.cmake) not found: the LibTorch digits trainer did not run (install libtorch-dev)"
   fi
+
+  say "lra_torch.hpp with LRA_TORCH_CUDA, against the CUDA build of LibTorch in PyPI's torch wheel"
+  rc=0
+  bash scripts/torch-cuda-adapter.sh --wheel "$prefix/lib/liblra.so" "$prefix/include" || rc=$?
+  case $rc in
+    0) ;;
+    2) skip "PyPI's torch wheel could not be downloaded (above): lra_torch.hpp's CUDA path (LRA_TORCH_CUDA) was not compiled, nor its tests run against a current LibTorch" ;;
+    *) exit 1 ;;
+  esac
 else
   skip "cmake or a C++ compiler not found: C++ tests and the LibTorch trainer did not run"
 fi

@@ -5,18 +5,27 @@
 // undefined, inference or non-dense parameters, losses that are not one element) or be handled (lazily
 // negated or ZeroTensor gradients), zero_grad on gradients that are views,
 // messages that name parameters by their position in the caller's list, and
-// checkpoints that check shapes and memory layout.
+// checkpoints that check shapes and memory layout. Built with LRA_TORCH_CUDA
+// (a CUDA build of LibTorch), it also steps CUDA parameters against the same
+// steps on the CPU, or says loudly that it could not (no device).
 #include <lra_torch.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
 #include "expect.hpp"
+
+#ifdef LRA_TORCH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 // The format-2 form (no dtypes: an older lra_torch.hpp's) of a format-3
 // TorchOptimizer checkpoint, laid out as lra_torch.hpp's comment says.
@@ -62,6 +71,149 @@ static_assert(!std::is_copy_constructible<lra::TorchOptimizer>::value,
               "TorchOptimizer is move-only");
 static_assert(std::is_nothrow_move_constructible<lra::TorchOptimizer>::value,
               "TorchOptimizer moves");
+
+// a and b hold the same bits (same dtype and shape; on any device).
+bool same_bits(const torch::Tensor& a, const torch::Tensor& b) {
+  const auto bits = [](const torch::Tensor& t) {
+    const auto c = t.detach().to(torch::kCPU).contiguous();
+    return c.view(c.element_size() == 4 ? torch::kInt32 : torch::kInt16);
+  };
+  return a.scalar_type() == b.scalar_type() && a.sizes() == b.sizes() &&
+         torch::equal(bits(a), bits(b));
+}
+
+// Steps three parameters (one channels_last with contiguous gradients, which
+// both optimizers copy into its memory order) on `device` and on the host
+// with the same gradients, 4 steps of every optimizer and dtype: they must
+// end with the same bits, phi within 1e-6 and the same decisions, and each
+// checkpoint must load into the other optimizer. On CUDA the steps run on a
+// pool stream made current (it does not synchronise with the legacy
+// default stream), kept busy before the gradients are written there: a step
+// queued on another stream, or ahead of its turn, would read zeros, and one
+// that waited for the device would find the stream idle when it returned.
+// On the host (every build) this checks the comparison itself.
+void matches_the_host_on(const torch::Device device) {
+#ifdef LRA_TORCH_CUDA
+  std::optional<c10::cuda::CUDAStream> side;
+  std::optional<c10::cuda::CUDAStreamGuard> on_side;
+  if (device.is_cuda()) {
+    side = c10::cuda::getStreamFromPool(false, device.index());
+    on_side.emplace(*side);
+    EXPECT(c10::cuda::getCurrentCUDAStream(device.index()) == *side);
+  }
+#endif
+  const std::vector<std::vector<std::int64_t>> shapes = {{3, 5, 7, 9}, {1000}, {33, 17}};
+  int compared = 0;
+  for (const auto opt : {lra::Optimizer::SGD, lra::Optimizer::Momentum, lra::Optimizer::Nesterov,
+                         lra::Optimizer::Adagrad, lra::Optimizer::RMSprop, lra::Optimizer::Adam,
+                         lra::Optimizer::AdamW}) {
+    for (const auto dtype : {torch::kFloat, torch::kHalf, torch::kBFloat16}) {
+      torch::manual_seed(7);
+      std::vector<torch::Tensor> host, there;
+      for (const auto& shape : shapes) {
+        auto p = torch::randn(shape).to(dtype);
+        if (shape.size() == 4) p = p.contiguous(at::MemoryFormat::ChannelsLast);
+        host.push_back(p.clone().requires_grad_());
+        there.push_back(p.to(device).requires_grad_());
+      }
+      EXPECT(there[0].is_contiguous(at::MemoryFormat::ChannelsLast));
+      auto cfg = lra::config(opt, 0.01);
+      cfg.num_threads = 1;
+      lra::TorchOptimizer on_host(host, cfg), on_device(there, cfg);
+      for (int step = 0; step < 4; ++step) {
+        std::vector<torch::Tensor> ready;  // this step's gradients, already on `device`
+        for (std::size_t i = 0; i < shapes.size(); ++i) {
+          const auto g = torch::randn(shapes[i]).to(dtype);
+          host[i].mutable_grad() = g;
+          ready.push_back(g.to(device));
+        }
+        if (device.is_cuda()) {
+          const auto busy = torch::randn({4096, 4096}, torch::TensorOptions().device(device));
+          for (int k = 0; k < 8; ++k) (void)torch::mm(busy, busy);  // about 20 ms on an H200
+        }
+        for (std::size_t i = 0; i < shapes.size(); ++i)
+          there[i].mutable_grad() = torch::zeros_like(ready[i]).copy_(ready[i]);
+        const double loss = 2.0 + step;
+        on_host.step(loss);
+        on_device.step(loss);
+#ifdef LRA_TORCH_CUDA
+        if (side && step > 0) EXPECT(!side->query());  // (the first step allocates the state)
+#endif
+        const double phi = on_host.handle().last_phi(), phi_there = on_device.handle().last_phi();
+        EXPECT(std::abs(phi_there - phi) <= 1e-6 * std::abs(phi));
+        // rho = 2, 0.5, 1, 2 (raise, lower, keep, raise): far from the thresholds.
+        const double rho[] = {2.0, 0.5, 1.0, 2.0};
+        const auto a = on_host.report_reeval(loss - rho[step] * phi / 2);
+        const auto b = on_device.report_reeval(loss - rho[step] * phi / 2);
+        EXPECT(a.decision == b.decision && a.lr == b.lr);
+      }
+      for (std::size_t i = 0; i < shapes.size(); ++i) {
+        if (!same_bits(there[i], host[i])) {
+          std::fprintf(stderr, "test_lra_torch: %s, optimizer %d, %s: parameter %zu differs from "
+                               "the host's\n",
+                       device.str().c_str(), static_cast<int>(opt), c10::toString(dtype), i);
+          std::exit(1);
+        }
+      }
+      EXPECT(there[0].is_contiguous(at::MemoryFormat::ChannelsLast));
+      std::vector<torch::Tensor> copies;
+      for (const auto& p : there) copies.push_back(p.detach().cpu().requires_grad_());
+      lra::TorchOptimizer resumed(copies, cfg);
+      resumed.load_state(on_device.save_state());
+      EXPECT(resumed.lr() == on_device.lr());
+      on_device.load_state(on_host.save_state());
+      EXPECT(on_device.handle().counters().steps == 4);
+      ++compared;
+    }
+  }
+  EXPECT(compared == 21);
+}
+
+// A found_inf flag on `device`: set, the step changes nothing; clear, it
+// steps. On CUDA the flag is read there, without a host sync; a flag on the
+// host is refused.
+void found_inf_on(const torch::Device device) {
+  const auto on = torch::TensorOptions().device(device);
+  auto p = torch::ones({256}, on).requires_grad_();
+  lra::TorchOptimizer o({p}, lra::config(lra::Optimizer::Adam, 0.1));
+  p.mutable_grad() = torch::ones_like(p);
+  const auto before = p.detach().clone();
+  o.step(torch::tensor(1.0), torch::ones({1}, on));
+  EXPECT(same_bits(p, before));
+  const auto counters = o.handle().counters();
+  EXPECT(counters.steps == 1 && counters.skipped == 1 && counters.applied == 0);
+  o.step(torch::tensor(1.0), torch::zeros({1}, on));
+  EXPECT(!same_bits(p, before));
+  EXPECT(o.handle().counters().applied == 1);
+  if (device.is_cuda())
+    EXPECT(error_of([&] { o.step(torch::tensor(1.0), torch::zeros({1})); })
+               .find("found_inf must be one float32 element on the parameters' device") !=
+           std::string::npos);
+}
+
+#ifdef LRA_TORCH_CUDA
+// CUDA parameters (LRA_TORCH_CUDA): the checks above on device 0. Without
+// a device this prints a SKIPPED line, or fails when LRA_REQUIRE_GPU is set
+// (scripts/gpu-check.sh sets it).
+void cuda_checks() {
+  if (!torch::cuda::is_available()) {
+    if (std::getenv("LRA_REQUIRE_GPU") != nullptr) {
+      std::fprintf(stderr, "test_lra_torch: LRA_REQUIRE_GPU is set, but LibTorch sees no CUDA "
+                           "device (is libtorch_cuda linked?)\n");
+      std::exit(1);
+    }
+    std::puts("\n!!!! SKIPPED: test_lra_torch: LibTorch sees no CUDA device: the CUDA "
+              "parameter checks (LRA_TORCH_CUDA) did not run !!!!");
+    return;
+  }
+  const torch::Device cuda(torch::kCUDA, 0);
+  matches_the_host_on(cuda);
+  found_inf_on(cuda);
+  std::puts("test_lra_torch: CUDA parameters: 7 optimizers x 3 dtypes bit-identical to the host, "
+            "on a pool stream, without waiting for the device; found_inf on the device; "
+            "checkpoints across devices");
+}
+#endif
 
 int main() {
   torch::manual_seed(0);
@@ -616,9 +768,13 @@ int main() {
     EXPECT(message.find("modified by an inplace operation") != std::string::npos);
   }
 
-  // CUDA parameters: rejected with a clear message when this build has no
-  // CUDA support in lra_torch.hpp (CPU-only LibTorch cannot make them).
-#ifndef LRA_TORCH_CUDA
+  // CUDA parameters: without LRA_TORCH_CUDA (CPU-only LibTorch cannot make
+  // them) lra_torch.hpp rejects them with a clear message.
+  matches_the_host_on(torch::kCPU);
+  found_inf_on(torch::kCPU);
+#ifdef LRA_TORCH_CUDA
+  cuda_checks();
+#else
   std::puts("test_lra_torch: LRA_TORCH_CUDA is off (CPU-only LibTorch); CUDA path not compiled");
 #endif
   // A size-1 dimension's stride is not part of the memory order: new data
