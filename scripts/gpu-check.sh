@@ -458,6 +458,7 @@ if [ -z "$py" ]; then
 elif ! command -v c++ >/dev/null 2>&1; then
   echo "!!!! SKIPPED: test_lra_torch: no C++ compiler (c++) on this machine !!!!"
   note "test_lra_torch (LRA_TORCH_CUDA): SKIPPED (no c++)"
+  incomplete=1
 else
   run_step "test_lra_torch (LRA_TORCH_CUDA)" 150 env LRA_TORCH_PYTHON="$py" \
     LRA_TORCH_CRT_DIR="$out/cuda-crt" bash scripts/torch-cuda-adapter.sh --python \

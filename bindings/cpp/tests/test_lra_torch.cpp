@@ -89,8 +89,9 @@ bool same_bits(const torch::Tensor& a, const torch::Tensor& b) {
 // checkpoint must load into the other optimizer. On CUDA the steps run on a
 // pool stream made current (it does not synchronise with the legacy
 // default stream), kept busy before the gradients are written there: a step
-// queued on another stream, or ahead of its turn, would read zeros, and one
-// that waited for the device would find the stream idle when it returned.
+// queued on another stream, or ahead of its turn, would read the memory
+// before they land, and one that waited for the device would find the stream
+// idle when it returned.
 // On the host (every build) this checks the comparison itself.
 void matches_the_host_on(const torch::Device device) {
 #ifdef LRA_TORCH_CUDA
