@@ -9,7 +9,7 @@ use crate::config::{Config, Device, ReevalSchedule};
 use crate::controller::{self, Decision, ReevalResult, ScaleRule, SkipReason, StepOutcome};
 use crate::error::{Error, Result, Status};
 use crate::fail;
-use crate::optim::{BiasPowers, DType, Hyper};
+use crate::optim::{BiasPowers, DType};
 use std::ffi::c_void;
 
 /// The registered cross-rank sum.
@@ -87,7 +87,8 @@ pub struct Engine {
 }
 
 const CKPT_MAGIC: &[u8; 8] = b"LRACKPT\0";
-const CKPT_VERSION: u32 = 1;
+/// 2: hyper-parameters the optimizer does not read are written as +0.
+const CKPT_VERSION: u32 = 2;
 
 impl Engine {
     pub fn new(cfg: Config) -> Result<Engine> {
@@ -426,8 +427,7 @@ impl Engine {
         w.extend_from_slice(CKPT_MAGIC);
         put_u32(&mut w, CKPT_VERSION);
         put_u32(&mut w, self.cfg.kind as u32);
-        let h = &self.cfg.hyper;
-        for x in h.to_array() {
+        for x in self.cfg.hyper.checkpoint_array(self.cfg.kind) {
             put_f64(&mut w, x);
         }
         w
@@ -609,21 +609,12 @@ impl Engine {
                 self.cfg.kind.name()
             )));
         }
-        // Stored are all six in a fixed order; compared bit for bit (−0 and
-        // 0 can give different bits) only those this optimizer reads.
-        let mut theirs = [0.0; 6];
-        for v in &mut theirs {
+        let mut saved = [0.0; 6];
+        for v in &mut saved {
             *v = r.f64()?;
         }
-        let saved = Hyper::from_array(theirs);
-        let kind = self.cfg.kind;
-        for ((name, mine), (_, theirs)) in self.cfg.hyper.read_by(kind).zip(saved.read_by(kind)) {
-            if theirs.to_bits() != mine.to_bits() {
-                return Err(bad(format!(
-                    "checkpoint has {name} = {theirs:?}, this handle {mine:?} ({} reads {name})",
-                    kind.name()
-                )));
-            }
+        if let Some(why) = self.cfg.hyper.checkpoint_mismatch(self.cfg.kind, saved) {
+            return Err(bad(why));
         }
         let n = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
         if n > body.len() / 12 {

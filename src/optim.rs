@@ -246,10 +246,9 @@ pub struct Hyper {
 }
 
 impl Hyper {
-    /// The hyper-parameters `kind`'s math reads (`StepScalars::new`,
-    /// `direction`), by their `lra_config` names. Checkpoints match these
-    /// and only these: the others cannot change a step.
-    pub fn read_by(&self, kind: OptimizerKind) -> impl Iterator<Item = (&'static str, f64)> {
+    /// All six by their `lra_config` names in checkpoint order, each with
+    /// whether `kind`'s math (`StepScalars::new`, `direction`) reads it.
+    fn fields(&self, kind: OptimizerKind) -> [(&'static str, f64, bool); 6] {
         use OptimizerKind::*;
         let momentum = matches!(kind, Momentum | Nesterov);
         let adam = matches!(kind, Adam | AdamW);
@@ -261,34 +260,47 @@ impl Hyper {
             ("eps", self.eps, matches!(kind, Adagrad | Rmsprop) || adam),
             ("weight_decay", self.weight_decay, true),
         ]
-        .into_iter()
-        .filter(|&(_, _, read)| read)
-        .map(|(name, value, _)| (name, value))
     }
 
-    /// The six values in checkpoint order.
-    pub fn to_array(&self) -> [f64; 6] {
-        [
-            self.momentum,
-            self.alpha,
-            self.beta1,
-            self.beta2,
-            self.eps,
-            self.weight_decay,
-        ]
+    /// The hyper-parameters `kind`'s math reads. Checkpoints match these
+    /// and only these: the others cannot change a step.
+    pub fn read_by(&self, kind: OptimizerKind) -> impl Iterator<Item = (&'static str, f64)> {
+        self.fields(kind)
+            .into_iter()
+            .filter(|&(_, _, read)| read)
+            .map(|(name, value, _)| (name, value))
     }
 
-    /// The inverse of [`Hyper::to_array`].
-    pub fn from_array(a: [f64; 6]) -> Hyper {
-        let [momentum, alpha, beta1, beta2, eps, weight_decay] = a;
-        Hyper {
-            momentum,
-            alpha,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        }
+    /// The six values in checkpoint order, those `kind` does not read as
+    /// +0: handles that differ only there write the same checkpoint, and a
+    /// checkpoint loaded into either saves back to its own bytes.
+    pub fn checkpoint_array(&self, kind: OptimizerKind) -> [f64; 6] {
+        self.fields(kind)
+            .map(|(_, value, read)| if read { value } else { 0.0 })
+    }
+
+    /// Compares a checkpoint's six values (checkpoint order) with these:
+    /// those `kind` reads bit for bit (−0 and 0 can give different bits),
+    /// the others must be the +0 lra writes. Says what differs.
+    pub fn checkpoint_mismatch(&self, kind: OptimizerKind, saved: [f64; 6]) -> Option<String> {
+        self.fields(kind)
+            .into_iter()
+            .zip(saved)
+            .find_map(|((name, mine, read), theirs)| {
+                if read && theirs.to_bits() != mine.to_bits() {
+                    Some(format!(
+                        "checkpoint has {name} = {theirs:?}, this handle {mine:?} ({} reads {name})",
+                        kind.name()
+                    ))
+                } else if !read && theirs.to_bits() != 0 {
+                    Some(format!(
+                        "checkpoint has {name} = {theirs:?}, which {} does not read (lra writes 0 there)",
+                        kind.name()
+                    ))
+                } else {
+                    None
+                }
+            })
     }
 
     /// PyTorch's defaults, except β = 0.5 for Momentum/Nesterov and

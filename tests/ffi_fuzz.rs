@@ -408,15 +408,22 @@ fn clamp_lr(c: &lra_config, lr: f64) -> f64 {
     lr.max(lo).min(hi)
 }
 
-/// What a checkpoint must match to load: optimizer and hyper-parameters.
+/// What a checkpoint must match to load: the optimizer and the
+/// hyper-parameters it reads (README, `lra_load_state`); the others are
+/// written as 0, so they are 0 in the key too.
 fn config_key(c: &lra_config) -> [u64; 7] {
+    let o = c.optimizer;
+    let momentum = o == LRA_OPTIMIZER_MOMENTUM || o == LRA_OPTIMIZER_NESTEROV;
+    let adam = o == LRA_OPTIMIZER_ADAM || o == LRA_OPTIMIZER_ADAMW;
+    let eps = adam || o == LRA_OPTIMIZER_ADAGRAD || o == LRA_OPTIMIZER_RMSPROP;
+    let read = |v: f64, read: bool| if read { v.to_bits() } else { 0 };
     [
-        c.optimizer as u64,
-        c.momentum.to_bits(),
-        c.alpha.to_bits(),
-        c.beta1.to_bits(),
-        c.beta2.to_bits(),
-        c.eps.to_bits(),
+        o as u64,
+        read(c.momentum, momentum),
+        read(c.alpha, o == LRA_OPTIMIZER_RMSPROP),
+        read(c.beta1, adam),
+        read(c.beta2, adam),
+        read(c.eps, eps),
         c.weight_decay.to_bits(),
     ]
 }

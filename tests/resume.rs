@@ -674,8 +674,10 @@ fn changed_adaptation_settings_apply_from_the_restart() {
 /// README: a load compares, bit for bit, the hyper-parameters the optimizer
 /// reads, and only those. Each optimizer's handle loads a checkpoint saved
 /// with another value of every field it does not read, and then continues
-/// with the bits of the uninterrupted run (so the field really is unread);
-/// a field it reads is refused by name and changes nothing.
+/// with the bits of the uninterrupted run (so the field really is unread)
+/// and saves back to the very bytes it loaded (an unread field is written
+/// as +0, and a checkpoint with anything else there is refused); a field it
+/// reads is refused by name and changes nothing.
 #[test]
 fn a_load_compares_exactly_the_hyper_parameters_the_optimizer_reads() {
     type Field = (&'static str, fn(&mut lra_config));
@@ -707,7 +709,7 @@ fn a_load_compares_exactly_the_hyper_parameters_the_optimizer_reads() {
     };
     for opt in LRA_OPTIMIZER_SGD..=LRA_OPTIMIZER_ADAMW {
         let saved_cfg = config(opt, 0.05);
-        for (name, change) in fields {
+        for (index, (name, change)) in fields.into_iter().enumerate() {
             let mut cfg = saved_cfg;
             change(&mut cfg);
             let saver = Handle::new(&saved_cfg);
@@ -734,6 +736,20 @@ fn a_load_compares_exactly_the_hyper_parameters_the_optimizer_reads() {
                 LRA_OK,
                 "optimizer {opt} does not read {name}: {}",
                 thread_error()
+            );
+            assert_eq!(resumed.checkpoint(), ckpt, "optimizer {opt}, {name}");
+            // After magic, version and optimizer, the six in `fields` order.
+            let at = 16 + 8 * index;
+            assert_eq!(ckpt[at..at + 8], [0; 8], "optimizer {opt} wrote {name}");
+            let mut forged = ckpt.clone();
+            forged[at..at + 8].copy_from_slice(&0.9f64.to_le_bytes());
+            support::reseal(&mut forged);
+            let fresh = Handle::new(&cfg);
+            assert_eq!(fresh.load(&forged), LRA_BAD_CHECKPOINT, "{opt} {name}");
+            let msg = thread_error();
+            assert!(
+                msg.contains(name) && msg.contains("does not read"),
+                "optimizer {opt}, {name}: '{msg}'"
             );
             run(&saver, &mut p, 3..7);
             run(&resumed, &mut q, 3..7);
