@@ -49,13 +49,26 @@ def on_cpu(factory):
     return make
 
 
+class TorchOnCpu:
+    """torch with the factories gpu_check calls with device="cuda" on the CPU."""
+
+    randn = staticmethod(on_cpu(torch.randn))
+    empty = staticmethod(on_cpu(torch.empty))
+    Generator = staticmethod(on_cpu(torch.Generator))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
 def patch_cuda_away():
     torch.cuda.Event = HostEvent
     torch.cuda.synchronize = lambda: None
     torch.cuda.empty_cache = lambda: None
     torch.cuda.current_stream = lambda: types.SimpleNamespace(cuda_stream=None)
-    for name in ("randn", "empty", "Generator"):
-        setattr(torch, name, on_cpu(getattr(torch, name)))
+    # Only gpu_check's own torch.* factories move to the CPU: replacing
+    # torch.Generator in torch itself breaks torch 2.x modules that import
+    # later and annotate with it (torch.distributed, via fused Adam).
+    gpu_check.torch = TorchOnCpu()
     adam = torch.optim.Adam
     # Fused Adam on the CPU needs a newer torch than Debian's.
     torch.optim.Adam = lambda *a, **k: adam(*a, **{**k, "fused": False})
